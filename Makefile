@@ -1,0 +1,68 @@
+# The two commands of the README: `make demo` and `make test`. Each creates
+# the virtualenv, installs what it needs (pip packages from pyproject.toml,
+# Debian packages with apt-get when missing), builds and runs.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+JOBS    ?= 2
+SOURCES := $(wildcard src/*.c src/*.h include/*.h python/bitshard/*.c python/bitshard/*.py) \
+           CMakeLists.txt pyproject.toml
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+.PHONY: demo test ctest pytest bench fuzz clean install apt-deps
+
+$(VENV)/.created:
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	touch $@
+
+# Build requirements are installed into the venv so the package builds without
+# isolation (offline-friendly and faster on repeat).
+$(VENV)/.build-deps: $(VENV)/.created pyproject.toml
+	$(PIP) install -q "scikit-build-core>=0.10" "scipy-openblas32>=0.3.27" cmake ninja
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.build-deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Debian packages: clang (libFuzzer) only for `make fuzz`; guarded so a second
+# run costs nothing.
+apt-deps:
+	@command -v clang >/dev/null 2>&1 || { \
+	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq clang; }
+
+demo: $(VENV)/.installed
+	$(PY) examples/demo.py
+
+# C tests under ASan + UBSan, then the Python tests.
+ctest: $(VENV)/.build-deps
+	cmake -S . -B build/ctest -G Ninja -DBS_BUILD_TESTS=ON -DBS_SANITIZE=ON \
+	  -DCMAKE_BUILD_TYPE=Debug -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
+	cmake --build build/ctest -j $(JOBS)
+	cd build/ctest && ctest --output-on-failure -j $(JOBS)
+
+pytest: $(VENV)/.installed
+	$(PY) -m pytest -q -x tests/python
+
+test: ctest pytest
+
+bench: $(VENV)/.installed
+	$(PIP) install -q ".[bench]" --no-build-isolation
+	$(PY) -m bench
+
+fuzz: apt-deps $(VENV)/.build-deps
+	CC=clang cmake -S . -B build/fuzz -G Ninja -DBS_BUILD_FUZZ=ON \
+	  -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
+	cmake --build build/fuzz -j $(JOBS)
+	for f in build/fuzz/fuzz_*; do d=fuzz/corpus/$$(basename $$f | sed 's/^fuzz_//'); \
+	  mkdir -p $$d; $$f -max_total_time=$${FUZZ_SECONDS:-60} $$d || exit 1; done
+
+clean:
+	rm -rf build $(VENV)

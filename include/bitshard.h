@@ -1,0 +1,299 @@
+/*
+ * bitshard: IVF_RQ (IVF partitions + RaBitQ codes) index segments that are
+ * built in pieces, merged, and searched together.
+ *
+ * Conventions of this API:
+ *  - Every fallible call returns a bs_status and, when err is not NULL, fills
+ *    err->message with what was wrong and with which value. The library never
+ *    prints, never exits and never aborts on bad input.
+ *  - Handles are opaque; every *_free accepts NULL.
+ *  - There is no global mutable state: handles may be used from several
+ *    threads at once for reading (search); a builder is used by one thread.
+ *  - All vectors are float32, row-major. All on-disk integers are
+ *    little-endian (docs/format.md).
+ */
+#ifndef BITSHARD_H
+#define BITSHARD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define BS_VERSION_MAJOR 0
+#define BS_VERSION_MINOR 1
+#define BS_VERSION_PATCH 0
+#define BS_VERSION_NUMBER \
+    (BS_VERSION_MAJOR * 10000 + BS_VERSION_MINOR * 100 + BS_VERSION_PATCH)
+
+#if defined(__GNUC__)
+#define BS_API __attribute__((visibility("default")))
+#else
+#define BS_API
+#endif
+
+BS_API unsigned bs_version_number(void);
+
+/* ---------------------------------------------------------------- errors */
+
+/* Fixed numbers: they are part of the ABI and mapped to Python exceptions. */
+typedef enum bs_status {
+    BS_OK = 0,
+    BS_ERR_INVALID_ARGUMENT = 1,   /* a bad parameter (dimension 0, bits 12) */
+    BS_ERR_INVALID_DATA = 2,       /* vectors with NaN / Inf */
+    BS_ERR_NO_MEMORY = 3,
+    BS_ERR_IO = 4,                 /* open / write / rename failed */
+    BS_ERR_CORRUPT = 5,            /* truncated or corrupt bytes */
+    BS_ERR_UNSUPPORTED_VERSION = 6,/* a newer format than this reader knows */
+    BS_ERR_ARTIFACT_MISMATCH = 7,  /* segments from different code spaces */
+    BS_ERR_UNSUPPORTED_CPU = 8,    /* a forced SIMD level this CPU lacks */
+    BS_ERR_INTERNAL = 9
+} bs_status;
+
+#define BS_ERROR_MESSAGE_MAX 512
+
+typedef struct bs_error {
+    bs_status code;
+    char message[BS_ERROR_MESSAGE_MAX];
+} bs_error;
+
+/* "BS_ERR_CORRUPT" etc.; never NULL. */
+BS_API const char *bs_status_name(bs_status status);
+
+/* ---------------------------------------------------------------- basics */
+
+typedef enum bs_metric {
+    BS_METRIC_L2 = 0,     /* squared Euclidean distance */
+    BS_METRIC_COSINE = 1, /* 1 - cos(o, q); 1 when either vector is zero */
+    BS_METRIC_DOT = 2     /* 1 - <o, q> */
+} bs_metric;
+
+typedef enum bs_rotation_kind {
+    BS_ROTATION_FAST = 0,  /* sign flips + Walsh-Hadamard, O(D log D) */
+    BS_ROTATION_MATRIX = 1 /* dense random orthogonal D x D */
+} bs_rotation_kind;
+
+/* A 128-bit fingerprint over an artifact's canonical bytes. */
+typedef struct bs_fingerprint {
+    uint8_t bytes[16];
+} bs_fingerprint;
+
+/* 64-bit non-cryptographic hash used for checksums and fingerprints
+ * (algorithm in docs/format.md). Stable across machines. */
+BS_API uint64_t bs_hash64(const void *data, size_t len, uint64_t seed);
+
+/* The padded dimension D used for codes: dim rounded up to a multiple of 64. */
+BS_API uint32_t bs_padded_dim(uint32_t dim);
+
+/* -------------------------------------------------------------- rotation */
+
+typedef struct bs_rotation bs_rotation;
+
+/* dim >= 1. The same (kind, dim, seed) gives the same transform on any
+ * machine. */
+BS_API bs_status bs_rotation_create(bs_rotation_kind kind, uint32_t dim,
+                                    uint64_t seed, bs_rotation **out,
+                                    bs_error *err);
+BS_API void bs_rotation_free(bs_rotation *rot);
+BS_API uint32_t bs_rotation_dim(const bs_rotation *rot);
+BS_API uint32_t bs_rotation_padded_dim(const bs_rotation *rot);
+BS_API bs_rotation_kind bs_rotation_kind_of(const bs_rotation *rot);
+BS_API uint64_t bs_rotation_seed(const bs_rotation *rot);
+/* Fingerprint over (kind, dim, padded dim, seed). */
+BS_API bs_fingerprint bs_rotation_fingerprint(const bs_rotation *rot);
+/* x: n rows of `in_dim` floats, where in_dim is dim or padded dim (zero
+ * padded internally); out: n rows of padded dim floats. Thread-safe. */
+BS_API bs_status bs_rotation_apply(const bs_rotation *rot, const float *x,
+                                   size_t n, uint32_t in_dim, float *out,
+                                   bs_error *err);
+
+/* ------------------------------------------------------------------- IVF */
+
+/* k-means on n sample rows of dimension d: k-means++ seeding, Lloyd
+ * iterations (stopping early when assignments settle), empty partitions
+ * repaired by splitting the largest. For BS_METRIC_COSINE the rows are
+ * normalised first and centroids are kept unit length (spherical k-means);
+ * l2 and dot both cluster by Euclidean distance. Requires n >= k >= 1.
+ * centroids: k * d floats out. */
+BS_API bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d,
+                                 uint32_t k, bs_metric metric,
+                                 uint32_t max_iters, uint64_t seed,
+                                 float *centroids, bs_error *err);
+
+/* Nearest centroid (Euclidean; for cosine, of the normalised row) of each
+ * of n rows, through a BLAS matrix product. assign: n partition ids out;
+ * dist2 (may be NULL): the squared distance to it. */
+BS_API bs_status bs_ivf_assign(const float *centroids, uint32_t k, uint32_t d,
+                               bs_metric metric, const float *x, size_t n,
+                               uint32_t *assign, float *dist2, bs_error *err);
+
+/* Fingerprint over (k, d, metric, centroids as little-endian float32). */
+BS_API bs_fingerprint bs_ivf_fingerprint(const float *centroids, uint32_t k,
+                                         uint32_t d, bs_metric metric);
+
+/* ----------------------------------------------------------------- SIMD */
+
+typedef enum bs_simd_level {
+    BS_SIMD_SCALAR = 0,
+    BS_SIMD_AVX2 = 1,
+    BS_SIMD_AVX512 = 2
+} bs_simd_level;
+
+/* The best level this CPU (and OS) supports, or the one named by the
+ * environment variable BITSHARD_SIMD ("scalar", "avx2", "avx512"). An
+ * unknown name is BS_ERR_INVALID_ARGUMENT; a level the CPU lacks is
+ * BS_ERR_UNSUPPORTED_CPU. */
+BS_API bs_status bs_simd_select(bs_simd_level *out, bs_error *err);
+BS_API int bs_simd_supported(bs_simd_level level);
+BS_API const char *bs_simd_name(bs_simd_level level);
+
+/* -------------------------------------------------------------- segments */
+
+typedef struct bs_segment_spec {
+    uint32_t dim;              /* vector dimension d */
+    uint32_t num_bits;         /* 1..9 */
+    bs_metric metric;
+    bs_rotation_kind rotation_kind;
+    uint64_t rotation_seed;
+    const float *centroids;    /* num_partitions * dim */
+    uint32_t num_partitions;
+    const char *column;        /* UTF-8, NUL-terminated, <= 1024 bytes */
+    const uint8_t *uuid;       /* 16 bytes */
+    /* The fragments this segment covers: ids, and physical row counts (the
+     * row ids of a fragment are (id << 32) | offset, offset < rows). */
+    const uint64_t *fragment_ids;
+    const uint64_t *fragment_rows;
+    uint32_t num_fragments;
+} bs_segment_spec;
+
+typedef struct bs_segment_builder bs_segment_builder;
+
+BS_API bs_status bs_builder_create(const bs_segment_spec *spec,
+                                   bs_segment_builder **out, bs_error *err);
+/* Encodes n vectors (n * dim floats) of the fragment at position
+ * fragment_index of spec->fragment_ids, at the given physical offsets.
+ * NaN/Inf gives BS_ERR_INVALID_DATA naming the row. */
+BS_API bs_status bs_builder_add(bs_segment_builder *b, const float *x,
+                                size_t n, uint32_t fragment_index,
+                                const uint32_t *offsets, bs_error *err);
+/* Writes the segment to path (via path.tmp + rename). */
+BS_API bs_status bs_builder_write(bs_segment_builder *b, const char *path,
+                                  bs_error *err);
+BS_API void bs_builder_free(bs_segment_builder *b);
+
+typedef struct bs_segment bs_segment;
+
+/* Validates the whole buffer (structure, bounds, every checksum) and keeps
+ * pointers into it: data must stay alive and unchanged until
+ * bs_segment_free. Never trusts a length or offset from the bytes. */
+BS_API bs_status bs_segment_open(const void *data, size_t len,
+                                 bs_segment **out, bs_error *err);
+BS_API void bs_segment_free(bs_segment *seg);
+
+typedef struct bs_segment_info {
+    uint32_t format_version;
+    uint32_t dim;
+    uint32_t padded_dim;
+    uint32_t num_bits;
+    bs_metric metric;
+    bs_rotation_kind rotation_kind;
+    uint64_t rotation_seed;
+    uint32_t num_partitions;
+    uint32_t num_fragments;
+    uint64_t num_rows;
+    uint8_t uuid[16];
+    bs_fingerprint rotation_fingerprint;
+    bs_fingerprint ivf_fingerprint;
+    const char *column;        /* NUL-terminated copy owned by the segment */
+} bs_segment_info;
+
+BS_API void bs_segment_get_info(const bs_segment *seg, bs_segment_info *out);
+/* num_partitions * dim floats, owned by the segment. */
+BS_API const float *bs_segment_centroids(const bs_segment *seg);
+BS_API void bs_segment_fragment(const bs_segment *seg, uint32_t i,
+                                uint64_t *id, uint64_t *rows);
+
+/* BS_OK when a and b share dim, bits, metric, rotation, centroids and
+ * column; otherwise BS_ERR_ARTIFACT_MISMATCH naming the first artifact that
+ * differs and both values. */
+BS_API bs_status bs_segment_check_compatible(const bs_segment *a,
+                                             const bs_segment *b,
+                                             bs_error *err);
+
+/* Streams n compatible segments with disjoint fragments into one new
+ * segment at path: partition p of the output is partition p of every input
+ * in input order, repacked. Memory is bounded by one partition. */
+BS_API bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
+                                  const uint8_t uuid[16], const char *path,
+                                  bs_error *err);
+
+/* ---------------------------------------------------------------- search */
+
+typedef struct bs_searcher bs_searcher;
+
+/* Prepares a search over n compatible segments (checked): the rotation and
+ * the rotated centroids are computed once here. The segments must outlive
+ * the searcher. n may be 0 only if spec-like artifacts are unavailable: it
+ * is an error. */
+BS_API bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
+                                    bs_searcher **out, bs_error *err);
+BS_API void bs_searcher_free(bs_searcher *s);
+
+typedef struct bs_search_params {
+    uint32_t k;              /* >= 1 */
+    uint32_t nprobes;        /* >= 1; capped at num_partitions */
+    float eps0;              /* bound width in standard deviations; 1.9 */
+    /* 0: keep every candidate whose lower bound can still enter the top k
+     * (the gated default). r > 0: keep the k * r best by estimate. */
+    uint32_t refine_factor;
+    /* n flags, one per segment of the searcher; NULL searches all. */
+    const uint8_t *segment_mask;
+    /* Optional allow-list: sorted, unique row ids; NULL allows every row. */
+    const uint64_t *allowed_rowids;
+    size_t num_allowed;
+    /* Optional allow-list of fragments: sorted, unique fragment ids (a row
+     * id's high 32 bits); NULL allows every fragment. */
+    const uint64_t *allowed_fragments;
+    size_t num_allowed_fragments;
+} bs_search_params;
+
+typedef struct bs_search_stats {
+    uint64_t partitions_probed; /* summed over segments */
+    uint64_t codes_scanned;     /* stage 1 */
+    uint64_t codes_stage2;      /* reached the extra bits' estimate */
+    uint64_t candidates;        /* returned for reranking / final */
+} bs_search_stats;
+
+/* A growable candidate list owned by the caller (reuse it across queries). */
+typedef struct bs_candidates bs_candidates;
+BS_API bs_candidates *bs_candidates_new(void);
+BS_API void bs_candidates_free(bs_candidates *c);
+BS_API size_t bs_candidates_size(const bs_candidates *c);
+/* Row ids, estimated distances and lower bounds, sorted by (estimate,
+ * row id). Valid until the next search into c. */
+BS_API const uint64_t *bs_candidates_rowids(const bs_candidates *c);
+BS_API const float *bs_candidates_estimates(const bs_candidates *c);
+BS_API const float *bs_candidates_lower_bounds(const bs_candidates *c);
+
+/* One query q (dim floats). Fills c with the candidates that need exact
+ * distances (1-bit or refine_factor > 0) or the final top k (multi-bit,
+ * refine_factor == 0, distances are the extra bits' estimates). The result
+ * depends only on the set of rows searched, never on how they are split
+ * into segments or ordered (ties break by row id). */
+BS_API bs_status bs_search(const bs_searcher *s, const float *q,
+                           const bs_search_params *params, bs_candidates *c,
+                           bs_search_stats *stats, bs_error *err);
+
+/* Exact distances under metric between q (dim) and n rows x (n * dim), in
+ * a fixed summation order so that every caller gets the same bits. */
+BS_API bs_status bs_exact_distances(bs_metric metric, const float *q,
+                                    const float *x, size_t n, uint32_t dim,
+                                    float *out, bs_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BITSHARD_H */

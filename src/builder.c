@@ -1,0 +1,477 @@
+/* The segment builder: encodes rows as they arrive and keeps only their
+ * codes and factors, grouped by partition; write() sorts each partition by
+ * ordinal so the file depends only on the set of rows added. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bitshard.h"
+#include "error.h"
+#include "format.h"
+#include "ivf_internal.h"
+#include "rabitq.h"
+
+/* Rows encoded per internal batch: bounds the scratch memory of one add()
+ * call whatever n the caller passes. */
+#define BS_BUILD_CHUNK 1024
+
+typedef struct bs_build_part {
+    uint32_t count, cap;
+    uint8_t *codes;   /* cap * D/8, row-major 1-bit codes */
+    uint8_t *ext;     /* cap * ext bytes; NULL when B == 1 */
+    bs_factors *f;
+    uint32_t *ord;
+} bs_build_part;
+
+struct bs_segment_builder {
+    uint32_t dim, D, B, k;
+    bs_metric metric;
+    bs_rotation_kind kind;
+    uint64_t seed;
+    char *column;
+    uint32_t column_len;
+    uint8_t uuid[16];
+    float *centroids; /* k * dim */
+    float *pc;        /* k * D: rotated centroids */
+    bs_rotation *rot;
+    bs_fingerprint rot_fp, ivf_fp;
+    uint32_t nf;
+    uint64_t *frag_ids, *frag_rows, *prefix;
+    uint8_t **seen; /* per fragment, a bitmap of added offsets (lazy) */
+    bs_build_part *parts;
+};
+
+typedef unsigned long long ull;
+
+#define INVALID(...) bs_fail(err, BS_ERR_INVALID_ARGUMENT, __VA_ARGS__)
+#define NOMEM() bs_fail(err, BS_ERR_NO_MEMORY, "out of memory")
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static bs_status validate_spec(const bs_segment_spec *s, bs_error *err) {
+    if (s->dim == 0) return INVALID("dim must be >= 1, got 0");
+    if (bs_padded_dim(s->dim) == 0 || s->dim > 0x7FFFFFFFu)
+        return INVALID("dim %u is too large", s->dim);
+    if (s->num_bits < 1 || s->num_bits > 9)
+        return INVALID("num_bits must be in 1..9, got %u", s->num_bits);
+    if ((unsigned)s->metric > BS_METRIC_DOT)
+        return INVALID("metric must be 0 (l2), 1 (cosine) or 2 (dot), got %u",
+                       (unsigned)s->metric);
+    if ((unsigned)s->rotation_kind > BS_ROTATION_MATRIX)
+        return INVALID("rotation_kind must be 0 (fast) or 1 (matrix), got %u",
+                       (unsigned)s->rotation_kind);
+    if (s->num_partitions == 0)
+        return INVALID("num_partitions must be >= 1, got 0");
+    if (s->num_partitions > 0x7FFFFFFFu)
+        return INVALID("num_partitions %u is too large", s->num_partitions);
+    if (s->centroids == NULL) return INVALID("centroids is NULL");
+    size_t n = (size_t)s->num_partitions * s->dim;
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(s->centroids[i]))
+            return INVALID("centroids has a non-finite value (%g) at "
+                           "partition %zu, dimension %zu",
+                           (double)s->centroids[i], i / s->dim, i % s->dim);
+    if (s->column == NULL) return INVALID("column is NULL");
+    size_t clen = strlen(s->column);
+    if (clen == 0) return INVALID("column must not be empty");
+    if (clen > BS_SEG_MAX_COLUMN)
+        return INVALID("column name is %zu bytes, more than %u", clen,
+                       BS_SEG_MAX_COLUMN);
+    if (!bs_seg_utf8_valid((const uint8_t *)s->column, clen))
+        return INVALID("column name is not valid UTF-8");
+    if (s->uuid == NULL) return INVALID("uuid is NULL");
+    if (s->num_fragments > 0 &&
+        (s->fragment_ids == NULL || s->fragment_rows == NULL))
+        return INVALID("fragment_ids or fragment_rows is NULL with "
+                       "num_fragments = %u",
+                       s->num_fragments);
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < s->num_fragments; i++) {
+        if (s->fragment_ids[i] > BS_SEG_MAX_FRAGMENT_ID)
+            return INVALID("fragment id %llu does not fit in 32 bits (row "
+                           "ids are id << 32 | offset)",
+                           (ull)s->fragment_ids[i]);
+        if (s->fragment_rows[i] > BS_SEG_MAX_ROWS - total)
+            return INVALID("the fragments hold more than 2^32 - 1 rows "
+                           "(at fragment %llu); split them across segments",
+                           (ull)s->fragment_ids[i]);
+        total += s->fragment_rows[i];
+    }
+    if (s->num_fragments > 1) {
+        uint64_t *ids = malloc((size_t)s->num_fragments * sizeof *ids);
+        if (ids == NULL) return NOMEM();
+        memcpy(ids, s->fragment_ids, (size_t)s->num_fragments * sizeof *ids);
+        qsort(ids, s->num_fragments, sizeof *ids, cmp_u64);
+        for (uint32_t i = 1; i < s->num_fragments; i++) {
+            if (ids[i] == ids[i - 1]) {
+                ull dup = ids[i];
+                free(ids);
+                return INVALID("fragment id %llu appears more than once in "
+                               "fragment_ids",
+                               dup);
+            }
+        }
+        free(ids);
+    }
+    return BS_OK;
+}
+
+void bs_builder_free(bs_segment_builder *b) {
+    if (b == NULL) return;
+    if (b->parts) {
+        for (uint32_t p = 0; p < b->k; p++) {
+            free(b->parts[p].codes);
+            free(b->parts[p].ext);
+            free(b->parts[p].f);
+            free(b->parts[p].ord);
+        }
+        free(b->parts);
+    }
+    if (b->seen) {
+        for (uint32_t i = 0; i < b->nf; i++) free(b->seen[i]);
+        free(b->seen);
+    }
+    bs_rotation_free(b->rot);
+    free(b->column);
+    free(b->centroids);
+    free(b->pc);
+    free(b->frag_ids);
+    free(b->frag_rows);
+    free(b->prefix);
+    free(b);
+}
+
+/* The dense rotation goes through BLAS, whose rounding may depend on a
+ * row's batch and place in it (rotation.c, matrix_apply). One row per call
+ * keeps every row's code a function of the row alone, so the file does not
+ * depend on how rows were batched, and a merge equals a single build. */
+static bs_status rotate_rows(const bs_segment_builder *b, const float *x,
+                             size_t n, float *out, bs_error *err) {
+    if (b->kind != BS_ROTATION_MATRIX)
+        return bs_rotation_apply(b->rot, x, n, b->dim, out, err);
+    for (size_t i = 0; i < n; i++)
+        BS_TRY(bs_rotation_apply(b->rot, x + i * b->dim, 1, b->dim,
+                                 out + i * b->D, err));
+    return BS_OK;
+}
+
+bs_status bs_builder_create(const bs_segment_spec *spec,
+                            bs_segment_builder **out, bs_error *err) {
+    bs_error_clear(err);
+    if (out == NULL) return INVALID("out is NULL");
+    *out = NULL;
+    if (spec == NULL) return INVALID("spec is NULL");
+    BS_TRY(validate_spec(spec, err));
+
+    bs_segment_builder *b = calloc(1, sizeof *b);
+    if (b == NULL) return NOMEM();
+    b->dim = spec->dim;
+    b->B = spec->num_bits;
+    b->k = spec->num_partitions;
+    b->metric = spec->metric;
+    b->kind = spec->rotation_kind;
+    b->seed = spec->rotation_seed;
+    b->nf = spec->num_fragments;
+    memcpy(b->uuid, spec->uuid, 16);
+    b->column_len = (uint32_t)strlen(spec->column);
+
+    bs_status st = bs_rotation_create(b->kind, b->dim, b->seed, &b->rot, err);
+    if (st != BS_OK) {
+        bs_builder_free(b);
+        return st;
+    }
+    b->D = bs_rotation_padded_dim(b->rot);
+    size_t ncent = (size_t)b->k * b->dim;
+    size_t nf1 = (size_t)b->nf + 1;
+    b->column = malloc(b->column_len + 1);
+    b->centroids = malloc(ncent * sizeof(float));
+    b->pc = malloc((size_t)b->k * b->D * sizeof(float));
+    b->frag_ids = malloc(nf1 * sizeof(uint64_t));
+    b->frag_rows = malloc(nf1 * sizeof(uint64_t));
+    b->prefix = malloc(nf1 * sizeof(uint64_t));
+    b->seen = calloc(nf1, sizeof(uint8_t *));
+    b->parts = calloc(b->k, sizeof *b->parts);
+    if (!b->column || !b->centroids || !b->pc || !b->frag_ids ||
+        !b->frag_rows || !b->prefix || !b->seen || !b->parts) {
+        bs_builder_free(b);
+        return NOMEM();
+    }
+    memcpy(b->column, spec->column, b->column_len + 1);
+    memcpy(b->centroids, spec->centroids, ncent * sizeof(float));
+    b->prefix[0] = 0;
+    for (uint32_t i = 0; i < b->nf; i++) {
+        b->frag_ids[i] = spec->fragment_ids[i];
+        b->frag_rows[i] = spec->fragment_rows[i];
+        b->prefix[i + 1] = b->prefix[i] + spec->fragment_rows[i];
+    }
+    st = rotate_rows(b, b->centroids, b->k, b->pc, err);
+    if (st != BS_OK) {
+        bs_builder_free(b);
+        return st;
+    }
+    b->rot_fp = bs_rotation_fingerprint(b->rot);
+    b->ivf_fp = bs_ivf_fingerprint(b->centroids, b->k, b->dim, b->metric);
+    *out = b;
+    return BS_OK;
+}
+
+/* 1 when every value is finite. No early exit, so the loop vectorises:
+ * the common all-finite row costs one pass. */
+static int row_finite(const float *x, uint32_t n) {
+    uint32_t bad = 0;
+    for (uint32_t j = 0; j < n; j++) {
+        uint32_t bits;
+        memcpy(&bits, &x[j], sizeof bits);
+        bad |= (uint32_t)((bits & 0x7f800000u) == 0x7f800000u);
+    }
+    return bad == 0;
+}
+
+static int bit_get(const uint8_t *m, uint32_t i) { return (m[i >> 3] >> (i & 7)) & 1; }
+static void bit_set(uint8_t *m, uint32_t i) { m[i >> 3] |= (uint8_t)(1u << (i & 7)); }
+static void bit_clear(uint8_t *m, uint32_t i) { m[i >> 3] &= (uint8_t)~(1u << (i & 7)); }
+
+static int part_reserve(bs_build_part *pt, uint32_t need, size_t code_bytes,
+                        size_t ext_bytes) {
+    if (need <= pt->cap) return 1;
+    uint64_t cap = pt->cap ? (uint64_t)pt->cap * 2 : 64;
+    while (cap < need) cap *= 2;
+    if (cap > UINT32_MAX) cap = UINT32_MAX;
+    uint8_t *codes = realloc(pt->codes, (size_t)cap * code_bytes);
+    if (codes == NULL) return 0;
+    pt->codes = codes;
+    if (ext_bytes) {
+        uint8_t *ext = realloc(pt->ext, (size_t)cap * ext_bytes);
+        if (ext == NULL) return 0;
+        pt->ext = ext;
+    }
+    bs_factors *f = realloc(pt->f, (size_t)cap * sizeof *f);
+    if (f == NULL) return 0;
+    pt->f = f;
+    uint32_t *ord = realloc(pt->ord, (size_t)cap * sizeof *ord);
+    if (ord == NULL) return 0;
+    pt->ord = ord;
+    pt->cap = (uint32_t)cap;
+    return 1;
+}
+
+/* Normalises (cosine), assigns, rotates and encodes rows [0, n) of one
+ * chunk, appending them to their partitions. */
+static bs_status encode_chunk(bs_segment_builder *b, const float *x, size_t n,
+                              const uint32_t *ords, size_t row_base,
+                              uint32_t fi, const uint32_t *offsets,
+                              float *xn, float *po, uint32_t *assign,
+                              float *r, float *scratch, bs_error *err) {
+    const uint32_t dim = b->dim, D = b->D;
+    if (b->metric == BS_METRIC_COSINE) {
+        for (size_t i = 0; i < n; i++)
+            bs_normalize_row(x + i * dim, dim, xn + i * dim);
+        x = xn;
+    }
+    BS_TRY(bs_ivf_assign_rows(b->centroids, b->k, dim, 0, 0, x, n, assign,
+                              NULL, err));
+    BS_TRY(rotate_rows(b, x, n, po, err));
+    const size_t cb = bs_code_bytes(D), eb = bs_ext_bytes(D, b->B);
+    for (size_t i = 0; i < n; i++) {
+        const float *pc = b->pc + (size_t)assign[i] * D;
+        const float *row = po + i * D;
+        for (uint32_t j = 0; j < D; j++) r[j] = row[j] - pc[j];
+        if (!row_finite(r, D))
+            return bs_fail(err, BS_ERR_INVALID_DATA,
+                           "row %zu (fragment %llu, offset %u) is too large "
+                           "to encode: its rotated residual overflows float",
+                           row_base + i, (ull)b->frag_ids[fi],
+                           offsets[row_base + i]);
+        bs_build_part *pt = &b->parts[assign[i]];
+        if (!part_reserve(pt, pt->count + 1, cb, eb)) return NOMEM();
+        uint32_t c = pt->count;
+        bs_rabitq_encode(r, D, b->B, pt->codes + (size_t)c * cb,
+                         eb ? pt->ext + (size_t)c * eb : NULL, &pt->f[c],
+                         scratch);
+        pt->ord[c] = ords[i];
+        pt->count = c + 1;
+    }
+    return BS_OK;
+}
+
+bs_status bs_builder_add(bs_segment_builder *b, const float *x, size_t n,
+                         uint32_t fragment_index, const uint32_t *offsets,
+                         bs_error *err) {
+    bs_error_clear(err);
+    if (b == NULL) return INVALID("builder is NULL");
+    if (n == 0) return BS_OK;
+    if (x == NULL) return INVALID("x is NULL");
+    if (offsets == NULL) return INVALID("offsets is NULL");
+    if (fragment_index >= b->nf)
+        return INVALID("fragment_index %u is out of range: the segment has "
+                       "%u fragments",
+                       fragment_index, b->nf);
+    const uint32_t fi = fragment_index, dim = b->dim;
+    const ull fid = b->frag_ids[fi];
+    const uint64_t rows = b->frag_rows[fi];
+
+    /* Every row is checked before any is encoded, so a refused call adds
+     * nothing. */
+    for (size_t i = 0; i < n; i++) {
+        if (offsets[i] >= rows)
+            return INVALID("row %zu: offset %u is out of range for fragment "
+                           "%llu with %llu rows",
+                           i, offsets[i], fid, (ull)rows);
+        const float *row = x + i * dim;
+        if (row_finite(row, dim)) continue;
+        for (uint32_t j = 0; j < dim; j++)
+            if (!isfinite(row[j]))
+                return bs_fail(err, BS_ERR_INVALID_DATA,
+                               "row %zu (fragment %llu, offset %u) has a "
+                               "non-finite value at dimension %u",
+                               i, fid, offsets[i], j);
+    }
+    if (b->seen[fi] == NULL) {
+        b->seen[fi] = calloc(1, (size_t)(rows / 8 + 1));
+        if (b->seen[fi] == NULL) return NOMEM();
+    }
+    uint8_t *seen = b->seen[fi];
+    for (size_t i = 0; i < n; i++) {
+        if (bit_get(seen, offsets[i])) {
+            for (size_t j = 0; j < i; j++) bit_clear(seen, offsets[j]);
+            return INVALID("row %zu: fragment %llu offset %u was already "
+                           "added",
+                           i, fid, offsets[i]);
+        }
+        bit_set(seen, offsets[i]);
+    }
+
+    /* Partition counts before the call, to undo a failure midway. */
+    uint32_t *old = malloc((size_t)b->k * sizeof *old);
+    size_t chunk = n < BS_BUILD_CHUNK ? n : BS_BUILD_CHUNK;
+    const uint32_t D = b->D;
+    float *xn = b->metric == BS_METRIC_COSINE
+                    ? malloc(chunk * dim * sizeof(float))
+                    : NULL;
+    float *po = malloc(chunk * D * sizeof(float));
+    float *r = malloc((size_t)D * 3 * sizeof(float));
+    uint32_t *assign = malloc(chunk * sizeof *assign);
+    uint32_t *ords = malloc(chunk * sizeof *ords);
+    bs_status st = BS_OK;
+    if (!old || !po || !r || !assign || !ords ||
+        (b->metric == BS_METRIC_COSINE && !xn)) {
+        st = NOMEM();
+    } else {
+        for (uint32_t p = 0; p < b->k; p++) old[p] = b->parts[p].count;
+        for (size_t s = 0; s < n && st == BS_OK; s += chunk) {
+            size_t m = n - s < chunk ? n - s : chunk;
+            for (size_t i = 0; i < m; i++)
+                ords[i] = (uint32_t)(b->prefix[fi] + offsets[s + i]);
+            st = encode_chunk(b, x + s * dim, m, ords, s, fi, offsets, xn, po,
+                              assign, r, r + D, err);
+        }
+        if (st != BS_OK)
+            for (uint32_t p = 0; p < b->k; p++) b->parts[p].count = old[p];
+    }
+    if (st != BS_OK)
+        for (size_t i = 0; i < n; i++) bit_clear(seen, offsets[i]);
+    free(old);
+    free(xn);
+    free(po);
+    free(r);
+    free(assign);
+    free(ords);
+    return st;
+}
+
+static void store_floats(uint8_t *dst, const bs_factors *f,
+                         const uint64_t *order, uint32_t n, size_t field) {
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *src = (const uint8_t *)&f[order[i] & 0xFFFFFFFFu] + field;
+        memcpy(dst + (size_t)i * 4, src, 4);
+    }
+}
+
+bs_status bs_builder_write(bs_segment_builder *b, const char *path,
+                           bs_error *err) {
+    bs_error_clear(err);
+    if (b == NULL) return INVALID("builder is NULL");
+    if (path == NULL) return INVALID("path is NULL");
+    const uint32_t D = b->D, B = b->B;
+    const size_t cb = bs_code_bytes(D), eb = bs_ext_bytes(D, B);
+
+    uint32_t max_count = 0;
+    for (uint32_t p = 0; p < b->k; p++)
+        if (b->parts[p].count > max_count) max_count = b->parts[p].count;
+    bs_part_layout L;
+    if (!bs_part_layout_compute(max_count, D, B, &L) || L.size > SIZE_MAX)
+        return NOMEM();
+    uint8_t *buf = malloc((size_t)L.size + 1);
+    uint8_t *codes = malloc((size_t)max_count * cb + 1);
+    uint64_t *order = malloc((size_t)max_count * sizeof *order + 1);
+    if (!buf || !codes || !order) {
+        free(buf);
+        free(codes);
+        free(order);
+        return NOMEM();
+    }
+
+    bs_seg_params prm;
+    memset(&prm, 0, sizeof prm);
+    prm.dim = b->dim;
+    prm.padded_dim = D;
+    prm.num_bits = B;
+    prm.metric = b->metric;
+    prm.rotation_kind = b->kind;
+    prm.rotation_seed = b->seed;
+    prm.num_partitions = b->k;
+    memcpy(prm.uuid, b->uuid, 16);
+    prm.rotation_fp = b->rot_fp;
+    prm.ivf_fp = b->ivf_fp;
+    prm.column = b->column;
+    prm.column_len = b->column_len;
+    prm.centroids = b->centroids;
+    prm.fragment_ids = b->frag_ids;
+    prm.fragment_rows = b->frag_rows;
+    prm.num_fragments = b->nf;
+
+    bs_seg_writer w;
+    bs_status st = bs_seg_writer_open(&w, path, &prm, err);
+    for (uint32_t p = 0; p < b->k && st == BS_OK; p++) {
+        const bs_build_part *pt = &b->parts[p];
+        uint32_t n = pt->count;
+        /* Ordinals are unique, so (ordinal, index) keys sort by ordinal
+         * alone and the result does not depend on the order of add(). */
+        for (uint32_t i = 0; i < n; i++)
+            order[i] = ((uint64_t)pt->ord[i] << 32) | i;
+        qsort(order, n, sizeof *order, cmp_u64);
+        bs_part_layout pl;
+        bs_part_layout_compute(n, D, B, &pl);
+        memset(buf, 0, (size_t)pl.size);
+        for (uint32_t i = 0; i < n; i++) {
+            size_t src = (size_t)(order[i] & 0xFFFFFFFFu);
+            memcpy(codes + (size_t)i * cb, pt->codes + src * cb, cb);
+            uint32_t o = (uint32_t)(order[i] >> 32);
+            memcpy(buf + pl.ordinals + (size_t)i * 4, &o, 4);
+            if (eb)
+                memcpy(buf + pl.ext + (size_t)i * eb, pt->ext + src * eb, eb);
+        }
+        if (n) bs_fastscan_pack(codes, n, D, buf + pl.blocks);
+        store_floats(buf + pl.norm2, pt->f, order, n, offsetof(bs_factors, norm2));
+        store_floats(buf + pl.s1, pt->f, order, n, offsetof(bs_factors, s1));
+        store_floats(buf + pl.f1, pt->f, order, n, offsetof(bs_factors, f1));
+        if (B > 1) {
+            store_floats(buf + pl.s_full, pt->f, order, n,
+                         offsetof(bs_factors, s_full));
+            store_floats(buf + pl.f_full, pt->f, order, n,
+                         offsetof(bs_factors, f_full));
+        }
+        st = bs_seg_writer_partition(&w, n, buf, pl.size, err);
+    }
+    if (st == BS_OK)
+        st = bs_seg_writer_finish(&w, err);
+    else
+        bs_seg_writer_abort(&w);
+    free(buf);
+    free(codes);
+    free(order);
+    return st;
+}

@@ -1,0 +1,357 @@
+/* Segment layout arithmetic and the sequential segment writer shared by the
+ * builder and merge. The format itself is specified in docs/format.md. */
+#define _POSIX_C_SOURCE 200809L
+
+#include "format.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "rabitq.h"
+
+/* ------------------------------------------------------------- layout */
+
+/* Appends an array of n elements of `elem` bytes at the next 64-byte
+ * boundary after *pos. */
+static int place_array(uint64_t *pos, uint64_t n, uint64_t elem,
+                       uint64_t *offset) {
+    uint64_t start, bytes;
+    if (!bs_align64_ok(*pos, &start)) return 0;
+    if (__builtin_mul_overflow(n, elem, &bytes)) return 0;
+    if (__builtin_add_overflow(start, bytes, pos)) return 0;
+    *offset = start;
+    return 1;
+}
+
+int bs_part_layout_compute(uint64_t count, uint32_t D, uint32_t B,
+                           bs_part_layout *out) {
+    memset(out, 0, sizeof *out);
+    uint64_t pos = 0;
+    uint64_t nblocks = count / 32 + (count % 32 != 0);
+    if (!place_array(&pos, nblocks, bs_fastscan_block_bytes(D), &out->blocks))
+        return 0;
+    if (!place_array(&pos, count, 4, &out->norm2)) return 0;
+    if (!place_array(&pos, count, 4, &out->s1)) return 0;
+    if (!place_array(&pos, count, 4, &out->f1)) return 0;
+    if (!place_array(&pos, count, 4, &out->ordinals)) return 0;
+    if (B > 1) {
+        if (!place_array(&pos, count, bs_ext_bytes(D, B), &out->ext)) return 0;
+        if (!place_array(&pos, count, 4, &out->s_full)) return 0;
+        if (!place_array(&pos, count, 4, &out->f_full)) return 0;
+    }
+    return bs_align64_ok(pos, &out->size);
+}
+
+/* ------------------------------------------------------------ helpers */
+
+int bs_seg_utf8_valid(const uint8_t *s, size_t len) {
+    size_t i = 0;
+    while (i < len) {
+        uint8_t c = s[i];
+        if (c == 0) return 0;
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t n;
+        uint32_t cp;
+        if (c >= 0xC2 && c <= 0xDF) {
+            n = 1;
+            cp = c & 0x1F;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            n = 2;
+            cp = c & 0x0F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            n = 3;
+            cp = c & 0x07;
+        } else {
+            return 0;
+        }
+        if (n > len - i - 1) return 0;
+        for (size_t j = 1; j <= n; j++) {
+            if ((s[i + j] & 0xC0) != 0x80) return 0;
+            cp = (cp << 6) | (s[i + j] & 0x3F);
+        }
+        /* Overlong forms, surrogates and values past U+10FFFF. */
+        if ((n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) ||
+            (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF)
+            return 0;
+        i += n + 1;
+    }
+    return 1;
+}
+
+const char *bs_seg_metric_name(bs_metric m) {
+    switch (m) {
+    case BS_METRIC_L2: return "l2";
+    case BS_METRIC_COSINE: return "cosine";
+    case BS_METRIC_DOT: return "dot";
+    }
+    return "?";
+}
+
+void bs_seg_fingerprint_hex(const bs_fingerprint *fp, char out[33]) {
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        out[2 * i] = hex[fp->bytes[i] >> 4];
+        out[2 * i + 1] = hex[fp->bytes[i] & 15];
+    }
+    out[32] = '\0';
+}
+
+/* ------------------------------------------------------------- writer */
+
+static bs_status io_fail(bs_error *err, const char *what, const char *path,
+                         int errnum) {
+    char buf[128];
+    if (strerror_r(errnum, buf, sizeof buf) != 0)
+        snprintf(buf, sizeof buf, "error %d", errnum);
+    return bs_fail(err, BS_ERR_IO, "%s %s: %s", what, path, buf);
+}
+
+static bs_status write_bytes(bs_seg_writer *w, const void *p, uint64_t n,
+                             bs_error *err) {
+    if (n == 0) return BS_OK;
+    if (fwrite(p, 1, (size_t)n, w->f) != (size_t)n)
+        return io_fail(err, "cannot write", w->tmp_path, errno ? errno : EIO);
+    w->pos += n;
+    return BS_OK;
+}
+
+/* Writes `raw` bytes of data padded with zeros to `size` and returns the
+ * checksum of the padded section. */
+static bs_status write_section(bs_seg_writer *w, const void *data,
+                               uint64_t raw, uint64_t size, uint64_t *checksum,
+                               bs_error *err) {
+    if (raw == size) {
+        *checksum = bs_hash64(data, (size_t)size, BS_SEG_CHECKSUM_SEED);
+        return write_bytes(w, data, size, err);
+    }
+    uint8_t *buf = calloc(1, (size_t)size);
+    if (buf == NULL)
+        return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory (%llu bytes)",
+                       (unsigned long long)size);
+    if (raw) memcpy(buf, data, (size_t)raw);
+    *checksum = bs_hash64(buf, (size_t)size, BS_SEG_CHECKSUM_SEED);
+    bs_status st = write_bytes(w, buf, size, err);
+    free(buf);
+    return st;
+}
+
+static char *str_concat(const char *a, const char *b) {
+    size_t la = strlen(a), lb = strlen(b);
+    char *s = malloc(la + lb + 1);
+    if (s == NULL) return NULL;
+    memcpy(s, a, la);
+    memcpy(s + la, b, lb + 1);
+    return s;
+}
+
+void bs_seg_writer_abort(bs_seg_writer *w) {
+    if (w->f != NULL) {
+        fclose(w->f);
+        w->f = NULL;
+        if (w->tmp_path) remove(w->tmp_path);
+    }
+    free(w->path);
+    free(w->tmp_path);
+    free(w->header);
+    free(w->directory);
+    memset(w, 0, sizeof *w);
+}
+
+bs_status bs_seg_writer_open(bs_seg_writer *w, const char *path,
+                             const bs_seg_params *p, bs_error *err) {
+    memset(w, 0, sizeof *w);
+    bs_status st;
+    uint64_t cent_raw, art_size, frag_raw, frag_size, dir_raw;
+    if (__builtin_mul_overflow((uint64_t)p->num_partitions, (uint64_t)p->dim,
+                               &cent_raw) ||
+        __builtin_mul_overflow(cent_raw, 4, &cent_raw) ||
+        !bs_align64_ok(cent_raw, &art_size) || cent_raw > SIZE_MAX)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "centroids too large: %u x %u", p->num_partitions,
+                       p->dim);
+    frag_raw = (uint64_t)p->num_fragments * BS_SEG_FRAGMENT_ENTRY;
+    bs_align64_ok(frag_raw, &frag_size);
+    dir_raw = (uint64_t)p->num_partitions * BS_SEG_DIR_ENTRY;
+    w->num_partitions = p->num_partitions;
+    w->header_size = bs_seg_header_size(p->column_len);
+    bs_align64_ok(dir_raw, &w->directory_size);
+
+    w->path = str_concat(path, "");
+    w->tmp_path = str_concat(path, ".tmp");
+    w->header = calloc(1, (size_t)w->header_size);
+    w->directory = calloc(1, (size_t)w->directory_size);
+    uint8_t *frags = calloc(1, (size_t)frag_size + 1);
+    if (!w->path || !w->tmp_path || !w->header || !w->directory || !frags) {
+        free(frags);
+        bs_seg_writer_abort(w);
+        return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    }
+
+    uint8_t *h = w->header;
+    memcpy(h + BS_HDR_MAGIC, BS_SEG_MAGIC, BS_SEG_MAGIC_LEN);
+    bs_store_u32(h + BS_HDR_READ_VERSION, BS_SEG_VERSION);
+    bs_store_u32(h + BS_HDR_WRITE_VERSION, BS_SEG_VERSION);
+    bs_store_u32(h + BS_HDR_HEADER_SIZE, (uint32_t)w->header_size);
+    bs_store_u32(h + BS_HDR_FLAGS, 0);
+    bs_store_u32(h + BS_HDR_DIM, p->dim);
+    bs_store_u32(h + BS_HDR_PADDED_DIM, p->padded_dim);
+    bs_store_u32(h + BS_HDR_NUM_BITS, p->num_bits);
+    bs_store_u32(h + BS_HDR_METRIC, (uint32_t)p->metric);
+    bs_store_u32(h + BS_HDR_ROTATION_KIND, (uint32_t)p->rotation_kind);
+    bs_store_u32(h + BS_HDR_NUM_PARTITIONS, p->num_partitions);
+    bs_store_u64(h + BS_HDR_ROTATION_SEED, p->rotation_seed);
+    bs_store_u32(h + BS_HDR_NUM_FRAGMENTS, p->num_fragments);
+    bs_store_u32(h + BS_HDR_COLUMN_LEN, p->column_len);
+    memcpy(h + BS_HDR_UUID, p->uuid, 16);
+    memcpy(h + BS_HDR_ROTATION_FP, p->rotation_fp.bytes, 16);
+    memcpy(h + BS_HDR_IVF_FP, p->ivf_fp.bytes, 16);
+    memcpy(h + BS_HDR_COLUMN, p->column, p->column_len);
+
+    for (uint32_t i = 0; i < p->num_fragments; i++) {
+        bs_store_u64(frags + (size_t)i * 16, p->fragment_ids[i]);
+        bs_store_u64(frags + (size_t)i * 16 + 8, p->fragment_rows[i]);
+    }
+
+    w->f = fopen(w->tmp_path, "wb");
+    if (w->f == NULL) {
+        int e = errno;
+        free(frags);
+        st = io_fail(err, "cannot open for writing", w->tmp_path, e);
+        bs_seg_writer_abort(w);
+        return st;
+    }
+
+    uint64_t art_sum = 0, frag_sum = 0;
+    st = write_bytes(w, w->header, w->header_size, err);
+    uint64_t art_off = w->pos;
+    if (st == BS_OK)
+        st = write_section(w, p->centroids, cent_raw, art_size, &art_sum, err);
+    uint64_t frag_off = w->pos;
+    if (st == BS_OK)
+        st = write_section(w, frags, frag_raw, frag_size, &frag_sum, err);
+    free(frags);
+    w->directory_offset = w->pos;
+    if (st == BS_OK)
+        st = write_bytes(w, w->directory, w->directory_size, err);
+    if (st != BS_OK) {
+        bs_seg_writer_abort(w);
+        return st;
+    }
+    bs_store_u64(h + BS_HDR_ARTIFACTS, art_off);
+    bs_store_u64(h + BS_HDR_ARTIFACTS + 8, art_size);
+    bs_store_u64(h + BS_HDR_ARTIFACTS + 16, art_sum);
+    bs_store_u64(h + BS_HDR_FRAGMENTS, frag_off);
+    bs_store_u64(h + BS_HDR_FRAGMENTS + 8, frag_size);
+    bs_store_u64(h + BS_HDR_FRAGMENTS + 16, frag_sum);
+    bs_store_u64(h + BS_HDR_DIRECTORY, w->directory_offset);
+    bs_store_u64(h + BS_HDR_DIRECTORY + 8, w->directory_size);
+    return BS_OK;
+}
+
+bs_status bs_seg_writer_partition(bs_seg_writer *w, uint32_t count,
+                                  const uint8_t *block, uint64_t size,
+                                  bs_error *err) {
+    if (w->f == NULL || w->next_partition >= w->num_partitions)
+        return bs_fail(err, BS_ERR_INTERNAL,
+                       "segment writer: partition %u out of sequence",
+                       w->next_partition);
+    uint8_t *e = w->directory + (size_t)w->next_partition * BS_SEG_DIR_ENTRY;
+    bs_store_u64(e + BS_DIR_OFFSET, w->pos);
+    bs_store_u64(e + BS_DIR_SIZE, size);
+    bs_store_u32(e + BS_DIR_COUNT, count);
+    bs_store_u32(e + BS_DIR_RESERVED, 0);
+    bs_store_u64(e + BS_DIR_CHECKSUM,
+                 bs_hash64(block, (size_t)size, BS_SEG_CHECKSUM_SEED));
+    BS_TRY(write_bytes(w, block, size, err));
+    w->next_partition++;
+    w->num_rows += count;
+    return BS_OK;
+}
+
+/* Makes the rename durable: the directory entry must reach the disk too. */
+static bs_status sync_parent_dir(const char *path, bs_error *err) {
+    const char *slash = strrchr(path, '/');
+    char *dir;
+    if (slash == NULL) {
+        dir = str_concat(".", "");
+    } else if (slash == path) {
+        dir = str_concat("/", "");
+    } else {
+        size_t n = (size_t)(slash - path);
+        dir = malloc(n + 1);
+        if (dir) {
+            memcpy(dir, path, n);
+            dir[n] = '\0';
+        }
+    }
+    if (dir == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    bs_status st = BS_OK;
+    int fd = open(dir, O_RDONLY);
+    if (fd >= 0) {
+        /* Some file systems cannot fsync a directory; that is not a
+         * failure of the write. */
+        if (fsync(fd) != 0 && errno != EINVAL && errno != EROFS)
+            st = io_fail(err, "cannot sync directory", dir, errno);
+        close(fd);
+    }
+    free(dir);
+    return st;
+}
+
+bs_status bs_seg_writer_finish(bs_seg_writer *w, bs_error *err) {
+    bs_status st = BS_OK;
+    if (w->f == NULL || w->next_partition != w->num_partitions) {
+        st = bs_fail(err, BS_ERR_INTERNAL,
+                     "segment writer: %u of %u partitions written",
+                     w->next_partition, w->num_partitions);
+        bs_seg_writer_abort(w);
+        return st;
+    }
+    uint8_t *h = w->header;
+    bs_store_u64(h + BS_HDR_NUM_ROWS, w->num_rows);
+    bs_store_u64(h + BS_HDR_FILE_SIZE, w->pos);
+    bs_store_u64(h + BS_HDR_DIRECTORY + 16,
+                 bs_hash64(w->directory, (size_t)w->directory_size,
+                           BS_SEG_CHECKSUM_SEED));
+    bs_store_u64(h + w->header_size - 8,
+                 bs_hash64(h, (size_t)w->header_size - 8,
+                           BS_SEG_CHECKSUM_SEED));
+    if (fseek(w->f, 0, SEEK_SET) != 0 ||
+        fwrite(h, 1, (size_t)w->header_size, w->f) != w->header_size ||
+        fseek(w->f, (long)w->directory_offset, SEEK_SET) != 0 ||
+        fwrite(w->directory, 1, (size_t)w->directory_size, w->f) !=
+            w->directory_size ||
+        fflush(w->f) != 0 || fsync(fileno(w->f)) != 0) {
+        st = io_fail(err, "cannot write", w->tmp_path, errno ? errno : EIO);
+        bs_seg_writer_abort(w);
+        return st;
+    }
+    FILE *f = w->f;
+    w->f = NULL;
+    if (fclose(f) != 0) {
+        st = io_fail(err, "cannot close", w->tmp_path, errno);
+        remove(w->tmp_path);
+        bs_seg_writer_abort(w);
+        return st;
+    }
+    if (rename(w->tmp_path, w->path) != 0) {
+        int e = errno;
+        char buf[128];
+        if (strerror_r(e, buf, sizeof buf) != 0)
+            snprintf(buf, sizeof buf, "error %d", e);
+        st = bs_fail(err, BS_ERR_IO, "cannot rename %s to %s: %s",
+                     w->tmp_path, w->path, buf);
+        remove(w->tmp_path);
+        bs_seg_writer_abort(w);
+        return st;
+    }
+    st = sync_parent_dir(w->path, err);
+    bs_seg_writer_abort(w);
+    return st;
+}

@@ -1,0 +1,201 @@
+/* The segment file format (docs/format.md): little-endian field access
+ * (the reader checks a whole section against the buffer before reading
+ * fields at fixed offsets in it), the layout arithmetic shared by the
+ * reader and the writer, and the sequential writer used by both the builder and
+ * merge (one writer, so a merged segment and a directly built one cannot
+ * differ in layout). Internal to the library. */
+#ifndef BS_FORMAT_H
+#define BS_FORMAT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "bitshard.h"
+#include "error.h"
+
+/* ----------------------------------------------------------- constants */
+
+#define BS_SEG_MAGIC "BSHRDSEG"
+#define BS_SEG_MAGIC_LEN 8
+/* The format version this code writes, and the newest read version it
+ * understands. */
+#define BS_SEG_VERSION 1u
+#define BS_SEG_ALIGN 64u
+/* Fixed header fields end here; the column name follows. */
+#define BS_SEG_HEADER_FIXED 200u
+#define BS_SEG_MAX_COLUMN 1024u
+#define BS_SEG_FRAGMENT_ENTRY 16u
+#define BS_SEG_DIR_ENTRY 32u
+/* Flags defined by version 1: none. Every bit is reserved. */
+#define BS_SEG_FLAGS_KNOWN 0u
+/* Seed of bs_hash64 for every checksum in the file. */
+#define BS_SEG_CHECKSUM_SEED 0u
+/* Fragment ids must fit in 32 bits: row ids are (id << 32) | offset. */
+#define BS_SEG_MAX_FRAGMENT_ID 0xFFFFFFFFull
+/* Ordinals are u32, so a segment's fragments hold at most this many rows. */
+#define BS_SEG_MAX_ROWS 0xFFFFFFFFull
+
+/* Byte offsets of the fixed header fields. */
+enum {
+    BS_HDR_MAGIC = 0,
+    BS_HDR_READ_VERSION = 8,
+    BS_HDR_WRITE_VERSION = 12,
+    BS_HDR_HEADER_SIZE = 16,
+    BS_HDR_FLAGS = 20,
+    BS_HDR_DIM = 24,
+    BS_HDR_PADDED_DIM = 28,
+    BS_HDR_NUM_BITS = 32,
+    BS_HDR_METRIC = 36,
+    BS_HDR_ROTATION_KIND = 40,
+    BS_HDR_NUM_PARTITIONS = 44,
+    BS_HDR_ROTATION_SEED = 48,
+    BS_HDR_NUM_ROWS = 56,
+    BS_HDR_FILE_SIZE = 64,
+    BS_HDR_NUM_FRAGMENTS = 72,
+    BS_HDR_COLUMN_LEN = 76,
+    BS_HDR_UUID = 80,
+    BS_HDR_ROTATION_FP = 96,
+    BS_HDR_IVF_FP = 112,
+    BS_HDR_ARTIFACTS = 128,  /* offset, size, checksum: 3 x u64 */
+    BS_HDR_FRAGMENTS = 152,
+    BS_HDR_DIRECTORY = 176,
+    BS_HDR_COLUMN = BS_SEG_HEADER_FIXED
+};
+
+/* Byte offsets inside one 32-byte directory entry. */
+enum {
+    BS_DIR_OFFSET = 0,
+    BS_DIR_SIZE = 8,
+    BS_DIR_COUNT = 16,
+    BS_DIR_RESERVED = 20,
+    BS_DIR_CHECKSUM = 24
+};
+
+/* ------------------------------------------------ little-endian access */
+
+/* The host is little-endian (version_check.c refuses others), so a memcpy
+ * is the little-endian load; memcpy also makes unaligned access defined. */
+static inline uint32_t bs_load_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline uint64_t bs_load_u64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline float bs_load_f32(const uint8_t *p) {
+    float v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void bs_store_u32(uint8_t *p, uint32_t v) {
+    memcpy(p, &v, sizeof v);
+}
+static inline void bs_store_u64(uint8_t *p, uint64_t v) {
+    memcpy(p, &v, sizeof v);
+}
+
+/* --------------------------------------------------------------- layout */
+
+/* x rounded up to a multiple of 64; 0 on overflow. */
+static inline int bs_align64_ok(uint64_t x, uint64_t *out) {
+    if (x > UINT64_MAX - (BS_SEG_ALIGN - 1)) return 0;
+    *out = (x + (BS_SEG_ALIGN - 1)) & ~(uint64_t)(BS_SEG_ALIGN - 1);
+    return 1;
+}
+
+/* The header's size for a column name of column_len bytes: fixed fields,
+ * the name, zero padding, and the 8-byte checksum ending on a multiple of
+ * 64. */
+static inline uint64_t bs_seg_header_size(uint32_t column_len) {
+    uint64_t s = 0;
+    bs_align64_ok((uint64_t)BS_SEG_HEADER_FIXED + column_len + 8, &s);
+    return s;
+}
+
+/* Where each array of a partition block lives, relative to the block's
+ * start, and the block's padded size. Arrays absent for B == 1 have
+ * offset 0 and are not stored. */
+typedef struct bs_part_layout {
+    uint64_t blocks, norm2, s1, f1, ordinals, ext, s_full, f_full;
+    uint64_t size; /* padded to 64 */
+} bs_part_layout;
+
+/* 0 when the sizes overflow 64 bits. */
+int bs_part_layout_compute(uint64_t count, uint32_t D, uint32_t B,
+                           bs_part_layout *out);
+
+/* ------------------------------------------------------------- writing */
+
+/* Everything the header, artifacts and fragment table say. Pointers are
+ * read only by bs_seg_writer_open. */
+typedef struct bs_seg_params {
+    uint32_t dim;
+    uint32_t padded_dim;
+    uint32_t num_bits;
+    bs_metric metric;
+    bs_rotation_kind rotation_kind;
+    uint64_t rotation_seed;
+    uint32_t num_partitions;
+    uint8_t uuid[16];
+    bs_fingerprint rotation_fp;
+    bs_fingerprint ivf_fp;
+    const char *column;
+    uint32_t column_len;
+    const float *centroids; /* num_partitions * dim */
+    const uint64_t *fragment_ids;
+    const uint64_t *fragment_rows;
+    uint32_t num_fragments;
+} bs_seg_params;
+
+/* Writes a segment front to back through a FILE*: header and directory are
+ * reserved up front and rewritten by finish, so the partition blocks
+ * stream out one at a time in partition order. */
+typedef struct bs_seg_writer {
+    FILE *f;
+    char *path;
+    char *tmp_path;
+    uint8_t *header;
+    uint64_t header_size;
+    uint8_t *directory;
+    uint64_t directory_offset;
+    uint64_t directory_size;
+    uint64_t pos;         /* bytes written so far */
+    uint32_t num_partitions;
+    uint32_t next_partition;
+    uint64_t num_rows;
+} bs_seg_writer;
+
+/* Opens path + ".tmp" and writes the header placeholder, the artifacts, the
+ * fragment table and the directory placeholder. On error nothing is left
+ * on disk. */
+bs_status bs_seg_writer_open(bs_seg_writer *w, const char *path,
+                             const bs_seg_params *p, bs_error *err);
+/* Appends the next partition: block holds layout.size bytes laid out by
+ * bs_part_layout_compute(count, ...), padding zeroed. */
+bs_status bs_seg_writer_partition(bs_seg_writer *w, uint32_t count,
+                                  const uint8_t *block, uint64_t size,
+                                  bs_error *err);
+/* After the last partition: completes header and directory, fsyncs and
+ * renames the file into place. The writer is closed either way. */
+bs_status bs_seg_writer_finish(bs_seg_writer *w, bs_error *err);
+/* Closes and removes the temporary file; safe after finish and on a
+ * zeroed writer. */
+void bs_seg_writer_abort(bs_seg_writer *w);
+
+/* ------------------------------------------------------------- helpers */
+
+/* 1 when s[0..len) is valid UTF-8 without NUL bytes. */
+int bs_seg_utf8_valid(const uint8_t *s, size_t len);
+
+/* "l2", "cosine", "dot", or "?" */
+const char *bs_seg_metric_name(bs_metric m);
+
+/* 32 lowercase hex digits and a NUL into out[33]. */
+void bs_seg_fingerprint_hex(const bs_fingerprint *fp, char out[33]);
+
+#endif

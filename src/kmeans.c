@@ -1,0 +1,396 @@
+/* k-means training of IVF centroids: k-means++ seeding on a subsample, then
+ * Lloyd iterations over every row. Choices and their reasons are in
+ * docs/algorithms.md, "IVF training and assignment".
+ *
+ * Reproducibility: every random draw comes from bs_rng seeded by `seed`,
+ * seeding distances use bs_l2sq_f32_fixed, assignments come from
+ * bs_ivf_assign_rows (exact argmin, independent of BLAS bits) and centroid
+ * sums are accumulated in double in row order. So the same (x, seed, k,
+ * metric, max_iters) gives the same centroids whatever the BLAS thread
+ * count or CPU kernel. */
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "error.h"
+#include "ivf_internal.h"
+#include "rng.h"
+
+/* Seeding sample: k-means++ costs O(m k d) sequential, memory-bound work
+ * (each new centre needs one pass over the m sample rows), which over all n
+ * rows is far too slow for k = 1024, n = 262144, d = 768. Eight sample rows
+ * per centroid give every cluster holding >= 1/k of the data ~8 chances to
+ * be drawn, enough for D^2 sampling to place a seed in it; Lloyd on all n
+ * rows then does the fine placement. Measured at k = 1024, d = 768 (one
+ * core): 16 rows per centroid cost ~7 s of seeding against ~3.5 s for 8,
+ * while a Lloyd iteration costs ~5 s, so 8 keeps seeding under one
+ * iteration.
+ * The floor keeps small-k seeding from looking at a handful of points. */
+#ifndef BS_SEED_ROWS_PER_CENTROID
+#define BS_SEED_ROWS_PER_CENTROID 8
+#endif
+#define BS_SEED_MIN_ROWS 4096
+
+/* Stop when fewer than 1 in 1000 rows changed partition: past that point an
+ * iteration moves centroids by a negligible amount for IVF purposes (the
+ * partitions are only a coarse filter) while costing a full pass. */
+#define BS_SETTLED_PER_MILLE 1
+
+/* A row whose nearest centre c lies at distance r from it cannot get
+ * closer to a new centre c' with |c - c'| >= 2r (triangle inequality), so
+ * the distance to c' is skipped. Squared: |c - c'|^2 >= 4 r^2. The extra
+ * 0.25% keeps the skip on the safe side of float rounding (~d 2^-24
+ * relative) for any sensible d; skipping changes no result, only work. */
+#define BS_PRUNE_FACTOR 4.01
+
+static size_t pick_uniform(bs_rng *rng, const unsigned char *elig, size_t m,
+                           size_t n_elig) {
+    if (n_elig == 0) return (size_t)bs_rng_below(rng, m);
+    size_t want = (size_t)bs_rng_below(rng, n_elig);
+    for (size_t i = 0; i < m; i++) {
+        if (elig[i] && want-- == 0) return i;
+    }
+    return 0; /* unreachable: n_elig counts elig */
+}
+
+/* k-means++ (D^2 sampling) over a uniform subsample of the rows, written
+ * into centroids[k * d]. In cosine mode zero rows are not eligible: they
+ * sit at distance 1 from every unit centroid, so they say nothing about
+ * where centres belong, and a zero centroid could not be unit length. */
+static bs_status seed_kmeanspp(const float *data, size_t n, uint32_t d,
+                               uint32_t k, int cosine, bs_rng *rng,
+                               float *centroids, bs_error *err) {
+    size_t m = (size_t)k * BS_SEED_ROWS_PER_CENTROID;
+    if (m < BS_SEED_MIN_ROWS) m = BS_SEED_MIN_ROWS;
+    if (m > n) m = n;
+
+    /* A contiguous copy: the pass per centre then streams through memory
+     * instead of hopping across all n rows (TLB and prefetch friendly). */
+    float *sample = malloc(m * d * sizeof(float));
+    double *dist = malloc(m * sizeof(double));
+    uint32_t *near = malloc(m * sizeof(uint32_t));
+    unsigned char *elig = malloc(m);
+    double *cc = malloc((size_t)k * sizeof(double));
+    bs_status st = BS_OK;
+    if (!sample || !dist || !near || !elig || !cc) {
+        st = bs_fail(err, BS_ERR_NO_MEMORY,
+                     "out of memory for k-means++ seeding over %zu rows", m);
+        goto done;
+    }
+
+    /* Selection sampling (Knuth's Algorithm S): a uniform m-subset in row
+     * order in one pass, with no index array. */
+    size_t got = 0;
+    for (size_t i = 0; i < n && got < m; i++) {
+        if (m == n ||
+            bs_rng_uniform(rng) * (double)(n - i) < (double)(m - got)) {
+            memcpy(sample + got * d, data + i * d, (size_t)d * sizeof(float));
+            got++;
+        }
+    }
+    /* Rounding in the test above could in theory leave the sample short;
+     * it is then filled from the last rows, so it always has m rows. */
+    for (size_t i = n; got < m; i--, got++)
+        memcpy(sample + got * d, data + (i - 1) * d, (size_t)d * sizeof(float));
+
+    size_t n_elig = 0;
+    for (size_t i = 0; i < m; i++) {
+        elig[i] = !cosine || bs_norm2_fixed(sample + i * d, d) > 0.0;
+        n_elig += elig[i];
+        dist[i] = INFINITY;
+        near[i] = 0;
+    }
+
+    for (uint32_t t = 0; t < k; t++) {
+        size_t pick = 0;
+        int have = 0;
+        if (t > 0) {
+            double total = 0.0;
+            for (size_t i = 0; i < m; i++)
+                if (elig[i]) total += dist[i];
+            if (total > 0.0 && isfinite(total)) {
+                double target = bs_rng_uniform(rng) * total, cum = 0.0;
+                for (size_t i = 0; i < m; i++) {
+                    if (!elig[i] || dist[i] <= 0.0) continue;
+                    /* If rounding leaves cum <= target at the end, the last
+                     * row with mass is taken. */
+                    pick = i;
+                    have = 1;
+                    cum += dist[i];
+                    if (cum > target) break;
+                }
+            }
+        }
+        /* The first centre, or no D^2 mass left (every eligible row equals
+         * a chosen centre, e.g. all rows identical): uniform. */
+        if (!have) pick = pick_uniform(rng, elig, m, n_elig);
+
+        float *c = centroids + (size_t)t * d;
+        memcpy(c, sample + pick * d, (size_t)d * sizeof(float));
+        if (t + 1 == k) break;
+
+        for (uint32_t s = 0; s < t; s++)
+            cc[s] = bs_l2sq_f32_fixed(c, centroids + (size_t)s * d, d);
+        for (size_t i = 0; i < m; i++) {
+            if (!elig[i]) continue;
+            if (t > 0 && cc[near[i]] >= BS_PRUNE_FACTOR * dist[i]) continue;
+            double e = bs_l2sq_f32_fixed(sample + i * d, c, d);
+            if (e < dist[i]) {
+                dist[i] = e;
+                near[i] = t;
+            }
+        }
+    }
+
+done:
+    free(sample);
+    free(dist);
+    free(near);
+    free(elig);
+    free(cc);
+    return st;
+}
+
+/* Keeps a perturbed coordinate finite for data near the float range. */
+static float to_float_clamped(double v) {
+    if (v > FLT_MAX) return FLT_MAX;
+    if (v < -FLT_MAX) return -FLT_MAX;
+    return (float)v;
+}
+
+static void normalize_centroid(float *c, uint32_t d) {
+    if (bs_norm2_fixed(c, d) > 0.0) bs_normalize_row(c, d, c);
+}
+
+/* Splits the largest cluster to refill each empty one: the two halves are
+ * the old centre plus and minus a small random sign vector, so the
+ * hyperplane between them passes through the cluster's mean and the next
+ * assignment divides its rows. The step is a fraction of the cluster's
+ * per-dimension spread (large enough to survive float rounding of the
+ * centre, small enough not to throw the centre out of its cluster).
+ * counts and inertia are updated as estimates so that several empties in
+ * one pass spread over several large clusters. */
+static void repair_by_split(float *centroids, uint32_t k, uint32_t d,
+                            int cosine, size_t *counts, double *inertia,
+                            bs_rng *rng) {
+    for (uint32_t j = 0; j < k; j++) {
+        if (counts[j] != 0) continue;
+        uint32_t big = 0;
+        for (uint32_t i = 1; i < k; i++)
+            if (counts[i] > counts[big]) big = i;
+        if (counts[big] < 2) return; /* only when n < k, excluded above */
+
+        float *cb = centroids + (size_t)big * d;
+        float *cj = centroids + (size_t)j * d;
+        double rms = sqrt(inertia[big] / ((double)counts[big] * d));
+        double maxabs = 0.0;
+        for (uint32_t i = 0; i < d; i++)
+            if (fabs((double)cb[i]) > maxabs) maxabs = fabs((double)cb[i]);
+        /* rms is infinite when squared distances overflowed float. */
+        double step = isfinite(rms) ? rms / 16.0 : 0.0;
+        if (step < maxabs * 0x1p-13) step = maxabs * 0x1p-13;
+        if (step == 0.0) step = 0x1p-13;
+
+        uint64_t bits = 0;
+        for (uint32_t i = 0; i < d; i++) {
+            if ((i & 63) == 0) bits = bs_rng_next(rng);
+            double delta = ((bits >> (i & 63)) & 1) ? step : -step;
+            double base = (double)cb[i];
+            cj[i] = to_float_clamped(base + delta);
+            cb[i] = to_float_clamped(base - delta);
+        }
+        if (cosine) {
+            normalize_centroid(cj, d);
+            normalize_centroid(cb, d);
+        }
+        counts[j] = counts[big] / 2;
+        counts[big] -= counts[j];
+        inertia[big] *= 0.5;
+        inertia[j] = inertia[big];
+    }
+}
+
+/* After the last iteration a split centroid may still own no row. Giving it
+ * the row farthest from its own centroid (taken from a cluster that keeps
+ * at least one other row) makes it own that row: with distinct rows it is
+ * strictly nearer to its copy than to anything else. Returns the number of
+ * empties it could not fill (only possible with duplicate rows). */
+static uint32_t repair_with_rows(const float *data, size_t n, uint32_t d,
+                                 uint32_t k, int cosine, float *centroids,
+                                 uint32_t *assign, float *dist2,
+                                 size_t *counts) {
+    uint32_t unfilled = 0;
+    for (uint32_t j = 0; j < k; j++) {
+        if (counts[j] != 0) continue;
+        size_t best = SIZE_MAX;
+        for (size_t i = 0; i < n; i++) {
+            if (counts[assign[i]] < 2 || !(dist2[i] > 0.0f)) continue;
+            if (cosine && bs_norm2_fixed(data + i * d, d) == 0.0) continue;
+            if (best == SIZE_MAX || dist2[i] > dist2[best]) best = i;
+        }
+        if (best == SIZE_MAX) {
+            unfilled++;
+            continue;
+        }
+        memcpy(centroids + (size_t)j * d, data + best * d,
+               (size_t)d * sizeof(float));
+        counts[assign[best]]--;
+        counts[j] = 1;
+        assign[best] = j;
+        dist2[best] = 0.0f;
+    }
+    return unfilled;
+}
+
+static uint32_t count_empty(const size_t *counts, uint32_t k) {
+    uint32_t e = 0;
+    for (uint32_t j = 0; j < k; j++) e += counts[j] == 0;
+    return e;
+}
+
+bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d, uint32_t k,
+                          bs_metric metric, uint32_t max_iters, uint64_t seed,
+                          float *centroids, bs_error *err) {
+    bs_error_clear(err);
+    if (x == NULL) return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "x is NULL");
+    if (centroids == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "centroids is NULL");
+    if (d == 0)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "dimension must be >= 1 (got 0)");
+    if (k == 0)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "num_partitions must be >= 1 (got 0)");
+    if ((int)metric < 0 || (int)metric > 2)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "metric (%d) is not a bs_metric", (int)metric);
+    if (n < k)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "num_partitions (%u) exceeds the number of training "
+                       "rows (%zu)",
+                       k, n);
+    if (k > INT_MAX || d > INT_MAX)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "num_partitions (%u) or dimension (%u) exceeds the "
+                       "BLAS limit (%d)",
+                       k, d, INT_MAX);
+    size_t cells, bytes;
+    if (!bs_mul_ok(n, d, &cells) || !bs_mul_ok(cells, sizeof(double), &bytes))
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "rows (%zu) x dimension (%u) overflows", n, d);
+    BS_TRY(bs_check_finite_rows(x, n, d, "training row", 0, err));
+
+    const int cosine = metric == BS_METRIC_COSINE;
+    bs_rng rng;
+    bs_rng_seed(&rng, seed);
+
+    float *normed = NULL;
+    uint32_t *assign = malloc(n * sizeof(uint32_t));
+    uint32_t *prev = malloc(n * sizeof(uint32_t));
+    float *dist2 = malloc(n * sizeof(float));
+    size_t *counts = malloc((size_t)k * sizeof(size_t));
+    double *inertia = malloc((size_t)k * sizeof(double));
+    double *sums = malloc((size_t)k * d * sizeof(double));
+    bs_status st = BS_OK;
+    if (cosine) normed = malloc(n * d * sizeof(float));
+    if (!assign || !prev || !dist2 || !counts || !inertia || !sums ||
+        (cosine && !normed)) {
+        st = bs_fail(err, BS_ERR_NO_MEMORY,
+                     "out of memory for k-means over %zu rows x %u "
+                     "dimensions, %u partitions",
+                     n, d, k);
+        goto done;
+    }
+    const float *data = x;
+    if (cosine) {
+        for (size_t i = 0; i < n; i++)
+            bs_normalize_row(x + i * d, d, normed + i * d);
+        data = normed;
+    }
+
+    st = seed_kmeanspp(data, n, d, k, cosine, &rng, centroids, err);
+    if (st != BS_OK) goto done;
+
+    for (size_t i = 0; i < n; i++) prev[i] = UINT32_MAX;
+    uint32_t empties = 0;
+    for (uint32_t iter = 0;; iter++) {
+        /* Assign first and decide after: the returned centroids are always
+         * ones whose assignment was seen, so "no empty partition" is
+         * checked, not hoped for. */
+        st = bs_ivf_assign_rows(centroids, k, d, 0, 0, data, n, assign,
+                                dist2, err);
+        if (st != BS_OK) goto done;
+        size_t changes = 0;
+        memset(counts, 0, (size_t)k * sizeof(size_t));
+        for (size_t i = 0; i < n; i++) {
+            changes += assign[i] != prev[i];
+            counts[assign[i]]++;
+        }
+        empties = count_empty(counts, k);
+        if (iter == max_iters) break;
+        if (iter > 0 && empties == 0 &&
+            changes * 1000 < (size_t)BS_SETTLED_PER_MILLE * n)
+            break;
+
+        memset(sums, 0, (size_t)k * d * sizeof(double));
+        memset(inertia, 0, (size_t)k * sizeof(double));
+        for (size_t i = 0; i < n; i++) {
+            const float *row = data + i * d;
+            double *s = sums + (size_t)assign[i] * d;
+            for (uint32_t t = 0; t < d; t++) s[t] += (double)row[t];
+            inertia[assign[i]] += (double)dist2[i];
+        }
+        for (uint32_t j = 0; j < k; j++) {
+            if (counts[j] == 0) continue;
+            float *c = centroids + (size_t)j * d;
+            const double *s = sums + (size_t)j * d;
+            if (cosine) {
+                double n2 = 0.0;
+                for (uint32_t t = 0; t < d; t++) n2 += s[t] * s[t];
+                /* Rows that cancel out (or are all zero) leave no
+                 * direction: keep the previous unit centroid. */
+                if (n2 > 0.0) {
+                    double nrm = sqrt(n2);
+                    for (uint32_t t = 0; t < d; t++)
+                        c[t] = (float)(s[t] / nrm);
+                }
+            } else {
+                double inv = 1.0 / (double)counts[j];
+                for (uint32_t t = 0; t < d; t++) c[t] = (float)(s[t] * inv);
+            }
+        }
+        if (empties)
+            repair_by_split(centroids, k, d, cosine, counts, inertia, &rng);
+        uint32_t *tmp = prev;
+        prev = assign;
+        assign = tmp;
+    }
+
+    /* Bounded: each pass fills every empty partition it can; a second pass
+     * is needed only if a copied row pulled all rows away from a cluster,
+     * which the mean property (the centroid minimises its rows' summed
+     * squared distance) makes rare. */
+    for (int pass = 0; pass < 4 && empties > 0; pass++) {
+        if (repair_with_rows(data, n, d, k, cosine, centroids, assign, dist2,
+                             counts) == empties)
+            break; /* nothing fillable: duplicate rows */
+        st = bs_ivf_assign_rows(centroids, k, d, 0, 0, data, n, assign,
+                                dist2, err);
+        if (st != BS_OK) goto done;
+        memset(counts, 0, (size_t)k * sizeof(size_t));
+        for (size_t i = 0; i < n; i++) counts[assign[i]]++;
+        empties = count_empty(counts, k);
+    }
+
+done:
+    free(normed);
+    free(assign);
+    free(prev);
+    free(dist2);
+    free(counts);
+    free(inertia);
+    free(sums);
+    return st;
+}

@@ -1,0 +1,510 @@
+/* Search over one or more compatible segments: the staged scan of
+ * shared/rabitq.md.
+ *
+ * Determinism is the design constraint here. A distributed build's
+ * segments, merged or not, must answer bit for bit like one segment built
+ * from the same rows. So nothing below may depend on the order in which
+ * partitions or segments are visited:
+ *  - every per-vector quantity comes from the vector's own code and the
+ *    query (the kernels return exact integer sums);
+ *  - the threshold that gates stage 2 is the k-th smallest *upper* bound
+ *    over all scanned codes, which a running heap reaches whatever the visit
+ *    order (a code pruned early had lb > running threshold >= final one, so
+ *    it could not have been kept anyway);
+ *  - the survivors are exactly {lb <= final threshold}, sorted by
+ *    (estimate, row id).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "error.h"
+#include "rabitq.h"
+#include "segment.h"
+
+struct bs_searcher {
+    const bs_segment **segs;
+    size_t nseg;
+    uint32_t dim;
+    uint32_t D;
+    uint32_t bits;
+    uint32_t nlist;
+    bs_metric metric;
+    bs_rotation *rot;
+    const float *centroids;  /* nlist * dim, owned by segs[0] */
+    float *rot_centroids;    /* nlist * D: P c */
+    float *centroid_norm2;   /* nlist */
+    bs_fastscan_fn kernel;
+};
+
+typedef struct bs_cand {
+    uint64_t rowid;
+    float est;
+    float lb;
+    float ub;
+    uint32_t seg;
+    uint32_t probe; /* index into the probed partition list */
+    uint32_t index; /* position inside the partition */
+} bs_cand;
+
+struct bs_candidates {
+    /* results */
+    uint64_t *rowids;
+    float *estimates;
+    float *lower_bounds;
+    size_t size;
+    size_t cap_out;
+    /* scratch reused across queries */
+    bs_cand *cands;
+    size_t ncands;
+    size_t cap_cands;
+    float *heap;
+    size_t cap_heap;
+    uint32_t *sums;
+    size_t cap_sums;
+    float *qbuf; /* (nprobes + 2) * D floats */
+    size_t cap_qbuf;
+    uint8_t *lut;
+    size_t cap_lut;
+    uint32_t *probes;
+    float *probe_keys;
+    size_t cap_probes;
+    uint8_t *code;
+    size_t cap_code;
+};
+
+/* ---------------------------------------------------------- small helpers */
+
+static int grow(void **ptr, size_t *cap, size_t need, size_t elem) {
+    if (need <= *cap) return 1;
+    size_t n = *cap ? *cap : 64;
+    while (n < need) n *= 2;
+    size_t bytes;
+    if (!bs_mul_ok(n, elem, &bytes)) return 0;
+    void *p = realloc(*ptr, bytes);
+    if (p == NULL) return 0;
+    *ptr = p;
+    *cap = n;
+    return 1;
+}
+
+/* Max-heap of the k smallest upper bounds seen so far. */
+static void heap_push_bounded(float *heap, size_t *n, size_t k, float v) {
+    if (*n < k) {
+        size_t i = (*n)++;
+        heap[i] = v;
+        while (i > 0) {
+            size_t parent = (i - 1) / 2;
+            if (heap[parent] >= heap[i]) break;
+            float t = heap[parent];
+            heap[parent] = heap[i];
+            heap[i] = t;
+            i = parent;
+        }
+        return;
+    }
+    if (v >= heap[0]) return;
+    heap[0] = v;
+    size_t i = 0;
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < *n && heap[l] > heap[m]) m = l;
+        if (r < *n && heap[r] > heap[m]) m = r;
+        if (m == i) break;
+        float t = heap[m];
+        heap[m] = heap[i];
+        heap[i] = t;
+        i = m;
+    }
+}
+
+static int cmp_cand(const void *a, const void *b) {
+    const bs_cand *x = a, *y = b;
+    if (x->est < y->est) return -1;
+    if (x->est > y->est) return 1;
+    if (x->rowid < y->rowid) return -1;
+    if (x->rowid > y->rowid) return 1;
+    return 0;
+}
+
+static int sorted_contains(const uint64_t *arr, size_t n, uint64_t v) {
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (arr[mid] < v)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && arr[lo] == v;
+}
+
+static int rowid_allowed(const bs_search_params *p, uint64_t rowid) {
+    if (p->allowed_fragments != NULL &&
+        !sorted_contains(p->allowed_fragments, p->num_allowed_fragments, rowid >> 32))
+        return 0;
+    return p->allowed_rowids == NULL ||
+           sorted_contains(p->allowed_rowids, p->num_allowed, rowid);
+}
+
+static float dot_f(const float *a, const float *b, uint32_t n) {
+    double s = 0.0;
+    for (uint32_t i = 0; i < n; i++) s += (double)a[i] * (double)b[i];
+    return (float)s;
+}
+
+/* ------------------------------------------------------------- searcher */
+
+bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
+                             bs_searcher **out, bs_error *err) {
+    if (out == NULL || (segs == NULL && n > 0))
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "NULL argument");
+    *out = NULL;
+    if (n == 0)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "a searcher needs at least one segment");
+    for (size_t i = 0; i < n; i++)
+        if (segs[i] == NULL)
+            return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "segment %zu is NULL",
+                           i);
+    for (size_t i = 1; i < n; i++) {
+        bs_error sub;
+        bs_error_clear(&sub);
+        if (bs_segment_check_compatible(segs[0], segs[i], &sub) != BS_OK)
+            return bs_fail(err, sub.code, "cannot search segment %zu with segment 0: %s",
+                           i, sub.message);
+    }
+    bs_simd_level level;
+    BS_TRY(bs_simd_select(&level, err));
+
+    bs_segment_info info;
+    bs_segment_get_info(segs[0], &info);
+    bs_searcher *s = calloc(1, sizeof *s);
+    if (s == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    s->segs = malloc(n * sizeof *s->segs);
+    s->nseg = n;
+    s->dim = info.dim;
+    s->D = info.padded_dim;
+    s->bits = info.num_bits;
+    s->nlist = info.num_partitions;
+    s->metric = info.metric;
+    s->centroids = bs_segment_centroids(segs[0]);
+    s->kernel = bs_fastscan_kernel(level);
+    size_t rc_len;
+    if (!bs_mul_ok((size_t)s->nlist, s->D, &rc_len)) {
+        bs_searcher_free(s);
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "index too large");
+    }
+    s->rot_centroids = malloc(rc_len * sizeof(float));
+    s->centroid_norm2 = malloc((size_t)s->nlist * sizeof(float));
+    if (s->segs == NULL || s->rot_centroids == NULL || s->centroid_norm2 == NULL) {
+        bs_searcher_free(s);
+        return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    }
+    memcpy(s->segs, segs, n * sizeof *s->segs);
+    bs_status st = bs_rotation_create(info.rotation_kind, info.dim,
+                                      info.rotation_seed, &s->rot, err);
+    if (st == BS_OK)
+        st = bs_rotation_apply(s->rot, s->centroids, s->nlist, s->dim,
+                               s->rot_centroids, err);
+    if (st != BS_OK) {
+        bs_searcher_free(s);
+        return st;
+    }
+    for (uint32_t c = 0; c < s->nlist; c++) {
+        const float *v = s->centroids + (size_t)c * s->dim;
+        s->centroid_norm2[c] = dot_f(v, v, s->dim);
+    }
+    *out = s;
+    return BS_OK;
+}
+
+void bs_searcher_free(bs_searcher *s) {
+    if (s == NULL) return;
+    bs_rotation_free(s->rot);
+    free(s->rot_centroids);
+    free(s->centroid_norm2);
+    free((void *)s->segs);
+    free(s);
+}
+
+/* ----------------------------------------------------------- candidates */
+
+bs_candidates *bs_candidates_new(void) { return calloc(1, sizeof(bs_candidates)); }
+
+void bs_candidates_free(bs_candidates *c) {
+    if (c == NULL) return;
+    free(c->rowids);
+    free(c->estimates);
+    free(c->lower_bounds);
+    free(c->cands);
+    free(c->heap);
+    free(c->sums);
+    free(c->qbuf);
+    free(c->lut);
+    free(c->probes);
+    free(c->probe_keys);
+    free(c->code);
+    free(c);
+}
+
+size_t bs_candidates_size(const bs_candidates *c) { return c ? c->size : 0; }
+const uint64_t *bs_candidates_rowids(const bs_candidates *c) { return c->rowids; }
+const float *bs_candidates_estimates(const bs_candidates *c) { return c->estimates; }
+const float *bs_candidates_lower_bounds(const bs_candidates *c) {
+    return c->lower_bounds;
+}
+
+/* ---------------------------------------------------------------- search */
+
+/* Chooses the nprobe partitions nearest the query: smallest |q - c|^2 for
+ * l2, largest <q, c> for dot and cosine (which search by inner product on
+ * unit vectors). Ties go to the lower partition id. */
+static void choose_probes(const bs_searcher *s, const float *q, uint32_t nprobe,
+                          uint32_t *probes, float *keys) {
+    float qn = dot_f(q, q, s->dim);
+    /* Partial selection sort over an insertion-ordered list of size nprobe
+     * keeps this O(nlist * nprobe) in the worst case but O(nlist) typically. */
+    uint32_t have = 0;
+    for (uint32_t c = 0; c < s->nlist; c++) {
+        float ip = dot_f(q, s->centroids + (size_t)c * s->dim, s->dim);
+        float key = s->metric == BS_METRIC_L2 ? qn - 2.0f * ip + s->centroid_norm2[c]
+                                              : -ip;
+        if (have == nprobe && key >= keys[have - 1]) continue;
+        uint32_t pos = have < nprobe ? have++ : nprobe - 1;
+        while (pos > 0 && keys[pos - 1] > key) {
+            keys[pos] = keys[pos - 1];
+            probes[pos] = probes[pos - 1];
+            pos--;
+        }
+        keys[pos] = key;
+        probes[pos] = c;
+    }
+}
+
+bs_status bs_search(const bs_searcher *s, const float *q_in,
+                    const bs_search_params *params, bs_candidates *c,
+                    bs_search_stats *stats, bs_error *err) {
+    if (s == NULL || q_in == NULL || params == NULL || c == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "NULL argument");
+    if (params->k == 0)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "k must be >= 1, got 0");
+    if (params->nprobes == 0)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "nprobes must be >= 1, got 0");
+    if (!(params->eps0 >= 0.0f) || !isfinite(params->eps0))
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "eps0 must be finite and >= 0, got %g", (double)params->eps0);
+    for (uint32_t i = 0; i < s->dim; i++)
+        if (!isfinite(q_in[i]))
+            return bs_fail(err, BS_ERR_INVALID_DATA,
+                           "query has a non-finite value at dimension %u", i);
+
+    const uint32_t D = s->D, dim = s->dim, B = s->bits;
+    const uint32_t nprobe = params->nprobes < s->nlist ? params->nprobes : s->nlist;
+    const size_t k = params->k;
+    bs_search_stats st;
+    memset(&st, 0, sizeof st);
+
+    /* qbuf layout: [0, D) normalised query (dim used), [D, 2D) P q,
+     * then one D-row per probe: q' for that partition. */
+    size_t qlen = ((size_t)nprobe + 2) * D;
+    if (!grow((void **)&c->qbuf, &c->cap_qbuf, qlen, sizeof(float)) ||
+        !grow((void **)&c->lut, &c->cap_lut, (size_t)D * 4, 1) ||
+        !grow((void **)&c->probes, &c->cap_probes, nprobe, sizeof(uint32_t)) ||
+        !grow((void **)&c->heap, &c->cap_heap, k, sizeof(float)) ||
+        !grow((void **)&c->code, &c->cap_code, bs_code_bytes(D), 1))
+        return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    {
+        size_t cap = c->cap_probes;
+        float *keys = realloc(c->probe_keys, cap * sizeof(float));
+        if (keys == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+        c->probe_keys = keys;
+    }
+    float *q = c->qbuf;
+    float *pq = c->qbuf + D;
+    memcpy(q, q_in, dim * sizeof(float));
+    if (s->metric == BS_METRIC_COSINE) {
+        float n2 = dot_f(q, q, dim);
+        if (n2 > 0.0f) {
+            float inv = 1.0f / sqrtf(n2);
+            for (uint32_t i = 0; i < dim; i++) q[i] *= inv;
+        }
+    }
+    BS_TRY(bs_rotation_apply(s->rot, q, 1, dim, pq, err));
+    choose_probes(s, q, nprobe, c->probes, c->probe_keys);
+
+    size_t nheap = 0;
+    c->ncands = 0;
+    const float half_levels = (float)((1u << B) - 1) * 0.5f;
+    const float groups = (float)(D / 4);
+
+    for (uint32_t pi = 0; pi < nprobe; pi++) {
+        uint32_t p = c->probes[pi];
+        float *qp = c->qbuf + (size_t)(pi + 2) * D;
+        float ip_cq = 0.0f; /* <c, q> for dot-like metrics */
+        if (s->metric == BS_METRIC_L2) {
+            const float *pc = s->rot_centroids + (size_t)p * D;
+            for (uint32_t i = 0; i < D; i++) qp[i] = pq[i] - pc[i];
+        } else {
+            memcpy(qp, pq, D * sizeof(float));
+            ip_cq = dot_f(q, s->centroids + (size_t)p * dim, dim);
+        }
+        float qnorm2 = dot_f(qp, qp, D);
+        float qnorm = sqrtf(qnorm2);
+        double qsum_d = 0.0;
+        for (uint32_t i = 0; i < D; i++) qsum_d += qp[i];
+        float qsum = (float)qsum_d;
+        bs_query_lut lut;
+        lut.tables = c->lut;
+        bs_query_lut_build(qp, D, &lut);
+        /* LUT rounding errors are independent and uniform in +-delta/2 per
+         * group: their sum has sd delta * sqrt(groups / 12). Widen the bound
+         * by eps0 of those sds, like the code's own error. */
+        float lut_err = params->eps0 * lut.delta * sqrtf(groups / 12.0f);
+
+        for (size_t si = 0; si < s->nseg; si++) {
+            if (params->segment_mask && !params->segment_mask[si]) continue;
+            bs_partition_view v;
+            bs_segment_partition(s->segs[si], p, &v);
+            st.partitions_probed++;
+            if (v.count == 0) continue;
+            size_t nblocks = bs_fastscan_num_blocks(v.count);
+            if (!grow((void **)&c->sums, &c->cap_sums, nblocks * 32, sizeof(uint32_t)))
+                return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+            s->kernel(v.blocks, nblocks, c->lut, D, c->sums);
+            st.codes_scanned += v.count;
+            for (uint32_t i = 0; i < v.count; i++) {
+                float ip_b = lut.delta * (float)c->sums[i] + lut.offset;
+                float ip_y = ip_b - 0.5f * qsum;
+                float est, bound;
+                if (s->metric == BS_METRIC_L2) {
+                    est = v.norm2[i] + qnorm2 - 2.0f * v.s1[i] * ip_y;
+                    bound = 2.0f * (params->eps0 * v.f1[i] * qnorm +
+                                    fabsf(v.s1[i]) * lut_err);
+                } else {
+                    est = 1.0f - (v.s1[i] * ip_y + ip_cq);
+                    bound = params->eps0 * v.f1[i] * qnorm + fabsf(v.s1[i]) * lut_err;
+                }
+                float lb = est - bound;
+                if (nheap == k && lb > c->heap[0]) continue;
+                uint64_t rowid = bs_segment_rowid(s->segs[si], v.ordinals[i]);
+                if (!rowid_allowed(params, rowid)) continue;
+                float ub = est + bound;
+                heap_push_bounded(c->heap, &nheap, k, ub);
+                if (!grow((void **)&c->cands, &c->cap_cands, c->ncands + 1,
+                          sizeof(bs_cand)))
+                    return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+                bs_cand *cd = &c->cands[c->ncands++];
+                cd->rowid = rowid;
+                cd->est = est;
+                cd->lb = lb;
+                cd->ub = ub;
+                cd->seg = (uint32_t)si;
+                cd->probe = pi;
+                cd->index = i;
+            }
+        }
+    }
+
+    /* Keep exactly the codes whose lower bound is within the final k-th
+     * smallest upper bound (see the comment at the top). */
+    float threshold = nheap == k ? c->heap[0] : INFINITY;
+    size_t kept = 0;
+    for (size_t i = 0; i < c->ncands; i++)
+        if (c->cands[i].lb <= threshold) c->cands[kept++] = c->cands[i];
+    c->ncands = kept;
+
+    if (B > 1) {
+        /* Stage 2: the full code's finer estimate, in float, from the exact
+         * (unquantised) query residual. */
+        const float top = (float)(1u << (B - 1));
+        for (size_t i = 0; i < c->ncands; i++) {
+            bs_cand *cd = &c->cands[i];
+            bs_partition_view v;
+            bs_segment_partition(s->segs[cd->seg], c->probes[cd->probe], &v);
+            const float *qp = c->qbuf + (size_t)(cd->probe + 2) * D;
+            bs_fastscan_unpack_one(v.blocks, cd->index, D, c->code);
+            float ip_u = top * bs_bits_dot(c->code, D, qp) +
+                         bs_ext_dot(v.ext + (size_t)cd->index * bs_ext_bytes(D, B),
+                                    D, B, qp);
+            double qsum_d = 0.0;
+            for (uint32_t j = 0; j < D; j++) qsum_d += qp[j];
+            float ip_y = ip_u - half_levels * (float)qsum_d;
+            float s_full = v.s_full[cd->index];
+            if (s->metric == BS_METRIC_L2) {
+                float qnorm2 = dot_f(qp, qp, D);
+                cd->est = v.norm2[cd->index] + qnorm2 - 2.0f * s_full * ip_y;
+            } else {
+                float ip_cq = dot_f(q, s->centroids + (size_t)c->probes[cd->probe] * dim, dim);
+                cd->est = 1.0f - (s_full * ip_y + ip_cq);
+            }
+        }
+        st.codes_stage2 = c->ncands;
+    }
+
+    qsort(c->cands, c->ncands, sizeof(bs_cand), cmp_cand);
+    size_t nout = c->ncands;
+    if (params->refine_factor > 0) {
+        size_t lim;
+        if (!bs_mul_ok(k, params->refine_factor, &lim)) lim = SIZE_MAX;
+        if (nout > lim) nout = lim;
+    } else if (B > 1 && nout > k) {
+        nout = k;
+    }
+    if (!grow((void **)&c->rowids, &c->cap_out, nout, sizeof(uint64_t)))
+        return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    {
+        /* estimates / lower_bounds share cap_out; realloc them alongside */
+        float *e = realloc(c->estimates, c->cap_out * sizeof(float));
+        if (e == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+        c->estimates = e;
+        float *l = realloc(c->lower_bounds, c->cap_out * sizeof(float));
+        if (l == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+        c->lower_bounds = l;
+    }
+    for (size_t i = 0; i < nout; i++) {
+        c->rowids[i] = c->cands[i].rowid;
+        c->estimates[i] = c->cands[i].est;
+        c->lower_bounds[i] = c->cands[i].lb;
+    }
+    c->size = nout;
+    st.candidates = nout;
+    if (stats) *stats = st;
+    return BS_OK;
+}
+
+/* ------------------------------------------------------- exact distances */
+
+bs_status bs_exact_distances(bs_metric metric, const float *q, const float *x,
+                             size_t n, uint32_t dim, float *out, bs_error *err) {
+    if ((n > 0 && (q == NULL || x == NULL || out == NULL)) || dim == 0)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "bad arguments to exact distances");
+    if (metric != BS_METRIC_L2 && metric != BS_METRIC_COSINE && metric != BS_METRIC_DOT)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "unknown metric %d", (int)metric);
+    double qn = 0.0;
+    for (uint32_t j = 0; j < dim; j++) qn += (double)q[j] * q[j];
+    for (size_t i = 0; i < n; i++) {
+        const float *v = x + i * dim;
+        double acc = 0.0, vn = 0.0;
+        if (metric == BS_METRIC_L2) {
+            for (uint32_t j = 0; j < dim; j++) {
+                double d = (double)q[j] - (double)v[j];
+                acc += d * d;
+            }
+            out[i] = (float)acc;
+            continue;
+        }
+        for (uint32_t j = 0; j < dim; j++) {
+            acc += (double)q[j] * v[j];
+            vn += (double)v[j] * v[j];
+        }
+        if (metric == BS_METRIC_DOT) {
+            out[i] = (float)(1.0 - acc);
+        } else if (qn == 0.0 || vn == 0.0) {
+            out[i] = 1.0f; /* a zero vector has no direction: cos taken as 0 */
+        } else {
+            out[i] = (float)(1.0 - acc / (sqrt(qn) * sqrt(vn)));
+        }
+    }
+    return BS_OK;
+}

@@ -1,0 +1,558 @@
+/* Opening a segment: every byte of the buffer is validated before a single
+ * pointer into it is handed out (docs/format.md, "Validation"), so search
+ * and merge can read the views without further checks. */
+#include "segment.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "error.h"
+#include "format.h"
+#include "hash.h"
+
+struct bs_segment {
+    const uint8_t *data;
+    size_t len;
+    bs_segment_info info;
+    char *column;
+    const float *centroids;
+    uint64_t *frag_ids;
+    uint64_t *frag_rows;
+    /* prefix[i] = rows of fragments before i; prefix[num_fragments] is the
+     * number of ordinals. */
+    uint64_t *prefix;
+    bs_partition_view *parts;
+};
+
+#define CORRUPT(...) bs_fail(err, BS_ERR_CORRUPT, __VA_ARGS__)
+
+typedef unsigned long long ull;
+
+/* The n bytes at offset off lie inside the buffer. */
+static bs_status need(const bs_segment *s, uint64_t off, uint64_t n,
+                      const char *what, bs_error *err) {
+    if (off > s->len || n > s->len - off)
+        return CORRUPT("file truncated: %s needs %llu bytes at offset %llu, "
+                       "file has %zu",
+                       what, (ull)n, (ull)off, s->len);
+    return BS_OK;
+}
+
+static bs_status verify_checksum(const bs_segment *s, uint64_t off,
+                                 uint64_t n, uint64_t expected,
+                                 const char *what, bs_error *err) {
+    uint64_t got = bs_hash64(s->data + off, (size_t)n, BS_SEG_CHECKSUM_SEED);
+    if (got != expected)
+        return CORRUPT("%s checksum mismatch (stored %016llx, computed %016llx)",
+                       what, (ull)expected, (ull)got);
+    return BS_OK;
+}
+
+/* Reads one (offset, size, checksum) triple of the header's section table,
+ * requires the section where the layout puts it and with the size its
+ * counts imply, and verifies its checksum. */
+static bs_status check_section(const bs_segment *s, unsigned field,
+                               uint64_t expect_off, uint64_t expect_size,
+                               const char *what, bs_error *err) {
+    const uint8_t *h = s->data;
+    uint64_t off = bs_load_u64(h + field);
+    uint64_t size = bs_load_u64(h + field + 8);
+    uint64_t sum = bs_load_u64(h + field + 16);
+    if (off != expect_off)
+        return CORRUPT("%s section at offset %llu, expected %llu", what,
+                       (ull)off, (ull)expect_off);
+    if (size != expect_size)
+        return CORRUPT("%s section is %llu bytes, expected %llu", what,
+                       (ull)size, (ull)expect_size);
+    BS_TRY(need(s, off, size, what, err));
+    return verify_checksum(s, off, size, sum, what, err);
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static int cmp_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static bs_status parse_header(bs_segment *s, bs_error *err) {
+    const uint8_t *h = s->data;
+    bs_segment_info *info = &s->info;
+
+    BS_TRY(need(s, 0, 16, "magic and versions", err));
+    if (memcmp(h, BS_SEG_MAGIC, BS_SEG_MAGIC_LEN) != 0)
+        return CORRUPT("bad magic at offset 0: not a bitshard segment");
+    uint32_t read_version = bs_load_u32(h + BS_HDR_READ_VERSION);
+    uint32_t write_version = bs_load_u32(h + BS_HDR_WRITE_VERSION);
+    if (read_version == 0)
+        return CORRUPT("read version 0 is invalid");
+    if (read_version > BS_SEG_VERSION)
+        return bs_fail(err, BS_ERR_UNSUPPORTED_VERSION,
+                       "segment needs a reader of format version %u; this "
+                       "reader knows version %u",
+                       read_version, BS_SEG_VERSION);
+    if (write_version < read_version)
+        return CORRUPT("write version %u is older than read version %u",
+                       write_version, read_version);
+    info->format_version = write_version;
+
+    uint64_t min_header = bs_seg_header_size(1);
+    uint64_t max_header = bs_seg_header_size(BS_SEG_MAX_COLUMN);
+    BS_TRY(need(s, 0, min_header, "header", err));
+    uint32_t header_size = bs_load_u32(h + BS_HDR_HEADER_SIZE);
+    if (header_size < min_header || header_size > max_header ||
+        header_size % BS_SEG_ALIGN != 0)
+        return CORRUPT("header size %u is invalid (a multiple of 64 in "
+                       "%llu..%llu)",
+                       header_size, (ull)min_header, (ull)max_header);
+    BS_TRY(need(s, 0, header_size, "header", err));
+    BS_TRY(verify_checksum(s, 0, header_size - 8,
+                           bs_load_u64(h + header_size - 8), "header", err));
+
+    /* From here on the header bytes are the writer's; what remains is
+     * to refuse a writer that broke the rules. */
+    uint64_t file_size = bs_load_u64(h + BS_HDR_FILE_SIZE);
+    if (file_size > s->len)
+        return CORRUPT("file truncated: segment is %llu bytes, file has %zu",
+                       (ull)file_size, s->len);
+    if (file_size < s->len)
+        return CORRUPT("%llu unexpected bytes after the segment's end at "
+                       "offset %llu",
+                       (ull)(s->len - file_size), (ull)file_size);
+
+    uint32_t flags = bs_load_u32(h + BS_HDR_FLAGS);
+    if (flags & ~BS_SEG_FLAGS_KNOWN)
+        return CORRUPT("reserved flag bits 0x%x are set",
+                       flags & ~BS_SEG_FLAGS_KNOWN);
+    info->dim = bs_load_u32(h + BS_HDR_DIM);
+    info->padded_dim = bs_load_u32(h + BS_HDR_PADDED_DIM);
+    info->num_bits = bs_load_u32(h + BS_HDR_NUM_BITS);
+    uint32_t metric = bs_load_u32(h + BS_HDR_METRIC);
+    uint32_t kind = bs_load_u32(h + BS_HDR_ROTATION_KIND);
+    info->num_partitions = bs_load_u32(h + BS_HDR_NUM_PARTITIONS);
+    info->rotation_seed = bs_load_u64(h + BS_HDR_ROTATION_SEED);
+    info->num_rows = bs_load_u64(h + BS_HDR_NUM_ROWS);
+    info->num_fragments = bs_load_u32(h + BS_HDR_NUM_FRAGMENTS);
+    uint32_t column_len = bs_load_u32(h + BS_HDR_COLUMN_LEN);
+    memcpy(info->uuid, h + BS_HDR_UUID, 16);
+    memcpy(info->rotation_fingerprint.bytes, h + BS_HDR_ROTATION_FP, 16);
+    memcpy(info->ivf_fingerprint.bytes, h + BS_HDR_IVF_FP, 16);
+
+    if (info->dim == 0) return CORRUPT("dimension is 0");
+    if (info->padded_dim != bs_padded_dim(info->dim) ||
+        info->padded_dim == 0)
+        return CORRUPT("padded dimension %u does not match dimension %u "
+                       "(expected %u)",
+                       info->padded_dim, info->dim, bs_padded_dim(info->dim));
+    if (info->num_bits < 1 || info->num_bits > 9)
+        return CORRUPT("num_bits %u is out of range 1..9", info->num_bits);
+    if (metric > BS_METRIC_DOT)
+        return CORRUPT("metric %u is unknown", metric);
+    if (kind > BS_ROTATION_MATRIX)
+        return CORRUPT("rotation kind %u is unknown", kind);
+    info->metric = (bs_metric)metric;
+    info->rotation_kind = (bs_rotation_kind)kind;
+    if (info->num_partitions == 0) return CORRUPT("num_partitions is 0");
+    if (info->num_rows > BS_SEG_MAX_ROWS)
+        return CORRUPT("num_rows %llu exceeds 2^32 - 1",
+                       (ull)info->num_rows);
+    if (column_len < 1 || column_len > BS_SEG_MAX_COLUMN)
+        return CORRUPT("column name length %u is out of range 1..%u",
+                       column_len, BS_SEG_MAX_COLUMN);
+    if (header_size != bs_seg_header_size(column_len))
+        return CORRUPT("header size %u does not match a %u-byte column "
+                       "name (expected %llu)",
+                       header_size, column_len,
+                       (ull)bs_seg_header_size(column_len));
+    const uint8_t *col = h + BS_HDR_COLUMN;
+    if (!bs_seg_utf8_valid(col, column_len))
+        return CORRUPT("column name is not valid UTF-8");
+    for (uint64_t i = BS_HDR_COLUMN + column_len; i < header_size - 8u; i++)
+        if (h[i] != 0)
+            return CORRUPT("header padding byte at offset %llu is not zero",
+                           (ull)i);
+    s->column = malloc(column_len + 1);
+    if (s->column == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    memcpy(s->column, col, column_len);
+    s->column[column_len] = '\0';
+    info->column = s->column;
+
+    bs_fingerprint rfp = bs_rotation_fingerprint_params(
+        info->rotation_kind, info->dim, info->padded_dim, info->rotation_seed);
+    if (memcmp(rfp.bytes, info->rotation_fingerprint.bytes, 16) != 0)
+        return CORRUPT("rotation fingerprint does not match the rotation "
+                       "parameters (kind %u, dim %u, padded dim %u, seed "
+                       "%llu)",
+                       kind, info->dim, info->padded_dim,
+                       (ull)info->rotation_seed);
+    return BS_OK;
+}
+
+static bs_status parse_artifacts(bs_segment *s, bs_error *err) {
+    const bs_segment_info *info = &s->info;
+    uint64_t raw, size;
+    /* k and dim are u32, so the product fits; 4x that may not on paper. */
+    if (__builtin_mul_overflow((uint64_t)info->num_partitions * info->dim, 4,
+                               &raw) ||
+        !bs_align64_ok(raw, &size))
+        return CORRUPT("centroids of %u x %u floats overflow",
+                       info->num_partitions, info->dim);
+    uint32_t header_size = bs_load_u32(s->data + BS_HDR_HEADER_SIZE);
+    BS_TRY(check_section(s, BS_HDR_ARTIFACTS, header_size, size, "artifacts",
+                         err));
+    s->centroids = (const float *)(const void *)(s->data + header_size);
+    size_t n = (size_t)info->num_partitions * info->dim;
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(s->centroids[i]))
+            return CORRUPT("centroid %zu has a non-finite value at "
+                           "dimension %zu",
+                           i / info->dim, i % info->dim);
+    bs_fingerprint fp = bs_ivf_fingerprint(s->centroids, info->num_partitions,
+                                           info->dim, info->metric);
+    if (memcmp(fp.bytes, info->ivf_fingerprint.bytes, 16) != 0)
+        return CORRUPT("IVF fingerprint does not match the stored centroids");
+    return BS_OK;
+}
+
+static bs_status parse_fragments(bs_segment *s, bs_error *err) {
+    const uint8_t *h = s->data;
+    uint32_t nf = s->info.num_fragments;
+    uint64_t off = bs_load_u64(h + BS_HDR_ARTIFACTS) +
+                   bs_load_u64(h + BS_HDR_ARTIFACTS + 8);
+    uint64_t size;
+    bs_align64_ok((uint64_t)nf * BS_SEG_FRAGMENT_ENTRY, &size);
+    BS_TRY(check_section(s, BS_HDR_FRAGMENTS, off, size, "fragment table",
+                         err));
+
+    s->frag_ids = malloc(((size_t)nf + 1) * sizeof(uint64_t));
+    s->frag_rows = malloc(((size_t)nf + 1) * sizeof(uint64_t));
+    s->prefix = malloc(((size_t)nf + 1) * sizeof(uint64_t));
+    if (!s->frag_ids || !s->frag_rows || !s->prefix)
+        return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    s->prefix[0] = 0;
+    for (uint32_t i = 0; i < nf; i++) {
+        const uint8_t *e = h + off + (size_t)i * BS_SEG_FRAGMENT_ENTRY;
+        uint64_t id = bs_load_u64(e), rows = bs_load_u64(e + 8);
+        if (id > BS_SEG_MAX_FRAGMENT_ID)
+            return CORRUPT("fragment %u has id %llu, which does not fit in "
+                           "32 bits",
+                           i, (ull)id);
+        if (rows > BS_SEG_MAX_ROWS - s->prefix[i])
+            return CORRUPT("fragment table entry %u: rows of fragments "
+                           "exceed 2^32 - 1",
+                           i);
+        s->frag_ids[i] = id;
+        s->frag_rows[i] = rows;
+        s->prefix[i + 1] = s->prefix[i] + rows;
+    }
+    if (nf > 1) {
+        uint64_t *sorted = malloc((size_t)nf * sizeof(uint64_t));
+        if (sorted == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+        memcpy(sorted, s->frag_ids, (size_t)nf * sizeof(uint64_t));
+        qsort(sorted, nf, sizeof(uint64_t), cmp_u64);
+        for (uint32_t i = 1; i < nf; i++) {
+            if (sorted[i] == sorted[i - 1]) {
+                ull dup = sorted[i];
+                free(sorted);
+                return CORRUPT("fragment %llu appears twice in the fragment "
+                               "table",
+                               dup);
+            }
+        }
+        free(sorted);
+    }
+    return BS_OK;
+}
+
+/* Per-vector values that a valid writer cannot have produced would turn
+ * into wrong distances, so they are refused like a bad checksum. */
+static bs_status check_partition_values(const bs_segment *s, uint32_t p,
+                                        const bs_partition_view *v,
+                                        bs_error *err) {
+    uint64_t total = s->prefix[s->info.num_fragments];
+    for (uint32_t i = 0; i < v->count; i++) {
+        if (v->ordinals[i] >= total)
+            return CORRUPT("partition %u row %u: ordinal %u is past the %llu "
+                           "rows of the segment's fragments",
+                           p, i, v->ordinals[i], (ull)total);
+        if (i > 0 && v->ordinals[i] <= v->ordinals[i - 1])
+            return CORRUPT("partition %u row %u: ordinals are not strictly "
+                           "increasing",
+                           p, i);
+        if (!isfinite(v->norm2[i]) || !(v->norm2[i] >= 0) ||
+            !isfinite(v->s1[i]) || !isfinite(v->f1[i]) || !(v->f1[i] >= 0) ||
+            !isfinite(v->s_full[i]) || !isfinite(v->f_full[i]) ||
+            !(v->f_full[i] >= 0))
+            return CORRUPT("partition %u row %u: invalid factors", p, i);
+    }
+    return BS_OK;
+}
+
+/* The slots past count in the last FastScan block hold all-zero codes: a
+ * kernel scans them along with the real rows, so they must be the same in
+ * every file. */
+static bs_status check_block_padding(const bs_segment *s, uint32_t p,
+                                     const bs_partition_view *v,
+                                     bs_error *err) {
+    if (v->count % 32 == 0) return BS_OK;
+    const uint32_t D = s->info.padded_dim;
+    const uint8_t *last =
+        v->blocks + (size_t)(v->count / 32) * bs_fastscan_block_bytes(D);
+    const uint32_t used = v->count % 32;
+    for (uint32_t g = 0; g < D / 4; g++) {
+        for (uint32_t j = 0; j < 16; j++) {
+            uint8_t byte = last[(size_t)g * 16 + j];
+            /* Low nibble: slot j; high nibble: slot j + 16. */
+            uint8_t mask = (uint8_t)((j >= used ? 0x0F : 0) |
+                                     (j + 16 >= used ? 0xF0 : 0));
+            if (byte & mask)
+                return CORRUPT("partition %u: FastScan padding past row %u "
+                               "is not zero",
+                               p, v->count);
+        }
+    }
+    return BS_OK;
+}
+
+/* Every ordinal in at most one partition: a bitmap when the fragments are
+ * densely indexed, else a sorted copy, so memory stays within the size of
+ * the ordinals themselves whatever the fragment table claims. */
+static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
+    uint64_t total = s->prefix[s->info.num_fragments];
+    uint64_t n = s->info.num_rows;
+    if (n < 2) return BS_OK;
+    uint64_t bitmap_bytes = total / 8 + 1;
+    if (bitmap_bytes <= n * 4 + 4096) {
+        uint8_t *seen = calloc(1, (size_t)bitmap_bytes);
+        if (seen == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+        for (uint32_t p = 0; p < s->info.num_partitions; p++) {
+            const bs_partition_view *v = &s->parts[p];
+            for (uint32_t i = 0; i < v->count; i++) {
+                uint32_t o = v->ordinals[i];
+                if (seen[o >> 3] & (1u << (o & 7))) {
+                    free(seen);
+                    return CORRUPT("ordinal %u appears in more than one "
+                                   "partition (again in partition %u)",
+                                   o, p);
+                }
+                seen[o >> 3] |= (uint8_t)(1u << (o & 7));
+            }
+        }
+        free(seen);
+        return BS_OK;
+    }
+    uint32_t *all = malloc((size_t)n * sizeof(uint32_t));
+    if (all == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    size_t k = 0;
+    for (uint32_t p = 0; p < s->info.num_partitions; p++) {
+        memcpy(all + k, s->parts[p].ordinals,
+               (size_t)s->parts[p].count * sizeof(uint32_t));
+        k += s->parts[p].count;
+    }
+    qsort(all, (size_t)n, sizeof(uint32_t), cmp_u32);
+    for (size_t i = 1; i < (size_t)n; i++) {
+        if (all[i] == all[i - 1]) {
+            uint32_t o = all[i];
+            free(all);
+            return CORRUPT("ordinal %u appears in more than one partition", o);
+        }
+    }
+    free(all);
+    return BS_OK;
+}
+
+static bs_status parse_partitions(bs_segment *s, bs_error *err) {
+    const uint8_t *h = s->data;
+    const bs_segment_info *info = &s->info;
+    uint32_t k = info->num_partitions;
+    uint32_t D = info->padded_dim, B = info->num_bits;
+    uint64_t dir_off = bs_load_u64(h + BS_HDR_FRAGMENTS) +
+                       bs_load_u64(h + BS_HDR_FRAGMENTS + 8);
+    uint64_t dir_size;
+    bs_align64_ok((uint64_t)k * BS_SEG_DIR_ENTRY, &dir_size);
+    BS_TRY(check_section(s, BS_HDR_DIRECTORY, dir_off, dir_size,
+                         "partition directory", err));
+
+    s->parts = calloc(k, sizeof *s->parts);
+    if (s->parts == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    uint64_t pos = dir_off + dir_size;
+    uint64_t rows = 0;
+    for (uint32_t p = 0; p < k; p++) {
+        const uint8_t *e = h + dir_off + (size_t)p * BS_SEG_DIR_ENTRY;
+        uint64_t off = bs_load_u64(e + BS_DIR_OFFSET);
+        uint64_t size = bs_load_u64(e + BS_DIR_SIZE);
+        uint32_t count = bs_load_u32(e + BS_DIR_COUNT);
+        uint32_t reserved = bs_load_u32(e + BS_DIR_RESERVED);
+        if (reserved != 0)
+            return CORRUPT("partition %u: reserved directory field is %u, "
+                           "not 0",
+                           p, reserved);
+        if (off != pos)
+            return CORRUPT("partition %u at offset %llu, expected %llu", p,
+                           (ull)off, (ull)pos);
+        rows += count;
+        if (rows > info->num_rows)
+            return CORRUPT("partition %u: partitions hold more rows than "
+                           "the header's %llu",
+                           p, (ull)info->num_rows);
+        bs_part_layout L;
+        if (!bs_part_layout_compute(count, D, B, &L) || L.size != size)
+            return CORRUPT("partition %u is %llu bytes, %u rows need %llu", p,
+                           (ull)size, count, (ull)L.size);
+        char what[48];
+        snprintf(what, sizeof what, "partition %u", p);
+        BS_TRY(need(s, off, size, what, err));
+        BS_TRY(verify_checksum(s, off, size, bs_load_u64(e + BS_DIR_CHECKSUM),
+                               what, err));
+        const uint8_t *base = h + off;
+        bs_partition_view *v = &s->parts[p];
+        /* Every offset is a multiple of 64 from a 64-aligned buffer, so
+         * these casts give aligned arrays. */
+        v->count = count;
+        v->blocks = base + L.blocks;
+        v->norm2 = (const float *)(const void *)(base + L.norm2);
+        v->s1 = (const float *)(const void *)(base + L.s1);
+        v->f1 = (const float *)(const void *)(base + L.f1);
+        v->ordinals = (const uint32_t *)(const void *)(base + L.ordinals);
+        if (B > 1) {
+            v->ext = base + L.ext;
+            v->s_full = (const float *)(const void *)(base + L.s_full);
+            v->f_full = (const float *)(const void *)(base + L.f_full);
+        } else {
+            v->ext = NULL;
+            v->s_full = v->s1;
+            v->f_full = v->f1;
+        }
+        BS_TRY(check_partition_values(s, p, v, err));
+        BS_TRY(check_block_padding(s, p, v, err));
+        pos = off + size;
+    }
+    if (rows != info->num_rows)
+        return CORRUPT("partitions hold %llu rows, the header says %llu",
+                       (ull)rows, (ull)info->num_rows);
+    /* Only a newer writer may leave bytes after the last partition (an
+     * extension a version 1 reader ignores). */
+    if (pos != s->len && (info->format_version == BS_SEG_VERSION ||
+                          pos > s->len))
+        return CORRUPT("partitions end at offset %llu, the file at %zu",
+                       (ull)pos, s->len);
+    return check_unique_ordinals(s, err);
+}
+
+bs_status bs_segment_open(const void *data, size_t len, bs_segment **out,
+                          bs_error *err) {
+    bs_error_clear(err);
+    if (out == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "out is NULL");
+    *out = NULL;
+    if (data == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "data is NULL");
+    if ((uintptr_t)data % BS_SEG_ALIGN != 0)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "segment buffer must be 64-byte aligned");
+    bs_segment *s = calloc(1, sizeof *s);
+    if (s == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    s->data = data;
+    s->len = len;
+    bs_status st = parse_header(s, err);
+    if (st == BS_OK) st = parse_artifacts(s, err);
+    if (st == BS_OK) st = parse_fragments(s, err);
+    if (st == BS_OK) st = parse_partitions(s, err);
+    if (st != BS_OK) {
+        bs_segment_free(s);
+        return st;
+    }
+    *out = s;
+    return BS_OK;
+}
+
+void bs_segment_free(bs_segment *seg) {
+    if (seg == NULL) return;
+    free(seg->column);
+    free(seg->frag_ids);
+    free(seg->frag_rows);
+    free(seg->prefix);
+    free(seg->parts);
+    free(seg);
+}
+
+void bs_segment_get_info(const bs_segment *seg, bs_segment_info *out) {
+    *out = seg->info;
+}
+
+const float *bs_segment_centroids(const bs_segment *seg) {
+    return seg->centroids;
+}
+
+void bs_segment_fragment(const bs_segment *seg, uint32_t i, uint64_t *id,
+                         uint64_t *rows) {
+    int ok = i < seg->info.num_fragments;
+    if (id) *id = ok ? seg->frag_ids[i] : 0;
+    if (rows) *rows = ok ? seg->frag_rows[i] : 0;
+}
+
+void bs_segment_partition(const bs_segment *seg, uint32_t p,
+                          bs_partition_view *out) {
+    if (p >= seg->info.num_partitions) {
+        memset(out, 0, sizeof *out);
+        return;
+    }
+    *out = seg->parts[p];
+}
+
+uint64_t bs_segment_rowid(const bs_segment *seg, uint32_t ordinal) {
+    uint32_t nf = seg->info.num_fragments;
+    if (ordinal >= seg->prefix[nf]) return UINT64_MAX;
+    /* The last fragment whose first ordinal is <= ordinal; empty fragments
+     * share their successor's first ordinal and are skipped by taking the
+     * last match. */
+    uint32_t lo = 0, hi = nf; /* prefix[lo] <= ordinal < prefix[hi] */
+    while (hi - lo > 1) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (seg->prefix[mid] <= ordinal)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return (seg->frag_ids[lo] << 32) | (ordinal - seg->prefix[lo]);
+}
+
+bs_status bs_segment_check_compatible(const bs_segment *a,
+                                      const bs_segment *b, bs_error *err) {
+    bs_error_clear(err);
+    if (a == NULL || b == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "segment is NULL");
+    const bs_segment_info *x = &a->info, *y = &b->info;
+    const bs_status mm = BS_ERR_ARTIFACT_MISMATCH;
+    if (x->dim != y->dim)
+        return bs_fail(err, mm, "dimension differs: %u vs %u", x->dim, y->dim);
+    if (strcmp(x->column, y->column) != 0)
+        return bs_fail(err, mm, "column differs: \"%s\" vs \"%s\"", x->column,
+                       y->column);
+    if (x->metric != y->metric)
+        return bs_fail(err, mm, "metric differs: %s vs %s",
+                       bs_seg_metric_name(x->metric),
+                       bs_seg_metric_name(y->metric));
+    if (x->num_bits != y->num_bits)
+        return bs_fail(err, mm, "num_bits differs: %u vs %u", x->num_bits,
+                       y->num_bits);
+    char ha[33], hb[33];
+    if (memcmp(&x->rotation_fingerprint, &y->rotation_fingerprint, 16) != 0) {
+        bs_seg_fingerprint_hex(&x->rotation_fingerprint, ha);
+        bs_seg_fingerprint_hex(&y->rotation_fingerprint, hb);
+        return bs_fail(err, mm, "rotation differs: %s vs %s", ha, hb);
+    }
+    /* The IVF fingerprint covers k, so a different partition count shows
+     * up here as different centroids. */
+    if (x->num_partitions != y->num_partitions ||
+        memcmp(&x->ivf_fingerprint, &y->ivf_fingerprint, 16) != 0) {
+        bs_seg_fingerprint_hex(&x->ivf_fingerprint, ha);
+        bs_seg_fingerprint_hex(&y->ivf_fingerprint, hb);
+        return bs_fail(err, mm, "centroids differs: %s vs %s", ha, hb);
+    }
+    return BS_OK;
+}
