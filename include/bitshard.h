@@ -271,8 +271,11 @@ typedef struct bs_candidates bs_candidates;
 BS_API bs_candidates *bs_candidates_new(void);
 BS_API void bs_candidates_free(bs_candidates *c);
 BS_API size_t bs_candidates_size(const bs_candidates *c);
-/* Row ids, estimated distances and lower bounds, sorted by (estimate,
- * row id). Valid until the next search into c. */
+/* Row ids, estimated distances and lower bounds, sorted by (estimate, row
+ * id), except for the gated rerank of 1-bit codes (refine_factor == 0),
+ * sorted by (lower bound, row id): the caller computes exact distances in
+ * that order and stops at the first candidate whose lower bound exceeds the
+ * k-th best exact distance so far. Valid until the next search into c. */
 BS_API const uint64_t *bs_candidates_rowids(const bs_candidates *c);
 BS_API const float *bs_candidates_estimates(const bs_candidates *c);
 BS_API const float *bs_candidates_lower_bounds(const bs_candidates *c);

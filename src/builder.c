@@ -230,9 +230,15 @@ static int row_finite(const float *x, uint32_t n) {
     return bad == 0;
 }
 
-static int bit_get(const uint8_t *m, uint32_t i) { return (m[i >> 3] >> (i & 7)) & 1; }
-static void bit_set(uint8_t *m, uint32_t i) { m[i >> 3] |= (uint8_t)(1u << (i & 7)); }
-static void bit_clear(uint8_t *m, uint32_t i) { m[i >> 3] &= (uint8_t)~(1u << (i & 7)); }
+static int bit_get(const uint8_t *m, uint32_t i) {
+    return (m[i >> 3] >> (i & 7)) & 1;
+}
+static void bit_set(uint8_t *m, uint32_t i) {
+    m[i >> 3] |= (uint8_t)(1u << (i & 7));
+}
+static void bit_clear(uint8_t *m, uint32_t i) {
+    m[i >> 3] &= (uint8_t)~(1u << (i & 7));
+}
 
 static int part_reserve(bs_build_part *pt, uint32_t need, size_t code_bytes,
                         size_t ext_bytes) {
@@ -385,7 +391,8 @@ bs_status bs_builder_add(bs_segment_builder *b, const float *x, size_t n,
 static void store_floats(uint8_t *dst, const bs_factors *f,
                          const uint64_t *order, uint32_t n, size_t field) {
     for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *src = (const uint8_t *)&f[order[i] & 0xFFFFFFFFu] + field;
+        const bs_factors *fi = &f[order[i] & 0xFFFFFFFFu];
+        const uint8_t *src = (const uint8_t *)fi + field;
         memcpy(dst + (size_t)i * 4, src, 4);
     }
 }
@@ -455,7 +462,8 @@ bs_status bs_builder_write(bs_segment_builder *b, const char *path,
                 memcpy(buf + pl.ext + (size_t)i * eb, pt->ext + src * eb, eb);
         }
         if (n) bs_fastscan_pack(codes, n, D, buf + pl.blocks);
-        store_floats(buf + pl.norm2, pt->f, order, n, offsetof(bs_factors, norm2));
+        store_floats(buf + pl.norm2, pt->f, order, n,
+                     offsetof(bs_factors, norm2));
         store_floats(buf + pl.s1, pt->f, order, n, offsetof(bs_factors, s1));
         store_floats(buf + pl.f1, pt->f, order, n, offsetof(bs_factors, f1));
         if (B > 1) {

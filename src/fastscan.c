@@ -3,9 +3,16 @@
  * AVX2 and AVX-512 kernels live in their own files (fastscan_avx2.c,
  * fastscan_avx512.c), and nothing here may execute a wide instruction
  * before the checks below have passed. */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* SSE2 is part of the x86-64 baseline: the lookup-table builder uses it
+ * directly; no wider instruction appears in this file. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "error.h"
 #include "rabitq.h"
@@ -60,79 +67,100 @@ void bs_fastscan_unpack_one(const uint8_t *blocks, size_t i, uint32_t D,
 
 /* ------------------------------------------------------------- tables */
 
+/* Sum of the group's negative entries (the least table entry) and of its
+ * absolute values (the table's range), pairing (x0, x1) and (x2, x3) as the
+ * table entries do, so that the least entry minus lo is exactly 0. */
+static float bs_group_lo(const float *x) {
+    return ((x[0] < 0.0f ? x[0] : 0.0f) + (x[1] < 0.0f ? x[1] : 0.0f)) +
+           ((x[2] < 0.0f ? x[2] : 0.0f) + (x[3] < 0.0f ? x[3] : 0.0f));
+}
+
+static float bs_round_up_float(double v) {
+    float f = (float)v;
+    if ((double)f < v) f = nextafterf(f, INFINITY);
+    return f;
+}
+
 /* delta * lut + lo approximates each table's sums; one delta is shared by
  * all tables so that the kernel's integer total is a single affine image
- * of the float sum (delta * total + offset). See docs/algorithms.md for
- * the error. x must be finite (the searcher rotates finite queries). */
+ * of the float sum (delta * total + offset). Built once per query and
+ * probed partition, so it must cost about as much as scanning a
+ * partition: float arithmetic, no division in the loop, SSE2 (part of the
+ * x86-64 baseline) with a portable branch computing the same bits. See
+ * docs/algorithms.md for the error. x must be finite. */
 void bs_query_lut_build(const float *x, uint32_t D, bs_query_lut *lut) {
     const uint32_t groups = D / 4;
-    double range_max = 0.0, offset = 0.0;
-    /* Pass 1: the spread of each table and their common delta. raw[m] is
-     * built from raw[m without its lowest bit], in double, so every table
-     * entry is an exactly rounded function of the same few additions. */
-    for (uint32_t g = 0; g < groups; g++) {
-        double raw[16], lo, hi;
-        raw[0] = 0.0;
-        for (unsigned m = 1; m < 16; m++) {
-            unsigned low = (unsigned)__builtin_ctz(m);
-            raw[m] = raw[m & (m - 1)] + (double)x[4 * g + low];
-        }
-        lo = hi = raw[0];
-        for (unsigned m = 1; m < 16; m++) {
-            if (raw[m] < lo) lo = raw[m];
-            if (raw[m] > hi) hi = raw[m];
-        }
-        offset += lo;
-        if (hi - lo > range_max) range_max = hi - lo;
-    }
-    const float delta = (float)(range_max / 255.0);
-    const float offset_f = (float)offset;
     uint8_t *tables = lut->tables;
-    if (!(delta > 0.0f)) {
-        /* Every group sums to 0 (x == 0) or delta underflowed: any code's
-         * sum is offset, up to the ranges that are below a float ulp. */
+    float range_max = 0.0f;
+    double offset = 0.0, abs_total = 0.0;
+    for (uint32_t g = 0; g < groups; g++) {
+        const float *xg = x + 4 * g;
+        const float range = (fabsf(xg[0]) + fabsf(xg[1])) +
+                            (fabsf(xg[2]) + fabsf(xg[3]));
+        range_max = range > range_max ? range : range_max;
+        offset += bs_group_lo(xg);
+        abs_total += range;
+    }
+    const float delta = range_max / 255.0f;
+    const float offset_f = (float)offset;
+    const double offset_err = fabs(offset - (double)offset_f);
+    if (!(delta >= FLT_MIN)) {
+        /* x == 0, or ranges so small that 1 / delta would overflow: every
+         * table collapses to 0 and a code's error is at most the sum of
+         * the ranges (0 for x == 0). */
         memset(tables, 0, (size_t)groups * 16);
         lut->delta = 0.0f;
         lut->offset = offset_f;
-        lut->max_error = (float)(groups * range_max +
-                                 fabs(offset - (double)offset_f));
+        lut->max_error = bs_round_up_float(abs_total + offset_err);
         return;
     }
-    /* Pass 2: quantize with the float delta the caller will multiply by,
-     * and record each table's worst rounding error. Codes pick one entry
-     * per table independently, so the worst case over all codes is the sum
-     * of the per-table worst cases: at most groups * delta / 2. */
-    const double dd = (double)delta;
-    double worst = 0.0;
+    const float inv = 1.0f / delta;
+    /* Entry m = i + 4k of table g is A[i] + Bk[k] - lo with A = (0, x0, x1,
+     * x0 + x1), Bk = (0, x2, x3, x2 + x3), rounded half up to a multiple
+     * of delta and clamped to [0, 255]. */
+#if defined(__SSE2__)
+    const __m128 vinv = _mm_set1_ps(inv), vhalf = _mm_set1_ps(0.5f);
+    const __m128 v255 = _mm_set1_ps(255.0f), vzero = _mm_setzero_ps();
+#endif
     for (uint32_t g = 0; g < groups; g++) {
-        double raw[16], lo;
-        raw[0] = 0.0;
-        for (unsigned m = 1; m < 16; m++) {
-            unsigned low = (unsigned)__builtin_ctz(m);
-            raw[m] = raw[m & (m - 1)] + (double)x[4 * g + low];
+        const float *xg = x + 4 * g;
+        const float lo = bs_group_lo(xg);
+        const float bk[4] = {0.0f, xg[2], xg[3], xg[2] + xg[3]};
+#if defined(__SSE2__)
+        const __m128 a = _mm_setr_ps(0.0f, xg[0], xg[1], xg[0] + xg[1]);
+        const __m128 vlo = _mm_set1_ps(lo);
+        __m128i q[4];
+        for (int k = 0; k < 4; k++) {
+            __m128 d = _mm_sub_ps(_mm_add_ps(a, _mm_set1_ps(bk[k])), vlo);
+            __m128 t = _mm_add_ps(_mm_mul_ps(d, vinv), vhalf);
+            /* minps(t, c) is t < c ? t : c, maxps(t, c) is t > c ? t : c:
+             * the expressions of the portable branch. */
+            t = _mm_max_ps(_mm_min_ps(t, v255), vzero);
+            q[k] = _mm_cvttps_epi32(t);
         }
-        lo = raw[0];
-        for (unsigned m = 1; m < 16; m++)
-            if (raw[m] < lo) lo = raw[m];
-        double table_worst = 0.0;
+        const __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(q[0], q[1]),
+                                               _mm_packs_epi32(q[2], q[3]));
+        _mm_storeu_si128((__m128i *)(tables + (size_t)g * 16), bytes);
+#else
+        const float a[4] = {0.0f, xg[0], xg[1], xg[0] + xg[1]};
         for (unsigned m = 0; m < 16; m++) {
-            double q = floor((raw[m] - lo) / dd + 0.5);
-            if (q < 0.0) q = 0.0;
-            if (q > 255.0) q = 255.0; /* delta rounded down to a float */
-            tables[(size_t)g * 16 + m] = (uint8_t)q;
-            double err = fabs(raw[m] - lo - dd * q);
-            if (err > table_worst) table_worst = err;
+            float d = (a[m & 3] + bk[m >> 2]) - lo;
+            float t = d * inv + 0.5f;
+            t = t < 255.0f ? t : 255.0f;
+            t = t > 0.0f ? t : 0.0f;
+            tables[(size_t)g * 16 + m] = (uint8_t)(int32_t)t;
         }
-        worst += table_worst;
+#endif
     }
     lut->delta = delta;
     lut->offset = offset_f;
-    /* Plus the rounding of offset to a float; rounded up so that the float
-     * bound is not below the double one. */
-    double bound = worst + fabs(offset - (double)offset_f);
-    float bound_f = (float)bound;
-    if ((double)bound_f < bound) bound_f = nextafterf(bound_f, INFINITY);
-    lut->max_error = bound_f;
+    /* A code picks one entry per table, each off by at most delta / 2 (the
+     * 2^-12 covers inv and the product rounding to float), plus the float
+     * rounding of the table sums (a few ulp of each table's range: 2^-21
+     * of the absolute sum is generous) and of offset. */
+    lut->max_error = bs_round_up_float((double)groups * delta * 0.5 *
+                                           (1.0 + 0x1p-12) +
+                                       0x1p-21 * abs_total + offset_err);
 }
 
 /* ------------------------------------------------------------- kernels */

@@ -23,8 +23,8 @@
 
 /* Keeps gcc 12 from copying every accumulator once per iteration: its
  * partial-redundancy pass otherwise keeps the pre-add value alive for the
- * flush and inserts register moves into the hot loop (11 useful
- * instructions became 16). An empty asm changes no value. */
+ * flush and inserts a register move per accumulator into the hot loop.
+ * An empty asm changes no value. */
 #define BS_PIN4(a, b, c, d) __asm__("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d))
 
 /* The odd bytes of each 16-bit word, as VPMULHUW by 256 (= a right shift

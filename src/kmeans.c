@@ -227,8 +227,10 @@ static uint32_t repair_with_rows(const float *data, size_t n, uint32_t d,
         size_t best = SIZE_MAX;
         for (size_t i = 0; i < n; i++) {
             if (counts[assign[i]] < 2 || !(dist2[i] > 0.0f)) continue;
+            if (best != SIZE_MAX && !(dist2[i] > dist2[best])) continue;
+            /* Only rows that would become the best pay for this test. */
             if (cosine && bs_norm2_fixed(data + i * d, d) == 0.0) continue;
-            if (best == SIZE_MAX || dist2[i] > dist2[best]) best = i;
+            best = i;
         }
         if (best == SIZE_MAX) {
             unfilled++;

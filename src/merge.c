@@ -120,7 +120,8 @@ bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
     }
     bs_status st = plan_fragments(inputs, n, ids, rows, base, err);
 
-    const uint32_t D = info.padded_dim, B = info.num_bits, k = info.num_partitions;
+    const uint32_t D = info.padded_dim, B = info.num_bits;
+    const uint32_t k = info.num_partitions;
     const size_t cb = bs_code_bytes(D), eb = bs_ext_bytes(D, B);
     uint8_t *buf = NULL, *codes = NULL;
     uint64_t max_count = 0;

@@ -118,6 +118,15 @@ static void heap_push_bounded(float *heap, size_t *n, size_t k, float v) {
     }
 }
 
+static int cmp_cand_lb(const void *a, const void *b) {
+    const bs_cand *x = a, *y = b;
+    if (x->lb < y->lb) return -1;
+    if (x->lb > y->lb) return 1;
+    if (x->rowid < y->rowid) return -1;
+    if (x->rowid > y->rowid) return 1;
+    return 0;
+}
+
 static int cmp_cand(const void *a, const void *b) {
     const bs_cand *x = a, *y = b;
     if (x->est < y->est) return -1;
@@ -147,10 +156,29 @@ static int rowid_allowed(const bs_search_params *p, uint64_t rowid) {
            sorted_contains(p->allowed_rowids, p->num_allowed, rowid);
 }
 
+/* Dot product with eight partial sums in a fixed order: vectorisable
+ * without -ffast-math, and the same bits on every x86-64 build (no FMA
+ * contraction: the project builds with -ffp-contract=off). */
 static float dot_f(const float *a, const float *b, uint32_t n) {
-    double s = 0.0;
-    for (uint32_t i = 0; i < n; i++) s += (double)a[i] * (double)b[i];
-    return (float)s;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (uint32_t j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+           ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+static float sum_f(const float *a, uint32_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (uint32_t j = 0; j < 8; j++) acc[j] += a[i + j];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+           ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
 /* ------------------------------------------------------------- searcher */
@@ -351,9 +379,7 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
         }
         float qnorm2 = dot_f(qp, qp, D);
         float qnorm = sqrtf(qnorm2);
-        double qsum_d = 0.0;
-        for (uint32_t i = 0; i < D; i++) qsum_d += qp[i];
-        float qsum = (float)qsum_d;
+        float qsum = sum_f(qp, D);
         bs_query_lut lut;
         lut.tables = c->lut;
         bs_query_lut_build(qp, D, &lut);
@@ -373,22 +399,27 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
                 return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
             s->kernel(v.blocks, nblocks, c->lut, D, c->sums);
             st.codes_scanned += v.count;
+            /* Pass 1 (vectorisable): estimate and lower bound of every code,
+             * written over the sums. Pass 2: the few below the threshold. */
+            float *lbs = (float *)c->sums;
+            const float qterm = s->metric == BS_METRIC_L2 ? qnorm2 : 1.0f - ip_cq;
+            const float scale = s->metric == BS_METRIC_L2 ? 2.0f : 1.0f;
+            const float ferr = scale * params->eps0 * qnorm;
+            const float lerr = scale * lut_err;
+            const float base = s->metric == BS_METRIC_L2 ? 1.0f : 0.0f;
             for (uint32_t i = 0; i < v.count; i++) {
-                float ip_b = lut.delta * (float)c->sums[i] + lut.offset;
-                float ip_y = ip_b - 0.5f * qsum;
-                float est, bound;
-                if (s->metric == BS_METRIC_L2) {
-                    est = v.norm2[i] + qnorm2 - 2.0f * v.s1[i] * ip_y;
-                    bound = 2.0f * (params->eps0 * v.f1[i] * qnorm +
-                                    fabsf(v.s1[i]) * lut_err);
-                } else {
-                    est = 1.0f - (v.s1[i] * ip_y + ip_cq);
-                    bound = params->eps0 * v.f1[i] * qnorm + fabsf(v.s1[i]) * lut_err;
-                }
-                float lb = est - bound;
+                float ip_y = lut.delta * (float)c->sums[i] + lut.offset - 0.5f * qsum;
+                float est = base * v.norm2[i] + qterm - scale * v.s1[i] * ip_y;
+                float bound = ferr * v.f1[i] + lerr * fabsf(v.s1[i]);
+                lbs[i] = est - bound;
+            }
+            for (uint32_t i = 0; i < v.count; i++) {
+                float lb = lbs[i];
                 if (nheap == k && lb > c->heap[0]) continue;
                 uint64_t rowid = bs_segment_rowid(s->segs[si], v.ordinals[i]);
                 if (!rowid_allowed(params, rowid)) continue;
+                float bound = ferr * v.f1[i] + lerr * fabsf(v.s1[i]);
+                float est = lb + bound;
                 float ub = est + bound;
                 heap_push_bounded(c->heap, &nheap, k, ub);
                 if (!grow((void **)&c->cands, &c->cap_cands, c->ncands + 1,
@@ -427,9 +458,7 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
             float ip_u = top * bs_bits_dot(c->code, D, qp) +
                          bs_ext_dot(v.ext + (size_t)cd->index * bs_ext_bytes(D, B),
                                     D, B, qp);
-            double qsum_d = 0.0;
-            for (uint32_t j = 0; j < D; j++) qsum_d += qp[j];
-            float ip_y = ip_u - half_levels * (float)qsum_d;
+            float ip_y = ip_u - half_levels * sum_f(qp, D);
             float s_full = v.s_full[cd->index];
             if (s->metric == BS_METRIC_L2) {
                 float qnorm2 = dot_f(qp, qp, D);
@@ -442,7 +471,11 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
         st.codes_stage2 = c->ncands;
     }
 
-    qsort(c->cands, c->ncands, sizeof(bs_cand), cmp_cand);
+    /* The gated 1-bit rerank reads candidates in lower-bound order and stops
+     * early (see bs_search in bitshard.h); everything else is ranked by
+     * estimate. */
+    int by_lb = B == 1 && params->refine_factor == 0;
+    qsort(c->cands, c->ncands, sizeof(bs_cand), by_lb ? cmp_cand_lb : cmp_cand);
     size_t nout = c->ncands;
     if (params->refine_factor > 0) {
         size_t lim;

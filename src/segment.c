@@ -26,6 +26,7 @@ struct bs_segment {
 };
 
 #define CORRUPT(...) bs_fail(err, BS_ERR_CORRUPT, __VA_ARGS__)
+#define NOMEM() bs_fail(err, BS_ERR_NO_MEMORY, "out of memory")
 
 typedef unsigned long long ull;
 
@@ -44,7 +45,8 @@ static bs_status verify_checksum(const bs_segment *s, uint64_t off,
                                  const char *what, bs_error *err) {
     uint64_t got = bs_hash64(s->data + off, (size_t)n, BS_SEG_CHECKSUM_SEED);
     if (got != expected)
-        return CORRUPT("%s checksum mismatch (stored %016llx, computed %016llx)",
+        return CORRUPT("%s checksum mismatch (stored %016llx, computed "
+                       "%016llx)",
                        what, (ull)expected, (ull)got);
     return BS_OK;
 }
@@ -176,7 +178,7 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
             return CORRUPT("header padding byte at offset %llu is not zero",
                            (ull)i);
     s->column = malloc(column_len + 1);
-    if (s->column == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    if (s->column == NULL) return NOMEM();
     memcpy(s->column, col, column_len);
     s->column[column_len] = '\0';
     info->column = s->column;
@@ -232,7 +234,7 @@ static bs_status parse_fragments(bs_segment *s, bs_error *err) {
     s->frag_rows = malloc(((size_t)nf + 1) * sizeof(uint64_t));
     s->prefix = malloc(((size_t)nf + 1) * sizeof(uint64_t));
     if (!s->frag_ids || !s->frag_rows || !s->prefix)
-        return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+        return NOMEM();
     s->prefix[0] = 0;
     for (uint32_t i = 0; i < nf; i++) {
         const uint8_t *e = h + off + (size_t)i * BS_SEG_FRAGMENT_ENTRY;
@@ -251,7 +253,7 @@ static bs_status parse_fragments(bs_segment *s, bs_error *err) {
     }
     if (nf > 1) {
         uint64_t *sorted = malloc((size_t)nf * sizeof(uint64_t));
-        if (sorted == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+        if (sorted == NULL) return NOMEM();
         memcpy(sorted, s->frag_ids, (size_t)nf * sizeof(uint64_t));
         qsort(sorted, nf, sizeof(uint64_t), cmp_u64);
         for (uint32_t i = 1; i < nf; i++) {
@@ -328,7 +330,7 @@ static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
     uint64_t bitmap_bytes = total / 8 + 1;
     if (bitmap_bytes <= n * 4 + 4096) {
         uint8_t *seen = calloc(1, (size_t)bitmap_bytes);
-        if (seen == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+        if (seen == NULL) return NOMEM();
         for (uint32_t p = 0; p < s->info.num_partitions; p++) {
             const bs_partition_view *v = &s->parts[p];
             for (uint32_t i = 0; i < v->count; i++) {
@@ -346,7 +348,7 @@ static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
         return BS_OK;
     }
     uint32_t *all = malloc((size_t)n * sizeof(uint32_t));
-    if (all == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    if (all == NULL) return NOMEM();
     size_t k = 0;
     for (uint32_t p = 0; p < s->info.num_partitions; p++) {
         memcpy(all + k, s->parts[p].ordinals,
@@ -378,7 +380,7 @@ static bs_status parse_partitions(bs_segment *s, bs_error *err) {
                          "partition directory", err));
 
     s->parts = calloc(k, sizeof *s->parts);
-    if (s->parts == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    if (s->parts == NULL) return NOMEM();
     uint64_t pos = dir_off + dir_size;
     uint64_t rows = 0;
     for (uint32_t p = 0; p < k; p++) {
@@ -455,7 +457,7 @@ bs_status bs_segment_open(const void *data, size_t len, bs_segment **out,
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "segment buffer must be 64-byte aligned");
     bs_segment *s = calloc(1, sizeof *s);
-    if (s == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    if (s == NULL) return NOMEM();
     s->data = data;
     s->len = len;
     bs_status st = parse_header(s, err);

@@ -540,6 +540,7 @@ static PyObject *Searcher_search(SearcherObject *self, PyObject *args) {
 typedef struct {
     uint64_t *rowids;
     float *est;
+    float *lb;
     size_t n;
 } query_result;
 
@@ -579,12 +580,14 @@ static void *batch_worker(void *arg) {
         query_result *r = &job->results[qi];
         r->rowids = malloc((n ? n : 1) * sizeof(uint64_t));
         r->est = malloc((n ? n : 1) * sizeof(float));
-        if (r->rowids == NULL || r->est == NULL) {
+        r->lb = malloc((n ? n : 1) * sizeof(float));
+        if (r->rowids == NULL || r->est == NULL || r->lb == NULL) {
             status = BS_ERR_NO_MEMORY;
             break;
         }
         memcpy(r->rowids, bs_candidates_rowids(c), n * sizeof(uint64_t));
         memcpy(r->est, bs_candidates_estimates(c), n * sizeof(float));
+        memcpy(r->lb, bs_candidates_lower_bounds(c), n * sizeof(float));
         r->n = n;
         local.partitions_probed += st.partitions_probed;
         local.codes_scanned += st.codes_scanned;
@@ -689,8 +692,9 @@ static PyObject *Searcher_search_batch(SearcherObject *self, PyObject *args) {
     PyObject *list = PyList_New(nq);
     if (list == NULL) goto done;
     for (Py_ssize_t i = 0; i < nq; i++) {
-        PyObject *t = Py_BuildValue("(y#y#)", (const char *)results[i].rowids,
+        PyObject *t = Py_BuildValue("(y#y#y#)", (const char *)results[i].rowids,
                                     (Py_ssize_t)(results[i].n * 8), (const char *)results[i].est,
+                                    (Py_ssize_t)(results[i].n * 4), (const char *)results[i].lb,
                                     (Py_ssize_t)(results[i].n * 4));
         if (t == NULL) {
             Py_DECREF(list);
@@ -707,6 +711,7 @@ done:
         for (Py_ssize_t i = 0; i < nq; i++) {
             free(results[i].rowids);
             free(results[i].est);
+            free(results[i].lb);
         }
         free(results);
     }
@@ -722,7 +727,7 @@ static PyMethodDef Searcher_methods[] = {
      "search(q, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids, allowed_fragments=None)"},
     {"search_batch", (PyCFunction)Searcher_search_batch, METH_VARARGS,
      "search_batch(Q, nq, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids, "
-     "allowed_fragments, num_threads) -> ([(rowids, estimates)], stats)"},
+     "allowed_fragments, num_threads) -> ([(rowids, estimates, lower_bounds)], stats)"},
     {NULL, NULL, 0, NULL}};
 
 /* ------------------------------------------------------- type boilerplate */

@@ -6,6 +6,7 @@ Lance user's distributed-build code runs with only the opening line changed.
 
 from __future__ import annotations
 
+import heapq
 import os
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -386,10 +387,6 @@ class Dataset:
             )
         return on_col[0]
 
-    def _rerank(self, column: str, Q: np.ndarray, per_query: List[Tuple[np.ndarray, np.ndarray]],
-                metric: int, dim: int) -> List[Tuple[np.ndarray, np.ndarray]]:
-        return _rerank_impl(self.source, column, Q, per_query, metric, dim)
-
     def _searcher(self, name: str) -> Tuple[Any, List[SegmentHandle], Dict[str, Any]]:
         version = idx.latest_version(self.index_root, name)
         key = (name, version)
@@ -501,7 +498,7 @@ class Dataset:
         covered = set(idx.iter_fragments(handles))
         uncovered = [] if fast_search else sorted(f for f in wanted if f not in covered)
         mcode = METRICS[metric]
-        need_rerank = num_bits == 1 or refine_factor is not None
+        stats_reads = 0
 
         rowid_parts, dist_parts, qi_parts = [], [], []
         stats = np.zeros(4, dtype=np.int64)
@@ -517,9 +514,14 @@ class Dataset:
             )
             stats += np.array(st, dtype=np.int64)
             per_query = [(np.frombuffer(r, dtype=np.uint64), np.frombuffer(e, dtype=np.float32))
-                         for r, e in res]
-            if need_rerank:
-                per_query = self._rerank(column, Q, per_query, mcode, dim)
+                         for r, e, _ in res]
+            if refine_factor is not None:
+                per_query = _rerank_all(self.source, column, Q, per_query, mcode, dim)
+            elif num_bits == 1:
+                lbs = [np.frombuffer(lb, dtype=np.float32) for _, _, lb in res]
+                per_query, reads = _rerank_gated(self.source, column, Q, per_query, lbs,
+                                                 mcode, dim, int(k))
+                stats_reads = reads
         exact_scan = _ExactScan(self.source, column, uncovered, allowed_rows, mcode, dim) \
             if uncovered else None
         for qi in range(nq):
@@ -549,11 +551,75 @@ class Dataset:
                 "codes_scanned": int(stats[1]),
                 "codes_stage2": int(stats[2]),
                 "candidates": int(stats[3]),
+                "exact_reads": int(stats_reads),
             }
         return table
 
 
-def _rerank_impl(source: Source, column: str, Q: np.ndarray,
+def _rerank_gated(source: Source, column: str, Q: np.ndarray,
+                  per_query: List[Tuple[np.ndarray, np.ndarray]], lbs: List[np.ndarray],
+                  metric: int, dim: int, k: int) -> Tuple[List[Tuple[np.ndarray, np.ndarray]], int]:
+    """Exact distances for 1-bit candidates, read in lower-bound order.
+
+    Candidate i is read only if fewer than k exact distances are known or its
+    lower bound is within the k-th best so far; the first candidate that fails
+    ends that query. The stop point depends only on the candidate list, so a
+    batch may read a few rows past it (to keep source reads few and large)
+    without changing the answer.
+    """
+    nq = len(per_query)
+    done = [rows.size == 0 for rows, _ in per_query]
+    pos = [0] * nq
+    kept_rows: List[List[np.ndarray]] = [[] for _ in range(nq)]
+    kept_d: List[List[np.ndarray]] = [[] for _ in range(nq)]
+    best: List[List[float]] = [[] for _ in range(nq)]  # max-heaps (negated)
+    step = 2 * k
+    reads = 0
+    while not all(done):
+        want = []
+        for qi in range(nq):
+            if not done[qi]:
+                rows = per_query[qi][0]
+                want.append((qi, pos[qi], min(rows.size, pos[qi] + step)))
+        all_rows = np.concatenate([per_query[qi][0][a:b] for qi, a, b in want])
+        uniq, inverse = np.unique(all_rows, return_inverse=True)
+        vecs = np.ascontiguousarray(source.take(column, uniq), dtype=np.float32)
+        reads += uniq.size
+        at = 0
+        for qi, a, b in want:
+            n = b - a
+            sel = np.ascontiguousarray(vecs[inverse[at:at + n]])
+            at += n
+            d = np.empty(n, dtype=np.float32)
+            _native.exact_distances(metric, Q[qi], sel, n, dim, d)
+            lb = lbs[qi][a:b].tolist()
+            dl = d.tolist()
+            heap = best[qi]
+            stop = n
+            for i in range(n):
+                if len(heap) >= k and lb[i] > -heap[0]:
+                    stop = i
+                    break
+                if len(heap) < k:
+                    heapq.heappush(heap, -dl[i])
+                elif dl[i] < -heap[0]:
+                    heapq.heapreplace(heap, -dl[i])
+            kept_rows[qi].append(per_query[qi][0][a:a + stop])
+            kept_d[qi].append(d[:stop])
+            pos[qi] = a + stop
+            if stop < n or b >= per_query[qi][0].size:
+                done[qi] = True
+        step *= 2
+    out = []
+    for qi in range(nq):
+        if kept_rows[qi]:
+            out.append((np.concatenate(kept_rows[qi]), np.concatenate(kept_d[qi])))
+        else:
+            out.append(per_query[qi])
+    return out, reads
+
+
+def _rerank_all(source: Source, column: str, Q: np.ndarray,
                  per_query: List[Tuple[np.ndarray, np.ndarray]], metric: int, dim: int
                  ) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Exact distances for every candidate, reading each row once per batch."""

@@ -76,9 +76,9 @@ static double inertia_of(const float *c, uint32_t k, uint32_t d,
     return s;
 }
 
-static void test_blobs_recovered(uint32_t d, uint64_t seed) {
+static void test_blobs_recovered(uint32_t d, size_t per, uint64_t seed) {
     const uint32_t nb = 16;
-    const size_t per = 150, n = nb * per;
+    const size_t n = nb * per;
     uint64_t st = 1000 + d;
     float *centres = alloc_f((size_t)nb * d), *x = alloc_f(n * d);
     uint32_t *label = malloc(n * sizeof(uint32_t));
@@ -405,8 +405,11 @@ static void test_assign_determinism(void) {
                     (i % 5 == 0 ? 0.0f : (float)(0.05 * test_rand_normal(&st)));
         }
         check_assign_invariance(c, k, d, BS_METRIC_L2, x, n, &st);
-        /* Norms too large for float products take the exhaustive path. */
-        for (size_t i = 0; i < n * d; i++) x[i] *= 1e18f;
+        /* Norms too large for float products take the exhaustive path:
+         * per row (huge rows, ordinary centroids), then for every row (a
+         * huge centroid). */
+        for (size_t i = 0; i < 100 * (size_t)d; i++) x[i] *= 1e18f;
+        check_assign_invariance(c, k, d, BS_METRIC_L2, x, 200, &st);
         for (size_t i = 0; i < (size_t)k * d; i++) c[i] *= 1e18f;
         check_assign_invariance(c, k, d, BS_METRIC_L2, x, 200, &st);
         free(x);
@@ -559,7 +562,9 @@ int main(void) {
     const uint32_t blob_dims[] = {1, 3, 32, 65};
     for (int i = 0; i < 4; i++)
         for (uint64_t seed = 1; seed <= 3; seed++)
-            test_blobs_recovered(blob_dims[i], seed);
+            test_blobs_recovered(blob_dims[i], 150, seed);
+    /* More rows than the seeding sample (max(8 k, 4096)): subsampled. */
+    test_blobs_recovered(32, 600, 7);
     test_deterministic_training();
     test_no_empty_partitions();
     test_duplicates();
