@@ -61,8 +61,10 @@ fuzz: apt-deps $(VENV)/.build-deps
 	CC=clang cmake -S . -B build/fuzz -G Ninja -DBS_BUILD_FUZZ=ON \
 	  -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
 	cmake --build build/fuzz -j $(JOBS)
-	for f in build/fuzz/fuzz_*; do d=fuzz/corpus/$$(basename $$f | sed 's/^fuzz_//'); \
-	  mkdir -p $$d; $$f -max_total_time=$${FUZZ_SECONDS:-60} $$d || exit 1; done
+	# New inputs go to a scratch corpus; the checked-in seeds are read only.
+	for f in build/fuzz/fuzz_*; do n=$$(basename $$f | sed 's/^fuzz_//'); \
+	  mkdir -p build/fuzz/corpus_$$n; \
+	  $$f -max_total_time=$${FUZZ_SECONDS:-60} build/fuzz/corpus_$$n fuzz/corpus/$$n || exit 1; done
 
 clean:
 	rm -rf build $(VENV)

@@ -148,14 +148,12 @@ void bs_builder_free(bs_segment_builder *b) {
  * row's batch and place in it (rotation.c, matrix_apply). One row per call
  * keeps every row's code a function of the row alone, so the file does not
  * depend on how rows were batched, and a merge equals a single build. */
+/* Both rotation kinds give each row the same bits whatever the batch
+ * (rotation.c sums in a fixed order, no BLAS), so a batch is rotated at once
+ * and a merged segment still equals a single build byte for byte. */
 static bs_status rotate_rows(const bs_segment_builder *b, const float *x,
                              size_t n, float *out, bs_error *err) {
-    if (b->kind != BS_ROTATION_MATRIX)
-        return bs_rotation_apply(b->rot, x, n, b->dim, out, err);
-    for (size_t i = 0; i < n; i++)
-        BS_TRY(bs_rotation_apply(b->rot, x + i * b->dim, 1, b->dim,
-                                 out + i * b->D, err));
-    return BS_OK;
+    return bs_rotation_apply(b->rot, x, n, b->dim, out, err);
 }
 
 bs_status bs_builder_create(const bs_segment_spec *spec,
