@@ -289,6 +289,15 @@ BS_API bs_status bs_search(const bs_searcher *s, const float *q,
                            const bs_search_params *params, bs_candidates *c,
                            bs_search_stats *stats, bs_error *err);
 
+/* One step of the gated rerank. Candidates come in (lower bound, row id)
+ * order with their exact distances d; heap holds the k best exact distances
+ * so far (a max-heap of *heap_n <= k entries, updated in place). Returns
+ * the index of the first candidate whose lower bound exceeds the k-th best
+ * distance (that candidate and the rest are not part of the answer), or n
+ * if every candidate was taken in. */
+BS_API size_t bs_rerank_gate(const float *lb, const float *d, size_t n,
+                             uint32_t k, float *heap, uint32_t *heap_n);
+
 /* Exact distances under metric between q (dim) and n rows x (n * dim), in
  * a fixed summation order so that every caller gets the same bits. */
 BS_API bs_status bs_exact_distances(bs_metric metric, const float *q,

@@ -506,6 +506,20 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
     return BS_OK;
 }
 
+size_t bs_rerank_gate(const float *lb, const float *d, size_t n, uint32_t k,
+                      float *heap, uint32_t *heap_n) {
+    size_t nh = *heap_n;
+    for (size_t i = 0; i < n; i++) {
+        if (nh == k && lb[i] > heap[0]) {
+            *heap_n = (uint32_t)nh;
+            return i;
+        }
+        heap_push_bounded(heap, &nh, k, d[i]);
+    }
+    *heap_n = (uint32_t)nh;
+    return n;
+}
+
 /* ------------------------------------------------------- exact distances */
 
 bs_status bs_exact_distances(bs_metric metric, const float *q, const float *x,

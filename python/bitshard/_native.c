@@ -955,6 +955,38 @@ static PyObject *fn_exact_distances(PyObject *module, PyObject *args) {
     return result;
 }
 
+/* rerank_gate(lb, d, heap, heap_n, k) -> (stop, heap_n); heap is a
+ * writable float32 buffer of k entries carried across calls. */
+static PyObject *fn_rerank_gate(PyObject *module, PyObject *args) {
+    PyObject *lbo, *dO, *heapo;
+    unsigned int heap_n, k;
+    if (!PyArg_ParseTuple(args, "OOOII", &lbo, &dO, &heapo, &heap_n, &k)) return NULL;
+    Py_buffer lb, d, heap;
+    if (get_buf(lbo, &lb, 'f', 4, 0, "lb") < 0) return NULL;
+    if (get_buf(dO, &d, 'f', 4, 0, "d") < 0) {
+        PyBuffer_Release(&lb);
+        return NULL;
+    }
+    if (get_buf(heapo, &heap, 'f', 4, 1, "heap") < 0) {
+        PyBuffer_Release(&lb);
+        PyBuffer_Release(&d);
+        return NULL;
+    }
+    PyObject *r = NULL;
+    size_t n = (size_t)(lb.len / 4);
+    if (k == 0 || heap_n > k) {
+        PyErr_SetString(PyExc_ValueError, "need 0 <= heap_n <= k and k >= 1");
+    } else if (check_len(&d, n, "d") == 0 && check_len(&heap, k, "heap") == 0) {
+        uint32_t hn = heap_n;
+        size_t stop = bs_rerank_gate(lb.buf, d.buf, n, k, heap.buf, &hn);
+        r = Py_BuildValue("(nI)", (Py_ssize_t)stop, hn);
+    }
+    PyBuffer_Release(&lb);
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&heap);
+    return r;
+}
+
 static PyObject *fn_simd_level(PyObject *module, PyObject *unused) {
     bs_simd_level level;
     bs_error err;
@@ -981,6 +1013,8 @@ static PyMethodDef native_methods[] = {
     {"exact_distances", fn_exact_distances, METH_VARARGS,
      "exact_distances(metric, q, x, n, dim, out)"},
     {"simd_level", fn_simd_level, METH_NOARGS, "the kernel level in use"},
+    {"rerank_gate", fn_rerank_gate, METH_VARARGS,
+     "rerank_gate(lb, d, heap, heap_n, k) -> (stop, heap_n)"},
     {"version", fn_version, METH_NOARGS, "the C library version number"},
     {NULL, NULL, 0, NULL}};
 

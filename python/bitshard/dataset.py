@@ -6,7 +6,6 @@ Lance user's distributed-build code runs with only the opening line changed.
 
 from __future__ import annotations
 
-import heapq
 import os
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -572,7 +571,8 @@ def _rerank_gated(source: Source, column: str, Q: np.ndarray,
     pos = [0] * nq
     kept_rows: List[List[np.ndarray]] = [[] for _ in range(nq)]
     kept_d: List[List[np.ndarray]] = [[] for _ in range(nq)]
-    best: List[List[float]] = [[] for _ in range(nq)]  # max-heaps (negated)
+    heaps = np.zeros((nq, k), dtype=np.float32)  # max-heaps of the k best, per query
+    heap_n = [0] * nq
     step = 2 * k
     reads = 0
     while not all(done):
@@ -592,18 +592,8 @@ def _rerank_gated(source: Source, column: str, Q: np.ndarray,
             at += n
             d = np.empty(n, dtype=np.float32)
             _native.exact_distances(metric, Q[qi], sel, n, dim, d)
-            lb = lbs[qi][a:b].tolist()
-            dl = d.tolist()
-            heap = best[qi]
-            stop = n
-            for i in range(n):
-                if len(heap) >= k and lb[i] > -heap[0]:
-                    stop = i
-                    break
-                if len(heap) < k:
-                    heapq.heappush(heap, -dl[i])
-                elif dl[i] < -heap[0]:
-                    heapq.heapreplace(heap, -dl[i])
+            stop, heap_n[qi] = _native.rerank_gate(
+                np.ascontiguousarray(lbs[qi][a:b]), d, heaps[qi], heap_n[qi], k)
             kept_rows[qi].append(per_query[qi][0][a:a + stop])
             kept_d[qi].append(d[:stop])
             pos[qi] = a + stop
