@@ -443,7 +443,7 @@ def uncommitted_segments(root: str) -> List[str]:
     seg_dir = os.path.join(root, "segments")
     if not os.path.isdir(seg_dir):
         return []
-    named = set()
+    named: set = set()
     for name in list_index_names(root):
         for v in range(1, latest_version(root, name) + 1):
             try:
@@ -459,7 +459,7 @@ def uncommitted_segments(root: str) -> List[str]:
 
 def iter_fragments(handles: Iterable[SegmentHandle]) -> List[int]:
     """Every fragment covered by the given segments, sorted."""
-    out = set()
+    out: set = set()
     for h in handles:
         out.update(h.fragment_ids)
     return sorted(out)

@@ -1,0 +1,78 @@
+"""Type stubs of the C extension (see _native.c). Buffers are numpy arrays or
+any C-contiguous buffer of the stated dtype; outputs are written in place."""
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+Buffer = Any  # a C-contiguous buffer (numpy array, bytes, mmap)
+
+class Rotation:
+    padded_dim: int
+    fingerprint: bytes
+    def __init__(self, kind: int, dim: int, seed: int) -> None: ...
+    def apply(self, x: Buffer, n: int, in_dim: int, out: Buffer) -> None: ...
+
+class Builder:
+    def __init__(
+        self,
+        dim: int,
+        num_bits: int,
+        metric: int,
+        rotation_kind: int,
+        rotation_seed: int,
+        centroids: Buffer,
+        num_partitions: int,
+        column: str,
+        uuid: bytes,
+        fragment_ids: Buffer,
+        fragment_rows: Buffer,
+    ) -> None: ...
+    def add(self, x: Buffer, n: int, dim: int, fragment_index: int, offsets: Buffer) -> None: ...
+    def write(self, path: str) -> None: ...
+
+class Segment:
+    def __init__(self, data: Buffer) -> None: ...
+    def info(self) -> dict[str, Any]: ...
+    def fragments(self) -> List[Tuple[int, int]]: ...
+    def centroids(self, out: Buffer) -> None: ...
+
+class Searcher:
+    def __init__(self, segments: Sequence[Segment]) -> None: ...
+    def search(
+        self,
+        q: Buffer,
+        k: int,
+        nprobes: int,
+        eps0: float,
+        refine_factor: int,
+        segment_mask: Optional[Buffer],
+        allowed_rowids: Optional[Buffer],
+        allowed_fragments: Optional[Buffer] = ...,
+    ) -> Tuple[bytes, bytes, bytes, Tuple[int, int, int, int]]: ...
+    def search_batch(
+        self,
+        Q: Buffer,
+        nq: int,
+        k: int,
+        nprobes: int,
+        eps0: float,
+        refine_factor: int,
+        segment_mask: Optional[Buffer],
+        allowed_rowids: Optional[Buffer],
+        allowed_fragments: Optional[Buffer],
+        num_threads: int,
+    ) -> Tuple[List[Tuple[bytes, bytes, bytes]], Tuple[int, int, int, int]]: ...
+
+def kmeans_train(
+    x: Buffer, n: int, d: int, k: int, metric: int, max_iters: int, seed: int, out: Buffer
+) -> None: ...
+def ivf_assign(centroids: Buffer, k: int, d: int, metric: int, x: Buffer, n: int,
+               assign_out: Buffer) -> None: ...
+def ivf_fingerprint(centroids: Buffer, k: int, d: int, metric: int) -> bytes: ...
+def hash64(data: bytes, seed: int = ...) -> int: ...
+def padded_dim(dim: int) -> int: ...
+def check_compatible(a: Segment, b: Segment) -> None: ...
+def merge(segments: Sequence[Segment], uuid: bytes, path: str) -> None: ...
+def exact_distances(metric: int, q: Buffer, x: Buffer, n: int, dim: int, out: Buffer) -> None: ...
+def rerank_gate(lb: Buffer, d: Buffer, heap: Buffer, heap_n: int, k: int) -> Tuple[int, int]: ...
+def simd_level() -> str: ...
+def version() -> int: ...
