@@ -257,6 +257,10 @@ typedef struct bs_search_params {
      * id's high 32 bits); NULL allows every fragment. */
     const uint64_t *allowed_fragments;
     size_t num_allowed_fragments;
+    /* Optional deny-list: sorted, unique row ids never returned (rows
+     * deleted from the source after their segment was built). */
+    const uint64_t *denied_rowids;
+    size_t num_denied;
 } bs_search_params;
 
 typedef struct bs_search_stats {

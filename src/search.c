@@ -152,6 +152,8 @@ static int rowid_allowed(const bs_search_params *p, uint64_t rowid) {
     if (p->allowed_fragments != NULL &&
         !sorted_contains(p->allowed_fragments, p->num_allowed_fragments, rowid >> 32))
         return 0;
+    if (p->denied_rowids != NULL && sorted_contains(p->denied_rowids, p->num_denied, rowid))
+        return 0;
     return p->allowed_rowids == NULL ||
            sorted_contains(p->allowed_rowids, p->num_allowed, rowid);
 }

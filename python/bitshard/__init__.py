@@ -24,6 +24,7 @@ from .errors import (
 from .artifacts import IvfModel, Rotation, build_rq_model, build_rq_rotation
 from .dataset import Dataset, dataset, train_ivf
 from .index import SegmentHandle
+from .distributed import build_index, cleanup
 from . import _native
 
 __version__ = "0.1.0"
@@ -48,8 +49,10 @@ __all__ = [
     "SegmentHandle",
     "UnsupportedCpuError",
     "UnsupportedVersionError",
+    "build_index",
     "build_rq_model",
     "build_rq_rotation",
+    "cleanup",
     "dataset",
     "simd_level",
     "train_ivf",

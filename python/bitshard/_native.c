@@ -614,20 +614,20 @@ static void *batch_worker(void *arg) {
  *              allowed_fragments, num_threads)
  * -> ([(rowids bytes, estimates bytes)] per query, stats tuple) */
 static PyObject *Searcher_search_batch(SearcherObject *self, PyObject *args) {
-    PyObject *qo, *masko, *allowo, *fragso;
+    PyObject *qo, *masko, *allowo, *fragso, *deniedo = Py_None;
     Py_ssize_t nq;
     unsigned int k, nprobes, refine, nthreads;
     float eps0;
-    if (!PyArg_ParseTuple(args, "OnIIfIOOOI", &qo, &nq, &k, &nprobes, &eps0, &refine, &masko,
-                          &allowo, &fragso, &nthreads))
+    if (!PyArg_ParseTuple(args, "OnIIfIOOOI|O", &qo, &nq, &k, &nprobes, &eps0, &refine, &masko,
+                          &allowo, &fragso, &nthreads, &deniedo))
         return NULL;
     if (nq < 0) return PyErr_Format(PyExc_ValueError, "nq must be >= 0");
     if (nthreads < 1) nthreads = 1;
     if (nthreads > 256) nthreads = 256;
-    Py_buffer q, mask, allow, frags;
+    Py_buffer q, mask, allow, frags, denied;
     int has_mask = masko != Py_None, has_allow = allowo != Py_None,
         has_frags = fragso != Py_None;
-    int got_q = 0, got_mask = 0, got_allow = 0, got_frags = 0;
+    int got_q = 0, got_mask = 0, got_allow = 0, got_frags = 0, got_denied = 0;
     PyObject *result = NULL;
     query_result *results = NULL;
     bs_segment_info in;
@@ -647,6 +647,10 @@ static PyObject *Searcher_search_batch(SearcherObject *self, PyObject *args) {
     if (has_frags) {
         if (get_buf(fragso, &frags, 'u', 8, 0, "allowed_fragments") < 0) goto done;
         got_frags = 1;
+    }
+    if (deniedo != Py_None) {
+        if (get_buf(deniedo, &denied, 'u', 8, 0, "denied_rowids") < 0) goto done;
+        got_denied = 1;
     }
     if (check_len(&q, (size_t)nq * in.dim, "Q") < 0) goto done;
     results = calloc((size_t)(nq ? nq : 1), sizeof *results);
@@ -669,6 +673,8 @@ static PyObject *Searcher_search_batch(SearcherObject *self, PyObject *args) {
     job.params.num_allowed = got_allow ? (size_t)(allow.len / 8) : 0;
     job.params.allowed_fragments = got_frags ? frags.buf : NULL;
     job.params.num_allowed_fragments = got_frags ? (size_t)(frags.len / 8) : 0;
+    job.params.denied_rowids = got_denied ? denied.buf : NULL;
+    job.params.num_denied = got_denied ? (size_t)(denied.len / 8) : 0;
     job.results = results;
     job.status = BS_OK;
     pthread_mutex_init(&job.lock, NULL);
@@ -719,6 +725,7 @@ done:
     if (got_mask) PyBuffer_Release(&mask);
     if (got_allow) PyBuffer_Release(&allow);
     if (got_frags) PyBuffer_Release(&frags);
+    if (got_denied) PyBuffer_Release(&denied);
     return result;
 }
 

@@ -60,6 +60,7 @@ class Searcher:
         allowed_rowids: Optional[Buffer],
         allowed_fragments: Optional[Buffer],
         num_threads: int,
+        denied_rowids: Optional[Buffer] = ...,
     ) -> Tuple[List[Tuple[bytes, bytes, bytes]], Tuple[int, int, int, int]]: ...
 
 def kmeans_train(

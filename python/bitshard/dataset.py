@@ -135,6 +135,7 @@ class Dataset:
             self._tmp = tempfile.TemporaryDirectory(prefix="bitshard-")
             self.index_root = self._tmp.name
         self._searchers: Dict[Tuple[str, int], Any] = {}
+        self._deleted_cache: Dict[Tuple[Any, int], np.ndarray] = {}
 
     # -------------------------------------------------------------- pickling
 
@@ -146,6 +147,7 @@ class Dataset:
         self.index_root = state["index_root"]
         self._tmp = None
         self._searchers = {}
+        self._deleted_cache = {}
 
     def __repr__(self) -> str:
         return f"bitshard.Dataset({self.source.kind}, uri={self.source.uri!r}, index_root={self.index_root!r})"
@@ -386,6 +388,23 @@ class Dataset:
             )
         return on_col[0]
 
+    def _deleted_rowids(self, handles: List[SegmentHandle]) -> Optional[np.ndarray]:
+        """Sorted row ids deleted from the source after their segments were
+        built (a segment encodes the rows live at build time), or None."""
+        covered = set(idx.iter_fragments(handles))
+        parts = []
+        for f in self.source.fragments():
+            if f.id in covered and f.num_rows < f.physical_rows:
+                key = (self.source.version, f.id)
+                if key not in self._deleted_cache:
+                    live = self.source._live_offsets(f.id).astype(np.uint64)
+                    dead = np.setdiff1d(np.arange(f.physical_rows, dtype=np.uint64), live)
+                    self._deleted_cache[key] = (np.uint64(f.id) << np.uint64(32)) | dead
+                parts.append(self._deleted_cache[key])
+        if not parts:
+            return None
+        return np.ascontiguousarray(np.sort(np.concatenate(parts)), dtype=np.uint64)
+
     def _searcher(self, name: str) -> Tuple[Any, List[SegmentHandle], Dict[str, Any]]:
         version = idx.latest_version(self.index_root, name)
         key = (name, version)
@@ -510,6 +529,7 @@ class Dataset:
                 Q, nq, int(k), int(nprobes), float(eps0),
                 0 if refine_factor is None else int(refine_factor),
                 mask, allowed_rows, allowed_frags, int(threads),
+                self._deleted_rowids(handles),
             )
             stats += np.array(st, dtype=np.int64)
             per_query = [(np.frombuffer(r, dtype=np.uint64), np.frombuffer(e, dtype=np.float32))

@@ -191,3 +191,19 @@ def test_nan_in_source_names_fragment_and_row(tmp_path):
         ds.create_index("vec", "IVF_RQ", ivf_centroids=ivf)
     msg = str(e.value)
     assert "'vec'" in msg and "fragment 1" in msg and "row 234" in msg
+
+
+def test_rows_deleted_after_the_build_are_never_returned(tmp_path):
+    import lance
+
+    x = clustered(3000, 32, seed=12)
+    uri = write_lance(tmp_path / "del.lance", x, 1000)
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", "IVF_RQ", num_partitions=8)
+    assert ds.search("vec", x[1500], k=1).column("_rowid")[0].as_py() == (1 << 32) | 500
+    lance.dataset(uri).delete("id = 1500 OR id = 10")
+    ds = bitshard.dataset(uri)  # the new version
+    for q, gone in ((x[1500], (1 << 32) | 500), (x[10], 10)):
+        t = ds.search("vec", q, k=5, nprobes=8)
+        assert gone not in t.column("_rowid").to_pylist()
+        assert len(t) == 5

@@ -1,0 +1,319 @@
+"""The ``bitshard`` command line (also ``python -m bitshard``).
+
+::
+
+    bitshard build URI --column vec [--name N] [--num-partitions K] [--num-bits B]
+                   [--metric l2|cosine|dot] [--workers W] [--executor ray|processes|serial]
+                   [--index-uri DIR] [--json]
+    bitshard search URI --column vec (--query-file q.npy | --query-row N) [--k 10]
+                   [--nprobes 20] [--refine-factor R] [--format table|json|csv]
+    bitshard describe URI [--json]
+    bitshard verify URI
+    bitshard cleanup URI [--older-than SECONDS] [--dry-run]
+
+Exit codes: 0 success; 1 a bitshard error (the message, no traceback) or
+``verify`` found faults; 2 a usage error; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from typing import Any, List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``bitshard`` command."""
+    p = argparse.ArgumentParser(
+        prog="bitshard",
+        description="Build, query and maintain IVF_RQ (IVF + RaBitQ) vector indexes.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("uri", help="the data: a Lance dataset or Parquet file/directory")
+        sp.add_argument("--index-uri", default=None,
+                        help="where the indexes live (default: next to the data)")
+
+    b = sub.add_parser("build", help="build and commit an IVF_RQ index on many workers",
+                       description="Train IVF centroids on a sample, encode the fragments on "
+                                   "workers, merge and commit (bitshard.build_index). Rerunning "
+                                   "an interrupted build resumes it.")
+    common(b)
+    b.add_argument("--column", required=True, help="the vector column")
+    b.add_argument("--name", default=None, help="index name (default: <column>_idx)")
+    b.add_argument("--num-partitions", type=_positive_int, default=None,
+                   help="IVF partitions (default: about sqrt(rows))")
+    b.add_argument("--num-bits", type=_positive_int, default=None,
+                   help="bits per dimension, 1..9 (default 1)")
+    b.add_argument("--metric", choices=("l2", "cosine", "dot"), default="l2")
+    b.add_argument("--workers", type=_positive_int, default=None,
+                   help="worker processes / Ray CPUs (default: CPU count)")
+    b.add_argument("--executor", choices=("ray", "processes", "serial"), default=None,
+                   help="default: ray if installed, else processes")
+    b.add_argument("--fragments-per-task", type=_positive_int, default=None)
+    b.add_argument("--sample-rate", type=_positive_int, default=256,
+                   help="training rows per partition (default 256)")
+    b.add_argument("--max-iters", type=_positive_int, default=50)
+    b.add_argument("--seed", type=_non_negative_int, default=None,
+                   help="training seed, and the rotation seed (default: random rotation)")
+    b.add_argument("--max-retries", type=_non_negative_int, default=3,
+                   help="retries of a task whose worker died (default 3)")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="progress bars even when stderr is not a terminal")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    b.add_argument("--json", action="store_true", help="print the build's statistics as JSON")
+    b.set_defaults(func=_cmd_build)
+
+    s = sub.add_parser("search", help="nearest neighbours through a committed index")
+    common(s)
+    s.add_argument("--column", required=True, help="the indexed vector column")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--query-file", help=".npy file: one query (d,) or a batch (nq, d)")
+    q.add_argument("--query-row", type=_non_negative_int,
+                   help="use row N of the dataset (0-based, live rows in fragment order)")
+    s.add_argument("--k", type=_positive_int, default=10)
+    s.add_argument("--nprobes", type=_positive_int, default=20)
+    s.add_argument("--refine-factor", type=_positive_int, default=None)
+    s.add_argument("--index", default=None, help="index name, when the column has several")
+    s.add_argument("--columns", default=None,
+                   help="comma-separated source columns to add to the results")
+    s.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    s.set_defaults(func=_cmd_search)
+
+    d = sub.add_parser("describe", help="the committed indexes, their segments and artifacts")
+    common(d)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_cmd_describe)
+
+    v = sub.add_parser("verify", help="re-read every committed segment; exit 1 listing faults")
+    common(v)
+    v.add_argument("--name", default=None, help="verify only this index")
+    v.set_defaults(func=_cmd_verify)
+
+    c = sub.add_parser("cleanup", help="remove segment files no manifest references")
+    common(c)
+    c.add_argument("--older-than", type=_non_negative_float, default=3600.0, metavar="SECONDS",
+                   help="only files older than this (default 3600)")
+    c.add_argument("--dry-run", action="store_true", help="list, do not remove")
+    c.add_argument("--abandoned-builds", action="store_true",
+                   help="also drop interrupted builds' state older than --older-than")
+    c.set_defaults(func=_cmd_cleanup)
+    return p
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _cmd_build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .distributed import build_index  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    ds = build_index(
+        args.uri, args.column, name=args.name, num_partitions=args.num_partitions,
+        num_bits=args.num_bits, metric=args.metric, num_workers=args.workers,
+        executor=args.executor, fragments_per_task=args.fragments_per_task,
+        sample_rate=args.sample_rate, max_iters=args.max_iters, seed=args.seed,
+        progress=args.progress, index_uri=args.index_uri, max_retries=args.max_retries,
+    )
+    st = ds.last_build_stats
+    if args.json:
+        print(json.dumps(st, indent=1, sort_keys=True))
+    else:
+        reused = len(st["reused_segments"])
+        print(f"built index {args.name or args.column + '_idx'!r} on {args.column!r}: "
+              f"{st['num_rows']} rows, {st['num_partitions']} partitions, {st['num_bits']} bit(s); "
+              f"version {st['version']}, segment {st['final_segment']}")
+        print(f"{st['tasks']} tasks ({reused} reused) and {st['merges']} merges on "
+              f"{st['num_workers']} {st['executor']} worker(s) in "
+              f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _query_row(ds: Any, column: str, n: int, parser: argparse.ArgumentParser) -> Any:
+    import numpy as np  # noqa: PLC0415
+
+    from .sources import make_rowids  # noqa: PLC0415
+
+    src = ds.source
+    at = n
+    for f in src.fragments():
+        if at < f.num_rows:
+            off = src._logical_to_offsets(f.id, np.array([at], dtype=np.int64))
+            rowid = make_rowids(f.id, np.asarray(off, dtype=np.uint32))
+            return src.take(column, rowid)[0]
+        at -= f.num_rows
+    parser.error(f"--query-row {n} is out of range: the dataset has {src.num_rows()} rows")
+
+
+def _cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    import bitshard  # noqa: PLC0415
+
+    if args.query_file is not None:
+        try:
+            q = np.load(args.query_file, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            parser.error(f"cannot read --query-file {args.query_file}: {e}")
+        if q.ndim not in (1, 2) or q.dtype.kind not in "fiu":
+            parser.error(f"--query-file must hold a numeric (d,) or (nq, d) array, "
+                         f"got {q.dtype} {q.shape}")
+    ds = bitshard.dataset(args.uri, index_uri=args.index_uri)
+    if args.query_row is not None:
+        q = _query_row(ds, args.column, args.query_row, parser)
+    cols = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    t = ds.search(args.column, q, k=args.k, nprobes=args.nprobes,
+                  refine_factor=args.refine_factor, columns=cols, index=args.index)
+    qi = t.column("query_index").to_pylist() if "query_index" in t.column_names \
+        else [0] * t.num_rows
+    names = ["query", "rank", "_rowid", "_distance"] + (cols or [])
+    records: List[List[Any]] = []
+    rank, prev = 0, None
+    data = {c: t.column(c).to_pylist() for c in ["_rowid", "_distance"] + (cols or [])}
+    for i in range(t.num_rows):
+        rank = rank + 1 if qi[i] == prev else 0
+        prev = qi[i]
+        records.append([qi[i], rank, data["_rowid"][i], data["_distance"][i]]
+                       + [data[c][i] for c in (cols or [])])
+    out = sys.stdout
+    if args.format == "json":
+        json.dump([dict(zip(names, r)) for r in records], out, default=str)
+        out.write("\n")
+    elif args.format == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(names)
+        w.writerows(records)
+    else:
+        cells = [names] + [[_cell(v) for v in r] for r in records]
+        widths = [max(len(row[j]) for row in cells) for j in range(len(names))]
+        for row in cells:
+            out.write("  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+    return 0
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.7g}"
+    return str(v)
+
+
+def _cmd_describe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import bitshard  # noqa: PLC0415
+
+    ds = bitshard.dataset(args.uri, index_uri=args.index_uri)
+    info = ds.describe_indices()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    if not info:
+        print(f"no committed indexes under {ds.index_root}")
+        return 0
+    for d in info:
+        print(f"index {d['name']!r} on column {d['column']!r} (version {d['version']})")
+        print(f"  IVF_RQ: metric {d['metric']}, {d['num_bits']} bit(s), dimension "
+              f"{d['dimension']}, {d['num_rows']} rows in {len(d['segments'])} segment(s)")
+        print(f"  rotation {d['rotation_fingerprint']}  centroids {d['ivf_fingerprint']}")
+        for s in d["segments"]:
+            frags = s["fragment_ids"]
+            shown = ", ".join(map(str, frags[:8])) + (", ..." if len(frags) > 8 else "")
+            print(f"  segment {s['uuid']}: {s['num_rows']} rows, {len(frags)} fragment(s) "
+                  f"[{shown}], {s['size_bytes']} bytes")
+        if d["uncovered_fragments"]:
+            print(f"  fragments not indexed (searched exactly): {d['uncovered_fragments']}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .distributed import _verify  # noqa: PLC0415
+
+    faults, summary = _verify(args.uri, args.index_uri, args.name)
+    for f in faults:
+        print(f"FAULT: {f}")
+    for s in summary:
+        print(f"index {s['name']!r} version {s['version']}: {s['segments']} segment(s), "
+              f"{s['rows']} rows")
+    if faults:
+        print(f"verify: {len(faults)} fault(s)", file=sys.stderr)
+        return 1
+    print("verify: ok" if summary else "verify: no committed indexes")
+    return 0
+
+
+def _cmd_cleanup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .distributed import cleanup  # noqa: PLC0415
+
+    removed = cleanup(args.uri, args.older_than, index_uri=args.index_uri,
+                      dry_run=args.dry_run, abandoned_builds=args.abandoned_builds)
+    for u in removed:
+        print(u)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"cleanup: {verb} {len(removed)} unreferenced segment file(s)", file=sys.stderr)
+    return 0
+
+
+# -------------------------------------------------------------------- main
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    from .errors import BitshardError  # noqa: PLC0415
+
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors exit with 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("bitshard: %(message)s"))
+    logger = logging.getLogger("bitshard")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return int(args.func(args, parser))
+    except BitshardError as e:
+        print(f"bitshard: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bitshard: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        logger.removeHandler(handler)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

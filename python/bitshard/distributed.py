@@ -1,0 +1,1077 @@
+"""One-call distributed index builds, and the maintenance that goes with them.
+
+:func:`build_index` runs the whole distributed flow of docs/distributed.md:
+
+1. on the driver: train the IVF model on a sample (:func:`bitshard.train_ivf`)
+   and mint the rotation (:func:`bitshard.build_rq_rotation`);
+2. group the source's fragments into tasks and encode each task into a
+   segment on a worker (``create_index_uncommitted``); workers open the data
+   themselves (a Lance/Parquet source pickles as its URI and pinned version),
+   the driver never ships vectors;
+3. merge the segments as a tree (groups of :data:`MERGE_FAN_IN`), the merges
+   themselves running as worker tasks;
+4. commit the final segment with ``commit_existing_index_segments(replace=True)``.
+
+Workers are Ray tasks, processes of a local ``ProcessPoolExecutor`` (spawn
+start method) or, for debugging, the driver itself. A task whose worker dies
+is retried; segments of failed attempts are never committed
+(:func:`cleanup` removes them later). A build records its progress under the
+index root in ``builds/<name>.json`` (plus ``builds/<name>.ivf``), so running
+the same call again after the driver died reuses the artifacts and every
+finished, verified segment.
+
+:func:`cleanup` removes segment files no manifest references; :func:`verify`
+re-reads every committed segment and reports each fault it finds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import index as idx
+from .artifacts import IvfModel, Rotation, as_ivf_model, build_rq_rotation, metric_code
+from .dataset import Dataset, _default_num_partitions, dataset, train_ivf
+from .errors import BitshardError, CorruptIndexError, InvalidInputError
+from .index import OpenSegment, SegmentHandle
+from .progress import Progress
+
+__all__ = ["build_index", "cleanup", "verify", "ray_session", "EXECUTORS", "MERGE_FAN_IN"]
+
+log = logging.getLogger("bitshard.distributed")
+
+#: The executors :func:`build_index` knows.
+EXECUTORS = ("ray", "processes", "serial")
+#: Segments merged per merge task; more segments are merged as a tree.
+MERGE_FAN_IN = 8
+#: Encode tasks planned per worker when ``fragments_per_task`` is not given.
+TASKS_PER_WORKER = 4
+#: Test hook: when set to a file path, the first worker task that finds the
+#: file absent creates it and dies (``os._exit(1)``; with a ``sigkill:``
+#: prefix it SIGKILLs itself) right after writing its segment. The driver
+#: reads the variable and hands it to the workers with each task; it is
+#: ignored by the ``serial`` executor.
+CRASH_ENV = "BITSHARD_TEST_CRASH_ONCE"
+
+BUILD_STATE_FORMAT = "bitshard-build"
+BUILD_STATE_VERSION = 1
+BUILDS_DIR = "builds"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# =========================================================================
+# Worker side: the code that runs inside Ray tasks and pool processes
+# =========================================================================
+
+_IVF_CACHE: Dict[Tuple[str, str], IvfModel] = {}
+
+
+def _load_ivf(path: str, fingerprint: str, metric: str) -> IvfModel:
+    """The build's IVF model, loaded once per worker process and checked."""
+    key = (path, fingerprint)
+    model = _IVF_CACHE.get(key)
+    if model is None:
+        model = as_ivf_model(IvfModel.load(path), metric)
+        if model.fingerprint != fingerprint:
+            raise CorruptIndexError(
+                f"IVF model file {path} has fingerprint {model.fingerprint}, the build "
+                f"expects {fingerprint} (was the build restarted with other settings?)"
+            )
+        _IVF_CACHE.clear()
+        _IVF_CACHE[key] = model
+    return model
+
+
+def _maybe_crash(marker: Optional[str]) -> None:
+    """The fault-injection hook of :data:`CRASH_ENV` (tests only)."""
+    if not marker:
+        return
+    sig = marker.startswith("sigkill:")
+    path = marker[len("sigkill:"):] if sig else marker
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    if sig:
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(1)
+
+
+def _run_task(spec: Dict[str, Any], shared: Any) -> SegmentHandle:
+    """Entry point of every worker task: encode fragments or merge segments."""
+    if spec["kind"] == "encode":
+        ds: Dataset = shared
+        ivf = _load_ivf(spec["ivf_path"], spec["ivf_fingerprint"], spec["metric"])
+        handle = ds.create_index_uncommitted(
+            spec["column"], "IVF_RQ", name=spec["name"], ivf_centroids=ivf,
+            rq_rotation=Rotation.from_bytes(spec["rotation"]),
+            fragment_ids=spec["fragment_ids"], metric=spec["metric"],
+        )
+    elif spec["kind"] == "merge":
+        inputs = list(spec["inputs"])
+        idx.check_same_artifacts(inputs)
+        handle = idx.merge_segments(inputs, spec["index_root"])
+    else:  # pragma: no cover - a programming error
+        raise InvalidInputError(f"unknown task kind {spec['kind']!r}")
+    _maybe_crash(spec.get("crash_marker"))
+    return handle
+
+
+# =========================================================================
+# Executors: run a list of task specs, report each result as it arrives
+# =========================================================================
+
+OnDone = Callable[[int, SegmentHandle], None]
+
+
+class _SerialRunner:
+    """Runs tasks in the driver, one after the other (for debugging)."""
+
+    name = "serial"
+    restarts = 0
+
+    def run(self, specs: Sequence[Dict[str, Any]], shared: Any, on_done: OnDone) -> None:
+        for i, spec in enumerate(specs):
+            on_done(i, _run_task(spec, shared))
+
+    def close(self) -> None:
+        pass
+
+
+class _PoolRunner:
+    """A ``ProcessPoolExecutor`` (spawn) that survives its workers dying.
+
+    When a worker dies the pool breaks and every unfinished future fails
+    with ``BrokenProcessPool``; the runner keeps the results that did
+    arrive, starts a new pool and resubmits the rest. A task may be in an
+    unfinished batch at most ``max_retries + 1`` times.
+    """
+
+    name = "processes"
+
+    def __init__(self, num_workers: int, max_retries: int) -> None:
+        self.num_workers = max(1, int(num_workers))
+        self.max_retries = int(max_retries)
+        self.pool: Optional[ProcessPoolExecutor] = None
+        self.restarts = 0
+
+    def _kill(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+
+    def run(self, specs: Sequence[Dict[str, Any]], shared: Any, on_done: OnDone) -> None:
+        pending = dict(enumerate(specs))
+        attempts = {i: 0 for i in pending}
+        while pending:
+            if self.pool is None:
+                self.pool = ProcessPoolExecutor(
+                    max_workers=min(self.num_workers, len(pending)),
+                    mp_context=multiprocessing.get_context("spawn"),
+                )
+            broken = False
+            futs: Dict[Any, int] = {}
+            try:
+                try:
+                    for i, spec in pending.items():
+                        futs[self.pool.submit(_run_task, spec, shared)] = i
+                except BrokenProcessPool:
+                    broken = True
+                not_done = set(futs)
+                while not_done:
+                    done, not_done = wait(not_done, return_when=FIRST_COMPLETED)
+                    for f in sorted(done, key=lambda f: futs[f]):
+                        i = futs[f]
+                        exc = f.exception()
+                        if exc is None:
+                            on_done(i, f.result())
+                            del pending[i]
+                        elif isinstance(exc, BrokenProcessPool):
+                            broken = True
+                        else:
+                            raise exc
+            except BaseException:
+                self._kill()
+                raise
+            if broken:
+                self.restarts += 1
+                self._kill()
+                for i in pending:
+                    attempts[i] += 1
+                worst = max((attempts[i] for i in pending), default=0)
+                if worst > self.max_retries:
+                    raise BitshardError(
+                        f"{len(pending)} task(s) did not finish: a worker process died "
+                        f"{worst} time(s) while they ran (max_retries={self.max_retries})"
+                    )
+                log.warning("a worker process died; restarting the pool and resubmitting "
+                            "%d unfinished task(s)", len(pending))
+
+    def close(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+@contextmanager
+def ray_session(num_workers: Optional[int] = None) -> Iterator[bool]:
+    """Use the Ray cluster this process is connected to, or start a local one.
+
+    If ``ray.is_initialized()`` is false, starts a local Ray with
+    ``num_cpus=num_workers or os.cpu_count()`` (no dashboard, worker logs not
+    forwarded) and shuts it down when the block ends; otherwise uses the
+    existing connection (e.g. ``ray.init(address=...)``) and leaves it alone.
+    Wrap several :func:`build_index` calls in one session to pay Ray's
+    start-up once.
+
+    Yields:
+        True if this call started Ray (and will shut it down).
+    """
+    try:
+        import ray  # noqa: PLC0415
+    except ImportError:
+        raise InvalidInputError(
+            "executor='ray' needs Ray: pip install 'bitshard[ray]'") from None
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=int(num_workers or os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False)
+        started = True
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class _RayRunner:
+    """Ray tasks (``num_cpus=1``); Ray retries a task whose worker died up to
+    ``max_retries`` times. Exceptions raised by the task are not retried."""
+
+    name = "ray"
+    restarts = 0
+
+    def __init__(self, num_workers: int, max_retries: int) -> None:
+        import ray  # noqa: PLC0415
+
+        self._ray = ray
+        self._session = ray_session(num_workers)
+        self.started = self._session.__enter__()
+        self._fn = ray.remote(_run_task).options(
+            num_cpus=1, max_retries=int(max_retries), retry_exceptions=False)
+        self.max_retries = int(max_retries)
+
+    def run(self, specs: Sequence[Dict[str, Any]], shared: Any, on_done: OnDone) -> None:
+        ray = self._ray
+        shared_ref = ray.put(shared)
+        refs = {self._fn.remote(spec, shared_ref): i for i, spec in enumerate(specs)}
+        waiting = list(refs)
+        try:
+            while waiting:
+                ready, waiting = ray.wait(waiting, num_returns=1)
+                for r in ready:
+                    try:
+                        result = ray.get(r)
+                    except ray.exceptions.RayTaskError as e:
+                        cause = getattr(e, "cause", None)
+                        if isinstance(cause, BaseException):
+                            raise cause from None
+                        raise BitshardError(f"a build task failed: {e}") from None
+                    except ray.exceptions.RayError as e:
+                        raise BitshardError(
+                            f"a build task failed after {self.max_retries} retries "
+                            f"({type(e).__name__}): {e}") from None
+                    on_done(refs[r], result)
+        except BaseException:
+            for r in waiting:
+                try:
+                    ray.cancel(r, force=True)
+                except Exception:  # already finished or gone
+                    pass
+            raise
+
+    def close(self) -> None:
+        self._session.__exit__(None, None, None)
+
+
+def _choose_executor(executor: Optional[str]) -> str:
+    if executor is None:
+        try:
+            import ray  # noqa: F401, PLC0415
+
+            return "ray"
+        except ImportError:
+            return "processes"
+    e = str(executor).lower()
+    if e not in EXECUTORS:
+        raise InvalidInputError(f"executor must be one of {EXECUTORS} or None, got {executor!r}")
+    if e == "ray":
+        try:
+            import ray  # noqa: F401, PLC0415
+        except ImportError:
+            raise InvalidInputError(
+                "executor='ray' needs Ray: pip install 'bitshard[ray]'") from None
+    return e
+
+
+def _resolve_workers(executor: str, num_workers: Optional[int]) -> int:
+    if num_workers is not None:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) \
+                or num_workers < 1:
+            raise InvalidInputError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+        return int(num_workers)
+    if executor == "serial":
+        return 1
+    if executor == "ray":
+        import ray  # noqa: PLC0415
+
+        if ray.is_initialized():
+            return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1
+
+
+def _make_runner(executor: str, num_workers: int, max_retries: int) -> Any:
+    if executor == "ray":
+        return _RayRunner(num_workers, max_retries)
+    if executor == "processes":
+        return _PoolRunner(num_workers, max_retries)
+    return _SerialRunner()
+
+
+# =========================================================================
+# Planning
+# =========================================================================
+
+
+def plan_tasks(fragments: Sequence[Any], num_workers: int,
+               fragments_per_task: Optional[int] = None) -> List[List[int]]:
+    """Group fragments (sorted by id) into contiguous encode tasks.
+
+    Args:
+        fragments: the source's ``FragmentInfo`` list.
+        num_workers: workers the build expects (sets the default task count).
+        fragments_per_task: fixed fragments per task; ``None`` balances live
+            rows over about ``TASKS_PER_WORKER * num_workers`` tasks (never
+            more tasks than fragments).
+
+    Returns:
+        A list of fragment-id lists, in fragment-id order, covering every
+        fragment (empty ones included) exactly once.
+    """
+    frags = sorted(fragments, key=lambda f: f.id)
+    if not frags:
+        return []
+    if fragments_per_task is not None:
+        n = int(fragments_per_task)
+        return [[f.id for f in frags[i:i + n]] for i in range(0, len(frags), n)]
+    target = max(1, min(len(frags), TASKS_PER_WORKER * max(1, int(num_workers))))
+    total = sum(f.num_rows for f in frags)
+    if total == 0:
+        per = -(-len(frags) // target)
+        return [[f.id for f in frags[i:i + per]] for i in range(0, len(frags), per)]
+    groups: List[List[int]] = [[] for _ in range(target)]
+    before = 0
+    for f in frags:
+        mid = before + f.num_rows / 2.0
+        groups[min(target - 1, int(mid * target / total))].append(f.id)
+        before += f.num_rows
+    return [g for g in groups if g]
+
+
+def _merge_plan_size(n: int, fan_in: int) -> int:
+    """How many merge tasks a tree over ``n`` segments takes."""
+    merges = 0
+    while n > 1:
+        groups = -(-n // fan_in)
+        merges += sum(1 for g in range(groups) if min(fan_in, n - g * fan_in) > 1)
+        n = groups
+    return merges
+
+
+# =========================================================================
+# Build state: what a rerun of the same call may reuse
+# =========================================================================
+
+
+def _state_paths(root: str, name: str) -> Tuple[str, str]:
+    d = os.path.join(root, BUILDS_DIR)
+    return os.path.join(d, f"{name}.json"), os.path.join(d, f"{name}.ivf")
+
+
+def _write_json_atomic(path: str, doc: Dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_state(root: str, name: str) -> Optional[Dict[str, Any]]:
+    path, _ = _state_paths(root, name)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable build state %s: %s", path, e)
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != BUILD_STATE_FORMAT \
+            or doc.get("format_version") != BUILD_STATE_VERSION:
+        log.warning("ignoring build state %s: not a version-%d bitshard build state",
+                    path, BUILD_STATE_VERSION)
+        return None
+    return doc
+
+
+def _source_identity(ds: Dataset) -> Dict[str, Any]:
+    s = ds.source
+    return {"kind": s.kind, "uri": s.uri, "version": s.version}
+
+
+def _verify_segment(root: str, uuid: str, fragment_ids: Sequence[int], num_rows: int,
+                    artifacts: Dict[str, Any], name: str) -> Optional[SegmentHandle]:
+    """The handle of a finished segment if its file opens (the C reader
+    verifies every checksum) and it is what the build expects; else None."""
+    try:
+        h = OpenSegment(idx.segment_path(root, uuid)).handle(root, name)
+    except (BitshardError, OSError) as e:
+        log.warning("not reusing segment %s: %s", uuid, e)
+        return None
+    got = {"uuid": h.uuid, "fragment_ids": list(h.fragment_ids), "num_rows": h.num_rows,
+           **{k: getattr(h, k) for k in artifacts}}
+    want = {"uuid": uuid, "fragment_ids": list(fragment_ids), "num_rows": num_rows, **artifacts}
+    if got != want:
+        diff = sorted(k for k in want if got[k] != want[k])
+        log.warning("not reusing segment %s: %s differ from the build's", uuid, ", ".join(diff))
+        return None
+    return h
+
+
+# =========================================================================
+# build_index
+# =========================================================================
+
+
+def _open_dataset(uri: Any, index_uri: Optional[PathLike]) -> Dataset:
+    if isinstance(uri, Dataset):
+        return Dataset(uri.source, index_uri=index_uri) if index_uri is not None else uri
+    return dataset(uri, index_uri=index_uri)
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name \
+            or name.startswith("."):
+        raise InvalidInputError(f"bad index name {name!r}")
+    return name
+
+
+def build_index(
+    uri: Any,
+    column: str,
+    name: Optional[str] = None,
+    index_type: str = "IVF_RQ",
+    num_partitions: Optional[int] = None,
+    num_bits: Optional[int] = None,
+    metric: str = "l2",
+    num_workers: Optional[int] = None,
+    executor: Optional[str] = None,
+    fragments_per_task: Optional[int] = None,
+    ivf_centroids: Any = None,
+    rq_rotation: Optional[Rotation] = None,
+    sample_rate: int = 256,
+    max_iters: int = 50,
+    seed: Optional[int] = None,
+    progress: Any = None,
+    index_uri: Optional[PathLike] = None,
+    max_retries: int = 3,
+) -> Dataset:
+    """Build and commit an IVF_RQ index on many workers, in one call.
+
+    The committed index answers every query bit for bit like
+    ``ds.create_index(column, "IVF_RQ", ivf_centroids=..., rq_rotation=...)``
+    with the same artifacts (see ``ds.last_build_stats`` for what was used).
+
+    Args:
+        uri: the data: a Lance/Parquet path or URI, a :class:`Dataset`, or
+            anything :func:`bitshard.dataset` accepts (an in-memory array is
+            pickled to every worker; prefer a path for large data).
+        column: the vector column (fixed-size list of float16/32/64, d dims).
+        name: index name (default ``<column>_idx``).
+        index_type: must be ``"IVF_RQ"``.
+        num_partitions: IVF partitions k when centroids are trained (default
+            about sqrt(rows)).
+        num_bits: bits per dimension of the codes, 1..9 (default 1, or the
+            bit width of ``rq_rotation``).
+        metric: ``"l2"``, ``"cosine"`` or ``"dot"``.
+        num_workers: workers (processes, or CPUs of the local Ray started
+            here; default ``os.cpu_count()``, or the CPUs of a Ray cluster
+            already connected). Also sets the default task count.
+        executor: ``"ray"``, ``"processes"`` or ``"serial"`` (in the driver);
+            ``None`` picks Ray if it is importable, else processes.
+        fragments_per_task: fragments per encode task (default: contiguous
+            groups balancing rows over about 4 tasks per worker).
+        ivf_centroids: an :class:`IvfModel`, a (k, d) float array or a path;
+            ``None`` trains one on the driver with :func:`bitshard.train_ivf`.
+        rq_rotation: a :class:`Rotation`; ``None`` mints one with
+            :func:`bitshard.build_rq_rotation` (seed ``seed``, or a random one
+            recorded in the segments and the build state).
+        sample_rate: training rows per partition (sample = k * sample_rate).
+        max_iters: k-means iterations at most.
+        seed: training seed (default 0) and, if given, the rotation seed.
+        progress: ``None`` (bars when stderr is a terminal), ``True``,
+            ``False``, or a callable ``progress(stage, done, total)``; see
+            :mod:`bitshard.progress`.
+        index_uri: where indexes live (default: next to the data).
+        max_retries: retries of a task whose worker process died.
+
+    Returns:
+        The :class:`Dataset`, with the index committed (a new manifest version
+        replacing any previous one of that name) and ``last_build_stats``: a
+        dict with the executor, worker and task counts, the segments reused
+        from an interrupted run, pool restarts, the committed segment's uuid,
+        the manifest version and the seconds spent per phase.
+
+    Raises:
+        InvalidInputError: bad arguments.
+        BitshardError: a task failed (its exception is re-raised), or a task's
+            worker died more than ``max_retries`` times.
+        CommitConflictError: another writer committed the index meanwhile.
+    """
+    t_start = time.perf_counter()
+    if str(index_type).upper() != "IVF_RQ":
+        raise InvalidInputError(f"index_type must be 'IVF_RQ', got {index_type!r}")
+    metric_code(metric)
+    metric = metric.lower()
+    for val, label in ((sample_rate, "sample_rate"), (max_iters, "max_iters")):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+            raise InvalidInputError(f"{label} must be an integer >= 1, got {val!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, (int, np.integer)) \
+            or max_retries < 0:
+        raise InvalidInputError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    if fragments_per_task is not None and (
+            isinstance(fragments_per_task, bool)
+            or not isinstance(fragments_per_task, (int, np.integer)) or fragments_per_task < 1):
+        raise InvalidInputError(
+            f"fragments_per_task must be an integer >= 1, got {fragments_per_task!r}")
+    if num_partitions is not None and (
+            isinstance(num_partitions, bool)
+            or not isinstance(num_partitions, (int, np.integer)) or num_partitions < 1):
+        raise InvalidInputError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
+    executor = _choose_executor(executor)
+    workers = _resolve_workers(executor, num_workers)
+    prog = Progress(progress)
+
+    ds = _open_dataset(uri, index_uri)
+    name = _check_name(name or f"{column}_idx")
+    root = ds.index_root
+    source = ds.source
+    dim = source.vector_dim(column)
+    frags = source.fragments()
+    if not frags:
+        raise InvalidInputError(f"the source has no fragments to index ({source.uri})")
+    rows_of = {f.id: f.num_rows for f in frags}
+
+    # What makes "the same call": a rerun with these equal reuses the state.
+    user_ivf = None if ivf_centroids is None else as_ivf_model(ivf_centroids, metric)
+    if user_ivf is not None:
+        if user_ivf.dimension != dim:
+            raise InvalidInputError(
+                f"ivf_centroids have dimension {user_ivf.dimension}, column {column!r} has {dim}")
+        if num_partitions is not None and user_ivf.num_partitions != num_partitions:
+            raise InvalidInputError(
+                f"num_partitions={num_partitions} conflicts with ivf_centroids "
+                f"({user_ivf.num_partitions} partitions)")
+    if rq_rotation is not None:
+        if not isinstance(rq_rotation, Rotation):
+            raise InvalidInputError(
+                f"rq_rotation must be a bitshard.Rotation, got {type(rq_rotation).__name__}")
+        if num_bits is not None and int(num_bits) != rq_rotation.num_bits:
+            raise InvalidInputError(
+                f"num_bits={num_bits} conflicts with the rotation's num_bits={rq_rotation.num_bits}")
+        if rq_rotation.dimension != dim:
+            raise InvalidInputError(
+                f"rq_rotation has dimension {rq_rotation.dimension}, column {column!r} has {dim}")
+    params = {
+        "column": column, "metric": metric, "num_partitions": num_partitions,
+        "num_bits": None if num_bits is None else int(num_bits),
+        "sample_rate": int(sample_rate), "max_iters": int(max_iters),
+        "seed": None if seed is None else int(seed),
+        "ivf_centroids": None if user_ivf is None else user_ivf.fingerprint,
+        "rq_rotation": None if rq_rotation is None else rq_rotation.to_bytes().hex(),
+    }
+    ident = _source_identity(ds)
+    state_path, ivf_path = _state_paths(root, name)
+    stats: Dict[str, Any] = {
+        "executor": executor, "num_workers": workers, "resumed": False,
+        "reused_segments": [], "reused_merges": [], "pool_restarts": 0, "seconds": {},
+    }
+
+    # ---------------------------------------------------------- artifacts
+    state = _load_state(root, name)
+    ivf: Optional[IvfModel] = None
+    rot: Optional[Rotation] = None
+    if state is not None:
+        why = None
+        if ident["version"] is None:
+            why = "an in-memory source has no version to pin the build to"
+        elif state.get("params") != params:
+            why = "the call's settings differ"
+        elif state.get("source") != ident:
+            why = (f"the source changed (version {state.get('source', {}).get('version')!r} "
+                   f"then, {ident['version']!r} now)")
+        if why is None:
+            try:
+                ivf = as_ivf_model(IvfModel.load(ivf_path), metric)
+                rot = Rotation.from_bytes(bytes.fromhex(state["rotation"]))
+                if ivf.fingerprint != state["ivf_fingerprint"]:
+                    raise CorruptIndexError("IVF model file does not match the build state")
+                tasks_ok = sorted(f for t in state["tasks"] for f in t["fragment_ids"]) \
+                    == sorted(rows_of)
+                if not tasks_ok:
+                    raise CorruptIndexError("the recorded tasks do not cover the source")
+            except (BitshardError, OSError, KeyError, ValueError, TypeError) as e:
+                why = f"its artifacts are unusable ({e})"
+                ivf = rot = None
+        if why is not None:
+            log.warning("starting build %r afresh, not resuming: %s", name, why)
+            state = None
+        else:
+            stats["resumed"] = True
+            log.info("resuming build %r: %d of %d tasks were finished", name,
+                     len(state["segments"]), len(state["tasks"]))
+
+    t0 = time.perf_counter()
+    if state is None:
+        if user_ivf is not None:
+            ivf = user_ivf
+        else:
+            k = num_partitions or _default_num_partitions(source.num_rows())
+            with prog.step("train", f"train IVF (k={k}, sample {k * int(sample_rate)} rows)"):
+                ivf = train_ivf(ds, column, k, metric, sample_rate, max_iters, seed)
+        if rq_rotation is not None:
+            rot = rq_rotation
+        else:
+            rot = build_rq_rotation(dim, 1 if num_bits is None else int(num_bits),
+                                    dtype=source.vector_dtype(column).name, seed=seed)
+        tasks = plan_tasks(frags, workers, fragments_per_task)
+        state = {
+            "format": BUILD_STATE_FORMAT, "format_version": BUILD_STATE_VERSION,
+            "name": name, "index_type": "IVF_RQ", "params": params, "source": ident,
+            "rotation": rot.to_bytes().hex(), "rotation_seed": rot.seed,
+            "ivf_file": os.path.basename(ivf_path), "ivf_fingerprint": ivf.fingerprint,
+            "tasks": [{"id": i, "fragment_ids": t, "num_rows": sum(rows_of[f] for f in t)}
+                      for i, t in enumerate(tasks)],
+            "segments": {}, "merges": [], "created_at": time.time(),
+        }
+        os.makedirs(os.path.dirname(ivf_path), exist_ok=True)
+        ivf.save(ivf_path)
+        if ident["version"] is not None:
+            _write_json_atomic(state_path, state)
+    assert ivf is not None and rot is not None
+    stats["seconds"]["artifacts"] = time.perf_counter() - t0
+    stats["rotation_seed"] = rot.seed
+    stats["ivf_fingerprint"] = ivf.fingerprint
+    stats["rotation_fingerprint"] = rot.fingerprint
+    artifacts = {"rotation_fingerprint": rot.fingerprint, "ivf_fingerprint": ivf.fingerprint,
+                 "num_bits": rot.num_bits, "metric": metric, "column": column}
+
+    def save_state() -> None:
+        if ident["version"] is not None:
+            state["updated_at"] = time.time()
+            _write_json_atomic(state_path, state)
+
+    crash_marker = (os.environ.get(CRASH_ENV) or None) if executor != "serial" else None
+    runner: Any = None
+
+    def get_runner() -> Any:
+        nonlocal runner
+        if runner is None:
+            runner = _make_runner(executor, workers, int(max_retries))
+        return runner
+
+    try:
+        # ------------------------------------------------------- encoding
+        t0 = time.perf_counter()
+        tasks = state["tasks"]
+        leaves: Dict[int, SegmentHandle] = {}
+        for key, uuid in list(state["segments"].items()):
+            t = tasks[int(key)]
+            h = _verify_segment(root, uuid, t["fragment_ids"], t["num_rows"], artifacts, name)
+            if h is None:
+                del state["segments"][key]
+            else:
+                leaves[int(key)] = h
+                stats["reused_segments"].append(uuid)
+        todo = [t for t in tasks if t["id"] not in leaves]
+        total_rows = sum(t["num_rows"] for t in tasks)
+        bar = prog.bar("encode", total_rows, "encode", unit="rows", unit_scale=True,
+                       initial=total_rows - sum(t["num_rows"] for t in todo))
+        if leaves and prog.callback is not None:
+            prog.callback("resume", len(leaves), len(tasks))
+        try:
+            if todo:
+                specs = [{
+                    "kind": "encode", "task_id": t["id"], "column": column, "name": name,
+                    "fragment_ids": list(t["fragment_ids"]), "metric": metric,
+                    "ivf_path": ivf_path, "ivf_fingerprint": ivf.fingerprint,
+                    "rotation": rot.to_bytes(), "crash_marker": crash_marker,
+                } for t in todo]
+
+                def encoded(i: int, h: SegmentHandle) -> None:
+                    t = todo[i]
+                    if list(h.fragment_ids) != list(t["fragment_ids"]) or any(
+                            getattr(h, k) != v for k, v in artifacts.items()):
+                        raise CorruptIndexError(
+                            f"task {t['id']} returned segment {h.uuid} that does not match it")
+                    leaves[t["id"]] = h
+                    state["segments"][str(t["id"])] = h.uuid
+                    save_state()
+                    bar.update(t["num_rows"])
+
+                get_runner().run(specs, ds, encoded)
+        finally:
+            bar.close()
+        stats["seconds"]["encode"] = time.perf_counter() - t0
+
+        # --------------------------------------------------------- merging
+        t0 = time.perf_counter()
+        level = [leaves[t["id"]] for t in tasks]
+        recorded = {tuple(m["inputs"]): m["uuid"] for m in state["merges"]}
+        mbar = prog.bar("merge", _merge_plan_size(len(level), MERGE_FAN_IN), "merge",
+                        unit="merge")
+        try:
+            while len(level) > 1:
+                groups = [level[i:i + MERGE_FAN_IN] for i in range(0, len(level), MERGE_FAN_IN)]
+                nxt: List[Optional[SegmentHandle]] = [None] * len(groups)
+                specs, slots = [], []
+                for gi, g in enumerate(groups):
+                    if len(g) == 1:
+                        nxt[gi] = g[0]
+                        continue
+                    key = tuple(h.uuid for h in g)
+                    frag_ids = [f for h in g for f in h.fragment_ids]
+                    nrows = sum(h.num_rows for h in g)
+                    if key in recorded:
+                        h = _verify_segment(root, recorded[key], frag_ids, nrows, artifacts, name)
+                        if h is not None:
+                            nxt[gi] = h
+                            stats["reused_merges"].append(h.uuid)
+                            mbar.update(1)
+                            continue
+                    specs.append({"kind": "merge", "inputs": list(g), "index_root": root,
+                                  "crash_marker": crash_marker})
+                    slots.append(gi)
+                if specs:
+                    def merged(i: int, h: SegmentHandle, slots: List[int] = slots,
+                               groups: List[Any] = groups) -> None:
+                        g = groups[slots[i]]
+                        if list(h.fragment_ids) != [f for x in g for f in x.fragment_ids]:
+                            raise CorruptIndexError(
+                                f"merge returned segment {h.uuid} with the wrong fragments")
+                        nxt[slots[i]] = h
+                        state["merges"].append({"inputs": [x.uuid for x in g], "uuid": h.uuid})
+                        save_state()
+                        mbar.update(1)
+
+                    get_runner().run(specs, None, merged)
+                level = [h for h in nxt if h is not None]
+                assert len(level) == len(groups)
+        finally:
+            mbar.close()
+        stats["seconds"]["merge"] = time.perf_counter() - t0
+    finally:
+        if runner is not None:
+            stats["pool_restarts"] = runner.restarts
+            runner.close()
+
+    # ------------------------------------------------------------- commit
+    t0 = time.perf_counter()
+    final = level[0]
+    ds.commit_existing_index_segments(name, column, [final], replace=True)
+    version = idx.latest_version(root, name)
+    if prog.callback is not None:
+        prog.callback("commit", 1, 1)
+    # The leaves and inner merges are referenced by no manifest now: remove
+    # them, then the build state (the build is done).
+    ours = set(state["segments"].values()) | {m["uuid"] for m in state["merges"]}
+    ours.discard(final.uuid)
+    try:
+        referenced = _referenced_uuids(root)
+    except BitshardError as e:  # leave them for cleanup()
+        log.warning("not removing the build's intermediate segments: %s", e)
+        ours = set()
+    for u in sorted(ours - referenced):
+        try:
+            os.remove(idx.segment_path(root, u))
+        except FileNotFoundError:
+            pass
+    for p in (state_path, ivf_path):
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+    stats["seconds"]["commit"] = time.perf_counter() - t0
+    stats["seconds"]["total"] = time.perf_counter() - t_start
+    stats.update(
+        tasks=len(state["tasks"]), merges=len(state["merges"]) + len(stats["reused_merges"]),
+        final_segment=final.uuid, version=version, num_rows=final.num_rows,
+        num_partitions=ivf.num_partitions, num_bits=rot.num_bits,
+    )
+    ds.last_build_stats = stats  # type: ignore[attr-defined]
+    return ds
+
+
+# =========================================================================
+# Maintenance: cleanup and verify
+# =========================================================================
+
+
+def _is_index_root(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.isdir(os.path.join(path, "_versions")) and any(
+        os.path.isdir(os.path.join(path, d)) for d in ("indices", "segments", BUILDS_DIR))
+
+
+def _index_root(uri: Any, index_uri: Optional[PathLike] = None) -> str:
+    if index_uri is not None:
+        return os.path.abspath(os.fspath(index_uri))
+    if isinstance(uri, Dataset):
+        return uri.index_root
+    if isinstance(uri, (str, os.PathLike)) and _is_index_root(os.fspath(uri)):
+        return os.path.abspath(os.fspath(uri))
+    return dataset(uri).index_root
+
+
+def _manifest_files(root: str, name: str) -> List[int]:
+    d = os.path.join(root, "indices", name)
+    return sorted(int(fn[1:-5]) for fn in os.listdir(d)
+                  if fn.startswith("v") and fn.endswith(".json") and fn[1:-5].isdigit())
+
+
+def _referenced_uuids(root: str) -> set:
+    """Every segment uuid any manifest version of any index names. Raises
+    CorruptIndexError if a manifest cannot be read (nothing is then safe to
+    delete)."""
+    out: set = set()
+    d = os.path.join(root, "indices")
+    if not os.path.isdir(d):
+        return out
+    for name in sorted(os.listdir(d)):
+        if not os.path.isdir(os.path.join(d, name)):
+            continue
+        for v in _manifest_files(root, name):
+            try:
+                doc = idx.read_manifest(root, name, v)
+            except (BitshardError, OSError) as e:
+                raise CorruptIndexError(
+                    f"cannot read manifest v{v} of index {name!r} ({e}); refusing to decide "
+                    f"which segments are unreferenced") from None
+            out.update(e["uuid"] for e in doc["segments"])
+    return out
+
+
+def cleanup(
+    uri: Any,
+    older_than_seconds: float = 3600,
+    *,
+    index_uri: Optional[PathLike] = None,
+    dry_run: bool = False,
+    abandoned_builds: bool = False,
+) -> List[str]:
+    """Remove segment files that no manifest of any index references.
+
+    A segment is removed when no manifest version of any index under the
+    index root names it, no in-progress build (``builds/*.json``) lists it,
+    and its file is older than ``older_than_seconds`` (so a build running
+    now keeps its fresh segments). Leftover ``.bsseg.tmp`` files of writers
+    that died are removed under the same age rule.
+
+    Args:
+        uri: the data (path/URI or :class:`Dataset`; its index root is used)
+            or an index root directory itself.
+        older_than_seconds: minimum age (by modification time), in seconds.
+        index_uri: the index root, when it is not the data's default.
+        dry_run: only report what would be removed.
+        abandoned_builds: also drop build states not updated for
+            ``older_than_seconds`` (their builds can then no longer resume) and
+            so free their segments.
+
+    Returns:
+        The sorted uuids (32 hex digits) of the removed segment files.
+
+    Raises:
+        CorruptIndexError: a manifest is unreadable; nothing is removed.
+    """
+    if isinstance(older_than_seconds, bool) or not isinstance(
+            older_than_seconds, (int, float, np.integer, np.floating)) or older_than_seconds < 0:
+        raise InvalidInputError(
+            f"older_than_seconds must be a number >= 0, got {older_than_seconds!r}")
+    root = _index_root(uri, index_uri)
+    seg_dir = os.path.join(root, "segments")
+    if not os.path.isdir(seg_dir):
+        return []
+    referenced = _referenced_uuids(root)
+    now = time.time()
+    protected: set = set()
+    bdir = os.path.join(root, BUILDS_DIR)
+    if os.path.isdir(bdir):
+        for fn in sorted(os.listdir(bdir)):
+            if not fn.endswith(".json"):
+                continue
+            path = os.path.join(bdir, fn)
+            try:
+                age = now - os.path.getmtime(path)
+                with open(path) as f:
+                    doc = json.load(f)
+                uuids = set(doc.get("segments", {}).values()) | {
+                    m["uuid"] for m in doc.get("merges", [])}
+            except (OSError, ValueError, AttributeError, KeyError, TypeError):
+                continue
+            if abandoned_builds and age >= older_than_seconds:
+                if not dry_run:
+                    for p in (path, path[:-5] + ".ivf"):
+                        try:
+                            os.remove(p)
+                        except FileNotFoundError:
+                            pass
+                continue
+            protected |= uuids
+    removed = set()
+    suffix, tmp_suffix = idx.SEGMENT_SUFFIX, idx.SEGMENT_SUFFIX + ".tmp"
+    for fn in sorted(os.listdir(seg_dir)):
+        if fn.endswith(tmp_suffix):
+            uuid, tmp = fn[: -len(tmp_suffix)], True
+        elif fn.endswith(suffix):
+            uuid, tmp = fn[: -len(suffix)], False
+        else:
+            continue
+        if not tmp and (uuid in referenced or uuid in protected):
+            continue
+        path = os.path.join(seg_dir, fn)
+        try:
+            if now - os.path.getmtime(path) < older_than_seconds:
+                continue
+            if not dry_run:
+                os.remove(path)
+        except FileNotFoundError:
+            continue
+        removed.add(uuid)
+    return sorted(removed)
+
+
+def _verify(uri: Any, index_uri: Optional[PathLike] = None,
+            name: Optional[str] = None) -> Tuple[List[str], List[Dict[str, Any]]]:
+    ds = _open_dataset(uri, index_uri)
+    root = ds.index_root
+    names = idx.list_index_names(root)
+    if name is not None:
+        if name not in names:
+            from .errors import IndexNotFoundError  # noqa: PLC0415
+
+            raise IndexNotFoundError(f"no index named {name!r}; have {names}")
+        names = [name]
+    source_frags = {f.id: f for f in ds.source.fragments()}
+    faults: List[str] = []
+    summary: List[Dict[str, Any]] = []
+    for n in names:
+        for v in _manifest_files(root, n):
+            try:
+                idx.read_manifest(root, n, v)
+            except (BitshardError, OSError) as e:
+                faults.append(f"index {n!r}: manifest v{v}: {e}")
+        try:
+            doc = idx.read_manifest(root, n)
+        except (BitshardError, OSError):
+            continue  # reported above
+        entries = doc.get("segments", [])
+        summary.append({"name": n, "version": doc["version"], "segments": len(entries),
+                        "rows": sum(e.get("num_rows", 0) for e in entries)})
+        first: Optional[SegmentHandle] = None
+        owner: Dict[int, str] = {}
+        top = {k: doc.get(k) for k in ("metric", "num_bits", "dimension",
+                                       "rotation_fingerprint", "ivf_fingerprint")}
+        for e in entries:
+            path = idx.segment_path(root, e["uuid"])
+            where = f"index {n!r} segment {e['uuid']} ({path})"
+            try:
+                o = OpenSegment(path)
+            except (BitshardError, OSError) as err:
+                faults.append(f"index {n!r}: {err}")
+                continue
+            h = o.handle(root, n)
+            claims = idx.handle_from_json(root, n, doc["column"], e)
+            for field in ("uuid", "fragment_ids", "num_rows", "num_bits", "metric", "dimension",
+                          "rotation_fingerprint", "ivf_fingerprint", "column"):
+                a, b = getattr(claims, field), getattr(h, field)
+                if (list(a) if field == "fragment_ids" else a) != \
+                        (list(b) if field == "fragment_ids" else b):
+                    faults.append(f"{where}: the manifest says {field}={a!r}, the file has {b!r}")
+            for field, want in top.items():
+                if want is not None and getattr(h, field) != want:
+                    faults.append(f"{where}: {field} is {getattr(h, field)!r}, the index's is "
+                                  f"{want!r}")
+            if first is None:
+                first = h
+            else:
+                for field, label in (("rotation_fingerprint", "rotation"),
+                                     ("ivf_fingerprint", "centroids"), ("num_bits", "num_bits"),
+                                     ("metric", "metric"), ("dimension", "dimension")):
+                    if getattr(h, field) != getattr(first, field):
+                        faults.append(f"{where}: {label} differs from segment {first.uuid}: "
+                                      f"{getattr(h, field)!r} vs {getattr(first, field)!r}")
+            for fid, rows in o.native.fragments():
+                fid, rows = int(fid), int(rows)
+                if fid in owner:
+                    faults.append(f"{where}: fragment {fid} is also in segment {owner[fid]}")
+                owner.setdefault(fid, h.uuid)
+                if fid not in source_frags:
+                    faults.append(f"{where}: fragment {fid} is not in the source")
+                elif source_frags[fid].physical_rows != rows:
+                    faults.append(f"{where}: fragment {fid} has {rows} rows in the segment, "
+                                  f"{source_frags[fid].physical_rows} in the source")
+    return faults, summary
+
+
+def verify(uri: Any, *, index_uri: Optional[PathLike] = None,
+           name: Optional[str] = None) -> List[str]:
+    """Re-read every segment of every committed index and report faults.
+
+    Checks, for the latest manifest of each index (or of ``name``): every
+    manifest version passes its checksum; every segment file exists and
+    opens (the C reader verifies every checksum and bound); the manifest's
+    claims (fragments, rows, bits, metric, dimension, fingerprints, column)
+    match the file; all segments share one code space; no fragment is in two
+    segments; every fragment is in the source with the same row count.
+
+    Args:
+        uri: the data (path/URI or :class:`Dataset`).
+        index_uri: the index root, when it is not the data's default.
+        name: verify only this index.
+
+    Returns:
+        One human-readable line per fault, naming the index and the file;
+        empty if everything checks out.
+    """
+    return _verify(uri, index_uri, name)[0]
