@@ -71,6 +71,12 @@ struct bs_candidates {
     size_t cap_probes;
     uint8_t *code;
     size_t cap_code;
+    float *pinfo; /* per probe: sum(q'), |q'|^2, <c, q> */
+    size_t cap_pinfo;
+    float *ntab;  /* per probe, built on first use: D/4 nibble tables of 16 */
+    size_t cap_ntab;
+    uint8_t *ntab_ready;
+    size_t cap_ready;
 };
 
 /* ---------------------------------------------------------- small helpers */
@@ -183,6 +189,38 @@ static float sum_f(const float *a, uint32_t n) {
            ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
+/* Stage 2 reads a handful of codes per probed partition. Rather than
+ * walking bits, it sums 16-entry float tables per 4-dimension group: entry m
+ * of group g is the sum of x over the bits of m. Built once per partition
+ * that stage 2 reaches (4 * D floats). */
+static void nibble_tables(const float *x, uint32_t D, float *t) {
+    for (uint32_t g = 0; g < D / 4; g++) {
+        const float *q = x + 4 * g;
+        float *tg = t + 16 * g;
+        tg[0] = 0.0f;
+        for (uint32_t m = 1; m < 16; m++)
+            tg[m] = tg[m & (m - 1)] + q[__builtin_ctz(m)];
+    }
+}
+
+/* <b, x> for a code whose group nibbles come from `nib(g)`: the 1-bit code
+ * of vector v of a FastScan block, or one plane of an extra code. */
+static float fastscan_code_dot(const uint8_t *block, uint32_t v, uint32_t D,
+                               const float *t) {
+    const uint32_t lane = v & 15, shift = v < 16 ? 0 : 4;
+    float acc[4] = {0, 0, 0, 0};
+    for (uint32_t g = 0; g < D / 4; g++)
+        acc[g & 3] += t[16 * g + ((block[16 * g + lane] >> shift) & 15)];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+static float plane_dot(const uint8_t *plane, uint32_t D, const float *t) {
+    float acc[4] = {0, 0, 0, 0};
+    for (uint32_t g = 0; g < D / 4; g++)
+        acc[g & 3] += t[16 * g + ((plane[g >> 1] >> ((g & 1) * 4)) & 15)];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
 /* ------------------------------------------------------------- searcher */
 
 bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
@@ -275,6 +313,9 @@ void bs_candidates_free(bs_candidates *c) {
     free(c->probes);
     free(c->probe_keys);
     free(c->code);
+    free(c->pinfo);
+    free(c->ntab);
+    free(c->ntab_ready);
     free(c);
 }
 
@@ -342,7 +383,9 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
         !grow((void **)&c->lut, &c->cap_lut, (size_t)D * 4, 1) ||
         !grow((void **)&c->probes, &c->cap_probes, nprobe, sizeof(uint32_t)) ||
         !grow((void **)&c->heap, &c->cap_heap, k, sizeof(float)) ||
-        !grow((void **)&c->code, &c->cap_code, bs_code_bytes(D), 1))
+        !grow((void **)&c->code, &c->cap_code, bs_code_bytes(D), 1) ||
+        !grow((void **)&c->pinfo, &c->cap_pinfo, (size_t)nprobe * 3, sizeof(float)) ||
+        !grow((void **)&c->ntab_ready, &c->cap_ready, nprobe, 1))
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
     {
         size_t cap = c->cap_probes;
@@ -382,6 +425,9 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
         float qnorm2 = dot_f(qp, qp, D);
         float qnorm = sqrtf(qnorm2);
         float qsum = sum_f(qp, D);
+        c->pinfo[(size_t)pi * 3 + 0] = qsum;
+        c->pinfo[(size_t)pi * 3 + 1] = qnorm2;
+        c->pinfo[(size_t)pi * 3 + 2] = ip_cq;
         bs_query_lut lut;
         lut.tables = c->lut;
         bs_query_lut_build(qp, D, &lut);
@@ -448,29 +494,54 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
     c->ncands = kept;
 
     if (B > 1) {
-        /* Stage 2: the full code's finer estimate, in float, from the exact
-         * (unquantised) query residual. */
+        /* Stage 2, gated like the exact rerank: candidates in (lower bound,
+         * row id) order get the full code's estimate until the next lower
+         * bound exceeds the k-th best estimate so far (k * refine_factor
+         * when a rerank follows). The stop point depends only on the
+         * candidate set, so segment layout cannot change the answer. */
+        qsort(c->cands, c->ncands, sizeof(bs_cand), cmp_cand_lb);
+        size_t gate_k = k;
+        if (params->refine_factor > 0 && !bs_mul_ok(k, params->refine_factor, &gate_k))
+            gate_k = SIZE_MAX;
+        if (gate_k > c->ncands) gate_k = c->ncands ? c->ncands : 1;
+        if (!grow((void **)&c->heap, &c->cap_heap, gate_k, sizeof(float)))
+            return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+        size_t nh = 0, processed = 0;
         const float top = (float)(1u << (B - 1));
+        const size_t tab_len = (size_t)D * 4;
+        if (!grow((void **)&c->ntab, &c->cap_ntab, (size_t)nprobe * tab_len, sizeof(float)))
+            return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+        memset(c->ntab_ready, 0, nprobe);
+        const size_t plane_bytes = bs_code_bytes(D);
         for (size_t i = 0; i < c->ncands; i++) {
             bs_cand *cd = &c->cands[i];
+            if (nh == gate_k && cd->lb > c->heap[0]) break;
             bs_partition_view v;
             bs_segment_partition(s->segs[cd->seg], c->probes[cd->probe], &v);
-            const float *qp = c->qbuf + (size_t)(cd->probe + 2) * D;
-            bs_fastscan_unpack_one(v.blocks, cd->index, D, c->code);
-            float ip_u = top * bs_bits_dot(c->code, D, qp) +
-                         bs_ext_dot(v.ext + (size_t)cd->index * bs_ext_bytes(D, B),
-                                    D, B, qp);
-            float ip_y = ip_u - half_levels * sum_f(qp, D);
-            float s_full = v.s_full[cd->index];
-            if (s->metric == BS_METRIC_L2) {
-                float qnorm2 = dot_f(qp, qp, D);
-                cd->est = v.norm2[cd->index] + qnorm2 - 2.0f * s_full * ip_y;
-            } else {
-                float ip_cq = dot_f(q, s->centroids + (size_t)c->probes[cd->probe] * dim, dim);
-                cd->est = 1.0f - (s_full * ip_y + ip_cq);
+            const float *pi = c->pinfo + (size_t)cd->probe * 3;
+            float *tab = c->ntab + (size_t)cd->probe * tab_len;
+            if (!c->ntab_ready[cd->probe]) {
+                nibble_tables(c->qbuf + (size_t)(cd->probe + 2) * D, D, tab);
+                c->ntab_ready[cd->probe] = 1;
             }
+            const uint8_t *block =
+                v.blocks + (size_t)(cd->index / 32) * bs_fastscan_block_bytes(D);
+            const uint8_t *ext = v.ext + (size_t)cd->index * bs_ext_bytes(D, B);
+            float ip_e = 0.0f;
+            for (uint32_t j = 0; j + 1 < B; j++)
+                ip_e += (float)(1u << j) * plane_dot(ext + j * plane_bytes, D, tab);
+            float ip_u = top * fastscan_code_dot(block, cd->index % 32, D, tab) + ip_e;
+            float ip_y = ip_u - half_levels * pi[0];
+            float s_full = v.s_full[cd->index];
+            if (s->metric == BS_METRIC_L2)
+                cd->est = v.norm2[cd->index] + pi[1] - 2.0f * s_full * ip_y;
+            else
+                cd->est = 1.0f - (s_full * ip_y + pi[2]);
+            heap_push_bounded(c->heap, &nh, gate_k, cd->est);
+            processed++;
         }
-        st.codes_stage2 = c->ncands;
+        c->ncands = processed;
+        st.codes_stage2 = processed;
     }
 
     /* The gated 1-bit rerank reads candidates in lower-bound order and stops
