@@ -230,3 +230,21 @@ def test_fragment_pruning_and_prefilter(workflow):
     t = ds.search("vec", q, k=10, filter="id % 2 = 0", columns=["id"])
     assert len(t) == 10 and all(i % 2 == 0 for i in t.column("id").to_pylist())
     assert 100 in t.column("id").to_pylist()
+
+
+def test_ivf_centroids_as_array_model_or_path(workflow, tmp_path):
+    uri, x, ds, c, rot = workflow
+    np.save(tmp_path / "c.npy", c.centroids)
+    c.save(tmp_path / "c.bsivf")
+    handles = [
+        ds.create_index_uncommitted("vec", "IVF_RQ", ivf_centroids=arg, rq_rotation=rot,
+                                    fragment_ids=[0])
+        for arg in (c, np.array(c.centroids), str(tmp_path / "c.npy"), tmp_path / "c.bsivf")
+    ]
+    assert len({h.ivf_fingerprint for h in handles}) == 1
+    with pytest.raises(InvalidInputError, match="dimension 5, column 'vec' has 96"):
+        ds.create_index_uncommitted("vec", "IVF_RQ", ivf_centroids=np.zeros((4, 5), np.float32),
+                                    rq_rotation=rot, fragment_ids=[0])
+    with pytest.raises(InvalidInputError, match="fragment 99 is not in the source"):
+        ds.create_index_uncommitted("vec", "IVF_RQ", ivf_centroids=c, rq_rotation=rot,
+                                    fragment_ids=[99])
