@@ -120,6 +120,10 @@ def _default_num_partitions(num_rows: int) -> int:
 class Dataset:
     """A source of vectors plus the bitshard indexes built over it."""
 
+    #: Set by :func:`bitshard.build_index` on the dataset it returns: what the
+    #: build did (executor, tasks, reused segments, seconds per phase, ...).
+    last_build_stats: Dict[str, Any]
+
     def __init__(self, source: Source, index_uri: Optional[Union[str, os.PathLike]] = None) -> None:
         self.source = source
         if index_uri is not None:

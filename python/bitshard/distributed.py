@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import signal
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -110,6 +111,11 @@ def _maybe_crash(marker: Optional[str]) -> None:
     os._exit(1)
 
 
+def _ping() -> int:
+    """A no-op task: proves a worker process started."""
+    return os.getpid()
+
+
 def _run_task(spec: Dict[str, Any], shared: Any) -> SegmentHandle:
     """Entry point of every worker task: encode fragments or merge segments."""
     if spec["kind"] == "encode":
@@ -180,15 +186,27 @@ class _PoolRunner:
         for p in procs:
             p.join(timeout=10)
 
+    def _start(self, n: int) -> ProcessPoolExecutor:
+        """A new pool whose workers have all started (a spawn pool launches
+        every process on the first submit; a no-op task proves they run)."""
+        pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            pool.submit(_ping).result()
+        except BrokenProcessPool:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise BitshardError(
+                "the worker processes died while starting (start method 'spawn' re-imports "
+                "the driver's __main__ module): guard the driver script's code with "
+                "`if __name__ == \"__main__\":`, do not pipe it through stdin, or use "
+                "executor='serial' or 'ray'") from None
+        return pool
+
     def run(self, specs: Sequence[Dict[str, Any]], shared: Any, on_done: OnDone) -> None:
         pending = dict(enumerate(specs))
         attempts = {i: 0 for i in pending}
         while pending:
             if self.pool is None:
-                self.pool = ProcessPoolExecutor(
-                    max_workers=min(self.num_workers, len(pending)),
-                    mp_context=multiprocessing.get_context("spawn"),
-                )
+                self.pool = self._start(min(self.num_workers, len(pending)))
             broken = False
             futs: Dict[Any, int] = {}
             try:
@@ -254,8 +272,11 @@ def ray_session(num_workers: Optional[int] = None) -> Iterator[bool]:
             "executor='ray' needs Ray: pip install 'bitshard[ray]'") from None
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=int(num_workers or os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False)
+        with warnings.catch_warnings():
+            # Ray starts its daemons with fork+exec, which is safe for Lance.
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")
+            ray.init(num_cpus=int(num_workers or os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=False)
         started = True
     try:
         yield started
@@ -275,11 +296,15 @@ class _RayRunner:
         import ray  # noqa: PLC0415
 
         self._ray = ray
+        self.max_retries = int(max_retries)
         self._session = ray_session(num_workers)
         self.started = self._session.__enter__()
-        self._fn = ray.remote(_run_task).options(
-            num_cpus=1, max_retries=int(max_retries), retry_exceptions=False)
-        self.max_retries = int(max_retries)
+        try:
+            self._fn = ray.remote(_run_task).options(
+                num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)
+        except BaseException:
+            self.close()
+            raise
 
     def run(self, specs: Sequence[Dict[str, Any]], shared: Any, on_done: OnDone) -> None:
         ray = self._ray
@@ -385,17 +410,25 @@ def plan_tasks(fragments: Sequence[Any], num_workers: int,
         n = int(fragments_per_task)
         return [[f.id for f in frags[i:i + n]] for i in range(0, len(frags), n)]
     target = max(1, min(len(frags), TASKS_PER_WORKER * max(1, int(num_workers))))
-    total = sum(f.num_rows for f in frags)
-    if total == 0:
-        per = -(-len(frags) // target)
-        return [[f.id for f in frags[i:i + per]] for i in range(0, len(frags), per)]
-    groups: List[List[int]] = [[] for _ in range(target)]
-    before = 0
-    for f in frags:
-        mid = before + f.num_rows / 2.0
-        groups[min(target - 1, int(mid * target / total))].append(f.id)
-        before += f.num_rows
-    return [g for g in groups if g]
+    remaining = sum(f.num_rows for f in frags)
+    groups: List[List[int]] = []
+    cur: List[int] = []
+    acc = 0
+    for i, f in enumerate(frags):
+        groups_left = target - len(groups)          # the current group included
+        if cur and groups_left > 1:
+            # Close the group when this fragment would take it past its fair
+            # share of the rows left, or when every remaining group needs one
+            # of the remaining fragments.
+            ideal = remaining / groups_left
+            if acc + f.num_rows / 2.0 > ideal or len(frags) - i <= groups_left - 1:
+                groups.append(cur)
+                remaining -= acc
+                cur, acc = [], 0
+        cur.append(f.id)
+        acc += f.num_rows
+    groups.append(cur)
+    return groups
 
 
 def _merge_plan_size(n: int, fan_in: int) -> int:
@@ -727,6 +760,8 @@ def build_index(
                 stats["reused_segments"].append(uuid)
         todo = [t for t in tasks if t["id"] not in leaves]
         total_rows = sum(t["num_rows"] for t in tasks)
+        if todo:
+            get_runner()  # start the workers (Ray) before the bar measures rows/s
         bar = prog.bar("encode", total_rows, "encode", unit="rows", unit_scale=True,
                        initial=total_rows - sum(t["num_rows"] for t in todo))
         if leaves and prog.callback is not None:
@@ -833,14 +868,18 @@ def build_index(
             os.remove(p)
         except FileNotFoundError:
             pass
+    try:
+        os.rmdir(os.path.dirname(state_path))  # only if no other build is in progress
+    except OSError:
+        pass
     stats["seconds"]["commit"] = time.perf_counter() - t0
     stats["seconds"]["total"] = time.perf_counter() - t_start
     stats.update(
-        tasks=len(state["tasks"]), merges=len(state["merges"]) + len(stats["reused_merges"]),
+        tasks=len(state["tasks"]), merges=_merge_plan_size(len(state["tasks"]), MERGE_FAN_IN),
         final_segment=final.uuid, version=version, num_rows=final.num_rows,
         num_partitions=ivf.num_partitions, num_bits=rot.num_bits,
     )
-    ds.last_build_stats = stats  # type: ignore[attr-defined]
+    ds.last_build_stats = stats
     return ds
 
 
@@ -888,7 +927,7 @@ def _referenced_uuids(root: str) -> set:
                 raise CorruptIndexError(
                     f"cannot read manifest v{v} of index {name!r} ({e}); refusing to decide "
                     f"which segments are unreferenced") from None
-            out.update(e["uuid"] for e in doc["segments"])
+            out.update(entry["uuid"] for entry in doc["segments"])
     return out
 
 
@@ -938,9 +977,18 @@ def cleanup(
     bdir = os.path.join(root, BUILDS_DIR)
     if os.path.isdir(bdir):
         for fn in sorted(os.listdir(bdir)):
+            path = os.path.join(bdir, fn)
+            if fn.endswith(".ivf") and abandoned_builds and not dry_run \
+                    and not os.path.exists(path[:-4] + ".json"):
+                # the model file of a failed build that kept no state (in-memory source)
+                try:
+                    if now - os.path.getmtime(path) >= older_than_seconds:
+                        os.remove(path)
+                except FileNotFoundError:
+                    pass
+                continue
             if not fn.endswith(".json"):
                 continue
-            path = os.path.join(bdir, fn)
             try:
                 age = now - os.path.getmtime(path)
                 with open(path) as f:
@@ -999,8 +1047,8 @@ def _verify(uri: Any, index_uri: Optional[PathLike] = None,
         for v in _manifest_files(root, n):
             try:
                 idx.read_manifest(root, n, v)
-            except (BitshardError, OSError) as e:
-                faults.append(f"index {n!r}: manifest v{v}: {e}")
+            except (BitshardError, OSError) as err:
+                faults.append(f"index {n!r}: manifest v{v}: {err}")
         try:
             doc = idx.read_manifest(root, n)
         except (BitshardError, OSError):
