@@ -1,0 +1,328 @@
+/* Search: recall against brute force, independence from how rows are split
+ * into segments (and from segment order and SIMD level), output order,
+ * allow/deny lists, and argument checks. */
+#define _POSIX_C_SOURCE 200809L
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bitshard.h"
+#include "testing.h"
+
+enum { D = 48, NFRAG = 4, FRAG_ROWS = 500, N = NFRAG * FRAG_ROWS, K = 16, NQ = 30 };
+
+static char g_dir[128];
+static float g_x[N * D];
+static float g_q[NQ * D];
+static float g_cent[K * D];
+static const uint8_t UUID[16] = {7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7};
+
+typedef struct {
+    uint8_t *buf;
+    bs_segment *seg;
+} opened;
+
+static void make_data(void) {
+    uint64_t st = 12345;
+    float centres[20 * D];
+    for (int i = 0; i < 20 * D; i++) centres[i] = (float)test_rand_normal(&st) * 3.0f;
+    for (int i = 0; i < N; i++) {
+        int c = (int)(test_rand_u64(&st) % 20);
+        for (int j = 0; j < D; j++)
+            g_x[i * D + j] = centres[c * D + j] + (float)test_rand_normal(&st);
+    }
+    for (int i = 0; i < NQ; i++)
+        for (int j = 0; j < D; j++)
+            g_q[i * D + j] = g_x[(i * 37) * D + j] + 0.3f * (float)test_rand_normal(&st);
+}
+
+/* Builds a segment over fragments [f0, f1) and opens it. */
+static opened build(uint32_t f0, uint32_t f1, uint32_t bits, bs_metric metric,
+                    const char *name) {
+    opened o = {NULL, NULL};
+    uint64_t ids[NFRAG], rows[NFRAG];
+    for (uint32_t f = f0; f < f1; f++) {
+        ids[f - f0] = f;
+        rows[f - f0] = FRAG_ROWS;
+    }
+    bs_segment_spec spec;
+    memset(&spec, 0, sizeof spec);
+    spec.dim = D;
+    spec.num_bits = bits;
+    spec.metric = metric;
+    spec.rotation_kind = BS_ROTATION_FAST;
+    spec.rotation_seed = 99;
+    spec.centroids = g_cent;
+    spec.num_partitions = K;
+    spec.column = "vec";
+    spec.uuid = UUID;
+    spec.fragment_ids = ids;
+    spec.fragment_rows = rows;
+    spec.num_fragments = f1 - f0;
+    bs_error err;
+    bs_segment_builder *b = NULL;
+    CHECK(bs_builder_create(&spec, &b, &err) == BS_OK);
+    uint32_t offs[FRAG_ROWS];
+    for (uint32_t i = 0; i < FRAG_ROWS; i++) offs[i] = i;
+    for (uint32_t f = f0; f < f1; f++)
+        CHECK(bs_builder_add(b, g_x + (size_t)f * FRAG_ROWS * D, FRAG_ROWS, f - f0, offs,
+                             &err) == BS_OK);
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", g_dir, name);
+    CHECK(bs_builder_write(b, path, &err) == BS_OK);
+    bs_builder_free(b);
+    FILE *fp = fopen(path, "rb");
+    fseek(fp, 0, SEEK_END);
+    long n = ftell(fp);
+    fseek(fp, 0, SEEK_SET);
+    void *p = NULL;
+    CHECK(posix_memalign(&p, 64, (size_t)n) == 0);
+    CHECK(fread(p, 1, (size_t)n, fp) == (size_t)n);
+    fclose(fp);
+    o.buf = p;
+    CHECK(bs_segment_open(o.buf, (size_t)n, &o.seg, &err) == BS_OK);
+    unlink(path);
+    return o;
+}
+
+static void release(opened *o) {
+    bs_segment_free(o->seg);
+    free(o->buf);
+}
+
+/* Search all queries; returns a flat copy of (rowid, estimate bits) for
+ * comparison. */
+typedef struct {
+    size_t n[NQ];
+    uint64_t rows[NQ][4096];
+    float est[NQ][4096];
+    float lb[NQ][4096];
+} results;
+
+static void run(const bs_segment *const *segs, size_t nseg, const bs_search_params *p,
+                results *out) {
+    bs_searcher *s = NULL;
+    bs_error err;
+    CHECK_MSG(bs_searcher_create(segs, nseg, &s, &err) == BS_OK, "%s", err.message);
+    bs_candidates *c = bs_candidates_new();
+    for (int qi = 0; qi < NQ; qi++) {
+        bs_search_stats st;
+        CHECK(bs_search(s, g_q + qi * D, p, c, &st, &err) == BS_OK);
+        size_t n = bs_candidates_size(c);
+        CHECK(n <= 4096);
+        if (n > 4096) n = 4096;
+        out->n[qi] = n;
+        memcpy(out->rows[qi], bs_candidates_rowids(c), n * 8);
+        memcpy(out->est[qi], bs_candidates_estimates(c), n * 4);
+        memcpy(out->lb[qi], bs_candidates_lower_bounds(c), n * 4);
+    }
+    bs_candidates_free(c);
+    bs_searcher_free(s);
+}
+
+static int same(const results *a, const results *b) {
+    for (int qi = 0; qi < NQ; qi++) {
+        if (a->n[qi] != b->n[qi]) return 0;
+        if (memcmp(a->rows[qi], b->rows[qi], a->n[qi] * 8)) return 0;
+        if (memcmp(a->est[qi], b->est[qi], a->n[qi] * 4)) return 0;
+        if (memcmp(a->lb[qi], b->lb[qi], a->n[qi] * 4)) return 0;
+    }
+    return 1;
+}
+
+static uint32_t pos_of(uint64_t rowid) {
+    return (uint32_t)(rowid >> 32) * FRAG_ROWS + (uint32_t)(rowid & 0xffffffffu);
+}
+
+/* recall@10 of the final answers against brute force (l2). For 1-bit the
+ * candidates are reranked with exact distances through bs_rerank_gate. */
+static double recall(const results *r, uint32_t bits) {
+    double hit = 0;
+    for (int qi = 0; qi < NQ; qi++) {
+        float d[N];
+        bs_error err;
+        CHECK(bs_exact_distances(BS_METRIC_L2, g_q + qi * D, g_x, N, D, d, &err) == BS_OK);
+        uint32_t truth[10];
+        for (int t = 0; t < 10; t++) {
+            uint32_t best = 0;
+            for (uint32_t i = 1; i < N; i++)
+                if (d[i] < d[best]) best = i;
+            truth[t] = best;
+            d[best] = INFINITY;
+        }
+        uint32_t got[10];
+        size_t ng = 0;
+        if (bits == 1) {
+            size_t n = r->n[qi];
+            float *ex = malloc((n ? n : 1) * sizeof(float));
+            float *vec = malloc((n ? n : 1) * D * sizeof(float));
+            for (size_t i = 0; i < n; i++)
+                memcpy(vec + i * D, g_x + (size_t)pos_of(r->rows[qi][i]) * D, D * 4);
+            CHECK(bs_exact_distances(BS_METRIC_L2, g_q + qi * D, vec, n, D, ex, &err) == BS_OK);
+            float heap[10];
+            uint32_t hn = 0;
+            size_t stop = bs_rerank_gate(r->lb[qi], ex, n, 10, heap, &hn);
+            CHECK(stop <= n && hn == (n < 10 ? n : 10));
+            for (int t = 0; t < 10 && t < (int)stop; t++) {
+                size_t best = 0;
+                for (size_t i = 1; i < stop; i++)
+                    if (ex[i] < ex[best]) best = i;
+                got[ng++] = pos_of(r->rows[qi][best]);
+                ex[best] = INFINITY;
+            }
+            free(ex);
+            free(vec);
+        } else {
+            for (size_t i = 0; i < r->n[qi] && i < 10; i++) got[ng++] = pos_of(r->rows[qi][i]);
+        }
+        for (int t = 0; t < 10; t++)
+            for (size_t g = 0; g < ng; g++)
+                if (got[g] == truth[t]) hit++;
+    }
+    return hit / (NQ * 10.0);
+}
+
+static void test_bits(uint32_t bits) {
+    opened full = build(0, NFRAG, bits, BS_METRIC_L2, "full");
+    opened a = build(0, 1, bits, BS_METRIC_L2, "a");
+    opened b = build(1, NFRAG, bits, BS_METRIC_L2, "b");
+    bs_search_params p;
+    memset(&p, 0, sizeof p);
+    p.k = 10;
+    p.nprobes = 6;
+    p.eps0 = 1.9f;
+    static results r_full, r_ab, r_ba, r_scalar;
+    const bs_segment *one[1] = {full.seg};
+    const bs_segment *ab[2] = {a.seg, b.seg};
+    const bs_segment *ba[2] = {b.seg, a.seg};
+    run(one, 1, &p, &r_full);
+    run(ab, 2, &p, &r_ab);
+    run(ba, 2, &p, &r_ba);
+    CHECK_MSG(same(&r_full, &r_ab), "bits %u: split segments answer differently", bits);
+    CHECK_MSG(same(&r_full, &r_ba), "bits %u: segment order changes the answer", bits);
+    /* The scalar kernel gives identical integers, so identical answers. */
+    setenv("BITSHARD_SIMD", "scalar", 1);
+    run(one, 1, &p, &r_scalar);
+    unsetenv("BITSHARD_SIMD");
+    CHECK_MSG(same(&r_full, &r_scalar), "bits %u: scalar and SIMD kernels disagree", bits);
+    /* Output order: (lower bound, row id) for the gated 1-bit rerank,
+     * (estimate, row id) otherwise; multi-bit returns k. */
+    for (int qi = 0; qi < NQ; qi++) {
+        const float *key = bits == 1 ? r_full.lb[qi] : r_full.est[qi];
+        for (size_t i = 1; i < r_full.n[qi]; i++)
+            CHECK(key[i - 1] < key[i] ||
+                  (key[i - 1] == key[i] && r_full.rows[qi][i - 1] < r_full.rows[qi][i]));
+        if (bits > 1) CHECK(r_full.n[qi] == 10);
+        if (bits == 1) /* stage 2 may land below the 1-bit bound */
+            for (size_t i = 0; i < r_full.n[qi]; i++)
+                CHECK(r_full.lb[qi][i] <= r_full.est[qi][i]);
+    }
+    double rec = recall(&r_full, bits);
+    CHECK_MSG(rec >= (bits == 1 ? 0.95 : 0.9), "bits %u recall %.3f", bits, rec);
+
+    /* Allow- and deny-lists: the only allowed fragment is 2; row 2:0 denied. */
+    uint64_t frag2[1] = {2};
+    uint64_t deny[1] = {(uint64_t)2 << 32};
+    p.allowed_fragments = frag2;
+    p.num_allowed_fragments = 1;
+    p.denied_rowids = deny;
+    p.num_denied = 1;
+    static results r_f;
+    run(one, 1, &p, &r_f);
+    for (int qi = 0; qi < NQ; qi++)
+        for (size_t i = 0; i < r_f.n[qi]; i++) {
+            CHECK((r_f.rows[qi][i] >> 32) == 2);
+            CHECK(r_f.rows[qi][i] != deny[0]);
+        }
+    /* Segment mask: searching only segment b never returns fragment 0. */
+    memset(&p, 0, sizeof p);
+    p.k = 10;
+    p.nprobes = 6;
+    p.eps0 = 1.9f;
+    uint8_t mask[2] = {0, 1};
+    p.segment_mask = mask;
+    run(ab, 2, &p, &r_f);
+    for (int qi = 0; qi < NQ; qi++)
+        for (size_t i = 0; i < r_f.n[qi]; i++) CHECK((r_f.rows[qi][i] >> 32) != 0);
+    release(&full);
+    release(&a);
+    release(&b);
+}
+
+static void test_errors(void) {
+    opened full = build(0, NFRAG, 1, BS_METRIC_L2, "e1");
+    opened other = build(0, 1, 2, BS_METRIC_L2, "e2");
+    bs_error err;
+    bs_searcher *s = NULL;
+    const bs_segment *mixed[2] = {full.seg, other.seg};
+    CHECK(bs_searcher_create(mixed, 2, &s, &err) == BS_ERR_ARTIFACT_MISMATCH);
+    CHECK(strstr(err.message, "num_bits differs") != NULL);
+    CHECK(bs_searcher_create(mixed, 0, &s, &err) == BS_ERR_INVALID_ARGUMENT);
+    const bs_segment *one[1] = {full.seg};
+    CHECK(bs_searcher_create(one, 1, &s, &err) == BS_OK);
+    bs_candidates *c = bs_candidates_new();
+    bs_search_params p;
+    memset(&p, 0, sizeof p);
+    p.nprobes = 4;
+    p.eps0 = 1.9f;
+    CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(err.message, "k must be >= 1, got 0") != NULL);
+    p.k = 5;
+    p.eps0 = NAN;
+    CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_ERR_INVALID_ARGUMENT);
+    p.eps0 = 1.9f;
+    float bad[D];
+    memcpy(bad, g_q, sizeof bad);
+    bad[7] = INFINITY;
+    CHECK(bs_search(s, bad, &p, c, NULL, &err) == BS_ERR_INVALID_DATA);
+    CHECK(strstr(err.message, "dimension 7") != NULL);
+    /* nprobes beyond the partition count is capped, not an error */
+    p.nprobes = 1000;
+    CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_OK);
+    bs_candidates_free(c);
+    bs_searcher_free(s);
+    release(&full);
+    release(&other);
+
+    /* exact distances: metrics and the zero-vector convention for cosine */
+    float q[3] = {1, 0, 0}, x[6] = {0, 0, 0, 2, 0, 0}, out[2];
+    CHECK(bs_exact_distances(BS_METRIC_COSINE, q, x, 2, 3, out, &err) == BS_OK);
+    CHECK(out[0] == 1.0f && out[1] == 0.0f);
+    CHECK(bs_exact_distances(BS_METRIC_DOT, q, x, 2, 3, out, &err) == BS_OK);
+    CHECK(out[0] == 1.0f && out[1] == -1.0f);
+    CHECK(bs_exact_distances(BS_METRIC_L2, q, x, 2, 3, out, &err) == BS_OK);
+    CHECK(out[0] == 1.0f && out[1] == 1.0f);
+    CHECK(bs_exact_distances((bs_metric)9, q, x, 2, 3, out, &err) == BS_ERR_INVALID_ARGUMENT);
+}
+
+static void test_gate(void) {
+    /* lower bounds ascending; exact distances arbitrary */
+    float lb[6] = {0, 1, 2, 3, 4, 5}, d[6] = {2.5f, 1.5f, 9, 0.5f, 7, 0.1f};
+    float heap[2];
+    uint32_t hn = 0;
+    /* best two after 0..2: 1.5, 2.5 -> candidate 3 (lb 3 > 2.5) stops */
+    CHECK(bs_rerank_gate(lb, d, 6, 2, heap, &hn) == 3);
+    CHECK(hn == 2);
+    /* resumable across chunks: same stop point */
+    hn = 0;
+    CHECK(bs_rerank_gate(lb, d, 2, 2, heap, &hn) == 2);
+    CHECK(bs_rerank_gate(lb + 2, d + 2, 4, 2, heap, &hn) == 1);
+}
+
+int main(void) {
+    snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_search_XXXXXX");
+    if (mkdtemp(g_dir) == NULL) return 1;
+    make_data();
+    bs_error err;
+    CHECK(bs_kmeans_train(g_x, N, D, K, BS_METRIC_L2, 20, 1, g_cent, &err) == BS_OK);
+    test_bits(1);
+    test_bits(4);
+    test_errors();
+    test_gate();
+    rmdir(g_dir);
+    TEST_MAIN_END();
+}
