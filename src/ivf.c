@@ -239,13 +239,18 @@ bs_status bs_check_finite_rows(const float *x, size_t n, uint32_t d,
 #define BS_ASSIGN_MAX_D (1u << 20)
 #define BS_ASSIGN_MAX_NORM2 1.2676506002282294e30 /* 2^100 */
 
-/* Working set per block: the k dot products of up to `rows` rows. About
- * 2^18 floats (1 MB) keeps a block's products in L2 between the sgemm that
- * writes them and the scan that reads them, and bounds memory whatever n
- * is; 256 rows x 1024 centroids is still tall enough for sgemm to run near
- * peak. The copy of normalised rows (cosine) is bounded the same way. */
+/* Working set per block: the k products of up to 4096 rows, capped at
+ * 2^21 floats (8 MB; 2048 rows at k = 1024) so memory stays bounded
+ * whatever n is. Each block is one sgemm call, and with BLAS threads every
+ * call is a fork/join: when the machine is oversubscribed (several worker
+ * processes, each with its own BLAS threads) a join can wait a scheduler
+ * slice, so fewer, larger calls matter far more than cache residency.
+ * Measured for 1M x 128 rows, k = 1024, on a loaded 2-core box: 2^18
+ * floats per block took 38 s, 2^21 13 s; single-threaded all sizes from
+ * 2^18 to 2^22 cost the same ~4.3 s of CPU. The copy of normalised rows
+ * (cosine) is bounded the same way. */
 #ifndef BS_ASSIGN_BLOCK_FLOATS
-#define BS_ASSIGN_BLOCK_FLOATS ((size_t)1 << 18)
+#define BS_ASSIGN_BLOCK_FLOATS ((size_t)1 << 21)
 #endif
 static size_t block_rows(uint32_t k, uint32_t d) {
     size_t b = 4096;

@@ -24,8 +24,8 @@
  * per centroid give every cluster holding >= 1/k of the data ~8 chances to
  * be drawn, enough for D^2 sampling to place a seed in it; Lloyd on all n
  * rows then does the fine placement. Measured at k = 1024, d = 768 (one
- * core): 16 rows per centroid cost ~7 s of seeding against ~3.5 s for 8,
- * while a Lloyd iteration costs ~5 s, so 8 keeps seeding under one
+ * core): 16 rows per centroid cost ~7 s of seeding against ~3 s for 8,
+ * while a Lloyd iteration costs ~5.5 s, so 8 keeps seeding under one
  * iteration.
  * The floor keeps small-k seeding from looking at a handful of points. */
 #ifndef BS_SEED_ROWS_PER_CENTROID

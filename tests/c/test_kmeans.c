@@ -127,6 +127,7 @@ static void test_deterministic_training(void) {
     for (size_t i = 0; i < n * d; i++) x[i] = (float)test_rand_normal(&st);
     float *c1 = alloc_f((size_t)k * d), *c2 = alloc_f((size_t)k * d),
           *c3 = alloc_f((size_t)k * d);
+    int threads = scipy_openblas_get_num_threads();
     for (int metric = 0; metric < 3; metric++) {
         scipy_openblas_set_num_threads(1);
         CHECK(bs_kmeans_train(x, n, d, k, (bs_metric)metric, 20, 5, c1,
@@ -141,6 +142,7 @@ static void test_deterministic_training(void) {
                               NULL) == BS_OK);
         CHECK(memcmp(c1, c3, (size_t)k * d * sizeof(float)) != 0);
     }
+    scipy_openblas_set_num_threads(threads);
     free(x);
     free(c1);
     free(c2);
@@ -318,13 +320,14 @@ static void check_assign_invariance(const float *c, uint32_t k, uint32_t d,
           *d_ref = alloc_f(n), *d_tmp = alloc_f(n), *xs = alloc_f(n * d);
     size_t *perm = malloc(n * sizeof(size_t));
 
+    int threads = scipy_openblas_get_num_threads();
     scipy_openblas_set_num_threads(2);
     CHECK(bs_ivf_assign(c, k, d, metric, x, n, a_all, d_all, NULL) == BS_OK);
     scipy_openblas_set_num_threads(1);
     for (size_t i = 0; i < n; i++)
         CHECK(bs_ivf_assign(c, k, d, metric, x + i * d, 1, a_one + i,
                             d_one + i, NULL) == BS_OK);
-    scipy_openblas_set_num_threads(2);
+    scipy_openblas_set_num_threads(threads);
 
     for (size_t i = 0; i < n; i++) perm[i] = i;
     for (size_t i = n; i > 1; i--) {
