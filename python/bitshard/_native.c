@@ -994,6 +994,19 @@ static PyObject *fn_rerank_gate(PyObject *module, PyObject *args) {
     return r;
 }
 
+/* The BLAS (OpenBLAS from scipy-openblas32) keeps its own process-wide
+ * thread count; a worker process that runs one task per core sets it to 1
+ * so that N workers do not start N x cores BLAS threads. */
+extern void scipy_openblas_set_num_threads(int num_threads);
+
+static PyObject *fn_set_blas_threads(PyObject *module, PyObject *args) {
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    if (n < 1) return PyErr_Format(PyExc_ValueError, "threads must be >= 1, got %d", n);
+    scipy_openblas_set_num_threads(n);
+    Py_RETURN_NONE;
+}
+
 static PyObject *fn_simd_level(PyObject *module, PyObject *unused) {
     bs_simd_level level;
     bs_error err;
@@ -1020,6 +1033,8 @@ static PyMethodDef native_methods[] = {
     {"exact_distances", fn_exact_distances, METH_VARARGS,
      "exact_distances(metric, q, x, n, dim, out)"},
     {"simd_level", fn_simd_level, METH_NOARGS, "the kernel level in use"},
+    {"set_blas_threads", fn_set_blas_threads, METH_VARARGS,
+     "set_blas_threads(n): threads of the BLAS used by k-means and assignment"},
     {"rerank_gate", fn_rerank_gate, METH_VARARGS,
      "rerank_gate(lb, d, heap, heap_n, k) -> (stop, heap_n)"},
     {"version", fn_version, METH_NOARGS, "the C library version number"},

@@ -40,12 +40,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from . import _native
 from . import index as idx
 from .artifacts import IvfModel, Rotation, as_ivf_model, build_rq_rotation, metric_code
 from .dataset import Dataset, _default_num_partitions, dataset, train_ivf
 from .errors import BitshardError, CorruptIndexError, InvalidInputError
 from .index import OpenSegment, SegmentHandle
 from .progress import Progress
+from .storage import Storage, is_object_uri
 
 __all__ = ["build_index", "cleanup", "verify", "ray_session", "EXECUTORS", "MERGE_FAN_IN"]
 
@@ -78,19 +80,20 @@ PathLike = Union[str, "os.PathLike[str]"]
 _IVF_CACHE: Dict[Tuple[str, str], IvfModel] = {}
 
 
-def _load_ivf(path: str, fingerprint: str, metric: str) -> IvfModel:
+def _load_ivf(storage: Storage, key: str, fingerprint: str, metric: str) -> IvfModel:
     """The build's IVF model, loaded once per worker process and checked."""
-    key = (path, fingerprint)
-    model = _IVF_CACHE.get(key)
+    path = storage.path(key)
+    ckey = (path, fingerprint)
+    model = _IVF_CACHE.get(ckey)
     if model is None:
-        model = as_ivf_model(IvfModel.load(path), metric)
+        model = as_ivf_model(IvfModel.from_bytes(storage.read_bytes(key)), metric)
         if model.fingerprint != fingerprint:
             raise CorruptIndexError(
                 f"IVF model file {path} has fingerprint {model.fingerprint}, the build "
                 f"expects {fingerprint} (was the build restarted with other settings?)"
             )
         _IVF_CACHE.clear()
-        _IVF_CACHE[key] = model
+        _IVF_CACHE[ckey] = model
     return model
 
 
@@ -118,9 +121,14 @@ def _ping() -> int:
 
 def _run_task(spec: Dict[str, Any], shared: Any) -> SegmentHandle:
     """Entry point of every worker task: encode fragments or merge segments."""
+    # One task per core: the BLAS inside assignment must not start a thread
+    # per core in every worker (oversubscription slowed builds 3x).
+    # (Not in the driver itself: the serial executor runs tasks there.)
+    if spec.get("driver_pid") not in (None, os.getpid()):
+        _native.set_blas_threads(1)
     if spec["kind"] == "encode":
         ds: Dataset = shared
-        ivf = _load_ivf(spec["ivf_path"], spec["ivf_fingerprint"], spec["metric"])
+        ivf = _load_ivf(ds.storage, spec["ivf_key"], spec["ivf_fingerprint"], spec["metric"])
         handle = ds.create_index_uncommitted(
             spec["column"], "IVF_RQ", name=spec["name"], ivf_centroids=ivf,
             rq_rotation=Rotation.from_bytes(spec["rotation"]),
@@ -129,7 +137,8 @@ def _run_task(spec: Dict[str, Any], shared: Any) -> SegmentHandle:
     elif spec["kind"] == "merge":
         inputs = list(spec["inputs"])
         idx.check_same_artifacts(inputs)
-        handle = idx.merge_segments(inputs, spec["index_root"])
+        handle = idx.merge_segments(
+            inputs, Storage.for_uri(spec["index_root"], spec.get("storage_options")))
     else:  # pragma: no cover - a programming error
         raise InvalidInputError(f"unknown task kind {spec['kind']!r}")
     _maybe_crash(spec.get("crash_marker"))
@@ -446,26 +455,21 @@ def _merge_plan_size(n: int, fan_in: int) -> int:
 # =========================================================================
 
 
-def _state_paths(root: str, name: str) -> Tuple[str, str]:
-    d = os.path.join(root, BUILDS_DIR)
-    return os.path.join(d, f"{name}.json"), os.path.join(d, f"{name}.ivf")
+def _state_keys(name: str) -> Tuple[str, str]:
+    """The keys of a build's state and IVF model files under the index root."""
+    return f"{BUILDS_DIR}/{name}.json", f"{BUILDS_DIR}/{name}.ivf"
 
 
-def _write_json_atomic(path: str, doc: Dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_json_atomic(st: Storage, key: str, doc: Dict[str, Any]) -> None:
+    # Locally a temp file + os.replace; on an object store one PUT (atomic).
+    st.write_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
-def _load_state(root: str, name: str) -> Optional[Dict[str, Any]]:
-    path, _ = _state_paths(root, name)
+def _load_state(st: Storage, name: str) -> Optional[Dict[str, Any]]:
+    key, _ = _state_keys(name)
+    path = st.path(key)
     try:
-        with open(path) as f:
-            doc = json.load(f)
+        doc = json.loads(st.read_bytes(key))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
@@ -484,12 +488,12 @@ def _source_identity(ds: Dataset) -> Dict[str, Any]:
     return {"kind": s.kind, "uri": s.uri, "version": s.version}
 
 
-def _verify_segment(root: str, uuid: str, fragment_ids: Sequence[int], num_rows: int,
+def _verify_segment(root: Storage, uuid: str, fragment_ids: Sequence[int], num_rows: int,
                     artifacts: Dict[str, Any], name: str) -> Optional[SegmentHandle]:
     """The handle of a finished segment if its file opens (the C reader
     verifies every checksum) and it is what the build expects; else None."""
     try:
-        h = OpenSegment(idx.segment_path(root, uuid)).handle(root, name)
+        h = OpenSegment.of(root, uuid).handle(root.root, name)
     except (BitshardError, OSError) as e:
         log.warning("not reusing segment %s: %s", uuid, e)
         return None
@@ -508,10 +512,14 @@ def _verify_segment(root: str, uuid: str, fragment_ids: Sequence[int], num_rows:
 # =========================================================================
 
 
-def _open_dataset(uri: Any, index_uri: Optional[PathLike]) -> Dataset:
+def _open_dataset(uri: Any, index_uri: Optional[PathLike],
+                  storage_options: Optional[Dict[str, Any]] = None) -> Dataset:
     if isinstance(uri, Dataset):
-        return Dataset(uri.source, index_uri=index_uri) if index_uri is not None else uri
-    return dataset(uri, index_uri=index_uri)
+        if index_uri is None and storage_options is None:
+            return uri
+        return Dataset(uri.source, index_uri=uri.index_root if index_uri is None else index_uri,
+                       storage_options=storage_options)
+    return dataset(uri, index_uri=index_uri, storage_options=storage_options)
 
 
 def _check_name(name: str) -> str:
@@ -540,6 +548,7 @@ def build_index(
     progress: Any = None,
     index_uri: Optional[PathLike] = None,
     max_retries: int = 3,
+    storage_options: Optional[Dict[str, Any]] = None,
 ) -> Dataset:
     """Build and commit an IVF_RQ index on many workers, in one call.
 
@@ -577,8 +586,12 @@ def build_index(
         progress: ``None`` (bars when stderr is a terminal), ``True``,
             ``False``, or a callable ``progress(stage, done, total)``; see
             :mod:`bitshard.progress`.
-        index_uri: where indexes live (default: next to the data).
+        index_uri: where indexes live (default: next to the data): a
+            directory every worker can reach, or an object-store prefix
+            (``s3://bucket/prefix``).
         max_retries: retries of a task whose worker process died.
+        storage_options: connection settings of an object-store index root
+            (see :func:`bitshard.dataset`); they travel to the workers.
 
     Returns:
         The :class:`Dataset`, with the index committed (a new manifest version
@@ -617,8 +630,9 @@ def build_index(
     workers = _resolve_workers(executor, num_workers)
     prog = Progress(progress)
 
-    ds = _open_dataset(uri, index_uri)
+    ds = _open_dataset(uri, index_uri, storage_options)
     name = _check_name(name or f"{column}_idx")
+    st = ds.storage
     root = ds.index_root
     source = ds.source
     dim = source.vector_dim(column)
@@ -656,14 +670,14 @@ def build_index(
         "rq_rotation": None if rq_rotation is None else rq_rotation.to_bytes().hex(),
     }
     ident = _source_identity(ds)
-    state_path, ivf_path = _state_paths(root, name)
+    state_key, ivf_key = _state_keys(name)
     stats: Dict[str, Any] = {
         "executor": executor, "num_workers": workers, "resumed": False,
         "reused_segments": [], "reused_merges": [], "pool_restarts": 0, "seconds": {},
     }
 
     # ---------------------------------------------------------- artifacts
-    state = _load_state(root, name)
+    state = _load_state(st, name)
     ivf: Optional[IvfModel] = None
     rot: Optional[Rotation] = None
     if state is not None:
@@ -677,7 +691,7 @@ def build_index(
                    f"then, {ident['version']!r} now)")
         if why is None:
             try:
-                ivf = as_ivf_model(IvfModel.load(ivf_path), metric)
+                ivf = as_ivf_model(IvfModel.from_bytes(st.read_bytes(ivf_key)), metric)
                 rot = Rotation.from_bytes(bytes.fromhex(state["rotation"]))
                 if ivf.fingerprint != state["ivf_fingerprint"]:
                     raise CorruptIndexError("IVF model file does not match the build state")
@@ -714,15 +728,14 @@ def build_index(
             "format": BUILD_STATE_FORMAT, "format_version": BUILD_STATE_VERSION,
             "name": name, "index_type": "IVF_RQ", "params": params, "source": ident,
             "rotation": rot.to_bytes().hex(), "rotation_seed": rot.seed,
-            "ivf_file": os.path.basename(ivf_path), "ivf_fingerprint": ivf.fingerprint,
+            "ivf_file": ivf_key.rsplit("/", 1)[-1], "ivf_fingerprint": ivf.fingerprint,
             "tasks": [{"id": i, "fragment_ids": t, "num_rows": sum(rows_of[f] for f in t)}
                       for i, t in enumerate(tasks)],
             "segments": {}, "merges": [], "created_at": time.time(),
         }
-        os.makedirs(os.path.dirname(ivf_path), exist_ok=True)
-        ivf.save(ivf_path)
+        st.write_bytes(ivf_key, ivf.to_bytes())
         if ident["version"] is not None:
-            _write_json_atomic(state_path, state)
+            _write_json_atomic(st, state_key, state)
     assert ivf is not None and rot is not None
     stats["seconds"]["artifacts"] = time.perf_counter() - t0
     stats["rotation_seed"] = rot.seed
@@ -734,7 +747,7 @@ def build_index(
     def save_state() -> None:
         if ident["version"] is not None:
             state["updated_at"] = time.time()
-            _write_json_atomic(state_path, state)
+            _write_json_atomic(st, state_key, state)
 
     crash_marker = (os.environ.get(CRASH_ENV) or None) if executor != "serial" else None
     runner: Any = None
@@ -752,7 +765,7 @@ def build_index(
         leaves: Dict[int, SegmentHandle] = {}
         for key, uuid in list(state["segments"].items()):
             t = tasks[int(key)]
-            h = _verify_segment(root, uuid, t["fragment_ids"], t["num_rows"], artifacts, name)
+            h = _verify_segment(st, uuid, t["fragment_ids"], t["num_rows"], artifacts, name)
             if h is None:
                 del state["segments"][key]
             else:
@@ -771,8 +784,9 @@ def build_index(
                 specs = [{
                     "kind": "encode", "task_id": t["id"], "column": column, "name": name,
                     "fragment_ids": list(t["fragment_ids"]), "metric": metric,
-                    "ivf_path": ivf_path, "ivf_fingerprint": ivf.fingerprint,
+                    "ivf_key": ivf_key, "ivf_fingerprint": ivf.fingerprint,
                     "rotation": rot.to_bytes(), "crash_marker": crash_marker,
+                    "driver_pid": os.getpid(),
                 } for t in todo]
 
                 def encoded(i: int, h: SegmentHandle) -> None:
@@ -810,14 +824,15 @@ def build_index(
                     frag_ids = [f for h in g for f in h.fragment_ids]
                     nrows = sum(h.num_rows for h in g)
                     if key in recorded:
-                        h = _verify_segment(root, recorded[key], frag_ids, nrows, artifacts, name)
+                        h = _verify_segment(st, recorded[key], frag_ids, nrows, artifacts, name)
                         if h is not None:
                             nxt[gi] = h
                             stats["reused_merges"].append(h.uuid)
                             mbar.update(1)
                             continue
                     specs.append({"kind": "merge", "inputs": list(g), "index_root": root,
-                                  "crash_marker": crash_marker})
+                                  "storage_options": ds.storage_options,
+                                  "crash_marker": crash_marker, "driver_pid": os.getpid()})
                     slots.append(gi)
                 if specs:
                     def merged(i: int, h: SegmentHandle, slots: List[int] = slots,
@@ -846,7 +861,7 @@ def build_index(
     t0 = time.perf_counter()
     final = level[0]
     ds.commit_existing_index_segments(name, column, [final], replace=True)
-    version = idx.latest_version(root, name)
+    version = idx.latest_version(st, name)
     if prog.callback is not None:
         prog.callback("commit", 1, 1)
     # The leaves and inner merges are referenced by no manifest now: remove
@@ -854,24 +869,15 @@ def build_index(
     ours = set(state["segments"].values()) | {m["uuid"] for m in state["merges"]}
     ours.discard(final.uuid)
     try:
-        referenced = _referenced_uuids(root)
+        referenced = _referenced_uuids(st)
     except BitshardError as e:  # leave them for cleanup()
         log.warning("not removing the build's intermediate segments: %s", e)
         ours = set()
     for u in sorted(ours - referenced):
-        try:
-            os.remove(idx.segment_path(root, u))
-        except FileNotFoundError:
-            pass
-    for p in (state_path, ivf_path):
-        try:
-            os.remove(p)
-        except FileNotFoundError:
-            pass
-    try:
-        os.rmdir(os.path.dirname(state_path))  # only if no other build is in progress
-    except OSError:
-        pass
+        st.delete(idx.segment_key(u))
+    st.delete(state_key)
+    st.delete(ivf_key)
+    st.remove_empty_dir(BUILDS_DIR)  # only if no other build is in progress
     stats["seconds"]["commit"] = time.perf_counter() - t0
     stats["seconds"]["total"] = time.perf_counter() - t_start
     stats.update(
@@ -888,38 +894,43 @@ def build_index(
 # =========================================================================
 
 
-def _is_index_root(path: str) -> bool:
-    return os.path.isdir(path) and not os.path.isdir(os.path.join(path, "_versions")) and any(
-        os.path.isdir(os.path.join(path, d)) for d in ("indices", "segments", BUILDS_DIR))
+def _is_index_root(st: Storage) -> bool:
+    dirs = {e.name for e in st.list("") if e.is_dir}
+    return "_versions" not in dirs and bool(dirs & {idx.INDICES_DIR, idx.SEGMENTS_DIR, BUILDS_DIR})
 
 
-def _index_root(uri: Any, index_uri: Optional[PathLike] = None) -> str:
+def _index_root(uri: Any, index_uri: Optional[PathLike] = None,
+                storage_options: Optional[Dict[str, Any]] = None) -> Storage:
+    """The storage of the index root that ``uri`` (data, Dataset, or an
+    index root itself) or ``index_uri`` names."""
+    def root_of(x: Any) -> Storage:
+        text = os.fspath(x)
+        return Storage.for_uri(text if is_object_uri(text) else os.path.abspath(text),
+                               storage_options)
+
     if index_uri is not None:
-        return os.path.abspath(os.fspath(index_uri))
+        return root_of(index_uri)
     if isinstance(uri, Dataset):
-        return uri.index_root
-    if isinstance(uri, (str, os.PathLike)) and _is_index_root(os.fspath(uri)):
-        return os.path.abspath(os.fspath(uri))
-    return dataset(uri).index_root
+        return uri.storage if storage_options is None else \
+            Storage.for_uri(uri.index_root, storage_options)
+    if isinstance(uri, (str, os.PathLike)):
+        text = os.fspath(uri)
+        st = root_of(text) if is_object_uri(text) else Storage.for_uri(os.path.abspath(text))
+        if _is_index_root(st):
+            return st
+    return dataset(uri, storage_options=storage_options).storage
 
 
-def _manifest_files(root: str, name: str) -> List[int]:
-    d = os.path.join(root, "indices", name)
-    return sorted(int(fn[1:-5]) for fn in os.listdir(d)
-                  if fn.startswith("v") and fn.endswith(".json") and fn[1:-5].isdigit())
+def _manifest_files(root: Storage, name: str) -> List[int]:
+    return idx.manifest_versions(root, name)
 
 
-def _referenced_uuids(root: str) -> set:
+def _referenced_uuids(root: Storage) -> set:
     """Every segment uuid any manifest version of any index names. Raises
     CorruptIndexError if a manifest cannot be read (nothing is then safe to
     delete)."""
     out: set = set()
-    d = os.path.join(root, "indices")
-    if not os.path.isdir(d):
-        return out
-    for name in sorted(os.listdir(d)):
-        if not os.path.isdir(os.path.join(d, name)):
-            continue
+    for name in idx.index_dir_names(root):
         for v in _manifest_files(root, name):
             try:
                 doc = idx.read_manifest(root, name, v)
@@ -938,6 +949,7 @@ def cleanup(
     index_uri: Optional[PathLike] = None,
     dry_run: bool = False,
     abandoned_builds: bool = False,
+    storage_options: Optional[Dict[str, Any]] = None,
 ) -> List[str]:
     """Remove segment files that no manifest of any index references.
 
@@ -949,13 +961,14 @@ def cleanup(
 
     Args:
         uri: the data (path/URI or :class:`Dataset`; its index root is used)
-            or an index root directory itself.
+            or an index root itself (a directory or ``s3://bucket/prefix``).
         older_than_seconds: minimum age (by modification time), in seconds.
         index_uri: the index root, when it is not the data's default.
         dry_run: only report what would be removed.
         abandoned_builds: also drop build states not updated for
             ``older_than_seconds`` (their builds can then no longer resume) and
             so free their segments.
+        storage_options: connection settings of an object-store index root.
 
     Returns:
         The sorted uuids (32 hex digits) of the removed segment files.
@@ -967,48 +980,43 @@ def cleanup(
             older_than_seconds, (int, float, np.integer, np.floating)) or older_than_seconds < 0:
         raise InvalidInputError(
             f"older_than_seconds must be a number >= 0, got {older_than_seconds!r}")
-    root = _index_root(uri, index_uri)
-    seg_dir = os.path.join(root, "segments")
-    if not os.path.isdir(seg_dir):
+    st = _index_root(uri, index_uri, storage_options)
+    seg_files = st.list(idx.SEGMENTS_DIR)
+    if not seg_files:
         return []
-    referenced = _referenced_uuids(root)
+    referenced = _referenced_uuids(st)
     now = time.time()
     protected: set = set()
-    bdir = os.path.join(root, BUILDS_DIR)
-    if os.path.isdir(bdir):
-        for fn in sorted(os.listdir(bdir)):
-            path = os.path.join(bdir, fn)
-            if fn.endswith(".ivf") and abandoned_builds and not dry_run \
-                    and not os.path.exists(path[:-4] + ".json"):
-                # the model file of a failed build that kept no state (in-memory source)
-                try:
-                    if now - os.path.getmtime(path) >= older_than_seconds:
-                        os.remove(path)
-                except FileNotFoundError:
-                    pass
-                continue
-            if not fn.endswith(".json"):
-                continue
-            try:
-                age = now - os.path.getmtime(path)
-                with open(path) as f:
-                    doc = json.load(f)
-                uuids = set(doc.get("segments", {}).values()) | {
-                    m["uuid"] for m in doc.get("merges", [])}
-            except (OSError, ValueError, AttributeError, KeyError, TypeError):
-                continue
-            if abandoned_builds and age >= older_than_seconds:
-                if not dry_run:
-                    for p in (path, path[:-5] + ".ivf"):
-                        try:
-                            os.remove(p)
-                        except FileNotFoundError:
-                            pass
-                continue
-            protected |= uuids
+    builds = st.list(BUILDS_DIR)
+    build_names = {e.name for e in builds}
+    for e in builds:
+        fn = e.name
+        key = f"{BUILDS_DIR}/{fn}"
+        if fn.endswith(".ivf") and abandoned_builds and not dry_run \
+                and fn[:-4] + ".json" not in build_names:
+            # the model file of a failed build that kept no state (in-memory source)
+            if e.mtime is not None and now - e.mtime >= older_than_seconds:
+                st.delete(key)
+            continue
+        if not fn.endswith(".json"):
+            continue
+        try:
+            age = now - (e.mtime if e.mtime is not None else st.mtime(key))
+            doc = json.loads(st.read_bytes(key))
+            uuids = set(doc.get("segments", {}).values()) | {
+                m["uuid"] for m in doc.get("merges", [])}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            continue
+        if abandoned_builds and age >= older_than_seconds:
+            if not dry_run:
+                st.delete(key)
+                st.delete(key[:-5] + ".ivf")
+            continue
+        protected |= uuids
     removed = set()
     suffix, tmp_suffix = idx.SEGMENT_SUFFIX, idx.SEGMENT_SUFFIX + ".tmp"
-    for fn in sorted(os.listdir(seg_dir)):
+    for e in seg_files:
+        fn = e.name
         if fn.endswith(tmp_suffix):
             uuid, tmp = fn[: -len(tmp_suffix)], True
         elif fn.endswith(suffix):
@@ -1017,22 +1025,20 @@ def cleanup(
             continue
         if not tmp and (uuid in referenced or uuid in protected):
             continue
-        path = os.path.join(seg_dir, fn)
-        try:
-            if now - os.path.getmtime(path) < older_than_seconds:
-                continue
-            if not dry_run:
-                os.remove(path)
-        except FileNotFoundError:
+        key = f"{idx.SEGMENTS_DIR}/{fn}"
+        if e.mtime is not None and now - e.mtime < older_than_seconds:
+            continue
+        if not dry_run and not st.delete(key):
             continue
         removed.add(uuid)
     return sorted(removed)
 
 
 def _verify(uri: Any, index_uri: Optional[PathLike] = None,
-            name: Optional[str] = None) -> Tuple[List[str], List[Dict[str, Any]]]:
-    ds = _open_dataset(uri, index_uri)
-    root = ds.index_root
+            name: Optional[str] = None, storage_options: Optional[Dict[str, Any]] = None
+            ) -> Tuple[List[str], List[Dict[str, Any]]]:
+    ds = _open_dataset(uri, index_uri, storage_options)
+    root = ds.storage
     names = idx.list_index_names(root)
     if name is not None:
         if name not in names:
@@ -1064,11 +1070,11 @@ def _verify(uri: Any, index_uri: Optional[PathLike] = None,
             path = idx.segment_path(root, e["uuid"])
             where = f"index {n!r} segment {e['uuid']} ({path})"
             try:
-                o = OpenSegment(path)
+                o = OpenSegment.of(root, e["uuid"])
             except (BitshardError, OSError) as err:
                 faults.append(f"index {n!r}: {err}")
                 continue
-            h = o.handle(root, n)
+            h = o.handle(root.root, n)
             claims = idx.handle_from_json(root, n, doc["column"], e)
             for field in ("uuid", "fragment_ids", "num_rows", "num_bits", "metric", "dimension",
                           "rotation_fingerprint", "ivf_fingerprint", "column"):
@@ -1103,7 +1109,8 @@ def _verify(uri: Any, index_uri: Optional[PathLike] = None,
 
 
 def verify(uri: Any, *, index_uri: Optional[PathLike] = None,
-           name: Optional[str] = None) -> List[str]:
+           name: Optional[str] = None,
+           storage_options: Optional[Dict[str, Any]] = None) -> List[str]:
     """Re-read every segment of every committed index and report faults.
 
     Checks, for the latest manifest of each index (or of ``name``): every
@@ -1117,9 +1124,10 @@ def verify(uri: Any, *, index_uri: Optional[PathLike] = None,
         uri: the data (path/URI or :class:`Dataset`).
         index_uri: the index root, when it is not the data's default.
         name: verify only this index.
+        storage_options: connection settings of an object-store index root.
 
     Returns:
         One human-readable line per fault, naming the index and the file;
         empty if everything checks out.
     """
-    return _verify(uri, index_uri, name)[0]
+    return _verify(uri, index_uri, name, storage_options)[0]
