@@ -1,25 +1,31 @@
 """Segments, merges, manifests and commits: the index on storage.
 
-Layout under an index root (by default ``<dataset>/_bitshard``)::
+Layout under an index root (by default ``<dataset>/_bitshard``; a local
+directory or an object-store prefix such as ``s3://bucket/prefix``)::
 
     segments/<uuid>.bsseg                 immutable segment files
     indices/<name>/v<NNNNNNNN>.json       manifest versions of index <name>
 
 A segment is written before anything refers to it; a commit creates the next
-manifest version with an exclusive create (``os.link`` of a finished temp
-file), so a version appears whole or not at all, and of two writers racing
-for one version exactly one wins; the other gets CommitConflictError.
+manifest version with an exclusive create (locally ``os.link`` of a finished
+temp file; on S3 a conditional PUT, ``If-None-Match: *``; see
+:mod:`bitshard.storage`), so a version appears whole or not at all, and of
+two writers racing for one version exactly one wins; the other gets
+CommitConflictError.
+
+Every function taking ``root`` accepts the root as a string (a path or URI)
+or a :class:`~bitshard.storage.Storage`.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
+import shutil
 import time
 import uuid as uuid_mod
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -39,10 +45,25 @@ from .errors import (
     IndexNotFoundError,
     InvalidInputError,
 )
+from .storage import LocalStorage, Storage, is_object_uri, join_uri
 
 MANIFEST_FORMAT = "bitshard-manifest"
 MANIFEST_VERSION = 1
 SEGMENT_SUFFIX = ".bsseg"
+SEGMENTS_DIR = "segments"
+INDICES_DIR = "indices"
+
+#: An index root: a path or URI string, or a Storage.
+Root = Union[str, Storage]
+
+
+def storage_of(root: Root) -> Storage:
+    """The :class:`~bitshard.storage.Storage` of an index root."""
+    return root if isinstance(root, Storage) else Storage.for_uri(root)
+
+
+def _root_str(root: Root) -> str:
+    return root.root if isinstance(root, Storage) else os.fspath(root)
 
 
 @dataclass(frozen=True)
@@ -75,7 +96,7 @@ class SegmentHandle:
 
     @property
     def path(self) -> str:
-        """Absolute path of the segment file."""
+        """Absolute path (or URI) of the segment file."""
         return segment_path(self.index_root, self.uuid)
 
     def to_json(self) -> Dict[str, Any]:
@@ -94,9 +115,18 @@ class SegmentHandle:
         }
 
 
-def segment_path(root: str, uuid: str) -> str:
-    """Where segment ``uuid`` lives under ``root``."""
-    return os.path.join(root, "segments", f"{uuid}{SEGMENT_SUFFIX}")
+def segment_key(uuid: str) -> str:
+    """The key of segment ``uuid`` relative to an index root."""
+    return f"{SEGMENTS_DIR}/{uuid}{SEGMENT_SUFFIX}"
+
+
+def segment_path(root: Root, uuid: str) -> str:
+    """Where segment ``uuid`` lives under ``root`` (a path, or a URI)."""
+    if isinstance(root, Storage):
+        return root.path(segment_key(uuid))
+    if is_object_uri(root):
+        return join_uri(root, segment_key(uuid))
+    return os.path.join(root, SEGMENTS_DIR, f"{uuid}{SEGMENT_SUFFIX}")
 
 
 def new_uuid(index_uuid: Optional[str] = None) -> str:
@@ -109,26 +139,48 @@ def new_uuid(index_uuid: Optional[str] = None) -> str:
         raise InvalidInputError(f"index_uuid is not a UUID: {index_uuid!r}") from None
 
 
-class OpenSegment:
-    """A segment file mapped into memory and validated by the C reader."""
+def _file_storage(path: str) -> Tuple[Storage, str]:
+    """The storage of a file's directory, and the file's key in it."""
+    if is_object_uri(path):
+        parent, name = path.rstrip("/").rsplit("/", 1)
+        return Storage.for_uri(parent), name
+    return LocalStorage(os.path.dirname(path)), os.path.basename(path)
 
-    def __init__(self, path: str) -> None:
+
+class OpenSegment:
+    """A segment file mapped (local) or downloaded (object store) into a
+    64-byte aligned buffer and validated by the C reader.
+
+    ``OpenSegment(path)`` opens a local path or an object-store URI;
+    ``OpenSegment(path, storage=st, key=k)`` opens key ``k`` of ``st``.
+    """
+
+    def __init__(self, path: str, *, storage: Optional[Storage] = None,
+                 key: Optional[str] = None) -> None:
+        path = os.fspath(path)
+        if storage is None or key is None:
+            storage, key = _file_storage(path)
         self.path = path
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            raise CorruptIndexError(f"segment file is missing: {path}") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise CorruptIndexError(f"segment file is empty: {path}")
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            self.native = _native.Segment(self._map)
-        except CorruptIndexError as e:
-            raise type(e)(f"{path}: {e}") from None
+        for attempt in (0, 1):
+            self._map = storage.open_segment(key)
+            self.size = len(self._map)
+            try:
+                self.native = _native.Segment(self._map)
+                break
+            except CorruptIndexError as e:
+                # A bad locally cached copy is dropped and fetched once more.
+                if attempt == 0 and storage.evict(key):
+                    continue
+                raise type(e)(f"{path}: {e}") from None
         self.info = self.native.info()
         self.fragments = [fid for fid, _ in self.native.fragments()]
+
+    @classmethod
+    def of(cls, root: Root, uuid: str) -> "OpenSegment":
+        """Segment ``uuid`` under index root ``root``."""
+        st = storage_of(root)
+        key = segment_key(uuid)
+        return cls(st.path(key), storage=st, key=key)
 
     def handle(self, root: str, name: str) -> SegmentHandle:
         """The handle describing this file."""
@@ -145,7 +197,7 @@ class OpenSegment:
             dimension=int(info["dim"]),
             rotation_fingerprint=bytes(info["rotation_fingerprint"]).hex(),
             ivf_fingerprint=bytes(info["ivf_fingerprint"]).hex(),
-            size_bytes=os.path.getsize(self.path),
+            size_bytes=self.size,
         )
 
     def rotation(self) -> Rotation:
@@ -162,14 +214,44 @@ class OpenSegment:
         return IvfModel(out, METRIC_NAMES[i["metric"]])
 
 
+def open_handle(h: SegmentHandle, root: Optional[Root] = None) -> OpenSegment:
+    """Open a handle's file, through ``root``'s storage when it is the
+    handle's index root (so that storage's options are used)."""
+    if root is not None:
+        st = storage_of(root)
+        if st.root == h.index_root:
+            return OpenSegment.of(st, h.uuid)
+    return OpenSegment(h.path)
+
+
 # ------------------------------------------------------------------ building
+
+
+def _write_native(root: Root, uuid: str, name: str, write: Any) -> SegmentHandle:
+    """Run ``write(path)`` (a C writer) for segment ``uuid`` and put the file
+    in place: local roots are written in place; object stores get a local temp
+    file, verified, uploaded whole, then removed."""
+    st = storage_of(root)
+    key = segment_key(uuid)
+    target, upload = st.local_target(key)
+    try:
+        write(target)
+        opened = OpenSegment(target)
+        handle = opened.handle(st.root, name)
+        del opened
+        if upload:
+            st.write_file(target, key)
+    finally:
+        if upload:
+            shutil.rmtree(os.path.dirname(target), ignore_errors=True)
+    return handle
 
 
 def write_segment(
     source: Any,
     column: str,
     name: str,
-    root: str,
+    root: Root,
     ivf: IvfModel,
     rotation: Rotation,
     fragment_ids: Sequence[int],
@@ -216,36 +298,33 @@ def write_segment(
                     np.ascontiguousarray(batch.offsets, dtype=np.uint32))
         if progress is not None:
             progress.update(vec.shape[0])
-    path = segment_path(root, uuid)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    builder.write(path)
-    return OpenSegment(path).handle(root, name)
+    return _write_native(root, uuid, name, builder.write)
 
 
-def merge_segments(handles: Sequence[SegmentHandle], root: str, uuid: Optional[str] = None) -> SegmentHandle:
+def merge_segments(handles: Sequence[SegmentHandle], root: Root,
+                   uuid: Optional[str] = None) -> SegmentHandle:
     """Merge segments (same artifacts, disjoint fragments) into a new one.
 
     Raises ArtifactMismatchError naming the artifact that differs.
     """
     if not handles:
         raise InvalidInputError("merge needs at least one segment")
-    opened = [OpenSegment(h.path) for h in handles]
+    opened = [open_handle(h, root) for h in handles]
     uuid = new_uuid(uuid)
-    path = segment_path(root, uuid)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    _native.merge([o.native for o in opened], bytes.fromhex(uuid), path)
-    return OpenSegment(path).handle(root, handles[0].name)
+    natives = [o.native for o in opened]
+    return _write_native(root, uuid, handles[0].name,
+                         lambda path: _native.merge(natives, bytes.fromhex(uuid), path))
 
 
 # ----------------------------------------------------------------- manifests
 
 
-def _index_dir(root: str, name: str) -> str:
-    return os.path.join(root, "indices", name)
+def _manifest_key(name: str, version: int) -> str:
+    return f"{INDICES_DIR}/{name}/v{version:08d}.json"
 
 
-def _manifest_path(root: str, name: str, version: int) -> str:
-    return os.path.join(_index_dir(root, name), f"v{version:08d}.json")
+def _manifest_path(root: Root, name: str, version: int) -> str:
+    return storage_of(root).path(_manifest_key(name, version))
 
 
 def _checksum(doc: Dict[str, Any]) -> str:
@@ -253,35 +332,41 @@ def _checksum(doc: Dict[str, Any]) -> str:
     return f"{_native.hash64(body.encode(), 0):016x}"
 
 
-def list_index_names(root: str) -> List[str]:
+def index_dir_names(root: Root) -> List[str]:
+    """Names of the directories under ``indices/`` (committed or not)."""
+    return sorted(e.name for e in storage_of(root).list(INDICES_DIR) if e.is_dir)
+
+
+def list_index_names(root: Root) -> List[str]:
     """Names of the indexes with at least one committed manifest."""
-    d = os.path.join(root, "indices")
-    if not os.path.isdir(d):
-        return []
-    return sorted(n for n in os.listdir(d) if latest_version(root, n) > 0)
+    st = storage_of(root)
+    return [n for n in index_dir_names(st) if latest_version(st, n) > 0]
 
 
-def latest_version(root: str, name: str) -> int:
+def manifest_versions(root: Root, name: str) -> List[int]:
+    """The manifest versions of index ``name`` present, ascending."""
+    out = []
+    for e in storage_of(root).list(f"{INDICES_DIR}/{name}"):
+        fn = e.name
+        if not e.is_dir and fn.startswith("v") and fn.endswith(".json") and fn[1:-5].isdigit():
+            out.append(int(fn[1:-5]))
+    return sorted(out)
+
+
+def latest_version(root: Root, name: str) -> int:
     """The newest committed manifest version of ``name`` (0 if none)."""
-    d = _index_dir(root, name)
-    if not os.path.isdir(d):
-        return 0
-    best = 0
-    for fn in os.listdir(d):
-        if fn.startswith("v") and fn.endswith(".json") and fn[1:-5].isdigit():
-            best = max(best, int(fn[1:-5]))
-    return best
+    return max(manifest_versions(root, name), default=0)
 
 
-def read_manifest(root: str, name: str, version: Optional[int] = None) -> Dict[str, Any]:
+def read_manifest(root: Root, name: str, version: Optional[int] = None) -> Dict[str, Any]:
     """Load and verify one manifest version (the latest by default)."""
-    v = latest_version(root, name) if version is None else version
+    st = storage_of(root)
+    v = latest_version(st, name) if version is None else version
     if v == 0:
         raise IndexNotFoundError(f"no index named {name!r}")
-    path = _manifest_path(root, name, v)
+    path = st.path(_manifest_key(name, v))
     try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read())
+        doc = json.loads(st.read_bytes(_manifest_key(name, v)))
     except (ValueError, UnicodeDecodeError) as e:
         raise CorruptIndexError(f"manifest {path} is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
@@ -295,7 +380,33 @@ def read_manifest(root: str, name: str, version: Optional[int] = None) -> Dict[s
         )
     if doc.get("checksum") != _checksum(doc):
         raise CorruptIndexError(f"manifest {path} fails its checksum")
+    _check_manifest_shape(doc, path)
     return doc
+
+
+def _check_manifest_shape(doc: Dict[str, Any], path: str) -> None:
+    """A checksum proves the bytes are the writer's, not that the writer was
+    this code: check every field the readers use before they use it."""
+    def bad(what: str) -> CorruptIndexError:
+        return CorruptIndexError(f"manifest {path}: {what}")
+
+    for key, typ in (("name", str), ("column", str), ("version", int), ("segments", list)):
+        if not isinstance(doc.get(key), typ) or isinstance(doc.get(key), bool):
+            raise bad(f"field {key!r} must be {typ.__name__}")
+    for i, e in enumerate(doc["segments"]):
+        if not isinstance(e, dict):
+            raise bad(f"segment {i} is not an object")
+        u = e.get("uuid")
+        if not (isinstance(u, str) and len(u) == 32 and all(ch in "0123456789abcdef" for ch in u)):
+            raise bad(f"segment {i} has a bad uuid {u!r}")
+        frags = e.get("fragment_ids")
+        if not isinstance(frags, list) or not all(
+                isinstance(f, int) and not isinstance(f, bool) and 0 <= f < 2**32 for f in frags):
+            raise bad(f"segment {i} has bad fragment_ids")
+        for key, typ in (("num_rows", int), ("num_bits", int), ("dimension", int),
+                         ("metric", str), ("rotation_fingerprint", str), ("ivf_fingerprint", str)):
+            if not isinstance(e.get(key), typ) or isinstance(e.get(key), bool):
+                raise bad(f"segment {i} field {key!r} must be {typ.__name__}")
 
 
 def check_same_artifacts(handles: Sequence[SegmentHandle], column: Optional[str] = None) -> None:
@@ -333,7 +444,7 @@ def check_same_artifacts(handles: Sequence[SegmentHandle], column: Optional[str]
 
 
 def commit(
-    root: str,
+    root: Root,
     name: str,
     column: str,
     segments: Sequence[SegmentHandle],
@@ -352,22 +463,26 @@ def commit(
     """
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise InvalidInputError(f"bad index name {name!r}")
+    st = storage_of(root)
+    root_s = st.root
     for h in segments:
-        if not os.path.exists(h.path):
-            raise InvalidInputError(f"segment {h.uuid} has no file at {h.path}")
+        if not st.exists(segment_key(h.uuid)):
+            where = "" if h.index_root == root_s else f" (it was written under {h.index_root})"
+            raise InvalidInputError(
+                f"segment {h.uuid} has no file at {segment_path(st, h.uuid)}{where}")
         # Re-read the file: a handle is a claim, the file is the truth.
-        actual = OpenSegment(h.path).handle(root, name)
+        actual = OpenSegment.of(st, h.uuid).handle(root_s, name)
         if (actual.rotation_fingerprint, actual.ivf_fingerprint, actual.num_bits,
                 actual.fragment_ids) != (h.rotation_fingerprint, h.ivf_fingerprint,
                                           h.num_bits, h.fragment_ids):
             raise CorruptIndexError(f"segment {h.uuid} does not match its handle")
-    base = latest_version(root, name) if expected_version is None else expected_version
+    base = latest_version(st, name) if expected_version is None else expected_version
     existing: List[Dict[str, Any]] = []
     prev: Optional[Dict[str, Any]] = None
     if base > 0 and mode == "append":
-        prev = read_manifest(root, name, base)
+        prev = read_manifest(st, name, base)
         existing = list(prev["segments"])
-    all_handles = [handle_from_json(root, name, prev["column"], e) for e in existing] if prev else []
+    all_handles = [handle_from_json(st, name, prev["column"], e) for e in existing] if prev else []
     all_handles += list(segments)
     check_same_artifacts(all_handles, column)
     if prev is not None and prev["column"] != column:
@@ -394,31 +509,24 @@ def commit(
             ivf_fingerprint=h0.ivf_fingerprint,
         )
     doc["checksum"] = _checksum(doc)
-    d = _index_dir(root, name)
-    os.makedirs(d, exist_ok=True)
-    final = _manifest_path(root, name, base + 1)
-    tmp = f"{final}.{uuid_mod.uuid4().hex}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, sort_keys=True, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    data = json.dumps(doc, sort_keys=True, indent=1).encode()
     try:
-        os.link(tmp, final)  # atomic, and fails if the version exists
+        # Atomic, and fails if the version exists: os.link locally, a
+        # conditional PUT on an object store (bitshard.storage).
+        st.create_exclusive(_manifest_key(name, base + 1), data)
     except FileExistsError:
         raise CommitConflictError(
             f"index {name!r} version {base + 1} was committed by another writer; "
             f"reload and retry"
         ) from None
-    finally:
-        os.unlink(tmp)
     return base + 1
 
 
-def handle_from_json(root: str, name: str, column: str, e: Dict[str, Any]) -> SegmentHandle:
+def handle_from_json(root: Root, name: str, column: str, e: Dict[str, Any]) -> SegmentHandle:
     """The handle of a manifest entry."""
     return SegmentHandle(
         uuid=e["uuid"],
-        index_root=root,
+        index_root=_root_str(root),
         name=name,
         column=column,
         fragment_ids=tuple(e["fragment_ids"]),
@@ -432,28 +540,30 @@ def handle_from_json(root: str, name: str, column: str, e: Dict[str, Any]) -> Se
     )
 
 
-def committed_segments(root: str, name: str, version: Optional[int] = None) -> List[SegmentHandle]:
+def committed_segments(root: Root, name: str, version: Optional[int] = None) -> List[SegmentHandle]:
     """The segments of a committed index version."""
-    doc = read_manifest(root, name, version)
-    return [handle_from_json(root, name, doc["column"], e) for e in doc["segments"]]
+    st = storage_of(root)
+    doc = read_manifest(st, name, version)
+    return [handle_from_json(st, name, doc["column"], e) for e in doc["segments"]]
 
 
-def uncommitted_segments(root: str) -> List[str]:
+def uncommitted_segments(root: Root) -> List[str]:
     """UUIDs of segment files that no manifest version of any index names."""
-    seg_dir = os.path.join(root, "segments")
-    if not os.path.isdir(seg_dir):
+    st = storage_of(root)
+    files = st.list(SEGMENTS_DIR)
+    if not files:
         return []
     named: set = set()
-    for name in list_index_names(root):
-        for v in range(1, latest_version(root, name) + 1):
+    for name in list_index_names(st):
+        for v in range(1, latest_version(st, name) + 1):
             try:
-                named.update(e["uuid"] for e in read_manifest(root, name, v)["segments"])
-            except BitshardError:
+                named.update(e["uuid"] for e in read_manifest(st, name, v)["segments"])
+            except (BitshardError, OSError):
                 continue
     return sorted(
-        fn[: -len(SEGMENT_SUFFIX)]
-        for fn in os.listdir(seg_dir)
-        if fn.endswith(SEGMENT_SUFFIX) and fn[: -len(SEGMENT_SUFFIX)] not in named
+        e.name[: -len(SEGMENT_SUFFIX)]
+        for e in files
+        if e.name.endswith(SEGMENT_SUFFIX) and e.name[: -len(SEGMENT_SUFFIX)] not in named
     )
 
 
