@@ -4,12 +4,16 @@
 
     bitshard build URI --column vec [--name N] [--num-partitions K] [--num-bits B]
                    [--metric l2|cosine|dot] [--workers W] [--executor ray|processes|serial]
-                   [--index-uri DIR] [--json]
+                   [--index-uri DIR|s3://BUCKET/PREFIX] [--storage-option KEY=VALUE ...] [--json]
     bitshard search URI --column vec (--query-file q.npy | --query-row N) [--k 10]
                    [--nprobes 20] [--refine-factor R] [--format table|json|csv]
     bitshard describe URI [--json]
     bitshard verify URI
     bitshard cleanup URI [--older-than SECONDS] [--dry-run]
+
+Every command takes ``--index-uri`` (a directory or ``s3://bucket/prefix``)
+and ``--storage-option KEY=VALUE`` (repeatable; object-store settings such
+as ``endpoint_override``, ``region``, ``access_key``, ``secret_key``).
 
 Exit codes: 0 success; 1 a bitshard error (the message, no traceback) or
 ``verify`` found faults; 2 a usage error; 130 interrupted.
@@ -58,6 +62,18 @@ def _non_negative_float(text: str) -> float:
     return v
 
 
+def _storage_option(text: str) -> Any:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def _storage_options(args: argparse.Namespace) -> Optional[dict]:
+    pairs = getattr(args, "storage_option", None)
+    return dict(pairs) if pairs else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``bitshard`` command."""
     p = argparse.ArgumentParser(
@@ -69,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("uri", help="the data: a Lance dataset or Parquet file/directory")
         sp.add_argument("--index-uri", default=None,
-                        help="where the indexes live (default: next to the data)")
+                        help="where the indexes live: a directory or s3://bucket/prefix "
+                             "(default: next to the data)")
+        sp.add_argument("--storage-option", type=_storage_option, action="append",
+                        default=None, metavar="KEY=VALUE",
+                        help="object-store setting for the index root (repeatable), e.g. "
+                             "endpoint_override=http://127.0.0.1:9000, region=us-east-1, "
+                             "access_key=..., secret_key=...; default: AWS_* environment")
 
     b = sub.add_parser("build", help="build and commit an IVF_RQ index on many workers",
                        description="Train IVF centroids on a sample, encode the fragments on "
@@ -152,6 +174,7 @@ def _cmd_build(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         executor=args.executor, fragments_per_task=args.fragments_per_task,
         sample_rate=args.sample_rate, max_iters=args.max_iters, seed=args.seed,
         progress=args.progress, index_uri=args.index_uri, max_retries=args.max_retries,
+        storage_options=_storage_options(args),
     )
     st = ds.last_build_stats
     if args.json:
@@ -196,7 +219,8 @@ def _cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         if q.ndim not in (1, 2) or q.dtype.kind not in "fiu":
             parser.error(f"--query-file must hold a numeric (d,) or (nq, d) array, "
                          f"got {q.dtype} {q.shape}")
-    ds = bitshard.dataset(args.uri, index_uri=args.index_uri)
+    ds = bitshard.dataset(args.uri, index_uri=args.index_uri,
+                          storage_options=_storage_options(args))
     if args.query_row is not None:
         q = _query_row(ds, args.column, args.query_row, parser)
     cols = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
@@ -238,7 +262,8 @@ def _cell(v: Any) -> str:
 def _cmd_describe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import bitshard  # noqa: PLC0415
 
-    ds = bitshard.dataset(args.uri, index_uri=args.index_uri)
+    ds = bitshard.dataset(args.uri, index_uri=args.index_uri,
+                          storage_options=_storage_options(args))
     info = ds.describe_indices()
     if args.json:
         print(json.dumps(info, indent=1, default=str))
@@ -264,7 +289,7 @@ def _cmd_describe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .distributed import _verify  # noqa: PLC0415
 
-    faults, summary = _verify(args.uri, args.index_uri, args.name)
+    faults, summary = _verify(args.uri, args.index_uri, args.name, _storage_options(args))
     for f in faults:
         print(f"FAULT: {f}")
     for s in summary:
@@ -281,7 +306,8 @@ def _cmd_cleanup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from .distributed import cleanup  # noqa: PLC0415
 
     removed = cleanup(args.uri, args.older_than, index_uri=args.index_uri,
-                      dry_run=args.dry_run, abandoned_builds=args.abandoned_builds)
+                      dry_run=args.dry_run, abandoned_builds=args.abandoned_builds,
+                      storage_options=_storage_options(args))
     for u in removed:
         print(u)
     verb = "would remove" if args.dry_run else "removed"

@@ -28,8 +28,9 @@ from .errors import (
     InvalidInputError,
 )
 from . import index as idx
-from .index import OpenSegment, SegmentHandle
+from .index import SegmentHandle
 from .sources import Source, open_source
+from .storage import Storage, is_object_uri, join_uri
 
 __all__ = ["Dataset", "dataset", "train_ivf", "DEFAULT_NUM_BITS", "DEFAULT_EPS0"]
 
@@ -45,6 +46,7 @@ def dataset(
     *,
     index_uri: Optional[Union[str, os.PathLike]] = None,
     fragment_size: Optional[int] = None,
+    storage_options: Optional[Dict[str, Any]] = None,
 ) -> "Dataset":
     """Open a source of vectors for indexing and search.
 
@@ -52,16 +54,24 @@ def dataset(
         x: a Lance dataset (path/URI or ``lance.LanceDataset``), a Parquet file or
             directory, a ``pyarrow.Table``, or a numpy array of shape (n, d)
             (its column is named ``vector``).
-        index_uri: where indexes live. By default ``<dataset dir>/_bitshard``,
+        index_uri: where indexes live: a local directory or an object-store
+            prefix (``s3://bucket/prefix``). By default ``<dataset dir>/_bitshard``,
             so indexes travel with the data; in-memory sources without one keep
             their indexes in a temporary directory that is not persisted.
         fragment_size: rows per fragment for in-memory arrays (default 65536).
+        storage_options: connection settings of an object-store index root
+            (``endpoint_override``, ``access_key``, ``secret_key``,
+            ``session_token``, ``region``; the boto3/Lance spellings such as
+            ``aws_access_key_id`` work too; see :mod:`bitshard.storage`).
+            Without them the environment (``AWS_ENDPOINT_URL``,
+            ``AWS_ACCESS_KEY_ID``, ...) and the AWS default chain apply. They
+            travel with the pickled Dataset to workers.
 
     Returns:
         A :class:`Dataset`.
     """
     src = open_source(x, fragment_size=fragment_size) if fragment_size else open_source(x)
-    return Dataset(src, index_uri=index_uri)
+    return Dataset(src, index_uri=index_uri, storage_options=storage_options)
 
 
 def train_ivf(
@@ -112,6 +122,16 @@ def train_ivf(
     return IvfModel(out, metric)
 
 
+def _source_storage_options(source: Source) -> Optional[Dict[str, Any]]:
+    """The object-store options a Lance source was opened with, limited to
+    the keys bitshard's storage knows (an index beside such data uses them)."""
+    from .storage import _ALIASES  # noqa: PLC0415
+
+    opts = getattr(source, "_storage_options", None) or {}
+    known = {k: v for k, v in opts.items() if str(k).lower() in _ALIASES}
+    return known or None
+
+
 def _default_num_partitions(num_rows: int) -> int:
     # About sqrt(n) partitions, as pylance suggests, at least 1.
     return max(1, min(num_rows, int(round(np.sqrt(max(num_rows, 1))))))
@@ -124,31 +144,44 @@ class Dataset:
     #: build did (executor, tasks, reused segments, seconds per phase, ...).
     last_build_stats: Dict[str, Any]
 
-    def __init__(self, source: Source, index_uri: Optional[Union[str, os.PathLike]] = None) -> None:
+    def __init__(self, source: Source, index_uri: Optional[Union[str, os.PathLike]] = None,
+                 storage_options: Optional[Dict[str, Any]] = None) -> None:
         self.source = source
+        self._tmp: Optional[tempfile.TemporaryDirectory] = None
         if index_uri is not None:
-            self.index_root = os.path.abspath(os.fspath(index_uri))
-            self._tmp: Optional[tempfile.TemporaryDirectory] = None
+            text = os.fspath(index_uri)
+            self.index_root = text.rstrip("/") if is_object_uri(text) else os.path.abspath(text)
+        elif source.uri is not None and is_object_uri(source.uri):
+            # Data on an object store: the index sits beside it there.
+            self.index_root = (join_uri(source.uri, INDEX_DIR_NAME) if source.kind == "lance"
+                               else source.uri.rstrip("/") + INDEX_DIR_NAME)
+            if storage_options is None:
+                storage_options = _source_storage_options(source)
         elif source.uri is not None and os.path.isdir(source.uri):
             self.index_root = os.path.join(os.path.abspath(source.uri), INDEX_DIR_NAME)
-            self._tmp = None
         elif source.uri is not None:
             self.index_root = os.path.abspath(source.uri) + INDEX_DIR_NAME
-            self._tmp = None
         else:
             self._tmp = tempfile.TemporaryDirectory(prefix="bitshard-")
             self.index_root = self._tmp.name
+        self.storage_options: Optional[Dict[str, Any]] = \
+            dict(storage_options) if storage_options else None
+        #: Where the indexes live (:class:`bitshard.storage.Storage`).
+        self.storage: Storage = Storage.for_uri(self.index_root, self.storage_options)
         self._searchers: Dict[Tuple[str, int], Any] = {}
         self._deleted_cache: Dict[Tuple[Any, int], np.ndarray] = {}
 
     # -------------------------------------------------------------- pickling
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"source": self.source, "index_root": self.index_root}
+        return {"source": self.source, "index_root": self.index_root,
+                "storage_options": self.storage_options}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.source = state["source"]
         self.index_root = state["index_root"]
+        self.storage_options = state.get("storage_options")
+        self.storage = Storage.for_uri(self.index_root, self.storage_options)
         self._tmp = None
         self._searchers = {}
         self._deleted_cache = {}
@@ -243,7 +276,7 @@ class Dataset:
         fragment_ids = [int(f) for f in fragment_ids]
         name = name or f"{column}_idx"
         return idx.write_segment(
-            self.source, column, name, self.index_root, ivf, rot, fragment_ids,
+            self.source, column, name, self.storage, ivf, rot, fragment_ids,
             idx.new_uuid(index_uuid), batch_size=batch_size, progress=progress,
         )
 
@@ -259,7 +292,7 @@ class Dataset:
         """
         segments = list(segments)
         idx.check_same_artifacts(segments)
-        return idx.merge_segments(segments, self.index_root, index_uuid)
+        return idx.merge_segments(segments, self.storage, index_uuid)
 
     def commit_existing_index_segments(
         self,
@@ -275,7 +308,7 @@ class Dataset:
         ``replace=True``. Raises CommitConflictError when another writer
         committed the same version first.
         """
-        idx.commit(self.index_root, name, column, list(segments),
+        idx.commit(self.storage, name, column, list(segments),
                    mode="replace" if replace else "append",
                    source_version=self.source.version)
         return self
@@ -316,20 +349,20 @@ class Dataset:
             column, index_type, name=name, ivf_centroids=ivf_centroids,
             rq_rotation=rq_rotation, num_bits=num_bits, metric=metric, **kwargs,
         )
-        idx.commit(self.index_root, name, column, [seg], mode="replace" if replace else "append",
+        idx.commit(self.storage, name, column, [seg], mode="replace" if replace else "append",
                    source_version=self.source.version)
         return self
 
     def optimize_indices(self, name: Optional[str] = None) -> "Dataset":
         """Merge each index's committed segments into one (same merge path)."""
-        names = [name] if name else idx.list_index_names(self.index_root)
+        names = [name] if name else idx.list_index_names(self.storage)
         for n in names:
-            doc = idx.read_manifest(self.index_root, n)
-            segs = idx.committed_segments(self.index_root, n, doc["version"])
+            doc = idx.read_manifest(self.storage, n)
+            segs = idx.committed_segments(self.storage, n, doc["version"])
             if len(segs) <= 1:
                 continue
-            merged = idx.merge_segments(segs, self.index_root)
-            idx.commit(self.index_root, n, doc["column"], [merged], mode="replace",
+            merged = idx.merge_segments(segs, self.storage)
+            idx.commit(self.storage, n, doc["column"], [merged], mode="replace",
                        source_version=self.source.version, expected_version=doc["version"])
         return self
 
@@ -338,8 +371,8 @@ class Dataset:
     def list_indices(self) -> List[Dict[str, Any]]:
         """One dict per committed index: name, column, version, segment count."""
         out = []
-        for n in idx.list_index_names(self.index_root):
-            doc = idx.read_manifest(self.index_root, n)
+        for n in idx.list_index_names(self.storage):
+            doc = idx.read_manifest(self.storage, n)
             out.append({
                 "name": n,
                 "type": "IVF_RQ",
@@ -356,9 +389,9 @@ class Dataset:
         source fragments no segment covers."""
         all_frags = [f.id for f in self.source.fragments()]
         out = []
-        for n in idx.list_index_names(self.index_root):
-            doc = idx.read_manifest(self.index_root, n)
-            segs = idx.committed_segments(self.index_root, n)
+        for n in idx.list_index_names(self.storage):
+            doc = idx.read_manifest(self.storage, n)
+            segs = idx.committed_segments(self.storage, n)
             covered = set(idx.iter_fragments(segs))
             out.append({
                 "name": n,
@@ -378,12 +411,12 @@ class Dataset:
     # -------------------------------------------------------------- search
 
     def _resolve_index(self, column: str, index: Optional[str]) -> str:
-        names = idx.list_index_names(self.index_root)
+        names = idx.list_index_names(self.storage)
         if index is not None:
             if index not in names:
                 raise IndexNotFoundError(f"no index named {index!r}; have {names}")
             return index
-        on_col = [n for n in names if idx.read_manifest(self.index_root, n)["column"] == column]
+        on_col = [n for n in names if idx.read_manifest(self.storage, n)["column"] == column]
         if not on_col:
             raise IndexNotFoundError(f"no index on column {column!r}")
         if len(on_col) > 1:
@@ -410,12 +443,12 @@ class Dataset:
         return np.ascontiguousarray(np.sort(np.concatenate(parts)), dtype=np.uint64)
 
     def _searcher(self, name: str) -> Tuple[Any, List[SegmentHandle], Dict[str, Any]]:
-        version = idx.latest_version(self.index_root, name)
+        version = idx.latest_version(self.storage, name)
         key = (name, version)
         if key not in self._searchers:
-            doc = idx.read_manifest(self.index_root, name, version)
-            handles = idx.committed_segments(self.index_root, name, version)
-            opened = [OpenSegment(h.path) for h in handles]
+            doc = idx.read_manifest(self.storage, name, version)
+            handles = idx.committed_segments(self.storage, name, version)
+            opened = [idx.open_handle(h, self.storage) for h in handles]
             # The manifest's claims are checked against the files: a segment
             # swapped on disk for one from another code space is refused here
             # (and the C searcher checks the files against each other).

@@ -1,0 +1,733 @@
+"""Where an index lives: a local directory or an object-store prefix.
+
+Everything under an index root is addressed by a key relative to the root
+(``segments/<uuid>.bsseg``, ``indices/<name>/v00000001.json``, ...), so the
+layout is the same on every backend. :meth:`Storage.for_uri` picks the
+backend:
+
+- :class:`LocalStorage` for a filesystem path (or ``file://``): ``os`` calls,
+  ``mmap`` to read segments, ``os.link`` of a finished temp file to create a
+  manifest exclusively. This is bitshard's original behaviour, byte for byte.
+- :class:`ObjectStorage` for ``s3://bucket/prefix`` (AWS S3 and S3-compatible
+  stores): ``pyarrow.fs.S3FileSystem`` moves the bytes (listing, reads,
+  multipart uploads of segment files); manifests are created with a
+  conditional PUT (``If-None-Match: *``) through boto3, which pyarrow cannot
+  send; deletes go through boto3 too (pyarrow's ``delete_file`` leaves
+  directory-marker objects behind).
+
+Connection settings come from ``storage_options`` (see
+:data:`STORAGE_OPTION_KEYS`) or the usual environment variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``, ``AWS_REGION``/``AWS_DEFAULT_REGION``); credentials not
+given either way come from the AWS SDKs' default chain (``~/.aws``, instance
+roles). ``cache_dir`` (or ``BITSHARD_CACHE_DIR``) keeps downloaded segment
+files on local disk, keyed by root and uuid, and maps them instead of
+holding them in memory. A process remembers the options it was given for a root, so a segment
+URI under that root (a :class:`~bitshard.index.SegmentHandle` carries only
+the root) opens with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import threading
+import time
+import uuid as uuid_mod
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from urllib.parse import urlparse
+
+import numpy as np
+
+from .errors import BitshardError, CorruptIndexError, InvalidInputError
+
+__all__ = [
+    "Storage",
+    "LocalStorage",
+    "ObjectStorage",
+    "FileEntry",
+    "is_object_uri",
+    "join_uri",
+    "STORAGE_OPTION_KEYS",
+]
+
+#: The alignment the C segment reader requires of a segment's buffer.
+SEGMENT_ALIGN = 64
+
+#: Accepted ``storage_options`` keys, by meaning. The first name of each
+#: entry is pyarrow's; the others are the names boto3, Lance and
+#: ``object_store`` use, so a Lance ``storage_options`` dict works as is.
+STORAGE_OPTION_KEYS: Dict[str, Tuple[str, ...]] = {
+    "endpoint_override": ("endpoint_override", "endpoint_url", "endpoint", "aws_endpoint",
+                          "aws_endpoint_url"),
+    "access_key": ("access_key", "aws_access_key_id", "access_key_id"),
+    "secret_key": ("secret_key", "aws_secret_access_key", "secret_access_key"),
+    "session_token": ("session_token", "aws_session_token", "token"),
+    "region": ("region", "aws_region", "region_name"),
+    "allow_http": ("allow_http", "aws_allow_http"),
+    "virtual_hosted_style_request": ("virtual_hosted_style_request",
+                                     "aws_virtual_hosted_style_request"),
+    # bitshard's own: keep downloaded segments in this directory (see
+    # ObjectStorage.open_segment); also the BITSHARD_CACHE_DIR variable.
+    "cache_dir": ("cache_dir",),
+}
+_ALIASES = {alias: key for key, names in STORAGE_OPTION_KEYS.items() for alias in names}
+_OBJECT_SCHEMES = ("s3",)
+
+
+def is_object_uri(x: Any) -> bool:
+    """True for an object-store URI such as ``s3://bucket/prefix``."""
+    if not isinstance(x, str) or "://" not in x:
+        return False
+    return urlparse(x).scheme.lower() not in ("", "file")
+
+
+def join_uri(root: str, *parts: str) -> str:
+    """``root/part/part``, for object-store URIs (always ``/``)."""
+    return "/".join([root.rstrip("/")] + [p.strip("/") for p in parts if p])
+
+
+class FileEntry(NamedTuple):
+    """One child of a listed directory (or common prefix)."""
+
+    name: str          #: the child's name (no slashes)
+    is_dir: bool       #: a directory / common prefix
+    size: int          #: bytes (0 for directories)
+    mtime: Optional[float]  #: modification time, seconds since the epoch
+
+
+def _normalize_options(options: Optional[Dict[str, Any]], strict: bool = True) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for k, v in (options or {}).items():
+        key = _ALIASES.get(str(k).lower())
+        if key is None:
+            if strict:
+                raise InvalidInputError(
+                    f"unknown storage option {k!r}; known: "
+                    f"{sorted(n for names in STORAGE_OPTION_KEYS.values() for n in names)}")
+            continue
+        if v is None:
+            continue
+        out[key] = str(v)
+    return out
+
+
+class Storage:
+    """An index root on some backend; keys are relative to the root."""
+
+    #: The root as given to :meth:`for_uri` (a path, or ``s3://bucket/prefix``).
+    root: str
+    #: True for a local filesystem root.
+    is_local: bool
+
+    # ---------------------------------------------------------- construction
+
+    @staticmethod
+    def for_uri(uri: Union[str, "os.PathLike[str]", "Storage"],
+                storage_options: Optional[Dict[str, Any]] = None) -> "Storage":
+        """The storage of an index root.
+
+        Args:
+            uri: a local path, ``file://`` URI, or ``s3://bucket/prefix``.
+            storage_options: connection settings for an object store (keys in
+                :data:`STORAGE_OPTION_KEYS`); ``None`` uses the options this
+                process last saw for the root (or a root above it), else the
+                environment.
+        """
+        if isinstance(uri, Storage):
+            return uri
+        text = os.fspath(uri)
+        if not is_object_uri(text):
+            if storage_options:
+                raise InvalidInputError(
+                    f"storage_options apply to object-store index roots, not to {text!r}")
+            if text.startswith("file://"):
+                text = urlparse(text).path
+            return LocalStorage(text)
+        scheme = urlparse(text).scheme.lower()
+        if scheme not in _OBJECT_SCHEMES:
+            raise InvalidInputError(
+                f"unsupported index URI scheme {scheme!r} in {text!r}: indexes live on a local "
+                f"path or on s3:// (AWS S3 or an S3-compatible store: MinIO, Ceph, R2, GCS "
+                f"through its S3 endpoint, ...)")
+        root = text.rstrip("/")
+        if storage_options is None:
+            opts = _registry_lookup(root)
+        else:
+            opts = _normalize_options(storage_options)
+            _registry_add(root, opts)
+        return ObjectStorage(root, opts)
+
+    # -------------------------------------------------------------- the API
+
+    def path(self, key: str) -> str:
+        """The full path or URI of ``key`` (for messages and handles)."""
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> List[FileEntry]:
+        """The children of directory ``prefix`` (empty if it does not exist)."""
+        raise NotImplementedError
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object; FileNotFoundError if it does not exist."""
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Create or replace ``key`` atomically (readers see old or new, whole)."""
+        raise NotImplementedError
+
+    def write_file(self, local_path: str, key: str) -> None:
+        """Move a finished local file to ``key`` (the local file is removed)."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; False if it did not exist."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def mtime(self, key: str) -> float:
+        """Modification time (seconds since the epoch); FileNotFoundError if absent."""
+        raise NotImplementedError
+
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        """Create ``key`` holding ``data`` whole, or raise FileExistsError if it
+        exists: of writers racing for one key exactly one succeeds."""
+        raise NotImplementedError
+
+    def open_segment(self, key: str) -> Any:
+        """A read-only, 64-byte aligned buffer holding the whole file.
+
+        Raises CorruptIndexError if the file is missing or empty.
+        """
+        raise NotImplementedError
+
+    def evict(self, key: str) -> bool:
+        """Drop a locally cached copy of ``key`` (True if there was one)."""
+        return False
+
+    def local_target(self, key: str) -> Tuple[str, bool]:
+        """Where the C writer should write the file of ``key``: ``(path, upload)``;
+        if ``upload`` the caller passes the finished file to :meth:`write_file`."""
+        raise NotImplementedError
+
+    def remove_empty_dir(self, prefix: str) -> None:
+        """Remove directory ``prefix`` if it is empty (no-op on object stores)."""
+
+    def __eq__(self, other: Any) -> bool:
+        return type(self) is type(other) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _key(self) -> Any:
+        return (self.root,)
+
+
+# =========================================================================
+# Local directories
+# =========================================================================
+
+
+class LocalStorage(Storage):
+    """An index root on a local (or shared, POSIX) filesystem."""
+
+    is_local = True
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.root!r})"
+
+    def __reduce__(self) -> Any:
+        return (LocalStorage, (self.root,))
+
+    def path(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/")) if key else self.root
+
+    def list(self, prefix: str) -> List[FileEntry]:
+        d = self.path(prefix)
+        try:
+            names = os.listdir(d)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for n in names:
+            p = os.path.join(d, n)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue
+            is_dir = os.path.isdir(p)
+            out.append(FileEntry(n, is_dir, 0 if is_dir else st.st_size, st.st_mtime))
+        return sorted(out)
+
+    def read_bytes(self, key: str) -> bytes:
+        with open(self.path(key), "rb") as f:
+            return f.read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def write_file(self, local_path: str, key: str) -> None:
+        path = self.path(key)
+        if os.path.abspath(local_path) != os.path.abspath(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.replace(local_path, path)
+
+    def delete(self, key: str) -> bool:
+        try:
+            os.remove(self.path(key))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self.path(key))
+
+    def mtime(self, key: str) -> float:
+        return os.path.getmtime(self.path(key))
+
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        final = self.path(key)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = f"{final}.{uuid_mod.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, final)  # atomic, and fails if the key exists
+        finally:
+            os.unlink(tmp)
+
+    def open_segment(self, key: str) -> Any:
+        path = self.path(key)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise CorruptIndexError(f"segment file is missing: {path}") from None
+        with f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise CorruptIndexError(f"segment file is empty: {path}")
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # page-aligned
+
+    def local_target(self, key: str) -> Tuple[str, bool]:
+        path = self.path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path, False
+
+    def remove_empty_dir(self, prefix: str) -> None:
+        try:
+            os.rmdir(self.path(prefix))
+        except OSError:
+            pass
+
+
+# =========================================================================
+# Object stores (S3 and S3-compatible)
+# =========================================================================
+
+_REGISTRY_LOCK = threading.Lock()
+_REGISTRY: Dict[str, Dict[str, str]] = {}
+_CLIENTS: Dict[Tuple[Any, ...], Any] = {}
+_PROBED: Dict[Tuple[Any, ...], bool] = {}
+
+
+def _registry_add(root: str, opts: Dict[str, str]) -> None:
+    with _REGISTRY_LOCK:
+        _REGISTRY[root] = dict(opts)
+
+
+def _registry_lookup(uri: str) -> Dict[str, str]:
+    """The options given for ``uri`` or the nearest root above it."""
+    with _REGISTRY_LOCK:
+        best = None
+        for root in _REGISTRY:
+            if uri == root or uri.startswith(root + "/"):
+                if best is None or len(root) > len(best):
+                    best = root
+        return dict(_REGISTRY[best]) if best is not None else {}
+
+
+def _aligned_empty(size: int) -> np.ndarray:
+    """A uint8 array of ``size`` bytes whose data starts on a 64-byte boundary."""
+    raw = np.empty(size + SEGMENT_ALIGN, dtype=np.uint8)
+    off = (-raw.ctypes.data) % SEGMENT_ALIGN
+    return raw[off:off + size]
+
+
+class ObjectStorage(Storage):
+    """An index root on S3 or an S3-compatible object store.
+
+    Objects are immutable once written except the build state (rewritten
+    whole by PUT, which is atomic). Manifests are created with a conditional
+    PUT, ``If-None-Match: *``: the store refuses it with 412 if the key
+    exists, so of writers racing for a manifest version exactly one lands.
+    The writer then reads the manifest back and checks it holds its own
+    bytes (a store that checks the condition and writes in two unlocked steps,
+    as some emulators do, cannot then give two writers a success), and the
+    first exclusive create of a process checks once that the store honours
+    the condition at all, refusing to commit on a store that ignores it.
+    """
+
+    is_local = False
+
+    def __init__(self, root: str, options: Dict[str, str]) -> None:
+        u = urlparse(root)
+        self.root = root
+        self.scheme = u.scheme.lower()
+        self.bucket = u.netloc
+        if not self.bucket:
+            raise InvalidInputError(f"object-store URI {root!r} names no bucket")
+        self.prefix = u.path.strip("/")
+        self.options = dict(options)
+        self._settings = self._resolve_settings(self.options)
+
+    def __repr__(self) -> str:
+        return f"ObjectStorage({self.root!r})"
+
+    def __reduce__(self) -> Any:
+        # Unpickling registers the options, as for_uri with options does.
+        return (Storage.for_uri, (self.root, self.options))
+
+    def _key(self) -> Any:
+        return (self.root, tuple(sorted(self.options.items())))
+
+    # ------------------------------------------------------------ settings
+
+    @staticmethod
+    def _resolve_settings(opts: Dict[str, str]) -> Dict[str, Any]:
+        env = os.environ
+        endpoint = opts.get("endpoint_override") or env.get("AWS_ENDPOINT_URL_S3") \
+            or env.get("AWS_ENDPOINT_URL")
+        region = opts.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        s: Dict[str, Any] = {
+            "endpoint": endpoint, "region": region,
+            "access_key": opts.get("access_key"), "secret_key": opts.get("secret_key"),
+            "session_token": opts.get("session_token"),
+            "virtual": str(opts.get("virtual_hosted_style_request", "")).lower()
+            in ("1", "true", "yes"),
+            "cache_dir": opts.get("cache_dir") or env.get("BITSHARD_CACHE_DIR") or None,
+        }
+        if endpoint and "://" not in endpoint:
+            allow_http = str(opts.get("allow_http", "")).lower() in ("1", "true", "yes")
+            s["endpoint"] = ("http://" if allow_http else "https://") + endpoint
+        if bool(s["access_key"]) != bool(s["secret_key"]):
+            raise InvalidInputError("storage_options need both an access key and a secret key")
+        return s
+
+    def _client_key(self) -> Tuple[Any, ...]:
+        s = self._settings
+        return (s["endpoint"], s["region"], s["access_key"], s["secret_key"],
+                s["session_token"], s["virtual"])
+
+    @property
+    def fs(self) -> Any:
+        """The ``pyarrow.fs.S3FileSystem`` (one per settings, per process)."""
+        key = ("fs",) + self._client_key()
+        fs = _CLIENTS.get(key)
+        if fs is None:
+            from pyarrow import fs as pafs  # noqa: PLC0415
+
+            s = self._settings
+            kw: Dict[str, Any] = {}
+            if s["endpoint"]:
+                u = urlparse(s["endpoint"])
+                kw["endpoint_override"] = u.netloc + u.path.rstrip("/")
+                kw["scheme"] = u.scheme or "https"
+            region = s["region"]
+            if region is None and not s["endpoint"]:
+                try:
+                    region = pafs.resolve_s3_region(self.bucket)
+                except OSError:
+                    region = None
+            if region:
+                kw["region"] = region
+            if s["access_key"]:
+                kw.update(access_key=s["access_key"], secret_key=s["secret_key"])
+                if s["session_token"]:
+                    kw["session_token"] = s["session_token"]
+            if s["virtual"]:
+                kw["force_virtual_addressing"] = True
+            fs = pafs.S3FileSystem(**kw)
+            _CLIENTS[key] = fs
+        return fs
+
+    @property
+    def client(self) -> Any:
+        """A boto3 S3 client (conditional PUT and delete)."""
+        key = ("boto3",) + self._client_key()
+        c = _CLIENTS.get(key)
+        if c is None:
+            try:
+                import boto3  # noqa: PLC0415
+                from botocore.config import Config  # noqa: PLC0415
+            except ImportError:
+                raise BitshardError(
+                    "indexes on object storage need boto3 (for conditional writes): "
+                    "pip install 'bitshard[s3]'") from None
+            s = self._settings
+            cfg = Config(s3={"addressing_style": "virtual" if s["virtual"] else "auto"},
+                         retries={"max_attempts": 5, "mode": "standard"})
+            kw: Dict[str, Any] = {"config": cfg}
+            if s["endpoint"]:
+                kw["endpoint_url"] = s["endpoint"]
+            if s["region"]:
+                kw["region_name"] = s["region"]
+            if s["access_key"]:
+                kw.update(aws_access_key_id=s["access_key"],
+                          aws_secret_access_key=s["secret_key"],
+                          aws_session_token=s["session_token"])
+            c = boto3.session.Session().client("s3", **kw)
+            _CLIENTS[key] = c
+        return c
+
+    # ---------------------------------------------------------------- keys
+
+    def object_key(self, key: str) -> str:
+        """The S3 object key of ``key`` (bucket excluded)."""
+        return "/".join(p for p in (self.prefix, key.strip("/")) if p)
+
+    def _fs_path(self, key: str) -> str:
+        return "/".join(p for p in (self.bucket, self.prefix, key.strip("/")) if p)
+
+    def path(self, key: str) -> str:
+        return join_uri(self.root, key) if key else self.root
+
+    # ---------------------------------------------------------- operations
+
+    def list(self, prefix: str) -> List[FileEntry]:
+        from pyarrow import fs as pafs  # noqa: PLC0415
+
+        sel = pafs.FileSelector(self._fs_path(prefix), allow_not_found=True, recursive=False)
+        try:
+            infos = self.fs.get_file_info(sel)
+        except FileNotFoundError:
+            return []
+        out = []
+        for i in infos:
+            name = i.path.rstrip("/").rsplit("/", 1)[-1]
+            if not name:
+                continue
+            is_dir = i.type == pafs.FileType.Directory
+            mtime = i.mtime.timestamp() if i.mtime is not None else None
+            out.append(FileEntry(name, is_dir, 0 if is_dir else int(i.size or 0), mtime))
+        return sorted(out)
+
+    def read_bytes(self, key: str) -> bytes:
+        with self.fs.open_input_stream(self._fs_path(key)) as f:
+            return f.read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        # A PUT replaces an object whole: readers see the old or the new one.
+        with self.fs.open_output_stream(self._fs_path(key)) as f:
+            f.write(data)
+
+    def write_file(self, local_path: str, key: str) -> None:
+        # Multipart for large files; the object appears only when complete.
+        try:
+            with open(local_path, "rb") as src, \
+                    self.fs.open_output_stream(self._fs_path(key)) as dst:
+                while True:
+                    chunk = src.read(16 << 20)
+                    if not chunk:
+                        break
+                    dst.write(chunk)
+        finally:
+            try:
+                os.remove(local_path)
+            except FileNotFoundError:
+                pass
+
+    def delete(self, key: str) -> bool:
+        if not self.exists(key):
+            return False
+        self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+        return True
+
+    def _info(self, key: str) -> Any:
+        return self.fs.get_file_info(self._fs_path(key))
+
+    def exists(self, key: str) -> bool:
+        from pyarrow import fs as pafs  # noqa: PLC0415
+
+        return self._info(key).type == pafs.FileType.File
+
+    def mtime(self, key: str) -> float:
+        from pyarrow import fs as pafs  # noqa: PLC0415
+
+        i = self._info(key)
+        if i.type != pafs.FileType.File:
+            raise FileNotFoundError(self.path(key))
+        return i.mtime.timestamp() if i.mtime is not None else time.time()
+
+    def _conditional_put(self, object_key: str, data: bytes) -> bool:
+        """PUT with ``If-None-Match: *``; False if the key exists."""
+        from botocore.exceptions import ClientError  # noqa: PLC0415
+
+        delay = 0.05
+        for attempt in range(8):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data,
+                                       IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                err = e.response.get("Error", {})
+                code = str(err.get("Code", ""))
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if code == "PreconditionFailed" or status == 412:
+                    return False
+                if code == "ConditionalRequestConflict" or status == 409:
+                    # Another conditional write to the key is in flight: wait
+                    # for it to land (then we get 412) or fail (then we may).
+                    time.sleep(delay * (attempt + 1))
+                    continue
+                if code in ("NotImplemented", "InvalidArgument") or status == 501:
+                    raise BitshardError(
+                        f"the object store at {self.root} does not support conditional writes "
+                        f"(If-None-Match: *), so bitshard cannot commit there atomically: {e}"
+                    ) from None
+                raise
+        raise BitshardError(f"conditional write of {object_key} kept conflicting; retry")
+
+    def _probe_conditional_writes(self) -> None:
+        """Once per process and store: a second conditional PUT of one key must
+        fail. A store that ignores If-None-Match would let two commits of one
+        version both succeed, so bitshard refuses to commit there."""
+        pk = (self.bucket,) + self._client_key()
+        if _PROBED.get(pk):
+            return
+        key = self.object_key(f".bitshard-probe-{uuid_mod.uuid4().hex}")
+        try:
+            if not self._conditional_put(key, b"1"):
+                raise BitshardError(f"conditional-write probe {key} already existed")
+            honoured = not self._conditional_put(key, b"2")
+        finally:
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+            except Exception:  # best effort
+                pass
+        if not honoured:
+            raise BitshardError(
+                f"the object store at {self.root} ignores conditional writes "
+                f"(If-None-Match: *): two writers could both commit one index version, so "
+                f"bitshard refuses to commit there")
+        _PROBED[pk] = True
+
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        self._probe_conditional_writes()
+        ok = self._conditional_put(self.object_key(key), data)
+        if not ok:
+            raise FileExistsError(self.path(key))
+        # Read back: a correct store returns our bytes. Anything else means
+        # another writer's object is there (a store whose condition check is not
+        # atomic with the write); that writer holds the version, not us.
+        try:
+            got = self.read_bytes(key)
+        except FileNotFoundError:
+            got = None
+        if got != bytes(data):
+            raise FileExistsError(self.path(key))
+
+    def _cache_path(self, key: str) -> Optional[str]:
+        d = self._settings["cache_dir"]
+        if not d:
+            return None
+        root_id = hashlib.sha256(f"{self.root}".encode()).hexdigest()[:16]
+        return os.path.join(os.path.expanduser(d), root_id, key.replace("/", "__"))
+
+    def evict(self, key: str) -> bool:
+        p = self._cache_path(key)
+        if p is None:
+            return False
+        try:
+            os.remove(p)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def open_segment(self, key: str) -> Any:
+        """Download the object into a 64-byte aligned buffer (numpy uint8),
+        or, with a ``cache_dir``, into a cache file that is then mapped. The
+        caller's C reader verifies every checksum either way; a cached copy
+        that fails is evicted (:meth:`evict`) and fetched again."""
+        from pyarrow import fs as pafs  # noqa: PLC0415
+
+        path = self.path(key)
+        info = self._info(key)
+        if info.type != pafs.FileType.File:
+            raise CorruptIndexError(f"segment file is missing: {path}")
+        size = int(info.size or 0)
+        if size == 0:
+            raise CorruptIndexError(f"segment file is empty: {path}")
+        cached = self._cache_path(key)
+        if cached is not None:
+            return self._open_cached(key, cached, size)
+        buf = _aligned_empty(size)
+        view = buf.data  # a writable memoryview of the aligned bytes
+        got = 0
+        try:
+            with self.fs.open_input_file(self._fs_path(key)) as f:
+                while got < size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except FileNotFoundError:
+            raise CorruptIndexError(f"segment file is missing: {path}") from None
+        if got != size:
+            raise CorruptIndexError(f"segment file {path} changed while read "
+                                    f"({got} of {size} bytes)")
+        buf.flags.writeable = False
+        return buf
+
+    def _open_cached(self, key: str, cached: str, size: int) -> Any:
+        """Map the cache file of ``key``, downloading it first if absent or of
+        another size (segments are immutable: a uuid names one content)."""
+        try:
+            ok = os.path.getsize(cached) == size
+        except FileNotFoundError:
+            ok = False
+        if not ok:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            tmp = f"{cached}.{os.getpid()}.{uuid_mod.uuid4().hex[:8]}.tmp"
+            try:
+                with self.fs.open_input_stream(self._fs_path(key)) as src, \
+                        open(tmp, "wb") as dst:
+                    while True:
+                        chunk = src.read(16 << 20)
+                        if not chunk:
+                            break
+                        dst.write(chunk)
+                if os.path.getsize(tmp) != size:
+                    raise CorruptIndexError(
+                        f"segment file {self.path(key)} changed while read")
+                os.replace(tmp, cached)
+            except FileNotFoundError:
+                raise CorruptIndexError(
+                    f"segment file is missing: {self.path(key)}") from None
+            finally:
+                try:
+                    os.remove(tmp)
+                except FileNotFoundError:
+                    pass
+        with open(cached, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # page-aligned
+
+    def local_target(self, key: str) -> Tuple[str, bool]:
+        import tempfile  # noqa: PLC0415
+
+        d = tempfile.mkdtemp(prefix="bitshard-upload-")
+        return os.path.join(d, key.rsplit("/", 1)[-1]), True
+
