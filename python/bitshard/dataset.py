@@ -169,6 +169,12 @@ class Dataset:
         #: Where the indexes live (:class:`bitshard.storage.Storage`).
         self.storage: Storage = Storage.for_uri(self.index_root, self.storage_options)
         self._searchers: Dict[Tuple[str, int], Any] = {}
+        # The committed indexes this object searches: name -> (version,
+        # column), read at first use and kept (like a Lance dataset pinned to
+        # its version) until this object commits or refresh() is called, so
+        # a search does not list and parse manifests on every call.
+        self._view: Optional[Dict[str, Tuple[int, str]]] = None
+        self._plans: Dict[Any, Dict[str, Any]] = {}
         self._deleted_cache: Dict[Tuple[Any, int], np.ndarray] = {}
 
     # -------------------------------------------------------------- pickling
@@ -185,6 +191,8 @@ class Dataset:
         self._tmp = None
         self._searchers = {}
         self._deleted_cache = {}
+        self._view = None
+        self._plans = {}
 
     def __repr__(self) -> str:
         return f"bitshard.Dataset({self.source.kind}, uri={self.source.uri!r}, index_root={self.index_root!r})"
@@ -308,6 +316,7 @@ class Dataset:
         ``replace=True``. Raises CommitConflictError when another writer
         committed the same version first.
         """
+        self._view = None  # our own commit: see it next search
         idx.commit(self.storage, name, column, list(segments),
                    mode="replace" if replace else "append",
                    source_version=self.source.version)
@@ -349,6 +358,7 @@ class Dataset:
             column, index_type, name=name, ivf_centroids=ivf_centroids,
             rq_rotation=rq_rotation, num_bits=num_bits, metric=metric, **kwargs,
         )
+        self._view = None  # our own commit: see it next search
         idx.commit(self.storage, name, column, [seg], mode="replace" if replace else "append",
                    source_version=self.source.version)
         return self
@@ -362,6 +372,7 @@ class Dataset:
             if len(segs) <= 1:
                 continue
             merged = idx.merge_segments(segs, self.storage)
+            self._view = None  # our own commit: see it next search
             idx.commit(self.storage, n, doc["column"], [merged], mode="replace",
                        source_version=self.source.version, expected_version=doc["version"])
         return self
@@ -410,13 +421,29 @@ class Dataset:
 
     # -------------------------------------------------------------- search
 
+    def refresh(self) -> "Dataset":
+        """See indexes committed by other writers since this object first
+        searched (its own commits are always seen). Returns self."""
+        self._view = None
+        return self
+
+    def _index_view(self) -> Dict[str, Tuple[int, str]]:
+        if self._view is None:
+            view = {}
+            for n in idx.list_index_names(self.storage):
+                v = idx.latest_version(self.storage, n)
+                view[n] = (v, idx.read_manifest(self.storage, n, v)["column"])
+            self._view = view
+        return self._view
+
     def _resolve_index(self, column: str, index: Optional[str]) -> str:
-        names = idx.list_index_names(self.storage)
+        view = self._index_view()
+        names = sorted(view)
         if index is not None:
-            if index not in names:
+            if index not in view:
                 raise IndexNotFoundError(f"no index named {index!r}; have {names}")
             return index
-        on_col = [n for n in names if idx.read_manifest(self.storage, n)["column"] == column]
+        on_col = [n for n in names if view[n][1] == column]
         if not on_col:
             raise IndexNotFoundError(f"no index on column {column!r}")
         if len(on_col) > 1:
@@ -442,8 +469,31 @@ class Dataset:
             return None
         return np.ascontiguousarray(np.sort(np.concatenate(parts)), dtype=np.uint64)
 
+    def _plan(self, name: str, handles: List[SegmentHandle]) -> Dict[str, Any]:
+        """What a search of index ``name`` needs that does not depend on the
+        query: computed once per (index version, source version)."""
+        key = (name, self._index_view()[name][0], self.source.version)
+        plan = self._plans.get(key)
+        if plan is None:
+            source_frags = {f.id for f in self.source.fragments()}
+            covered = set(idx.iter_fragments(handles))
+            # Fragments compacted away or deleted since the build: segments
+            # covering only those are skipped, and their rows never returned.
+            stale = covered - source_frags
+            plan = {
+                "source_frags": source_frags,
+                "covered": covered,
+                "uncovered_all": sorted(source_frags - covered),
+                "mask_all": np.array([any(f in source_frags for f in h.fragment_ids)
+                                      for h in handles], dtype=np.uint8),
+                "allowed_all": np.array(sorted(source_frags), dtype=np.uint64) if stale else None,
+                "denied": self._deleted_rowids(handles),
+            }
+            self._plans = {key: plan}
+        return plan
+
     def _searcher(self, name: str) -> Tuple[Any, List[SegmentHandle], Dict[str, Any]]:
-        version = idx.latest_version(self.storage, name)
+        version = self._index_view()[name][0]
         key = (name, version)
         if key not in self._searchers:
             doc = idx.read_manifest(self.storage, name, version)
@@ -539,19 +589,25 @@ class Dataset:
                 f"query {bad[0]} has a non-finite value at dimension {bad[1]}"
             )
         num_bits = int(doc.get("num_bits", 1))
-        source_frags = [f.id for f in self.source.fragments()]
-        wanted = set(source_frags) if fragment_ids is None else {int(f) for f in fragment_ids}
-        unknown = wanted - set(source_frags)
-        if unknown:
-            raise InvalidInputError(f"fragment {min(unknown)} is not in the source")
-        mask = np.array([any(f in wanted for f in h.fragment_ids) for h in handles], dtype=np.uint8)
-        allowed_frags = None if fragment_ids is None else np.array(sorted(wanted), dtype=np.uint64)
+        plan = self._plan(name, handles)
+        if fragment_ids is None:
+            wanted = plan["source_frags"]
+            mask = plan["mask_all"]
+            allowed_frags = plan["allowed_all"]
+            uncovered = [] if fast_search else plan["uncovered_all"]
+        else:
+            wanted = {int(f) for f in fragment_ids}
+            unknown = wanted - plan["source_frags"]
+            if unknown:
+                raise InvalidInputError(f"fragment {min(unknown)} is not in the source")
+            mask = np.array([any(f in wanted for f in h.fragment_ids) for h in handles],
+                            dtype=np.uint8)
+            allowed_frags = np.array(sorted(wanted), dtype=np.uint64)
+            uncovered = [] if fast_search else sorted(wanted - plan["covered"])
         allowed_rows = None
         if filter is not None:
             allowed_rows = np.ascontiguousarray(
                 np.sort(self.source.filter_rowids(filter, sorted(wanted))), dtype=np.uint64)
-        covered = set(idx.iter_fragments(handles))
-        uncovered = [] if fast_search else sorted(f for f in wanted if f not in covered)
         mcode = METRICS[metric]
         stats_reads = 0
 
@@ -565,8 +621,7 @@ class Dataset:
             res, st = searcher.search_batch(
                 Q, nq, int(k), int(nprobes), float(eps0),
                 0 if refine_factor is None else int(refine_factor),
-                mask, allowed_rows, allowed_frags, int(threads),
-                self._deleted_rowids(handles),
+                mask, allowed_rows, allowed_frags, int(threads), plan["denied"],
             )
             stats += np.array(st, dtype=np.int64)
             per_query = [(np.frombuffer(r, dtype=np.uint64), np.frombuffer(e, dtype=np.float32))
