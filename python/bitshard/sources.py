@@ -794,7 +794,8 @@ class LanceSource(Source):
             # Carry the options the dataset was opened with (object-store
             # credentials) so that a worker can reopen it; None if there were none.
             try:
-                storage_options = ds.initial_storage_options()
+                opts = ds.initial_storage_options  # a property in newer pylance
+                storage_options = opts() if callable(opts) else opts
             except Exception:  # older pylance: the caller passes storage_options=
                 storage_options = None
         self._storage_options = storage_options

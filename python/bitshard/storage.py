@@ -375,10 +375,13 @@ class ObjectStorage(Storage):
     PUT, ``If-None-Match: *``: the store refuses it with 412 if the key
     exists, so of writers racing for a manifest version exactly one lands.
     The writer then reads the manifest back and checks it holds its own
-    bytes (a store that checks the condition and writes in two unlocked steps,
-    as some emulators do, cannot then give two writers a success), and the
-    first exclusive create of a process checks once that the store honours
-    the condition at all, refusing to commit on a store that ignores it.
+    bytes (on a store that checks the condition and writes in two unlocked
+    steps, as moto's server does, the earlier of two racing writers then sees
+    the later one's bytes and yields; this narrows that store's race to the
+    rare case where the earlier writer's read-back lands before the later
+    PUT, it does not close it), and the first exclusive create of a process
+    checks once that the store honours the condition at all, refusing to
+    commit on a store that ignores it.
     """
 
     is_local = False
