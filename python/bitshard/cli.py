@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-partitions", type=_positive_int, default=None,
                    help="IVF partitions (default: about sqrt(rows))")
     b.add_argument("--num-bits", type=_positive_int, default=None,
-                   help="bits per dimension, 1..9 (default 1)")
+                   help="bits per dimension, 1..9 (default 9: see docs/decisions.md)")
     b.add_argument("--metric", choices=("l2", "cosine", "dot"), default="l2")
     b.add_argument("--workers", type=_positive_int, default=None,
                    help="worker processes / Ray CPUs (default: CPU count)")

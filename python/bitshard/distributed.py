@@ -43,7 +43,7 @@ import numpy as np
 from . import _native
 from . import index as idx
 from .artifacts import IvfModel, Rotation, as_ivf_model, build_rq_rotation, metric_code
-from .dataset import Dataset, _default_num_partitions, dataset, train_ivf
+from .dataset import DEFAULT_NUM_BITS, Dataset, _default_num_partitions, dataset, train_ivf
 from .errors import BitshardError, CorruptIndexError, InvalidInputError
 from .index import OpenSegment, SegmentHandle
 from .progress import Progress
@@ -565,7 +565,7 @@ def build_index(
         index_type: must be ``"IVF_RQ"``.
         num_partitions: IVF partitions k when centroids are trained (default
             about sqrt(rows)).
-        num_bits: bits per dimension of the codes, 1..9 (default 1, or the
+        num_bits: bits per dimension of the codes, 1..9 (default 9, or the
             bit width of ``rq_rotation``).
         metric: ``"l2"``, ``"cosine"`` or ``"dot"``.
         num_workers: workers (processes, or CPUs of the local Ray started
@@ -721,7 +721,7 @@ def build_index(
         if rq_rotation is not None:
             rot = rq_rotation
         else:
-            rot = build_rq_rotation(dim, 1 if num_bits is None else int(num_bits),
+            rot = build_rq_rotation(dim, DEFAULT_NUM_BITS if num_bits is None else int(num_bits),
                                     dtype=source.vector_dtype(column).name, seed=seed)
         tasks = plan_tasks(frags, workers, fragments_per_task)
         state = {

@@ -44,6 +44,17 @@ def test_recall_against_brute_force(tmp_path, metric, num_bits, dim):
     assert r >= 0.95, f"recall@10 {r:.3f} for {metric} {num_bits} bit d={dim}"
 
 
+def test_default_is_nine_bits_and_answers_from_codes(small_lance):
+    uri, x = small_lance
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", "IVF_RQ", num_partitions=8)
+    assert ds.describe_indices()[0]["num_bits"] == 9
+    t = ds.search("vec", x[:20], k=10, nprobes=8, with_stats=True)
+    assert ds.last_search_stats["exact_reads"] == 0  # no source reads
+    got = rowids_to_positions(ds, t.column("_rowid").to_numpy().reshape(20, 10))
+    assert recall(got, brute_force(x, x[:20], 10)) >= 0.95
+
+
 def test_multibit_codes_only_recall(tmp_path):
     x = clustered(20050, 128, clusters=40, seed=5)
     base, queries = x[:20000], x[20000:]
@@ -56,7 +67,7 @@ def test_multibit_codes_only_recall(tmp_path):
 def test_distances_are_exact_after_rerank(small_lance):
     uri, x = small_lance
     ds = bitshard.dataset(uri)
-    ds.create_index("vec", "IVF_RQ", num_partitions=16)
+    ds.create_index("vec", "IVF_RQ", num_partitions=16, num_bits=1)
     q = x[:3] + 0.01
     t = ds.search("vec", q, k=5, nprobes=16)
     pos = rowids_to_positions(ds, t.column("_rowid").to_numpy())
@@ -67,7 +78,7 @@ def test_distances_are_exact_after_rerank(small_lance):
 def test_single_query_shape_and_columns(small_lance):
     uri, x = small_lance
     ds = bitshard.dataset(uri)
-    ds.create_index("vec", "IVF_RQ", num_partitions=8)
+    ds.create_index("vec", "IVF_RQ", num_partitions=8, num_bits=1)  # exact rerank
     t = ds.search("vec", x[10], k=3, columns=["id"])
     assert t.column_names == ["_rowid", "_distance", "id"]
     assert t.num_rows == 3
@@ -139,7 +150,7 @@ def test_degenerate_vectors(metric):
     ds = bitshard.dataset(x, fragment_size=100)
     ivf = bitshard.train_ivf(ds, "vector", 8, metric=metric)
     c = ivf.centroids.copy()
-    ds.create_index("vector", "IVF_RQ", ivf_centroids=c, metric=metric)
+    ds.create_index("vector", "IVF_RQ", ivf_centroids=c, metric=metric, num_bits=1)
     # a vector equal to its centroid: zero residual
     q = np.vstack([np.zeros(24, np.float32), x[40], x[399], c[0]])
     t = ds.search("vector", q, k=5, nprobes=8)
