@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--partitions", type=int, default=256)
-    ap.add_argument("--num-bits", type=int, default=1)
+    ap.add_argument("--num-bits", type=int, default=None, help="default: the library default (9)")
     ap.add_argument("--nprobes", type=int, default=20)
     ap.add_argument("--dir", default=None, help="where to write the dataset (default: a temp dir)")
     ap.add_argument("--executor", default=None, choices=["ray", "processes", "serial"],
@@ -60,7 +60,8 @@ def main() -> None:
                               num_workers=args.workers, progress=False)
     build_s = time.perf_counter() - t0
     st = getattr(ds, "last_build_stats", {})
-    print(f"built IVF_RQ ({args.partitions} partitions, {args.num_bits} bit) in {build_s:.2f} s "
+    bits = ds.describe_indices()[0]["num_bits"]
+    print(f"built IVF_RQ ({args.partitions} partitions, {bits} bits) in {build_s:.2f} s "
           f"on {st.get('executor', '?')} with {st.get('num_workers', '?')} workers, "
           f"{st.get('tasks', '?')} tasks [kernel: {bitshard.simd_level()}]")
 
