@@ -231,6 +231,14 @@ class Storage:
 # =========================================================================
 
 
+def _write_synced(path: str, data: bytes) -> None:
+    """Write a local file and flush it to disk before it is renamed or linked."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class LocalStorage(Storage):
     """An index root on a local (or shared, POSIX) filesystem."""
 
@@ -273,10 +281,7 @@ class LocalStorage(Storage):
         path = self.path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, data)
         os.replace(tmp, path)
 
     def write_file(self, local_path: str, key: str) -> None:
@@ -302,10 +307,7 @@ class LocalStorage(Storage):
         final = self.path(key)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = f"{final}.{uuid_mod.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, data)
         try:
             os.link(tmp, final)  # atomic, and fails if the key exists
         finally:
