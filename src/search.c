@@ -222,6 +222,45 @@ static float dot_f(const float *a, const float *b, uint32_t n) {
            ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
+/* dot_f of q with four rows at once, each with exactly dot_f's partial
+ * sums and reduction (so the same bits): a single dot is a chain of
+ * dependent adds, four interleaved keep the adder busy. */
+static void dot4_f(const float *q, const float *r0, const float *r1, const float *r2,
+                   const float *r3, uint32_t n, float out[4]) {
+#if defined(__SSE2__)
+    const float *rows[4] = {r0, r1, r2, r3};
+    __m128 lo0 = _mm_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0,
+           lo3 = lo0, hi3 = lo0;
+    uint32_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m128 qa = _mm_loadu_ps(q + i), qb = _mm_loadu_ps(q + i + 4);
+        lo0 = _mm_add_ps(lo0, _mm_mul_ps(qa, _mm_loadu_ps(r0 + i)));
+        hi0 = _mm_add_ps(hi0, _mm_mul_ps(qb, _mm_loadu_ps(r0 + i + 4)));
+        lo1 = _mm_add_ps(lo1, _mm_mul_ps(qa, _mm_loadu_ps(r1 + i)));
+        hi1 = _mm_add_ps(hi1, _mm_mul_ps(qb, _mm_loadu_ps(r1 + i + 4)));
+        lo2 = _mm_add_ps(lo2, _mm_mul_ps(qa, _mm_loadu_ps(r2 + i)));
+        hi2 = _mm_add_ps(hi2, _mm_mul_ps(qb, _mm_loadu_ps(r2 + i + 4)));
+        lo3 = _mm_add_ps(lo3, _mm_mul_ps(qa, _mm_loadu_ps(r3 + i)));
+        hi3 = _mm_add_ps(hi3, _mm_mul_ps(qb, _mm_loadu_ps(r3 + i + 4)));
+    }
+    const __m128 lo[4] = {lo0, lo1, lo2, lo3}, hi[4] = {hi0, hi1, hi2, hi3};
+    for (int r = 0; r < 4; r++) {
+        float acc[8];
+        _mm_storeu_ps(acc, lo[r]);
+        _mm_storeu_ps(acc + 4, hi[r]);
+        float tail = 0.0f;
+        for (uint32_t j = i; j < n; j++) tail += q[j] * rows[r][j];
+        out[r] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+                 ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+    }
+#else
+    out[0] = dot_f(q, r0, n);
+    out[1] = dot_f(q, r1, n);
+    out[2] = dot_f(q, r2, n);
+    out[3] = dot_f(q, r3, n);
+#endif
+}
+
 static float sum_f(const float *a, uint32_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     uint32_t i = 0;
@@ -265,17 +304,50 @@ static float fastscan_code_dot(const uint8_t *block, uint32_t v, uint32_t D,
 }
 
 /* <plane, x> for one bit plane laid out like a 1-bit code: byte j holds
- * groups 2j (low nibble) and 2j + 1 (high nibble). */
+ * groups 2j (low nibble) and 2j + 1 (high nibble), so nibble n of a
+ * little-endian 64-bit word is group n. Reading words rather than bytes
+ * keeps gcc from round-tripping each byte through the stack (a store-
+ * forwarding stall that cost ~40 cycles per byte). Group g goes to
+ * accumulator g mod 4, in increasing g (D/8 is a multiple of 8). */
 static float plane_dot(const uint8_t *plane, uint32_t D, const float *t) {
     float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    for (uint32_t j = 0; j < D / 8; j += 2, t += 64) {
-        const uint8_t b0 = plane[j], b1 = plane[j + 1];
-        a0 += t[b0 & 15];
-        a1 += t[16 + (b0 >> 4)];
-        a2 += t[32 + (b1 & 15)];
-        a3 += t[48 + (b1 >> 4)];
+    for (uint32_t j = 0; j < D / 8; j += 8) {
+        uint64_t w;
+        memcpy(&w, plane + j, sizeof w);
+        for (int n = 0; n < 16; n += 4, t += 64, w >>= 16) {
+            a0 += t[w & 15];
+            a1 += t[16 + ((w >> 4) & 15)];
+            a2 += t[32 + ((w >> 8) & 15)];
+            a3 += t[48 + ((w >> 12) & 15)];
+        }
     }
     return (a0 + a1) + (a2 + a3);
+}
+
+/* How many candidates ahead stage 2 prefetches: enough to cover a DRAM
+ * miss (~100 ns) with the ~50 ns each candidate's arithmetic takes. */
+#define STAGE2_PREFETCH 6
+
+static inline void prefetch_read(const void *p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p, 0, 3);
+#else
+    (void)p;
+#endif
+}
+
+/* Bit i set when lbs[i] is not above the threshold (NaN counts as not
+ * above, like the scalar test it stands for). lbs must have 4 readable
+ * floats. */
+static inline unsigned pass_mask(const float *lbs, float threshold) {
+#if defined(__SSE2__)
+    return (unsigned)_mm_movemask_ps(
+        _mm_cmpngt_ps(_mm_loadu_ps(lbs), _mm_set1_ps(threshold)));
+#else
+    unsigned m = 0;
+    for (unsigned j = 0; j < 4; j++) m |= (unsigned)!(lbs[j] > threshold) << j;
+    return m;
+#endif
 }
 
 /* ------------------------------------------------------------- searcher */
@@ -394,8 +466,19 @@ static void choose_probes(const bs_searcher *s, const float *q, uint32_t nprobe,
     /* Partial selection sort over an insertion-ordered list of size nprobe
      * keeps this O(nlist * nprobe) in the worst case but O(nlist) typically. */
     uint32_t have = 0;
+    float ips[4];
     for (uint32_t c = 0; c < s->nlist; c++) {
-        float ip = dot_f(q, s->centroids + (size_t)c * s->dim, s->dim);
+        const float *cen = s->centroids;
+        const size_t d = s->dim;
+        if (c % 4 == 0) {
+            if (c + 4 <= s->nlist)
+                dot4_f(q, cen + c * d, cen + (c + 1) * d, cen + (c + 2) * d,
+                       cen + (c + 3) * d, s->dim, ips);
+            else
+                for (uint32_t j = c; j < s->nlist; j++)
+                    ips[j - c] = dot_f(q, cen + j * d, s->dim);
+        }
+        float ip = ips[c % 4];
         float key = s->metric == BS_METRIC_L2 ? qn - 2.0f * ip + s->centroid_norm2[c]
                                               : -ip;
         if (have == nprobe && key >= keys[have - 1]) continue;
@@ -465,6 +548,8 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
 
     size_t nheap = 0;
     c->ncands = 0;
+    const int filtered = params->allowed_fragments != NULL ||
+                         params->denied_rowids != NULL || params->allowed_rowids != NULL;
     const float half_levels = (float)((1u << B) - 1) * 0.5f;
     const float groups = (float)(D / 4);
 
@@ -518,26 +603,40 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
                 float bound = ferr * v.f1[i] + lerr * fabsf(v.s1[i]);
                 lbs[i] = est - bound;
             }
-            for (uint32_t i = 0; i < v.count; i++) {
-                float lb = lbs[i];
-                if (nheap == k && lb > c->heap[0]) continue;
-                uint64_t rowid = bs_segment_rowid(s->segs[si], v.ordinals[i]);
-                if (!rowid_allowed(params, rowid)) continue;
-                float bound = ferr * v.f1[i] + lerr * fabsf(v.s1[i]);
-                float est = lb + bound;
-                float ub = est + bound;
-                heap_push_bounded(c->heap, &nheap, k, ub);
-                if (!grow((void **)&c->cands, &c->cap_cands, c->ncands + 1,
-                          sizeof(bs_cand)))
-                    return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-                bs_cand *cd = &c->cands[c->ncands++];
-                cd->rowid = rowid;
-                cd->est = est;
-                cd->lb = lb;
-                cd->ub = ub;
-                cd->seg = (uint32_t)si;
-                cd->probe = pi;
-                cd->index = i;
+            /* Most codes fail the threshold: test four at a time and visit
+             * only the survivors. The threshold read per group may be stale
+             * (larger), which only lets a code reach the exact test below. */
+            for (uint32_t i0 = 0; i0 < v.count; i0 += 4) {
+                unsigned live = pass_mask(lbs + i0, nheap == k ? c->heap[0] : INFINITY);
+                if (v.count - i0 < 4) live &= (1u << (v.count - i0)) - 1u;
+                while (live) {
+                    uint32_t i = i0 + (uint32_t)__builtin_ctz(live);
+                    live &= live - 1u;
+                    float lb = lbs[i];
+                    if (nheap == k && lb > c->heap[0]) continue;
+                    /* Without filters the row id waits until the final
+                     * threshold has dropped most candidates. */
+                    uint64_t rowid = v.ordinals[i];
+                    if (filtered) {
+                        rowid = bs_segment_rowid(s->segs[si], v.ordinals[i]);
+                        if (!rowid_allowed(params, rowid)) continue;
+                    }
+                    float bound = ferr * v.f1[i] + lerr * fabsf(v.s1[i]);
+                    float est = lb + bound;
+                    float ub = est + bound;
+                    heap_push_bounded(c->heap, &nheap, k, ub);
+                    if (!grow((void **)&c->cands, &c->cap_cands, c->ncands + 1,
+                              sizeof(bs_cand)))
+                        return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+                    bs_cand *cd = &c->cands[c->ncands++];
+                    cd->rowid = rowid;
+                    cd->est = est;
+                    cd->lb = lb;
+                    cd->ub = ub;
+                    cd->seg = (uint32_t)si;
+                    cd->probe = pi;
+                    cd->index = i;
+                }
             }
         }
     }
@@ -549,6 +648,10 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
     for (size_t i = 0; i < c->ncands; i++)
         if (c->cands[i].lb <= threshold) c->cands[kept++] = c->cands[i];
     c->ncands = kept;
+    if (!filtered)
+        for (size_t i = 0; i < kept; i++)
+            c->cands[i].rowid = bs_segment_rowid(s->segs[c->cands[i].seg],
+                                                 (uint32_t)c->cands[i].rowid);
 
     if (B > 1) {
         /* Stage 2, gated like the exact rerank: candidates in (lower bound,
@@ -570,9 +673,22 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
             return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
         memset(c->ntab_ready, 0, nprobe);
         const size_t plane_bytes = bs_code_bytes(D);
+        const size_t ext_bytes = bs_ext_bytes(D, B);
         for (size_t i = 0; i < c->ncands; i++) {
             bs_cand *cd = &c->cands[i];
             if (nh == gate_k && cd->lb > c->heap[0]) break;
+            /* Candidates sit at random places in the segment, so stage 2
+             * waits on memory, not arithmetic: fetch a few candidates
+             * ahead (reading past the stop point is harmless). */
+            if (i + STAGE2_PREFETCH < c->ncands) {
+                const bs_cand *ahead = &c->cands[i + STAGE2_PREFETCH];
+                bs_partition_view av;
+                bs_segment_partition(s->segs[ahead->seg], c->probes[ahead->probe], &av);
+                const uint8_t *e = av.ext + (size_t)ahead->index * ext_bytes;
+                for (size_t off = 0; off < ext_bytes; off += 64) prefetch_read(e + off);
+                prefetch_read(e + ext_bytes - 1);
+                prefetch_read(av.s_full + ahead->index);
+            }
             bs_partition_view v;
             bs_segment_partition(s->segs[cd->seg], c->probes[cd->probe], &v);
             const float *pi = c->pinfo + (size_t)cd->probe * 3;
@@ -583,7 +699,7 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
             }
             const uint8_t *block =
                 v.blocks + (size_t)(cd->index / 32) * bs_fastscan_block_bytes(D);
-            const uint8_t *ext = v.ext + (size_t)cd->index * bs_ext_bytes(D, B);
+            const uint8_t *ext = v.ext + (size_t)cd->index * ext_bytes;
             float ip_e = 0.0f;
             for (uint32_t j = 0; j + 1 < B; j++)
                 ip_e += (float)(1u << j) * plane_dot(ext + j * plane_bytes, D, tab);
