@@ -7,6 +7,8 @@ Quick start::
     ds = bitshard.dataset("vectors.lance")
     ds.create_index("vec", "IVF_RQ", num_partitions=256)
     hits = ds.search("vec", query, k=10)        # pyarrow.Table
+    s = ds.searcher("vec", k=10, nprobes=20)    # prepared: for many queries
+    rowids, distances = s.search(query)         # numpy arrays
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .errors import (
 )
 from .artifacts import IvfModel, Rotation, build_rq_model, build_rq_rotation
 from .dataset import Dataset, dataset, train_ivf
+from .searcher import NO_ROW, Searcher
 from .index import SegmentHandle
 from .distributed import build_index, cleanup
 from . import _native
@@ -45,8 +48,10 @@ __all__ = [
     "IndexNotFoundError",
     "InvalidInputError",
     "IvfModel",
+    "NO_ROW",
     "Rotation",
     "SegmentHandle",
+    "Searcher",
     "UnsupportedCpuError",
     "UnsupportedVersionError",
     "build_index",

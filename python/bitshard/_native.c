@@ -420,7 +420,8 @@ typedef struct {
     PyObject_HEAD
     bs_searcher *s;
     PyObject *segments; /* tuple: keeps every Segment alive */
-    bs_candidates *cand;
+    bs_candidates *cand; /* scratch of search(), while busy is 0 */
+    int busy;
     PyObject *module;
 } SearcherObject;
 
@@ -463,75 +464,111 @@ static void Searcher_dealloc(SearcherObject *self) {
     Py_DECREF(tp);
 }
 
-/* search(q, k, nprobes, eps0, refine_factor, segment_mask|None, allowed|None)
- * -> (rowids bytes (uint64), estimates bytes (float32), lower_bounds bytes,
- *     (partitions_probed, codes_scanned, codes_stage2, candidates)) */
+/* search(q, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids,
+ *        allowed_fragments, denied_rowids, out_rowids, out_estimates,
+ *        out_lower_bounds, stats) -> n
+ *
+ * One query into caller-owned arrays: the hot path of a prepared search, so
+ * nothing is allocated per call. The four filters may be None; stats is
+ * None or a uint64[4] that the call adds its counts to. Returns the number
+ * of candidates; only the first len(out_rowids) are copied, so a caller
+ * whose arrays were short calls again with longer ones. */
 static PyObject *Searcher_search(SearcherObject *self, PyObject *args) {
-    PyObject *qo, *masko, *allowo, *fragso = Py_None;
+    PyObject *o[13];
     unsigned int k, nprobes, refine;
     float eps0;
-    if (!PyArg_ParseTuple(args, "OIIfIOO|O", &qo, &k, &nprobes, &eps0, &refine, &masko,
-                          &allowo, &fragso))
+    if (!PyArg_ParseTuple(args, "OIIfIOOOOOOOO", &o[0], &k, &nprobes, &eps0, &refine, &o[5],
+                          &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12]))
         return NULL;
-    Py_buffer q, mask, allow, frags;
-    int has_mask = masko != Py_None, has_allow = allowo != Py_None,
-        has_frags = fragso != Py_None;
-    if (get_buf(qo, &q, 'f', 4, 0, "q") < 0) return NULL;
-    if (has_mask && get_buf(masko, &mask, 'b', 1, 0, "segment_mask") < 0) {
-        PyBuffer_Release(&q);
-        return NULL;
-    }
-    if (has_allow && get_buf(allowo, &allow, 'u', 8, 0, "allowed_rowids") < 0) {
-        PyBuffer_Release(&q);
-        if (has_mask) PyBuffer_Release(&mask);
-        return NULL;
-    }
-    if (has_frags && get_buf(fragso, &frags, 'u', 8, 0, "allowed_fragments") < 0) {
-        PyBuffer_Release(&q);
-        if (has_mask) PyBuffer_Release(&mask);
-        if (has_allow) PyBuffer_Release(&allow);
-        return NULL;
-    }
+    /* buffers: q, mask, allowed, frags, denied, rowids, est, lb, stats */
+    static const int arg_of[9] = {0, 5, 6, 7, 8, 9, 10, 11, 12};
+    static const char kind[9] = {'f', 'b', 'u', 'u', 'u', 'u', 'f', 'f', 'u'};
+    static const int writable[9] = {0, 0, 0, 0, 0, 1, 1, 1, 1};
+    static const char *const names[9] = {"q", "segment_mask", "allowed_rowids",
+                                         "allowed_fragments", "denied_rowids", "out_rowids",
+                                         "out_estimates", "out_lower_bounds", "stats"};
+    Py_buffer buf[9];
+    int got[9] = {0};
     PyObject *result = NULL;
-    Py_ssize_t nseg = PyTuple_GET_SIZE(self->segments);
+    for (int i = 0; i < 9; i++) {
+        PyObject *obj = o[arg_of[i]];
+        if (obj == Py_None && i != 0 && i != 5 && i != 6) continue;
+        if (get_buf(obj, &buf[i], kind[i], 8, writable[i], names[i]) < 0) goto done;
+        got[i] = 1;
+    }
     bs_segment_info in;
     bs_segment_get_info(((SegmentObject *)PyTuple_GET_ITEM(self->segments, 0))->seg, &in);
-    if (check_len(&q, in.dim, "q") == 0 &&
-        (!has_mask || check_len(&mask, (size_t)nseg, "segment_mask") == 0)) {
-        bs_search_params p;
-        memset(&p, 0, sizeof p);
-        p.k = k;
-        p.nprobes = nprobes;
-        p.eps0 = eps0;
-        p.refine_factor = refine;
-        p.segment_mask = has_mask ? mask.buf : NULL;
-        p.allowed_rowids = has_allow ? allow.buf : NULL;
-        p.num_allowed = has_allow ? (size_t)(allow.len / 8) : 0;
-        p.allowed_fragments = has_frags ? frags.buf : NULL;
-        p.num_allowed_fragments = has_frags ? (size_t)(frags.len / 8) : 0;
-        bs_search_stats stats;
-        bs_error err;
-        bs_status status;
-        Py_BEGIN_ALLOW_THREADS
-        status = bs_search(self->s, q.buf, &p, self->cand, &stats, &err);
-        Py_END_ALLOW_THREADS
-        if (status != BS_OK) {
-            raise_bs(self->module, &err);
-        } else {
-            size_t n = bs_candidates_size(self->cand);
-            result = Py_BuildValue(
-                "(y#y#y#(KKKK))", (const char *)bs_candidates_rowids(self->cand),
-                (Py_ssize_t)(n * 8), (const char *)bs_candidates_estimates(self->cand),
-                (Py_ssize_t)(n * 4), (const char *)bs_candidates_lower_bounds(self->cand),
-                (Py_ssize_t)(n * 4), (unsigned long long)stats.partitions_probed,
-                (unsigned long long)stats.codes_scanned,
-                (unsigned long long)stats.codes_stage2, (unsigned long long)stats.candidates);
+    if (check_len(&buf[0], in.dim, "q") < 0) goto done;
+    if (got[1] && check_len(&buf[1], (size_t)PyTuple_GET_SIZE(self->segments),
+                            "segment_mask") < 0)
+        goto done;
+    if (got[8] && check_len(&buf[8], 4, "stats") < 0) goto done;
+    size_t cap = (size_t)(buf[5].len / 8);
+    if ((size_t)(buf[6].len / 4) < cap) cap = (size_t)(buf[6].len / 4);
+    if (got[7] && (size_t)(buf[7].len / 4) < cap) cap = (size_t)(buf[7].len / 4);
+
+    bs_search_params p;
+    memset(&p, 0, sizeof p);
+    p.k = k;
+    p.nprobes = nprobes;
+    p.eps0 = eps0;
+    p.refine_factor = refine;
+    p.segment_mask = got[1] ? buf[1].buf : NULL;
+    p.allowed_rowids = got[2] ? buf[2].buf : NULL;
+    p.num_allowed = got[2] ? (size_t)(buf[2].len / 8) : 0;
+    p.allowed_fragments = got[3] ? buf[3].buf : NULL;
+    p.num_allowed_fragments = got[3] ? (size_t)(buf[3].len / 8) : 0;
+    p.denied_rowids = got[4] ? buf[4].buf : NULL;
+    p.num_denied = got[4] ? (size_t)(buf[4].len / 8) : 0;
+
+    /* The object's scratch serves one call at a time; a concurrent caller
+     * (another Python thread, the GIL released below) gets its own. The flag
+     * is read and set under the GIL. */
+    bs_candidates *c = self->cand;
+    int own = 0;
+    if (self->busy || c == NULL) {
+        c = bs_candidates_new();
+        if (c == NULL) {
+            PyErr_NoMemory();
+            goto done;
         }
+        own = 1;
+    } else {
+        self->busy = 1;
     }
-    PyBuffer_Release(&q);
-    if (has_mask) PyBuffer_Release(&mask);
-    if (has_allow) PyBuffer_Release(&allow);
-    if (has_frags) PyBuffer_Release(&frags);
+    bs_search_stats stats;
+    bs_error err;
+    bs_status status;
+    size_t n = 0;
+    Py_BEGIN_ALLOW_THREADS
+    status = bs_search(self->s, buf[0].buf, &p, c, &stats, &err);
+    if (status == BS_OK) {
+        n = bs_candidates_size(c);
+        size_t m = n < cap ? n : cap;
+        memcpy(buf[5].buf, bs_candidates_rowids(c), m * sizeof(uint64_t));
+        memcpy(buf[6].buf, bs_candidates_estimates(c), m * sizeof(float));
+        if (got[7]) memcpy(buf[7].buf, bs_candidates_lower_bounds(c), m * sizeof(float));
+    }
+    Py_END_ALLOW_THREADS
+    if (own)
+        bs_candidates_free(c);
+    else
+        self->busy = 0;
+    if (status != BS_OK) {
+        raise_bs(self->module, &err);
+        goto done;
+    }
+    if (got[8]) {
+        uint64_t *acc = buf[8].buf;
+        acc[0] += stats.partitions_probed;
+        acc[1] += stats.codes_scanned;
+        acc[2] += stats.codes_stage2;
+        acc[3] += stats.candidates;
+    }
+    result = PyLong_FromSize_t(n);
+done:
+    for (int i = 0; i < 9; i++)
+        if (got[i]) PyBuffer_Release(&buf[i]);
     return result;
 }
 
@@ -731,7 +768,9 @@ done:
 
 static PyMethodDef Searcher_methods[] = {
     {"search", (PyCFunction)Searcher_search, METH_VARARGS,
-     "search(q, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids, allowed_fragments=None)"},
+     "search(q, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids, "
+     "allowed_fragments, denied_rowids, out_rowids, out_estimates, out_lower_bounds, "
+     "stats) -> number of candidates"},
     {"search_batch", (PyCFunction)Searcher_search_batch, METH_VARARGS,
      "search_batch(Q, nq, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids, "
      "allowed_fragments, num_threads) -> ([(rowids, estimates, lower_bounds)], stats)"},

@@ -46,8 +46,13 @@ class Searcher:
         refine_factor: int,
         segment_mask: Optional[Buffer],
         allowed_rowids: Optional[Buffer],
-        allowed_fragments: Optional[Buffer] = ...,
-    ) -> Tuple[bytes, bytes, bytes, Tuple[int, int, int, int]]: ...
+        allowed_fragments: Optional[Buffer],
+        denied_rowids: Optional[Buffer],
+        out_rowids: Buffer,
+        out_estimates: Buffer,
+        out_lower_bounds: Optional[Buffer],
+        stats: Optional[Buffer],
+    ) -> int: ...
     def search_batch(
         self,
         Q: Buffer,

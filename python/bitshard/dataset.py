@@ -29,6 +29,7 @@ from .errors import (
 )
 from . import index as idx
 from .index import SegmentHandle
+from .searcher import Searcher
 from .sources import Source, open_source
 from .storage import Storage, is_object_uri, join_uri
 
@@ -178,6 +179,8 @@ class Dataset:
         self._view: Optional[Dict[str, Tuple[int, str]]] = None
         self._plans: Dict[Any, Dict[str, Any]] = {}
         self._deleted_cache: Dict[Tuple[Any, int], np.ndarray] = {}
+        # search() settings -> Searcher (see _prepared_searcher)
+        self._prepared: Dict[Any, Searcher] = {}
 
     # -------------------------------------------------------------- pickling
 
@@ -195,6 +198,7 @@ class Dataset:
         self._deleted_cache = {}
         self._view = None
         self._plans = {}
+        self._prepared = {}
 
     def __repr__(self) -> str:
         return f"bitshard.Dataset({self.source.kind}, uri={self.source.uri!r}, index_root={self.index_root!r})"
@@ -565,211 +569,92 @@ class Dataset:
             the requested columns, and ``query_index`` for a batch; rows sorted
             by (query_index, _distance, _rowid).
         """
+        s = self._prepared_searcher(column, k, nprobes, refine_factor, index, fragment_ids,
+                                    filter, fast_search, eps0, num_threads)
+        before = s.stats if with_stats else None
         q_arr = np.asarray(q)
-        if q_arr.dtype.kind not in "fiu" or q_arr.dtype.kind == "b":
-            raise InvalidInputError(f"query must be numeric, got dtype {q_arr.dtype}")
-        batch = q_arr.ndim == 2
-        if q_arr.ndim not in (1, 2):
-            raise InvalidInputError(f"query must be 1-D or 2-D, got shape {q_arr.shape}")
-        Q = np.ascontiguousarray(q_arr.reshape(-1, q_arr.shape[-1]), dtype=np.float32)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InvalidInputError(f"k must be an integer >= 1, got {k!r}")
-        if isinstance(nprobes, bool) or not isinstance(nprobes, (int, np.integer)) or nprobes < 1:
-            raise InvalidInputError(f"nprobes must be an integer >= 1, got {nprobes!r}")
-        if refine_factor is not None and (not isinstance(refine_factor, (int, np.integer))
-                                          or refine_factor < 1):
-            raise InvalidInputError(f"refine_factor must be None or >= 1, got {refine_factor!r}")
-        name = self._resolve_index(column, index)
-        searcher, handles, doc = self._searcher(name)
-        metric = doc.get("metric", "l2")
-        dim = self.source.vector_dim(column)
-        if Q.shape[1] != dim:
-            raise InvalidInputError(f"query has dimension {Q.shape[1]}, column {column!r} has {dim}")
-        if not np.isfinite(Q).all():
-            bad = np.argwhere(~np.isfinite(Q))[0]
-            raise InvalidInputError(
-                f"query {bad[0]} has a non-finite value at dimension {bad[1]}"
-            )
-        num_bits = int(doc.get("num_bits", 1))
-        plan = self._plan(name, handles)
-        if fragment_ids is None:
-            wanted = plan["source_frags"]
-            mask = plan["mask_all"]
-            allowed_frags = plan["allowed_all"]
-            uncovered = [] if fast_search else plan["uncovered_all"]
+        hits = s.search_lists(q_arr)
+        if len(hits) == 1:
+            rowids, dists = hits[0]
         else:
-            wanted = {int(f) for f in fragment_ids}
-            unknown = wanted - plan["source_frags"]
-            if unknown:
-                raise InvalidInputError(f"fragment {min(unknown)} is not in the source")
-            mask = np.array([any(f in wanted for f in h.fragment_ids) for h in handles],
-                            dtype=np.uint8)
-            allowed_frags = np.array(sorted(wanted), dtype=np.uint64)
-            uncovered = [] if fast_search else sorted(wanted - plan["covered"])
-        allowed_rows = None
-        if filter is not None:
-            allowed_rows = np.ascontiguousarray(
-                np.sort(self.source.filter_rowids(filter, sorted(wanted))), dtype=np.uint64)
-        mcode = METRICS[metric]
-        stats_reads = 0
-
-        rowid_parts, dist_parts, qi_parts = [], [], []
-        stats = np.zeros(4, dtype=np.int64)
-        nq = Q.shape[0]
-        per_query: List[Tuple[np.ndarray, np.ndarray]] = [
-            (np.empty(0, np.uint64), np.empty(0, np.float32))] * nq
-        if searcher is not None and mask.any():
-            threads = num_threads or os.cpu_count() or 1
-            res, st = searcher.search_batch(
-                Q, nq, int(k), int(nprobes), float(eps0),
-                0 if refine_factor is None else int(refine_factor),
-                mask, allowed_rows, allowed_frags, int(threads), plan["denied"],
-            )
-            stats += np.array(st, dtype=np.int64)
-            per_query = [(np.frombuffer(r, dtype=np.uint64), np.frombuffer(e, dtype=np.float32))
-                         for r, e, _ in res]
-            if refine_factor is not None:
-                per_query = _rerank_all(self.source, column, Q, per_query, mcode, dim)
-            elif num_bits == 1:
-                lbs = [np.frombuffer(lb, dtype=np.float32) for _, _, lb in res]
-                per_query, reads = _rerank_gated(self.source, column, Q, per_query, lbs,
-                                                 mcode, dim, int(k))
-                stats_reads = reads
-        exact_scan = _ExactScan(self.source, column, uncovered, allowed_rows, mcode, dim) \
-            if uncovered else None
-        for qi in range(nq):
-            rows, dists = per_query[qi]
-            if exact_scan is not None:
-                er, ed = exact_scan.search(Q[qi], int(k))
-                rows = np.concatenate([rows, er])
-                dists = np.concatenate([dists, ed])
-            order = np.lexsort((rows, dists))[: int(k)]
-            rowid_parts.append(rows[order])
-            dist_parts.append(dists[order])
-            qi_parts.append(np.full(order.size, qi, dtype=np.int32))
-        rowids = np.concatenate(rowid_parts) if rowid_parts else np.empty(0, np.uint64)
-        table = pa.table({
-            "_rowid": pa.array(rowids, type=pa.uint64()),
-            "_distance": pa.array(np.concatenate(dist_parts), type=pa.float32()),
-        })
-        if batch:
-            table = table.append_column("query_index", pa.array(np.concatenate(qi_parts)))
+            rowids = np.concatenate([r for r, _ in hits]) if hits else np.empty(0, np.uint64)
+            dists = np.concatenate([d for _, d in hits]) if hits else np.empty(0, np.float32)
+        table = pa.Table.from_arrays([pa.array(rowids, type=pa.uint64()),
+                                      pa.array(dists, type=pa.float32())],
+                                     names=["_rowid", "_distance"])
+        if q_arr.ndim == 2:
+            qi = np.repeat(np.arange(len(hits), dtype=np.int32), [r.size for r, _ in hits])
+            table = table.append_column("query_index", pa.array(qi))
         if columns:
             extra = self.source.take_table(rowids, list(columns))
             for c in columns:
                 table = table.append_column(c, extra.column(c))
-        if with_stats:
-            self.last_search_stats = {
-                "partitions_probed": int(stats[0]),
-                "codes_scanned": int(stats[1]),
-                "codes_stage2": int(stats[2]),
-                "candidates": int(stats[3]),
-                "exact_reads": int(stats_reads),
-            }
+        if before is not None:
+            self.last_search_stats = {key: v - before[key] for key, v in s.stats.items()}
         return table
 
+    def _prepared_searcher(self, column: str, k: int, nprobes: int,
+                           refine_factor: Optional[int], index: Optional[str],
+                           fragment_ids: Optional[Sequence[int]], filter: Any,
+                           fast_search: bool, eps0: float,
+                           num_threads: Optional[int]) -> Searcher:
+        """The searcher of these settings, reused across search() calls while
+        the index version and the source version it was made for hold (a
+        filter is resolved afresh on each call, so those are not kept)."""
+        key = None
+        if filter is None:
+            try:
+                key = (column, index, k, nprobes, refine_factor,
+                       None if fragment_ids is None else tuple(int(f) for f in fragment_ids),
+                       bool(fast_search), eps0, num_threads, self.source.version)
+                hash(key)
+            except (TypeError, ValueError):
+                key = None  # unusual argument types: validated by Searcher below
+        s = self._prepared.get(key) if key is not None else None
+        if s is not None and self._index_view().get(s.index_name, (None,))[0] == s.index_version:
+            return s
+        s = self.searcher(column, k=k, nprobes=nprobes, refine_factor=refine_factor,
+                          index=index, fragment_ids=fragment_ids, filter=filter,
+                          fast_search=fast_search, eps0=eps0, num_threads=num_threads)
+        if key is not None:
+            if len(self._prepared) >= 16:
+                self._prepared.clear()
+            self._prepared[key] = s
+        return s
 
-def _rerank_gated(source: Source, column: str, Q: np.ndarray,
-                  per_query: List[Tuple[np.ndarray, np.ndarray]], lbs: List[np.ndarray],
-                  metric: int, dim: int, k: int) -> Tuple[List[Tuple[np.ndarray, np.ndarray]], int]:
-    """Exact distances for 1-bit candidates, read in lower-bound order.
+    def searcher(
+        self,
+        column: str,
+        *,
+        k: int = 10,
+        nprobes: int = 20,
+        refine_factor: Optional[int] = None,
+        index: Optional[str] = None,
+        fragment_ids: Optional[Sequence[int]] = None,
+        filter: Any = None,
+        fast_search: bool = False,
+        eps0: float = DEFAULT_EPS0,
+        num_threads: Optional[int] = None,
+    ) -> Searcher:
+        """A prepared search: the settings of :meth:`search`, fixed, for many
+        queries.
 
-    Candidate i is read only if fewer than k exact distances are known or its
-    lower bound is within the k-th best so far; the first candidate that fails
-    ends that query. The stop point depends only on the candidate list, so a
-    batch may read a few rows past it (to keep source reads few and large)
-    without changing the answer.
-    """
-    nq = len(per_query)
-    done = [rows.size == 0 for rows, _ in per_query]
-    pos = [0] * nq
-    kept_rows: List[List[np.ndarray]] = [[] for _ in range(nq)]
-    kept_d: List[List[np.ndarray]] = [[] for _ in range(nq)]
-    heaps = np.zeros((nq, k), dtype=np.float32)  # max-heaps of the k best, per query
-    heap_n = [0] * nq
-    step = 2 * k
-    reads = 0
-    while not all(done):
-        want = []
-        for qi in range(nq):
-            if not done[qi]:
-                rows = per_query[qi][0]
-                want.append((qi, pos[qi], min(rows.size, pos[qi] + step)))
-        all_rows = np.concatenate([per_query[qi][0][a:b] for qi, a, b in want])
-        uniq, inverse = np.unique(all_rows, return_inverse=True)
-        vecs = np.ascontiguousarray(source.take(column, uniq), dtype=np.float32)
-        reads += uniq.size
-        at = 0
-        for qi, a, b in want:
-            n = b - a
-            sel = np.ascontiguousarray(vecs[inverse[at:at + n]])
-            at += n
-            d = np.empty(n, dtype=np.float32)
-            _native.exact_distances(metric, Q[qi], sel, n, dim, d)
-            stop, heap_n[qi] = _native.rerank_gate(
-                np.ascontiguousarray(lbs[qi][a:b]), d, heaps[qi], heap_n[qi], k)
-            kept_rows[qi].append(per_query[qi][0][a:a + stop])
-            kept_d[qi].append(d[:stop])
-            pos[qi] = a + stop
-            if stop < n or b >= per_query[qi][0].size:
-                done[qi] = True
-        step *= 2
-    out = []
-    for qi in range(nq):
-        if kept_rows[qi]:
-            out.append((np.concatenate(kept_rows[qi]), np.concatenate(kept_d[qi])))
-        else:
-            out.append(per_query[qi])
-    return out, reads
+        Everything that does not depend on the query (the index and its
+        committed version, the plan of segments and fragments, the rows a
+        ``filter`` allows, the deleted rows) is settled here once, so
+        ``searcher.search(q)`` costs the scan itself and returns numpy arrays:
+        ``(rowids, distances)`` of shape (k,) per query, or (nq, k) for a
+        batch, padded with ``bitshard.NO_ROW`` / ``inf``. The searcher keeps
+        the index version it was made with; call :meth:`refresh` and make a
+        new one to see later commits.
 
+        Args: as :meth:`search`.
 
-def _rerank_all(source: Source, column: str, Q: np.ndarray,
-                 per_query: List[Tuple[np.ndarray, np.ndarray]], metric: int, dim: int
-                 ) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """Exact distances for every candidate, reading each row once per batch."""
-    all_rows = np.concatenate([r for r, _ in per_query]) if per_query else np.empty(0, np.uint64)
-    if all_rows.size == 0:
-        return per_query
-    uniq, inverse = np.unique(all_rows, return_inverse=True)
-    vecs = np.ascontiguousarray(source.take(column, uniq), dtype=np.float32)
-    out = []
-    pos = 0
-    for qi, (rows, _) in enumerate(per_query):
-        n = rows.size
-        sel = vecs[inverse[pos:pos + n]]
-        pos += n
-        d = np.empty(n, dtype=np.float32)
-        if n:
-            _native.exact_distances(metric, Q[qi], np.ascontiguousarray(sel), n, dim, d)
-        out.append((rows, d))
-    return out
+        Returns:
+            A :class:`bitshard.Searcher`.
+        """
+        return Searcher(self, column, k=k, nprobes=nprobes, refine_factor=refine_factor,
+                        index=index, fragment_ids=fragment_ids, filter=filter,
+                        fast_search=fast_search, eps0=eps0, num_threads=num_threads)
 
 
-class _ExactScan:
-    """Exact search over fragments that no segment covers (held in memory
-    once per search call, so a batch of queries reads them once)."""
-
-    def __init__(self, source: Source, column: str, fragments: List[int],
-                 allowed_rows: Optional[np.ndarray], metric: int, dim: int) -> None:
-        rows, vecs = [], []
-        for b in source.iter_batches(column, fragment_ids=fragments):
-            rid = (np.uint64(b.fragment_id) << np.uint64(32)) | b.offsets.astype(np.uint64)
-            v = b.vectors
-            if allowed_rows is not None:
-                keep = np.isin(rid, allowed_rows)
-                rid, v = rid[keep], v[keep]
-            rows.append(rid)
-            vecs.append(v)
-        self.rows = np.concatenate(rows) if rows else np.empty(0, np.uint64)
-        self.vecs = np.ascontiguousarray(np.concatenate(vecs) if vecs else np.empty((0, dim), np.float32), dtype=np.float32)
-        self.metric = metric
-        self.dim = dim
-
-    def search(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-        n = self.rows.size
-        if n == 0:
-            return self.rows, np.empty(0, np.float32)
-        d = np.empty(n, dtype=np.float32)
-        _native.exact_distances(self.metric, q, self.vecs, n, self.dim, d)
-        order = np.lexsort((self.rows, d))[:k]
-        return self.rows[order], d[order]

@@ -1,0 +1,388 @@
+"""Prepared searches: everything about a search that does not depend on the
+query, settled once.
+
+``ds.searcher(column, k=10, nprobes=20, ...)`` resolves the index, pins its
+committed version (like ``ds.search``), checks the parameters, resolves a
+filter to the rows it allows and builds the search plan; then
+``searcher.search(q)`` costs the scan and little else, and returns numpy
+arrays. ``Dataset.search`` is a prepared search used once, with its answer
+turned into a pyarrow Table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _native
+from .artifacts import METRICS
+from .errors import InvalidInputError
+from .sources import Source
+
+__all__ = ["Searcher", "NO_ROW"]
+
+#: Row id that pads a result with fewer than k rows (its distance is +inf).
+NO_ROW = np.uint64(np.iinfo(np.uint64).max)
+
+_Hits = Tuple[np.ndarray, np.ndarray]  # (rowids uint64, distances float32)
+
+
+def _check_int(name: str, v: Any, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise InvalidInputError(f"{name} must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+class Searcher:
+    """A search of one index with fixed settings, ready for many queries.
+
+    Made by :meth:`bitshard.Dataset.searcher`. The index version, the source's
+    deleted rows and the rows a ``filter`` allows are read when the searcher is
+    made; a searcher keeps answering from that snapshot (make a new one, after
+    ``ds.refresh()``, to see later commits). Fragments no segment covers are
+    scanned exactly unless ``fast_search``; their vectors are read on the first
+    search and held by the searcher.
+
+    Safe to share between threads; each call allocates its own output.
+    """
+
+    def __init__(
+        self,
+        ds: Any,
+        column: str,
+        *,
+        k: int = 10,
+        nprobes: int = 20,
+        refine_factor: Optional[int] = None,
+        index: Optional[str] = None,
+        fragment_ids: Optional[Sequence[int]] = None,
+        filter: Any = None,
+        fast_search: bool = False,
+        eps0: float,
+        num_threads: Optional[int] = None,
+    ) -> None:
+        self.k = _check_int("k", k, 1)
+        self.nprobes = _check_int("nprobes", nprobes, 1)
+        if refine_factor is not None:
+            if isinstance(refine_factor, bool) or not isinstance(refine_factor, (int, np.integer)) \
+                    or refine_factor < 1:
+                raise InvalidInputError(
+                    f"refine_factor must be None or >= 1, got {refine_factor!r}")
+            refine_factor = int(refine_factor)
+        self.refine_factor = refine_factor
+        if isinstance(eps0, bool) or not isinstance(eps0, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(float(eps0)) or eps0 < 0:
+            raise InvalidInputError(f"eps0 must be a finite number >= 0, got {eps0!r}")
+        self.eps0 = float(eps0)
+        if num_threads is not None:
+            _check_int("num_threads", num_threads, 1)
+        self._num_threads = num_threads
+        self.column = column
+        self.source: Source = ds.source
+
+        name = ds._resolve_index(column, index)
+        native, handles, doc = ds._searcher(name)
+        plan = ds._plan(name, handles)
+        #: The index searched and its committed version.
+        self.index_name = name
+        self.index_version = int(doc.get("version", 0))
+        if fragment_ids is None:
+            wanted = plan["source_frags"]
+            mask = plan["mask_all"]
+            allowed_frags = plan["allowed_all"]
+            uncovered = [] if fast_search else plan["uncovered_all"]
+        else:
+            wanted = {int(f) for f in fragment_ids}
+            unknown = wanted - plan["source_frags"]
+            if unknown:
+                raise InvalidInputError(f"fragment {min(unknown)} is not in the source")
+            mask = np.array([any(f in wanted for f in h.fragment_ids) for h in handles],
+                            dtype=np.uint8)
+            allowed_frags = np.array(sorted(wanted), dtype=np.uint64)
+            uncovered = [] if fast_search else sorted(wanted - plan["covered"])
+        allowed_rows = None
+        if filter is not None:
+            allowed_rows = np.ascontiguousarray(
+                np.sort(self.source.filter_rowids(filter, sorted(wanted))), dtype=np.uint64)
+        self._allowed_rows = allowed_rows
+        self._uncovered = list(uncovered)
+        self._exact: Optional[_ExactScan] = None
+        self.metric: str = doc.get("metric", "l2")
+        self._mcode = METRICS[self.metric]
+        self.num_bits = int(doc.get("num_bits", 1))
+        self.dim = self.source.vector_dim(column)
+        self._native = native if native is not None and mask.any() else None
+        self._args = (self.k, self.nprobes, self.eps0, refine_factor or 0, mask,
+                      allowed_rows, allowed_frags, plan["denied"])
+        # How many candidates the C search can return: k (extra bits), k * r
+        # (rerank), or every code that passed stage 1 (gated 1-bit rerank,
+        # grown on demand).
+        if refine_factor is not None:
+            self._cap = self.k * refine_factor
+        elif self.num_bits > 1:
+            self._cap = self.k
+        else:
+            self._cap = max(256, 16 * self.k)
+        self._stats = np.zeros(4, dtype=np.uint64)
+        self._exact_reads = 0
+
+    # ------------------------------------------------------------- results
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Scan counts summed over every query this searcher answered:
+        partitions probed, codes scanned (stage 1), codes given their extra
+        bits (stage 2), candidates returned by the scan, exact vector reads."""
+        s = self._stats
+        return {"partitions_probed": int(s[0]), "codes_scanned": int(s[1]),
+                "codes_stage2": int(s[2]), "candidates": int(s[3]),
+                "exact_reads": int(self._exact_reads)}
+
+    def search(self, q: Any) -> Tuple[np.ndarray, np.ndarray]:
+        """Nearest neighbours of one query or a batch.
+
+        Args:
+            q: shape (d,) or (nq, d); float16/32/64 (other numeric types are
+                converted to float32).
+
+        Returns:
+            ``(rowids, distances)``: uint64 and float32 arrays of shape (k,)
+            for one query, (nq, k) for a batch, each row sorted by (distance,
+            row id). Distances are squared L2, or 1 - cosine / 1 - dot, exact
+            when reranked and estimated from the codes otherwise (see
+            ``Dataset.search``). A query with fewer than k results is padded
+            with :data:`NO_ROW` and ``inf``.
+        """
+        a = np.asarray(q)
+        if a.ndim == 1:
+            rows, dists = self._one(self._check(a))
+            if rows.size == self.k:
+                return rows, dists  # arrays of this call, not shared
+            out_r = np.empty(self.k, dtype=np.uint64)
+            out_d = np.empty(self.k, dtype=np.float32)
+            out_r[:rows.size] = rows
+            out_d[:rows.size] = dists
+            out_r[rows.size:] = NO_ROW
+            out_d[rows.size:] = np.inf
+            return out_r, out_d
+        hits = self.search_lists(a)
+        out_r = np.full((len(hits), self.k), NO_ROW, dtype=np.uint64)
+        out_d = np.full((len(hits), self.k), np.inf, dtype=np.float32)
+        for i, (rows, dists) in enumerate(hits):
+            out_r[i, :rows.size] = rows
+            out_d[i, :rows.size] = dists
+        return out_r, out_d
+
+    def search_lists(self, q: Any) -> List[_Hits]:
+        """Like :meth:`search`, one (rowids, distances) pair per query, each of
+        length <= k and unpadded. A 1-D query gives a list of one."""
+        a = np.asarray(q)
+        if a.ndim == 1:
+            return [self._one(self._check(a))]
+        return self._batch(self._check(a))
+
+    # ------------------------------------------------------------ internals
+
+    def _check(self, a: np.ndarray) -> np.ndarray:
+        if a.dtype.kind not in "fiu" or a.dtype.kind == "b":
+            raise InvalidInputError(f"query must be numeric, got dtype {a.dtype}")
+        if a.ndim not in (1, 2):
+            raise InvalidInputError(f"query must be 1-D or 2-D, got shape {a.shape}")
+        if a.shape[-1] != self.dim:
+            raise InvalidInputError(
+                f"query has dimension {a.shape[-1]}, column {self.column!r} has {self.dim}")
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a, dtype=np.float32)
+        if a.ndim == 2 and not np.isfinite(a).all():
+            bad = np.argwhere(~np.isfinite(a))[0]
+            raise InvalidInputError(
+                f"query {bad[0]} has a non-finite value at dimension {bad[1]}")
+        return a
+
+    def _exact_scan(self) -> Optional["_ExactScan"]:
+        if self._uncovered and self._exact is None:
+            self._exact = _ExactScan(self.source, self.column, self._uncovered,
+                                     self._allowed_rows, self._mcode, self.dim)
+        return self._exact
+
+    def _one(self, q: np.ndarray) -> _Hits:
+        """One float32 query of shape (d,): the hot path."""
+        if self._native is None:
+            rows, dists = np.empty(0, np.uint64), np.empty(0, np.float32)
+            if not np.isfinite(q).all():
+                bad = int(np.argwhere(~np.isfinite(q))[0][0])
+                raise InvalidInputError(f"query has a non-finite value at dimension {bad}")
+        else:
+            cap = self._cap
+            gated = self.num_bits == 1 and self.refine_factor is None
+            r = np.empty(cap, np.uint64)
+            e = np.empty(cap, np.float32)
+            lb = np.empty(cap, np.float32) if gated else None
+            n = self._native.search(q, *self._args, r, e, lb, self._stats)
+            if n > cap:
+                # only the gated 1-bit rerank returns an open-ended list
+                self._cap = cap = 1 << (n - 1).bit_length()
+                r = np.empty(cap, np.uint64)
+                e = np.empty(cap, np.float32)
+                lb = np.empty(cap, np.float32) if gated else None
+                self._native.search(q, *self._args, r, e, lb, None)
+            rows, dists = r[:n], e[:n]
+            if self.refine_factor is not None:
+                rows, dists = _rerank_all(self.source, self.column, q[None, :],
+                                          [(rows, dists)], self._mcode, self.dim)[0]
+            elif lb is not None:
+                got, reads = _rerank_gated(self.source, self.column, q[None, :],
+                                           [(rows, dists)], [lb[:n]], self._mcode, self.dim,
+                                           self.k)
+                rows, dists = got[0]
+                self._exact_reads += reads
+            else:
+                # already the k best estimates in (estimate, row id) order
+                if self._exact_scan() is None:
+                    return rows, dists
+        exact = self._exact_scan()
+        if exact is not None:
+            er, ed = exact.search(q, self.k)
+            rows = np.concatenate([rows, er])
+            dists = np.concatenate([dists, ed])
+        order = np.lexsort((rows, dists))[: self.k]
+        return rows[order], dists[order]
+
+    def _batch(self, Q: np.ndarray) -> List[_Hits]:
+        nq = Q.shape[0]
+        per_query: List[_Hits] = [(np.empty(0, np.uint64), np.empty(0, np.float32))] * nq
+        if self._native is not None and nq:
+            threads = int(self._num_threads or os.cpu_count() or 1)  # cpu_count is slow
+            res, st = self._native.search_batch(Q, nq, *self._args[:7], threads,
+                                                self._args[7])
+            self._stats += np.array(st, dtype=np.uint64)
+            per_query = [(np.frombuffer(r, dtype=np.uint64), np.frombuffer(e, dtype=np.float32))
+                         for r, e, _ in res]
+            if self.refine_factor is not None:
+                per_query = _rerank_all(self.source, self.column, Q, per_query, self._mcode,
+                                        self.dim)
+            elif self.num_bits == 1:
+                lbs = [np.frombuffer(lb, dtype=np.float32) for _, _, lb in res]
+                per_query, reads = _rerank_gated(self.source, self.column, Q, per_query, lbs,
+                                                 self._mcode, self.dim, self.k)
+                self._exact_reads += reads
+        exact = self._exact_scan()
+        out = []
+        for qi in range(nq):
+            rows, dists = per_query[qi]
+            if exact is not None:
+                er, ed = exact.search(Q[qi], self.k)
+                rows = np.concatenate([rows, er])
+                dists = np.concatenate([dists, ed])
+            order = np.lexsort((rows, dists))[: self.k]
+            out.append((rows[order], dists[order]))
+        return out
+
+
+def _rerank_gated(source: Source, column: str, Q: np.ndarray,
+                  per_query: List[_Hits], lbs: List[np.ndarray],
+                  metric: int, dim: int, k: int) -> Tuple[List[_Hits], int]:
+    """Exact distances for 1-bit candidates, read in lower-bound order.
+
+    Candidate i is read only if fewer than k exact distances are known or its
+    lower bound is within the k-th best so far; the first candidate that fails
+    ends that query. The stop point depends only on the candidate list, so a
+    batch may read a few rows past it (to keep source reads few and large)
+    without changing the answer.
+    """
+    nq = len(per_query)
+    done = [rows.size == 0 for rows, _ in per_query]
+    pos = [0] * nq
+    kept_rows: List[List[np.ndarray]] = [[] for _ in range(nq)]
+    kept_d: List[List[np.ndarray]] = [[] for _ in range(nq)]
+    heaps = np.zeros((nq, k), dtype=np.float32)  # max-heaps of the k best, per query
+    heap_n = [0] * nq
+    step = 2 * k
+    reads = 0
+    while not all(done):
+        want = []
+        for qi in range(nq):
+            if not done[qi]:
+                rows = per_query[qi][0]
+                want.append((qi, pos[qi], min(rows.size, pos[qi] + step)))
+        all_rows = np.concatenate([per_query[qi][0][a:b] for qi, a, b in want])
+        uniq, inverse = np.unique(all_rows, return_inverse=True)
+        vecs = np.ascontiguousarray(source.take(column, uniq), dtype=np.float32)
+        reads += uniq.size
+        at = 0
+        for qi, a, b in want:
+            n = b - a
+            sel = np.ascontiguousarray(vecs[inverse[at:at + n]])
+            at += n
+            d = np.empty(n, dtype=np.float32)
+            _native.exact_distances(metric, Q[qi], sel, n, dim, d)
+            stop, heap_n[qi] = _native.rerank_gate(
+                np.ascontiguousarray(lbs[qi][a:b]), d, heaps[qi], heap_n[qi], k)
+            kept_rows[qi].append(per_query[qi][0][a:a + stop])
+            kept_d[qi].append(d[:stop])
+            pos[qi] = a + stop
+            if stop < n or b >= per_query[qi][0].size:
+                done[qi] = True
+        step *= 2
+    out = []
+    for qi in range(nq):
+        if kept_rows[qi]:
+            out.append((np.concatenate(kept_rows[qi]), np.concatenate(kept_d[qi])))
+        else:
+            out.append(per_query[qi])
+    return out, reads
+
+
+def _rerank_all(source: Source, column: str, Q: np.ndarray,
+                per_query: List[_Hits], metric: int, dim: int) -> List[_Hits]:
+    """Exact distances for every candidate, reading each row once per batch."""
+    all_rows = np.concatenate([r for r, _ in per_query]) if per_query else np.empty(0, np.uint64)
+    if all_rows.size == 0:
+        return per_query
+    uniq, inverse = np.unique(all_rows, return_inverse=True)
+    vecs = np.ascontiguousarray(source.take(column, uniq), dtype=np.float32)
+    out = []
+    pos = 0
+    for qi, (rows, _) in enumerate(per_query):
+        n = rows.size
+        sel = vecs[inverse[pos:pos + n]]
+        pos += n
+        d = np.empty(n, dtype=np.float32)
+        if n:
+            _native.exact_distances(metric, Q[qi], np.ascontiguousarray(sel), n, dim, d)
+        out.append((rows, d))
+    return out
+
+
+class _ExactScan:
+    """Exact search over fragments that no segment covers (their vectors held
+    in memory by the searcher, read once)."""
+
+    def __init__(self, source: Source, column: str, fragments: List[int],
+                 allowed_rows: Optional[np.ndarray], metric: int, dim: int) -> None:
+        rows, vecs = [], []
+        for b in source.iter_batches(column, fragment_ids=fragments):
+            rid = (np.uint64(b.fragment_id) << np.uint64(32)) | b.offsets.astype(np.uint64)
+            v = b.vectors
+            if allowed_rows is not None:
+                keep = np.isin(rid, allowed_rows)
+                rid, v = rid[keep], v[keep]
+            rows.append(rid)
+            vecs.append(v)
+        self.rows = np.concatenate(rows) if rows else np.empty(0, np.uint64)
+        self.vecs = np.ascontiguousarray(
+            np.concatenate(vecs) if vecs else np.empty((0, dim), np.float32), dtype=np.float32)
+        self.metric = metric
+        self.dim = dim
+
+    def search(self, q: np.ndarray, k: int) -> _Hits:
+        n = self.rows.size
+        if n == 0:
+            return self.rows, np.empty(0, np.float32)
+        d = np.empty(n, dtype=np.float32)
+        _native.exact_distances(self.metric, q, self.vecs, n, self.dim, d)
+        order = np.lexsort((self.rows, d))[:k]
+        return self.rows[order], d[order]
