@@ -195,7 +195,9 @@ bs_status bs_seg_writer_open(bs_seg_writer *w, const char *path,
 
     uint8_t *h = w->header;
     memcpy(h + BS_HDR_MAGIC, BS_SEG_MAGIC, BS_SEG_MAGIC_LEN);
-    bs_store_u32(h + BS_HDR_READ_VERSION, BS_SEG_VERSION);
+    /* Version 2 changed only the 9-bit extra codes (bit planes -> one byte
+     * per dimension): other widths stay readable by version 1 readers. */
+    bs_store_u32(h + BS_HDR_READ_VERSION, p->num_bits == 9 ? 2u : 1u);
     bs_store_u32(h + BS_HDR_WRITE_VERSION, BS_SEG_VERSION);
     bs_store_u32(h + BS_HDR_HEADER_SIZE, (uint32_t)w->header_size);
     bs_store_u32(h + BS_HDR_FLAGS, 0);

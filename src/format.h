@@ -21,7 +21,7 @@
 #define BS_SEG_MAGIC_LEN 8
 /* The format version this code writes, and the newest read version it
  * understands. */
-#define BS_SEG_VERSION 1u
+#define BS_SEG_VERSION 2u
 #define BS_SEG_ALIGN 64u
 /* Fixed header fields end here; the column name follows. */
 #define BS_SEG_HEADER_FIXED 200u

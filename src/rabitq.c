@@ -230,6 +230,10 @@ void bs_rabitq_encode(const float *r, uint32_t D, uint32_t B, uint8_t *bits,
             sum_k += k;
             sum_k2 += (uint64_t)k * k;
         }
+        if (B == 9) {
+            for (unsigned l = 0; l < 8; l++) ext[byte * 8 + l] = (uint8_t)(word >> (8 * l));
+            continue;
+        }
         /* e < 256 for B <= 9: after the transpose byte j is plane j. */
         word = bs_transpose8x8(word);
         for (uint32_t j = 0; j + 1 < B; j++)
@@ -248,9 +252,14 @@ float bs_ext_dot(const uint8_t *ext, uint32_t D, uint32_t B, const float *x) {
     float acc[BS_LANES] = {0};
     for (size_t byte = 0; byte < nbytes; byte++) {
         uint64_t word = 0;
-        for (uint32_t j = 0; j + 1 < B; j++)
-            word |= (uint64_t)ext[j * nbytes + byte] << (8 * j);
-        word = bs_transpose8x8(word); /* byte l is now e of dim 8 byte + l */
+        if (B == 9) {
+            for (unsigned l = 0; l < 8; l++) /* byte l is e of dim 8 byte + l */
+                word |= (uint64_t)ext[byte * 8 + l] << (8 * l);
+        } else {
+            for (uint32_t j = 0; j + 1 < B; j++)
+                word |= (uint64_t)ext[j * nbytes + byte] << (8 * j);
+            word = bs_transpose8x8(word); /* byte l is now e of dim 8 byte + l */
+        }
         for (unsigned l = 0; l < 8; l++)
             acc[l] += (float)((word >> (8 * l)) & 0xFFu) * x[byte * 8 + l];
     }

@@ -23,8 +23,10 @@ typedef struct bs_factors {
 /* Bytes of a row-major 1-bit code: D / 8 (D a multiple of 64). Bit i of the
  * code is bit (i & 7) of byte (i >> 3): the sign of r_i (1 when r_i > 0). */
 static inline size_t bs_code_bytes(uint32_t D) { return (size_t)D / 8; }
-/* Bytes of the extra code for B bits: (B - 1) bit planes of D / 8 bytes;
- * plane j holds bit j of e_i, laid out like the 1-bit code. */
+/* Bytes of the extra code for B bits. B <= 8: (B - 1) bit planes of D / 8
+ * bytes; plane j holds bit j of e_i, laid out like the 1-bit code. B == 9:
+ * e_i is byte i (eight planes take the same D bytes, and bytes let stage 2
+ * use a plain SIMD dot product). */
 static inline size_t bs_ext_bytes(uint32_t D, uint32_t B) {
     return (size_t)(B - 1) * (D / 8);
 }

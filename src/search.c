@@ -175,6 +175,41 @@ static void sort_cands(bs_cand *a, size_t n, int by_lb) {
     }
 }
 
+/* Sift-down in a max-heap of candidates (the worst on top). */
+static void cand_sift(bs_cand *h, size_t n, size_t i, int by_lb) {
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && cand_less(&h[m], &h[l], by_lb)) m = l;
+        if (r < n && cand_less(&h[m], &h[r], by_lb)) m = r;
+        if (m == i) return;
+        bs_cand t = h[m];
+        h[m] = h[i];
+        h[i] = t;
+        i = m;
+    }
+}
+
+/* Puts the m best of a[0..n) first, sorted; the rest are left in any
+ * order. When m is small against n a bounded heap beats a full sort: most
+ * candidates fail one comparison with the heap's top. Keys are unique, so
+ * the m best and their order are the same either way. */
+static void sort_best(bs_cand *a, size_t n, size_t m, int by_lb) {
+    if (m == 0) return;
+    if (m >= n || m * 4 > n) {
+        sort_cands(a, n, by_lb);
+        return;
+    }
+    for (size_t i = m / 2; i-- > 0;) cand_sift(a, m, i, by_lb);
+    for (size_t i = m; i < n; i++) {
+        if (!cand_less(&a[i], &a[0], by_lb)) continue;
+        bs_cand t = a[0];
+        a[0] = a[i];
+        a[i] = t;
+        cand_sift(a, m, 0, by_lb);
+    }
+    sort_cands(a, m, by_lb);
+}
+
 static int sorted_contains(const uint64_t *arr, size_t n, uint64_t v) {
     size_t lo = 0, hi = n;
     while (lo < hi) {
@@ -322,6 +357,40 @@ static float plane_dot(const uint8_t *plane, uint32_t D, const float *t) {
         }
     }
     return (a0 + a1) + (a2 + a3);
+}
+
+/* <e, x> for a 9-bit extra code (one byte per dimension): sixteen partial
+ * sums, lane j over dimensions j mod 16 in increasing order, then a fixed
+ * reduction, whether SSE2 does it or the loop below (D is a multiple of
+ * 64). Sixteen lanes are four SSE registers, so the adds do not queue on
+ * one register. */
+static float ext_byte_dot(const uint8_t *e, const float *x, uint32_t D) {
+    float acc[16] = {0};
+    uint32_t i = 0;
+#if defined(__SSE2__)
+    const __m128i zero = _mm_setzero_si128();
+    __m128 a0 = _mm_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 16 <= D; i += 16) {
+        const __m128i b = _mm_loadu_si128((const __m128i *)(e + i));
+        const __m128i w0 = _mm_unpacklo_epi8(b, zero), w1 = _mm_unpackhi_epi8(b, zero);
+        a0 = _mm_add_ps(a0, _mm_mul_ps(_mm_cvtepi32_ps(_mm_unpacklo_epi16(w0, zero)),
+                                       _mm_loadu_ps(x + i)));
+        a1 = _mm_add_ps(a1, _mm_mul_ps(_mm_cvtepi32_ps(_mm_unpackhi_epi16(w0, zero)),
+                                       _mm_loadu_ps(x + i + 4)));
+        a2 = _mm_add_ps(a2, _mm_mul_ps(_mm_cvtepi32_ps(_mm_unpacklo_epi16(w1, zero)),
+                                       _mm_loadu_ps(x + i + 8)));
+        a3 = _mm_add_ps(a3, _mm_mul_ps(_mm_cvtepi32_ps(_mm_unpackhi_epi16(w1, zero)),
+                                       _mm_loadu_ps(x + i + 12)));
+    }
+    _mm_storeu_ps(acc, a0);
+    _mm_storeu_ps(acc + 4, a1);
+    _mm_storeu_ps(acc + 8, a2);
+    _mm_storeu_ps(acc + 12, a3);
+#endif
+    for (; i < D; i++) acc[i % 16] += (float)e[i] * x[i];
+    float h[8];
+    for (int j = 0; j < 8; j++) h[j] = acc[j] + acc[j + 8];
+    return ((h[0] + h[1]) + (h[2] + h[3])) + ((h[4] + h[5]) + (h[6] + h[7]));
 }
 
 /* How many candidates ahead stage 2 prefetches: enough to cover a DRAM
@@ -654,19 +723,11 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
                                                  (uint32_t)c->cands[i].rowid);
 
     if (B > 1) {
-        /* Stage 2, gated like the exact rerank: candidates in (lower bound,
-         * row id) order get the full code's estimate until the next lower
-         * bound exceeds the k-th best estimate so far (k * refine_factor
-         * when a rerank follows). The stop point depends only on the
-         * candidate set, so segment layout cannot change the answer. */
-        sort_cands(c->cands, c->ncands, 1);
-        size_t gate_k = k;
-        if (params->refine_factor > 0 && !bs_mul_ok(k, params->refine_factor, &gate_k))
-            gate_k = SIZE_MAX;
-        if (gate_k > c->ncands) gate_k = c->ncands ? c->ncands : 1;
-        if (!grow((void **)&c->heap, &c->cap_heap, gate_k, sizeof(float)))
-            return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-        size_t nh = 0, processed = 0;
+        /* Stage 2: every survivor of stage 1 gets the full code's estimate.
+         * They are few (the threshold is the k-th smallest upper bound), and
+         * visiting all of them needs no order, so no sort by lower bound;
+         * the answer is the k (k * refine_factor) best by (estimate, row
+         * id), which no segment layout can change. */
         const float top = (float)(1u << (B - 1));
         const size_t tab_len = (size_t)D * 4;
         if (!grow((void **)&c->ntab, &c->cap_ntab, (size_t)nprobe * tab_len, sizeof(float)))
@@ -676,10 +737,8 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
         const size_t ext_bytes = bs_ext_bytes(D, B);
         for (size_t i = 0; i < c->ncands; i++) {
             bs_cand *cd = &c->cands[i];
-            if (nh == gate_k && cd->lb > c->heap[0]) break;
-            /* Candidates sit at random places in the segment, so stage 2
-             * waits on memory, not arithmetic: fetch a few candidates
-             * ahead (reading past the stop point is harmless). */
+            /* Survivors sit here and there in the segment, so stage 2 waits
+             * on memory, not arithmetic: fetch a few candidates ahead. */
             if (i + STAGE2_PREFETCH < c->ncands) {
                 const bs_cand *ahead = &c->cands[i + STAGE2_PREFETCH];
                 bs_partition_view av;
@@ -689,7 +748,7 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
                 prefetch_read(e + ext_bytes - 1);
                 prefetch_read(av.s_full + ahead->index);
             }
-            bs_partition_view v;
+        bs_partition_view v;
             bs_segment_partition(s->segs[cd->seg], c->probes[cd->probe], &v);
             const float *pi = c->pinfo + (size_t)cd->probe * 3;
             float *tab = c->ntab + (size_t)cd->probe * tab_len;
@@ -701,8 +760,11 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
                 v.blocks + (size_t)(cd->index / 32) * bs_fastscan_block_bytes(D);
             const uint8_t *ext = v.ext + (size_t)cd->index * ext_bytes;
             float ip_e = 0.0f;
-            for (uint32_t j = 0; j + 1 < B; j++)
-                ip_e += (float)(1u << j) * plane_dot(ext + j * plane_bytes, D, tab);
+            if (B == 9)
+                ip_e = ext_byte_dot(ext, c->qbuf + (size_t)(cd->probe + 2) * D, D);
+            else
+                for (uint32_t j = 0; j + 1 < B; j++)
+                    ip_e += (float)(1u << j) * plane_dot(ext + j * plane_bytes, D, tab);
             float ip_u = top * fastscan_code_dot(block, cd->index % 32, D, tab) + ip_e;
             float ip_y = ip_u - half_levels * pi[0];
             float s_full = v.s_full[cd->index];
@@ -710,18 +772,14 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
                 cd->est = v.norm2[cd->index] + pi[1] - 2.0f * s_full * ip_y;
             else
                 cd->est = 1.0f - (s_full * ip_y + pi[2]);
-            heap_push_bounded(c->heap, &nh, gate_k, cd->est);
-            processed++;
         }
-        c->ncands = processed;
-        st.codes_stage2 = processed;
+        st.codes_stage2 = c->ncands;
     }
 
     /* The gated 1-bit rerank reads candidates in lower-bound order and stops
      * early (see bs_search in bitshard.h); everything else is ranked by
      * estimate. */
     int by_lb = B == 1 && params->refine_factor == 0;
-    sort_cands(c->cands, c->ncands, by_lb);
     size_t nout = c->ncands;
     if (params->refine_factor > 0) {
         size_t lim;
@@ -730,6 +788,7 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
     } else if (B > 1 && nout > k) {
         nout = k;
     }
+    sort_best(c->cands, c->ncands, nout, by_lb);
     if (!grow((void **)&c->rowids, &c->cap_out, nout, sizeof(uint64_t)))
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
     {

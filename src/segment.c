@@ -152,6 +152,12 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
                        info->padded_dim, info->dim, bs_padded_dim(info->dim));
     if (info->num_bits < 1 || info->num_bits > 9)
         return CORRUPT("num_bits %u is out of range 1..9", info->num_bits);
+    if (info->num_bits == 9 && info->format_version < 2)
+        return bs_fail(err, BS_ERR_UNSUPPORTED_VERSION,
+                       "9-bit segment written by format version %u, whose extra "
+                       "codes are bit planes; this reader reads format 2 (one "
+                       "byte per dimension): rebuild the index",
+                       info->format_version);
     if (metric > BS_METRIC_DOT)
         return CORRUPT("metric %u is unknown", metric);
     if (kind > BS_ROTATION_MATRIX)
@@ -437,8 +443,8 @@ static bs_status parse_partitions(bs_segment *s, bs_error *err) {
         return CORRUPT("partitions hold %llu rows, the header says %llu",
                        (ull)rows, (ull)info->num_rows);
     /* Only a newer writer may leave bytes after the last partition (an
-     * extension a version 1 reader ignores). */
-    if (pos != s->len && (info->format_version == BS_SEG_VERSION ||
+     * extension an older reader ignores). */
+    if (pos != s->len && (info->format_version <= BS_SEG_VERSION ||
                           pos > s->len))
         return CORRUPT("partitions end at offset %llu, the file at %zu",
                        (ull)pos, s->len);

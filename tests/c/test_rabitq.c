@@ -24,8 +24,11 @@ static int bit_of(const uint8_t *plane, uint32_t i) {
 static uint32_t decode_u(const uint8_t *bits, const uint8_t *ext, uint32_t D,
                          uint32_t B, uint32_t i) {
     uint32_t e = 0;
-    for (uint32_t j = 0; j + 1 < B; j++)
-        e |= (uint32_t)bit_of(ext + (size_t)j * (D / 8), i) << j;
+    if (B == 9) /* one byte per dimension */
+        e = ext[i];
+    else /* bit planes */
+        for (uint32_t j = 0; j + 1 < B; j++)
+            e |= (uint32_t)bit_of(ext + (size_t)j * (D / 8), i) << j;
     return ((uint32_t)bit_of(bits, i) << (B - 1)) + e;
 }
 

@@ -315,7 +315,7 @@ static void test_roundtrip(uint32_t d, uint32_t bits, bs_metric metric,
     if (st == BS_OK) {
         bs_segment_info info;
         bs_segment_get_info(l.seg, &info);
-        CHECK(info.format_version == 1);
+        CHECK(info.format_version == 2);
         CHECK(info.dim == d);
         CHECK(info.padded_dim == bs_padded_dim(d));
         CHECK(info.num_bits == bits);
@@ -448,7 +448,12 @@ static void e_flags(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_FLAGS, 4); }
 static void e_metric(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_METRIC, 3); }
 static void e_bits(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_NUM_BITS, 10); }
 static void e_kind(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_ROTATION_KIND, 2); }
-static void e_read_version(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_READ_VERSION, 2); }
+static void e_read_version(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_READ_VERSION, 3); }
+/* What a format-1 writer left: both versions 1. */
+static void e_v1_writer(uint8_t *b, size_t n) {
+    bs_store_u32(b + BS_HDR_READ_VERSION, 1);
+    bs_store_u32(b + BS_HDR_WRITE_VERSION, 1);
+}
 static void e_seed(uint8_t *b, size_t n) {
     bs_store_u64(b + BS_HDR_ROTATION_SEED, 99);
 }
@@ -579,10 +584,14 @@ static void e_dim_zero(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_DIM, 0); 
 static void e_k_zero(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_NUM_PARTITIONS, 0); }
 static void e_write_older(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_WRITE_VERSION, 0); }
 /* newlen = len + 64: trailing bytes announced by file_size. */
-static void e_trailing_v1(uint8_t *b, size_t n) { bs_store_u64(b + BS_HDR_FILE_SIZE, n); }
-static void e_trailing_v2(uint8_t *b, size_t n) {
+static void e_trailing_known(uint8_t *b, size_t n) { bs_store_u64(b + BS_HDR_FILE_SIZE, n); }
+static void e_trailing_v1(uint8_t *b, size_t n) {
     bs_store_u64(b + BS_HDR_FILE_SIZE, n);
-    bs_store_u32(b + BS_HDR_WRITE_VERSION, 2);
+    bs_store_u32(b + BS_HDR_WRITE_VERSION, 1);
+}
+static void e_trailing_newer(uint8_t *b, size_t n) {
+    bs_store_u64(b + BS_HDR_FILE_SIZE, n);
+    bs_store_u32(b + BS_HDR_WRITE_VERSION, 3);
     memset(b + n - 64, 0x5a, 64);
 }
 static void e_nothing(uint8_t *b, size_t n) {}
@@ -652,7 +661,27 @@ static void test_corruption(void) {
     expect_edit(orig, len, len, e_bits, BS_ERR_CORRUPT, "num_bits 10");
     expect_edit(orig, len, len, e_kind, BS_ERR_CORRUPT, "rotation kind 2");
     expect_edit(orig, len, len, e_read_version, BS_ERR_UNSUPPORTED_VERSION,
-                "format version 2");
+                "format version 3");
+    /* Format 2 changed only 9-bit codes: a 3-bit file says old readers may
+     * read it, and a format-1 3-bit file still opens. */
+    CHECK(bs_load_u32(orig + BS_HDR_READ_VERSION) == 1);
+    CHECK(bs_load_u32(orig + BS_HDR_WRITE_VERSION) == 2);
+    expect_edit(orig, len, len, e_v1_writer, BS_OK, "");
+    {
+        const char *p9 = tpath("small9.bsseg");
+        CHECK(build_range(&ds, 9, BS_METRIC_L2, BS_ROTATION_FAST, ids, rows, 0, 2, 16, 0,
+                          UUID_A, p9, &err) == BS_OK);
+        size_t len9 = 0;
+        uint8_t *orig9 = read_file(p9, &len9);
+        CHECK(orig9 != NULL);
+        if (orig9 != NULL) {
+            CHECK(bs_load_u32(orig9 + BS_HDR_READ_VERSION) == 2);
+            expect_edit(orig9, len9, len9, e_nothing, BS_OK, "");
+            expect_edit(orig9, len9, len9, e_v1_writer, BS_ERR_UNSUPPORTED_VERSION,
+                        "9-bit segment written by format version 1");
+            free(orig9);
+        }
+    }
     expect_edit(orig, len, len, e_write_older, BS_ERR_CORRUPT,
                 "older than read version");
     expect_edit(orig, len, len, e_seed, BS_ERR_CORRUPT, "rotation fingerprint");
@@ -692,10 +721,12 @@ static void test_corruption(void) {
     expect_edit(orig, len, len, e_column_len, BS_ERR_CORRUPT, "column name length 2000");
     expect_edit(orig, len, len, e_header_pad, BS_ERR_CORRUPT, "header padding");
     expect_edit(orig, len, len, e_header_size, BS_ERR_CORRUPT, "header");
+    expect_edit(orig, len, len + 64, e_trailing_known, BS_ERR_CORRUPT,
+                "partitions end at offset");
     expect_edit(orig, len, len + 64, e_trailing_v1, BS_ERR_CORRUPT,
                 "partitions end at offset");
     /* A newer writer's extension after the last partition is ignored. */
-    expect_edit(orig, len, len + 64, e_trailing_v2, BS_OK, "");
+    expect_edit(orig, len, len + 64, e_trailing_newer, BS_OK, "");
 
     /* Extra bytes the header does not announce. */
     uint8_t *longer = calloc(1, len + 64);
