@@ -54,7 +54,7 @@ def load(family: str) -> ModuleType:
 
 
 def nprobes_grid(partitions: int, quick: bool = False) -> List[int]:
-    grid = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    grid = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
     if quick:
         grid = [1, 2, 4, 8, 16, 32, 64]
     out = [g for g in grid if g <= partitions]

@@ -5,9 +5,10 @@ indexes, so reranking reads vectors the same way) or ``numpy`` (the cached
 base.npy, memory-mapped, ``fragment_size`` = the Lance fragment size). Either
 way fragment i holds rows [i * fragment_rows, ...), so a row id maps back to a position.
 
-Search reports the staged scan's counters (``ds.last_search_stats`` after
-``with_stats=True``): codes scanned at stage 1, codes reaching stage 2 (extra
-bits), candidates reranked exactly, per query.
+Search goes through a prepared searcher per setting (``ds.searcher``: numpy
+in, numpy out, the index settled once), the API a user serving many queries
+would call; its counters give codes scanned at stage 1, codes reaching stage 2
+(extra bits), candidates and exact reads per query.
 
 Distributed build: ``bitshard.build_index`` when the package has it; otherwise
 the documented flow by hand: ``train_ivf`` and ``build_rq_rotation`` on the
@@ -23,7 +24,6 @@ import os
 import numpy as np
 
 from . import dir_bytes, sweep_grid
-from ..datasets import rowids_to_positions
 
 FAMILY = "bitshard"
 INDEX = "idx"
@@ -143,29 +143,85 @@ def open(data, params, workdir):  # noqa: A001
     return {"ds": ds, "col": col, "uri": _index_uri(workdir), "frag_rows": data.fragment_rows}
 
 
-def search(h, queries, k, sp):
-    q = np.asarray(queries, dtype=np.float32)
-    kw = {"k": int(k), "nprobes": int(sp["nprobes"]), "with_stats": True,
-          "refine_factor": None if sp.get("refine") is None else int(sp["refine"])}
-    if sp.get("eps0") is not None:
-        kw["eps0"] = float(sp["eps0"])
-    t = h["ds"].search(h["col"], q if q.shape[0] > 1 else q[0], **kw)
-    pos = rowids_to_positions(t.column("_rowid").to_numpy(), h["frag_rows"])
-    out = np.full((q.shape[0], k), -1, dtype=np.int64)
-    if "query_index" in t.column_names:
+def _searcher(h, k, sp):
+    """The prepared searcher of one setting (ds.searcher), made on first use:
+    the worker's warm-up call, outside the timing."""
+    key = (int(k), int(sp["nprobes"]), sp.get("refine"), sp.get("eps0"))
+    s = h.setdefault("searchers", {}).get(key)
+    if s is None:
+        kw = {"k": int(k), "nprobes": int(sp["nprobes"]),
+              "refine_factor": None if sp.get("refine") is None else int(sp["refine"])}
+        if sp.get("eps0") is not None:
+            kw["eps0"] = float(sp["eps0"])
+        ds = h["ds"]
+        if hasattr(ds, "searcher"):
+            s = ds.searcher(h["col"], **kw)
+        else:  # bitshard before prepared searches: ds.search, one table per call
+            s = _TableSearch(ds, h["col"], kw)
+        h["searchers"][key] = s
+    return s
+
+
+class _TableSearch:
+    def __init__(self, ds, col, kw):
+        self.ds, self.col, self.kw = ds, col, kw
+
+    def search(self, q):
+        t = self.ds.search(self.col, q, **self.kw)
+        r = t.column("_rowid").to_numpy()
+        if q.ndim == 1:
+            return r, None
         qi = t.column("query_index").to_numpy()
+        out = np.full((q.shape[0], self.kw["k"]), np.iinfo(np.uint64).max, dtype=np.uint64)
         for i in range(q.shape[0]):
-            p = pos[qi == i][:k]
+            p = r[qi == i][: self.kw["k"]]
             out[i, :p.size] = p
-    else:
-        out[0, :min(k, pos.size)] = pos[:k]
-    h["last_nq"] = q.shape[0]
-    return out
+        return out, None
+
+    @property
+    def stats(self):
+        return None
 
 
-def stats(h):
-    st = getattr(h["ds"], "last_search_stats", None)
-    return dict(st) if st else None
+_NO_ROW = np.uint64(np.iinfo(np.uint64).max)
+_SHIFT = np.uint64(32)
+_LOW = np.uint64(0xFFFFFFFF)
+
+
+def search(h, queries, k, sp):
+    # The worker passes one sp object per setting: look its searcher up by
+    # identity, so the timed loop pays for the search, not for this adapter.
+    cur = h.get("cur")
+    if cur is None or cur[0] is not sp:
+        cur = h["cur"] = (sp, _searcher(h, k, sp))
+    q = queries if queries.dtype == np.float32 else np.asarray(queries, dtype=np.float32)
+    rows, _ = cur[1].search(q[0] if q.shape[0] == 1 else q)
+    rows = rows.reshape(q.shape[0], -1)[:, :k]
+    pos = (rows >> _SHIFT).astype(np.int64) * h["frag_rows"] + (rows & _LOW).astype(np.int64)
+    if rows.shape[1] < k or rows[:, -1].max() == _NO_ROW:  # padded: fewer than k found
+        out = np.full((q.shape[0], k), -1, dtype=np.int64)
+        out[:, :rows.shape[1]] = np.where(rows == _NO_ROW, -1, pos)
+        return out
+    return pos
+
+
+def stats_mark(h, sp):
+    """The counters of every searcher so far (the setting's own was made by
+    the worker's warm-up call)."""
+    return {key: dict(v.stats or {}) for key, v in h.get("searchers", {}).items()}
+
+
+def stats_since(h, sp, mark):
+    """Scan counts of one setting since stats_mark: (partitions probed, codes
+    scanned, codes given extra bits, candidates, exact reads)."""
+    for key, s in h.get("searchers", {}).items():
+        now = s.stats
+        if not now:
+            continue
+        if key[1:] == (int(sp["nprobes"]), sp.get("refine"), sp.get("eps0")):
+            before = mark.get(key, {})
+            return {name: v - before.get(name, 0) for name, v in now.items()}
+    return None
 
 
 def sweep(params, opts):
