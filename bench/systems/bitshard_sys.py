@@ -188,6 +188,20 @@ _SHIFT = np.uint64(32)
 _LOW = np.uint64(0xFFFFFFFF)
 
 
+def search_ids(h, queries, k, sp):
+    """Row ids (k,) of one query: the timed call of the single-thread loop."""
+    cur = h.get("cur")
+    if cur is None or cur[0] is not sp:
+        cur = h["cur"] = (sp, _searcher(h, k, sp))
+    return cur[1].search(queries[0])[0]
+
+
+def ids_to_positions(h, raw, k):
+    rows = np.vstack([np.asarray(r, dtype=np.uint64).reshape(-1)[:k] for r in raw])
+    pos = (rows >> _SHIFT).astype(np.int64) * h["frag_rows"] + (rows & _LOW).astype(np.int64)
+    return np.where(rows == _NO_ROW, -1, pos)
+
+
 def search(h, queries, k, sp):
     # The worker passes one sp object per setting: look its searcher up by
     # identity, so the timed loop pays for the search, not for this adapter.

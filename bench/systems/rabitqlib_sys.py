@@ -100,6 +100,20 @@ def search(h, queries, k, sp):
     return np.where(valid, h["perm"][np.where(valid, ids, 0)], -1)
 
 
+def search_ids(h, queries, k, sp):
+    """rabitqlib's own ids of one query (mapped to positions after timing)."""
+    ids, _ = h["index"].search(queries, k, int(sp["nprobes"]),
+                               high_accuracy=sp.get("high_accuracy"),
+                               num_threads=_THREADS[0])
+    return ids
+
+
+def ids_to_positions(h, raw, k):
+    ids = np.vstack([np.asarray(r).reshape(1, -1)[:, :k] for r in raw]).astype(np.int64)
+    valid = (ids >= 0) & (ids < h["perm"].size)
+    return np.where(valid, h["perm"][np.where(valid, ids, 0)], -1)
+
+
 def sweep(params, opts):
     out = sweep_grid(params["partitions"], opts.get("quick"), [None])
     if params["num_bits"] > 1 and not opts.get("quick"):
