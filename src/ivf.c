@@ -305,18 +305,13 @@ static uint32_t collect_below(const float *a, const float *b, uint32_t k,
     return cnt;
 }
 
-/* A distance beyond the float range becomes +inf, as IEEE rounding would
- * make it, without the out-of-range conversion C leaves undefined. The
- * cut-off is FLT_MAX plus half an ulp, where round-to-nearest goes to inf. */
-static float dist_to_float(double v) {
-    return v >= 0x1.ffffffp127 ? INFINITY : (float)v;
-}
-
+/* second: the second smallest distance among those evaluated (inf if only
+ * one was). */
 static void exact_best(const float *row, const float *centroids, uint32_t d,
                        const uint32_t *cand, uint32_t ncand, uint32_t k,
-                       uint32_t *best_id, double *best_dist) {
+                       uint32_t *best_id, double *best_dist, double *second) {
     uint32_t bj = 0;
-    double bd = INFINITY;
+    double bd = INFINITY, sd = INFINITY;
     /* cand == NULL: all centroids. Candidates ascend, so a strict < keeps
      * the lowest id among ties. */
     uint32_t cnt = cand ? ncand : k;
@@ -324,18 +319,94 @@ static void exact_best(const float *row, const float *centroids, uint32_t d,
         uint32_t j = cand ? cand[t] : t;
         double e = bs_l2sq_fixed(row, centroids + (size_t)j * d, d);
         if (e < bd || t == 0) {
+            sd = bd;
             bd = e;
             bj = j;
+        } else if (e < sd) {
+            sd = e;
         }
     }
     *best_id = bj;
     *best_dist = bd;
+    *second = sd;
 }
 
 bs_status bs_ivf_assign_rows(const float *centroids, uint32_t k, uint32_t d,
                              int normalize, int check_finite, const float *x,
                              size_t n, uint32_t *assign, float *dist2,
                              bs_error *err) {
+    return bs_ivf_assign_rows_lb(centroids, k, d, normalize, check_finite, x, n,
+                                 assign, dist2, NULL, err);
+}
+
+/* One block's rows after the BLAS product. */
+typedef struct scan_ctx {
+    const float *centroids, *src, *dots, *c_hi, *c_lo;
+    uint32_t k, d;
+    int exhaustive_all;
+    double tau;
+    size_t r0; /* first row of the block */
+    uint32_t *assign;
+    float *dist2;
+    double *second_lb;
+} scan_ctx;
+
+static void scan_rows(const scan_ctx *c, size_t begin, size_t end, uint32_t *cand) {
+    const uint32_t k = c->k, d = c->d;
+    for (size_t r = begin; r < end; r++) {
+        const float *row = c->src + r * d;
+        const float *dr = c->dots + r * k;
+        uint32_t bj = 0, ncand = 0;
+        double bd = 0.0, xn = 0.0;
+        int full = c->exhaustive_all;
+        if (!full) {
+            xn = bs_norm2_fixed(row, d);
+            if (xn > BS_ASSIGN_MAX_NORM2) {
+                full = 1;
+            } else {
+                float thr = min_of_sum(c->c_hi, dr, k) + (float)(2.0 * c->tau * xn);
+                ncand = collect_below(c->c_lo, dr, k, thr, cand);
+                /* The argmin of hi is always kept (lo <= hi <= thr), so an
+                 * empty set can only mean a broken BLAS result. */
+                if (ncand == 0) full = 1;
+            }
+        }
+        double second = INFINITY;
+        if (full) {
+            exact_best(row, c->centroids, d, NULL, 0, k, &bj, &bd, &second);
+        } else if (ncand == 1 && c->dist2 == NULL && c->second_lb == NULL) {
+            bj = cand[0]; /* nothing to re-rank, no distance wanted */
+        } else {
+            exact_best(row, c->centroids, d, cand, ncand, k, &bj, &bd, &second);
+        }
+        c->assign[c->r0 + r] = bj;
+        if (c->dist2) c->dist2[c->r0 + r] = bs_dist_to_float(bd);
+        if (c->second_lb) {
+            /* Every other centroid j has e_j >= lo_j (the bound above); a
+             * candidate's exact distance is no smaller than its lo_j, so
+             * the least lo_j over j != bj bounds them all. Twice tau keeps
+             * the double arithmetic here on the safe side. */
+            if (!full) {
+                float m = FLT_MAX;
+                if (bj > 0) m = min_of_sum(c->c_lo, dr, bj);
+                if (bj + 1 < k) {
+                    float m2 = min_of_sum(c->c_lo + bj + 1, dr + bj + 1, k - bj - 1);
+                    m = m2 < m ? m2 : m;
+                }
+                /* the float sum rounds by at most u of its magnitude */
+                double lo = (double)m - fabs((double)m) * BS_ASSIGN_U * 2.0 +
+                            xn * (1.0 - 2.0 * c->tau);
+                if (k > 1 && lo < second) second = lo;
+            }
+            c->second_lb[c->r0 + r] = second > 0.0 ? second : 0.0;
+        }
+    }
+}
+
+bs_status bs_ivf_assign_rows_lb(const float *centroids, uint32_t k, uint32_t d,
+                                int normalize, int check_finite, const float *x,
+                                size_t n, uint32_t *assign, float *dist2,
+                                double *second_lb, bs_error *err) {
     if (n == 0) return BS_OK;
     size_t brows = block_rows(k, d);
     if (brows > n) brows = n;
@@ -388,35 +459,9 @@ bs_status bs_ivf_assign_rows(const float *centroids, uint32_t k, uint32_t d,
                               (int)k, (int)d, -2.0f, src, (int)d, centroids,
                               (int)d, 0.0f, dots, (int)k);
         }
-        for (size_t r = 0; r < b; r++) {
-            const float *row = src + r * d;
-            uint32_t bj = 0, ncand = 0;
-            double bd = 0.0;
-            int full = exhaustive_all;
-            if (!full) {
-                double xn = bs_norm2_fixed(row, d);
-                const float *dr = dots + r * k;
-                if (xn > BS_ASSIGN_MAX_NORM2) {
-                    full = 1;
-                } else {
-                    float thr = min_of_sum(c_hi, dr, k) +
-                                (float)(2.0 * tau * xn);
-                    ncand = collect_below(c_lo, dr, k, thr, cand);
-                    /* The argmin of hi is always kept (lo <= hi <= thr), so
-                     * an empty set can only mean a broken BLAS result. */
-                    if (ncand == 0) full = 1;
-                }
-            }
-            if (full) {
-                exact_best(row, centroids, d, NULL, 0, k, &bj, &bd);
-            } else if (ncand == 1 && dist2 == NULL) {
-                bj = cand[0]; /* nothing to re-rank, no distance wanted */
-            } else {
-                exact_best(row, centroids, d, cand, ncand, k, &bj, &bd);
-            }
-            assign[r0 + r] = bj;
-            if (dist2) dist2[r0 + r] = dist_to_float(bd);
-        }
+        scan_ctx ctx = {centroids, src, dots, c_hi, c_lo, k, d, exhaustive_all, tau,
+                        r0, assign, dist2, second_lb};
+        scan_rows(&ctx, 0, b, cand);
     }
 
 done:

@@ -3,6 +3,7 @@
 #ifndef BS_IVF_INTERNAL_H
 #define BS_IVF_INTERNAL_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -21,6 +22,13 @@ float bs_l2sq_f32_fixed(const float *a, const float *b, uint32_t d);
 
 /* |a|^2 in double, same fixed order as bs_l2sq_fixed. */
 double bs_norm2_fixed(const float *a, uint32_t d);
+
+/* A distance beyond the float range becomes +inf, as IEEE rounding would
+ * make it, without the out-of-range conversion C leaves undefined. The
+ * cut-off is FLT_MAX plus half an ulp, where round-to-nearest goes to inf. */
+static inline float bs_dist_to_float(double v) {
+    return v >= 0x1.ffffffp127 ? (float)INFINITY : (float)v;
+}
 
 /* out = x / |x| rounded to float (a function of x alone); a zero row gives a
  * zero row. out may equal x. */
@@ -43,5 +51,21 @@ bs_status bs_ivf_assign_rows(const float *centroids, uint32_t k, uint32_t d,
                              int normalize, int check_finite, const float *x,
                              size_t n, uint32_t *assign, float *dist2,
                              bs_error *err);
+
+/* The same, and second_lb[i] (if not NULL): a lower bound on the squared
+ * distance from row i to every centroid other than assign[i] (exact when
+ * the row was ranked exhaustively). k-means uses it to skip rows whose
+ * assignment cannot change. */
+bs_status bs_ivf_assign_rows_lb(const float *centroids, uint32_t k, uint32_t d,
+                                int normalize, int check_finite, const float *x,
+                                size_t n, uint32_t *assign, float *dist2,
+                                double *second_lb, bs_error *err);
+
+/* bs_kmeans_train with the bound-based skipping of rows switched on or off
+ * (prune = 0 assigns every row every iteration): the two give the same
+ * centroids bit for bit, which the tests check. */
+bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
+                               bs_metric metric, uint32_t max_iters, uint64_t seed,
+                               float *centroids, int prune, bs_error *err);
 
 #endif

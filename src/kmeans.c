@@ -255,6 +255,70 @@ static uint32_t count_empty(const size_t *counts, uint32_t k) {
 bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d, uint32_t k,
                           bs_metric metric, uint32_t max_iters, uint64_t seed,
                           float *centroids, bs_error *err) {
+    return bs_kmeans_train_impl(x, n, d, k, metric, max_iters, seed, centroids, 1, err);
+}
+
+/* Rows per batch of re-assigned rows (gathered into a contiguous copy for
+ * the BLAS pass): bounds the copy at 2^20 floats whatever n is. */
+#define BS_REDO_FLOATS ((size_t)1 << 20)
+
+/* Assigns every row: directly, or (prune, once bounds exist) only the rows
+ * whose bounds allow another centroid to be nearest, in gathered batches.
+ * A skipped row keeps prev[i], which is still its exact argmin: its exact
+ * distance to that centroid is below a lower bound on the distance to every
+ * other one. Its dist2 is computed exactly like the full pass computes it,
+ * so the result is the full pass's, bit for bit. lbd[i] (a lower bound on
+ * the distance, not squared, to every centroid but assign[i]) is refreshed
+ * for every re-assigned row. */
+static bs_status assign_pruned(const float *data, size_t n, uint32_t d, uint32_t k,
+                               const float *centroids, int have_bounds,
+                               const uint32_t *prev, uint32_t *assign, float *dist2,
+                               double *lbd, size_t *redo, float *gather,
+                               uint32_t *g_assign, float *g_dist2, double *g_second,
+                               size_t *reassigned, bs_error *err) {
+    size_t nredo = 0;
+    if (!have_bounds) {
+        *reassigned = n;
+        BS_TRY(bs_ivf_assign_rows_lb(centroids, k, d, 0, 0, data, n, assign, dist2, lbd,
+                                     err));
+        for (size_t i = 0; i < n; i++) lbd[i] = sqrt(lbd[i]);
+        return BS_OK;
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            const uint32_t a = prev[i];
+            const double e = bs_l2sq_fixed(data + i * d, centroids + (size_t)a * d, d);
+            /* The relative margin covers the double rounding of e, of the
+             * square roots and of the bound updates (~1e-15 each). */
+            if (sqrt(e) < lbd[i] * (1.0 - 1e-9)) {
+                assign[i] = a;
+                dist2[i] = bs_dist_to_float(e);
+            } else {
+                redo[nredo++] = i;
+            }
+        }
+    }
+    *reassigned = nredo;
+    size_t batch = BS_REDO_FLOATS / d;
+    if (batch < 1) batch = 1;
+    for (size_t b0 = 0; b0 < nredo; b0 += batch) {
+        size_t m = nredo - b0 < batch ? nredo - b0 : batch;
+        for (size_t t = 0; t < m; t++)
+            memcpy(gather + t * d, data + redo[b0 + t] * d, d * sizeof(float));
+        BS_TRY(bs_ivf_assign_rows_lb(centroids, k, d, 0, 0, gather, m, g_assign, g_dist2,
+                                     g_second, err));
+        for (size_t t = 0; t < m; t++) {
+            size_t i = redo[b0 + t];
+            assign[i] = g_assign[t];
+            dist2[i] = g_dist2[t];
+            lbd[i] = sqrt(g_second[t]);
+        }
+    }
+    return BS_OK;
+}
+
+bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
+                               bs_metric metric, uint32_t max_iters, uint64_t seed,
+                               float *centroids, int prune, bs_error *err) {
     bs_error_clear(err);
     if (x == NULL) return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "x is NULL");
     if (centroids == NULL)
@@ -288,7 +352,10 @@ bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d, uint32_t k,
     bs_rng rng;
     bs_rng_seed(&rng, seed);
 
-    float *normed = NULL;
+    float *normed = NULL, *gather = NULL, *g_dist2 = NULL, *old_c = NULL;
+    double *lbd = NULL, *g_second = NULL;
+    size_t *redo = NULL;
+    uint32_t *g_assign = NULL;
     uint32_t *assign = malloc(n * sizeof(uint32_t));
     uint32_t *prev = malloc(n * sizeof(uint32_t));
     float *dist2 = malloc(n * sizeof(float));
@@ -315,6 +382,29 @@ bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d, uint32_t k,
     st = seed_kmeanspp(data, n, d, k, cosine, &rng, centroids, err);
     if (st != BS_OK) goto done;
 
+    /* Bound-based skipping (Hamerly's): after an update, a row's distance
+     * to any centroid other than its own can shrink by at most the largest
+     * distance such a centroid moved. Late iterations move centroids little,
+     * so most rows keep their partition after one exact distance instead of
+     * a pass over all k. */
+    size_t gbatch = BS_REDO_FLOATS / d ? BS_REDO_FLOATS / d : 1;
+    if (gbatch > n) gbatch = n;
+    if (prune) {
+        lbd = malloc(n * sizeof(double));
+        redo = malloc(n * sizeof(size_t));
+        gather = malloc(gbatch * d * sizeof(float));
+        g_assign = malloc(gbatch * sizeof(uint32_t));
+        g_dist2 = malloc(gbatch * sizeof(float));
+        g_second = malloc(gbatch * sizeof(double));
+        old_c = malloc((size_t)k * d * sizeof(float));
+        if (!lbd || !redo || !gather || !g_assign || !g_dist2 || !g_second || !old_c) {
+            st = bs_fail(err, BS_ERR_NO_MEMORY,
+                         "out of memory for k-means bounds over %zu rows", n);
+            goto done;
+        }
+    }
+    int have_bounds = 0;
+
     for (size_t i = 0; i < n; i++) prev[i] = UINT32_MAX;
     uint32_t empties = 0;
     double prev_total = 0.0;
@@ -322,8 +412,16 @@ bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d, uint32_t k,
         /* Assign first and decide after: the returned centroids are always
          * ones whose assignment was seen, so "no empty partition" is
          * checked, not hoped for. */
-        st = bs_ivf_assign_rows(centroids, k, d, 0, 0, data, n, assign,
-                                dist2, err);
+        if (prune) {
+            size_t redone;
+            st = assign_pruned(data, n, d, k, centroids, have_bounds, prev, assign, dist2,
+                               lbd, redo, gather, g_assign, g_dist2, g_second, &redone,
+                               err);
+            have_bounds = 1;
+            (void)redone;
+        } else {
+            st = bs_ivf_assign_rows(centroids, k, d, 0, 0, data, n, assign, dist2, err);
+        }
         if (st != BS_OK) goto done;
         size_t changes = 0;
         memset(counts, 0, (size_t)k * sizeof(size_t));
@@ -345,6 +443,7 @@ bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d, uint32_t k,
         if (iter > 0 && empties == 0 && prev_total - total < 1e-4 * prev_total) break;
         prev_total = total;
 
+        if (prune) memcpy(old_c, centroids, (size_t)k * d * sizeof(float));
         memset(sums, 0, (size_t)k * d * sizeof(double));
         memset(inertia, 0, (size_t)k * sizeof(double));
         for (size_t i = 0; i < n; i++) {
@@ -374,6 +473,24 @@ bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d, uint32_t k,
         }
         if (empties)
             repair_by_split(centroids, k, d, cosine, counts, inertia, &rng);
+        if (prune) {
+            /* How far each centroid moved (repairs included); every row's
+             * bound drops by the largest move among the other centroids. */
+            double m1 = 0.0, m2 = 0.0;
+            uint32_t a1 = 0;
+            for (uint32_t j = 0; j < k; j++) {
+                const double mv = sqrt(bs_l2sq_fixed(old_c + (size_t)j * d,
+                                                     centroids + (size_t)j * d, d));
+                if (mv > m1) {
+                    m2 = m1;
+                    m1 = mv;
+                    a1 = j;
+                } else if (mv > m2) {
+                    m2 = mv;
+                }
+            }
+            for (size_t i = 0; i < n; i++) lbd[i] -= assign[i] == a1 ? m2 : m1;
+        }
         uint32_t *tmp = prev;
         prev = assign;
         assign = tmp;
@@ -396,6 +513,13 @@ bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d, uint32_t k,
     }
 
 done:
+    free(lbd);
+    free(redo);
+    free(gather);
+    free(g_assign);
+    free(g_dist2);
+    free(g_second);
+    free(old_c);
     free(normed);
     free(assign);
     free(prev);

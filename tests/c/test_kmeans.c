@@ -559,6 +559,50 @@ static void test_errors(void) {
 #undef EXPECT
 }
 
+/* Skipping rows by bounds must not change a single bit: the pruned and
+ * the plain Lloyd give the same centroids, on overlapping Gaussian blobs
+ * (many rows near boundaries), with each metric, duplicate rows (ties and
+ * empty partitions) and k close to n. */
+static void check_pruning_exact(const float *x, size_t n, uint32_t d, uint32_t k,
+                                bs_metric metric, uint32_t iters, const char *what) {
+    float *a = alloc_f((size_t)k * d), *b = alloc_f((size_t)k * d);
+    bs_error err;
+    CHECK(bs_kmeans_train_impl(x, n, d, k, metric, iters, 5, a, 0, &err) == BS_OK);
+    CHECK(bs_kmeans_train_impl(x, n, d, k, metric, iters, 5, b, 1, &err) == BS_OK);
+    CHECK_MSG(same_bits(a, b, (size_t)k * d * sizeof(float)),
+              "pruned k-means differs (%s, metric %d, k %u)", what, (int)metric, k);
+    free(a);
+    free(b);
+}
+
+static void test_pruning_is_exact(void) {
+    uint64_t st = 21;
+    const uint32_t d = 24, nb = 12;
+    const size_t per = 300, n = (size_t)nb * per;
+    float *x = alloc_f(n * d), *centres = alloc_f((size_t)nb * d);
+    uint32_t *label = malloc(n * sizeof(uint32_t));
+    /* overlapping: centres one standard deviation apart in each dimension */
+    for (uint32_t bl = 0; bl < nb; bl++)
+        for (uint32_t t = 0; t < d; t++)
+            centres[(size_t)bl * d + t] = (float)test_rand_normal(&st);
+    for (size_t i = 0; i < n; i++) {
+        label[i] = (uint32_t)(i % nb);
+        for (uint32_t t = 0; t < d; t++)
+            x[i * d + t] = centres[(size_t)label[i] * d + t] + (float)test_rand_normal(&st);
+    }
+    for (int metric = 0; metric < 3; metric++) {
+        check_pruning_exact(x, n, d, 16, (bs_metric)metric, 50, "overlapping blobs");
+        check_pruning_exact(x, n, d, 64, (bs_metric)metric, 7, "overlapping blobs");
+    }
+    /* a quarter of the rows are copies of one row */
+    for (size_t i = 0; i < n / 4; i++) memcpy(x + i * d, x, d * sizeof(float));
+    check_pruning_exact(x, n, d, 40, BS_METRIC_L2, 30, "duplicates");
+    check_pruning_exact(x, 48, d, 40, BS_METRIC_L2, 30, "k close to n");
+    free(x);
+    free(centres);
+    free(label);
+}
+
 int main(void) {
     test_errors();
     test_fixed_order_sums();
@@ -576,5 +620,6 @@ int main(void) {
     test_cosine_unit();
     test_cosine_assign_zero_row();
     test_assign_determinism();
+    test_pruning_is_exact();
     TEST_MAIN_END();
 }
