@@ -48,8 +48,7 @@ static uint64_t bs_fuzz_touch_segment(const bs_segment *seg) {
             bs_fastscan_num_blocks(v.count) * bs_fastscan_block_bytes(D);
         for (size_t i = 0; i < block_bytes; i++) sink += v.blocks[i];
         for (uint32_t i = 0; i < v.count; i++) {
-            sink += (uint64_t)(v.norm2[i] + v.s1[i] + v.f1[i] + v.s_full[i] +
-                               v.f_full[i] > 0.0f);
+            sink += (uint64_t)(v.norm2[i] + v.s1[i] + v.s_full[i] > 0.0f);
             sink += bs_segment_rowid(seg, v.ordinals[i]);
             bs_fastscan_unpack_one(v.blocks, i, D, code);
             sink += code[0];

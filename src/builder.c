@@ -463,12 +463,9 @@ bs_status bs_builder_write(bs_segment_builder *b, const char *path,
         store_floats(buf + pl.norm2, pt->f, order, n,
                      offsetof(bs_factors, norm2));
         store_floats(buf + pl.s1, pt->f, order, n, offsetof(bs_factors, s1));
-        store_floats(buf + pl.f1, pt->f, order, n, offsetof(bs_factors, f1));
         if (B > 1) {
             store_floats(buf + pl.s_full, pt->f, order, n,
                          offsetof(bs_factors, s_full));
-            store_floats(buf + pl.f_full, pt->f, order, n,
-                         offsetof(bs_factors, f_full));
         }
         st = bs_seg_writer_partition(&w, n, buf, pl.size, err);
     }

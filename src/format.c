@@ -35,12 +35,10 @@ int bs_part_layout_compute(uint64_t count, uint32_t D, uint32_t B,
         return 0;
     if (!place_array(&pos, count, 4, &out->norm2)) return 0;
     if (!place_array(&pos, count, 4, &out->s1)) return 0;
-    if (!place_array(&pos, count, 4, &out->f1)) return 0;
     if (!place_array(&pos, count, 4, &out->ordinals)) return 0;
     if (B > 1) {
         if (!place_array(&pos, count, bs_ext_bytes(D, B), &out->ext)) return 0;
         if (!place_array(&pos, count, 4, &out->s_full)) return 0;
-        if (!place_array(&pos, count, 4, &out->f_full)) return 0;
     }
     return bs_align64_ok(pos, &out->size);
 }
@@ -195,9 +193,7 @@ bs_status bs_seg_writer_open(bs_seg_writer *w, const char *path,
 
     uint8_t *h = w->header;
     memcpy(h + BS_HDR_MAGIC, BS_SEG_MAGIC, BS_SEG_MAGIC_LEN);
-    /* Version 2 changed only the 9-bit extra codes (bit planes -> one byte
-     * per dimension): other widths stay readable by version 1 readers. */
-    bs_store_u32(h + BS_HDR_READ_VERSION, p->num_bits == 9 ? 2u : 1u);
+    bs_store_u32(h + BS_HDR_READ_VERSION, BS_SEG_VERSION);
     bs_store_u32(h + BS_HDR_WRITE_VERSION, BS_SEG_VERSION);
     bs_store_u32(h + BS_HDR_HEADER_SIZE, (uint32_t)w->header_size);
     bs_store_u32(h + BS_HDR_FLAGS, 0);

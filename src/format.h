@@ -121,7 +121,7 @@ static inline uint64_t bs_seg_header_size(uint32_t column_len) {
  * start, and the block's padded size. Arrays absent for B == 1 have
  * offset 0 and are not stored. */
 typedef struct bs_part_layout {
-    uint64_t blocks, norm2, s1, f1, ordinals, ext, s_full, f_full;
+    uint64_t blocks, norm2, s1, ordinals, ext, s_full;
     uint64_t size; /* padded to 64 */
 } bs_part_layout;
 

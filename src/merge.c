@@ -196,11 +196,9 @@ bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
             }
             memcpy(buf + pl.norm2 + at * 4, v.norm2, m * 4);
             memcpy(buf + pl.s1 + at * 4, v.s1, m * 4);
-            memcpy(buf + pl.f1 + at * 4, v.f1, m * 4);
             if (B > 1) {
                 memcpy(buf + pl.ext + at * eb, v.ext, m * eb);
                 memcpy(buf + pl.s_full + at * 4, v.s_full, m * 4);
-                memcpy(buf + pl.f_full + at * 4, v.f_full, m * 4);
             }
             at += m;
         }

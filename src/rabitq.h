@@ -4,6 +4,7 @@
 #ifndef BS_RABITQ_H
 #define BS_RABITQ_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -19,6 +20,17 @@ typedef struct bs_factors {
     float s_full; /* same with y = u - (2^B - 1)/2 */
     float f_full;
 } bs_factors;
+
+/* f1 from norm2 and s1: |y1|^2 = D/4 exactly, so cos1 = 2 |r| / (sqrt(D) s1)
+ * and f1 = sqrt(D s1^2 / 4 - |r|^2) / sqrt(D - 1). Segments store norm2 and
+ * s1 only; the search derives f1 (one sqrt per code) instead of reading 4
+ * more bytes per vector. quarter_d = D / 4, inv_sqrt_dm1 = 1 / sqrt(D - 1);
+ * the clamp covers rounding when r is parallel to y1. */
+static inline float bs_f1_from(float norm2, float s1, float quarter_d,
+                               float inv_sqrt_dm1) {
+    float t = quarter_d * s1 * s1 - norm2;
+    return t > 0.0f ? sqrtf(t) * inv_sqrt_dm1 : 0.0f;
+}
 
 /* Bytes of a row-major 1-bit code: D / 8 (D a multiple of 64). Bit i of the
  * code is bit (i & 7) of byte (i >> 3): the sign of r_i (1 when r_i > 0). */

@@ -620,6 +620,7 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
     const int filtered = params->allowed_fragments != NULL ||
                          params->denied_rowids != NULL || params->allowed_rowids != NULL;
     const float half_levels = (float)((1u << B) - 1) * 0.5f;
+    const float quarter_d = 0.25f * (float)D, inv_sqrt_dm1 = 1.0f / sqrtf((float)(D - 1));
     const float groups = (float)(D / 4);
 
     for (uint32_t pi = 0; pi < nprobe; pi++) {
@@ -669,7 +670,8 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
             for (uint32_t i = 0; i < v.count; i++) {
                 float ip_y = lut.delta * (float)c->sums[i] + lut.offset - 0.5f * qsum;
                 float est = base * v.norm2[i] + qterm - scale * v.s1[i] * ip_y;
-                float bound = ferr * v.f1[i] + lerr * fabsf(v.s1[i]);
+                float f1 = bs_f1_from(v.norm2[i], v.s1[i], quarter_d, inv_sqrt_dm1);
+                float bound = ferr * f1 + lerr * fabsf(v.s1[i]);
                 lbs[i] = est - bound;
             }
             /* Most codes fail the threshold: test four at a time and visit
@@ -690,7 +692,8 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
                         rowid = bs_segment_rowid(s->segs[si], v.ordinals[i]);
                         if (!rowid_allowed(params, rowid)) continue;
                     }
-                    float bound = ferr * v.f1[i] + lerr * fabsf(v.s1[i]);
+                    float f1 = bs_f1_from(v.norm2[i], v.s1[i], quarter_d, inv_sqrt_dm1);
+                    float bound = ferr * f1 + lerr * fabsf(v.s1[i]);
                     float est = lb + bound;
                     float ub = est + bound;
                     heap_push_bounded(c->heap, &nheap, k, ub);

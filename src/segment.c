@@ -152,11 +152,11 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
                        info->padded_dim, info->dim, bs_padded_dim(info->dim));
     if (info->num_bits < 1 || info->num_bits > 9)
         return CORRUPT("num_bits %u is out of range 1..9", info->num_bits);
-    if (info->num_bits == 9 && info->format_version < 2)
+    if (info->format_version < 2)
         return bs_fail(err, BS_ERR_UNSUPPORTED_VERSION,
-                       "9-bit segment written by format version %u, whose extra "
-                       "codes are bit planes; this reader reads format 2 (one "
-                       "byte per dimension): rebuild the index",
+                       "segment written by format version %u; this reader reads "
+                       "format 2 (no stored error factors, 9-bit codes as bytes): "
+                       "rebuild the index",
                        info->format_version);
     if (metric > BS_METRIC_DOT)
         return CORRUPT("metric %u is unknown", metric);
@@ -292,9 +292,7 @@ static bs_status check_partition_values(const bs_segment *s, uint32_t p,
                            "increasing",
                            p, i);
         if (!isfinite(v->norm2[i]) || !(v->norm2[i] >= 0) ||
-            !isfinite(v->s1[i]) || !isfinite(v->f1[i]) || !(v->f1[i] >= 0) ||
-            !isfinite(v->s_full[i]) || !isfinite(v->f_full[i]) ||
-            !(v->f_full[i] >= 0))
+            !isfinite(v->s1[i]) || !isfinite(v->s_full[i]))
             return CORRUPT("partition %u row %u: invalid factors", p, i);
     }
     return BS_OK;
@@ -424,16 +422,13 @@ static bs_status parse_partitions(bs_segment *s, bs_error *err) {
         v->blocks = base + L.blocks;
         v->norm2 = (const float *)(const void *)(base + L.norm2);
         v->s1 = (const float *)(const void *)(base + L.s1);
-        v->f1 = (const float *)(const void *)(base + L.f1);
         v->ordinals = (const uint32_t *)(const void *)(base + L.ordinals);
         if (B > 1) {
             v->ext = base + L.ext;
             v->s_full = (const float *)(const void *)(base + L.s_full);
-            v->f_full = (const float *)(const void *)(base + L.f_full);
         } else {
             v->ext = NULL;
             v->s_full = v->s1;
-            v->f_full = v->f1;
         }
         BS_TRY(check_partition_values(s, p, v, err));
         BS_TRY(check_block_padding(s, p, v, err));

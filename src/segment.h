@@ -12,11 +12,9 @@ typedef struct bs_partition_view {
     const uint8_t *blocks;     /* bs_fastscan_num_blocks(count) blocks */
     const float *norm2;        /* count */
     const float *s1;           /* count */
-    const float *f1;           /* count */
     const uint32_t *ordinals;  /* count: segment-local row ordinals */
     const uint8_t *ext;        /* count * bs_ext_bytes(D, B); NULL if B==1 */
     const float *s_full;       /* count; == s1 when B == 1 */
-    const float *f_full;       /* count; == f1 when B == 1 */
 } bs_partition_view;
 
 void bs_segment_partition(const bs_segment *seg, uint32_t p,

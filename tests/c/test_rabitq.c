@@ -105,6 +105,11 @@ static void test_codes_and_factors(void) {
                           D, B, f.s1, r1.s);
                 CHECK_MSG(close_rel(f.f1, r1.f, 1e-4, 1e-7), "D=%u B=%u f1 %g vs %g",
                           D, B, f.f1, r1.f);
+                /* What the search uses instead of a stored f1. */
+                float f1d = bs_f1_from(f.norm2, f.s1, 0.25f * (float)D,
+                                       1.0f / sqrtf((float)(D - 1)));
+                CHECK_MSG(fabs(f1d - f.f1) <= 1e-4 * f.f1 + 1e-3 * sqrt(f.norm2 / (D - 1)),
+                          "D=%u B=%u f1 from norm2 and s1 %g vs %g", D, B, f1d, f.f1);
                 CHECK_MSG(close_rel(f.s_full, rf.s, 1e-5, 0),
                           "D=%u B=%u s_full %g vs %g", D, B, f.s_full, rf.s);
                 CHECK_MSG(close_rel(f.f_full, rf.f, 1e-3, 1e-6),
@@ -162,8 +167,11 @@ static void test_estimator(void) {
                 }
                 double nq = sqrt(qq);
                 double e1 = fabs(f.s1 * y1q - ip), eb = fabs(f.s_full * yq - ip);
-                in19_1 += e1 <= 1.9 * f.f1 * nq;
-                in3_1 += e1 <= 3.0 * f.f1 * nq;
+                /* the bound as the search forms it (f1 from norm2, s1) */
+                float f1d = bs_f1_from(f.norm2, f.s1, 0.25f * (float)D,
+                                       1.0f / sqrtf((float)(D - 1)));
+                in19_1 += e1 <= 1.9 * f1d * nq;
+                in3_1 += e1 <= 3.0 * f1d * nq;
                 in19_b += eb <= 1.9 * f.f_full * nq;
                 in3_b += eb <= 3.0 * f.f_full * nq;
                 abs1 += e1;

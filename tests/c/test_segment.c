@@ -230,7 +230,7 @@ static void check_contents(const bs_segment *seg, const dataset *ds,
         CHECK(((uintptr_t)v.norm2 & 3) == 0 && ((uintptr_t)v.ordinals & 3) == 0);
         CHECK(((uintptr_t)v.blocks & 63) == 0);
         CHECK((bits == 1) == (v.ext == NULL));
-        if (bits == 1) CHECK(v.s_full == v.s1 && v.f_full == v.f1);
+        if (bits == 1) CHECK(v.s_full == v.s1);
         for (uint32_t i = 0; i < v.count; i++) {
             uint32_t o = v.ordinals[i];
             CHECK(o < total);
@@ -264,8 +264,7 @@ static void check_contents(const bs_segment *seg, const dataset *ds,
             bs_fastscan_unpack_one(v.blocks, i, D, code2);
             int same = memcmp(code, code2, D / 8) == 0 &&
                        fac.norm2 == v.norm2[i] && fac.s1 == v.s1[i] &&
-                       fac.f1 == v.f1[i] && fac.s_full == v.s_full[i] &&
-                       fac.f_full == v.f_full[i];
+                       fac.s_full == v.s_full[i];
             if (bits > 1)
                 same = same && memcmp(ext, v.ext + (size_t)i *
                                                        bs_ext_bytes(D, bits),
@@ -585,10 +584,6 @@ static void e_k_zero(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_NUM_PARTITI
 static void e_write_older(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_WRITE_VERSION, 0); }
 /* newlen = len + 64: trailing bytes announced by file_size. */
 static void e_trailing_known(uint8_t *b, size_t n) { bs_store_u64(b + BS_HDR_FILE_SIZE, n); }
-static void e_trailing_v1(uint8_t *b, size_t n) {
-    bs_store_u64(b + BS_HDR_FILE_SIZE, n);
-    bs_store_u32(b + BS_HDR_WRITE_VERSION, 1);
-}
 static void e_trailing_newer(uint8_t *b, size_t n) {
     bs_store_u64(b + BS_HDR_FILE_SIZE, n);
     bs_store_u32(b + BS_HDR_WRITE_VERSION, 3);
@@ -614,9 +609,8 @@ static void test_corruption(void) {
     /* The worked example of docs/format.md. */
     bs_part_layout ex;
     CHECK(bs_part_layout_compute(40, 128, 3, &ex));
-    CHECK(ex.blocks == 0 && ex.norm2 == 1024 && ex.s1 == 1216 && ex.f1 == 1408 &&
-          ex.ordinals == 1600 && ex.ext == 1792 && ex.s_full == 3072 &&
-          ex.f_full == 3264 && ex.size == 3456);
+    CHECK(ex.blocks == 0 && ex.norm2 == 1024 && ex.s1 == 1216 && ex.ordinals == 1408 &&
+          ex.ext == 1600 && ex.s_full == 2880 && ex.size == 3072);
     CHECK(bs_part_layout_compute(0, 64, 1, &ex) && ex.size == 0);
     CHECK(!bs_part_layout_compute(UINT64_MAX / 8, 8192, 9, &ex));
     CHECK(bs_seg_header_size(1) == 256 && bs_seg_header_size(1024) == 1280);
@@ -662,11 +656,12 @@ static void test_corruption(void) {
     expect_edit(orig, len, len, e_kind, BS_ERR_CORRUPT, "rotation kind 2");
     expect_edit(orig, len, len, e_read_version, BS_ERR_UNSUPPORTED_VERSION,
                 "format version 3");
-    /* Format 2 changed only 9-bit codes: a 3-bit file says old readers may
-     * read it, and a format-1 3-bit file still opens. */
-    CHECK(bs_load_u32(orig + BS_HDR_READ_VERSION) == 1);
+    /* Format 2 dropped the stored error factors: every file needs a
+     * format-2 reader, and a format-1 file is refused with what to do. */
+    CHECK(bs_load_u32(orig + BS_HDR_READ_VERSION) == 2);
     CHECK(bs_load_u32(orig + BS_HDR_WRITE_VERSION) == 2);
-    expect_edit(orig, len, len, e_v1_writer, BS_OK, "");
+    expect_edit(orig, len, len, e_v1_writer, BS_ERR_UNSUPPORTED_VERSION,
+                "format version 1");
     {
         const char *p9 = tpath("small9.bsseg");
         CHECK(build_range(&ds, 9, BS_METRIC_L2, BS_ROTATION_FAST, ids, rows, 0, 2, 16, 0,
@@ -678,7 +673,7 @@ static void test_corruption(void) {
             CHECK(bs_load_u32(orig9 + BS_HDR_READ_VERSION) == 2);
             expect_edit(orig9, len9, len9, e_nothing, BS_OK, "");
             expect_edit(orig9, len9, len9, e_v1_writer, BS_ERR_UNSUPPORTED_VERSION,
-                        "9-bit segment written by format version 1");
+                        "rebuild the index");
             free(orig9);
         }
     }
@@ -722,8 +717,6 @@ static void test_corruption(void) {
     expect_edit(orig, len, len, e_header_pad, BS_ERR_CORRUPT, "header padding");
     expect_edit(orig, len, len, e_header_size, BS_ERR_CORRUPT, "header");
     expect_edit(orig, len, len + 64, e_trailing_known, BS_ERR_CORRUPT,
-                "partitions end at offset");
-    expect_edit(orig, len, len + 64, e_trailing_v1, BS_ERR_CORRUPT,
                 "partitions end at offset");
     /* A newer writer's extension after the last partition is ignored. */
     expect_edit(orig, len, len + 64, e_trailing_newer, BS_OK, "");
@@ -1196,8 +1189,7 @@ static void test_degenerate(void) {
                 const bs_partition_view *v = i ? &v2 : &v0;
                 for (uint32_t j = 0; j < v->count; j++)
                     CHECK_MSG(v->norm2[j] == 0.0f && v->s1[j] == 0.0f &&
-                                  v->f1[j] == 0.0f && v->s_full[j] == 0.0f &&
-                                  v->f_full[j] == 0.0f,
+                                  v->s_full[j] == 0.0f,
                               "kind %d bits %u partition %u row %u", kind,
                               bits, i ? 2 : 0, j);
             }
