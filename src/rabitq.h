@@ -29,7 +29,8 @@ typedef struct bs_factors {
 static inline float bs_f1_from(float norm2, float s1, float quarter_d,
                                float inv_sqrt_dm1) {
     float t = quarter_d * s1 * s1 - norm2;
-    return t > 0.0f ? sqrtf(t) * inv_sqrt_dm1 : 0.0f;
+    t = t > 0.0f ? t : 0.0f; /* a select, not a branch: the scan vectorises */
+    return sqrtf(t) * inv_sqrt_dm1;
 }
 
 /* Bytes of a row-major 1-bit code: D / 8 (D a multiple of 64). Bit i of the

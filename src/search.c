@@ -21,6 +21,7 @@
 #include <emmintrin.h>
 #endif
 
+#include "dot.h"
 #include "error.h"
 #include "rabitq.h"
 #include "segment.h"
@@ -38,6 +39,7 @@ struct bs_searcher {
     float *rot_centroids;    /* nlist * D: P c */
     float *centroid_norm2;   /* nlist */
     bs_fastscan_fn kernel;
+    bs_dot_kernels dots;
 };
 
 typedef struct bs_cand {
@@ -232,70 +234,6 @@ static int rowid_allowed(const bs_search_params *p, uint64_t rowid) {
            sorted_contains(p->allowed_rowids, p->num_allowed, rowid);
 }
 
-/* Dot product with eight partial sums in a fixed order: vectorisable
- * without -ffast-math, and the same bits on every x86-64 build (no FMA
- * contraction: the project builds with -ffp-contract=off). */
-static float dot_f(const float *a, const float *b, uint32_t n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    uint32_t i = 0;
-#if defined(__SSE2__)
-    /* The same eight partial sums as the loop below, two SSE registers at a
-     * time (gcc does not vectorise that loop on its own). */
-    __m128 lo = _mm_setzero_ps(), hi = _mm_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-        lo = _mm_add_ps(lo, _mm_mul_ps(_mm_loadu_ps(a + i), _mm_loadu_ps(b + i)));
-        hi = _mm_add_ps(hi, _mm_mul_ps(_mm_loadu_ps(a + i + 4), _mm_loadu_ps(b + i + 4)));
-    }
-    _mm_storeu_ps(acc, lo);
-    _mm_storeu_ps(acc + 4, hi);
-#endif
-    for (; i + 8 <= n; i += 8)
-        for (uint32_t j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float tail = 0.0f;
-    for (; i < n; i++) tail += a[i] * b[i];
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
-           ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
-
-/* dot_f of q with four rows at once, each with exactly dot_f's partial
- * sums and reduction (so the same bits): a single dot is a chain of
- * dependent adds, four interleaved keep the adder busy. */
-static void dot4_f(const float *q, const float *r0, const float *r1, const float *r2,
-                   const float *r3, uint32_t n, float out[4]) {
-#if defined(__SSE2__)
-    const float *rows[4] = {r0, r1, r2, r3};
-    __m128 lo0 = _mm_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0,
-           lo3 = lo0, hi3 = lo0;
-    uint32_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m128 qa = _mm_loadu_ps(q + i), qb = _mm_loadu_ps(q + i + 4);
-        lo0 = _mm_add_ps(lo0, _mm_mul_ps(qa, _mm_loadu_ps(r0 + i)));
-        hi0 = _mm_add_ps(hi0, _mm_mul_ps(qb, _mm_loadu_ps(r0 + i + 4)));
-        lo1 = _mm_add_ps(lo1, _mm_mul_ps(qa, _mm_loadu_ps(r1 + i)));
-        hi1 = _mm_add_ps(hi1, _mm_mul_ps(qb, _mm_loadu_ps(r1 + i + 4)));
-        lo2 = _mm_add_ps(lo2, _mm_mul_ps(qa, _mm_loadu_ps(r2 + i)));
-        hi2 = _mm_add_ps(hi2, _mm_mul_ps(qb, _mm_loadu_ps(r2 + i + 4)));
-        lo3 = _mm_add_ps(lo3, _mm_mul_ps(qa, _mm_loadu_ps(r3 + i)));
-        hi3 = _mm_add_ps(hi3, _mm_mul_ps(qb, _mm_loadu_ps(r3 + i + 4)));
-    }
-    const __m128 lo[4] = {lo0, lo1, lo2, lo3}, hi[4] = {hi0, hi1, hi2, hi3};
-    for (int r = 0; r < 4; r++) {
-        float acc[8];
-        _mm_storeu_ps(acc, lo[r]);
-        _mm_storeu_ps(acc + 4, hi[r]);
-        float tail = 0.0f;
-        for (uint32_t j = i; j < n; j++) tail += q[j] * rows[r][j];
-        out[r] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
-                 ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-    }
-#else
-    out[0] = dot_f(q, r0, n);
-    out[1] = dot_f(q, r1, n);
-    out[2] = dot_f(q, r2, n);
-    out[3] = dot_f(q, r3, n);
-#endif
-}
-
 static float sum_f(const float *a, uint32_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     uint32_t i = 0;
@@ -359,43 +297,11 @@ static float plane_dot(const uint8_t *plane, uint32_t D, const float *t) {
     return (a0 + a1) + (a2 + a3);
 }
 
-/* <e, x> for a 9-bit extra code (one byte per dimension): sixteen partial
- * sums, lane j over dimensions j mod 16 in increasing order, then a fixed
- * reduction, whether SSE2 does it or the loop below (D is a multiple of
- * 64). Sixteen lanes are four SSE registers, so the adds do not queue on
- * one register. */
-static float ext_byte_dot(const uint8_t *e, const float *x, uint32_t D) {
-    float acc[16] = {0};
-    uint32_t i = 0;
-#if defined(__SSE2__)
-    const __m128i zero = _mm_setzero_si128();
-    __m128 a0 = _mm_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 16 <= D; i += 16) {
-        const __m128i b = _mm_loadu_si128((const __m128i *)(e + i));
-        const __m128i w0 = _mm_unpacklo_epi8(b, zero), w1 = _mm_unpackhi_epi8(b, zero);
-        a0 = _mm_add_ps(a0, _mm_mul_ps(_mm_cvtepi32_ps(_mm_unpacklo_epi16(w0, zero)),
-                                       _mm_loadu_ps(x + i)));
-        a1 = _mm_add_ps(a1, _mm_mul_ps(_mm_cvtepi32_ps(_mm_unpackhi_epi16(w0, zero)),
-                                       _mm_loadu_ps(x + i + 4)));
-        a2 = _mm_add_ps(a2, _mm_mul_ps(_mm_cvtepi32_ps(_mm_unpacklo_epi16(w1, zero)),
-                                       _mm_loadu_ps(x + i + 8)));
-        a3 = _mm_add_ps(a3, _mm_mul_ps(_mm_cvtepi32_ps(_mm_unpackhi_epi16(w1, zero)),
-                                       _mm_loadu_ps(x + i + 12)));
-    }
-    _mm_storeu_ps(acc, a0);
-    _mm_storeu_ps(acc + 4, a1);
-    _mm_storeu_ps(acc + 8, a2);
-    _mm_storeu_ps(acc + 12, a3);
-#endif
-    for (; i < D; i++) acc[i % 16] += (float)e[i] * x[i];
-    float h[8];
-    for (int j = 0; j < 8; j++) h[j] = acc[j] + acc[j + 8];
-    return ((h[0] + h[1]) + (h[2] + h[3])) + ((h[4] + h[5]) + (h[6] + h[7]));
-}
-
-/* How many candidates ahead stage 2 prefetches: enough to cover a DRAM
- * miss (~100 ns) with the ~50 ns each candidate's arithmetic takes. */
-#define STAGE2_PREFETCH 6
+/* How many cache lines stage 2 keeps in flight: about what a core's fill
+ * buffers hold. Candidates with short extra codes are fetched several
+ * ahead (their arithmetic is short too); a 9-bit 768-d code is 12 lines,
+ * one candidate ahead. More only stalls on the prefetches themselves. */
+#define STAGE2_PREFETCH_LINES 16
 
 static inline void prefetch_read(const void *p) {
 #if defined(__GNUC__)
@@ -456,6 +362,7 @@ bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
     s->metric = info.metric;
     s->centroids = bs_segment_centroids(segs[0]);
     s->kernel = bs_fastscan_kernel(level);
+    bs_dot_kernels_get(level, &s->dots);
     size_t rc_len;
     if (!bs_mul_ok((size_t)s->nlist, s->D, &rc_len)) {
         bs_searcher_free(s);
@@ -479,7 +386,7 @@ bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
     }
     for (uint32_t c = 0; c < s->nlist; c++) {
         const float *v = s->centroids + (size_t)c * s->dim;
-        s->centroid_norm2[c] = dot_f(v, v, s->dim);
+        s->centroid_norm2[c] = bs_dot(v, v, s->dim);
     }
     *out = s;
     return BS_OK;
@@ -531,7 +438,7 @@ const float *bs_candidates_lower_bounds(const bs_candidates *c) {
  * unit vectors). Ties go to the lower partition id. */
 static void choose_probes(const bs_searcher *s, const float *q, uint32_t nprobe,
                           uint32_t *probes, float *keys) {
-    float qn = dot_f(q, q, s->dim);
+    float qn = bs_dot(q, q, s->dim);
     /* Partial selection sort over an insertion-ordered list of size nprobe
      * keeps this O(nlist * nprobe) in the worst case but O(nlist) typically. */
     uint32_t have = 0;
@@ -540,12 +447,14 @@ static void choose_probes(const bs_searcher *s, const float *q, uint32_t nprobe,
         const float *cen = s->centroids;
         const size_t d = s->dim;
         if (c % 4 == 0) {
-            if (c + 4 <= s->nlist)
-                dot4_f(q, cen + c * d, cen + (c + 1) * d, cen + (c + 2) * d,
-                       cen + (c + 3) * d, s->dim, ips);
-            else
+            if (c + 4 <= s->nlist) {
+                const float *const rows[4] = {cen + c * d, cen + (c + 1) * d,
+                                              cen + (c + 2) * d, cen + (c + 3) * d};
+                s->dots.dot4(q, rows, s->dim, ips);
+            } else {
                 for (uint32_t j = c; j < s->nlist; j++)
-                    ips[j - c] = dot_f(q, cen + j * d, s->dim);
+                    ips[j - c] = bs_dot(q, cen + j * d, s->dim);
+            }
         }
         float ip = ips[c % 4];
         float key = s->metric == BS_METRIC_L2 ? qn - 2.0f * ip + s->centroid_norm2[c]
@@ -606,7 +515,7 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
     float *pq = c->qbuf + D;
     memcpy(q, q_in, dim * sizeof(float));
     if (s->metric == BS_METRIC_COSINE) {
-        float n2 = dot_f(q, q, dim);
+        float n2 = bs_dot(q, q, dim);
         if (n2 > 0.0f) {
             float inv = 1.0f / sqrtf(n2);
             for (uint32_t i = 0; i < dim; i++) q[i] *= inv;
@@ -632,9 +541,9 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
             for (uint32_t i = 0; i < D; i++) qp[i] = pq[i] - pc[i];
         } else {
             memcpy(qp, pq, D * sizeof(float));
-            ip_cq = dot_f(q, s->centroids + (size_t)p * dim, dim);
+            ip_cq = bs_dot(q, s->centroids + (size_t)p * dim, dim);
         }
-        float qnorm2 = dot_f(qp, qp, D);
+        float qnorm2 = bs_dot(qp, qp, D);
         float qnorm = sqrtf(qnorm2);
         float qsum = sum_f(qp, D);
         c->pinfo[(size_t)pi * 3 + 0] = qsum;
@@ -738,12 +647,16 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
         memset(c->ntab_ready, 0, nprobe);
         const size_t plane_bytes = bs_code_bytes(D);
         const size_t ext_bytes = bs_ext_bytes(D, B);
+        const size_t ext_lines = (ext_bytes + 63) / 64;
+        const size_t ahead_n = ext_lines >= STAGE2_PREFETCH_LINES / 2
+                                   ? 1
+                                   : STAGE2_PREFETCH_LINES / (ext_lines + 1);
         for (size_t i = 0; i < c->ncands; i++) {
             bs_cand *cd = &c->cands[i];
             /* Survivors sit here and there in the segment, so stage 2 waits
              * on memory, not arithmetic: fetch a few candidates ahead. */
-            if (i + STAGE2_PREFETCH < c->ncands) {
-                const bs_cand *ahead = &c->cands[i + STAGE2_PREFETCH];
+            if (i + ahead_n < c->ncands) {
+                const bs_cand *ahead = &c->cands[i + ahead_n];
                 bs_partition_view av;
                 bs_segment_partition(s->segs[ahead->seg], c->probes[ahead->probe], &av);
                 const uint8_t *e = av.ext + (size_t)ahead->index * ext_bytes;
@@ -764,7 +677,7 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
             const uint8_t *ext = v.ext + (size_t)cd->index * ext_bytes;
             float ip_e = 0.0f;
             if (B == 9)
-                ip_e = ext_byte_dot(ext, c->qbuf + (size_t)(cd->probe + 2) * D, D);
+                ip_e = s->dots.u8_dot(ext, c->qbuf + (size_t)(cd->probe + 2) * D, D);
             else
                 for (uint32_t j = 0; j + 1 < B; j++)
                     ip_e += (float)(1u << j) * plane_dot(ext + j * plane_bytes, D, tab);

@@ -1,0 +1,43 @@
+/* Float dot products of the search: probe selection (query x centroids)
+ * and the 9-bit extra code's estimate (u8 x float). Each has one fixed
+ * summation order, the contract every variant keeps bit for bit:
+ *  - bs_dot: eight partial sums, lane j over i = j mod 8 (i < n - n % 8)
+ *    in increasing i, combined ((0+1)+(2+3))+((4+5)+(6+7)), plus the tail
+ *    summed in order;
+ *  - u8 dot: sixteen partial sums, lane j over i = j mod 16 in increasing
+ *    i (D is a multiple of 64), h_j = lane j + lane j + 8, combined like
+ *    bs_dot's eight.
+ * No FMA anywhere (products are rounded, then added), so the scalar
+ * reference, SSE2 and AVX2 give the same bits; test_dot checks it. */
+#ifndef BS_DOT_H
+#define BS_DOT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "bitshard.h"
+
+typedef struct bs_dot_kernels {
+    /* out[r] = bs_dot(q, rows[r], n) for four rows */
+    void (*dot4)(const float *q, const float *const rows[4], uint32_t n, float out[4]);
+    /* <e, x> for e: D bytes, x: D floats */
+    float (*u8_dot)(const uint8_t *e, const float *x, uint32_t D);
+} bs_dot_kernels;
+
+/* The kernels of a SIMD level (the scalar level uses SSE2 where the
+ * compiler targets it: every x86-64 CPU has it). */
+void bs_dot_kernels_get(bs_simd_level level, bs_dot_kernels *out);
+
+/* bs_dot in SSE2 where available (one dot, the order above). */
+float bs_dot(const float *a, const float *b, uint32_t n);
+
+/* The variants, for the tests. */
+float bs_dot_ref(const float *a, const float *b, uint32_t n);
+void bs_dot4_ref(const float *q, const float *const rows[4], uint32_t n, float out[4]);
+float bs_u8_dot_ref(const uint8_t *e, const float *x, uint32_t D);
+void bs_dot4_sse2(const float *q, const float *const rows[4], uint32_t n, float out[4]);
+float bs_u8_dot_sse2(const uint8_t *e, const float *x, uint32_t D);
+void bs_dot4_avx2(const float *q, const float *const rows[4], uint32_t n, float out[4]);
+float bs_u8_dot_avx2(const uint8_t *e, const float *x, uint32_t D);
+
+#endif

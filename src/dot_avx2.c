@@ -1,0 +1,57 @@
+/* The AVX2 dot products of dot.h (built with -mavx2 -mfma -mbmi2; run only
+ * after bs_simd_supported(BS_SIMD_AVX2)). One 256-bit register is bs_dot's
+ * eight lanes; products and sums stay separate instructions (the build has
+ * -ffp-contract=off and no FMA intrinsic is used), so the bits are the
+ * scalar reference's. */
+#include "dot.h"
+
+#if !defined(__AVX2__)
+#error "dot_avx2.c must be compiled with -mavx2"
+#endif
+
+#include <immintrin.h>
+
+static float combine8(const float acc[8], float tail) {
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) +
+           tail;
+}
+
+void bs_dot4_avx2(const float *q, const float *const rows[4], uint32_t n, float out[4]) {
+    const float *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    uint32_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(qv, _mm256_loadu_ps(r0 + i)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(qv, _mm256_loadu_ps(r1 + i)));
+        a2 = _mm256_add_ps(a2, _mm256_mul_ps(qv, _mm256_loadu_ps(r2 + i)));
+        a3 = _mm256_add_ps(a3, _mm256_mul_ps(qv, _mm256_loadu_ps(r3 + i)));
+    }
+    const __m256 a[4] = {a0, a1, a2, a3};
+    for (int r = 0; r < 4; r++) {
+        float acc[8];
+        _mm256_storeu_ps(acc, a[r]);
+        float tail = 0.0f;
+        for (uint32_t j = i; j < n; j++) tail += q[j] * rows[r][j];
+        out[r] = combine8(acc, tail);
+    }
+}
+
+/* Two registers are the sixteen lanes: bytes i..i+7 widen into the first,
+ * i+8..i+15 into the second. */
+float bs_u8_dot_avx2(const uint8_t *e, const float *x, uint32_t D) {
+    __m256 lo = _mm256_setzero_ps(), hi = lo;
+    for (uint32_t i = 0; i + 16 <= D; i += 16) {
+        const __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(e + i));
+        const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+        const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(f0, _mm256_loadu_ps(x + i)));
+        hi = _mm256_add_ps(hi, _mm256_mul_ps(f1, _mm256_loadu_ps(x + i + 8)));
+    }
+    float acc[16];
+    _mm256_storeu_ps(acc, lo);
+    _mm256_storeu_ps(acc + 8, hi);
+    float h[8];
+    for (int j = 0; j < 8; j++) h[j] = acc[j] + acc[j + 8];
+    return combine8(h, 0.0f);
+}
