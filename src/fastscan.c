@@ -75,6 +75,73 @@ static float bs_group_lo(const float *x) {
            ((x[2] < 0.0f ? x[2] : 0.0f) + (x[3] < 0.0f ? x[3] : 0.0f));
 }
 
+/* Entry m = i + 4k of table g is A[i] + Bk[k] - lo with A = (0, x0, x1,
+ * x0 + x1), Bk = (0, x2, x3, x2 + x3), rounded half up to a multiple of
+ * delta (times inv = 1 / delta) and clamped to [0, 255]. */
+void bs_lut_fill_ref(const float *x, uint32_t groups, float inv, uint8_t *tables) {
+    for (uint32_t g = 0; g < groups; g++) {
+        const float *xg = x + 4 * g;
+        const float lo = bs_group_lo(xg);
+        const float a[4] = {0.0f, xg[0], xg[1], xg[0] + xg[1]};
+        const float bk[4] = {0.0f, xg[2], xg[3], xg[2] + xg[3]};
+        for (unsigned m = 0; m < 16; m++) {
+            float d = (a[m & 3] + bk[m >> 2]) - lo;
+            float t = d * inv + 0.5f;
+            t = t < 255.0f ? t : 255.0f;
+            t = t > 0.0f ? t : 0.0f;
+            tables[(size_t)g * 16 + m] = (uint8_t)(int32_t)t;
+        }
+    }
+}
+
+#if defined(__SSE2__)
+/* The same bytes, four groups at a time: after a 4x4 transpose each
+ * register holds one coordinate of four groups, so every entry is the same
+ * few operations on whole registers (the per-group version spent most of
+ * its time building its operands one float at a time), and the 16 entries
+ * x 4 groups are transposed back to group-major bytes with unpacks. minps
+ * (t, c) is t < c ? t : c and maxps(t, c) is t > c ? t : c, the reference's
+ * expressions; min(x, 0) is its x < 0 ? x : 0 (x is finite). groups is a
+ * multiple of 4 (D a multiple of 64). */
+void bs_lut_fill_sse2(const float *x, uint32_t groups, float inv, uint8_t *tables) {
+    const __m128 vinv = _mm_set1_ps(inv), vhalf = _mm_set1_ps(0.5f);
+    const __m128 v255 = _mm_set1_ps(255.0f), vzero = _mm_setzero_ps();
+    for (uint32_t g = 0; g < groups; g += 4) {
+        __m128 x0 = _mm_loadu_ps(x + 4 * g), x1 = _mm_loadu_ps(x + 4 * g + 4);
+        __m128 x2 = _mm_loadu_ps(x + 4 * g + 8), x3 = _mm_loadu_ps(x + 4 * g + 12);
+        _MM_TRANSPOSE4_PS(x0, x1, x2, x3); /* xi: coordinate i of 4 groups */
+        const __m128 lo = _mm_add_ps(_mm_add_ps(_mm_min_ps(x0, vzero), _mm_min_ps(x1, vzero)),
+                                     _mm_add_ps(_mm_min_ps(x2, vzero), _mm_min_ps(x3, vzero)));
+        const __m128 a[4] = {vzero, x0, x1, _mm_add_ps(x0, x1)};
+        const __m128 bk[4] = {vzero, x2, x3, _mm_add_ps(x2, x3)};
+        __m128i q[16];
+        for (unsigned m = 0; m < 16; m++) {
+            __m128 d = _mm_sub_ps(_mm_add_ps(a[m & 3], bk[m >> 2]), lo);
+            __m128 t = _mm_add_ps(_mm_mul_ps(d, vinv), vhalf);
+            t = _mm_max_ps(_mm_min_ps(t, v255), vzero);
+            q[m] = _mm_cvttps_epi32(t);
+        }
+        /* bm: entries 4m'..4m'+3, each as 4 bytes (one per group) */
+        __m128i bm[4];
+        for (unsigned k = 0; k < 4; k++)
+            bm[k] = _mm_packus_epi16(_mm_packs_epi32(q[4 * k], q[4 * k + 1]),
+                                     _mm_packs_epi32(q[4 * k + 2], q[4 * k + 3]));
+        /* unit g of vr: entries r, r + 4, r + 8, r + 12 of group g */
+        const __m128i l01 = _mm_unpacklo_epi8(bm[0], bm[1]), h01 = _mm_unpackhi_epi8(bm[0], bm[1]);
+        const __m128i l23 = _mm_unpacklo_epi8(bm[2], bm[3]), h23 = _mm_unpackhi_epi8(bm[2], bm[3]);
+        const __m128i v0 = _mm_unpacklo_epi16(l01, l23), v1 = _mm_unpackhi_epi16(l01, l23);
+        const __m128i v2 = _mm_unpacklo_epi16(h01, h23), v3 = _mm_unpackhi_epi16(h01, h23);
+        const __m128i lo01 = _mm_unpacklo_epi8(v0, v1), lo23 = _mm_unpacklo_epi8(v2, v3);
+        const __m128i hi01 = _mm_unpackhi_epi8(v0, v1), hi23 = _mm_unpackhi_epi8(v2, v3);
+        __m128i *out = (__m128i *)(void *)(tables + (size_t)g * 16);
+        _mm_storeu_si128(out, _mm_unpacklo_epi16(lo01, lo23));
+        _mm_storeu_si128(out + 1, _mm_unpackhi_epi16(lo01, lo23));
+        _mm_storeu_si128(out + 2, _mm_unpacklo_epi16(hi01, hi23));
+        _mm_storeu_si128(out + 3, _mm_unpackhi_epi16(hi01, hi23));
+    }
+}
+#endif
+
 static float bs_round_up_float(double v) {
     float f = (float)v;
     if ((double)f < v) f = nextafterf(f, INFINITY);
@@ -115,43 +182,11 @@ void bs_query_lut_build(const float *x, uint32_t D, bs_query_lut *lut) {
         return;
     }
     const float inv = 1.0f / delta;
-    /* Entry m = i + 4k of table g is A[i] + Bk[k] - lo with A = (0, x0, x1,
-     * x0 + x1), Bk = (0, x2, x3, x2 + x3), rounded half up to a multiple
-     * of delta and clamped to [0, 255]. */
 #if defined(__SSE2__)
-    const __m128 vinv = _mm_set1_ps(inv), vhalf = _mm_set1_ps(0.5f);
-    const __m128 v255 = _mm_set1_ps(255.0f), vzero = _mm_setzero_ps();
-#endif
-    for (uint32_t g = 0; g < groups; g++) {
-        const float *xg = x + 4 * g;
-        const float lo = bs_group_lo(xg);
-        const float bk[4] = {0.0f, xg[2], xg[3], xg[2] + xg[3]};
-#if defined(__SSE2__)
-        const __m128 a = _mm_setr_ps(0.0f, xg[0], xg[1], xg[0] + xg[1]);
-        const __m128 vlo = _mm_set1_ps(lo);
-        __m128i q[4];
-        for (int k = 0; k < 4; k++) {
-            __m128 d = _mm_sub_ps(_mm_add_ps(a, _mm_set1_ps(bk[k])), vlo);
-            __m128 t = _mm_add_ps(_mm_mul_ps(d, vinv), vhalf);
-            /* minps(t, c) is t < c ? t : c, maxps(t, c) is t > c ? t : c:
-             * the expressions of the portable branch. */
-            t = _mm_max_ps(_mm_min_ps(t, v255), vzero);
-            q[k] = _mm_cvttps_epi32(t);
-        }
-        const __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(q[0], q[1]),
-                                               _mm_packs_epi32(q[2], q[3]));
-        _mm_storeu_si128((__m128i *)(tables + (size_t)g * 16), bytes);
+    bs_lut_fill_sse2(x, groups, inv, tables);
 #else
-        const float a[4] = {0.0f, xg[0], xg[1], xg[0] + xg[1]};
-        for (unsigned m = 0; m < 16; m++) {
-            float d = (a[m & 3] + bk[m >> 2]) - lo;
-            float t = d * inv + 0.5f;
-            t = t < 255.0f ? t : 255.0f;
-            t = t > 0.0f ? t : 0.0f;
-            tables[(size_t)g * 16 + m] = (uint8_t)(int32_t)t;
-        }
+    bs_lut_fill_ref(x, groups, inv, tables);
 #endif
-    }
     lut->delta = delta;
     lut->offset = offset_f;
     /* A code picks one entry per table, each off by at most delta / 2 (the

@@ -90,6 +90,11 @@ typedef struct bs_query_lut {
 
 /* Fills lut (tables must hold D/4 * 16 bytes) from x[D]. Deterministic. */
 void bs_query_lut_build(const float *x, uint32_t D, bs_query_lut *lut);
+/* The table bytes of bs_query_lut_build for groups = D / 4 groups and
+ * inv = 1 / delta: the reference, and the SSE2 version (x86-64) that must
+ * equal it byte for byte. */
+void bs_lut_fill_ref(const float *x, uint32_t groups, float inv, uint8_t *tables);
+void bs_lut_fill_sse2(const float *x, uint32_t groups, float inv, uint8_t *tables);
 
 /* Kernel: for each of nblocks blocks, the 32 integer sums
  * sum_g lut[g][nib(v, g)] into out[32 * block + v]. Exact integers, so

@@ -426,9 +426,47 @@ static void test_forced_level_runs(void) {
     }
 }
 
+/* The SSE2 table fill equals the reference byte for byte: random
+ * coordinates, all-negative and all-positive groups, zeros and -0, ties at
+ * the rounding point, and scales that clamp entries at 0 and 255. */
+static void test_lut_fill_sse2(void) {
+#if defined(__SSE2__)
+    uint64_t st = 99;
+    int bad = 0;
+    for (size_t di = 0; di < NDIMS; di++) {
+        const uint32_t D = DIMS[di], groups = D / 4;
+        float *x = xmalloc(D * sizeof *x);
+        uint8_t *a = xmalloc((size_t)groups * 16), *b = xmalloc((size_t)groups * 16);
+        for (int kind = 0; kind < 6; kind++) {
+            for (uint32_t i = 0; i < D; i++) {
+                double u = test_rand_normal(&st);
+                switch (kind) {
+                case 1: x[i] = -(float)fabs(u); break;
+                case 2: x[i] = (float)fabs(u); break;
+                case 3: x[i] = i % 3 == 0 ? 0.0f : (i % 3 == 1 ? -0.0f : (float)u); break;
+                case 4: x[i] = (float)((int)(u * 4)) * 0.5f; break; /* exact halves */
+                default: x[i] = (float)u;
+                }
+            }
+            const float invs[3] = {255.0f / 4.0f, 1000.0f, 1.0f / 64.0f};
+            for (int t = 0; t < 3; t++) {
+                bs_lut_fill_ref(x, groups, invs[t], a);
+                bs_lut_fill_sse2(x, groups, invs[t], b);
+                bad += memcmp(a, b, (size_t)groups * 16) != 0;
+            }
+        }
+        free(x);
+        free(a);
+        free(b);
+    }
+    CHECK_MSG(bad == 0, "%d SSE2 table fills differ from the reference", bad);
+#endif
+}
+
 int main(void) {
     test_pack_roundtrip();
     test_lut();
+    test_lut_fill_sse2();
     test_scalar_definition();
     test_kernels_random();
     test_kernels_extreme();
