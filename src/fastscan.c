@@ -160,6 +160,30 @@ void bs_query_lut_build(const float *x, uint32_t D, bs_query_lut *lut) {
     uint8_t *tables = lut->tables;
     float range_max = 0.0f;
     double offset = 0.0, abs_total = 0.0;
+#if defined(__SSE2__)
+    /* bs_group_lo's four sign tests are coin flips on real queries; as
+     * branches they cost more than everything else here. minps(x, 0) is
+     * x < 0 ? x : 0 for finite x (ties return the 0), and the sums run in
+     * the reference's order, so the bits are the same. */
+    const __m128 vzero = _mm_setzero_ps(), sign = _mm_set1_ps(-0.0f);
+    for (uint32_t g = 0; g < groups; g += 4) {
+        __m128 x0 = _mm_loadu_ps(x + 4 * g), x1 = _mm_loadu_ps(x + 4 * g + 4);
+        __m128 x2 = _mm_loadu_ps(x + 4 * g + 8), x3 = _mm_loadu_ps(x + 4 * g + 12);
+        _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+        float lo[4], range[4];
+        _mm_storeu_ps(lo, _mm_add_ps(_mm_add_ps(_mm_min_ps(x0, vzero), _mm_min_ps(x1, vzero)),
+                                     _mm_add_ps(_mm_min_ps(x2, vzero), _mm_min_ps(x3, vzero))));
+        _mm_storeu_ps(range, _mm_add_ps(_mm_add_ps(_mm_andnot_ps(sign, x0),
+                                                   _mm_andnot_ps(sign, x1)),
+                                        _mm_add_ps(_mm_andnot_ps(sign, x2),
+                                                   _mm_andnot_ps(sign, x3))));
+        for (int j = 0; j < 4; j++) {
+            range_max = range[j] > range_max ? range[j] : range_max;
+            offset += lo[j];
+            abs_total += range[j];
+        }
+    }
+#else
     for (uint32_t g = 0; g < groups; g++) {
         const float *xg = x + 4 * g;
         const float range = (fabsf(xg[0]) + fabsf(xg[1])) +
@@ -168,6 +192,7 @@ void bs_query_lut_build(const float *x, uint32_t D, bs_query_lut *lut) {
         offset += bs_group_lo(xg);
         abs_total += range;
     }
+#endif
     const float delta = range_max / 255.0f;
     const float offset_f = (float)offset;
     const double offset_err = fabs(offset - (double)offset_f);

@@ -426,7 +426,8 @@ static void test_forced_level_runs(void) {
     }
 }
 
-/* The SSE2 table fill equals the reference byte for byte: random
+/* The SSE2 table fill equals the reference byte for byte, and the SSE2
+ * first pass gives the reference's delta and offset: random
  * coordinates, all-negative and all-positive groups, zeros and -0, ties at
  * the rounding point, and scales that clamp entries at 0 and 255. */
 static void test_lut_fill_sse2(void) {
@@ -447,6 +448,21 @@ static void test_lut_fill_sse2(void) {
                 case 4: x[i] = (float)((int)(u * 4)) * 0.5f; break; /* exact halves */
                 default: x[i] = (float)u;
                 }
+            }
+            /* delta and offset are the reference's sums, bit for bit */
+            {
+                float range_max = 0.0f;
+                double offset = 0.0;
+                for (uint32_t g = 0; g < groups; g++) {
+                    const float *xg = x + 4 * g;
+                    float range = (fabsf(xg[0]) + fabsf(xg[1])) + (fabsf(xg[2]) + fabsf(xg[3]));
+                    range_max = range > range_max ? range : range_max;
+                    offset += ((xg[0] < 0.0f ? xg[0] : 0.0f) + (xg[1] < 0.0f ? xg[1] : 0.0f)) +
+                              ((xg[2] < 0.0f ? xg[2] : 0.0f) + (xg[3] < 0.0f ? xg[3] : 0.0f));
+                }
+                bs_query_lut q = {a, 0, 0, 0};
+                bs_query_lut_build(x, D, &q);
+                bad += q.delta != range_max / 255.0f || q.offset != (float)offset;
             }
             const float invs[3] = {255.0f / 4.0f, 1000.0f, 1.0f / 64.0f};
             for (int t = 0; t < 3; t++) {
