@@ -588,6 +588,12 @@ typedef struct {
     uint32_t dim;
     bs_search_params params;
     query_result *results;
+    /* search_batch_into: results go straight into caller arrays of cap
+     * entries per query (results is then NULL) */
+    uint64_t *out_rowids;
+    float *out_est;
+    uint64_t *out_counts;
+    size_t cap;
     size_t next; /* guarded by lock */
     pthread_mutex_t lock;
     bs_status status;
@@ -614,6 +620,17 @@ static void *batch_worker(void *arg) {
         status = bs_search(job->s, job->Q + qi * job->dim, &job->params, c, &st, &err);
         if (status != BS_OK) break;
         size_t n = bs_candidates_size(c);
+        if (job->out_rowids != NULL) {
+            size_t m = n < job->cap ? n : job->cap;
+            memcpy(job->out_rowids + qi * job->cap, bs_candidates_rowids(c), m * sizeof(uint64_t));
+            memcpy(job->out_est + qi * job->cap, bs_candidates_estimates(c), m * sizeof(float));
+            job->out_counts[qi] = n;
+            local.partitions_probed += st.partitions_probed;
+            local.codes_scanned += st.codes_scanned;
+            local.codes_stage2 += st.codes_stage2;
+            local.candidates += st.candidates;
+            continue;
+        }
         query_result *r = &job->results[qi];
         r->rowids = malloc((n ? n : 1) * sizeof(uint64_t));
         r->est = malloc((n ? n : 1) * sizeof(float));
@@ -766,11 +783,117 @@ done:
     return result;
 }
 
+/* search_batch_into(Q, nq, k, nprobes, eps0, refine_factor, segment_mask,
+ *                   allowed_rowids, allowed_fragments, num_threads, denied_rowids,
+ *                   out_rowids, out_estimates, out_counts, stats) -> None
+ *
+ * The batch without per-query objects: query i's first min(n_i, cap)
+ * candidates go to out_rowids[i * cap ...] and out_estimates[i * cap ...]
+ * (cap = len(out_rowids) / nq), n_i to out_counts[i]; stats (uint64[4] or
+ * None) accumulates the counts. */
+static PyObject *Searcher_search_batch_into(SearcherObject *self, PyObject *args) {
+    PyObject *o[7], *ro, *eo, *co, *so;
+    Py_ssize_t nq;
+    unsigned int k, nprobes, refine, nthreads;
+    float eps0;
+    if (!PyArg_ParseTuple(args, "OnIIfIOOOIOOOOO", &o[0], &nq, &k, &nprobes, &eps0, &refine,
+                          &o[1], &o[2], &o[3], &nthreads, &o[4], &ro, &eo, &co, &so))
+        return NULL;
+    if (nq < 0) return PyErr_Format(PyExc_ValueError, "nq must be >= 0");
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 256) nthreads = 256;
+    /* buffers: Q, mask, allowed, frags, denied, rowids, est, counts, stats */
+    PyObject *objs[9] = {o[0], o[1], o[2], o[3], o[4], ro, eo, co, so};
+    static const char kind[9] = {'f', 'b', 'u', 'u', 'u', 'u', 'f', 'u', 'u'};
+    static const int writable[9] = {0, 0, 0, 0, 0, 1, 1, 1, 1};
+    static const char *const names[9] = {"Q", "segment_mask", "allowed_rowids",
+                                         "allowed_fragments", "denied_rowids", "out_rowids",
+                                         "out_estimates", "out_counts", "stats"};
+    Py_buffer buf[9];
+    int got[9] = {0};
+    PyObject *result = NULL;
+    for (int i = 0; i < 9; i++) {
+        if (objs[i] == Py_None && ((i >= 1 && i <= 4) || i == 8)) continue;
+        if (get_buf(objs[i], &buf[i], kind[i], 8, writable[i], names[i]) < 0) goto done;
+        got[i] = 1;
+    }
+    bs_segment_info in;
+    bs_segment_get_info(((SegmentObject *)PyTuple_GET_ITEM(self->segments, 0))->seg, &in);
+    if (check_len(&buf[0], (size_t)nq * in.dim, "Q") < 0) goto done;
+    if (got[1] && check_len(&buf[1], (size_t)PyTuple_GET_SIZE(self->segments),
+                            "segment_mask") < 0)
+        goto done;
+    if (check_len(&buf[7], (size_t)nq, "out_counts") < 0) goto done;
+    if (got[8] && check_len(&buf[8], 4, "stats") < 0) goto done;
+    size_t cap = nq ? (size_t)(buf[5].len / 8) / (size_t)nq : 0;
+    if (nq && (size_t)(buf[6].len / 4) < cap * (size_t)nq) {
+        PyErr_Format(PyExc_ValueError, "out_estimates holds fewer entries than out_rowids");
+        goto done;
+    }
+    batch_job job;
+    memset(&job, 0, sizeof job);
+    job.s = self->s;
+    job.Q = buf[0].buf;
+    job.nq = (size_t)nq;
+    job.dim = in.dim;
+    job.params.k = k;
+    job.params.nprobes = nprobes;
+    job.params.eps0 = eps0;
+    job.params.refine_factor = refine;
+    job.params.segment_mask = got[1] ? buf[1].buf : NULL;
+    job.params.allowed_rowids = got[2] ? buf[2].buf : NULL;
+    job.params.num_allowed = got[2] ? (size_t)(buf[2].len / 8) : 0;
+    job.params.allowed_fragments = got[3] ? buf[3].buf : NULL;
+    job.params.num_allowed_fragments = got[3] ? (size_t)(buf[3].len / 8) : 0;
+    job.params.denied_rowids = got[4] ? buf[4].buf : NULL;
+    job.params.num_denied = got[4] ? (size_t)(buf[4].len / 8) : 0;
+    job.out_rowids = buf[5].buf;
+    job.out_est = buf[6].buf;
+    job.out_counts = buf[7].buf;
+    job.cap = cap;
+    job.status = BS_OK;
+    pthread_mutex_init(&job.lock, NULL);
+    Py_BEGIN_ALLOW_THREADS
+    if (nthreads == 1 || nq < 2) {
+        batch_worker(&job);
+    } else {
+        pthread_t tids[256];
+        unsigned started = 0;
+        for (; started < nthreads && started < (unsigned)nq; started++)
+            if (pthread_create(&tids[started], NULL, batch_worker, &job) != 0) break;
+        if (started == 0) batch_worker(&job);
+        for (unsigned i = 0; i < started; i++) pthread_join(tids[i], NULL);
+    }
+    Py_END_ALLOW_THREADS
+    pthread_mutex_destroy(&job.lock);
+    if (job.status != BS_OK) {
+        raise_bs(self->module, &job.err);
+        goto done;
+    }
+    if (got[8]) {
+        uint64_t *acc = buf[8].buf;
+        acc[0] += job.stats.partitions_probed;
+        acc[1] += job.stats.codes_scanned;
+        acc[2] += job.stats.codes_stage2;
+        acc[3] += job.stats.candidates;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (int i = 0; i < 9; i++)
+        if (got[i]) PyBuffer_Release(&buf[i]);
+    return result;
+}
+
 static PyMethodDef Searcher_methods[] = {
     {"search", (PyCFunction)Searcher_search, METH_VARARGS,
      "search(q, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids, "
      "allowed_fragments, denied_rowids, out_rowids, out_estimates, out_lower_bounds, "
      "stats) -> number of candidates"},
+    {"search_batch_into", (PyCFunction)Searcher_search_batch_into, METH_VARARGS,
+     "search_batch_into(Q, nq, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids, "
+     "allowed_fragments, num_threads, denied_rowids, out_rowids, out_estimates, out_counts, "
+     "stats) -> None"},
     {"search_batch", (PyCFunction)Searcher_search_batch, METH_VARARGS,
      "search_batch(Q, nq, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids, "
      "allowed_fragments, num_threads) -> ([(rowids, estimates, lower_bounds)], stats)"},

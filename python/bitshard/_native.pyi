@@ -53,6 +53,24 @@ class Searcher:
         out_lower_bounds: Optional[Buffer],
         stats: Optional[Buffer],
     ) -> int: ...
+    def search_batch_into(
+        self,
+        Q: Buffer,
+        nq: int,
+        k: int,
+        nprobes: int,
+        eps0: float,
+        refine_factor: int,
+        segment_mask: Optional[Buffer],
+        allowed_rowids: Optional[Buffer],
+        allowed_fragments: Optional[Buffer],
+        num_threads: int,
+        denied_rowids: Optional[Buffer],
+        out_rowids: Buffer,
+        out_estimates: Buffer,
+        out_counts: Buffer,
+        stats: Optional[Buffer],
+    ) -> None: ...
     def search_batch(
         self,
         Q: Buffer,

@@ -168,6 +168,19 @@ class Searcher:
             out_r[rows.size:] = NO_ROW
             out_d[rows.size:] = np.inf
             return out_r, out_d
+        if (a.ndim == 2 and self._native is not None and self.num_bits > 1
+                and self.refine_factor is None and not self._uncovered):
+            # The scan's answer is final (the k best estimates, in order):
+            # the C batch writes it straight into the output.
+            Q = self._check(a)
+            nq = Q.shape[0]
+            out_r = np.full((nq, self.k), NO_ROW, dtype=np.uint64)
+            out_d = np.full((nq, self.k), np.inf, dtype=np.float32)
+            counts = np.empty(nq, dtype=np.uint64)
+            threads = int(self._num_threads or os.cpu_count() or 1)
+            self._native.search_batch_into(Q, nq, *self._args[:7], threads, self._args[7],
+                                           out_r, out_d, counts, self._stats)
+            return out_r, out_d
         hits = self.search_lists(a)
         out_r = np.full((len(hits), self.k), NO_ROW, dtype=np.uint64)
         out_d = np.full((len(hits), self.k), np.inf, dtype=np.float32)
