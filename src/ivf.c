@@ -97,6 +97,19 @@ double bs_l2sq_fixed(const float *a, const float *b, uint32_t d) {
     return s;
 }
 
+bs_status bs_l2_kernels_select(bs_l2_kernels *out, bs_error *err) {
+    bs_simd_level level;
+    BS_TRY(bs_simd_select(&level, err));
+    if (level == BS_SIMD_AVX2 || level == BS_SIMD_AVX512) {
+        out->l2sq = bs_l2sq_fixed_avx2;
+        out->norm2 = bs_norm2_fixed_avx2;
+    } else {
+        out->l2sq = bs_l2sq_fixed;
+        out->norm2 = bs_norm2_fixed;
+    }
+    return BS_OK;
+}
+
 double bs_norm2_fixed(const float *a, uint32_t d) {
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     uint32_t i = 0;
@@ -307,8 +320,8 @@ static uint32_t collect_below(const float *a, const float *b, uint32_t k,
 
 /* second: the second smallest distance among those evaluated (inf if only
  * one was). */
-static void exact_best(const float *row, const float *centroids, uint32_t d,
-                       const uint32_t *cand, uint32_t ncand, uint32_t k,
+static void exact_best(const bs_l2_kernels *kn, const float *row, const float *centroids,
+                       uint32_t d, const uint32_t *cand, uint32_t ncand, uint32_t k,
                        uint32_t *best_id, double *best_dist, double *second) {
     uint32_t bj = 0;
     double bd = INFINITY, sd = INFINITY;
@@ -317,7 +330,7 @@ static void exact_best(const float *row, const float *centroids, uint32_t d,
     uint32_t cnt = cand ? ncand : k;
     for (uint32_t t = 0; t < cnt; t++) {
         uint32_t j = cand ? cand[t] : t;
-        double e = bs_l2sq_fixed(row, centroids + (size_t)j * d, d);
+        double e = kn->l2sq(row, centroids + (size_t)j * d, d);
         if (e < bd || t == 0) {
             sd = bd;
             bd = e;
@@ -349,6 +362,7 @@ typedef struct scan_ctx {
     uint32_t *assign;
     float *dist2;
     double *second_lb;
+    const bs_l2_kernels *kn;
 } scan_ctx;
 
 static void scan_rows(const scan_ctx *c, size_t begin, size_t end, uint32_t *cand) {
@@ -360,7 +374,7 @@ static void scan_rows(const scan_ctx *c, size_t begin, size_t end, uint32_t *can
         double bd = 0.0, xn = 0.0;
         int full = c->exhaustive_all;
         if (!full) {
-            xn = bs_norm2_fixed(row, d);
+            xn = c->kn->norm2(row, d);
             if (xn > BS_ASSIGN_MAX_NORM2) {
                 full = 1;
             } else {
@@ -373,11 +387,11 @@ static void scan_rows(const scan_ctx *c, size_t begin, size_t end, uint32_t *can
         }
         double second = INFINITY;
         if (full) {
-            exact_best(row, c->centroids, d, NULL, 0, k, &bj, &bd, &second);
+            exact_best(c->kn, row, c->centroids, d, NULL, 0, k, &bj, &bd, &second);
         } else if (ncand == 1 && c->dist2 == NULL && c->second_lb == NULL) {
             bj = cand[0]; /* nothing to re-rank, no distance wanted */
         } else {
-            exact_best(row, c->centroids, d, cand, ncand, k, &bj, &bd, &second);
+            exact_best(c->kn, row, c->centroids, d, cand, ncand, k, &bj, &bd, &second);
         }
         c->assign[c->r0 + r] = bj;
         if (c->dist2) c->dist2[c->r0 + r] = bs_dist_to_float(bd);
@@ -408,6 +422,8 @@ bs_status bs_ivf_assign_rows_lb(const float *centroids, uint32_t k, uint32_t d,
                                 size_t n, uint32_t *assign, float *dist2,
                                 double *second_lb, bs_error *err) {
     if (n == 0) return BS_OK;
+    bs_l2_kernels kn;
+    BS_TRY(bs_l2_kernels_select(&kn, err));
     size_t brows = block_rows(k, d);
     if (brows > n) brows = n;
 
@@ -460,7 +476,7 @@ bs_status bs_ivf_assign_rows_lb(const float *centroids, uint32_t k, uint32_t d,
                               (int)d, 0.0f, dots, (int)k);
         }
         scan_ctx ctx = {centroids, src, dots, c_hi, c_lo, k, d, exhaustive_all, tau,
-                        r0, assign, dist2, second_lb};
+                        r0, assign, dist2, second_lb, &kn};
         scan_rows(&ctx, 0, b, cand);
     }
 

@@ -20,6 +20,17 @@ double bs_l2sq_fixed(const float *a, const float *b, uint32_t d);
  * bits. Fixed order too (see ivf.c). */
 float bs_l2sq_f32_fixed(const float *a, const float *b, uint32_t d);
 
+/* AVX2 versions of the two fixed-order sums: the same bits (l2_avx2.c),
+ * and the pair the assignment uses, chosen like the scan kernels
+ * (bs_simd_select, so BITSHARD_SIMD applies). */
+double bs_l2sq_fixed_avx2(const float *a, const float *b, uint32_t d);
+double bs_norm2_fixed_avx2(const float *a, uint32_t d);
+typedef struct bs_l2_kernels {
+    double (*l2sq)(const float *a, const float *b, uint32_t d);
+    double (*norm2)(const float *a, uint32_t d);
+} bs_l2_kernels;
+bs_status bs_l2_kernels_select(bs_l2_kernels *out, bs_error *err);
+
 /* |a|^2 in double, same fixed order as bs_l2sq_fixed. */
 double bs_norm2_fixed(const float *a, uint32_t d);
 

@@ -275,7 +275,8 @@ static bs_status assign_pruned(const float *data, size_t n, uint32_t d, uint32_t
                                const uint32_t *prev, uint32_t *assign, float *dist2,
                                double *lbd, size_t *redo, float *gather,
                                uint32_t *g_assign, float *g_dist2, double *g_second,
-                               size_t *reassigned, bs_error *err) {
+                               const bs_l2_kernels *kn, size_t *reassigned,
+                               bs_error *err) {
     size_t nredo = 0;
     if (!have_bounds) {
         *reassigned = n;
@@ -286,7 +287,7 @@ static bs_status assign_pruned(const float *data, size_t n, uint32_t d, uint32_t
     } else {
         for (size_t i = 0; i < n; i++) {
             const uint32_t a = prev[i];
-            const double e = bs_l2sq_fixed(data + i * d, centroids + (size_t)a * d, d);
+            const double e = kn->l2sq(data + i * d, centroids + (size_t)a * d, d);
             /* The relative margin covers the double rounding of e, of the
              * square roots and of the bound updates (~1e-15 each). */
             if (sqrt(e) < lbd[i] * (1.0 - 1e-9)) {
@@ -381,6 +382,9 @@ bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
 
     st = seed_kmeanspp(data, n, d, k, cosine, &rng, centroids, err);
     if (st != BS_OK) goto done;
+    bs_l2_kernels kn;
+    st = bs_l2_kernels_select(&kn, err);
+    if (st != BS_OK) goto done;
 
     /* Bound-based skipping (Hamerly's): after an update, a row's distance
      * to any centroid other than its own can shrink by at most the largest
@@ -415,8 +419,8 @@ bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
         if (prune) {
             size_t redone;
             st = assign_pruned(data, n, d, k, centroids, have_bounds, prev, assign, dist2,
-                               lbd, redo, gather, g_assign, g_dist2, g_second, &redone,
-                               err);
+                               lbd, redo, gather, g_assign, g_dist2, g_second, &kn,
+                               &redone, err);
             have_bounds = 1;
             (void)redone;
         } else {
@@ -479,7 +483,7 @@ bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
             double m1 = 0.0, m2 = 0.0;
             uint32_t a1 = 0;
             for (uint32_t j = 0; j < k; j++) {
-                const double mv = sqrt(bs_l2sq_fixed(old_c + (size_t)j * d,
+                const double mv = sqrt(kn.l2sq(old_c + (size_t)j * d,
                                                      centroids + (size_t)j * d, d));
                 if (mv > m1) {
                     m2 = m1;
