@@ -275,11 +275,9 @@ static bs_status assign_pruned(const float *data, size_t n, uint32_t d, uint32_t
                                const uint32_t *prev, uint32_t *assign, float *dist2,
                                double *lbd, size_t *redo, float *gather,
                                uint32_t *g_assign, float *g_dist2, double *g_second,
-                               const bs_l2_kernels *kn, size_t *reassigned,
-                               bs_error *err) {
+                               const bs_l2_kernels *kn, bs_error *err) {
     size_t nredo = 0;
     if (!have_bounds) {
-        *reassigned = n;
         BS_TRY(bs_ivf_assign_rows_lb(centroids, k, d, 0, 0, data, n, assign, dist2, lbd,
                                      err));
         for (size_t i = 0; i < n; i++) lbd[i] = sqrt(lbd[i]);
@@ -298,7 +296,6 @@ static bs_status assign_pruned(const float *data, size_t n, uint32_t d, uint32_t
             }
         }
     }
-    *reassigned = nredo;
     size_t batch = BS_REDO_FLOATS / d;
     if (batch < 1) batch = 1;
     for (size_t b0 = 0; b0 < nredo; b0 += batch) {
@@ -417,12 +414,9 @@ bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
          * ones whose assignment was seen, so "no empty partition" is
          * checked, not hoped for. */
         if (prune) {
-            size_t redone;
             st = assign_pruned(data, n, d, k, centroids, have_bounds, prev, assign, dist2,
-                               lbd, redo, gather, g_assign, g_dist2, g_second, &kn,
-                               &redone, err);
+                               lbd, redo, gather, g_assign, g_dist2, g_second, &kn, err);
             have_bounds = 1;
-            (void)redone;
         } else {
             st = bs_ivf_assign_rows(centroids, k, d, 0, 0, data, n, assign, dist2, err);
         }

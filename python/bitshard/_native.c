@@ -464,6 +464,41 @@ static void Searcher_dealloc(SearcherObject *self) {
     Py_DECREF(tp);
 }
 
+/* The search parameters from the call's arguments; a filter buffer is NULL
+ * when the caller passed None. */
+static void set_params(bs_search_params *p, unsigned k, unsigned nprobes, float eps0,
+                       unsigned refine, const Py_buffer *mask, const Py_buffer *allow,
+                       const Py_buffer *frags, const Py_buffer *denied) {
+    memset(p, 0, sizeof *p);
+    p->k = k;
+    p->nprobes = nprobes;
+    p->eps0 = eps0;
+    p->refine_factor = refine;
+    p->segment_mask = mask ? mask->buf : NULL;
+    p->allowed_rowids = allow ? allow->buf : NULL;
+    p->num_allowed = allow ? (size_t)(allow->len / 8) : 0;
+    p->allowed_fragments = frags ? frags->buf : NULL;
+    p->num_allowed_fragments = frags ? (size_t)(frags->len / 8) : 0;
+    p->denied_rowids = denied ? denied->buf : NULL;
+    p->num_denied = denied ? (size_t)(denied->len / 8) : 0;
+}
+
+static void stats_add(bs_search_stats *acc, const bs_search_stats *st) {
+    acc->partitions_probed += st->partitions_probed;
+    acc->codes_scanned += st->codes_scanned;
+    acc->codes_stage2 += st->codes_stage2;
+    acc->candidates += st->candidates;
+}
+
+/* Adds the counts to a caller's uint64[4] (partitions, codes, stage 2,
+ * candidates). */
+static void stats_add_u64(uint64_t *acc, const bs_search_stats *st) {
+    acc[0] += st->partitions_probed;
+    acc[1] += st->codes_scanned;
+    acc[2] += st->codes_stage2;
+    acc[3] += st->candidates;
+}
+
 /* search(q, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids,
  *        allowed_fragments, denied_rowids, out_rowids, out_estimates,
  *        out_lower_bounds, stats) -> n
@@ -508,18 +543,8 @@ static PyObject *Searcher_search(SearcherObject *self, PyObject *args) {
     if (got[7] && (size_t)(buf[7].len / 4) < cap) cap = (size_t)(buf[7].len / 4);
 
     bs_search_params p;
-    memset(&p, 0, sizeof p);
-    p.k = k;
-    p.nprobes = nprobes;
-    p.eps0 = eps0;
-    p.refine_factor = refine;
-    p.segment_mask = got[1] ? buf[1].buf : NULL;
-    p.allowed_rowids = got[2] ? buf[2].buf : NULL;
-    p.num_allowed = got[2] ? (size_t)(buf[2].len / 8) : 0;
-    p.allowed_fragments = got[3] ? buf[3].buf : NULL;
-    p.num_allowed_fragments = got[3] ? (size_t)(buf[3].len / 8) : 0;
-    p.denied_rowids = got[4] ? buf[4].buf : NULL;
-    p.num_denied = got[4] ? (size_t)(buf[4].len / 8) : 0;
+    set_params(&p, k, nprobes, eps0, refine, got[1] ? &buf[1] : NULL, got[2] ? &buf[2] : NULL,
+               got[3] ? &buf[3] : NULL, got[4] ? &buf[4] : NULL);
 
     /* The object's scratch serves one call at a time; a concurrent caller
      * (another Python thread, the GIL released below) gets its own. The flag
@@ -558,13 +583,7 @@ static PyObject *Searcher_search(SearcherObject *self, PyObject *args) {
         raise_bs(self->module, &err);
         goto done;
     }
-    if (got[8]) {
-        uint64_t *acc = buf[8].buf;
-        acc[0] += stats.partitions_probed;
-        acc[1] += stats.codes_scanned;
-        acc[2] += stats.codes_stage2;
-        acc[3] += stats.candidates;
-    }
+    if (got[8]) stats_add_u64(buf[8].buf, &stats);
     result = PyLong_FromSize_t(n);
 done:
     for (int i = 0; i < 9; i++)
@@ -619,16 +638,13 @@ static void *batch_worker(void *arg) {
         bs_search_stats st;
         status = bs_search(job->s, job->Q + qi * job->dim, &job->params, c, &st, &err);
         if (status != BS_OK) break;
+        stats_add(&local, &st);
         size_t n = bs_candidates_size(c);
         if (job->out_rowids != NULL) {
             size_t m = n < job->cap ? n : job->cap;
             memcpy(job->out_rowids + qi * job->cap, bs_candidates_rowids(c), m * sizeof(uint64_t));
             memcpy(job->out_est + qi * job->cap, bs_candidates_estimates(c), m * sizeof(float));
             job->out_counts[qi] = n;
-            local.partitions_probed += st.partitions_probed;
-            local.codes_scanned += st.codes_scanned;
-            local.codes_stage2 += st.codes_stage2;
-            local.candidates += st.candidates;
             continue;
         }
         query_result *r = &job->results[qi];
@@ -643,10 +659,6 @@ static void *batch_worker(void *arg) {
         memcpy(r->est, bs_candidates_estimates(c), n * sizeof(float));
         memcpy(r->lb, bs_candidates_lower_bounds(c), n * sizeof(float));
         r->n = n;
-        local.partitions_probed += st.partitions_probed;
-        local.codes_scanned += st.codes_scanned;
-        local.codes_stage2 += st.codes_stage2;
-        local.candidates += st.candidates;
     }
     bs_candidates_free(c);
     pthread_mutex_lock(&job->lock);
@@ -656,12 +668,30 @@ static void *batch_worker(void *arg) {
         if (status == BS_ERR_NO_MEMORY) snprintf(job->err.message, BS_ERROR_MESSAGE_MAX, "out of memory");
         job->err.code = status;
     }
-    job->stats.partitions_probed += local.partitions_probed;
-    job->stats.codes_scanned += local.codes_scanned;
-    job->stats.codes_stage2 += local.codes_stage2;
-    job->stats.candidates += local.candidates;
+    stats_add(&job->stats, &local);
     pthread_mutex_unlock(&job->lock);
     return NULL;
+}
+
+/* Runs a prepared job on up to nthreads threads (never more than queries)
+ * with the GIL released; a thread that cannot start leaves its share to
+ * the others, or to this thread. */
+static void run_batch(batch_job *job, unsigned nthreads) {
+    job->status = BS_OK;
+    pthread_mutex_init(&job->lock, NULL);
+    Py_BEGIN_ALLOW_THREADS
+    if (nthreads == 1 || job->nq < 2) {
+        batch_worker(job);
+    } else {
+        pthread_t tids[256];
+        unsigned started = 0;
+        for (; started < nthreads && started < job->nq; started++)
+            if (pthread_create(&tids[started], NULL, batch_worker, job) != 0) break;
+        if (started == 0) batch_worker(job);
+        for (unsigned i = 0; i < started; i++) pthread_join(tids[i], NULL);
+    }
+    Py_END_ALLOW_THREADS
+    pthread_mutex_destroy(&job->lock);
 }
 
 /* search_batch(Q, nq, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids,
@@ -718,33 +748,11 @@ static PyObject *Searcher_search_batch(SearcherObject *self, PyObject *args) {
     job.Q = q.buf;
     job.nq = (size_t)nq;
     job.dim = in.dim;
-    job.params.k = k;
-    job.params.nprobes = nprobes;
-    job.params.eps0 = eps0;
-    job.params.refine_factor = refine;
-    job.params.segment_mask = got_mask ? mask.buf : NULL;
-    job.params.allowed_rowids = got_allow ? allow.buf : NULL;
-    job.params.num_allowed = got_allow ? (size_t)(allow.len / 8) : 0;
-    job.params.allowed_fragments = got_frags ? frags.buf : NULL;
-    job.params.num_allowed_fragments = got_frags ? (size_t)(frags.len / 8) : 0;
-    job.params.denied_rowids = got_denied ? denied.buf : NULL;
-    job.params.num_denied = got_denied ? (size_t)(denied.len / 8) : 0;
+    set_params(&job.params, k, nprobes, eps0, refine, got_mask ? &mask : NULL,
+               got_allow ? &allow : NULL, got_frags ? &frags : NULL,
+               got_denied ? &denied : NULL);
     job.results = results;
-    job.status = BS_OK;
-    pthread_mutex_init(&job.lock, NULL);
-    Py_BEGIN_ALLOW_THREADS
-    if (nthreads == 1 || nq < 2) {
-        batch_worker(&job);
-    } else {
-        pthread_t tids[256];
-        unsigned started = 0;
-        for (; started < nthreads; started++)
-            if (pthread_create(&tids[started], NULL, batch_worker, &job) != 0) break;
-        if (started == 0) batch_worker(&job);
-        for (unsigned i = 0; i < started; i++) pthread_join(tids[i], NULL);
-    }
-    Py_END_ALLOW_THREADS
-    pthread_mutex_destroy(&job.lock);
+    run_batch(&job, nthreads);
     if (job.status != BS_OK) {
         raise_bs(self->module, &job.err);
         goto done;
@@ -836,47 +844,18 @@ static PyObject *Searcher_search_batch_into(SearcherObject *self, PyObject *args
     job.Q = buf[0].buf;
     job.nq = (size_t)nq;
     job.dim = in.dim;
-    job.params.k = k;
-    job.params.nprobes = nprobes;
-    job.params.eps0 = eps0;
-    job.params.refine_factor = refine;
-    job.params.segment_mask = got[1] ? buf[1].buf : NULL;
-    job.params.allowed_rowids = got[2] ? buf[2].buf : NULL;
-    job.params.num_allowed = got[2] ? (size_t)(buf[2].len / 8) : 0;
-    job.params.allowed_fragments = got[3] ? buf[3].buf : NULL;
-    job.params.num_allowed_fragments = got[3] ? (size_t)(buf[3].len / 8) : 0;
-    job.params.denied_rowids = got[4] ? buf[4].buf : NULL;
-    job.params.num_denied = got[4] ? (size_t)(buf[4].len / 8) : 0;
+    set_params(&job.params, k, nprobes, eps0, refine, got[1] ? &buf[1] : NULL,
+               got[2] ? &buf[2] : NULL, got[3] ? &buf[3] : NULL, got[4] ? &buf[4] : NULL);
     job.out_rowids = buf[5].buf;
     job.out_est = buf[6].buf;
     job.out_counts = buf[7].buf;
     job.cap = cap;
-    job.status = BS_OK;
-    pthread_mutex_init(&job.lock, NULL);
-    Py_BEGIN_ALLOW_THREADS
-    if (nthreads == 1 || nq < 2) {
-        batch_worker(&job);
-    } else {
-        pthread_t tids[256];
-        unsigned started = 0;
-        for (; started < nthreads && started < (unsigned)nq; started++)
-            if (pthread_create(&tids[started], NULL, batch_worker, &job) != 0) break;
-        if (started == 0) batch_worker(&job);
-        for (unsigned i = 0; i < started; i++) pthread_join(tids[i], NULL);
-    }
-    Py_END_ALLOW_THREADS
-    pthread_mutex_destroy(&job.lock);
+    run_batch(&job, nthreads);
     if (job.status != BS_OK) {
         raise_bs(self->module, &job.err);
         goto done;
     }
-    if (got[8]) {
-        uint64_t *acc = buf[8].buf;
-        acc[0] += job.stats.partitions_probed;
-        acc[1] += job.stats.codes_scanned;
-        acc[2] += job.stats.codes_stage2;
-        acc[3] += job.stats.candidates;
-    }
+    if (got[8]) stats_add_u64(buf[8].buf, &job.stats);
     result = Py_None;
     Py_INCREF(result);
 done:
