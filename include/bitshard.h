@@ -122,6 +122,17 @@ BS_API bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d,
                                  uint32_t max_iters, uint64_t seed,
                                  float *centroids, bs_error *err);
 
+/* bs_kmeans_train on num_threads threads (0 or 1: the calling thread only):
+ * the same centroids, bit for bit, for every thread count. Each thread calls
+ * the BLAS on its own block of rows, so with num_threads > 1 the BLAS
+ * should run single-threaded (OPENBLAS_NUM_THREADS=1; the Python package
+ * sets it for the call) or the threads oversubscribe the cores. */
+BS_API bs_status bs_kmeans_train_mt(const float *x, size_t n, uint32_t d,
+                                    uint32_t k, bs_metric metric,
+                                    uint32_t max_iters, uint64_t seed,
+                                    uint32_t num_threads, float *centroids,
+                                    bs_error *err);
+
 /* Nearest centroid (Euclidean; for cosine, of the normalised row) of each
  * of n rows, through a BLAS matrix product. assign: n partition ids out;
  * dist2 (may be NULL): the squared distance to it. */
@@ -178,6 +189,11 @@ BS_API bs_status bs_builder_create(const bs_segment_spec *spec,
 BS_API bs_status bs_builder_add(bs_segment_builder *b, const float *x,
                                 size_t n, uint32_t fragment_index,
                                 const uint32_t *offsets, bs_error *err);
+/* Threads each later bs_builder_add uses (default 1; clamped to 1..256).
+ * The segment is the same, byte for byte, for every count; with more than
+ * one, each thread calls the BLAS itself, which should then run
+ * single-threaded (see bs_kmeans_train_mt). */
+BS_API void bs_builder_set_threads(bs_segment_builder *b, uint32_t num_threads);
 /* Writes the segment to path (via path.tmp + rename). */
 BS_API bs_status bs_builder_write(bs_segment_builder *b, const char *path,
                                   bs_error *err);

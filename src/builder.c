@@ -9,6 +9,7 @@
 #include "error.h"
 #include "format.h"
 #include "ivf_internal.h"
+#include "parallel.h"
 #include "rabitq.h"
 
 /* Rows encoded per internal batch: bounds the scratch memory of one add()
@@ -39,6 +40,7 @@ struct bs_segment_builder {
     uint64_t *frag_ids, *frag_rows, *prefix;
     uint8_t **seen; /* per fragment, a bitmap of added offsets (lazy) */
     bs_build_part *parts;
+    uint32_t threads; /* workers per add() chunk, >= 1 */
 };
 
 typedef unsigned long long ull;
@@ -166,6 +168,7 @@ bs_status bs_builder_create(const bs_segment_spec *spec,
 
     bs_segment_builder *b = calloc(1, sizeof *b);
     if (b == NULL) return NOMEM();
+    b->threads = 1;
     b->dim = spec->dim;
     b->B = spec->num_bits;
     b->k = spec->num_partitions;
@@ -262,43 +265,109 @@ static int part_reserve(bs_build_part *pt, uint32_t need, size_t code_bytes,
     return 1;
 }
 
-/* Normalises (cosine), assigns, rotates and encodes rows [0, n) of one
- * chunk, appending them to their partitions. */
-static bs_status encode_chunk(bs_segment_builder *b, const float *x, size_t n,
-                              const uint32_t *ords, size_t row_base,
-                              uint32_t fi, const uint32_t *offsets,
-                              float *xn, float *po, uint32_t *assign,
-                              float *r, float *scratch, bs_error *err) {
-    const uint32_t dim = b->dim, D = b->D;
+/* One chunk of an add() call, shared by its workers. Rows are split in
+ * contiguous ranges by worker index; each row's codes depend on the row
+ * alone, and their slots in the partitions are handed out in row order
+ * between the two phases, so the builder's state is the same for every
+ * thread count. */
+typedef struct chunk_job {
+    bs_segment_builder *b;
+    const float *x;   /* n * dim input rows (normalised for cosine) */
+    size_t n, row_base;
+    uint32_t fi;
+    const uint32_t *offsets, *ords;
+    float *xn, *po;   /* normalised rows, rotated rows: n * dim, n * D */
+    uint32_t *assign, *slot;
+    float **scratch;  /* per worker: D * 3 floats */
+    bs_status *st;
+    bs_error *errs;
+} chunk_job;
+
+/* Phase 1: normalise (cosine) and assign a worker's rows. */
+static void chunk_assign(void *arg, uint32_t w, uint32_t nw) {
+    const chunk_job *j = arg;
+    const bs_segment_builder *b = j->b;
+    const uint32_t dim = b->dim;
+    size_t i0, i1;
+    bs_parallel_share(j->n, 16, w, nw, &i0, &i1);
+    const float *x = j->x;
     if (b->metric == BS_METRIC_COSINE) {
-        for (size_t i = 0; i < n; i++)
-            bs_normalize_row(x + i * dim, dim, xn + i * dim);
-        x = xn;
+        for (size_t i = i0; i < i1; i++)
+            bs_normalize_row(j->x + i * dim, dim, j->xn + i * dim);
+        x = j->xn;
     }
-    BS_TRY(bs_ivf_assign_rows(b->centroids, b->k, dim, 0, 0, x, n, assign,
-                              NULL, err));
-    BS_TRY(rotate_rows(b, x, n, po, err));
+    j->st[w] = i1 > i0 ? bs_ivf_assign_rows(b->centroids, b->k, dim, 0, 0, x + i0 * dim,
+                                            i1 - i0, j->assign + i0, NULL, 1, &j->errs[w])
+                       : BS_OK;
+}
+
+/* Phase 2: rotate a worker's rows and encode each into its slot. */
+static void chunk_encode(void *arg, uint32_t w, uint32_t nw) {
+    const chunk_job *j = arg;
+    const bs_segment_builder *b = j->b;
+    const uint32_t dim = b->dim, D = b->D;
+    size_t i0, i1;
+    bs_parallel_share(j->n, 16, w, nw, &i0, &i1);
+    j->st[w] = BS_OK;
+    if (i1 == i0) return;
+    const float *x = b->metric == BS_METRIC_COSINE ? j->xn : j->x;
+    j->st[w] = rotate_rows(b, x + i0 * dim, i1 - i0, j->po + i0 * D, &j->errs[w]);
+    if (j->st[w] != BS_OK) return;
     const size_t cb = bs_code_bytes(D), eb = bs_ext_bytes(D, b->B);
-    for (size_t i = 0; i < n; i++) {
-        const float *pc = b->pc + (size_t)assign[i] * D;
-        const float *row = po + i * D;
-        for (uint32_t j = 0; j < D; j++) r[j] = row[j] - pc[j];
-        if (!row_finite(r, D))
-            return bs_fail(err, BS_ERR_INVALID_DATA,
-                           "row %zu (fragment %llu, offset %u) is too large "
-                           "to encode: its rotated residual overflows float",
-                           row_base + i, (ull)b->frag_ids[fi],
-                           offsets[row_base + i]);
-        bs_build_part *pt = &b->parts[assign[i]];
-        if (!part_reserve(pt, pt->count + 1, cb, eb)) return NOMEM();
-        uint32_t c = pt->count;
+    float *r = j->scratch[w];
+    for (size_t i = i0; i < i1; i++) {
+        const float *pc = b->pc + (size_t)j->assign[i] * D;
+        const float *row = j->po + i * D;
+        for (uint32_t t = 0; t < D; t++) r[t] = row[t] - pc[t];
+        if (!row_finite(r, D)) {
+            j->st[w] = bs_fail(&j->errs[w], BS_ERR_INVALID_DATA,
+                               "row %zu (fragment %llu, offset %u) is too large "
+                               "to encode: its rotated residual overflows float",
+                               j->row_base + i, (ull)b->frag_ids[j->fi],
+                               j->offsets[j->row_base + i]);
+            return;
+        }
+        bs_build_part *pt = &b->parts[j->assign[i]];
+        uint32_t c = j->slot[i];
         bs_rabitq_encode(r, D, b->B, pt->codes + (size_t)c * cb,
-                         eb ? pt->ext + (size_t)c * eb : NULL, &pt->f[c],
-                         scratch);
-        pt->ord[c] = ords[i];
-        pt->count = c + 1;
+                         eb ? pt->ext + (size_t)c * eb : NULL, &pt->f[c], r + D);
+        pt->ord[c] = j->ords[i];
+    }
+}
+
+/* The first failing worker's error: workers hold rows in order, so it
+ * names the row a single thread would have named. */
+static bs_status first_failure(const chunk_job *j, uint32_t nw, bs_error *err) {
+    for (uint32_t w = 0; w < nw; w++) {
+        if (j->st[w] != BS_OK) {
+            if (err) *err = j->errs[w];
+            return j->st[w];
+        }
     }
     return BS_OK;
+}
+
+/* Normalises (cosine), assigns, rotates and encodes rows [0, n) of one
+ * chunk, appending them to their partitions. */
+static bs_status encode_chunk(chunk_job *j, uint32_t nw, bs_error *err) {
+    bs_segment_builder *b = j->b;
+    const uint32_t D = b->D;
+    const size_t cb = bs_code_bytes(D), eb = bs_ext_bytes(D, b->B);
+    bs_parallel_run(nw, chunk_assign, j);
+    BS_TRY(first_failure(j, nw, err));
+    for (size_t i = 0; i < j->n; i++) {
+        bs_build_part *pt = &b->parts[j->assign[i]];
+        if (!part_reserve(pt, pt->count + 1, cb, eb)) return NOMEM();
+        j->slot[i] = pt->count++;
+    }
+    bs_parallel_run(nw, chunk_encode, j);
+    return first_failure(j, nw, err);
+}
+
+void bs_builder_set_threads(bs_segment_builder *b, uint32_t num_threads) {
+    if (b == NULL) return;
+    b->threads = num_threads < 1 ? 1 : num_threads > BS_MAX_THREADS ? BS_MAX_THREADS
+                                                                     : num_threads;
 }
 
 bs_status bs_builder_add(bs_segment_builder *b, const float *x, size_t n,
@@ -349,19 +418,27 @@ bs_status bs_builder_add(bs_segment_builder *b, const float *x, size_t n,
     }
 
     /* Partition counts before the call, to undo a failure midway. */
+    const uint32_t nw = b->threads;
     uint32_t *old = malloc((size_t)b->k * sizeof *old);
-    size_t chunk = n < BS_BUILD_CHUNK ? n : BS_BUILD_CHUNK;
+    size_t chunk = BS_BUILD_CHUNK * (size_t)nw;
+    if (n < chunk) chunk = n;
     const uint32_t D = b->D;
     float *xn = b->metric == BS_METRIC_COSINE
                     ? malloc(chunk * dim * sizeof(float))
                     : NULL;
     float *po = malloc(chunk * D * sizeof(float));
-    float *r = malloc((size_t)D * 3 * sizeof(float));
     uint32_t *assign = malloc(chunk * sizeof *assign);
+    uint32_t *slot = malloc(chunk * sizeof *slot);
     uint32_t *ords = malloc(chunk * sizeof *ords);
+    float *scratch[BS_MAX_THREADS] = {0};
+    bs_status wst[BS_MAX_THREADS];
+    bs_error *werr = malloc(nw * sizeof *werr);
+    int ok = old && po && assign && slot && ords && werr &&
+             (b->metric != BS_METRIC_COSINE || xn);
+    for (uint32_t w = 0; w < nw && ok; w++)
+        ok = (scratch[w] = malloc((size_t)D * 3 * sizeof(float))) != NULL;
     bs_status st = BS_OK;
-    if (!old || !po || !r || !assign || !ords ||
-        (b->metric == BS_METRIC_COSINE && !xn)) {
+    if (!ok) {
         st = NOMEM();
     } else {
         for (uint32_t p = 0; p < b->k; p++) old[p] = b->parts[p].count;
@@ -369,19 +446,22 @@ bs_status bs_builder_add(bs_segment_builder *b, const float *x, size_t n,
             size_t m = n - s < chunk ? n - s : chunk;
             for (size_t i = 0; i < m; i++)
                 ords[i] = (uint32_t)(b->prefix[fi] + offsets[s + i]);
-            st = encode_chunk(b, x + s * dim, m, ords, s, fi, offsets, xn, po,
-                              assign, r, r + D, err);
+            chunk_job job = {b, x + s * dim, m, s, fi, offsets, ords, xn, po,
+                             assign, slot, scratch, wst, werr};
+            st = encode_chunk(&job, nw, err);
         }
         if (st != BS_OK)
             for (uint32_t p = 0; p < b->k; p++) b->parts[p].count = old[p];
     }
     if (st != BS_OK)
         for (size_t i = 0; i < n; i++) bit_clear(seen, offsets[i]);
+    for (uint32_t w = 0; w < nw; w++) free(scratch[w]);
+    free(werr);
     free(old);
     free(xn);
     free(po);
-    free(r);
     free(assign);
+    free(slot);
     free(ords);
     return st;
 }

@@ -57,11 +57,14 @@ bs_status bs_check_finite_rows(const float *x, size_t n, uint32_t d,
  * centroids): never on n, on the row's position, on blocking or on BLAS
  * threading. normalize: L2-normalise each row first (cosine). check_finite:
  * reject NaN/Inf rows (checked block by block, before the BLAS call).
- * dist2 may be NULL. Requires 1 <= k, d <= INT_MAX; centroids finite. */
+ * dist2 may be NULL. Requires 1 <= k, d <= INT_MAX; centroids finite.
+ * threads: workers over blocks of rows (each calls the BLAS on its own
+ * block, so the BLAS should be single-threaded when threads > 1); the
+ * result is the same for every thread count. */
 bs_status bs_ivf_assign_rows(const float *centroids, uint32_t k, uint32_t d,
                              int normalize, int check_finite, const float *x,
                              size_t n, uint32_t *assign, float *dist2,
-                             bs_error *err);
+                             uint32_t threads, bs_error *err);
 
 /* The same, and second_lb[i] (if not NULL): a lower bound on the squared
  * distance from row i to every centroid other than assign[i] (exact when
@@ -70,13 +73,14 @@ bs_status bs_ivf_assign_rows(const float *centroids, uint32_t k, uint32_t d,
 bs_status bs_ivf_assign_rows_lb(const float *centroids, uint32_t k, uint32_t d,
                                 int normalize, int check_finite, const float *x,
                                 size_t n, uint32_t *assign, float *dist2,
-                                double *second_lb, bs_error *err);
+                                double *second_lb, uint32_t threads, bs_error *err);
 
 /* bs_kmeans_train with the bound-based skipping of rows switched on or off
  * (prune = 0 assigns every row every iteration): the two give the same
- * centroids bit for bit, which the tests check. */
+ * centroids bit for bit, which the tests check; so do all thread counts. */
 bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
                                bs_metric metric, uint32_t max_iters, uint64_t seed,
-                               float *centroids, int prune, bs_error *err);
+                               float *centroids, int prune, uint32_t threads,
+                               bs_error *err);
 
 #endif

@@ -16,6 +16,7 @@
 
 #include "error.h"
 #include "ivf_internal.h"
+#include "parallel.h"
 #include "rng.h"
 
 /* Seeding sample: k-means++ costs O(m k d) sequential, memory-bound work
@@ -255,12 +256,113 @@ static uint32_t count_empty(const size_t *counts, uint32_t k) {
 bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d, uint32_t k,
                           bs_metric metric, uint32_t max_iters, uint64_t seed,
                           float *centroids, bs_error *err) {
-    return bs_kmeans_train_impl(x, n, d, k, metric, max_iters, seed, centroids, 1, err);
+    return bs_kmeans_train_impl(x, n, d, k, metric, max_iters, seed, centroids, 1, 1, err);
+}
+
+bs_status bs_kmeans_train_mt(const float *x, size_t n, uint32_t d, uint32_t k,
+                             bs_metric metric, uint32_t max_iters, uint64_t seed,
+                             uint32_t num_threads, float *centroids, bs_error *err) {
+    return bs_kmeans_train_impl(x, n, d, k, metric, max_iters, seed, centroids, 1,
+                                num_threads, err);
 }
 
 /* Rows per batch of re-assigned rows (gathered into a contiguous copy for
- * the BLAS pass): bounds the copy at 2^20 floats whatever n is. */
+ * the BLAS pass): bounds each worker's copy at 2^20 floats whatever n is. */
 #define BS_REDO_FLOATS ((size_t)1 << 20)
+
+/* Rows per unit of the workers' shares of the bound check. */
+#define BS_PRUNE_BLOCK 1024
+
+/* One iteration's assignment over a worker's share of the rows (see
+ * assign_pruned). */
+typedef struct prune_job {
+    const float *data, *centroids;
+    size_t n;
+    uint32_t d, k;
+    const uint32_t *prev;
+    uint32_t *assign;
+    float *dist2;
+    double *lbd;
+    size_t *redo;
+    float **gather;
+    uint32_t **g_assign;
+    float **g_dist2;
+    double **g_second;
+    size_t gbatch;
+    const bs_l2_kernels *kn;
+    bs_status *st;
+    bs_error *errs;
+} prune_job;
+
+static void prune_worker(void *arg, uint32_t w, uint32_t nw) {
+    const prune_job *j = arg;
+    const uint32_t d = j->d;
+    size_t begin, end, nredo = 0;
+    bs_parallel_share(j->n, BS_PRUNE_BLOCK, w, nw, &begin, &end);
+    size_t *redo = j->redo + begin; /* this share's slice of the index list */
+    for (size_t i = begin; i < end; i++) {
+        const uint32_t a = j->prev[i];
+        const double e = j->kn->l2sq(j->data + i * d, j->centroids + (size_t)a * d, d);
+        /* The relative margin covers the double rounding of e, of the
+         * square roots and of the bound updates (~1e-15 each). */
+        if (sqrt(e) < j->lbd[i] * (1.0 - 1e-9)) {
+            j->assign[i] = a;
+            j->dist2[i] = bs_dist_to_float(e);
+        } else {
+            redo[nredo++] = i;
+        }
+    }
+    float *gather = j->gather[w];
+    j->st[w] = BS_OK;
+    for (size_t b0 = 0; b0 < nredo; b0 += j->gbatch) {
+        size_t m = nredo - b0 < j->gbatch ? nredo - b0 : j->gbatch;
+        for (size_t t = 0; t < m; t++)
+            memcpy(gather + t * d, j->data + redo[b0 + t] * d, d * sizeof(float));
+        j->st[w] = bs_ivf_assign_rows_lb(j->centroids, j->k, d, 0, 0, gather, m,
+                                         j->g_assign[w], j->g_dist2[w], j->g_second[w],
+                                         1, &j->errs[w]);
+        if (j->st[w] != BS_OK) return;
+        for (size_t t = 0; t < m; t++) {
+            size_t i = redo[b0 + t];
+            j->assign[i] = j->g_assign[w][t];
+            j->dist2[i] = j->g_dist2[w][t];
+            j->lbd[i] = sqrt(j->g_second[w][t]);
+        }
+    }
+}
+
+/* Per-worker buffers of assign_pruned. */
+typedef struct prune_bufs {
+    uint32_t nw;
+    size_t gbatch;
+    float *gather[BS_MAX_THREADS], *g_dist2[BS_MAX_THREADS];
+    uint32_t *g_assign[BS_MAX_THREADS];
+    double *g_second[BS_MAX_THREADS];
+} prune_bufs;
+
+static int prune_bufs_init(prune_bufs *pb, uint32_t nw, size_t gbatch, uint32_t d) {
+    memset(pb, 0, sizeof *pb);
+    pb->nw = nw;
+    pb->gbatch = gbatch;
+    for (uint32_t w = 0; w < nw; w++) {
+        pb->gather[w] = malloc(gbatch * d * sizeof(float));
+        pb->g_assign[w] = malloc(gbatch * sizeof(uint32_t));
+        pb->g_dist2[w] = malloc(gbatch * sizeof(float));
+        pb->g_second[w] = malloc(gbatch * sizeof(double));
+        if (!pb->gather[w] || !pb->g_assign[w] || !pb->g_dist2[w] || !pb->g_second[w])
+            return 0;
+    }
+    return 1;
+}
+
+static void prune_bufs_free(prune_bufs *pb) {
+    for (uint32_t w = 0; w < pb->nw; w++) {
+        free(pb->gather[w]);
+        free(pb->g_assign[w]);
+        free(pb->g_dist2[w]);
+        free(pb->g_second[w]);
+    }
+}
 
 /* Assigns every row: directly, or (prune, once bounds exist) only the rows
  * whose bounds allow another centroid to be nearest, in gathered batches.
@@ -269,54 +371,67 @@ bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d, uint32_t k,
  * other one. Its dist2 is computed exactly like the full pass computes it,
  * so the result is the full pass's, bit for bit. lbd[i] (a lower bound on
  * the distance, not squared, to every centroid but assign[i]) is refreshed
- * for every re-assigned row. */
+ * for every re-assigned row. Every row's result depends on that row alone,
+ * so the workers' split cannot change it. */
 static bs_status assign_pruned(const float *data, size_t n, uint32_t d, uint32_t k,
                                const float *centroids, int have_bounds,
                                const uint32_t *prev, uint32_t *assign, float *dist2,
-                               double *lbd, size_t *redo, float *gather,
-                               uint32_t *g_assign, float *g_dist2, double *g_second,
-                               const bs_l2_kernels *kn, bs_error *err) {
-    size_t nredo = 0;
+                               double *lbd, size_t *redo, prune_bufs *pb,
+                               const bs_l2_kernels *kn, uint32_t threads, bs_error *err) {
     if (!have_bounds) {
         BS_TRY(bs_ivf_assign_rows_lb(centroids, k, d, 0, 0, data, n, assign, dist2, lbd,
-                                     err));
+                                     threads, err));
         for (size_t i = 0; i < n; i++) lbd[i] = sqrt(lbd[i]);
         return BS_OK;
-    } else {
-        for (size_t i = 0; i < n; i++) {
-            const uint32_t a = prev[i];
-            const double e = kn->l2sq(data + i * d, centroids + (size_t)a * d, d);
-            /* The relative margin covers the double rounding of e, of the
-             * square roots and of the bound updates (~1e-15 each). */
-            if (sqrt(e) < lbd[i] * (1.0 - 1e-9)) {
-                assign[i] = a;
-                dist2[i] = bs_dist_to_float(e);
-            } else {
-                redo[nredo++] = i;
-            }
-        }
     }
-    size_t batch = BS_REDO_FLOATS / d;
-    if (batch < 1) batch = 1;
-    for (size_t b0 = 0; b0 < nredo; b0 += batch) {
-        size_t m = nredo - b0 < batch ? nredo - b0 : batch;
-        for (size_t t = 0; t < m; t++)
-            memcpy(gather + t * d, data + redo[b0 + t] * d, d * sizeof(float));
-        BS_TRY(bs_ivf_assign_rows_lb(centroids, k, d, 0, 0, gather, m, g_assign, g_dist2,
-                                     g_second, err));
-        for (size_t t = 0; t < m; t++) {
-            size_t i = redo[b0 + t];
-            assign[i] = g_assign[t];
-            dist2[i] = g_dist2[t];
-            lbd[i] = sqrt(g_second[t]);
+    bs_status wst[BS_MAX_THREADS];
+    bs_error werr[BS_MAX_THREADS];
+    prune_job job = {data, centroids, n, d, k, prev, assign, dist2, lbd, redo,
+                     pb->gather, pb->g_assign, pb->g_dist2, pb->g_second, pb->gbatch,
+                     kn, wst, werr};
+    bs_parallel_run(pb->nw, prune_worker, &job);
+    for (uint32_t w = 0; w < pb->nw; w++) {
+        if (wst[w] != BS_OK) {
+            if (err) *err = werr[w];
+            return wst[w];
         }
     }
     return BS_OK;
 }
 
+/* Centroid sums of a worker's range of centroids: every row is visited in
+ * row order, so each sum adds its rows in the order a single thread would
+ * and the result does not depend on the split. */
+typedef struct sums_job {
+    const float *data;
+    size_t n;
+    uint32_t d, k;
+    const uint32_t *assign;
+    const float *dist2;
+    double *sums, *inertia;
+} sums_job;
+
+static void sums_worker(void *arg, uint32_t w, uint32_t nw) {
+    const sums_job *j = arg;
+    const uint32_t lo = (uint32_t)((uint64_t)j->k * w / nw);
+    const uint32_t hi = (uint32_t)((uint64_t)j->k * (w + 1) / nw);
+    const uint32_t d = j->d;
+    memset(j->sums + (size_t)lo * d, 0, (size_t)(hi - lo) * d * sizeof(double));
+    memset(j->inertia + lo, 0, (size_t)(hi - lo) * sizeof(double));
+    for (size_t i = 0; i < j->n; i++) {
+        const uint32_t a = j->assign[i];
+        if (a < lo || a >= hi) continue;
+        const float *row = j->data + i * d;
+        double *s = j->sums + (size_t)a * d;
+        for (uint32_t t = 0; t < d; t++) s[t] += (double)row[t];
+        j->inertia[a] += (double)j->dist2[i];
+    }
+}
+
 bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
                                bs_metric metric, uint32_t max_iters, uint64_t seed,
-                               float *centroids, int prune, bs_error *err) {
+                               float *centroids, int prune, uint32_t threads,
+                               bs_error *err) {
     bs_error_clear(err);
     if (x == NULL) return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "x is NULL");
     if (centroids == NULL)
@@ -350,10 +465,12 @@ bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
     bs_rng rng;
     bs_rng_seed(&rng, seed);
 
-    float *normed = NULL, *gather = NULL, *g_dist2 = NULL, *old_c = NULL;
-    double *lbd = NULL, *g_second = NULL;
+    float *normed = NULL, *old_c = NULL;
+    double *lbd = NULL;
     size_t *redo = NULL;
-    uint32_t *g_assign = NULL;
+    const uint32_t nw = threads < 1 ? 1 : threads > BS_MAX_THREADS ? BS_MAX_THREADS : threads;
+    prune_bufs pb;
+    memset(&pb, 0, sizeof pb);
     uint32_t *assign = malloc(n * sizeof(uint32_t));
     uint32_t *prev = malloc(n * sizeof(uint32_t));
     float *dist2 = malloc(n * sizeof(float));
@@ -393,12 +510,9 @@ bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
     if (prune) {
         lbd = malloc(n * sizeof(double));
         redo = malloc(n * sizeof(size_t));
-        gather = malloc(gbatch * d * sizeof(float));
-        g_assign = malloc(gbatch * sizeof(uint32_t));
-        g_dist2 = malloc(gbatch * sizeof(float));
-        g_second = malloc(gbatch * sizeof(double));
         old_c = malloc((size_t)k * d * sizeof(float));
-        if (!lbd || !redo || !gather || !g_assign || !g_dist2 || !g_second || !old_c) {
+        int bufs = prune_bufs_init(&pb, nw, gbatch, d);
+        if (!lbd || !redo || !old_c || !bufs) {
             st = bs_fail(err, BS_ERR_NO_MEMORY,
                          "out of memory for k-means bounds over %zu rows", n);
             goto done;
@@ -415,10 +529,11 @@ bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
          * checked, not hoped for. */
         if (prune) {
             st = assign_pruned(data, n, d, k, centroids, have_bounds, prev, assign, dist2,
-                               lbd, redo, gather, g_assign, g_dist2, g_second, &kn, err);
+                               lbd, redo, &pb, &kn, nw, err);
             have_bounds = 1;
         } else {
-            st = bs_ivf_assign_rows(centroids, k, d, 0, 0, data, n, assign, dist2, err);
+            st = bs_ivf_assign_rows(centroids, k, d, 0, 0, data, n, assign, dist2, nw,
+                                    err);
         }
         if (st != BS_OK) goto done;
         size_t changes = 0;
@@ -442,14 +557,8 @@ bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
         prev_total = total;
 
         if (prune) memcpy(old_c, centroids, (size_t)k * d * sizeof(float));
-        memset(sums, 0, (size_t)k * d * sizeof(double));
-        memset(inertia, 0, (size_t)k * sizeof(double));
-        for (size_t i = 0; i < n; i++) {
-            const float *row = data + i * d;
-            double *s = sums + (size_t)assign[i] * d;
-            for (uint32_t t = 0; t < d; t++) s[t] += (double)row[t];
-            inertia[assign[i]] += (double)dist2[i];
-        }
+        sums_job sj = {data, n, d, k, assign, dist2, sums, inertia};
+        bs_parallel_run(nw < k ? nw : k, sums_worker, &sj);
         for (uint32_t j = 0; j < k; j++) {
             if (counts[j] == 0) continue;
             float *c = centroids + (size_t)j * d;
@@ -503,7 +612,7 @@ bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
                              counts) == empties)
             break; /* nothing fillable: duplicate rows */
         st = bs_ivf_assign_rows(centroids, k, d, 0, 0, data, n, assign,
-                                dist2, err);
+                                dist2, nw, err);
         if (st != BS_OK) goto done;
         memset(counts, 0, (size_t)k * sizeof(size_t));
         for (size_t i = 0; i < n; i++) counts[assign[i]]++;
@@ -513,10 +622,7 @@ bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
 done:
     free(lbd);
     free(redo);
-    free(gather);
-    free(g_assign);
-    free(g_dist2);
-    free(g_second);
+    prune_bufs_free(&pb);
     free(old_c);
     free(normed);
     free(assign);

@@ -161,12 +161,17 @@ static PyGetSetDef Rotation_getset[] = {
     {"fingerprint", (getter)Rotation_get_fingerprint, NULL, "16-byte fingerprint", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
+/* OpenBLAS's thread count (the library carried by scipy-openblas32). */
+extern void scipy_openblas_set_num_threads(int num_threads);
+extern int scipy_openblas_get_num_threads(void);
+
 /* --------------------------------------------------------------- Builder */
 
 typedef struct {
     PyObject_HEAD
     bs_segment_builder *b;
     PyObject *module;
+    unsigned int threads;
 } BuilderObject;
 
 static int Builder_init(BuilderObject *self, PyObject *args, PyObject *kw) {
@@ -227,6 +232,7 @@ static int Builder_init(BuilderObject *self, PyObject *args, PyObject *kw) {
         Py_BEGIN_ALLOW_THREADS
         status = bs_builder_create(&spec, &self->b, &err);
         Py_END_ALLOW_THREADS
+        self->threads = 1;
         if (status != BS_OK)
             raise_bs(self->module, &err);
         else
@@ -263,8 +269,12 @@ static PyObject *Builder_add(BuilderObject *self, PyObject *args) {
     if (check_len(&x, (size_t)n * dim, "x") == 0 && check_len(&off, (size_t)n, "offsets") == 0) {
         bs_error err;
         bs_status status;
+        /* As in kmeans_train: our threads, a single-threaded BLAS. */
+        int blas = self->threads > 1 ? scipy_openblas_get_num_threads() : 0;
         Py_BEGIN_ALLOW_THREADS
+        if (blas > 1) scipy_openblas_set_num_threads(1);
         status = bs_builder_add(self->b, x.buf, (size_t)n, fidx, off.buf, &err);
+        if (blas > 1) scipy_openblas_set_num_threads(blas);
         Py_END_ALLOW_THREADS
         if (status != BS_OK)
             raise_bs(self->module, &err);
@@ -288,7 +298,18 @@ static PyObject *Builder_write(BuilderObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Builder_set_threads(BuilderObject *self, PyObject *args) {
+    unsigned int n;
+    if (!PyArg_ParseTuple(args, "I", &n)) return NULL;
+    if (n < 1) return PyErr_Format(PyExc_ValueError, "threads must be >= 1, got %u", n);
+    bs_builder_set_threads(self->b, n);
+    self->threads = n;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Builder_methods[] = {
+    {"set_threads", (PyCFunction)Builder_set_threads, METH_VARARGS,
+     "set_threads(n): threads for each later add (same segment for every n)."},
     {"add", (PyCFunction)Builder_add, METH_VARARGS,
      "add(x, n, dim, fragment_index, offsets): encode n float32 rows."},
     {"write", (PyCFunction)Builder_write, METH_VARARGS, "write(path): write the segment."},
@@ -929,7 +950,9 @@ static PyObject *fn_kmeans_train(PyObject *module, PyObject *args) {
     unsigned int d, k, iters;
     int metric;
     unsigned long long seed;
-    if (!PyArg_ParseTuple(args, "OnIIiIKO", &xo, &n, &d, &k, &metric, &iters, &seed, &outo))
+    unsigned int threads = 1;
+    if (!PyArg_ParseTuple(args, "OnIIiIKO|I", &xo, &n, &d, &k, &metric, &iters, &seed, &outo,
+                          &threads))
         return NULL;
     if (n < 0) return PyErr_Format(PyExc_ValueError, "n must be >= 0");
     Py_buffer x, out;
@@ -942,9 +965,16 @@ static PyObject *fn_kmeans_train(PyObject *module, PyObject *args) {
     if (check_len(&x, (size_t)n * d, "x") == 0 && check_len(&out, (size_t)k * d, "out") == 0) {
         bs_error err;
         bs_status status;
+        /* Our threads each run the BLAS on their own rows: its own pool
+         * would only spin against them (see bs_kmeans_train_mt). The count
+         * is process-wide; another thread's call in between is merely
+         * slower, never wrong. */
+        int blas = threads > 1 ? scipy_openblas_get_num_threads() : 0;
         Py_BEGIN_ALLOW_THREADS
-        status = bs_kmeans_train(x.buf, (size_t)n, d, k, (bs_metric)metric, iters, seed,
-                                 out.buf, &err);
+        if (blas > 1) scipy_openblas_set_num_threads(1);
+        status = bs_kmeans_train_mt(x.buf, (size_t)n, d, k, (bs_metric)metric, iters, seed,
+                                    threads, out.buf, &err);
+        if (blas > 1) scipy_openblas_set_num_threads(blas);
         Py_END_ALLOW_THREADS
         if (status != BS_OK)
             raise_bs(module, &err);
@@ -1138,7 +1168,6 @@ static PyObject *fn_rerank_gate(PyObject *module, PyObject *args) {
 /* The BLAS (OpenBLAS from scipy-openblas32) keeps its own process-wide
  * thread count; a worker process that runs one task per core sets it to 1
  * so that N workers do not start N x cores BLAS threads. */
-extern void scipy_openblas_set_num_threads(int num_threads);
 
 static PyObject *fn_set_blas_threads(PyObject *module, PyObject *args) {
     int n;
@@ -1161,7 +1190,7 @@ static PyObject *fn_version(PyObject *module, PyObject *unused) {
 
 static PyMethodDef native_methods[] = {
     {"kmeans_train", fn_kmeans_train, METH_VARARGS,
-     "kmeans_train(x, n, d, k, metric, max_iters, seed, out)"},
+     "kmeans_train(x, n, d, k, metric, max_iters, seed, out, threads=1)"},
     {"ivf_assign", fn_ivf_assign, METH_VARARGS,
      "ivf_assign(centroids, k, d, metric, x, n, assign_out)"},
     {"ivf_fingerprint", fn_ivf_fingerprint, METH_VARARGS,

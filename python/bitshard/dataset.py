@@ -77,6 +77,16 @@ def dataset(
     return Dataset(src, index_uri=index_uri, storage_options=storage_options)
 
 
+def _threads(num_threads: Optional[int]) -> int:
+    """A build's thread count: all cores by default, checked, at most 256."""
+    if num_threads is None:
+        return min(os.cpu_count() or 1, 256)
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) \
+            or num_threads < 1:
+        raise InvalidInputError(f"num_threads must be an integer >= 1, got {num_threads!r}")
+    return min(int(num_threads), 256)
+
+
 def train_ivf(
     ds: Union["Dataset", Any],
     column: str,
@@ -85,6 +95,7 @@ def train_ivf(
     sample_rate: int = 256,
     max_iters: int = 50,
     seed: Optional[int] = None,
+    num_threads: Optional[int] = None,
 ) -> IvfModel:
     """Train IVF centroids with k-means on a sample of the column.
 
@@ -97,6 +108,8 @@ def train_ivf(
             ``num_partitions * sample_rate`` rows, capped at the row count).
         max_iters: Lloyd iterations at most.
         seed: sampling and seeding seed (``None``: fixed default 0).
+        num_threads: threads for the Lloyd iterations (default: all cores).
+            The centroids are the same, bit for bit, for every thread count.
 
     Returns:
         An :class:`IvfModel` with float32 centroids (num_partitions, d).
@@ -112,6 +125,7 @@ def train_ivf(
             f"sample_rate and max_iters must be >= 1, got {sample_rate} and {max_iters}"
         )
     seed = 0 if seed is None else int(seed)
+    num_threads = _threads(num_threads)
     sample = ds.source.sample(column, int(num_partitions) * int(sample_rate), seed)
     n, d = sample.shape
     if n < num_partitions:
@@ -121,7 +135,7 @@ def train_ivf(
     out = np.empty((num_partitions, d), dtype=np.float32)
     _native.kmeans_train(np.ascontiguousarray(sample, dtype=np.float32), n, d,
                          int(num_partitions), METRICS[metric.lower()], int(max_iters),
-                         seed, out)
+                         seed, out, num_threads)
     return IvfModel(out, metric)
 
 
@@ -256,6 +270,7 @@ class Dataset:
         rabitq_model: Optional[Rotation] = None,
         batch_size: int = 65536,
         progress: Any = None,
+        num_threads: Optional[int] = None,
         **kwargs: Any,
     ) -> SegmentHandle:
         """Encode some fragments into one segment; commit nothing.
@@ -272,6 +287,9 @@ class Dataset:
             num_bits: bits per dimension; taken from the rotation when given.
             metric: ``"l2"``, ``"cosine"`` or ``"dot"``.
             index_uuid: the segment's uuid (default: a fresh one).
+            num_threads: threads that encode each batch (default: all
+                cores; a distributed worker uses 1, one task per core). The
+                segment is the same, byte for byte, for every count.
 
         Returns:
             A picklable :class:`SegmentHandle`.
@@ -292,6 +310,7 @@ class Dataset:
         return idx.write_segment(
             self.source, column, name, self.storage, ivf, rot, fragment_ids,
             idx.new_uuid(index_uuid), batch_size=batch_size, progress=progress,
+            num_threads=_threads(num_threads),
         )
 
     def merge_existing_index_segments(
@@ -344,6 +363,7 @@ class Dataset:
         seed: Optional[int] = None,
         replace: bool = True,
         progress: bool = False,
+        num_threads: Optional[int] = None,
         **kwargs: Any,
     ) -> "Dataset":
         """Build and commit an IVF_RQ index in this process.
@@ -351,18 +371,21 @@ class Dataset:
         Trains centroids when none are given (``num_partitions`` of them,
         default about sqrt(rows)), uses the default rotation when none is
         given, encodes every fragment into one segment and commits it.
-        Returns self.
+        ``num_threads`` (default: all cores) runs k-means and encoding; the
+        index is the same, byte for byte, for every count. Returns self.
         """
         name = name or f"{column}_idx"
         if ivf_centroids is None:
             nrows = sum(f.num_rows for f in self.source.fragments())
             k = num_partitions or _default_num_partitions(nrows)
-            ivf_centroids = train_ivf(self, column, k, metric, sample_rate, max_iters, seed)
+            ivf_centroids = train_ivf(self, column, k, metric, sample_rate, max_iters, seed,
+                                      num_threads=num_threads)
         elif num_partitions is not None and as_ivf_model(ivf_centroids, metric).num_partitions != num_partitions:
             raise InvalidInputError("num_partitions conflicts with ivf_centroids")
         seg = self.create_index_uncommitted(
             column, index_type, name=name, ivf_centroids=ivf_centroids,
-            rq_rotation=rq_rotation, num_bits=num_bits, metric=metric, **kwargs,
+            rq_rotation=rq_rotation, num_bits=num_bits, metric=metric,
+            num_threads=num_threads, **kwargs,
         )
         self._view = None  # our own commit: see it next search
         idx.commit(self.storage, name, column, [seg], mode="replace" if replace else "append",

@@ -124,15 +124,17 @@ def _run_task(spec: Dict[str, Any], shared: Any) -> SegmentHandle:
     # One task per core: the BLAS inside assignment must not start a thread
     # per core in every worker (oversubscription slowed builds 3x).
     # (Not in the driver itself: the serial executor runs tasks there.)
+    threads = None  # the serial executor, in the driver: all cores
     if spec.get("driver_pid") not in (None, os.getpid()):
         _native.set_blas_threads(1)
+        threads = 1
     if spec["kind"] == "encode":
         ds: Dataset = shared
         ivf = _load_ivf(ds.storage, spec["ivf_key"], spec["ivf_fingerprint"], spec["metric"])
         handle = ds.create_index_uncommitted(
             spec["column"], "IVF_RQ", name=spec["name"], ivf_centroids=ivf,
             rq_rotation=Rotation.from_bytes(spec["rotation"]),
-            fragment_ids=spec["fragment_ids"], metric=spec["metric"],
+            fragment_ids=spec["fragment_ids"], metric=spec["metric"], num_threads=threads,
         )
     elif spec["kind"] == "merge":
         inputs = list(spec["inputs"])

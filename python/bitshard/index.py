@@ -258,11 +258,13 @@ def write_segment(
     uuid: str,
     batch_size: int = 65536,
     progress: Any = None,
+    num_threads: int = 1,
 ) -> SegmentHandle:
     """Encode the given fragments of ``source`` into one segment file.
 
     Streams the fragments batch by batch: memory is bounded by a batch plus
-    the encoded segment, never by the raw vectors.
+    the encoded segment, never by the raw vectors. ``num_threads`` threads
+    encode each batch; the file is the same, byte for byte, for any count.
     """
     frags = {f.id: f for f in source.fragments()}
     missing = [f for f in fragment_ids if f not in frags]
@@ -286,6 +288,7 @@ def write_segment(
         ids,
         rows,
     )
+    builder.set_threads(max(1, min(int(num_threads), 256)))
     position = {int(f): i for i, f in enumerate(fragment_ids)}
     for batch in source.iter_batches(column, fragment_ids=list(fragment_ids), batch_size=batch_size):
         vec = batch.vectors

@@ -589,8 +589,8 @@ static void check_pruning_exact(const float *x, size_t n, uint32_t d, uint32_t k
                                 bs_metric metric, uint32_t iters, const char *what) {
     float *a = alloc_f((size_t)k * d), *b = alloc_f((size_t)k * d);
     bs_error err;
-    CHECK(bs_kmeans_train_impl(x, n, d, k, metric, iters, 5, a, 0, &err) == BS_OK);
-    CHECK(bs_kmeans_train_impl(x, n, d, k, metric, iters, 5, b, 1, &err) == BS_OK);
+    CHECK(bs_kmeans_train_impl(x, n, d, k, metric, iters, 5, a, 0, 1, &err) == BS_OK);
+    CHECK(bs_kmeans_train_impl(x, n, d, k, metric, iters, 5, b, 1, 1, &err) == BS_OK);
     CHECK_MSG(same_bits(a, b, (size_t)k * d * sizeof(float)),
               "pruned k-means differs (%s, metric %d, k %u)", what, (int)metric, k);
     free(a);
@@ -625,6 +625,74 @@ static void test_pruning_is_exact(void) {
     free(label);
 }
 
+/* Threads split rows (assignment, bound checks) and centroids (sums) by
+ * worker index; no split may change a bit: centroids, assignments and
+ * distances match one thread for 2, 3 and 7 workers (7 leaves some without
+ * rows), pruned and plain, each metric. The rows span several assignment
+ * blocks (4096 rows) so the assignment itself is split. The BLAS runs
+ * single-threaded as the API asks, and once with its own threads too. */
+static void test_threads_are_exact(void) {
+    uint64_t st = 77;
+    const uint32_t d = 8, k = 24, nb = 30;
+    const size_t n = 20000;
+    float *x = alloc_f(n * d), *centres = alloc_f((size_t)nb * d);
+    for (size_t i = 0; i < (size_t)nb * d; i++) centres[i] = (float)test_rand_normal(&st);
+    for (size_t i = 0; i < n; i++)
+        for (uint32_t t = 0; t < d; t++)
+            x[i * d + t] = centres[(i % nb) * d + t] + 0.7f * (float)test_rand_normal(&st);
+    float *c1 = alloc_f((size_t)k * d), *cn = alloc_f((size_t)k * d);
+    uint32_t *a1 = malloc(n * sizeof(uint32_t)), *an = malloc(n * sizeof(uint32_t));
+    float *d1 = alloc_f(n), *dn = alloc_f(n);
+    const uint32_t counts[] = {2, 3, 7};
+    bs_error err;
+    int blas = scipy_openblas_get_num_threads();
+    for (int metric = 0; metric < 3; metric++) {
+        for (int prune = 0; prune < 2; prune++) {
+            scipy_openblas_set_num_threads(1);
+            CHECK(bs_kmeans_train_impl(x, n, d, k, (bs_metric)metric, 12, 3, c1, prune, 1,
+                                       &err) == BS_OK);
+            for (int t = 0; t < 3; t++) {
+                scipy_openblas_set_num_threads(t == 2 ? 2 : 1);
+                CHECK(bs_kmeans_train_impl(x, n, d, k, (bs_metric)metric, 12, 3, cn, prune,
+                                           counts[t], &err) == BS_OK);
+                CHECK_MSG(same_bits(c1, cn, (size_t)k * d * sizeof(float)),
+                          "k-means on %u threads differs (metric %d, prune %d)", counts[t],
+                          metric, prune);
+            }
+        }
+        scipy_openblas_set_num_threads(1);
+        CHECK(bs_ivf_assign_rows(c1, k, d, metric == BS_METRIC_COSINE, 1, x, n, a1, d1, 1,
+                                 &err) == BS_OK);
+        for (int t = 0; t < 3; t++) {
+            CHECK(bs_ivf_assign_rows(c1, k, d, metric == BS_METRIC_COSINE, 1, x, n, an, dn,
+                                     counts[t], &err) == BS_OK);
+            CHECK_MSG(memcmp(a1, an, n * sizeof(uint32_t)) == 0 &&
+                          same_bits(d1, dn, n * sizeof(float)),
+                      "assignment on %u threads differs (metric %d)", counts[t], metric);
+        }
+    }
+    CHECK(bs_kmeans_train_mt(x, n, d, k, BS_METRIC_L2, 12, 3, 2, cn, &err) == BS_OK);
+    CHECK(bs_kmeans_train(x, n, d, k, BS_METRIC_L2, 12, 3, c1, &err) == BS_OK);
+    CHECK(same_bits(c1, cn, (size_t)k * d * sizeof(float)));
+    /* A bad row in a later worker's share is named as one thread names it;
+     * so is the first of two. */
+    x[17001 * d + 5] = NAN;
+    CHECK(bs_ivf_assign_rows(c1, k, d, 0, 1, x, n, an, NULL, 3, &err) == BS_ERR_INVALID_DATA);
+    CHECK_MSG(strstr(err.message, "row 17001 ") != NULL, "got \"%s\"", err.message);
+    x[9000 * d + 2] = INFINITY;
+    CHECK(bs_ivf_assign_rows(c1, k, d, 0, 1, x, n, an, NULL, 3, &err) == BS_ERR_INVALID_DATA);
+    CHECK_MSG(strstr(err.message, "row 9000 ") != NULL, "got \"%s\"", err.message);
+    scipy_openblas_set_num_threads(blas);
+    free(x);
+    free(centres);
+    free(c1);
+    free(cn);
+    free(a1);
+    free(an);
+    free(d1);
+    free(dn);
+}
+
 int main(void) {
     test_errors();
     test_fixed_order_sums();
@@ -643,6 +711,7 @@ int main(void) {
     test_cosine_assign_zero_row();
     test_assign_determinism();
     test_pruning_is_exact();
+    test_threads_are_exact();
     test_l2_avx2_same_bits();
     TEST_MAIN_END();
 }

@@ -185,6 +185,9 @@ static bs_status build_range(const dataset *ds, uint32_t bits,
     bs_segment_builder *b = NULL;
     bs_status st = bs_builder_create(&s, &b, err);
     if (st != BS_OK) return st;
+    /* 1 to 3 threads by batch size: the merge tests compare files built
+     * with different counts byte for byte. */
+    bs_builder_set_threads(b, (uint32_t)(batch % 3) + 1);
     uint64_t first = 0;
     for (uint32_t f = 0; f < f0; f++) first += rows[f];
     /* Adding later fragments first checks the file ignores add order. */
@@ -1248,6 +1251,43 @@ static void test_degenerate(void) {
     free_data(&ds);
 }
 
+/* Threads change no byte of the segment, and a failing add() on several
+ * threads names the row one thread would name (the first bad one, here in
+ * the second of four workers' shares, with another bad row in the last)
+ * and leaves the builder as it was. */
+static void test_builder_threads(void) {
+    const uint32_t d = 32, n = 600;
+    dataset ds = make_data(d, 6, n, 31337);
+    uint64_t ids[1] = {7}, rows[1] = {n};
+    const char *p1 = tpath("t1.bsseg"), *p4 = tpath("t4.bsseg");
+    float *bad = malloc((size_t)n * d * sizeof(float));
+    uint32_t *offs = malloc(n * sizeof(uint32_t));
+    for (uint32_t i = 0; i < n; i++) offs[i] = i;
+    for (uint32_t bits = 1; bits <= 9; bits += 4) {
+        bs_segment_spec s = base_spec(&ds, bits, BS_METRIC_L2, BS_ROTATION_FAST, ids, rows, 1);
+        for (int t = 0; t < 2; t++) {
+            bs_segment_builder *b = NULL;
+            bs_error err;
+            CHECK(bs_builder_create(&s, &b, &err) == BS_OK);
+            if (!b) continue;
+            bs_builder_set_threads(b, t ? 4 : 1);
+            memcpy(bad, ds.x, (size_t)n * d * sizeof(float));
+            for (uint32_t j = 0; j < d; j++) bad[250 * d + j] = bad[500 * d + j] = 3e38f;
+            CHECK(bs_builder_add(b, bad, n, 0, offs, &err) == BS_ERR_INVALID_DATA);
+            CHECK_MSG(strstr(err.message, "row 250 (fragment 7, offset 250) is too large") !=
+                          NULL,
+                      "%u threads: %s", t ? 4u : 1u, err.message);
+            CHECK(bs_builder_add(b, ds.x, n, 0, offs, &err) == BS_OK);
+            CHECK(bs_builder_write(b, t ? p4 : p1, &err) == BS_OK);
+            bs_builder_free(b);
+        }
+        CHECK_MSG(files_equal(p1, p4), "4 threads changed the segment (bits %u)", bits);
+    }
+    free(bad);
+    free(offs);
+    free_data(&ds);
+}
+
 int main(void) {
     snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_segment_%d", (int)getpid());
     char cmd[400];
@@ -1255,6 +1295,7 @@ int main(void) {
     if (system(cmd) != 0) return 2;
 
     test_builder_args();
+    test_builder_threads();
     test_degenerate();
     test_corruption();
     test_mismatch();

@@ -69,6 +69,28 @@ def test_design_workflow_equals_single_process(tmp_path, num_bits):
         assert recall(got, brute_force(x, queries, 10)) >= 0.95
 
 
+def test_thread_count_changes_no_byte(tmp_path):
+    """k-means and encoding split rows over threads by worker index: the
+    centroids and the segment file must not depend on the count (a worker
+    on a 2-core box and one on a 64-core box must agree)."""
+    x = clustered(12000, 40, seed=3)
+    uri = write_lance(tmp_path / "t.lance", x, 5000)
+    ds = bitshard.dataset(uri)
+    cents = [bitshard.train_ivf(ds, "vec", num_partitions=24, num_threads=t).centroids
+             for t in (1, 2, 3)]
+    assert cents[0].tobytes() == cents[1].tobytes() == cents[2].tobytes()
+    files = []
+    for t in (1, 3):
+        seg = ds.create_index_uncommitted("vec", "IVF_RQ", ivf_centroids=cents[0], num_bits=5,
+                                          metric="cosine", index_uuid="a" * 32, num_threads=t)
+        files.append(open(seg.path, "rb").read())
+    assert files[0] == files[1]
+    with pytest.raises(InvalidInputError, match="num_threads must be an integer >= 1, got 0"):
+        bitshard.train_ivf(ds, "vec", num_partitions=4, num_threads=0)
+    with pytest.raises(InvalidInputError, match="num_threads"):
+        ds.create_index("vec", num_partitions=4, num_threads=True)
+
+
 def test_merge_is_associative(workflow):
     uri, x, ds, c, rot = workflow
     frags = [f.id for f in ds.source.fragments()]
