@@ -119,6 +119,18 @@ def _ping() -> int:
     return os.getpid()
 
 
+def _warm() -> int:
+    """A worker's first task, submitted while the driver still trains: the
+    imports the first encode task would otherwise pay after training
+    (``lance`` with pyarrow.dataset and pandas: ~0.5 s) overlap it."""
+    try:
+        import lance  # noqa: F401, PLC0415
+    except ImportError:  # numpy/Parquet sources need no Lance
+        pass
+    from . import sources  # noqa: F401, PLC0415
+    return os.getpid()
+
+
 def _run_task(spec: Dict[str, Any], shared: Any) -> SegmentHandle:
     """Entry point of every worker task: encode fragments or merge segments."""
     # One task per core: the BLAS inside assignment must not start a thread
@@ -183,6 +195,7 @@ class _PoolRunner:
         self.num_workers = max(1, int(num_workers))
         self.max_retries = int(max_retries)
         self.pool: Optional[ProcessPoolExecutor] = None
+        self._warming: List[Any] = []
         self.restarts = 0
 
     def _kill(self) -> None:
@@ -197,13 +210,29 @@ class _PoolRunner:
         for p in procs:
             p.join(timeout=10)
 
+    def prestart(self, n: int) -> None:
+        """Launch ``n`` workers now, without waiting: they start and import
+        while the driver does other work (training); :meth:`run` checks
+        them before its first task."""
+        if self.pool is None:
+            n = max(1, min(self.num_workers, int(n)))
+            self.pool = ProcessPoolExecutor(
+                max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+            # one per worker: a busy worker makes the pool start the next
+            self._warming = [self.pool.submit(_warm) for _ in range(n)]
+
     def _start(self, n: int) -> ProcessPoolExecutor:
         """A new pool whose workers have all started (a spawn pool launches
         every process on the first submit; a no-op task proves they run)."""
-        pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+        self.prestart(n)
+        pool = self.pool
+        assert pool is not None
+        warming, self._warming = self._warming, []
         try:
-            pool.submit(_ping).result()
+            for f in warming:
+                f.result()
         except BrokenProcessPool:
+            self.pool = None
             pool.shutdown(wait=False, cancel_futures=True)
             raise BitshardError(
                 "the worker processes died while starting (start method 'spawn' re-imports "
@@ -216,7 +245,7 @@ class _PoolRunner:
         pending = dict(enumerate(specs))
         attempts = {i: 0 for i in pending}
         while pending:
-            if self.pool is None:
+            if self.pool is None or self._warming:
                 self.pool = self._start(min(self.num_workers, len(pending)))
             broken = False
             futs: Dict[Any, int] = {}
@@ -712,32 +741,49 @@ def build_index(
             log.info("resuming build %r: %d of %d tasks were finished", name,
                      len(state["segments"]), len(state["tasks"]))
 
+    crash_marker = (os.environ.get(CRASH_ENV) or None) if executor != "serial" else None
+    runner: Any = None
+
+    def get_runner() -> Any:
+        nonlocal runner
+        if runner is None:
+            runner = _make_runner(executor, workers, int(max_retries))
+        return runner
+
     t0 = time.perf_counter()
-    if state is None:
-        if user_ivf is not None:
-            ivf = user_ivf
-        else:
-            k = num_partitions or _default_num_partitions(source.num_rows())
-            with prog.step("train", f"train IVF (k={k}, sample {k * int(sample_rate)} rows)"):
-                ivf = train_ivf(ds, column, k, metric, sample_rate, max_iters, seed)
-        if rq_rotation is not None:
-            rot = rq_rotation
-        else:
-            rot = build_rq_rotation(dim, DEFAULT_NUM_BITS if num_bits is None else int(num_bits),
-                                    dtype=source.vector_dtype(column).name, seed=seed)
-        tasks = plan_tasks(frags, workers, fragments_per_task)
-        state = {
-            "format": BUILD_STATE_FORMAT, "format_version": BUILD_STATE_VERSION,
-            "name": name, "index_type": "IVF_RQ", "params": params, "source": ident,
-            "rotation": rot.to_bytes().hex(), "rotation_seed": rot.seed,
-            "ivf_file": ivf_key.rsplit("/", 1)[-1], "ivf_fingerprint": ivf.fingerprint,
-            "tasks": [{"id": i, "fragment_ids": t, "num_rows": sum(rows_of[f] for f in t)}
-                      for i, t in enumerate(tasks)],
-            "segments": {}, "merges": [], "created_at": time.time(),
-        }
-        st.write_bytes(ivf_key, ivf.to_bytes())
-        if ident["version"] is not None:
-            _write_json_atomic(st, state_key, state)
+    if state is None and executor == "processes":
+        # Worker start-up (a new interpreter, imports) overlaps training.
+        get_runner().prestart(min(workers, len(frags)))
+    try:
+        if state is None:
+            if user_ivf is not None:
+                ivf = user_ivf
+            else:
+                k = num_partitions or _default_num_partitions(source.num_rows())
+                with prog.step("train", f"train IVF (k={k}, sample {k * int(sample_rate)} rows)"):
+                    ivf = train_ivf(ds, column, k, metric, sample_rate, max_iters, seed)
+            if rq_rotation is not None:
+                rot = rq_rotation
+            else:
+                rot = build_rq_rotation(dim, DEFAULT_NUM_BITS if num_bits is None else int(num_bits),
+                                        dtype=source.vector_dtype(column).name, seed=seed)
+            tasks = plan_tasks(frags, workers, fragments_per_task)
+            state = {
+                "format": BUILD_STATE_FORMAT, "format_version": BUILD_STATE_VERSION,
+                "name": name, "index_type": "IVF_RQ", "params": params, "source": ident,
+                "rotation": rot.to_bytes().hex(), "rotation_seed": rot.seed,
+                "ivf_file": ivf_key.rsplit("/", 1)[-1], "ivf_fingerprint": ivf.fingerprint,
+                "tasks": [{"id": i, "fragment_ids": t, "num_rows": sum(rows_of[f] for f in t)}
+                          for i, t in enumerate(tasks)],
+                "segments": {}, "merges": [], "created_at": time.time(),
+            }
+            st.write_bytes(ivf_key, ivf.to_bytes())
+            if ident["version"] is not None:
+                _write_json_atomic(st, state_key, state)
+    except BaseException:
+        if runner is not None:  # the pre-started workers
+            runner.close()
+        raise
     assert ivf is not None and rot is not None
     stats["seconds"]["artifacts"] = time.perf_counter() - t0
     stats["rotation_seed"] = rot.seed
@@ -750,15 +796,6 @@ def build_index(
         if ident["version"] is not None:
             state["updated_at"] = time.time()
             _write_json_atomic(st, state_key, state)
-
-    crash_marker = (os.environ.get(CRASH_ENV) or None) if executor != "serial" else None
-    runner: Any = None
-
-    def get_runner() -> Any:
-        nonlocal runner
-        if runner is None:
-            runner = _make_runner(executor, workers, int(max_retries))
-        return runner
 
     try:
         # ------------------------------------------------------- encoding

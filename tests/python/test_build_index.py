@@ -213,6 +213,20 @@ def test_worker_exception_is_reraised_not_retried(tmp_path):
                              index_uri=tmp_path / "idx", progress=False)
 
 
+def test_failed_training_stops_the_prestarted_workers(data, tmp_path):
+    """The process pool starts while the driver trains; a training error
+    must not leave those workers behind."""
+    import multiprocessing
+
+    uri, _, _ = data
+    before = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(InvalidInputError, match="exceeds the number of rows"):
+        bitshard.build_index(uri, "vec", num_partitions=ROWS + 1, executor="processes",
+                             num_workers=2, index_uri=tmp_path / "idx", progress=False)
+    left = {p.pid for p in multiprocessing.active_children()} - before
+    assert not left
+
+
 def test_pool_that_cannot_start_fails_fast_with_advice():
     """A driver read from stdin cannot be re-imported by spawned workers: say
     so at once instead of retrying."""
