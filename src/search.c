@@ -21,6 +21,7 @@
 #include <emmintrin.h>
 #endif
 
+#include "bounds.h"
 #include "dot.h"
 #include "error.h"
 #include "rabitq.h"
@@ -576,13 +577,9 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
             const float ferr = scale * params->eps0 * qnorm;
             const float lerr = scale * lut_err;
             const float base = s->metric == BS_METRIC_L2 ? 1.0f : 0.0f;
-            for (uint32_t i = 0; i < v.count; i++) {
-                float ip_y = lut.delta * (float)c->sums[i] + lut.offset - 0.5f * qsum;
-                float est = base * v.norm2[i] + qterm - scale * v.s1[i] * ip_y;
-                float f1 = bs_f1_from(v.norm2[i], v.s1[i], quarter_d, inv_sqrt_dm1);
-                float bound = ferr * f1 + lerr * fabsf(v.s1[i]);
-                lbs[i] = est - bound;
-            }
+            const bs_bound_params bp = {lut.delta, lut.offset, 0.5f * qsum, base, qterm,
+                                        scale, ferr, lerr, quarter_d, inv_sqrt_dm1};
+            bs_lower_bounds(c->sums, v.norm2, v.s1, v.count, &bp, lbs);
             /* Most codes fail the threshold: test four at a time and visit
              * only the survivors. The threshold read per group may be stale
              * (larger), which only lets a code reach the exact test below. */

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "bitshard.h"
+#include "bounds.h"
 #include "testing.h"
 
 enum { D = 48, NFRAG = 4, FRAG_ROWS = 500, N = NFRAG * FRAG_ROWS, K = 16, NQ = 30 };
@@ -313,6 +314,53 @@ static void test_gate(void) {
     CHECK(bs_rerank_gate(lb + 2, d + 2, 4, 2, heap, &hn) == 1);
 }
 
+/* Same bits from the vector stage-1 bounds as from the reference, on
+ * random factors and on the awkward ones: zero, -0, denormal, huge, inf and
+ * NaN factors, s1 of either sign, r parallel to y1 (t < 0 before the
+ * clamp), sums up to 2^31 - 1, every tail length, and in place. */
+static int same_or_both_nan(float a, float b) {
+    return (isnan(a) && isnan(b)) || memcmp(&a, &b, sizeof a) == 0;
+}
+
+static void test_lower_bounds_kernel(void) {
+    uint64_t st = 99;
+    enum { M = 67 };
+    uint32_t sums[M], inplace[M];
+    float norm2[M], s1[M], a[M], b[M];
+    const float odd[] = {0.0f, -0.0f, 1e-42f, 3e38f, INFINITY, -INFINITY, NAN, 1.0f, -1.0f};
+    int bad = 0;
+    for (int round = 0; round < 400; round++) {
+        bs_bound_params p = {(float)test_rand_normal(&st), (float)test_rand_normal(&st) * 50.0f,
+                             (float)test_rand_normal(&st) * 10.0f, round % 2 ? 1.0f : 0.0f,
+                             (float)fabs(test_rand_normal(&st)) * 30.0f, round % 2 ? 2.0f : 1.0f,
+                             (float)fabs(test_rand_normal(&st)), (float)fabs(test_rand_normal(&st)),
+                             32.0f, 0.0887f};
+        for (int i = 0; i < M; i++) {
+            uint64_t r = test_rand_u64(&st);
+            sums[i] = r % 5 == 0 ? 0x7fffffffu - (uint32_t)(r % 3) : (uint32_t)(r % 70000);
+            norm2[i] = (float)fabs(test_rand_normal(&st)) * 20.0f;
+            s1[i] = (float)test_rand_normal(&st) * 3.0f;
+            if (round >= 200) { /* adversarial factors */
+                if (r % 7 == 0) norm2[i] = odd[(r >> 8) % 9];
+                if (r % 11 == 0) s1[i] = odd[(r >> 16) % 9];
+                /* t = D/4 s1^2 - |r|^2 at or below zero */
+                if (r % 13 == 0) norm2[i] = 32.0f * s1[i] * s1[i] * (r % 2 ? 1.0f : 1.0001f);
+            }
+        }
+        size_t n = (size_t)round % (M + 1);
+        bs_lower_bounds_ref(sums, norm2, s1, n, &p, a);
+        bs_lower_bounds_sse2(sums, norm2, s1, n, &p, b);
+        memcpy(inplace, sums, sizeof sums);
+        bs_lower_bounds(inplace, norm2, s1, n, &p, (float *)(void *)inplace);
+        for (size_t i = 0; i < n; i++) {
+            float c;
+            memcpy(&c, &inplace[i], sizeof c);
+            bad += !same_or_both_nan(a[i], b[i]) || !same_or_both_nan(a[i], c);
+        }
+    }
+    CHECK_MSG(bad == 0, "%d stage-1 bounds differ from the reference", bad);
+}
+
 int main(void) {
     snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_search_XXXXXX");
     if (mkdtemp(g_dir) == NULL) return 1;
@@ -323,6 +371,7 @@ int main(void) {
     test_bits(4);
     test_errors();
     test_gate();
+    test_lower_bounds_kernel();
     rmdir(g_dir);
     TEST_MAIN_END();
 }

@@ -1,0 +1,36 @@
+/* Stage 1's per-code estimate and lower bound (shared/rabitq.md, "staged
+ * scan"): from a FastScan sum and the code's stored factors, for a whole
+ * partition at once. The vector version computes, lane by lane, the same
+ * operations in the same order as the scalar reference (no FMA, no
+ * reassociation), so both give the same bits; tests/c/test_search.c checks
+ * it on random and adversarial input. */
+#ifndef BS_BOUNDS_H
+#define BS_BOUNDS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct bs_bound_params {
+    float delta, offset;  /* the query table's scale and offset */
+    float half_qsum;      /* 0.5 * sum of the query residual */
+    float base;           /* 1 for l2 (the code's norm2 enters), else 0 */
+    float qterm;          /* |q'|^2 (l2) or 1 - <c, q> */
+    float scale;          /* 2 (l2) or 1 */
+    float ferr, lerr;     /* the bound's code and table terms */
+    float quarter_d, inv_sqrt_dm1;
+} bs_bound_params;
+
+/* out[i] = est_i - bound_i for i < n, with
+ *   ip_y  = (delta * sums[i] + offset) - half_qsum
+ *   est   = (base * norm2[i] + qterm) - (scale * s1[i]) * ip_y
+ *   bound = ferr * f1(norm2[i], s1[i]) + lerr * |s1[i]|
+ * sums[i] < 2^31. out may be the same memory as sums (written in place). */
+void bs_lower_bounds_ref(const uint32_t *sums, const float *norm2, const float *s1,
+                         size_t n, const bs_bound_params *p, float *out);
+void bs_lower_bounds_sse2(const uint32_t *sums, const float *norm2, const float *s1,
+                          size_t n, const bs_bound_params *p, float *out);
+/* The best of the two this build has (SSE2 on x86-64). */
+void bs_lower_bounds(const uint32_t *sums, const float *norm2, const float *s1, size_t n,
+                     const bs_bound_params *p, float *out);
+
+#endif
