@@ -116,8 +116,12 @@ void bs_dot_kernels_get(bs_simd_level level, bs_dot_kernels *out) {
     if (level == BS_SIMD_AVX2 || level == BS_SIMD_AVX512) {
         out->dot4 = bs_dot4_avx2;
         out->u8_dot = bs_u8_dot_avx2;
+        out->to_f16 = bs_to_f16_avx2;
+        out->dot4_f16 = bs_dot4_f16_avx2;
     } else {
         out->dot4 = bs_dot4_sse2;
         out->u8_dot = bs_u8_dot_sse2;
+        out->to_f16 = NULL;
+        out->dot4_f16 = NULL;
     }
 }

@@ -22,6 +22,13 @@ typedef struct bs_dot_kernels {
     void (*dot4)(const float *q, const float *const rows[4], uint32_t n, float out[4]);
     /* <e, x> for e: D bytes, x: D floats */
     float (*u8_dot)(const uint8_t *e, const float *x, uint32_t D);
+    /* Approximate only (any order, FMA allowed; NULL where the CPU has no
+     * F16C): the float16 copy of n floats (round to nearest even; finite
+     * inputs below 65520 stay finite), and dots of q with four float16
+     * rows. Probe selection uses them as a pre-pass with an error bound
+     * (search.c), never for a value it returns. */
+    void (*to_f16)(const float *x, size_t n, uint16_t *out);
+    void (*dot4_f16)(const float *q, const uint16_t *const rows[4], uint32_t n, float out[4]);
 } bs_dot_kernels;
 
 /* The kernels of a SIMD level (the scalar level uses SSE2 where the
@@ -39,5 +46,7 @@ void bs_dot4_sse2(const float *q, const float *const rows[4], uint32_t n, float 
 float bs_u8_dot_sse2(const uint8_t *e, const float *x, uint32_t D);
 void bs_dot4_avx2(const float *q, const float *const rows[4], uint32_t n, float out[4]);
 float bs_u8_dot_avx2(const uint8_t *e, const float *x, uint32_t D);
+void bs_to_f16_avx2(const float *x, size_t n, uint16_t *out);
+void bs_dot4_f16_avx2(const float *q, const uint16_t *const rows[4], uint32_t n, float out[4]);
 
 #endif

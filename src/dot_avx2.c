@@ -1,4 +1,4 @@
-/* The AVX2 dot products of dot.h (built with -mavx2 -mfma -mbmi2; run only
+/* The AVX2 dot products of dot.h (built with -mavx2 -mfma -mbmi2 -mf16c; run only
  * after bs_simd_supported(BS_SIMD_AVX2)). One 256-bit register is bs_dot's
  * eight lanes; products and sums stay separate instructions (the build has
  * -ffp-contract=off and no FMA intrinsic is used), so the bits are the
@@ -54,4 +54,63 @@ float bs_u8_dot_avx2(const uint8_t *e, const float *x, uint32_t D) {
     float h[8];
     for (int j = 0; j < 8; j++) h[j] = acc[j] + acc[j + 8];
     return combine8(h, 0.0f);
+}
+
+/* The float16 pre-pass kernels: approximations, so FMA is welcome here. */
+void bs_to_f16_avx2(const float *x, size_t n, uint16_t *out) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(void *)(out + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) {
+        const __m128i h = _mm_cvtps_ph(_mm_set_ss(x[i]), _MM_FROUND_TO_NEAREST_INT);
+        out[i] = (uint16_t)_mm_extract_epi16(h, 0);
+    }
+}
+
+static float f16_to_float(uint16_t h) {
+    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+}
+
+void bs_dot4_f16_avx2(const float *q, const uint16_t *const rows[4], uint32_t n, float out[4]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    uint32_t i = 0;
+#define BS_LOAD_F16(r) \
+    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(rows[r] + i)))
+#define BS_LOAD_F16_8(r) \
+    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)(rows[r] + i + 8)))
+    /* eight chains: an FMA's latency is four cycles, two issue per cycle */
+    for (; i + 16 <= n; i += 16) {
+        const __m256 qv = _mm256_loadu_ps(q + i), qw = _mm256_loadu_ps(q + i + 8);
+        a0 = _mm256_fmadd_ps(qv, BS_LOAD_F16(0), a0);
+        a1 = _mm256_fmadd_ps(qv, BS_LOAD_F16(1), a1);
+        a2 = _mm256_fmadd_ps(qv, BS_LOAD_F16(2), a2);
+        a3 = _mm256_fmadd_ps(qv, BS_LOAD_F16(3), a3);
+        b0 = _mm256_fmadd_ps(qw, BS_LOAD_F16_8(0), b0);
+        b1 = _mm256_fmadd_ps(qw, BS_LOAD_F16_8(1), b1);
+        b2 = _mm256_fmadd_ps(qw, BS_LOAD_F16_8(2), b2);
+        b3 = _mm256_fmadd_ps(qw, BS_LOAD_F16_8(3), b3);
+    }
+#undef BS_LOAD_F16_8
+    a0 = _mm256_add_ps(a0, b0);
+    a1 = _mm256_add_ps(a1, b1);
+    a2 = _mm256_add_ps(a2, b2);
+    a3 = _mm256_add_ps(a3, b3);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(qv, BS_LOAD_F16(0), a0);
+        a1 = _mm256_fmadd_ps(qv, BS_LOAD_F16(1), a1);
+        a2 = _mm256_fmadd_ps(qv, BS_LOAD_F16(2), a2);
+        a3 = _mm256_fmadd_ps(qv, BS_LOAD_F16(3), a3);
+    }
+#undef BS_LOAD_F16
+    const __m256 a[4] = {a0, a1, a2, a3};
+    for (int r = 0; r < 4; r++) {
+        float acc[8];
+        _mm256_storeu_ps(acc, a[r]);
+        float tail = 0.0f;
+        for (uint32_t j = i; j < n; j++) tail += q[j] * f16_to_float(rows[r][j]);
+        out[r] = combine8(acc, tail);
+    }
 }

@@ -281,15 +281,16 @@ int bs_simd_supported(bs_simd_level level) {
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
     const int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1;
-    const int fma = (c >> 12) & 1;
-    if (!osxsave || !avx || !fma) return 0;
+    const int fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
+    if (!osxsave || !avx || !fma || !f16c) return 0;
     const uint64_t xcr0 = bs_xgetbv0();
     if ((xcr0 & 0x6u) != 0x6u) return 0; /* XMM and YMM state */
     if (__get_cpuid_max(0, NULL) < 7) return 0;
     __cpuid_count(7, 0, a, b, c, d);
     const int avx2 = (b >> 5) & 1, bmi2 = (b >> 8) & 1;
-    /* fastscan_avx2.c is built with -mavx2 -mfma -mbmi2: the compiler may
-     * use any of them, so all are required. */
+    /* the *_avx2.c files are built with -mavx2 -mfma -mbmi2 -mf16c: the
+     * compiler may use any of them, so all are required (every AVX2 CPU
+     * has F16C). */
     if (!avx2 || !bmi2) return 0;
     if (level == BS_SIMD_AVX2) return 1;
     /* AVX-512: opmask, ZMM_Hi256 and Hi16_ZMM state, then the subsets

@@ -12,6 +12,7 @@
 
 #include "bitshard.h"
 #include "bounds.h"
+#include "search_internal.h"
 #include "testing.h"
 
 enum { D = 48, NFRAG = 4, FRAG_ROWS = 500, N = NFRAG * FRAG_ROWS, K = 16, NQ = 30 };
@@ -361,6 +362,120 @@ static void test_lower_bounds_kernel(void) {
     CHECK_MSG(bad == 0, "%d stage-1 bounds differ from the reference", bad);
 }
 
+/* A one-fragment segment of FRAG_ROWS rows x of dimension dim with the
+ * given centroids (the probe tests need many partitions, most of them
+ * empty). */
+static opened build_with(const float *x, uint32_t dim, const float *cent, uint32_t k,
+                         bs_metric metric) {
+    opened o = {NULL, NULL};
+    uint64_t ids[1] = {0}, rows[1] = {FRAG_ROWS};
+    bs_segment_spec spec;
+    memset(&spec, 0, sizeof spec);
+    spec.dim = dim;
+    spec.num_bits = 1;
+    spec.metric = metric;
+    spec.rotation_kind = BS_ROTATION_FAST;
+    spec.rotation_seed = 5;
+    spec.centroids = cent;
+    spec.num_partitions = k;
+    spec.column = "vec";
+    spec.uuid = UUID;
+    spec.fragment_ids = ids;
+    spec.fragment_rows = rows;
+    spec.num_fragments = 1;
+    bs_error err;
+    bs_segment_builder *b = NULL;
+    CHECK(bs_builder_create(&spec, &b, &err) == BS_OK);
+    uint32_t offs[FRAG_ROWS];
+    for (uint32_t i = 0; i < FRAG_ROWS; i++) offs[i] = i;
+    CHECK(bs_builder_add(b, x, FRAG_ROWS, 0, offs, &err) == BS_OK);
+    char path[256];
+    snprintf(path, sizeof path, "%s/probes", g_dir);
+    CHECK(bs_builder_write(b, path, &err) == BS_OK);
+    bs_builder_free(b);
+    FILE *fp = fopen(path, "rb");
+    fseek(fp, 0, SEEK_END);
+    long n = ftell(fp);
+    fseek(fp, 0, SEEK_SET);
+    void *p = NULL;
+    CHECK(posix_memalign(&p, 64, (size_t)n) == 0);
+    CHECK(fread(p, 1, (size_t)n, fp) == (size_t)n);
+    fclose(fp);
+    o.buf = p;
+    CHECK(bs_segment_open(o.buf, (size_t)n, &o.seg, &err) == BS_OK);
+    unlink(path);
+    return o;
+}
+
+/* The float16 probe pre-pass must pick exactly the probes (and order) of
+ * the float scan: on spread centroids, under heavy cancellation (a common
+ * offset of 1000, spread 0.01), with duplicated centroids (exact ties, to
+ * the lowest id), with float16-subnormal coordinates, with queries equal
+ * to centroids, for each metric and several nprobe. A coordinate beyond
+ * float16's range turns the pre-pass off (same probes, scanned in float). */
+static void test_probe_prepass(void) {
+    /* the pre-pass needs >= 256 dimensions; 264 also leaves a tail of 8 */
+    enum { KP = 300, DP = 264 };
+    static float cent[KP * DP], rows[FRAG_ROWS * DP];
+    float q[DP];
+    uint32_t a[64], b[64];
+    const uint32_t nprobes[] = {1, 2, 5, 17, 37};
+    uint64_t st = 4242;
+    int bad = 0, used = 0;
+    for (int i = 0; i < FRAG_ROWS * DP; i++) rows[i] = 3.0f * (float)test_rand_normal(&st);
+    for (int kind = 0; kind < 5; kind++) {
+        for (int i = 0; i < KP * DP; i++) {
+            double g = test_rand_normal(&st);
+            cent[i] = kind == 1 ? 1000.0f + 0.01f * (float)g
+                    : kind == 3 ? 1e-6f * (float)g
+                                : 3.0f * (float)g;
+        }
+        if (kind == 2) /* pairs of equal centroids, and a triple */
+            for (int j = 0; j + 1 < KP; j += 2)
+                memcpy(cent + (j + 1) * DP, cent + j * DP, DP * sizeof(float));
+        if (kind == 4) cent[7 * DP + 3] = 70000.0f;
+        for (int metric = 0; metric < 3; metric++) {
+            if (kind == 3 && metric == BS_METRIC_COSINE) continue; /* unit rows */
+            opened o = build_with(rows, DP, cent, KP, (bs_metric)metric);
+            bs_searcher *s = NULL;
+            bs_error err;
+            CHECK(bs_searcher_create((const bs_segment *const *)&o.seg, 1, &s, &err) == BS_OK);
+            if (!s) continue;
+            if (kind == 4) CHECK(!bs_searcher_has_prepass(s));
+            used += bs_searcher_has_prepass(s);
+            bs_candidates *c = bs_candidates_new();
+            for (int qi = 0; qi < 40; qi++) {
+                const float *at = cent + (size_t)((qi * 7) % KP) * DP;
+                for (int j = 0; j < DP; j++) {
+                    double g = test_rand_normal(&st);
+                    q[j] = qi % 4 == 0 ? at[j] /* exactly a centroid */
+                         : qi % 4 == 1 ? at[j] + (kind == 1 ? 0.003f : kind == 3 ? 3e-7f : 0.5f) *
+                                                     (float)g
+                                       : (kind == 1 ? 1000.0f : 0.0f) + (kind == 3 ? 1e-6f : 3.0f) *
+                                                     (float)g;
+                }
+                if (metric == BS_METRIC_COSINE) {
+                    float n2 = 0.0f;
+                    for (int j = 0; j < DP; j++) n2 += q[j] * q[j];
+                    for (int j = 0; j < DP; j++) q[j] /= sqrtf(n2);
+                }
+                for (size_t t = 0; t < sizeof nprobes / sizeof nprobes[0]; t++) {
+                    uint32_t np = nprobes[t];
+                    CHECK(bs_searcher_probes(s, c, q, np, 1, a, &err) == BS_OK);
+                    CHECK(bs_searcher_probes(s, c, q, np, 0, b, &err) == BS_OK);
+                    bad += memcmp(a, b, np * sizeof(uint32_t)) != 0;
+                }
+            }
+            bs_candidates_free(c);
+            bs_searcher_free(s);
+            release(&o);
+        }
+    }
+    CHECK_MSG(bad == 0, "%d probe lists differ between the pre-pass and the float scan", bad);
+    if (bs_simd_supported(BS_SIMD_AVX2) && getenv("BITSHARD_SIMD") == NULL)
+        CHECK_MSG(used >= 10, "the pre-pass ran for %d of the searchers", used);
+}
+
 int main(void) {
     snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_search_XXXXXX");
     if (mkdtemp(g_dir) == NULL) return 1;
@@ -372,6 +487,7 @@ int main(void) {
     test_errors();
     test_gate();
     test_lower_bounds_kernel();
+    test_probe_prepass();
     rmdir(g_dir);
     TEST_MAIN_END();
 }
