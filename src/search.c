@@ -815,7 +815,10 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
     for (size_t i = 0; i < c->ncands; i++)
         if (c->cands[i].lb <= threshold) c->cands[kept++] = c->cands[i];
     c->ncands = kept;
-    if (!filtered)
+    /* Multi-bit answers without reranking need row ids only for the k best
+     * estimates (and ties): they are looked up after stage 2. */
+    const int late_rowids = !filtered && B > 1 && params->refine_factor == 0;
+    if (!filtered && !late_rowids)
         for (size_t i = 0; i < kept; i++)
             c->cands[i].rowid = bs_segment_rowid(s->segs[c->cands[i].seg],
                                                  (uint32_t)c->cands[i].rowid);
@@ -876,6 +879,24 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
                 cd->est = 1.0f - (s_full * ip_y + pi[2]);
         }
         st.codes_stage2 = c->ncands;
+    }
+
+    if (late_rowids) {
+        /* Keep the codes whose estimate is within the k-th smallest (ties
+         * included, NaN kept as the sort below would see it): the top k by
+         * (estimate, row id) is among them whatever the row ids. */
+        size_t nh = 0;
+        for (size_t i = 0; i < c->ncands; i++) heap_push_bounded(c->heap, &nh, k, c->cands[i].est);
+        const float t = nh == k ? c->heap[0] : INFINITY;
+        size_t m = 0;
+        for (size_t i = 0; i < c->ncands; i++) {
+            if (c->cands[i].est > t) continue;
+            c->cands[m] = c->cands[i];
+            c->cands[m].rowid = bs_segment_rowid(s->segs[c->cands[m].seg],
+                                                 (uint32_t)c->cands[m].rowid);
+            m++;
+        }
+        c->ncands = m;
     }
 
     /* The gated 1-bit rerank reads candidates in lower-bound order and stops

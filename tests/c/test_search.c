@@ -476,6 +476,82 @@ static void test_probe_prepass(void) {
         CHECK_MSG(used >= 10, "the pre-pass ran for %d of the searchers", used);
 }
 
+/* Equal estimates are ordered by row id, whatever the ordinals: two
+ * fragments hold the same 500 vectors (ids 5 then 3, so the copies with
+ * the smaller row ids have the larger ordinals). Every returned copy from
+ * fragment 5 must come with its twin from fragment 3, for multi-bit codes
+ * (row ids looked up after stage 2) and the 1-bit gated list. */
+static void test_ties_by_rowid(void) {
+    uint64_t ids[2] = {5, 3}, rows[2] = {FRAG_ROWS, FRAG_ROWS};
+    const uint32_t bits_list[2] = {9, 4};
+    for (int bi = 0; bi < 2; bi++) {
+        bs_segment_spec spec;
+        memset(&spec, 0, sizeof spec);
+        spec.dim = D;
+        spec.num_bits = bits_list[bi];
+        spec.metric = BS_METRIC_L2;
+        spec.rotation_kind = BS_ROTATION_FAST;
+        spec.rotation_seed = 3;
+        spec.centroids = g_cent;
+        spec.num_partitions = K;
+        spec.column = "vec";
+        spec.uuid = UUID;
+        spec.fragment_ids = ids;
+        spec.fragment_rows = rows;
+        spec.num_fragments = 2;
+        bs_error err;
+        bs_segment_builder *b = NULL;
+        CHECK(bs_builder_create(&spec, &b, &err) == BS_OK);
+        if (!b) return;
+        uint32_t offs[FRAG_ROWS];
+        for (uint32_t i = 0; i < FRAG_ROWS; i++) offs[i] = i;
+        CHECK(bs_builder_add(b, g_x, FRAG_ROWS, 0, offs, &err) == BS_OK);
+        CHECK(bs_builder_add(b, g_x, FRAG_ROWS, 1, offs, &err) == BS_OK);
+        char path[256];
+        snprintf(path, sizeof path, "%s/ties", g_dir);
+        CHECK(bs_builder_write(b, path, &err) == BS_OK);
+        bs_builder_free(b);
+        FILE *fp = fopen(path, "rb");
+        fseek(fp, 0, SEEK_END);
+        long n = ftell(fp);
+        fseek(fp, 0, SEEK_SET);
+        void *buf = NULL;
+        CHECK(posix_memalign(&buf, 64, (size_t)n) == 0);
+        CHECK(fread(buf, 1, (size_t)n, fp) == (size_t)n);
+        fclose(fp);
+        unlink(path);
+        bs_segment *seg = NULL;
+        CHECK(bs_segment_open(buf, (size_t)n, &seg, &err) == BS_OK);
+        bs_searcher *s = NULL;
+        CHECK(bs_searcher_create((const bs_segment *const *)&seg, 1, &s, &err) == BS_OK);
+        bs_candidates *c = bs_candidates_new();
+        bs_search_params p;
+        memset(&p, 0, sizeof p);
+        p.k = 5;
+        p.nprobes = 4;
+        p.eps0 = 1.9f;
+        int bad = 0;
+        for (int qi = 0; qi < NQ; qi++) {
+            CHECK(bs_search(s, g_q + qi * D, &p, c, NULL, &err) == BS_OK);
+            size_t m = bs_candidates_size(c);
+            const uint64_t *r = bs_candidates_rowids(c);
+            bad += m != 5;
+            for (size_t i = 0; i < m; i++) {
+                if ((r[i] >> 32) != 5) continue;
+                uint64_t twin = ((uint64_t)3 << 32) | (r[i] & 0xFFFFFFFFu);
+                int found = 0;
+                for (size_t j = 0; j < m; j++) found |= r[j] == twin;
+                bad += !found;
+            }
+        }
+        CHECK_MSG(bad == 0, "bits %u: %d results break the row-id tie order", bits_list[bi], bad);
+        bs_candidates_free(c);
+        bs_searcher_free(s);
+        bs_segment_free(seg);
+        free(buf);
+    }
+}
+
 int main(void) {
     snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_search_XXXXXX");
     if (mkdtemp(g_dir) == NULL) return 1;
@@ -488,6 +564,7 @@ int main(void) {
     test_gate();
     test_lower_bounds_kernel();
     test_probe_prepass();
+    test_ties_by_rowid();
     rmdir(g_dir);
     TEST_MAIN_END();
 }
