@@ -42,10 +42,32 @@ static void make_data(void) {
             g_q[i * D + j] = g_x[(i * 37) * D + j] + 0.3f * (float)test_rand_normal(&st);
 }
 
+/* Writes the builder's segment to g_dir/name, frees the builder, reads the
+ * file back into a 64-byte aligned buffer and opens it. */
+static opened write_and_open(bs_segment_builder *b, const char *name) {
+    opened o = {NULL, NULL};
+    bs_error err;
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", g_dir, name);
+    CHECK(bs_builder_write(b, path, &err) == BS_OK);
+    bs_builder_free(b);
+    FILE *fp = fopen(path, "rb");
+    fseek(fp, 0, SEEK_END);
+    long n = ftell(fp);
+    fseek(fp, 0, SEEK_SET);
+    void *p = NULL;
+    CHECK(posix_memalign(&p, 64, (size_t)n) == 0);
+    CHECK(fread(p, 1, (size_t)n, fp) == (size_t)n);
+    fclose(fp);
+    o.buf = p;
+    CHECK(bs_segment_open(o.buf, (size_t)n, &o.seg, &err) == BS_OK);
+    unlink(path);
+    return o;
+}
+
 /* Builds a segment over fragments [f0, f1) and opens it. */
 static opened build(uint32_t f0, uint32_t f1, uint32_t bits, bs_metric metric,
                     const char *name) {
-    opened o = {NULL, NULL};
     uint64_t ids[NFRAG], rows[NFRAG];
     for (uint32_t f = f0; f < f1; f++) {
         ids[f - f0] = f;
@@ -73,22 +95,7 @@ static opened build(uint32_t f0, uint32_t f1, uint32_t bits, bs_metric metric,
     for (uint32_t f = f0; f < f1; f++)
         CHECK(bs_builder_add(b, g_x + (size_t)f * FRAG_ROWS * D, FRAG_ROWS, f - f0, offs,
                              &err) == BS_OK);
-    char path[256];
-    snprintf(path, sizeof path, "%s/%s", g_dir, name);
-    CHECK(bs_builder_write(b, path, &err) == BS_OK);
-    bs_builder_free(b);
-    FILE *fp = fopen(path, "rb");
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    void *p = NULL;
-    CHECK(posix_memalign(&p, 64, (size_t)n) == 0);
-    CHECK(fread(p, 1, (size_t)n, fp) == (size_t)n);
-    fclose(fp);
-    o.buf = p;
-    CHECK(bs_segment_open(o.buf, (size_t)n, &o.seg, &err) == BS_OK);
-    unlink(path);
-    return o;
+    return write_and_open(b, name);
 }
 
 static void release(opened *o) {
@@ -367,7 +374,6 @@ static void test_lower_bounds_kernel(void) {
  * empty). */
 static opened build_with(const float *x, uint32_t dim, const float *cent, uint32_t k,
                          bs_metric metric) {
-    opened o = {NULL, NULL};
     uint64_t ids[1] = {0}, rows[1] = {FRAG_ROWS};
     bs_segment_spec spec;
     memset(&spec, 0, sizeof spec);
@@ -389,22 +395,7 @@ static opened build_with(const float *x, uint32_t dim, const float *cent, uint32
     uint32_t offs[FRAG_ROWS];
     for (uint32_t i = 0; i < FRAG_ROWS; i++) offs[i] = i;
     CHECK(bs_builder_add(b, x, FRAG_ROWS, 0, offs, &err) == BS_OK);
-    char path[256];
-    snprintf(path, sizeof path, "%s/probes", g_dir);
-    CHECK(bs_builder_write(b, path, &err) == BS_OK);
-    bs_builder_free(b);
-    FILE *fp = fopen(path, "rb");
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    void *p = NULL;
-    CHECK(posix_memalign(&p, 64, (size_t)n) == 0);
-    CHECK(fread(p, 1, (size_t)n, fp) == (size_t)n);
-    fclose(fp);
-    o.buf = p;
-    CHECK(bs_segment_open(o.buf, (size_t)n, &o.seg, &err) == BS_OK);
-    unlink(path);
-    return o;
+    return write_and_open(b, "probes");
 }
 
 /* The float16 probe pre-pass must pick exactly the probes (and order) of
@@ -507,21 +498,8 @@ static void test_ties_by_rowid(void) {
         for (uint32_t i = 0; i < FRAG_ROWS; i++) offs[i] = i;
         CHECK(bs_builder_add(b, g_x, FRAG_ROWS, 0, offs, &err) == BS_OK);
         CHECK(bs_builder_add(b, g_x, FRAG_ROWS, 1, offs, &err) == BS_OK);
-        char path[256];
-        snprintf(path, sizeof path, "%s/ties", g_dir);
-        CHECK(bs_builder_write(b, path, &err) == BS_OK);
-        bs_builder_free(b);
-        FILE *fp = fopen(path, "rb");
-        fseek(fp, 0, SEEK_END);
-        long n = ftell(fp);
-        fseek(fp, 0, SEEK_SET);
-        void *buf = NULL;
-        CHECK(posix_memalign(&buf, 64, (size_t)n) == 0);
-        CHECK(fread(buf, 1, (size_t)n, fp) == (size_t)n);
-        fclose(fp);
-        unlink(path);
-        bs_segment *seg = NULL;
-        CHECK(bs_segment_open(buf, (size_t)n, &seg, &err) == BS_OK);
+        opened o = write_and_open(b, "ties");
+        bs_segment *seg = o.seg;
         bs_searcher *s = NULL;
         CHECK(bs_searcher_create((const bs_segment *const *)&seg, 1, &s, &err) == BS_OK);
         bs_candidates *c = bs_candidates_new();
@@ -547,8 +525,7 @@ static void test_ties_by_rowid(void) {
         CHECK_MSG(bad == 0, "bits %u: %d results break the row-id tie order", bits_list[bi], bad);
         bs_candidates_free(c);
         bs_searcher_free(s);
-        bs_segment_free(seg);
-        free(buf);
+        release(&o);
     }
 }
 
