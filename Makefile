@@ -11,7 +11,7 @@ SOURCES := $(wildcard src/*.c src/*.h include/*.h python/bitshard/*.c python/bit
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test ctest pytest bench bench-quick bench-wordnet bench-wordnet-deps fuzz clean install apt-deps
+.PHONY: demo test ctest pytest trials bench bench-quick bench-wordnet bench-wordnet-deps fuzz clean install apt-deps
 
 $(VENV)/.created:
 	python3 -m venv $(VENV)
@@ -52,6 +52,22 @@ pytest: $(VENV)/.installed
 	$(PY) -m pytest -q -x tests/python
 
 test: ctest pytest
+
+# Crash trials (tests/trials/crash_trials.py): SIGKILL writers, mergers,
+# committers, resumed builds and cleanup at random points, on a local root
+# and on a moto S3 server, then check what is left. Logs go to build/trials/.
+# Every part runs; the target fails if any found something.
+TRIALS    ?= 100
+S3_TRIALS ?= 20
+SEED      ?= 1
+trials: $(VENV)/.installed
+	mkdir -p build/trials
+	rc=0; \
+	$(PY) tests/trials/crash_trials.py --trials $(TRIALS) --seed $(SEED) --root local \
+	  --log build/trials/crash-local-$(SEED).log || rc=1; \
+	$(PY) tests/trials/crash_trials.py --trials $(S3_TRIALS) --seed $(SEED) --root s3 \
+	  --log build/trials/crash-s3-$(SEED).log || rc=1; \
+	exit $$rc
 
 bench: $(VENV)/.installed
 	$(PIP) install -q ".[bench]" --no-build-isolation
