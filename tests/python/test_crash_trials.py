@@ -50,5 +50,6 @@ def test_crash_trials_local(tmp_path):
         log = f.read()
     assert s["trials"] == 8, log
     assert s["failed"] == [], log
-    # The trials did kill: the operations did not simply run to their end.
-    assert s["outcomes"].get("killed", 0) >= 5, log
+    # The trials did kill: the operations did not simply run to their end (a
+    # delay kill may come after a fast run ended; the bound leaves room).
+    assert s["outcomes"].get("killed", 0) >= 4, log
