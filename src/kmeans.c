@@ -428,11 +428,11 @@ static void sums_worker(void *arg, uint32_t w, uint32_t nw) {
     }
 }
 
-bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
-                               bs_metric metric, uint32_t max_iters, uint64_t seed,
-                               float *centroids, int prune, uint32_t threads,
-                               bs_error *err) {
-    bs_error_clear(err);
+/* The arguments bs_kmeans_train documents as invalid, each named with its
+ * value; then every row must be finite. */
+static bs_status check_train_args(const float *x, size_t n, uint32_t d, uint32_t k,
+                                  bs_metric metric, const float *centroids,
+                                  bs_error *err) {
     if (x == NULL) return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "x is NULL");
     if (centroids == NULL)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "centroids is NULL");
@@ -459,177 +459,246 @@ bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
     if (!bs_mul_ok(n, d, &cells) || !bs_mul_ok(cells, sizeof(double), &bytes))
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "rows (%zu) x dimension (%u) overflows", n, d);
-    BS_TRY(bs_check_finite_rows(x, n, d, "training row", 0, err));
+    return bs_check_finite_rows(x, n, d, "training row", 0, err);
+}
 
-    const int cosine = metric == BS_METRIC_COSINE;
+/* Everything one training run holds between its steps. assign and prev
+ * trade places after every iteration; the bounds (lbd, redo, old_c, pb) exist
+ * only when prune is on. */
+typedef struct km_state {
+    const float *data; /* the rows trained on: x, or normed for cosine */
+    size_t n;
+    uint32_t d, k;
+    int cosine, prune;
+    uint32_t nw; /* worker threads, in [1, BS_MAX_THREADS] */
     bs_rng rng;
-    bs_rng_seed(&rng, seed);
-
-    float *normed = NULL, *old_c = NULL;
-    double *lbd = NULL;
-    size_t *redo = NULL;
-    const uint32_t nw = threads < 1 ? 1 : threads > BS_MAX_THREADS ? BS_MAX_THREADS : threads;
-    prune_bufs pb;
-    memset(&pb, 0, sizeof pb);
-    uint32_t *assign = malloc(n * sizeof(uint32_t));
-    uint32_t *prev = malloc(n * sizeof(uint32_t));
-    float *dist2 = malloc(n * sizeof(float));
-    size_t *counts = malloc((size_t)k * sizeof(size_t));
-    double *inertia = malloc((size_t)k * sizeof(double));
-    double *sums = malloc((size_t)k * d * sizeof(double));
-    bs_status st = BS_OK;
-    if (cosine) normed = malloc(n * d * sizeof(float));
-    if (!assign || !prev || !dist2 || !counts || !inertia || !sums ||
-        (cosine && !normed)) {
-        st = bs_fail(err, BS_ERR_NO_MEMORY,
-                     "out of memory for k-means over %zu rows x %u "
-                     "dimensions, %u partitions",
-                     n, d, k);
-        goto done;
-    }
-    const float *data = x;
-    if (cosine) {
-        for (size_t i = 0; i < n; i++)
-            bs_normalize_row(x + i * d, d, normed + i * d);
-        data = normed;
-    }
-
-    st = seed_kmeanspp(data, n, d, k, cosine, &rng, centroids, err);
-    if (st != BS_OK) goto done;
     bs_l2_kernels kn;
-    st = bs_l2_kernels_select(&kn, err);
-    if (st != BS_OK) goto done;
+    float *normed;     /* n * d unit rows (cosine only) */
+    uint32_t *assign;  /* n: this iteration's partition of each row */
+    uint32_t *prev;    /* n: the previous iteration's */
+    float *dist2;      /* n: squared distance to the assigned centroid */
+    size_t *counts;    /* k: rows per partition */
+    double *inertia;   /* k: summed dist2 per partition */
+    double *sums;      /* k * d: coordinate sums per partition */
+    uint32_t empties;  /* partitions with no row after the last assignment */
+    /* Bound-based skipping (prune) */
+    int have_bounds;
+    double *lbd;       /* n: lower bound on the distance to every other centroid */
+    size_t *redo;      /* n: rows whose bound does not rule out a change */
+    float *old_c;      /* k * d: centroids before the update */
+    prune_bufs pb;
+} km_state;
 
-    /* Bound-based skipping (Hamerly's): after an update, a row's distance
-     * to any centroid other than its own can shrink by at most the largest
-     * distance such a centroid moved. Late iterations move centroids little,
-     * so most rows keep their partition after one exact distance instead of
-     * a pass over all k. */
+static void km_state_free(km_state *s) {
+    free(s->lbd);
+    free(s->redo);
+    prune_bufs_free(&s->pb);
+    free(s->old_c);
+    free(s->normed);
+    free(s->assign);
+    free(s->prev);
+    free(s->dist2);
+    free(s->counts);
+    free(s->inertia);
+    free(s->sums);
+}
+
+/* The per-row and per-partition buffers, and the rows to train on
+ * (normalised first for cosine). No row is assigned yet (prev = none). */
+static bs_status km_state_init(km_state *s, const float *x, size_t n, uint32_t d,
+                               uint32_t k, bs_metric metric, uint64_t seed, int prune,
+                               uint32_t threads, bs_error *err) {
+    memset(s, 0, sizeof *s);
+    s->n = n;
+    s->d = d;
+    s->k = k;
+    s->cosine = metric == BS_METRIC_COSINE;
+    s->prune = prune;
+    s->nw = threads < 1 ? 1 : threads > BS_MAX_THREADS ? BS_MAX_THREADS : threads;
+    bs_rng_seed(&s->rng, seed);
+    s->assign = malloc(n * sizeof(uint32_t));
+    s->prev = malloc(n * sizeof(uint32_t));
+    s->dist2 = malloc(n * sizeof(float));
+    s->counts = malloc((size_t)k * sizeof(size_t));
+    s->inertia = malloc((size_t)k * sizeof(double));
+    s->sums = malloc((size_t)k * d * sizeof(double));
+    if (s->cosine) s->normed = malloc(n * d * sizeof(float));
+    if (!s->assign || !s->prev || !s->dist2 || !s->counts || !s->inertia || !s->sums ||
+        (s->cosine && !s->normed))
+        return bs_fail(err, BS_ERR_NO_MEMORY,
+                       "out of memory for k-means over %zu rows x %u "
+                       "dimensions, %u partitions",
+                       n, d, k);
+    s->data = x;
+    if (s->cosine) {
+        for (size_t i = 0; i < n; i++)
+            bs_normalize_row(x + i * d, d, s->normed + i * d);
+        s->data = s->normed;
+    }
+    for (size_t i = 0; i < n; i++) s->prev[i] = UINT32_MAX;
+    return BS_OK;
+}
+
+/* Bound-based skipping (Hamerly's): after an update, a row's distance
+ * to any centroid other than its own can shrink by at most the largest
+ * distance such a centroid moved. Late iterations move centroids little,
+ * so most rows keep their partition after one exact distance instead of
+ * a pass over all k. These are its buffers. */
+static bs_status km_bounds_init(km_state *s, bs_error *err) {
+    const size_t n = s->n;
+    const uint32_t d = s->d;
     size_t gbatch = BS_REDO_FLOATS / d ? BS_REDO_FLOATS / d : 1;
     if (gbatch > n) gbatch = n;
-    if (prune) {
-        lbd = malloc(n * sizeof(double));
-        redo = malloc(n * sizeof(size_t));
-        old_c = malloc((size_t)k * d * sizeof(float));
-        int bufs = prune_bufs_init(&pb, nw, gbatch, d);
-        if (!lbd || !redo || !old_c || !bufs) {
-            st = bs_fail(err, BS_ERR_NO_MEMORY,
-                         "out of memory for k-means bounds over %zu rows", n);
-            goto done;
+    s->lbd = malloc(n * sizeof(double));
+    s->redo = malloc(n * sizeof(size_t));
+    s->old_c = malloc((size_t)s->k * d * sizeof(float));
+    int bufs = prune_bufs_init(&s->pb, s->nw, gbatch, d);
+    if (!s->lbd || !s->redo || !s->old_c || !bufs)
+        return bs_fail(err, BS_ERR_NO_MEMORY,
+                       "out of memory for k-means bounds over %zu rows", n);
+    return BS_OK;
+}
+
+/* assign and dist2 for every row against the current centroids. */
+static bs_status km_assign(km_state *s, const float *centroids, bs_error *err) {
+    if (!s->prune)
+        return bs_ivf_assign_rows(centroids, s->k, s->d, 0, 0, s->data, s->n, s->assign,
+                                  s->dist2, s->nw, err);
+    bs_status st = assign_pruned(s->data, s->n, s->d, s->k, centroids, s->have_bounds,
+                                 s->prev, s->assign, s->dist2, s->lbd, s->redo, &s->pb,
+                                 &s->kn, s->nw, err);
+    s->have_bounds = 1;
+    return st;
+}
+
+/* counts and empties from assign; returns how many rows changed partition
+ * since the previous iteration. */
+static size_t km_count(km_state *s) {
+    size_t changes = 0;
+    memset(s->counts, 0, (size_t)s->k * sizeof(size_t));
+    for (size_t i = 0; i < s->n; i++) {
+        changes += s->assign[i] != s->prev[i];
+        s->counts[s->assign[i]]++;
+    }
+    s->empties = count_empty(s->counts, s->k);
+    return changes;
+}
+
+/* Each non-empty partition's centroid becomes the mean of its rows (for
+ * cosine, the mean's direction). */
+static void km_update_means(km_state *s, float *centroids) {
+    const uint32_t d = s->d, k = s->k;
+    sums_job sj = {s->data, s->n, d, k, s->assign, s->dist2, s->sums, s->inertia};
+    bs_parallel_run(s->nw < k ? s->nw : k, sums_worker, &sj);
+    for (uint32_t j = 0; j < k; j++) {
+        if (s->counts[j] == 0) continue;
+        float *c = centroids + (size_t)j * d;
+        const double *sum = s->sums + (size_t)j * d;
+        if (s->cosine) {
+            double n2 = 0.0;
+            for (uint32_t t = 0; t < d; t++) n2 += sum[t] * sum[t];
+            /* Rows that cancel out (or are all zero) leave no
+             * direction: keep the previous unit centroid. */
+            if (n2 > 0.0) {
+                double nrm = sqrt(n2);
+                for (uint32_t t = 0; t < d; t++)
+                    c[t] = (float)(sum[t] / nrm);
+            }
+        } else {
+            double inv = 1.0 / (double)s->counts[j];
+            for (uint32_t t = 0; t < d; t++) c[t] = (float)(sum[t] * inv);
         }
     }
-    int have_bounds = 0;
+}
 
-    for (size_t i = 0; i < n; i++) prev[i] = UINT32_MAX;
-    uint32_t empties = 0;
+/* How far each centroid moved (repairs included); every row's bound drops
+ * by the largest move among the other centroids. */
+static void km_shrink_bounds(km_state *s, const float *centroids) {
+    const uint32_t d = s->d;
+    double m1 = 0.0, m2 = 0.0;
+    uint32_t a1 = 0;
+    for (uint32_t j = 0; j < s->k; j++) {
+        const double mv = sqrt(s->kn.l2sq(s->old_c + (size_t)j * d,
+                                          centroids + (size_t)j * d, d));
+        if (mv > m1) {
+            m2 = m1;
+            m1 = mv;
+            a1 = j;
+        } else if (mv > m2) {
+            m2 = mv;
+        }
+    }
+    for (size_t i = 0; i < s->n; i++) s->lbd[i] -= s->assign[i] == a1 ? m2 : m1;
+}
+
+/* Lloyd iterations from the seeded centroids until settled or max_iters. */
+static bs_status km_lloyd(km_state *s, float *centroids, uint32_t max_iters,
+                          bs_error *err) {
     double prev_total = 0.0;
     for (uint32_t iter = 0;; iter++) {
         /* Assign first and decide after: the returned centroids are always
          * ones whose assignment was seen, so "no empty partition" is
          * checked, not hoped for. */
-        if (prune) {
-            st = assign_pruned(data, n, d, k, centroids, have_bounds, prev, assign, dist2,
-                               lbd, redo, &pb, &kn, nw, err);
-            have_bounds = 1;
-        } else {
-            st = bs_ivf_assign_rows(centroids, k, d, 0, 0, data, n, assign, dist2, nw,
-                                    err);
-        }
-        if (st != BS_OK) goto done;
-        size_t changes = 0;
-        memset(counts, 0, (size_t)k * sizeof(size_t));
-        for (size_t i = 0; i < n; i++) {
-            changes += assign[i] != prev[i];
-            counts[assign[i]]++;
-        }
-        empties = count_empty(counts, k);
+        BS_TRY(km_assign(s, centroids, err));
+        const size_t changes = km_count(s);
         double total = 0.0;
-        for (size_t i = 0; i < n; i++) total += (double)dist2[i];
+        for (size_t i = 0; i < s->n; i++) total += (double)s->dist2[i];
         if (iter == max_iters) break;
-        if (iter > 0 && empties == 0 &&
-            changes * 1000 < (size_t)BS_SETTLED_PER_MILLE * n)
+        if (iter > 0 && s->empties == 0 &&
+            changes * 1000 < (size_t)BS_SETTLED_PER_MILLE * s->n)
             break;
         /* Lloyd only lowers the inertia; once an iteration gains less than
          * 1e-4 of it the partitions no longer change in any way that matters
          * to search, while each further iteration costs a full assignment
          * (the build's largest cost in the benchmark). */
-        if (iter > 0 && empties == 0 && prev_total - total < 1e-4 * prev_total) break;
+        if (iter > 0 && s->empties == 0 && prev_total - total < 1e-4 * prev_total) break;
         prev_total = total;
 
-        if (prune) memcpy(old_c, centroids, (size_t)k * d * sizeof(float));
-        sums_job sj = {data, n, d, k, assign, dist2, sums, inertia};
-        bs_parallel_run(nw < k ? nw : k, sums_worker, &sj);
-        for (uint32_t j = 0; j < k; j++) {
-            if (counts[j] == 0) continue;
-            float *c = centroids + (size_t)j * d;
-            const double *s = sums + (size_t)j * d;
-            if (cosine) {
-                double n2 = 0.0;
-                for (uint32_t t = 0; t < d; t++) n2 += s[t] * s[t];
-                /* Rows that cancel out (or are all zero) leave no
-                 * direction: keep the previous unit centroid. */
-                if (n2 > 0.0) {
-                    double nrm = sqrt(n2);
-                    for (uint32_t t = 0; t < d; t++)
-                        c[t] = (float)(s[t] / nrm);
-                }
-            } else {
-                double inv = 1.0 / (double)counts[j];
-                for (uint32_t t = 0; t < d; t++) c[t] = (float)(s[t] * inv);
-            }
-        }
-        if (empties)
-            repair_by_split(centroids, k, d, cosine, counts, inertia, &rng);
-        if (prune) {
-            /* How far each centroid moved (repairs included); every row's
-             * bound drops by the largest move among the other centroids. */
-            double m1 = 0.0, m2 = 0.0;
-            uint32_t a1 = 0;
-            for (uint32_t j = 0; j < k; j++) {
-                const double mv = sqrt(kn.l2sq(old_c + (size_t)j * d,
-                                                     centroids + (size_t)j * d, d));
-                if (mv > m1) {
-                    m2 = m1;
-                    m1 = mv;
-                    a1 = j;
-                } else if (mv > m2) {
-                    m2 = mv;
-                }
-            }
-            for (size_t i = 0; i < n; i++) lbd[i] -= assign[i] == a1 ? m2 : m1;
-        }
-        uint32_t *tmp = prev;
-        prev = assign;
-        assign = tmp;
+        if (s->prune) memcpy(s->old_c, centroids, (size_t)s->k * s->d * sizeof(float));
+        km_update_means(s, centroids);
+        if (s->empties)
+            repair_by_split(centroids, s->k, s->d, s->cosine, s->counts, s->inertia,
+                            &s->rng);
+        if (s->prune) km_shrink_bounds(s, centroids);
+        uint32_t *tmp = s->prev;
+        s->prev = s->assign;
+        s->assign = tmp;
     }
+    return BS_OK;
+}
 
-    /* Bounded: each pass fills every empty partition it can; a second pass
-     * is needed only if a copied row pulled all rows away from a cluster,
-     * which the mean property (the centroid minimises its rows' summed
-     * squared distance) makes rare. */
-    for (int pass = 0; pass < 4 && empties > 0; pass++) {
-        if (repair_with_rows(data, n, d, k, cosine, centroids, assign, dist2,
-                             counts) == empties)
+/* Bounded: each pass fills every empty partition it can; a second pass
+ * is needed only if a copied row pulled all rows away from a cluster,
+ * which the mean property (the centroid minimises its rows' summed
+ * squared distance) makes rare. */
+static bs_status km_fill_empties(km_state *s, float *centroids, bs_error *err) {
+    for (int pass = 0; pass < 4 && s->empties > 0; pass++) {
+        if (repair_with_rows(s->data, s->n, s->d, s->k, s->cosine, centroids, s->assign,
+                             s->dist2, s->counts) == s->empties)
             break; /* nothing fillable: duplicate rows */
-        st = bs_ivf_assign_rows(centroids, k, d, 0, 0, data, n, assign,
-                                dist2, nw, err);
-        if (st != BS_OK) goto done;
-        memset(counts, 0, (size_t)k * sizeof(size_t));
-        for (size_t i = 0; i < n; i++) counts[assign[i]]++;
-        empties = count_empty(counts, k);
+        BS_TRY(bs_ivf_assign_rows(centroids, s->k, s->d, 0, 0, s->data, s->n, s->assign,
+                                  s->dist2, s->nw, err));
+        memset(s->counts, 0, (size_t)s->k * sizeof(size_t));
+        for (size_t i = 0; i < s->n; i++) s->counts[s->assign[i]]++;
+        s->empties = count_empty(s->counts, s->k);
     }
+    return BS_OK;
+}
 
-done:
-    free(lbd);
-    free(redo);
-    prune_bufs_free(&pb);
-    free(old_c);
-    free(normed);
-    free(assign);
-    free(prev);
-    free(dist2);
-    free(counts);
-    free(inertia);
-    free(sums);
+bs_status bs_kmeans_train_impl(const float *x, size_t n, uint32_t d, uint32_t k,
+                               bs_metric metric, uint32_t max_iters, uint64_t seed,
+                               float *centroids, int prune, uint32_t threads,
+                               bs_error *err) {
+    bs_error_clear(err);
+    BS_TRY(check_train_args(x, n, d, k, metric, centroids, err));
+    km_state s;
+    bs_status st = km_state_init(&s, x, n, d, k, metric, seed, prune, threads, err);
+    if (st == BS_OK)
+        st = seed_kmeanspp(s.data, n, d, k, s.cosine, &s.rng, centroids, err);
+    if (st == BS_OK) st = bs_l2_kernels_select(&s.kn, err);
+    if (st == BS_OK && prune) st = km_bounds_init(&s, err);
+    if (st == BS_OK) st = km_lloyd(&s, centroids, max_iters, err);
+    if (st == BS_OK) st = km_fill_empties(&s, centroids, err);
+    km_state_free(&s);
     return st;
 }

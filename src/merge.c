@@ -74,10 +74,10 @@ static bs_status plan_fragments(const bs_segment *const *in, size_t n,
     return st;
 }
 
-bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
-                           const uint8_t uuid[16], const char *path,
-                           bs_error *err) {
-    bs_error_clear(err);
+/* NULL arguments, and inputs that do not share one code space. */
+static bs_status check_merge_args(const bs_segment *const *inputs, size_t n,
+                                  const uint8_t uuid[16], const char *path,
+                                  bs_error *err) {
     if (inputs == NULL || n == 0)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "merge needs at least one segment");
@@ -95,13 +95,49 @@ bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
             return bs_fail(err, sub.code, "cannot merge segment %zu: %s", i,
                            sub.message);
     }
+    return BS_OK;
+}
 
-    bs_segment_info info;
-    bs_segment_get_info(inputs[0], &info);
-    uint64_t total_f = 0;
+/* Rows of partition p over all inputs. */
+static uint64_t merged_count(const bs_segment *const *in, size_t n, uint32_t p) {
+    uint64_t c = 0;
     for (size_t i = 0; i < n; i++) {
+        bs_partition_view v;
+        bs_segment_partition(in[i], p, &v);
+        c += v.count;
+    }
+    return c;
+}
+
+/* One merge: the inputs, the output's fragment table, and the buffers one
+ * output partition is assembled in. */
+typedef struct merge_state {
+    const bs_segment *const *in;
+    size_t n;
+    bs_segment_info info; /* of inputs[0]; the others are compatible */
+    uint64_t num_fragments;
+    uint64_t *ids, *rows; /* output fragment table */
+    uint64_t *base;       /* per input: ordinal of its first row in the output */
+    uint8_t *buf;         /* one partition block, as the writer takes it */
+    uint8_t *codes;       /* the partition's 1-bit codes, unpacked */
+} merge_state;
+
+static void merge_state_free(merge_state *m) {
+    free(m->buf);
+    free(m->codes);
+    free(m->ids);
+    free(m->rows);
+    free(m->base);
+}
+
+/* The fragment table (its size checked against the format's limit) and
+ * the ordinal bases. */
+static bs_status merge_plan(merge_state *m, bs_error *err) {
+    bs_segment_get_info(m->in[0], &m->info);
+    uint64_t total_f = 0;
+    for (size_t i = 0; i < m->n; i++) {
         bs_segment_info ii;
-        bs_segment_get_info(inputs[i], &ii);
+        bs_segment_get_info(m->in[i], &ii);
         total_f += ii.num_fragments;
     }
     if (total_f > UINT32_MAX)
@@ -109,110 +145,117 @@ bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
                        "the merged segment would have %llu fragments, more "
                        "than 2^32 - 1",
                        (ull)total_f);
-    uint64_t *ids = malloc((size_t)total_f * sizeof *ids + 1);
-    uint64_t *rows = malloc((size_t)total_f * sizeof *rows + 1);
-    uint64_t *base = malloc(n * sizeof *base);
-    if (!ids || !rows || !base) {
-        free(ids);
-        free(rows);
-        free(base);
+    m->num_fragments = total_f;
+    m->ids = malloc((size_t)total_f * sizeof *m->ids + 1);
+    m->rows = malloc((size_t)total_f * sizeof *m->rows + 1);
+    m->base = malloc(m->n * sizeof *m->base);
+    if (!m->ids || !m->rows || !m->base)
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-    }
-    bs_status st = plan_fragments(inputs, n, ids, rows, base, err);
+    return plan_fragments(m->in, m->n, m->ids, m->rows, m->base, err);
+}
 
-    const uint32_t D = info.padded_dim, B = info.num_bits;
-    const uint32_t k = info.num_partitions;
-    const size_t cb = bs_code_bytes(D), eb = bs_ext_bytes(D, B);
-    uint8_t *buf = NULL, *codes = NULL;
+/* Buffers for the largest output partition. */
+static bs_status merge_buffers(merge_state *m, bs_error *err) {
+    const uint32_t D = m->info.padded_dim, B = m->info.num_bits;
     uint64_t max_count = 0;
-    if (st == BS_OK) {
-        for (uint32_t p = 0; p < k; p++) {
-            uint64_t c = 0;
-            for (size_t i = 0; i < n; i++) {
-                bs_partition_view v;
-                bs_segment_partition(inputs[i], p, &v);
-                c += v.count;
-            }
-            if (c > max_count) max_count = c;
-        }
-        /* Disjoint fragments and unique ordinals per input bound this by
-         * the 2^32 - 1 rows checked above. */
-        bs_part_layout L;
-        if (!bs_part_layout_compute(max_count, D, B, &L) || L.size > SIZE_MAX)
-            st = bs_fail(err, BS_ERR_NO_MEMORY, "partition too large");
-        else {
-            buf = malloc((size_t)L.size + 1);
-            codes = malloc((size_t)max_count * cb + 1);
-            if (!buf || !codes)
-                st = bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-        }
+    for (uint32_t p = 0; p < m->info.num_partitions; p++) {
+        uint64_t c = merged_count(m->in, m->n, p);
+        if (c > max_count) max_count = c;
     }
+    /* Disjoint fragments and unique ordinals per input bound this by
+     * the 2^32 - 1 rows checked above. */
+    bs_part_layout L;
+    if (!bs_part_layout_compute(max_count, D, B, &L) || L.size > SIZE_MAX)
+        return bs_fail(err, BS_ERR_NO_MEMORY, "partition too large");
+    m->buf = malloc((size_t)L.size + 1);
+    m->codes = malloc((size_t)max_count * bs_code_bytes(D) + 1);
+    if (!m->buf || !m->codes) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    return BS_OK;
+}
 
+/* The output's header: inputs[0]'s code space, the new uuid, the merged
+ * fragment table. */
+static bs_status merge_open(const merge_state *m, const uint8_t uuid[16],
+                            const char *path, bs_seg_writer *w, bs_error *err) {
+    const bs_segment_info *info = &m->info;
+    bs_seg_params prm;
+    memset(&prm, 0, sizeof prm);
+    prm.dim = info->dim;
+    prm.padded_dim = info->padded_dim;
+    prm.num_bits = info->num_bits;
+    prm.metric = info->metric;
+    prm.rotation_kind = info->rotation_kind;
+    prm.rotation_seed = info->rotation_seed;
+    prm.num_partitions = info->num_partitions;
+    memcpy(prm.uuid, uuid, 16);
+    prm.rotation_fp = info->rotation_fingerprint;
+    prm.ivf_fp = info->ivf_fingerprint;
+    prm.column = info->column;
+    prm.column_len = (uint32_t)strlen(info->column);
+    prm.centroids = bs_segment_centroids(m->in[0]);
+    prm.fragment_ids = m->ids;
+    prm.fragment_rows = m->rows;
+    prm.num_fragments = (uint32_t)m->num_fragments;
+    return bs_seg_writer_open(w, path, &prm, err);
+}
+
+/* Output partition p: the inputs' partition p one after another, ordinals
+ * shifted by each input's base, codes repacked into blocks of the new
+ * count. */
+static bs_status merge_partition(merge_state *m, uint32_t p, bs_seg_writer *w,
+                                 bs_error *err) {
+    const uint32_t D = m->info.padded_dim, B = m->info.num_bits;
+    const size_t cb = bs_code_bytes(D), eb = bs_ext_bytes(D, B);
+    uint8_t *buf = m->buf;
+    /* <= the 2^32 - 1 rows plan_fragments allows */
+    const uint32_t count = (uint32_t)merged_count(m->in, m->n, p);
+    bs_part_layout pl;
+    bs_part_layout_compute(count, D, B, &pl);
+    memset(buf, 0, (size_t)pl.size);
+    size_t at = 0;
+    for (size_t i = 0; i < m->n; i++) {
+        bs_partition_view v;
+        bs_segment_partition(m->in[i], p, &v);
+        size_t cnt = v.count;
+        for (size_t j = 0; j < cnt; j++)
+            bs_fastscan_unpack_one(v.blocks, j, D, m->codes + (at + j) * cb);
+        uint32_t shift = (uint32_t)m->base[i];
+        for (size_t j = 0; j < cnt; j++) {
+            uint32_t o = v.ordinals[j] + shift;
+            memcpy(buf + pl.ordinals + (at + j) * 4, &o, 4);
+        }
+        memcpy(buf + pl.norm2 + at * 4, v.norm2, cnt * 4);
+        memcpy(buf + pl.s1 + at * 4, v.s1, cnt * 4);
+        if (B > 1) {
+            memcpy(buf + pl.ext + at * eb, v.ext, cnt * eb);
+            memcpy(buf + pl.s_full + at * 4, v.s_full, cnt * 4);
+        }
+        at += cnt;
+    }
+    if (count) bs_fastscan_pack(m->codes, count, D, buf + pl.blocks);
+    return bs_seg_writer_partition(w, count, buf, pl.size, err);
+}
+
+bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
+                           const uint8_t uuid[16], const char *path,
+                           bs_error *err) {
+    bs_error_clear(err);
+    BS_TRY(check_merge_args(inputs, n, uuid, path, err));
+    merge_state m;
+    memset(&m, 0, sizeof m);
+    m.in = inputs;
+    m.n = n;
     bs_seg_writer w;
     memset(&w, 0, sizeof w);
-    if (st == BS_OK) {
-        bs_seg_params prm;
-        memset(&prm, 0, sizeof prm);
-        prm.dim = info.dim;
-        prm.padded_dim = D;
-        prm.num_bits = B;
-        prm.metric = info.metric;
-        prm.rotation_kind = info.rotation_kind;
-        prm.rotation_seed = info.rotation_seed;
-        prm.num_partitions = k;
-        memcpy(prm.uuid, uuid, 16);
-        prm.rotation_fp = info.rotation_fingerprint;
-        prm.ivf_fp = info.ivf_fingerprint;
-        prm.column = info.column;
-        prm.column_len = (uint32_t)strlen(info.column);
-        prm.centroids = bs_segment_centroids(inputs[0]);
-        prm.fragment_ids = ids;
-        prm.fragment_rows = rows;
-        prm.num_fragments = (uint32_t)total_f;
-        st = bs_seg_writer_open(&w, path, &prm, err);
-    }
-
-    for (uint32_t p = 0; p < k && st == BS_OK; p++) {
-        uint32_t count = 0;
-        for (size_t i = 0; i < n; i++) {
-            bs_partition_view v;
-            bs_segment_partition(inputs[i], p, &v);
-            count += v.count;
-        }
-        bs_part_layout pl;
-        bs_part_layout_compute(count, D, B, &pl);
-        memset(buf, 0, (size_t)pl.size);
-        size_t at = 0;
-        for (size_t i = 0; i < n; i++) {
-            bs_partition_view v;
-            bs_segment_partition(inputs[i], p, &v);
-            size_t m = v.count;
-            for (size_t j = 0; j < m; j++)
-                bs_fastscan_unpack_one(v.blocks, j, D, codes + (at + j) * cb);
-            uint32_t shift = (uint32_t)base[i];
-            for (size_t j = 0; j < m; j++) {
-                uint32_t o = v.ordinals[j] + shift;
-                memcpy(buf + pl.ordinals + (at + j) * 4, &o, 4);
-            }
-            memcpy(buf + pl.norm2 + at * 4, v.norm2, m * 4);
-            memcpy(buf + pl.s1 + at * 4, v.s1, m * 4);
-            if (B > 1) {
-                memcpy(buf + pl.ext + at * eb, v.ext, m * eb);
-                memcpy(buf + pl.s_full + at * 4, v.s_full, m * 4);
-            }
-            at += m;
-        }
-        if (count) bs_fastscan_pack(codes, count, D, buf + pl.blocks);
-        st = bs_seg_writer_partition(&w, count, buf, pl.size, err);
-    }
+    bs_status st = merge_plan(&m, err);
+    if (st == BS_OK) st = merge_buffers(&m, err);
+    if (st == BS_OK) st = merge_open(&m, uuid, path, &w, err);
+    for (uint32_t p = 0; p < m.info.num_partitions && st == BS_OK; p++)
+        st = merge_partition(&m, p, &w, err);
     if (st == BS_OK)
         st = bs_seg_writer_finish(&w, err);
     else
         bs_seg_writer_abort(&w);
-    free(buf);
-    free(codes);
-    free(ids);
-    free(rows);
-    free(base);
+    merge_state_free(&m);
     return st;
 }
