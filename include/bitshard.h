@@ -11,6 +11,10 @@
  *    threads at once for reading (search); a builder is used by one thread.
  *  - All vectors are float32, row-major. All on-disk integers are
  *    little-endian (docs/format.md).
+ *  - "Returns:" under a function lists every status it can return. Any
+ *    function that picks a SIMD kernel (bs_simd_select) can also return
+ *    what bs_simd_select returns when BITSHARD_SIMD is set; this is said
+ *    where it applies. BS_ERR_INTERNAL means a bug in the library.
  */
 #ifndef BITSHARD_H
 #define BITSHARD_H
@@ -92,7 +96,9 @@ BS_API uint32_t bs_padded_dim(uint32_t dim);
 typedef struct bs_rotation bs_rotation;
 
 /* dim >= 1. The same (kind, dim, seed) gives the same transform on any
- * machine. */
+ * machine.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (out NULL, unknown kind, dim 0 or
+ * too large, a matrix rotation above its size limit); BS_ERR_NO_MEMORY. */
 BS_API bs_status bs_rotation_create(bs_rotation_kind kind, uint32_t dim,
                                     uint64_t seed, bs_rotation **out,
                                     bs_error *err);
@@ -104,7 +110,9 @@ BS_API uint64_t bs_rotation_seed(const bs_rotation *rot);
 /* Fingerprint over (kind, dim, padded dim, seed). */
 BS_API bs_fingerprint bs_rotation_fingerprint(const bs_rotation *rot);
 /* x: n rows of `in_dim` floats, where in_dim is dim or padded dim (zero
- * padded internally); out: n rows of padded dim floats. Thread-safe. */
+ * padded internally); out: n rows of padded dim floats. Thread-safe.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (rot, x or out NULL, in_dim
+ * neither dim nor padded dim, sizes overflowing, x and out overlapping). */
 BS_API bs_status bs_rotation_apply(const bs_rotation *rot, const float *x,
                                    size_t n, uint32_t in_dim, float *out,
                                    bs_error *err);
@@ -116,7 +124,11 @@ BS_API bs_status bs_rotation_apply(const bs_rotation *rot, const float *x,
  * repaired by splitting the largest. For BS_METRIC_COSINE the rows are
  * normalised first and centroids are kept unit length (spherical k-means);
  * l2 and dot both cluster by Euclidean distance. Requires n >= k >= 1.
- * centroids: k * d floats out. */
+ * centroids: k * d floats out.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (x or centroids NULL, d or k 0,
+ * unknown metric, n < k, k or d above INT_MAX, n * d overflowing);
+ * BS_ERR_INVALID_DATA (a non-finite value, naming row and dimension);
+ * BS_ERR_NO_MEMORY; and bs_simd_select's errors. */
 BS_API bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d,
                                  uint32_t k, bs_metric metric,
                                  uint32_t max_iters, uint64_t seed,
@@ -126,7 +138,8 @@ BS_API bs_status bs_kmeans_train(const float *x, size_t n, uint32_t d,
  * the same centroids, bit for bit, for every thread count. Each thread calls
  * the BLAS on its own block of rows, so with num_threads > 1 the BLAS
  * should run single-threaded (OPENBLAS_NUM_THREADS=1; the Python package
- * sets it for the call) or the threads oversubscribe the cores. */
+ * sets it for the call) or the threads oversubscribe the cores.
+ * Returns: as bs_kmeans_train. */
 BS_API bs_status bs_kmeans_train_mt(const float *x, size_t n, uint32_t d,
                                     uint32_t k, bs_metric metric,
                                     uint32_t max_iters, uint64_t seed,
@@ -135,7 +148,11 @@ BS_API bs_status bs_kmeans_train_mt(const float *x, size_t n, uint32_t d,
 
 /* Nearest centroid (Euclidean; for cosine, of the normalised row) of each
  * of n rows, through a BLAS matrix product. assign: n partition ids out;
- * dist2 (may be NULL): the squared distance to it. */
+ * dist2 (may be NULL): the squared distance to it.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (centroids NULL, x or assign NULL
+ * with n > 0, k or d 0 or above the BLAS limit, unknown metric, sizes
+ * overflowing); BS_ERR_INVALID_DATA (a non-finite centroid or row);
+ * BS_ERR_NO_MEMORY; and bs_simd_select's errors. */
 BS_API bs_status bs_ivf_assign(const float *centroids, uint32_t k, uint32_t d,
                                bs_metric metric, const float *x, size_t n,
                                uint32_t *assign, float *dist2, bs_error *err);
@@ -155,6 +172,8 @@ typedef enum bs_simd_level {
 /* The best level this CPU (and OS) supports, or the one named by the
  * environment variable BITSHARD_SIMD ("scalar", "avx2", "avx512"). An
  * unknown name is BS_ERR_INVALID_ARGUMENT; a level the CPU lacks is
+ * BS_ERR_UNSUPPORTED_CPU.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (out NULL, an unknown name);
  * BS_ERR_UNSUPPORTED_CPU. */
 BS_API bs_status bs_simd_select(bs_simd_level *out, bs_error *err);
 BS_API int bs_simd_supported(bs_simd_level level);
@@ -181,11 +200,19 @@ typedef struct bs_segment_spec {
 
 typedef struct bs_segment_builder bs_segment_builder;
 
+/* Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (out or spec NULL, or a spec field
+ * out of range, naming it and its value: dim, num_bits, metric,
+ * rotation_kind, num_partitions, non-finite centroids, column, uuid,
+ * fragments); BS_ERR_NO_MEMORY. */
 BS_API bs_status bs_builder_create(const bs_segment_spec *spec,
                                    bs_segment_builder **out, bs_error *err);
 /* Encodes n vectors (n * dim floats) of the fragment at position
  * fragment_index of spec->fragment_ids, at the given physical offsets.
- * NaN/Inf gives BS_ERR_INVALID_DATA naming the row. */
+ * NaN/Inf gives BS_ERR_INVALID_DATA naming the row.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (b, x or offsets NULL,
+ * fragment_index out of range, an offset out of range or already added);
+ * BS_ERR_INVALID_DATA (a non-finite value, or a row whose rotated residual
+ * overflows float); BS_ERR_NO_MEMORY; and bs_simd_select's errors. */
 BS_API bs_status bs_builder_add(bs_segment_builder *b, const float *x,
                                 size_t n, uint32_t fragment_index,
                                 const uint32_t *offsets, bs_error *err);
@@ -194,7 +221,10 @@ BS_API bs_status bs_builder_add(bs_segment_builder *b, const float *x,
  * one, each thread calls the BLAS itself, which should then run
  * single-threaded (see bs_kmeans_train_mt). */
 BS_API void bs_builder_set_threads(bs_segment_builder *b, uint32_t num_threads);
-/* Writes the segment to path (via path.tmp + rename). */
+/* Writes the segment to path (via path.tmp + rename).
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (b or path NULL);
+ * BS_ERR_NO_MEMORY; BS_ERR_IO (open, write, close, sync or rename
+ * failed); BS_ERR_INTERNAL. */
 BS_API bs_status bs_builder_write(bs_segment_builder *b, const char *path,
                                   bs_error *err);
 BS_API void bs_builder_free(bs_segment_builder *b);
@@ -203,7 +233,12 @@ typedef struct bs_segment bs_segment;
 
 /* Validates the whole buffer (structure, bounds, every checksum) and keeps
  * pointers into it: data must stay alive and unchanged until
- * bs_segment_free. Never trusts a length or offset from the bytes. */
+ * bs_segment_free. Never trusts a length or offset from the bytes.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (out or data NULL, data not
+ * 64-byte aligned); BS_ERR_CORRUPT (anything wrong in the bytes, naming the
+ * section, reserved flag bits set); BS_ERR_UNSUPPORTED_VERSION (a read
+ * version newer than this library's, or a format older than 2);
+ * BS_ERR_NO_MEMORY. */
 BS_API bs_status bs_segment_open(const void *data, size_t len,
                                  bs_segment **out, bs_error *err);
 BS_API void bs_segment_free(bs_segment *seg);
@@ -233,14 +268,20 @@ BS_API void bs_segment_fragment(const bs_segment *seg, uint32_t i,
 
 /* BS_OK when a and b share dim, bits, metric, rotation, centroids and
  * column; otherwise BS_ERR_ARTIFACT_MISMATCH naming the first artifact that
- * differs and both values. */
+ * differs and both values.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (a or b NULL);
+ * BS_ERR_ARTIFACT_MISMATCH. */
 BS_API bs_status bs_segment_check_compatible(const bs_segment *a,
                                              const bs_segment *b,
                                              bs_error *err);
 
 /* Streams n compatible segments with disjoint fragments into one new
  * segment at path: partition p of the output is partition p of every input
- * in input order, repacked. Memory is bounded by one partition. */
+ * in input order, repacked. Memory is bounded by one partition.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (no inputs, a NULL argument, a
+ * fragment in two inputs, more than 2^32 - 1 fragments or rows);
+ * BS_ERR_ARTIFACT_MISMATCH (inputs from different code spaces);
+ * BS_ERR_NO_MEMORY; BS_ERR_IO; BS_ERR_INTERNAL. */
 BS_API bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
                                   const uint8_t uuid[16], const char *path,
                                   bs_error *err);
@@ -252,7 +293,11 @@ typedef struct bs_searcher bs_searcher;
 /* Prepares a search over n compatible segments (checked): the rotation and
  * the rotated centroids are computed once here. The segments must outlive
  * the searcher. n may be 0 only if spec-like artifacts are unavailable: it
- * is an error. */
+ * is an error.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (out NULL, n 0, a NULL segment);
+ * BS_ERR_ARTIFACT_MISMATCH (segments from different code spaces, naming
+ * the segment and the artifact); BS_ERR_NO_MEMORY; and bs_simd_select's
+ * errors. */
 BS_API bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
                                     bs_searcher **out, bs_error *err);
 BS_API void bs_searcher_free(bs_searcher *s);
@@ -304,7 +349,10 @@ BS_API const float *bs_candidates_lower_bounds(const bs_candidates *c);
  * distances (1-bit or refine_factor > 0) or the final top k (multi-bit,
  * refine_factor == 0, distances are the extra bits' estimates). The result
  * depends only on the set of rows searched, never on how they are split
- * into segments or ordered (ties break by row id). */
+ * into segments or ordered (ties break by row id).
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (a NULL argument, k or nprobes 0,
+ * eps0 negative or not finite); BS_ERR_INVALID_DATA (a non-finite value in
+ * q, naming the dimension); BS_ERR_NO_MEMORY. */
 BS_API bs_status bs_search(const bs_searcher *s, const float *q,
                            const bs_search_params *params, bs_candidates *c,
                            bs_search_stats *stats, bs_error *err);
@@ -319,7 +367,9 @@ BS_API size_t bs_rerank_gate(const float *lb, const float *d, size_t n,
                              uint32_t k, float *heap, uint32_t *heap_n);
 
 /* Exact distances under metric between q (dim) and n rows x (n * dim), in
- * a fixed summation order so that every caller gets the same bits. */
+ * a fixed summation order so that every caller gets the same bits.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (a NULL array with n > 0, dim 0,
+ * unknown metric). */
 BS_API bs_status bs_exact_distances(bs_metric metric, const float *q,
                                     const float *x, size_t n, uint32_t dim,
                                     float *out, bs_error *err);

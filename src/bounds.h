@@ -1,5 +1,5 @@
-/* Stage 1's per-code estimate and lower bound (shared/rabitq.md, "staged
- * scan"): from a FastScan sum and the code's stored factors, for a whole
+/* Stage 1's per-code estimate and lower bound (docs/rabitq.md, "The
+ * error bound"): from a FastScan sum and the code's stored factors, for a whole
  * partition at once. The vector version computes, lane by lane, the same
  * operations in the same order as the scalar reference (no FMA, no
  * reassociation), so both give the same bits; tests/c/test_search.c checks

@@ -53,7 +53,7 @@ static uint64_t bs_transpose8x8(uint64_t x) {
     return x;
 }
 
-/* s and f of rabitq.md from <y, r>, |y|^2 and |r|^2 (all in double). */
+/* s and f of docs/rabitq.md from <y, r>, |y|^2 and |r|^2 (all in double). */
 static void bs_make_factors(double ip, double yy, double norm2, uint32_t D,
                             float *s, float *f) {
     /* ip > 0 whenever r != 0 because every y_i has the sign of r_i; the

@@ -1,6 +1,6 @@
 /* RaBitQ codes: encoding of rotated residuals, the FastScan block layout,
- * query lookup tables. Arithmetic follows ../docs/rabitq.md (from
- * shared/rabitq.md). Internal to the library. */
+ * query lookup tables. The arithmetic is docs/rabitq.md's. Internal to the
+ * library. */
 #ifndef BS_RABITQ_H
 #define BS_RABITQ_H
 
@@ -10,7 +10,7 @@
 
 #include "bitshard.h"
 
-/* Per-vector correction factors (rabitq.md "Codes"). The 1-bit stage uses
+/* Per-vector correction factors (docs/rabitq.md, "Codes"). The 1-bit stage uses
  * norm2, s1, f1; the full B-bit code uses s_full, f_full (equal to s1, f1
  * when B == 1). All are 0 for r == 0. */
 typedef struct bs_factors {

@@ -1,5 +1,5 @@
 /* Search over one or more compatible segments: the staged scan of
- * shared/rabitq.md.
+ * docs/rabitq.md.
  *
  * Determinism is the design constraint here. A distributed build's
  * segments, merged or not, must answer bit for bit like one segment built

@@ -39,7 +39,7 @@ __all__ = ["Dataset", "dataset", "train_ivf", "DEFAULT_NUM_BITS", "DEFAULT_EPS0"
 #: most recall per unit of query time in bench/results/bits.json (see
 #: docs/decisions.md). ``build_rq_rotation`` keeps pylance's default of 1.
 DEFAULT_NUM_BITS = 9
-#: Width of the error bound in standard deviations (shared/rabitq.md).
+#: Width of the error bound in standard deviations (docs/rabitq.md).
 DEFAULT_EPS0 = 1.9
 INDEX_DIR_NAME = "_bitshard"
 

@@ -1,5 +1,5 @@
 /* RaBitQ encoding: code layout, factors, the estimator's error law, and
- * degenerate inputs (rabitq.md). */
+ * degenerate inputs (docs/rabitq.md). */
 #include <float.h>
 #include <math.h>
 #include <stdio.h>
@@ -138,7 +138,7 @@ static void test_codes_and_factors(void) {
 }
 
 /* Error of s <y, q> as an estimate of <r, q> over random pairs, in units of
- * f |q|: about a standard normal (rabitq.md). */
+ * f |q|: about a standard normal (docs/rabitq.md). */
 static void test_estimator(void) {
     uint64_t st = 23;
     float r[DMAX], q[DMAX];
