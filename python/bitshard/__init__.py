@@ -27,7 +27,8 @@ from .artifacts import IvfModel, Rotation, build_rq_model, build_rq_rotation
 from .dataset import Dataset, dataset, train_ivf
 from .searcher import NO_ROW, Searcher
 from .index import SegmentHandle
-from .distributed import build_index, cleanup
+from .distributed import build_index
+from .maintenance import cleanup
 from . import _native
 
 __version__ = "0.1.0"

@@ -277,23 +277,24 @@ def _cmd_describe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .distributed import _verify  # noqa: PLC0415
+    from .maintenance import verify_report  # noqa: PLC0415
 
-    faults, summary = _verify(args.uri, args.index_uri, args.name, _storage_options(args))
-    for f in faults:
+    report = verify_report(args.uri, index_uri=args.index_uri, name=args.name,
+                           storage_options=_storage_options(args))
+    for f in report.faults:
         print(f"FAULT: {f}")
-    for s in summary:
-        print(f"index {s['name']!r} version {s['version']}: {s['segments']} segment(s), "
-              f"{s['rows']} rows")
-    if faults:
-        print(f"verify: {len(faults)} fault(s)", file=sys.stderr)
+    for s in report.indexes:
+        print(f"index {s.name!r} version {s.version}: {s.segments} segment(s), "
+              f"{s.rows} rows")
+    if report.faults:
+        print(f"verify: {len(report.faults)} fault(s)", file=sys.stderr)
         return 1
-    print("verify: ok" if summary else "verify: no committed indexes")
+    print("verify: ok" if report.indexes else "verify: no committed indexes")
     return 0
 
 
 def _cmd_cleanup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .distributed import cleanup  # noqa: PLC0415
+    from .maintenance import cleanup  # noqa: PLC0415
 
     removed = cleanup(args.uri, args.older_than, index_uri=args.index_uri,
                       dry_run=args.dry_run, abandoned_builds=args.abandoned_builds,

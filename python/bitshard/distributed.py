@@ -18,10 +18,11 @@ is retried; segments of failed attempts are never committed
 (:func:`cleanup` removes them later). A build records its progress under the
 index root in ``builds/<name>.json`` (plus ``builds/<name>.ivf``), so running
 the same call again after the driver died reuses the artifacts and every
-finished, verified segment.
+finished, verified segment. ``last_build_stats`` holds the
+:class:`BuildStats` of the build as a dict.
 
-:func:`cleanup` removes segment files no manifest references; :func:`verify`
-re-reads every committed segment and reports each fault it finds.
+:func:`cleanup` and :func:`verify` live in :mod:`bitshard.maintenance` and
+are importable from here as before.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import os
 import signal
 import time
 import warnings
+from dataclasses import asdict, dataclass, field
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -43,13 +45,15 @@ import numpy as np
 from . import _native
 from . import index as idx
 from .artifacts import IvfModel, Rotation, as_ivf_model, build_rq_rotation, metric_code
-from .dataset import DEFAULT_NUM_BITS, Dataset, _default_num_partitions, dataset, train_ivf
+from .dataset import DEFAULT_NUM_BITS, Dataset, _default_num_partitions, train_ivf
 from .errors import BitshardError, CorruptIndexError, InvalidInputError
-from .index import OpenSegment, SegmentHandle
+from .index import BUILDS_DIR, OpenSegment, SegmentHandle
+from .maintenance import cleanup, open_dataset, referenced_uuids, verify
 from .progress import Progress
-from .storage import Storage, is_object_uri
+from .storage import Storage
 
-__all__ = ["build_index", "cleanup", "verify", "ray_session", "EXECUTORS", "MERGE_FAN_IN"]
+__all__ = ["build_index", "BuildStats", "cleanup", "verify", "ray_session", "EXECUTORS",
+           "MERGE_FAN_IN"]
 
 log = logging.getLogger("bitshard.distributed")
 
@@ -68,7 +72,6 @@ CRASH_ENV = "BITSHARD_TEST_CRASH_ONCE"
 
 BUILD_STATE_FORMAT = "bitshard-build"
 BUILD_STATE_VERSION = 1
-BUILDS_DIR = "builds"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -543,14 +546,35 @@ def _verify_segment(root: Storage, uuid: str, fragment_ids: Sequence[int], num_r
 # =========================================================================
 
 
-def _open_dataset(uri: Any, index_uri: Optional[PathLike],
-                  storage_options: Optional[Dict[str, Any]] = None) -> Dataset:
-    if isinstance(uri, Dataset):
-        if index_uri is None and storage_options is None:
-            return uri
-        return Dataset(uri.source, index_uri=uri.index_root if index_uri is None else index_uri,
-                       storage_options=storage_options)
-    return dataset(uri, index_uri=index_uri, storage_options=storage_options)
+@dataclass
+class BuildStats:
+    """What one :func:`build_index` call did; ``ds.last_build_stats`` holds
+    it as a dict (:meth:`as_dict`), with these fields as keys."""
+
+    executor: str                #: "ray", "processes" or "serial"
+    num_workers: int             #: workers the build planned for
+    resumed: bool = False        #: an interrupted build's state was reused
+    #: uuids of encoded segments reused from the interrupted build
+    reused_segments: List[str] = field(default_factory=list)
+    #: uuids of merged segments reused from the interrupted build
+    reused_merges: List[str] = field(default_factory=list)
+    pool_restarts: int = 0       #: process pools restarted after a worker died
+    #: seconds per phase: "artifacts", "encode", "merge", "commit", "total"
+    seconds: Dict[str, float] = field(default_factory=dict)
+    rotation_seed: Optional[int] = None         #: the rotation's seed
+    ivf_fingerprint: Optional[str] = None       #: the IVF model's fingerprint
+    rotation_fingerprint: Optional[str] = None  #: the rotation's fingerprint
+    tasks: Optional[int] = None                 #: encode tasks in the plan
+    merges: Optional[int] = None                #: merge tasks in the plan
+    final_segment: Optional[str] = None         #: uuid of the committed segment
+    version: Optional[int] = None               #: the committed manifest version
+    num_rows: Optional[int] = None              #: rows in the committed segment
+    num_partitions: Optional[int] = None        #: IVF partitions
+    num_bits: Optional[int] = None              #: bits per dimension of the codes
+
+    def as_dict(self) -> Dict[str, Any]:
+        """A plain dict of every field (what ``last_build_stats`` holds)."""
+        return asdict(self)
 
 
 def _check_name(name: str) -> str:
@@ -627,9 +651,10 @@ def build_index(
     Returns:
         The :class:`Dataset`, with the index committed (a new manifest version
         replacing any previous one of that name) and ``last_build_stats``: a
-        dict with the executor, worker and task counts, the segments reused
-        from an interrupted run, pool restarts, the committed segment's uuid,
-        the manifest version and the seconds spent per phase.
+        dict (a :class:`BuildStats` as a dict) with the executor, worker and
+        task counts, the segments reused from an interrupted run, pool
+        restarts, the committed segment's uuid, the manifest version and the
+        seconds spent per phase.
 
     Raises:
         InvalidInputError: bad arguments.
@@ -661,7 +686,7 @@ def build_index(
     workers = _resolve_workers(executor, num_workers)
     prog = Progress(progress)
 
-    ds = _open_dataset(uri, index_uri, storage_options)
+    ds = open_dataset(uri, index_uri, storage_options)
     name = _check_name(name or f"{column}_idx")
     st = ds.storage
     root = ds.index_root
@@ -702,10 +727,7 @@ def build_index(
     }
     ident = _source_identity(ds)
     state_key, ivf_key = _state_keys(name)
-    stats: Dict[str, Any] = {
-        "executor": executor, "num_workers": workers, "resumed": False,
-        "reused_segments": [], "reused_merges": [], "pool_restarts": 0, "seconds": {},
-    }
+    stats = BuildStats(executor=executor, num_workers=workers)
 
     # ---------------------------------------------------------- artifacts
     state = _load_state(st, name)
@@ -737,7 +759,7 @@ def build_index(
             log.warning("starting build %r afresh, not resuming: %s", name, why)
             state = None
         else:
-            stats["resumed"] = True
+            stats.resumed = True
             log.info("resuming build %r: %d of %d tasks were finished", name,
                      len(state["segments"]), len(state["tasks"]))
 
@@ -785,10 +807,10 @@ def build_index(
             runner.close()
         raise
     assert ivf is not None and rot is not None
-    stats["seconds"]["artifacts"] = time.perf_counter() - t0
-    stats["rotation_seed"] = rot.seed
-    stats["ivf_fingerprint"] = ivf.fingerprint
-    stats["rotation_fingerprint"] = rot.fingerprint
+    stats.seconds["artifacts"] = time.perf_counter() - t0
+    stats.rotation_seed = rot.seed
+    stats.ivf_fingerprint = ivf.fingerprint
+    stats.rotation_fingerprint = rot.fingerprint
     artifacts = {"rotation_fingerprint": rot.fingerprint, "ivf_fingerprint": ivf.fingerprint,
                  "num_bits": rot.num_bits, "metric": metric, "column": column}
 
@@ -809,7 +831,7 @@ def build_index(
                 del state["segments"][key]
             else:
                 leaves[int(key)] = h
-                stats["reused_segments"].append(uuid)
+                stats.reused_segments.append(uuid)
         todo = [t for t in tasks if t["id"] not in leaves]
         total_rows = sum(t["num_rows"] for t in tasks)
         if todo:
@@ -842,7 +864,7 @@ def build_index(
                 get_runner().run(specs, ds, encoded)
         finally:
             bar.close()
-        stats["seconds"]["encode"] = time.perf_counter() - t0
+        stats.seconds["encode"] = time.perf_counter() - t0
 
         # --------------------------------------------------------- merging
         t0 = time.perf_counter()
@@ -866,7 +888,7 @@ def build_index(
                         h = _verify_segment(st, recorded[key], frag_ids, nrows, artifacts, name)
                         if h is not None:
                             nxt[gi] = h
-                            stats["reused_merges"].append(h.uuid)
+                            stats.reused_merges.append(h.uuid)
                             mbar.update(1)
                             continue
                     specs.append({"kind": "merge", "inputs": list(g), "index_root": root,
@@ -890,10 +912,10 @@ def build_index(
                 assert len(level) == len(groups)
         finally:
             mbar.close()
-        stats["seconds"]["merge"] = time.perf_counter() - t0
+        stats.seconds["merge"] = time.perf_counter() - t0
     finally:
         if runner is not None:
-            stats["pool_restarts"] = runner.restarts
+            stats.pool_restarts = runner.restarts
             runner.close()
 
     # ------------------------------------------------------------- commit
@@ -908,7 +930,7 @@ def build_index(
     ours = set(state["segments"].values()) | {m["uuid"] for m in state["merges"]}
     ours.discard(final.uuid)
     try:
-        referenced = _referenced_uuids(st)
+        referenced = referenced_uuids(st)
     except BitshardError as e:  # leave them for cleanup()
         log.warning("not removing the build's intermediate segments: %s", e)
         ours = set()
@@ -917,256 +939,14 @@ def build_index(
     st.delete(state_key)
     st.delete(ivf_key)
     st.remove_empty_dir(BUILDS_DIR)  # only if no other build is in progress
-    stats["seconds"]["commit"] = time.perf_counter() - t0
-    stats["seconds"]["total"] = time.perf_counter() - t_start
-    stats.update(
-        tasks=len(state["tasks"]), merges=_merge_plan_size(len(state["tasks"]), MERGE_FAN_IN),
-        final_segment=final.uuid, version=version, num_rows=final.num_rows,
-        num_partitions=ivf.num_partitions, num_bits=rot.num_bits,
-    )
-    ds.last_build_stats = stats
+    stats.seconds["commit"] = time.perf_counter() - t0
+    stats.seconds["total"] = time.perf_counter() - t_start
+    stats.tasks = len(state["tasks"])
+    stats.merges = _merge_plan_size(len(state["tasks"]), MERGE_FAN_IN)
+    stats.final_segment = final.uuid
+    stats.version = version
+    stats.num_rows = final.num_rows
+    stats.num_partitions = ivf.num_partitions
+    stats.num_bits = rot.num_bits
+    ds.last_build_stats = stats.as_dict()
     return ds
-
-
-# =========================================================================
-# Maintenance: cleanup and verify
-# =========================================================================
-
-
-def _is_index_root(st: Storage) -> bool:
-    dirs = {e.name for e in st.list("") if e.is_dir}
-    return "_versions" not in dirs and bool(dirs & {idx.INDICES_DIR, idx.SEGMENTS_DIR, BUILDS_DIR})
-
-
-def _index_root(uri: Any, index_uri: Optional[PathLike] = None,
-                storage_options: Optional[Dict[str, Any]] = None) -> Storage:
-    """The storage of the index root that ``uri`` (data, Dataset, or an
-    index root itself) or ``index_uri`` names."""
-    def root_of(x: Any) -> Storage:
-        text = os.fspath(x)
-        return Storage.for_uri(text if is_object_uri(text) else os.path.abspath(text),
-                               storage_options)
-
-    if index_uri is not None:
-        return root_of(index_uri)
-    if isinstance(uri, Dataset):
-        return uri.storage if storage_options is None else \
-            Storage.for_uri(uri.index_root, storage_options)
-    if isinstance(uri, (str, os.PathLike)):
-        text = os.fspath(uri)
-        st = root_of(text) if is_object_uri(text) else Storage.for_uri(os.path.abspath(text))
-        if _is_index_root(st):
-            return st
-    return dataset(uri, storage_options=storage_options).storage
-
-
-def _manifest_files(root: Storage, name: str) -> List[int]:
-    return idx.manifest_versions(root, name)
-
-
-def _referenced_uuids(root: Storage) -> set:
-    """Every segment uuid any manifest version of any index names. Raises
-    CorruptIndexError if a manifest cannot be read (nothing is then safe to
-    delete)."""
-    out: set = set()
-    for name in idx.index_dir_names(root):
-        for v in _manifest_files(root, name):
-            try:
-                doc = idx.read_manifest(root, name, v)
-            except (BitshardError, OSError) as e:
-                raise CorruptIndexError(
-                    f"cannot read manifest v{v} of index {name!r} ({e}); refusing to decide "
-                    f"which segments are unreferenced") from None
-            out.update(entry["uuid"] for entry in doc["segments"])
-    return out
-
-
-def cleanup(
-    uri: Any,
-    older_than_seconds: float = 3600,
-    *,
-    index_uri: Optional[PathLike] = None,
-    dry_run: bool = False,
-    abandoned_builds: bool = False,
-    storage_options: Optional[Dict[str, Any]] = None,
-) -> List[str]:
-    """Remove segment files that no manifest of any index references.
-
-    A segment is removed when no manifest version of any index under the
-    index root names it, no in-progress build (``builds/*.json``) lists it,
-    and its file is older than ``older_than_seconds`` (so a build running
-    now keeps its fresh segments). Leftover ``.bsseg.tmp`` files of writers
-    that died are removed under the same age rule.
-
-    Args:
-        uri: the data (path/URI or :class:`Dataset`; its index root is used)
-            or an index root itself (a directory or ``s3://bucket/prefix``).
-        older_than_seconds: minimum age (by modification time), in seconds.
-        index_uri: the index root, when it is not the data's default.
-        dry_run: only report what would be removed.
-        abandoned_builds: also drop build states not updated for
-            ``older_than_seconds`` (their builds can then no longer resume) and
-            so free their segments.
-        storage_options: connection settings of an object-store index root.
-
-    Returns:
-        The sorted uuids (32 hex digits) of the removed segment files.
-
-    Raises:
-        CorruptIndexError: a manifest is unreadable; nothing is removed.
-    """
-    if isinstance(older_than_seconds, bool) or not isinstance(
-            older_than_seconds, (int, float, np.integer, np.floating)) or older_than_seconds < 0:
-        raise InvalidInputError(
-            f"older_than_seconds must be a number >= 0, got {older_than_seconds!r}")
-    st = _index_root(uri, index_uri, storage_options)
-    seg_files = st.list(idx.SEGMENTS_DIR)
-    if not seg_files:
-        return []
-    referenced = _referenced_uuids(st)
-    now = time.time()
-    protected: set = set()
-    builds = st.list(BUILDS_DIR)
-    build_names = {e.name for e in builds}
-    for e in builds:
-        fn = e.name
-        key = f"{BUILDS_DIR}/{fn}"
-        if fn.endswith(".ivf") and abandoned_builds and not dry_run \
-                and fn[:-4] + ".json" not in build_names:
-            # the model file of a failed build that kept no state (in-memory source)
-            if e.mtime is not None and now - e.mtime >= older_than_seconds:
-                st.delete(key)
-            continue
-        if not fn.endswith(".json"):
-            continue
-        try:
-            age = now - (e.mtime if e.mtime is not None else st.mtime(key))
-            doc = json.loads(st.read_bytes(key))
-            uuids = set(doc.get("segments", {}).values()) | {
-                m["uuid"] for m in doc.get("merges", [])}
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            continue
-        if abandoned_builds and age >= older_than_seconds:
-            if not dry_run:
-                st.delete(key)
-                st.delete(key[:-5] + ".ivf")
-            continue
-        protected |= uuids
-    removed = set()
-    suffix, tmp_suffix = idx.SEGMENT_SUFFIX, idx.SEGMENT_SUFFIX + ".tmp"
-    for e in seg_files:
-        fn = e.name
-        if fn.endswith(tmp_suffix):
-            uuid, tmp = fn[: -len(tmp_suffix)], True
-        elif fn.endswith(suffix):
-            uuid, tmp = fn[: -len(suffix)], False
-        else:
-            continue
-        if not tmp and (uuid in referenced or uuid in protected):
-            continue
-        key = f"{idx.SEGMENTS_DIR}/{fn}"
-        if e.mtime is not None and now - e.mtime < older_than_seconds:
-            continue
-        if not dry_run and not st.delete(key):
-            continue
-        removed.add(uuid)
-    return sorted(removed)
-
-
-def _verify(uri: Any, index_uri: Optional[PathLike] = None,
-            name: Optional[str] = None, storage_options: Optional[Dict[str, Any]] = None
-            ) -> Tuple[List[str], List[Dict[str, Any]]]:
-    ds = _open_dataset(uri, index_uri, storage_options)
-    root = ds.storage
-    names = idx.list_index_names(root)
-    if name is not None:
-        if name not in names:
-            from .errors import IndexNotFoundError  # noqa: PLC0415
-
-            raise IndexNotFoundError(f"no index named {name!r}; have {names}")
-        names = [name]
-    source_frags = {f.id: f for f in ds.source.fragments()}
-    faults: List[str] = []
-    summary: List[Dict[str, Any]] = []
-    for n in names:
-        for v in _manifest_files(root, n):
-            try:
-                idx.read_manifest(root, n, v)
-            except (BitshardError, OSError) as err:
-                faults.append(f"index {n!r}: manifest v{v}: {err}")
-        try:
-            doc = idx.read_manifest(root, n)
-        except (BitshardError, OSError):
-            continue  # reported above
-        entries = doc.get("segments", [])
-        summary.append({"name": n, "version": doc["version"], "segments": len(entries),
-                        "rows": sum(e.get("num_rows", 0) for e in entries)})
-        first: Optional[SegmentHandle] = None
-        owner: Dict[int, str] = {}
-        top = {k: doc.get(k) for k in ("metric", "num_bits", "dimension",
-                                       "rotation_fingerprint", "ivf_fingerprint")}
-        for e in entries:
-            path = idx.segment_path(root, e["uuid"])
-            where = f"index {n!r} segment {e['uuid']} ({path})"
-            try:
-                o = OpenSegment.of(root, e["uuid"])
-            except (BitshardError, OSError) as err:
-                faults.append(f"index {n!r}: {err}")
-                continue
-            h = o.handle(root.root, n)
-            claims = idx.handle_from_json(root, n, doc["column"], e)
-            for field in ("uuid", "fragment_ids", "num_rows", "num_bits", "metric", "dimension",
-                          "rotation_fingerprint", "ivf_fingerprint", "column"):
-                a, b = getattr(claims, field), getattr(h, field)
-                if (list(a) if field == "fragment_ids" else a) != \
-                        (list(b) if field == "fragment_ids" else b):
-                    faults.append(f"{where}: the manifest says {field}={a!r}, the file has {b!r}")
-            for field, want in top.items():
-                if want is not None and getattr(h, field) != want:
-                    faults.append(f"{where}: {field} is {getattr(h, field)!r}, the index's is "
-                                  f"{want!r}")
-            if first is None:
-                first = h
-            else:
-                for field, label in (("rotation_fingerprint", "rotation"),
-                                     ("ivf_fingerprint", "centroids"), ("num_bits", "num_bits"),
-                                     ("metric", "metric"), ("dimension", "dimension")):
-                    if getattr(h, field) != getattr(first, field):
-                        faults.append(f"{where}: {label} differs from segment {first.uuid}: "
-                                      f"{getattr(h, field)!r} vs {getattr(first, field)!r}")
-            for fid, rows in o.native.fragments():
-                fid, rows = int(fid), int(rows)
-                if fid in owner:
-                    faults.append(f"{where}: fragment {fid} is also in segment {owner[fid]}")
-                owner.setdefault(fid, h.uuid)
-                if fid not in source_frags:
-                    faults.append(f"{where}: fragment {fid} is not in the source")
-                elif source_frags[fid].physical_rows != rows:
-                    faults.append(f"{where}: fragment {fid} has {rows} rows in the segment, "
-                                  f"{source_frags[fid].physical_rows} in the source")
-    return faults, summary
-
-
-def verify(uri: Any, *, index_uri: Optional[PathLike] = None,
-           name: Optional[str] = None,
-           storage_options: Optional[Dict[str, Any]] = None) -> List[str]:
-    """Re-read every segment of every committed index and report faults.
-
-    Checks, for the latest manifest of each index (or of ``name``): every
-    manifest version passes its checksum; every segment file exists and
-    opens (the C reader verifies every checksum and bound); the manifest's
-    claims (fragments, rows, bits, metric, dimension, fingerprints, column)
-    match the file; all segments share one code space; no fragment is in two
-    segments; every fragment is in the source with the same row count.
-
-    Args:
-        uri: the data (path/URI or :class:`Dataset`).
-        index_uri: the index root, when it is not the data's default.
-        name: verify only this index.
-        storage_options: connection settings of an object-store index root.
-
-    Returns:
-        One human-readable line per fault, naming the index and the file;
-        empty if everything checks out.
-    """
-    return _verify(uri, index_uri, name, storage_options)[0]

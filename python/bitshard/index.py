@@ -52,6 +52,8 @@ MANIFEST_VERSION = 1
 SEGMENT_SUFFIX = ".bsseg"
 SEGMENTS_DIR = "segments"
 INDICES_DIR = "indices"
+#: In-progress distributed builds keep their state here (docs/distributed.md).
+BUILDS_DIR = "builds"
 
 #: An index root: a path or URI string, or a Storage.
 Root = Union[str, Storage]

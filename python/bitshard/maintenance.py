@@ -1,0 +1,319 @@
+"""Upkeep of an index root: :func:`cleanup` and :func:`verify`.
+
+:func:`cleanup` removes segment files no manifest references (the leftovers
+of failed build attempts and of superseded writers); :func:`verify` re-reads
+every committed segment and reports each fault it finds. :func:`verify_report`
+is :func:`verify` with the per-index summary the ``bitshard verify`` command
+prints, as a :class:`VerifyReport`.
+
+Both work on an index root however it was written (``build_index``,
+``create_index`` or the uncommitted/merge/commit calls); see
+docs/distributed.md, *Maintenance*.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+
+from . import index as idx
+from .dataset import Dataset, dataset
+from .errors import BitshardError, CorruptIndexError, IndexNotFoundError, InvalidInputError
+from .index import BUILDS_DIR, OpenSegment, SegmentHandle
+from .storage import Storage, is_object_uri
+
+__all__ = ["cleanup", "verify", "verify_report", "VerifyReport", "IndexSummary",
+           "open_dataset", "referenced_uuids"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    """What :func:`verify_report` found committed for one index."""
+
+    name: str       #: the index name
+    version: int    #: its latest manifest version
+    segments: int   #: segments that manifest lists
+    rows: int       #: rows those segments cover, as the manifest says
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of :func:`verify_report`.
+
+    ``faults`` is exactly what :func:`verify` returns: one human-readable
+    line per fault, naming the index and the file (empty if everything checks
+    out). ``indexes`` summarises the latest readable manifest of each index
+    checked, in name order.
+    """
+
+    faults: List[str] = dataclasses.field(default_factory=list)
+    indexes: List[IndexSummary] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no fault was found."""
+        return not self.faults
+
+
+def open_dataset(uri: Any, index_uri: Optional[PathLike] = None,
+                 storage_options: Optional[Dict[str, Any]] = None) -> Dataset:
+    """The :class:`Dataset` of ``uri`` (a path/URI or a Dataset), with its
+    index root moved to ``index_uri`` and/or opened with ``storage_options``
+    when they are given (a Dataset given alone is returned as it is)."""
+    if isinstance(uri, Dataset):
+        if index_uri is None and storage_options is None:
+            return uri
+        return Dataset(uri.source, index_uri=uri.index_root if index_uri is None else index_uri,
+                       storage_options=storage_options)
+    return dataset(uri, index_uri=index_uri, storage_options=storage_options)
+
+
+def _is_index_root(st: Storage) -> bool:
+    dirs = {e.name for e in st.list("") if e.is_dir}
+    return "_versions" not in dirs and bool(dirs & {idx.INDICES_DIR, idx.SEGMENTS_DIR, BUILDS_DIR})
+
+
+def _index_root(uri: Any, index_uri: Optional[PathLike] = None,
+                storage_options: Optional[Dict[str, Any]] = None) -> Storage:
+    """The storage of the index root that ``uri`` (data, Dataset, or an
+    index root itself) or ``index_uri`` names."""
+    def root_of(x: Any) -> Storage:
+        text = os.fspath(x)
+        return Storage.for_uri(text if is_object_uri(text) else os.path.abspath(text),
+                               storage_options)
+
+    if index_uri is not None:
+        return root_of(index_uri)
+    if isinstance(uri, Dataset):
+        return uri.storage if storage_options is None else \
+            Storage.for_uri(uri.index_root, storage_options)
+    if isinstance(uri, (str, os.PathLike)):
+        text = os.fspath(uri)
+        st = root_of(text) if is_object_uri(text) else Storage.for_uri(os.path.abspath(text))
+        if _is_index_root(st):
+            return st
+    return dataset(uri, storage_options=storage_options).storage
+
+
+def referenced_uuids(root: Storage) -> set:
+    """Every segment uuid any manifest version of any index under ``root``
+    names (a set of 32-hex-digit strings).
+
+    Raises:
+        CorruptIndexError: a manifest cannot be read (nothing is then safe to
+            delete).
+    """
+    out: set = set()
+    for name in idx.index_dir_names(root):
+        for v in idx.manifest_versions(root, name):
+            try:
+                doc = idx.read_manifest(root, name, v)
+            except (BitshardError, OSError) as e:
+                raise CorruptIndexError(
+                    f"cannot read manifest v{v} of index {name!r} ({e}); refusing to decide "
+                    f"which segments are unreferenced") from None
+            out.update(entry["uuid"] for entry in doc["segments"])
+    return out
+
+
+def cleanup(
+    uri: Any,
+    older_than_seconds: float = 3600,
+    *,
+    index_uri: Optional[PathLike] = None,
+    dry_run: bool = False,
+    abandoned_builds: bool = False,
+    storage_options: Optional[Dict[str, Any]] = None,
+) -> List[str]:
+    """Remove segment files that no manifest of any index references.
+
+    A segment is removed when no manifest version of any index under the
+    index root names it, no in-progress build (``builds/*.json``) lists it,
+    and its file is older than ``older_than_seconds`` (so a build running
+    now keeps its fresh segments). Leftover ``.bsseg.tmp`` files of writers
+    that died are removed under the same age rule.
+
+    Args:
+        uri: the data (path/URI or :class:`Dataset`; its index root is used)
+            or an index root itself (a directory or ``s3://bucket/prefix``).
+        older_than_seconds: minimum age (by modification time), in seconds.
+        index_uri: the index root, when it is not the data's default.
+        dry_run: only report what would be removed.
+        abandoned_builds: also drop build states not updated for
+            ``older_than_seconds`` (their builds can then no longer resume) and
+            so free their segments.
+        storage_options: connection settings of an object-store index root.
+
+    Returns:
+        The sorted uuids (32 hex digits) of the removed segment files.
+
+    Raises:
+        CorruptIndexError: a manifest is unreadable; nothing is removed.
+    """
+    if isinstance(older_than_seconds, bool) or not isinstance(
+            older_than_seconds, (int, float, np.integer, np.floating)) or older_than_seconds < 0:
+        raise InvalidInputError(
+            f"older_than_seconds must be a number >= 0, got {older_than_seconds!r}")
+    st = _index_root(uri, index_uri, storage_options)
+    seg_files = st.list(idx.SEGMENTS_DIR)
+    if not seg_files:
+        return []
+    referenced = referenced_uuids(st)
+    now = time.time()
+    protected: set = set()
+    builds = st.list(BUILDS_DIR)
+    build_names = {e.name for e in builds}
+    for e in builds:
+        fn = e.name
+        key = f"{BUILDS_DIR}/{fn}"
+        if fn.endswith(".ivf") and abandoned_builds and not dry_run \
+                and fn[:-4] + ".json" not in build_names:
+            # the model file of a failed build that kept no state (in-memory source)
+            if e.mtime is not None and now - e.mtime >= older_than_seconds:
+                st.delete(key)
+            continue
+        if not fn.endswith(".json"):
+            continue
+        try:
+            age = now - (e.mtime if e.mtime is not None else st.mtime(key))
+            doc = json.loads(st.read_bytes(key))
+            uuids = set(doc.get("segments", {}).values()) | {
+                m["uuid"] for m in doc.get("merges", [])}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            continue
+        if abandoned_builds and age >= older_than_seconds:
+            if not dry_run:
+                st.delete(key)
+                st.delete(key[:-5] + ".ivf")
+            continue
+        protected |= uuids
+    removed = set()
+    suffix, tmp_suffix = idx.SEGMENT_SUFFIX, idx.SEGMENT_SUFFIX + ".tmp"
+    for e in seg_files:
+        fn = e.name
+        if fn.endswith(tmp_suffix):
+            uuid, tmp = fn[: -len(tmp_suffix)], True
+        elif fn.endswith(suffix):
+            uuid, tmp = fn[: -len(suffix)], False
+        else:
+            continue
+        if not tmp and (uuid in referenced or uuid in protected):
+            continue
+        key = f"{idx.SEGMENTS_DIR}/{fn}"
+        if e.mtime is not None and now - e.mtime < older_than_seconds:
+            continue
+        if not dry_run and not st.delete(key):
+            continue
+        removed.add(uuid)
+    return sorted(removed)
+
+
+def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
+                  name: Optional[str] = None,
+                  storage_options: Optional[Dict[str, Any]] = None) -> VerifyReport:
+    """:func:`verify`, returning the faults together with a summary of each
+    index checked (see :class:`VerifyReport`). Same arguments and checks."""
+    ds = open_dataset(uri, index_uri, storage_options)
+    root = ds.storage
+    names = idx.list_index_names(root)
+    if name is not None:
+        if name not in names:
+            raise IndexNotFoundError(f"no index named {name!r}; have {names}")
+        names = [name]
+    source_frags = {f.id: f for f in ds.source.fragments()}
+    faults: List[str] = []
+    summary: List[IndexSummary] = []
+    for n in names:
+        for v in idx.manifest_versions(root, n):
+            try:
+                idx.read_manifest(root, n, v)
+            except (BitshardError, OSError) as err:
+                faults.append(f"index {n!r}: manifest v{v}: {err}")
+        try:
+            doc = idx.read_manifest(root, n)
+        except (BitshardError, OSError):
+            continue  # reported above
+        entries = doc.get("segments", [])
+        summary.append(IndexSummary(name=n, version=doc["version"], segments=len(entries),
+                                    rows=sum(e.get("num_rows", 0) for e in entries)))
+        first: Optional[SegmentHandle] = None
+        owner: Dict[int, str] = {}
+        top = {k: doc.get(k) for k in ("metric", "num_bits", "dimension",
+                                       "rotation_fingerprint", "ivf_fingerprint")}
+        for e in entries:
+            path = idx.segment_path(root, e["uuid"])
+            where = f"index {n!r} segment {e['uuid']} ({path})"
+            try:
+                o = OpenSegment.of(root, e["uuid"])
+            except (BitshardError, OSError) as err:
+                faults.append(f"index {n!r}: {err}")
+                continue
+            h = o.handle(root.root, n)
+            claims = idx.handle_from_json(root, n, doc["column"], e)
+            for field in ("uuid", "fragment_ids", "num_rows", "num_bits", "metric", "dimension",
+                          "rotation_fingerprint", "ivf_fingerprint", "column"):
+                a, b = getattr(claims, field), getattr(h, field)
+                if (list(a) if field == "fragment_ids" else a) != \
+                        (list(b) if field == "fragment_ids" else b):
+                    faults.append(f"{where}: the manifest says {field}={a!r}, the file has {b!r}")
+            for field, want in top.items():
+                if want is not None and getattr(h, field) != want:
+                    faults.append(f"{where}: {field} is {getattr(h, field)!r}, the index's is "
+                                  f"{want!r}")
+            if first is None:
+                first = h
+            else:
+                for field, label in (("rotation_fingerprint", "rotation"),
+                                     ("ivf_fingerprint", "centroids"), ("num_bits", "num_bits"),
+                                     ("metric", "metric"), ("dimension", "dimension")):
+                    if getattr(h, field) != getattr(first, field):
+                        faults.append(f"{where}: {label} differs from segment {first.uuid}: "
+                                      f"{getattr(h, field)!r} vs {getattr(first, field)!r}")
+            for fid, rows in o.native.fragments():
+                fid, rows = int(fid), int(rows)
+                if fid in owner:
+                    faults.append(f"{where}: fragment {fid} is also in segment {owner[fid]}")
+                owner.setdefault(fid, h.uuid)
+                if fid not in source_frags:
+                    faults.append(f"{where}: fragment {fid} is not in the source")
+                elif source_frags[fid].physical_rows != rows:
+                    faults.append(f"{where}: fragment {fid} has {rows} rows in the segment, "
+                                  f"{source_frags[fid].physical_rows} in the source")
+    return VerifyReport(faults=faults, indexes=summary)
+
+
+def verify(uri: Any, *, index_uri: Optional[PathLike] = None,
+           name: Optional[str] = None,
+           storage_options: Optional[Dict[str, Any]] = None) -> List[str]:
+    """Re-read every segment of every committed index and report faults.
+
+    Checks, for the latest manifest of each index (or of ``name``): every
+    manifest version passes its checksum; every segment file exists and
+    opens (the C reader verifies every checksum and bound); the manifest's
+    claims (fragments, rows, bits, metric, dimension, fingerprints, column)
+    match the file; all segments share one code space; no fragment is in two
+    segments; every fragment is in the source with the same row count.
+
+    Args:
+        uri: the data (path/URI or :class:`Dataset`).
+        index_uri: the index root, when it is not the data's default.
+        name: verify only this index.
+        storage_options: connection settings of an object-store index root.
+
+    Returns:
+        One human-readable line per fault, naming the index and the file;
+        empty if everything checks out (``verify_report(...).faults``).
+
+    Raises:
+        IndexNotFoundError: ``name`` is given and no such index is committed.
+    """
+    return verify_report(uri, index_uri=index_uri, name=name,
+                         storage_options=storage_options).faults
