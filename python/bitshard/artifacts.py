@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from . import _native
+from . import _native, validate
 from .errors import CorruptIndexError, InvalidInputError
 
 __all__ = [
@@ -53,14 +53,6 @@ def metric_code(metric: str) -> int:
     return METRICS[metric.lower()]
 
 
-def _check_bits(num_bits: Any) -> int:
-    if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)):
-        raise InvalidInputError(f"num_bits must be an integer in 1..9, got {num_bits!r}")
-    if not 1 <= int(num_bits) <= 9:
-        raise InvalidInputError(f"num_bits must be in 1..9, got {int(num_bits)}")
-    return int(num_bits)
-
-
 class Rotation:
     """The RaBitQ rotation shared by every segment of an index.
 
@@ -84,12 +76,8 @@ class Rotation:
         rotation_type: str = "fast",
         seed: int = DEFAULT_ROTATION_SEED,
     ) -> None:
-        if isinstance(dimension, bool) or not isinstance(dimension, (int, np.integer)):
-            raise InvalidInputError(f"dimension must be an integer >= 1, got {dimension!r}")
-        if int(dimension) < 1 or int(dimension) > 65536:
-            raise InvalidInputError(f"dimension must be in 1..65536, got {int(dimension)}")
-        self.dimension = int(dimension)
-        self.num_bits = _check_bits(num_bits)
+        self.dimension = validate.dimension(dimension)
+        self.num_bits = validate.num_bits(num_bits)
         try:
             dtype_name = np.dtype(dtype).name
         except TypeError:
@@ -102,11 +90,7 @@ class Rotation:
                 f"rotation_type must be 'fast' or 'matrix', got {rotation_type!r}"
             )
         self.rotation_type = rotation_type
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
-            0 <= int(seed) < 2**64
-        ):
-            raise InvalidInputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-        self.seed = int(seed)
+        self.seed = validate.rotation_seed(seed)
         self._handle: Any = None
 
     @property

@@ -22,8 +22,9 @@ from .artifacts import (
     as_ivf_model,
     metric_code,
 )
+from . import validate
+from .codespace import CodeSpace
 from .errors import (
-    ArtifactMismatchError,
     IndexNotFoundError,
     InvalidInputError,
 )
@@ -77,16 +78,6 @@ def dataset(
     return Dataset(src, index_uri=index_uri, storage_options=storage_options)
 
 
-def _threads(num_threads: Optional[int]) -> int:
-    """A build's thread count: all cores by default, checked, at most 256."""
-    if num_threads is None:
-        return min(os.cpu_count() or 1, 256)
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) \
-            or num_threads < 1:
-        raise InvalidInputError(f"num_threads must be an integer >= 1, got {num_threads!r}")
-    return min(int(num_threads), 256)
-
-
 def train_ivf(
     ds: Union["Dataset", Any],
     column: str,
@@ -117,15 +108,10 @@ def train_ivf(
     if not isinstance(ds, Dataset):
         ds = dataset(ds)
     metric_code(metric)
-    if isinstance(num_partitions, bool) or not isinstance(num_partitions, (int, np.integer)) \
-            or num_partitions < 1:
-        raise InvalidInputError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
-    if sample_rate < 1 or max_iters < 1:
-        raise InvalidInputError(
-            f"sample_rate and max_iters must be >= 1, got {sample_rate} and {max_iters}"
-        )
-    seed = 0 if seed is None else int(seed)
-    num_threads = _threads(num_threads)
+    validate.integer("num_partitions", num_partitions)
+    validate.training_sizes(sample_rate, max_iters)
+    seed = validate.kmeans_seed(seed)
+    num_threads = validate.thread_count(num_threads)
     sample = ds.source.sample(column, int(num_partitions) * int(sample_rate), seed)
     n, d = sample.shape
     if n < num_partitions:
@@ -232,27 +218,12 @@ class Dataset:
             raise InvalidInputError("ivf_centroids is required (an array, IvfModel or path)")
         ivf = as_ivf_model(ivf_centroids, metric)
         dim = self.source.vector_dim(column)
-        if ivf.dimension != dim:
-            raise InvalidInputError(
-                f"ivf_centroids have dimension {ivf.dimension}, column {column!r} has {dim}"
-            )
+        validate.ivf_for(ivf, dim, column)
         if rq_rotation is None:
             rot = Rotation(dim, DEFAULT_NUM_BITS if num_bits is None else num_bits,
                            "float32", "fast", DEFAULT_ROTATION_SEED)
         else:
-            if not isinstance(rq_rotation, Rotation):
-                raise InvalidInputError(
-                    f"rq_rotation must be a bitshard.Rotation, got {type(rq_rotation).__name__}"
-                )
-            rot = rq_rotation
-            if num_bits is not None and int(num_bits) != rot.num_bits:
-                raise InvalidInputError(
-                    f"num_bits={num_bits} conflicts with the rotation's num_bits={rot.num_bits}"
-                )
-            if rot.dimension != dim:
-                raise InvalidInputError(
-                    f"rq_rotation has dimension {rot.dimension}, column {column!r} has {dim}"
-                )
+            rot = validate.rotation_for(rq_rotation, num_bits, dim, column)
         return ivf, rot
 
     def create_index_uncommitted(
@@ -305,12 +276,12 @@ class Dataset:
         ivf, rot = self._resolve_artifacts(column, ivf_centroids, rq_rotation, num_bits, metric)
         if fragment_ids is None:
             fragment_ids = [f.id for f in self.source.fragments()]
-        fragment_ids = [int(f) for f in fragment_ids]
+        fragment_ids = validate.fragment_ids(fragment_ids)
         name = name or f"{column}_idx"
         return idx.write_segment(
             self.source, column, name, self.storage, ivf, rot, fragment_ids,
             idx.new_uuid(index_uuid), batch_size=batch_size, progress=progress,
-            num_threads=_threads(num_threads),
+            num_threads=validate.thread_count(num_threads),
         )
 
     def merge_existing_index_segments(
@@ -533,15 +504,9 @@ class Dataset:
             # (and the C searcher checks the files against each other).
             for h, o in zip(handles, opened):
                 real = o.handle(self.index_root, name)
-                if (real.rotation_fingerprint, real.ivf_fingerprint, real.num_bits,
-                        real.metric, real.column) != (h.rotation_fingerprint,
-                                                      h.ivf_fingerprint, h.num_bits,
-                                                      h.metric, h.column):
-                    raise ArtifactMismatchError(
-                        f"segment {h.uuid} on disk does not match index {name!r}: "
-                        f"rotation {real.rotation_fingerprint} vs {h.rotation_fingerprint}, "
-                        f"centroids {real.ivf_fingerprint} vs {h.ivf_fingerprint}"
-                    )
+                CodeSpace.of(real).require_same(
+                    CodeSpace.of(h),
+                    f"segment {h.uuid} on disk does not match index {name!r} (file vs manifest)")
             searcher = _native.Searcher([o.native for o in opened]) if opened else None
             self._searchers = {k: v for k, v in self._searchers.items() if k[0] != name}
             self._searchers[key] = (searcher, handles, doc, opened)

@@ -40,11 +40,11 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
-
 from . import _native
 from . import index as idx
 from .artifacts import IvfModel, Rotation, as_ivf_model, build_rq_rotation, metric_code
+from . import validate
+from .codespace import CodeSpace
 from .dataset import DEFAULT_NUM_BITS, Dataset, _default_num_partitions, train_ivf
 from .errors import BitshardError, CorruptIndexError, InvalidInputError
 from .index import BUILDS_DIR, OpenSegment, SegmentHandle
@@ -404,10 +404,7 @@ def _choose_executor(executor: Optional[str]) -> str:
 
 def _resolve_workers(executor: str, num_workers: Optional[int]) -> int:
     if num_workers is not None:
-        if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) \
-                or num_workers < 1:
-            raise InvalidInputError(f"num_workers must be an integer >= 1, got {num_workers!r}")
-        return int(num_workers)
+        return validate.integer("num_workers", num_workers)
     if executor == "serial":
         return 1
     if executor == "ray":
@@ -523,7 +520,7 @@ def _source_identity(ds: Dataset) -> Dict[str, Any]:
 
 
 def _verify_segment(root: Storage, uuid: str, fragment_ids: Sequence[int], num_rows: int,
-                    artifacts: Dict[str, Any], name: str) -> Optional[SegmentHandle]:
+                    space: CodeSpace, name: str) -> Optional[SegmentHandle]:
     """The handle of a finished segment if its file opens (the C reader
     verifies every checksum) and it is what the build expects; else None."""
     try:
@@ -531,11 +528,11 @@ def _verify_segment(root: Storage, uuid: str, fragment_ids: Sequence[int], num_r
     except (BitshardError, OSError) as e:
         log.warning("not reusing segment %s: %s", uuid, e)
         return None
-    got = {"uuid": h.uuid, "fragment_ids": list(h.fragment_ids), "num_rows": h.num_rows,
-           **{k: getattr(h, k) for k in artifacts}}
-    want = {"uuid": uuid, "fragment_ids": list(fragment_ids), "num_rows": num_rows, **artifacts}
-    if got != want:
-        diff = sorted(k for k in want if got[k] != want[k])
+    got = {"uuid": h.uuid, "fragment_ids": list(h.fragment_ids), "num_rows": h.num_rows}
+    want = {"uuid": uuid, "fragment_ids": list(fragment_ids), "num_rows": num_rows}
+    diff = sorted([k for k in want if got[k] != want[k]]
+                  + [d.field for d in CodeSpace.of(h).differences(space)])
+    if diff:
         log.warning("not reusing segment %s: %s differ from the build's", uuid, ", ".join(diff))
         return None
     return h
@@ -667,21 +664,11 @@ def build_index(
         raise InvalidInputError(f"index_type must be 'IVF_RQ', got {index_type!r}")
     metric_code(metric)
     metric = metric.lower()
-    for val, label in ((sample_rate, "sample_rate"), (max_iters, "max_iters")):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-            raise InvalidInputError(f"{label} must be an integer >= 1, got {val!r}")
-    if isinstance(max_retries, bool) or not isinstance(max_retries, (int, np.integer)) \
-            or max_retries < 0:
-        raise InvalidInputError(f"max_retries must be an integer >= 0, got {max_retries!r}")
-    if fragments_per_task is not None and (
-            isinstance(fragments_per_task, bool)
-            or not isinstance(fragments_per_task, (int, np.integer)) or fragments_per_task < 1):
-        raise InvalidInputError(
-            f"fragments_per_task must be an integer >= 1, got {fragments_per_task!r}")
-    if num_partitions is not None and (
-            isinstance(num_partitions, bool)
-            or not isinstance(num_partitions, (int, np.integer)) or num_partitions < 1):
-        raise InvalidInputError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
+    validate.integer("sample_rate", sample_rate)
+    validate.integer("max_iters", max_iters)
+    validate.integer("max_retries", max_retries, minimum=0)
+    validate.optional_integer("fragments_per_task", fragments_per_task)
+    validate.optional_integer("num_partitions", num_partitions)
     executor = _choose_executor(executor)
     workers = _resolve_workers(executor, num_workers)
     prog = Progress(progress)
@@ -700,23 +687,13 @@ def build_index(
     # What makes "the same call": a rerun with these equal reuses the state.
     user_ivf = None if ivf_centroids is None else as_ivf_model(ivf_centroids, metric)
     if user_ivf is not None:
-        if user_ivf.dimension != dim:
-            raise InvalidInputError(
-                f"ivf_centroids have dimension {user_ivf.dimension}, column {column!r} has {dim}")
+        validate.ivf_for(user_ivf, dim, column)
         if num_partitions is not None and user_ivf.num_partitions != num_partitions:
             raise InvalidInputError(
                 f"num_partitions={num_partitions} conflicts with ivf_centroids "
                 f"({user_ivf.num_partitions} partitions)")
     if rq_rotation is not None:
-        if not isinstance(rq_rotation, Rotation):
-            raise InvalidInputError(
-                f"rq_rotation must be a bitshard.Rotation, got {type(rq_rotation).__name__}")
-        if num_bits is not None and int(num_bits) != rq_rotation.num_bits:
-            raise InvalidInputError(
-                f"num_bits={num_bits} conflicts with the rotation's num_bits={rq_rotation.num_bits}")
-        if rq_rotation.dimension != dim:
-            raise InvalidInputError(
-                f"rq_rotation has dimension {rq_rotation.dimension}, column {column!r} has {dim}")
+        validate.rotation_for(rq_rotation, num_bits, dim, column)
     params = {
         "column": column, "metric": metric, "num_partitions": num_partitions,
         "num_bits": None if num_bits is None else int(num_bits),
@@ -811,8 +788,8 @@ def build_index(
     stats.rotation_seed = rot.seed
     stats.ivf_fingerprint = ivf.fingerprint
     stats.rotation_fingerprint = rot.fingerprint
-    artifacts = {"rotation_fingerprint": rot.fingerprint, "ivf_fingerprint": ivf.fingerprint,
-                 "num_bits": rot.num_bits, "metric": metric, "column": column}
+    space = CodeSpace(dimension=dim, column=column, metric=metric, num_bits=rot.num_bits,
+                      rotation_fingerprint=rot.fingerprint, ivf_fingerprint=ivf.fingerprint)
 
     def save_state() -> None:
         if ident["version"] is not None:
@@ -826,7 +803,7 @@ def build_index(
         leaves: Dict[int, SegmentHandle] = {}
         for key, uuid in list(state["segments"].items()):
             t = tasks[int(key)]
-            h = _verify_segment(st, uuid, t["fragment_ids"], t["num_rows"], artifacts, name)
+            h = _verify_segment(st, uuid, t["fragment_ids"], t["num_rows"], space, name)
             if h is None:
                 del state["segments"][key]
             else:
@@ -852,10 +829,12 @@ def build_index(
 
                 def encoded(i: int, h: SegmentHandle) -> None:
                     t = todo[i]
-                    if list(h.fragment_ids) != list(t["fragment_ids"]) or any(
-                            getattr(h, k) != v for k, v in artifacts.items()):
+                    diff = CodeSpace.of(h).first_difference(space)
+                    if list(h.fragment_ids) != list(t["fragment_ids"]) or diff is not None:
+                        what = "fragment_ids differ" if diff is None else diff.describe()
                         raise CorruptIndexError(
-                            f"task {t['id']} returned segment {h.uuid} that does not match it")
+                            f"task {t['id']} returned segment {h.uuid} that does not match it: "
+                            f"{what}")
                     leaves[t["id"]] = h
                     state["segments"][str(t["id"])] = h.uuid
                     save_state()
@@ -885,7 +864,7 @@ def build_index(
                     frag_ids = [f for h in g for f in h.fragment_ids]
                     nrows = sum(h.num_rows for h in g)
                     if key in recorded:
-                        h = _verify_segment(st, recorded[key], frag_ids, nrows, artifacts, name)
+                        h = _verify_segment(st, recorded[key], frag_ids, nrows, space, name)
                         if h is not None:
                             nxt[gi] = h
                             stats.reused_merges.append(h.uuid)

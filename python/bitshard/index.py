@@ -37,6 +37,7 @@ from .artifacts import (
     IvfModel,
     Rotation,
 )
+from .codespace import CodeSpace
 from .errors import (
     ArtifactMismatchError,
     BitshardError,
@@ -419,21 +420,10 @@ def check_same_artifacts(handles: Sequence[SegmentHandle], column: Optional[str]
     if not handles:
         return
     first = handles[0]
+    space = CodeSpace.of(first)
     for i, h in enumerate(handles[1:], 1):
-        for attr, label in (
-            ("dimension", "dimension"),
-            ("column", "column"),
-            ("metric", "metric"),
-            ("num_bits", "num_bits"),
-            ("rotation_fingerprint", "rotation"),
-            ("ivf_fingerprint", "centroids"),
-        ):
-            a, b = getattr(first, attr), getattr(h, attr)
-            if a != b:
-                raise ArtifactMismatchError(
-                    f"segment {i} ({h.uuid}) does not match segment 0 ({first.uuid}): "
-                    f"{label} differs: {a!r} vs {b!r}"
-                )
+        space.require_same(CodeSpace.of(h),
+                           f"segment {i} ({h.uuid}) does not match segment 0 ({first.uuid})")
     if column is not None and first.column != column:
         raise ArtifactMismatchError(
             f"column differs: segments were built on {first.column!r}, commit names {column!r}"
@@ -477,10 +467,14 @@ def commit(
                 f"segment {h.uuid} has no file at {segment_path(st, h.uuid)}{where}")
         # Re-read the file: a handle is a claim, the file is the truth.
         actual = OpenSegment.of(st, h.uuid).handle(root_s, name)
-        if (actual.rotation_fingerprint, actual.ivf_fingerprint, actual.num_bits,
-                actual.fragment_ids) != (h.rotation_fingerprint, h.ivf_fingerprint,
-                                          h.num_bits, h.fragment_ids):
-            raise CorruptIndexError(f"segment {h.uuid} does not match its handle")
+        diff = CodeSpace.of(actual).first_difference(CodeSpace.of(h))
+        if diff is not None:
+            raise CorruptIndexError(f"segment {h.uuid} does not match its handle: "
+                                    f"{diff.describe()} (file vs handle)")
+        if actual.fragment_ids != h.fragment_ids:
+            raise CorruptIndexError(
+                f"segment {h.uuid} does not match its handle: fragment_ids differ: "
+                f"{list(actual.fragment_ids)} vs {list(h.fragment_ids)} (file vs handle)")
     base = latest_version(st, name) if expected_version is None else expected_version
     existing: List[Dict[str, Any]] = []
     prev: Optional[Dict[str, Any]] = None

@@ -20,11 +20,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
-import numpy as np
-
 from . import index as idx
+from . import validate
+from .codespace import CodeSpace
 from .dataset import Dataset, dataset
-from .errors import BitshardError, CorruptIndexError, IndexNotFoundError, InvalidInputError
+from .errors import BitshardError, CorruptIndexError, IndexNotFoundError
 from .index import BUILDS_DIR, OpenSegment, SegmentHandle
 from .storage import Storage, is_object_uri
 
@@ -158,10 +158,7 @@ def cleanup(
     Raises:
         CorruptIndexError: a manifest is unreadable; nothing is removed.
     """
-    if isinstance(older_than_seconds, bool) or not isinstance(
-            older_than_seconds, (int, float, np.integer, np.floating)) or older_than_seconds < 0:
-        raise InvalidInputError(
-            f"older_than_seconds must be a number >= 0, got {older_than_seconds!r}")
+    validate.non_negative_number("older_than_seconds", older_than_seconds)
     st = _index_root(uri, index_uri, storage_options)
     seg_files = st.list(idx.SEGMENTS_DIR)
     if not seg_files:
@@ -246,8 +243,8 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
                                     rows=sum(e.get("num_rows", 0) for e in entries)))
         first: Optional[SegmentHandle] = None
         owner: Dict[int, str] = {}
-        top = {k: doc.get(k) for k in ("metric", "num_bits", "dimension",
-                                       "rotation_fingerprint", "ivf_fingerprint")}
+        top: Dict[str, Any] = {k: doc.get(k) for k in (
+            "metric", "num_bits", "dimension", "rotation_fingerprint", "ivf_fingerprint")}
         for e in entries:
             path = idx.segment_path(root, e["uuid"])
             where = f"index {n!r} segment {e['uuid']} ({path})"
@@ -257,26 +254,28 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
                 faults.append(f"index {n!r}: {err}")
                 continue
             h = o.handle(root.root, n)
+            space = CodeSpace.of(h)
             claims = idx.handle_from_json(root, n, doc["column"], e)
-            for field in ("uuid", "fragment_ids", "num_rows", "num_bits", "metric", "dimension",
-                          "rotation_fingerprint", "ivf_fingerprint", "column"):
+            for field in ("uuid", "fragment_ids", "num_rows"):
                 a, b = getattr(claims, field), getattr(h, field)
                 if (list(a) if field == "fragment_ids" else a) != \
                         (list(b) if field == "fragment_ids" else b):
                     faults.append(f"{where}: the manifest says {field}={a!r}, the file has {b!r}")
-            for field, want in top.items():
-                if want is not None and getattr(h, field) != want:
-                    faults.append(f"{where}: {field} is {getattr(h, field)!r}, the index's is "
-                                  f"{want!r}")
+            for d in CodeSpace.of(claims).differences(space):
+                faults.append(f"{where}: the manifest says {d.field}={d.ours!r}, "
+                              f"the file has {d.theirs!r}")
+            # The manifest's top-level fields (absent ones are not checked;
+            # its column is the claim compared just above).
+            for d in space.differences(CodeSpace(column=h.column, **top)):
+                if d.theirs is not None:
+                    faults.append(f"{where}: {d.field} is {d.ours!r}, the index's is "
+                                  f"{d.theirs!r}")
             if first is None:
                 first = h
             else:
-                for field, label in (("rotation_fingerprint", "rotation"),
-                                     ("ivf_fingerprint", "centroids"), ("num_bits", "num_bits"),
-                                     ("metric", "metric"), ("dimension", "dimension")):
-                    if getattr(h, field) != getattr(first, field):
-                        faults.append(f"{where}: {label} differs from segment {first.uuid}: "
-                                      f"{getattr(h, field)!r} vs {getattr(first, field)!r}")
+                for d in space.differences(CodeSpace.of(first)):
+                    faults.append(f"{where}: {d.label} differs from segment {first.uuid}: "
+                                  f"{d.ours!r} vs {d.theirs!r}")
             for fid, rows in o.native.fragments():
                 fid, rows = int(fid), int(rows)
                 if fid in owner:

@@ -11,7 +11,6 @@ turned into a pyarrow Table.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from . import _native
 from .artifacts import METRICS
+from . import validate
 from .errors import InvalidInputError
 from .sources import Source
 
@@ -28,12 +28,6 @@ __all__ = ["Searcher", "NO_ROW"]
 NO_ROW = np.uint64(np.iinfo(np.uint64).max)
 
 _Hits = Tuple[np.ndarray, np.ndarray]  # (rowids uint64, distances float32)
-
-
-def _check_int(name: str, v: Any, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise InvalidInputError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
 
 
 class Searcher:
@@ -64,21 +58,11 @@ class Searcher:
         eps0: float,
         num_threads: Optional[int] = None,
     ) -> None:
-        self.k = _check_int("k", k, 1)
-        self.nprobes = _check_int("nprobes", nprobes, 1)
-        if refine_factor is not None:
-            if isinstance(refine_factor, bool) or not isinstance(refine_factor, (int, np.integer)) \
-                    or refine_factor < 1:
-                raise InvalidInputError(
-                    f"refine_factor must be None or >= 1, got {refine_factor!r}")
-            refine_factor = int(refine_factor)
-        self.refine_factor = refine_factor
-        if isinstance(eps0, bool) or not isinstance(eps0, (int, float, np.floating, np.integer)) \
-                or not math.isfinite(float(eps0)) or eps0 < 0:
-            raise InvalidInputError(f"eps0 must be a finite number >= 0, got {eps0!r}")
-        self.eps0 = float(eps0)
-        if num_threads is not None:
-            _check_int("num_threads", num_threads, 1)
+        self.k = validate.integer("k", k)
+        self.nprobes = validate.integer("nprobes", nprobes)
+        self.refine_factor = refine_factor = validate.refine_factor(refine_factor)
+        self.eps0 = validate.eps0(eps0)
+        validate.optional_integer("num_threads", num_threads)
         self._num_threads = num_threads
         self.column = column
         self.source: Source = ds.source
@@ -95,7 +79,7 @@ class Searcher:
             allowed_frags = plan["allowed_all"]
             uncovered = [] if fast_search else plan["uncovered_all"]
         else:
-            wanted = {int(f) for f in fragment_ids}
+            wanted = set(validate.fragment_ids(fragment_ids))
             unknown = wanted - plan["source_frags"]
             if unknown:
                 raise InvalidInputError(f"fragment {min(unknown)} is not in the source")

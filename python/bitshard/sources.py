@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bitshard import validate
 from bitshard.errors import InvalidInputError
 
 __all__ = [
@@ -147,16 +148,6 @@ def split_rowids(rowids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------
 # Argument checks and vector validation (shared by every kind)
 # ----------------------------------------------------------------------------
-
-
-def _check_positive_int(value: Any, name: str, upper: Optional[int] = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-    v = int(value)
-    if v <= 0 or (upper is not None and v > upper):
-        limit = f" and at most {upper}" if upper is not None else ""
-        raise InvalidInputError(f"{name} must be a positive integer{limit}, got {v}")
-    return v
 
 
 def _as_rowids(rowids: Any) -> np.ndarray:
@@ -477,7 +468,7 @@ class Source:
             not d; the message names the column, fragment and row (offset).
         """
         col = self._resolve_column(column)
-        batch_size = _check_positive_int(batch_size, "batch_size")
+        batch_size = validate.positive_integer("batch_size", batch_size)
         frags = self._resolve_fragment_ids(fragment_ids)
         dim = self.vector_dim(col)
         return self._iter_vectors(col, dim, frags, batch_size)
@@ -1414,7 +1405,7 @@ def open_source(x: Any, column: Optional[str] = None, fragment_size: Optional[in
 
     if in_memory:
         fs_rows = DEFAULT_FRAGMENT_SIZE if fragment_size is None else \
-            _check_positive_int(fragment_size, "fragment_size", upper=_MAX_OFFSETS)
+            validate.positive_integer("fragment_size", fragment_size, upper=_MAX_OFFSETS)
         if isinstance(x, np.ndarray):
             return NumpySource(x, column, fs_rows)
         table = pa.Table.from_batches([x]) if isinstance(x, pa.RecordBatch) else x
