@@ -5,23 +5,29 @@
  * to the exception classes of bitshard.errors (kept in module state).
  * Arrays cross as buffers: inputs are read-only C-contiguous buffers of the
  * exact dtype (never converted silently), outputs are writable buffers the
- * Python side allocates with numpy.
+ * Python side allocates with numpy. Every entry point takes its buffers
+ * through one table (buf_arg, bufs_acquire, bufs_release) and its integers
+ * through one range-checked reader (int_arg): no value wraps on its way to
+ * C, and a value outside a C parameter's range is InvalidInputError naming
+ * the argument and the value.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <limits.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bitshard.h"
 
+/* The module's types, in the order of native_exec's specs. */
+enum { ROTATION_TYPE, BUILDER_TYPE, SEGMENT_TYPE, SEARCHER_TYPE, NUM_TYPES };
+
 typedef struct {
     PyObject *errors[10]; /* indexed by bs_status */
-    PyTypeObject *RotationType;
-    PyTypeObject *BuilderType;
-    PyTypeObject *SegmentType;
-    PyTypeObject *SearcherType;
+    PyTypeObject *types[NUM_TYPES];
 } native_state;
 
 static native_state *get_state(PyObject *module) {
@@ -38,11 +44,110 @@ static PyObject *raise_bs(PyObject *module, const bs_error *err) {
     return NULL;
 }
 
-/* ---------------------------------------------------------- buffer helper */
+/* bitshard.errors.InvalidInputError, for arguments refused here. */
+static PyObject *invalid_input(PyObject *module) {
+    PyObject *cls = get_state(module)->errors[BS_ERR_INVALID_ARGUMENT];
+    return cls != NULL ? cls : PyExc_ValueError;
+}
 
-/* kind: 'f' float32, 'u' unsigned integer of itemsize, 'b' raw bytes. */
-static int get_buf(PyObject *obj, Py_buffer *view, char kind, Py_ssize_t itemsize,
-                   int writable, const char *name) {
+/* ------------------------------------------------------ integer arguments */
+
+/* Reads obj as an integer in [lo, hi]. The "I" and "K" formats of
+ * PyArg_ParseTuple keep the low bits of a larger value (nprobes=2**32+1
+ * became 1), so every integer argument comes through here instead: a value
+ * outside the range, however large, is InvalidInputError naming the
+ * argument and the value; a non-integer is TypeError. */
+static int int_arg(PyObject *module, PyObject *obj, const char *name, unsigned long long lo,
+                   unsigned long long hi, unsigned long long *out) {
+    PyObject *v = PyNumber_Index(obj);
+    if (v == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s must be an integer, got %.100s", name,
+                         Py_TYPE(obj)->tp_name);
+        }
+        return -1;
+    }
+    int overflow;
+    long long s = PyLong_AsLongLongAndOverflow(v, &overflow);
+    unsigned long long u = 0;
+    int ok = 0;
+    if (overflow == 0 && s == -1 && PyErr_Occurred()) {
+        Py_DECREF(v);
+        return -1;
+    }
+    if (overflow == 0 && s >= 0) {
+        u = (unsigned long long)s;
+        ok = 1;
+    } else if (overflow > 0) { /* above LLONG_MAX: may still fit 64 unsigned bits */
+        u = PyLong_AsUnsignedLongLong(v);
+        ok = !(u == (unsigned long long)-1 && PyErr_Occurred());
+        if (!ok) PyErr_Clear();
+    }
+    if (!ok || u < lo || u > hi) {
+        PyErr_Format(invalid_input(module), "%s must be an integer in [%llu, %llu], got %R",
+                     name, lo, hi, v);
+        Py_DECREF(v);
+        return -1;
+    }
+    Py_DECREF(v);
+    *out = u;
+    return 0;
+}
+
+/* A uint32_t parameter of the C API, at least lo. */
+static int u32_arg(PyObject *module, PyObject *obj, const char *name, uint32_t lo,
+                   uint32_t *out) {
+    unsigned long long v;
+    if (int_arg(module, obj, name, lo, UINT32_MAX, &v) < 0) return -1;
+    *out = (uint32_t)v;
+    return 0;
+}
+
+/* A row or query count: a size_t that numpy could also index. */
+static int count_arg(PyObject *module, PyObject *obj, const char *name, size_t *out) {
+    unsigned long long v;
+    if (int_arg(module, obj, name, 0, PY_SSIZE_T_MAX, &v) < 0) return -1;
+    *out = (size_t)v;
+    return 0;
+}
+
+/* A C enum (metric, rotation kind): any int-sized value; the library
+ * refuses the ones it does not know, with its own message. */
+static int enum_arg(PyObject *module, PyObject *obj, const char *name, int *out) {
+    unsigned long long v;
+    if (int_arg(module, obj, name, 0, INT_MAX, &v) < 0) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+/* a * b items, or SIZE_MAX (more than any buffer holds) on overflow. */
+static size_t items_of(size_t a, size_t b) {
+    return b != 0 && a > SIZE_MAX / b ? SIZE_MAX : a * b;
+}
+
+/* ------------------------------------------------------ buffer arguments */
+
+enum {
+    BUF_WRITABLE = 1, /* an output */
+    BUF_OPTIONAL = 2, /* None leaves it unheld */
+    BUF_EXACT = 4     /* need is the exact item count, not the minimum */
+};
+
+/* One buffer argument of an entry point: the caller fills name, obj, kind,
+ * flags and need; bufs_acquire fills view and held. */
+typedef struct {
+    const char *name;
+    PyObject *obj;
+    char kind;      /* 'f' float32, 'u' uint32, 'U' uint64, 'b' any bytes */
+    unsigned flags; /* BUF_* */
+    size_t need;    /* items it must hold */
+    Py_buffer view;
+    int held;
+} buf_arg;
+
+/* Takes obj's buffer, C-contiguous, of the kind's element type. */
+static int get_buf(PyObject *obj, Py_buffer *view, char kind, int writable, const char *name) {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0) {
         PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous%s buffer", name,
@@ -52,14 +157,16 @@ static int get_buf(PyObject *obj, Py_buffer *view, char kind, Py_ssize_t itemsiz
     if (kind == 'b') return 0;
     const char *fmt = view->format ? view->format : "B";
     if (*fmt == '<' || *fmt == '=' || *fmt == '@') fmt++;
+    Py_ssize_t itemsize = kind == 'U' ? 8 : 4;
     int ok;
     if (kind == 'f')
         ok = view->itemsize == 4 && strcmp(fmt, "f") == 0;
     else
-        ok = view->itemsize == itemsize && fmt[1] == '\0' && strchr("BHILQN", fmt[0]);
+        ok = view->itemsize == itemsize && fmt[0] != '\0' && fmt[1] == '\0' &&
+             strchr("BHILQN", fmt[0]) != NULL;
     if (!ok) {
-        PyErr_Format(PyExc_TypeError, "%s must hold %s, got format '%s' of %zd bytes",
-                     name, kind == 'f' ? "float32" : (itemsize == 8 ? "uint64" : "uint32"),
+        PyErr_Format(PyExc_TypeError, "%s must hold %s, got format '%s' of %zd bytes", name,
+                     kind == 'f' ? "float32" : (kind == 'U' ? "uint64" : "uint32"),
                      view->format ? view->format : "B", view->itemsize);
         PyBuffer_Release(view);
         return -1;
@@ -67,17 +174,83 @@ static int get_buf(PyObject *obj, Py_buffer *view, char kind, Py_ssize_t itemsiz
     return 0;
 }
 
-static int check_len(Py_buffer *view, size_t items, const char *name) {
-    if ((size_t)(view->len / (view->itemsize ? view->itemsize : 1)) < items) {
-        PyErr_Format(PyExc_ValueError, "%s holds %zd items, needs %zu", name,
-                     view->len / (view->itemsize ? view->itemsize : 1), items);
+static size_t buf_items(const Py_buffer *view) {
+    return (size_t)(view->len / (view->itemsize ? view->itemsize : 1));
+}
+
+static int check_len(PyObject *module, const Py_buffer *view, size_t items, int exact,
+                     const char *name) {
+    size_t have = buf_items(view);
+    if (have < items || (exact && have != items)) {
+        PyErr_Format(invalid_input(module), "%s holds %zu items, needs %s%zu", name, have,
+                     exact ? "" : "at least ", items);
         return -1;
     }
     return 0;
 }
 
+static void bufs_release(buf_arg *t, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (t[i].held) PyBuffer_Release(&t[i].view);
+        t[i].held = 0;
+    }
+}
+
+/* Takes every buffer of the table and checks its length: all or nothing
+ * (on failure, what was taken is released). An entry point calls
+ * bufs_release on its one exit path after a success. */
+static int bufs_acquire(PyObject *module, buf_arg *t, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        t[i].held = 0;
+        if ((t[i].flags & BUF_OPTIONAL) && (t[i].obj == NULL || t[i].obj == Py_None))
+            continue;
+        if (get_buf(t[i].obj, &t[i].view, t[i].kind, t[i].flags & BUF_WRITABLE, t[i].name) < 0)
+            goto fail;
+        t[i].held = 1;
+        if (check_len(module, &t[i].view, t[i].need, t[i].flags & BUF_EXACT, t[i].name) < 0)
+            goto fail;
+    }
+    return 0;
+fail:
+    bufs_release(t, n);
+    return -1;
+}
+
+/* A table entry (designated, so view and held start zeroed). */
+#define BUF(name_, obj_, kind_, flags_, need_) \
+    {.name = (name_), .obj = (obj_), .kind = (kind_), .flags = (flags_), .need = (need_)}
+
+#define NBUFS(t) (sizeof(t) / sizeof((t)[0]))
+
+/* The held buffer's memory, or NULL for an optional one passed as None. */
+static void *buf_ptr(const buf_arg *b) { return b->held ? b->view.buf : NULL; }
+
+/* The end of an entry point that returns None: releases its buffers, then
+ * None or the library's error. */
+static PyObject *finish(PyObject *module, buf_arg *t, size_t n, bs_status status,
+                        const bs_error *err) {
+    bufs_release(t, n);
+    if (status != BS_OK) return raise_bs(module, err);
+    Py_RETURN_NONE;
+}
+
 static PyObject *fingerprint_bytes(bs_fingerprint fp) {
     return PyBytes_FromStringAndSize((const char *)fp.bytes, 16);
+}
+
+/* The end of a tp_init after the library call: 0, or -1 with its error. */
+static int init_result(PyObject *module, bs_status status, const bs_error *err) {
+    if (status == BS_OK) return 0;
+    raise_bs(module, err);
+    return -1;
+}
+
+/* The end of every tp_dealloc, once the library's object is freed. */
+static void dealloc_object(PyObject *self, PyObject *module) {
+    PyTypeObject *tp = Py_TYPE(self);
+    Py_XDECREF(module);
+    tp->tp_free(self);
+    Py_DECREF(tp);
 }
 
 /* ------------------------------------------------------------- Rotation */
@@ -90,59 +263,48 @@ typedef struct {
 
 static int Rotation_init(RotationObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"kind", "dim", "seed", NULL};
+    PyObject *kind_o, *dim_o, *seed_o;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO", kwlist, &kind_o, &dim_o, &seed_o))
+        return -1;
     int kind;
-    unsigned int dim;
+    uint32_t dim;
     unsigned long long seed;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iIK", kwlist, &kind, &dim, &seed))
+    if (enum_arg(self->module, kind_o, "kind", &kind) < 0 ||
+        u32_arg(self->module, dim_o, "dim", 0, &dim) < 0 ||
+        int_arg(self->module, seed_o, "seed", 0, UINT64_MAX, &seed) < 0)
         return -1;
     bs_error err;
     bs_status status;
     Py_BEGIN_ALLOW_THREADS
     status = bs_rotation_create((bs_rotation_kind)kind, dim, seed, &self->rot, &err);
     Py_END_ALLOW_THREADS
-    if (status != BS_OK) {
-        raise_bs(self->module, &err);
-        return -1;
-    }
-    return 0;
+    return init_result(self->module, status, &err);
 }
 
 static void Rotation_dealloc(RotationObject *self) {
-    PyTypeObject *tp = Py_TYPE(self);
     bs_rotation_free(self->rot);
-    Py_XDECREF(self->module);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
+    dealloc_object((PyObject *)self, self->module);
 }
 
 static PyObject *Rotation_apply(RotationObject *self, PyObject *args) {
-    PyObject *xo, *outo;
-    Py_ssize_t n;
-    unsigned int in_dim;
-    if (!PyArg_ParseTuple(args, "OnIO", &xo, &n, &in_dim, &outo)) return NULL;
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "n must be >= 0");
-    Py_buffer x, out;
-    if (get_buf(xo, &x, 'f', 4, 0, "x") < 0) return NULL;
-    if (get_buf(outo, &out, 'f', 4, 1, "out") < 0) {
-        PyBuffer_Release(&x);
+    PyObject *xo, *n_o, *in_dim_o, *outo;
+    if (!PyArg_ParseTuple(args, "OOOO", &xo, &n_o, &in_dim_o, &outo)) return NULL;
+    size_t n;
+    uint32_t in_dim;
+    if (count_arg(self->module, n_o, "n", &n) < 0 ||
+        u32_arg(self->module, in_dim_o, "in_dim", 0, &in_dim) < 0)
         return NULL;
-    }
-    PyObject *result = NULL;
-    if (check_len(&x, (size_t)n * in_dim, "x") == 0 &&
-        check_len(&out, (size_t)n * bs_rotation_padded_dim(self->rot), "out") == 0) {
-        bs_error err;
-        bs_status status;
-        Py_BEGIN_ALLOW_THREADS
-        status = bs_rotation_apply(self->rot, x.buf, (size_t)n, in_dim, out.buf, &err);
-        Py_END_ALLOW_THREADS
-        if (status != BS_OK)
-            raise_bs(self->module, &err);
-        else
-            result = Py_NewRef(Py_None);
-    }
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&out);
-    return result;
+    buf_arg b[] = {
+        BUF("x", xo, 'f', 0, items_of(n, in_dim)),
+        BUF("out", outo, 'f', BUF_WRITABLE, items_of(n, bs_rotation_padded_dim(self->rot))),
+    };
+    if (bufs_acquire(self->module, b, NBUFS(b)) < 0) return NULL;
+    bs_error err;
+    bs_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = bs_rotation_apply(self->rot, b[0].view.buf, n, in_dim, b[1].view.buf, &err);
+    Py_END_ALLOW_THREADS
+    return finish(self->module, b, NBUFS(b), status, &err);
 }
 
 static PyObject *Rotation_get_padded_dim(RotationObject *self, void *c) {
@@ -165,6 +327,21 @@ static PyGetSetDef Rotation_getset[] = {
 extern void scipy_openblas_set_num_threads(int num_threads);
 extern int scipy_openblas_get_num_threads(void);
 
+/* Before a library call on `threads` threads of our own, each running the
+ * BLAS on its own rows: the BLAS's pool would only spin against them (see
+ * bs_kmeans_train_mt), so it runs single-threaded meanwhile. The count is
+ * process-wide; another thread's call in between is merely slower, never
+ * wrong. Returns what blas_restore puts back. */
+static int blas_single(unsigned threads) {
+    int blas = threads > 1 ? scipy_openblas_get_num_threads() : 0;
+    if (blas > 1) scipy_openblas_set_num_threads(1);
+    return blas;
+}
+
+static void blas_restore(int blas) {
+    if (blas > 1) scipy_openblas_set_num_threads(blas);
+}
+
 /* --------------------------------------------------------------- Builder */
 
 typedef struct {
@@ -172,47 +349,43 @@ typedef struct {
     bs_segment_builder *b;
     PyObject *module;
     unsigned int threads;
+    uint32_t dim; /* of the rows add() takes */
 } BuilderObject;
 
 static int Builder_init(BuilderObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"dim", "num_bits", "metric", "rotation_kind", "rotation_seed",
                              "centroids", "num_partitions", "column", "uuid",
                              "fragment_ids", "fragment_rows", NULL};
-    unsigned int dim, bits, nlist;
+    PyObject *dim_o, *bits_o, *metric_o, *kind_o, *seed_o, *nlist_o;
+    PyObject *co, *uuido, *fido, *frowo;
+    const char *column;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOsOOO", kwlist, &dim_o, &bits_o,
+                                     &metric_o, &kind_o, &seed_o, &co, &nlist_o, &column,
+                                     &uuido, &fido, &frowo))
+        return -1;
+    PyObject *m = self->module;
+    uint32_t dim, bits, num_partitions;
     int metric, kind;
     unsigned long long seed;
-    PyObject *co, *fido, *frowo;
-    const char *column;
-    Py_buffer uuid;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "IIiiKOIsy*OO", kwlist, &dim, &bits, &metric,
-                                     &kind, &seed, &co, &nlist, &column, &uuid, &fido,
-                                     &frowo))
+    if (u32_arg(m, dim_o, "dim", 0, &dim) < 0 || u32_arg(m, bits_o, "num_bits", 0, &bits) < 0 ||
+        enum_arg(m, metric_o, "metric", &metric) < 0 ||
+        enum_arg(m, kind_o, "rotation_kind", &kind) < 0 ||
+        int_arg(m, seed_o, "rotation_seed", 0, UINT64_MAX, &seed) < 0 ||
+        u32_arg(m, nlist_o, "num_partitions", 0, &num_partitions) < 0)
         return -1;
-    Py_buffer cent, fid, frow;
-    if (uuid.len != 16) {
-        PyBuffer_Release(&uuid);
-        PyErr_SetString(PyExc_ValueError, "uuid must be 16 bytes");
-        return -1;
-    }
-    if (get_buf(co, &cent, 'f', 4, 0, "centroids") < 0) {
-        PyBuffer_Release(&uuid);
-        return -1;
-    }
-    if (get_buf(fido, &fid, 'u', 8, 0, "fragment_ids") < 0) {
-        PyBuffer_Release(&uuid);
-        PyBuffer_Release(&cent);
-        return -1;
-    }
-    if (get_buf(frowo, &frow, 'u', 8, 0, "fragment_rows") < 0) {
-        PyBuffer_Release(&uuid);
-        PyBuffer_Release(&cent);
-        PyBuffer_Release(&fid);
-        return -1;
-    }
+    buf_arg b[] = {
+        BUF("centroids", co, 'f', 0, items_of(num_partitions, dim)),
+        BUF("uuid", uuido, 'b', BUF_EXACT, 16),
+        BUF("fragment_ids", fido, 'U', 0, 0),
+        BUF("fragment_rows", frowo, 'U', 0, 0),
+    };
+    if (bufs_acquire(m, b, NBUFS(b)) < 0) return -1;
+    size_t num_fragments = buf_items(&b[2].view);
     int rc = -1;
-    size_t nfrag = (size_t)(fid.len / 8);
-    if (check_len(&cent, (size_t)nlist * dim, "centroids") == 0 &&
-        check_len(&frow, nfrag, "fragment_rows") == 0) {
+    if (num_fragments > UINT32_MAX) {
+        PyErr_Format(invalid_input(m), "fragment_ids holds %zu items, at most %u",
+                     num_fragments, (unsigned)UINT32_MAX);
+    } else if (check_len(m, &b[3].view, num_fragments, 0, "fragment_rows") == 0) {
         bs_segment_spec spec;
         memset(&spec, 0, sizeof spec);
         spec.dim = dim;
@@ -220,70 +393,61 @@ static int Builder_init(BuilderObject *self, PyObject *args, PyObject *kw) {
         spec.metric = (bs_metric)metric;
         spec.rotation_kind = (bs_rotation_kind)kind;
         spec.rotation_seed = seed;
-        spec.centroids = cent.buf;
-        spec.num_partitions = nlist;
+        spec.centroids = b[0].view.buf;
+        spec.num_partitions = num_partitions;
         spec.column = column;
-        spec.uuid = uuid.buf;
-        spec.fragment_ids = fid.buf;
-        spec.fragment_rows = frow.buf;
-        spec.num_fragments = (uint32_t)nfrag;
+        spec.uuid = b[1].view.buf;
+        spec.fragment_ids = b[2].view.buf;
+        spec.fragment_rows = b[3].view.buf;
+        spec.num_fragments = (uint32_t)num_fragments;
         bs_error err;
         bs_status status;
         Py_BEGIN_ALLOW_THREADS
         status = bs_builder_create(&spec, &self->b, &err);
         Py_END_ALLOW_THREADS
         self->threads = 1;
+        self->dim = dim;
         if (status != BS_OK)
-            raise_bs(self->module, &err);
+            raise_bs(m, &err);
         else
             rc = 0;
     }
-    PyBuffer_Release(&uuid);
-    PyBuffer_Release(&cent);
-    PyBuffer_Release(&fid);
-    PyBuffer_Release(&frow);
+    bufs_release(b, NBUFS(b));
     return rc;
 }
 
 static void Builder_dealloc(BuilderObject *self) {
-    PyTypeObject *tp = Py_TYPE(self);
     bs_builder_free(self->b);
-    Py_XDECREF(self->module);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
+    dealloc_object((PyObject *)self, self->module);
 }
 
 static PyObject *Builder_add(BuilderObject *self, PyObject *args) {
-    PyObject *xo, *offo;
-    Py_ssize_t n;
-    unsigned int fidx, dim;
-    if (!PyArg_ParseTuple(args, "OnIIO", &xo, &n, &dim, &fidx, &offo)) return NULL;
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "n must be >= 0");
-    Py_buffer x, off;
-    if (get_buf(xo, &x, 'f', 4, 0, "x") < 0) return NULL;
-    if (get_buf(offo, &off, 'u', 4, 0, "offsets") < 0) {
-        PyBuffer_Release(&x);
+    PyObject *xo, *n_o, *dim_o, *fidx_o, *offo;
+    if (!PyArg_ParseTuple(args, "OOOOO", &xo, &n_o, &dim_o, &fidx_o, &offo)) return NULL;
+    PyObject *m = self->module;
+    size_t n;
+    uint32_t dim, fidx;
+    if (count_arg(m, n_o, "n", &n) < 0 || u32_arg(m, dim_o, "dim", 0, &dim) < 0 ||
+        u32_arg(m, fidx_o, "fragment_index", 0, &fidx) < 0)
         return NULL;
-    }
-    PyObject *result = NULL;
-    if (check_len(&x, (size_t)n * dim, "x") == 0 && check_len(&off, (size_t)n, "offsets") == 0) {
-        bs_error err;
-        bs_status status;
-        /* As in kmeans_train: our threads, a single-threaded BLAS. */
-        int blas = self->threads > 1 ? scipy_openblas_get_num_threads() : 0;
-        Py_BEGIN_ALLOW_THREADS
-        if (blas > 1) scipy_openblas_set_num_threads(1);
-        status = bs_builder_add(self->b, x.buf, (size_t)n, fidx, off.buf, &err);
-        if (blas > 1) scipy_openblas_set_num_threads(blas);
-        Py_END_ALLOW_THREADS
-        if (status != BS_OK)
-            raise_bs(self->module, &err);
-        else
-            result = Py_NewRef(Py_None);
-    }
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&off);
-    return result;
+    /* The library reads n rows of the builder's dimension: a smaller dim
+     * here would let a short buffer pass the length check. */
+    if (dim != self->dim)
+        return PyErr_Format(invalid_input(m), "dim is %u, the builder's rows have %u", dim,
+                            self->dim);
+    buf_arg b[] = {
+        BUF("x", xo, 'f', 0, items_of(n, dim)),
+        BUF("offsets", offo, 'u', 0, n),
+    };
+    if (bufs_acquire(m, b, NBUFS(b)) < 0) return NULL;
+    bs_error err;
+    bs_status status;
+    Py_BEGIN_ALLOW_THREADS
+    int blas = blas_single(self->threads);
+    status = bs_builder_add(self->b, b[0].view.buf, n, fidx, b[1].view.buf, &err);
+    blas_restore(blas);
+    Py_END_ALLOW_THREADS
+    return finish(m, b, NBUFS(b), status, &err);
 }
 
 static PyObject *Builder_write(BuilderObject *self, PyObject *args) {
@@ -299,9 +463,10 @@ static PyObject *Builder_write(BuilderObject *self, PyObject *args) {
 }
 
 static PyObject *Builder_set_threads(BuilderObject *self, PyObject *args) {
-    unsigned int n;
-    if (!PyArg_ParseTuple(args, "I", &n)) return NULL;
-    if (n < 1) return PyErr_Format(PyExc_ValueError, "threads must be >= 1, got %u", n);
+    PyObject *n_o;
+    uint32_t n;
+    if (!PyArg_ParseTuple(args, "O", &n_o)) return NULL;
+    if (u32_arg(self->module, n_o, "threads", 1, &n) < 0) return NULL;
     bs_builder_set_threads(self->b, n);
     self->threads = n;
     Py_RETURN_NONE;
@@ -328,27 +493,21 @@ typedef struct {
 static int Segment_init(SegmentObject *self, PyObject *args, PyObject *kw) {
     PyObject *bo;
     if (!PyArg_ParseTuple(args, "O", &bo)) return -1;
-    if (get_buf(bo, &self->buf, 'b', 1, 0, "data") < 0) return -1;
+    /* Held past this call (until dealloc), so not through a buf_arg table. */
+    if (get_buf(bo, &self->buf, 'b', 0, "data") < 0) return -1;
     self->has_buf = 1;
     bs_error err;
     bs_status status;
     Py_BEGIN_ALLOW_THREADS
     status = bs_segment_open(self->buf.buf, (size_t)self->buf.len, &self->seg, &err);
     Py_END_ALLOW_THREADS
-    if (status != BS_OK) {
-        raise_bs(self->module, &err);
-        return -1;
-    }
-    return 0;
+    return init_result(self->module, status, &err);
 }
 
 static void Segment_dealloc(SegmentObject *self) {
-    PyTypeObject *tp = Py_TYPE(self);
     bs_segment_free(self->seg);
     if (self->has_buf) PyBuffer_Release(&self->buf);
-    Py_XDECREF(self->module);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
+    dealloc_object((PyObject *)self, self->module);
 }
 
 static PyObject *Segment_info(SegmentObject *self, PyObject *unused) {
@@ -388,15 +547,11 @@ static PyObject *Segment_centroids(SegmentObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O", &outo)) return NULL;
     bs_segment_info in;
     bs_segment_get_info(self->seg, &in);
-    Py_buffer out;
-    if (get_buf(outo, &out, 'f', 4, 1, "out") < 0) return NULL;
     size_t n = (size_t)in.num_partitions * in.dim;
-    if (check_len(&out, n, "out") < 0) {
-        PyBuffer_Release(&out);
-        return NULL;
-    }
-    memcpy(out.buf, bs_segment_centroids(self->seg), n * sizeof(float));
-    PyBuffer_Release(&out);
+    buf_arg b[] = {BUF("out", outo, 'f', BUF_WRITABLE, n)};
+    if (bufs_acquire(self->module, b, NBUFS(b)) < 0) return NULL;
+    memcpy(b[0].view.buf, bs_segment_centroids(self->seg), n * sizeof(float));
+    bufs_release(b, NBUFS(b));
     Py_RETURN_NONE;
 }
 
@@ -422,7 +577,7 @@ static int segments_from_seq(PyObject *module, PyObject *seq, const bs_segment *
     }
     for (Py_ssize_t i = 0; i < *n; i++) {
         PyObject *o = PySequence_Fast_GET_ITEM(fast, i);
-        if (!PyObject_TypeCheck(o, st->SegmentType)) {
+        if (!PyObject_TypeCheck(o, st->types[SEGMENT_TYPE])) {
             PyErr_Format(PyExc_TypeError, "segments[%zd] is not a Segment", i);
             PyMem_Free(arr);
             Py_DECREF(fast);
@@ -443,6 +598,7 @@ typedef struct {
     PyObject *segments; /* tuple: keeps every Segment alive */
     bs_candidates *cand; /* scratch of search(), while busy is 0 */
     int busy;
+    uint32_t dim;        /* of a query */
     PyObject *module;
 } SearcherObject;
 
@@ -467,6 +623,11 @@ static int Searcher_init(SearcherObject *self, PyObject *args, PyObject *kw) {
         raise_bs(self->module, &err);
         return -1;
     }
+    if (n > 0) {
+        bs_segment_info in;
+        bs_segment_get_info(((SegmentObject *)PyTuple_GET_ITEM(self->segments, 0))->seg, &in);
+        self->dim = in.dim;
+    }
     self->cand = bs_candidates_new();
     if (self->cand == NULL) {
         PyErr_NoMemory();
@@ -476,32 +637,60 @@ static int Searcher_init(SearcherObject *self, PyObject *args, PyObject *kw) {
 }
 
 static void Searcher_dealloc(SearcherObject *self) {
-    PyTypeObject *tp = Py_TYPE(self);
     bs_searcher_free(self->s);
     bs_candidates_free(self->cand);
     Py_XDECREF(self->segments);
-    Py_XDECREF(self->module);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
+    dealloc_object((PyObject *)self, self->module);
 }
 
-/* The search parameters from the call's arguments; a filter buffer is NULL
- * when the caller passed None. */
-static void set_params(bs_search_params *p, unsigned k, unsigned nprobes, float eps0,
-                       unsigned refine, const Py_buffer *mask, const Py_buffer *allow,
-                       const Py_buffer *frags, const Py_buffer *denied) {
+/* The settings search() and search_batch_into() share arrive as one tuple,
+ * params = (k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids,
+ * allowed_fragments, denied_rowids): the Python side builds it once per
+ * prepared search. */
+enum { NUM_FILTERS = 4 };
+
+/* The search parameters from params; filters receives the four filter
+ * buffers (None leaves one out), to be taken with the call's other
+ * buffers and then pointed at by set_filters. */
+static int parse_params(SearcherObject *self, PyObject *params, bs_search_params *p,
+                        buf_arg *filters) {
+    PyObject *m = self->module;
+    PyObject *k, *nprobes, *eps0, *refine, *mask, *allowed, *frags, *denied;
+    if (!PyTuple_Check(params)) {
+        PyErr_Format(PyExc_TypeError, "params must be a tuple, got %.100s",
+                     Py_TYPE(params)->tp_name);
+        return -1;
+    }
+    if (!PyArg_ParseTuple(params, "OOOOOOOO:params", &k, &nprobes, &eps0, &refine, &mask,
+                          &allowed, &frags, &denied))
+        return -1;
     memset(p, 0, sizeof *p);
-    p->k = k;
-    p->nprobes = nprobes;
-    p->eps0 = eps0;
-    p->refine_factor = refine;
-    p->segment_mask = mask ? mask->buf : NULL;
-    p->allowed_rowids = allow ? allow->buf : NULL;
-    p->num_allowed = allow ? (size_t)(allow->len / 8) : 0;
-    p->allowed_fragments = frags ? frags->buf : NULL;
-    p->num_allowed_fragments = frags ? (size_t)(frags->len / 8) : 0;
-    p->denied_rowids = denied ? denied->buf : NULL;
-    p->num_denied = denied ? (size_t)(denied->len / 8) : 0;
+    double e = PyFloat_AsDouble(eps0);
+    if (e == -1.0 && PyErr_Occurred()) return -1;
+    p->eps0 = (float)e;
+    if (u32_arg(m, k, "k", 0, &p->k) < 0 || u32_arg(m, nprobes, "nprobes", 0, &p->nprobes) < 0 ||
+        u32_arg(m, refine, "refine_factor", 0, &p->refine_factor) < 0)
+        return -1;
+    size_t num_segments = (size_t)PyTuple_GET_SIZE(self->segments);
+    const buf_arg table[NUM_FILTERS] = {
+        BUF("segment_mask", mask, 'b', BUF_OPTIONAL, num_segments),
+        BUF("allowed_rowids", allowed, 'U', BUF_OPTIONAL, 0),
+        BUF("allowed_fragments", frags, 'U', BUF_OPTIONAL, 0),
+        BUF("denied_rowids", denied, 'U', BUF_OPTIONAL, 0),
+    };
+    memcpy(filters, table, sizeof table);
+    return 0;
+}
+
+/* Points the parameters at the filter buffers once they are held. */
+static void set_filters(bs_search_params *p, const buf_arg *b) {
+    p->segment_mask = buf_ptr(&b[0]);
+    p->allowed_rowids = buf_ptr(&b[1]);
+    p->num_allowed = b[1].held ? buf_items(&b[1].view) : 0;
+    p->allowed_fragments = buf_ptr(&b[2]);
+    p->num_allowed_fragments = b[2].held ? buf_items(&b[2].view) : 0;
+    p->denied_rowids = buf_ptr(&b[3]);
+    p->num_denied = b[3].held ? buf_items(&b[3].view) : 0;
 }
 
 static void stats_add(bs_search_stats *acc, const bs_search_stats *st) {
@@ -512,64 +701,62 @@ static void stats_add(bs_search_stats *acc, const bs_search_stats *st) {
 }
 
 /* Adds the counts to a caller's uint64[4] (partitions, codes, stage 2,
- * candidates). */
-static void stats_add_u64(uint64_t *acc, const bs_search_stats *st) {
+ * candidates); stats is an optional buffer. */
+static void stats_add_u64(const buf_arg *stats, const bs_search_stats *st) {
+    uint64_t *acc = buf_ptr(stats);
+    if (acc == NULL) return;
     acc[0] += st->partitions_probed;
     acc[1] += st->codes_scanned;
     acc[2] += st->codes_stage2;
     acc[3] += st->candidates;
 }
 
-/* search(q, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids,
- *        allowed_fragments, denied_rowids, out_rowids, out_estimates,
- *        out_lower_bounds, stats) -> n
+/* Copies the first min(size, cap) candidates of c to the outputs (lb may
+ * be NULL); returns the candidate count. */
+static size_t copy_candidates(const bs_candidates *c, size_t cap, uint64_t *rowids,
+                              float *est, float *lb) {
+    size_t n = bs_candidates_size(c);
+    size_t m = n < cap ? n : cap;
+    memcpy(rowids, bs_candidates_rowids(c), m * sizeof(uint64_t));
+    memcpy(est, bs_candidates_estimates(c), m * sizeof(float));
+    if (lb != NULL) memcpy(lb, bs_candidates_lower_bounds(c), m * sizeof(float));
+    return n;
+}
+
+/* search(q, params, out_rowids, out_estimates, out_lower_bounds, stats) -> n
  *
  * One query into caller-owned arrays: the hot path of a prepared search, so
- * nothing is allocated per call. The four filters may be None; stats is
- * None or a uint64[4] that the call adds its counts to. Returns the number
- * of candidates; only the first len(out_rowids) are copied, so a caller
- * whose arrays were short calls again with longer ones. */
+ * nothing is allocated per call. params: see parse_params. stats is None
+ * or a uint64[4] that the call adds its counts to; out_lower_bounds may be
+ * None. Returns the number of candidates; only the first len(out_rowids)
+ * are copied, so a caller whose arrays were short calls again with longer
+ * ones. */
 static PyObject *Searcher_search(SearcherObject *self, PyObject *args) {
-    PyObject *o[13];
-    unsigned int k, nprobes, refine;
-    float eps0;
-    if (!PyArg_ParseTuple(args, "OIIfIOOOOOOOO", &o[0], &k, &nprobes, &eps0, &refine, &o[5],
-                          &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12]))
+    PyObject *qo, *params, *rowso, *esto, *lbo, *statso;
+    if (!PyArg_ParseTuple(args, "OOOOOO", &qo, &params, &rowso, &esto, &lbo, &statso))
         return NULL;
-    /* buffers: q, mask, allowed, frags, denied, rowids, est, lb, stats */
-    static const int arg_of[9] = {0, 5, 6, 7, 8, 9, 10, 11, 12};
-    static const char kind[9] = {'f', 'b', 'u', 'u', 'u', 'u', 'f', 'f', 'u'};
-    static const int writable[9] = {0, 0, 0, 0, 0, 1, 1, 1, 1};
-    static const char *const names[9] = {"q", "segment_mask", "allowed_rowids",
-                                         "allowed_fragments", "denied_rowids", "out_rowids",
-                                         "out_estimates", "out_lower_bounds", "stats"};
-    Py_buffer buf[9];
-    int got[9] = {0};
-    PyObject *result = NULL;
-    for (int i = 0; i < 9; i++) {
-        PyObject *obj = o[arg_of[i]];
-        if (obj == Py_None && i != 0 && i != 5 && i != 6) continue;
-        if (get_buf(obj, &buf[i], kind[i], 8, writable[i], names[i]) < 0) goto done;
-        got[i] = 1;
-    }
-    bs_segment_info in;
-    bs_segment_get_info(((SegmentObject *)PyTuple_GET_ITEM(self->segments, 0))->seg, &in);
-    if (check_len(&buf[0], in.dim, "q") < 0) goto done;
-    if (got[1] && check_len(&buf[1], (size_t)PyTuple_GET_SIZE(self->segments),
-                            "segment_mask") < 0)
-        goto done;
-    if (got[8] && check_len(&buf[8], 4, "stats") < 0) goto done;
-    size_t cap = (size_t)(buf[5].len / 8);
-    if ((size_t)(buf[6].len / 4) < cap) cap = (size_t)(buf[6].len / 4);
-    if (got[7] && (size_t)(buf[7].len / 4) < cap) cap = (size_t)(buf[7].len / 4);
-
     bs_search_params p;
-    set_params(&p, k, nprobes, eps0, refine, got[1] ? &buf[1] : NULL, got[2] ? &buf[2] : NULL,
-               got[3] ? &buf[3] : NULL, got[4] ? &buf[4] : NULL);
+    buf_arg b[NUM_FILTERS + 5];
+    if (parse_params(self, params, &p, b) < 0) return NULL;
+    const buf_arg rest[5] = {
+        BUF("q", qo, 'f', 0, self->dim),
+        BUF("out_rowids", rowso, 'U', BUF_WRITABLE, 0),
+        BUF("out_estimates", esto, 'f', BUF_WRITABLE, 0),
+        BUF("out_lower_bounds", lbo, 'f', BUF_WRITABLE | BUF_OPTIONAL, 0),
+        BUF("stats", statso, 'U', BUF_WRITABLE | BUF_OPTIONAL, 4),
+    };
+    memcpy(b + NUM_FILTERS, rest, sizeof rest);
+    if (bufs_acquire(self->module, b, NBUFS(b)) < 0) return NULL;
+    buf_arg *q = &b[NUM_FILTERS], *rowids = q + 1, *est = q + 2, *lb = q + 3, *stats = q + 4;
+    set_filters(&p, b);
+    size_t cap = buf_items(&rowids->view);
+    if (buf_items(&est->view) < cap) cap = buf_items(&est->view);
+    if (lb->held && buf_items(&lb->view) < cap) cap = buf_items(&lb->view);
 
     /* The object's scratch serves one call at a time; a concurrent caller
      * (another Python thread, the GIL released below) gets its own. The flag
      * is read and set under the GIL. */
+    PyObject *result = NULL;
     bs_candidates *c = self->cand;
     int own = 0;
     if (self->busy || c == NULL) {
@@ -582,19 +769,13 @@ static PyObject *Searcher_search(SearcherObject *self, PyObject *args) {
     } else {
         self->busy = 1;
     }
-    bs_search_stats stats;
+    bs_search_stats st;
     bs_error err;
     bs_status status;
     size_t n = 0;
     Py_BEGIN_ALLOW_THREADS
-    status = bs_search(self->s, buf[0].buf, &p, c, &stats, &err);
-    if (status == BS_OK) {
-        n = bs_candidates_size(c);
-        size_t m = n < cap ? n : cap;
-        memcpy(buf[5].buf, bs_candidates_rowids(c), m * sizeof(uint64_t));
-        memcpy(buf[6].buf, bs_candidates_estimates(c), m * sizeof(float));
-        if (got[7]) memcpy(buf[7].buf, bs_candidates_lower_bounds(c), m * sizeof(float));
-    }
+    status = bs_search(self->s, q->view.buf, &p, c, &st, &err);
+    if (status == BS_OK) n = copy_candidates(c, cap, rowids->view.buf, est->view.buf, buf_ptr(lb));
     Py_END_ALLOW_THREADS
     if (own)
         bs_candidates_free(c);
@@ -604,22 +785,14 @@ static PyObject *Searcher_search(SearcherObject *self, PyObject *args) {
         raise_bs(self->module, &err);
         goto done;
     }
-    if (got[8]) stats_add_u64(buf[8].buf, &stats);
+    stats_add_u64(stats, &st);
     result = PyLong_FromSize_t(n);
 done:
-    for (int i = 0; i < 9; i++)
-        if (got[i]) PyBuffer_Release(&buf[i]);
+    bufs_release(b, NBUFS(b));
     return result;
 }
 
 /* ----------------------------------------------------- batched search */
-
-typedef struct {
-    uint64_t *rowids;
-    float *est;
-    float *lb;
-    size_t n;
-} query_result;
 
 typedef struct {
     const bs_searcher *s;
@@ -627,11 +800,11 @@ typedef struct {
     size_t nq;
     uint32_t dim;
     bs_search_params params;
-    query_result *results;
-    /* search_batch_into: results go straight into caller arrays of cap
-     * entries per query (results is then NULL) */
+    /* query i's first min(n_i, cap) candidates go to out_*[i * cap ...]
+     * (out_lb may be NULL), n_i to out_counts[i] */
     uint64_t *out_rowids;
     float *out_est;
+    float *out_lb;
     uint64_t *out_counts;
     size_t cap;
     size_t next; /* guarded by lock */
@@ -660,33 +833,18 @@ static void *batch_worker(void *arg) {
         status = bs_search(job->s, job->Q + qi * job->dim, &job->params, c, &st, &err);
         if (status != BS_OK) break;
         stats_add(&local, &st);
-        size_t n = bs_candidates_size(c);
-        if (job->out_rowids != NULL) {
-            size_t m = n < job->cap ? n : job->cap;
-            memcpy(job->out_rowids + qi * job->cap, bs_candidates_rowids(c), m * sizeof(uint64_t));
-            memcpy(job->out_est + qi * job->cap, bs_candidates_estimates(c), m * sizeof(float));
-            job->out_counts[qi] = n;
-            continue;
-        }
-        query_result *r = &job->results[qi];
-        r->rowids = malloc((n ? n : 1) * sizeof(uint64_t));
-        r->est = malloc((n ? n : 1) * sizeof(float));
-        r->lb = malloc((n ? n : 1) * sizeof(float));
-        if (r->rowids == NULL || r->est == NULL || r->lb == NULL) {
-            status = BS_ERR_NO_MEMORY;
-            break;
-        }
-        memcpy(r->rowids, bs_candidates_rowids(c), n * sizeof(uint64_t));
-        memcpy(r->est, bs_candidates_estimates(c), n * sizeof(float));
-        memcpy(r->lb, bs_candidates_lower_bounds(c), n * sizeof(float));
-        r->n = n;
+        size_t at = qi * job->cap;
+        job->out_counts[qi] = copy_candidates(c, job->cap, job->out_rowids + at,
+                                              job->out_est + at,
+                                              job->out_lb ? job->out_lb + at : NULL);
     }
     bs_candidates_free(c);
     pthread_mutex_lock(&job->lock);
     if (status != BS_OK && job->status == BS_OK) {
         job->status = status;
         job->err = err;
-        if (status == BS_ERR_NO_MEMORY) snprintf(job->err.message, BS_ERROR_MESSAGE_MAX, "out of memory");
+        if (status == BS_ERR_NO_MEMORY)
+            snprintf(job->err.message, BS_ERROR_MESSAGE_MAX, "out of memory");
         job->err.code = status;
     }
     stats_add(&job->stats, &local);
@@ -715,188 +873,80 @@ static void run_batch(batch_job *job, unsigned nthreads) {
     pthread_mutex_destroy(&job->lock);
 }
 
-/* search_batch(Q, nq, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids,
- *              allowed_fragments, num_threads)
- * -> ([(rowids bytes, estimates bytes)] per query, stats tuple) */
-static PyObject *Searcher_search_batch(SearcherObject *self, PyObject *args) {
-    PyObject *qo, *masko, *allowo, *fragso, *deniedo = Py_None;
-    Py_ssize_t nq;
-    unsigned int k, nprobes, refine, nthreads;
-    float eps0;
-    if (!PyArg_ParseTuple(args, "OnIIfIOOOI|O", &qo, &nq, &k, &nprobes, &eps0, &refine, &masko,
-                          &allowo, &fragso, &nthreads, &deniedo))
-        return NULL;
-    if (nq < 0) return PyErr_Format(PyExc_ValueError, "nq must be >= 0");
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > 256) nthreads = 256;
-    Py_buffer q, mask, allow, frags, denied;
-    int has_mask = masko != Py_None, has_allow = allowo != Py_None,
-        has_frags = fragso != Py_None;
-    int got_q = 0, got_mask = 0, got_allow = 0, got_frags = 0, got_denied = 0;
-    PyObject *result = NULL;
-    query_result *results = NULL;
-    bs_segment_info in;
-    bs_segment_get_info(((SegmentObject *)PyTuple_GET_ITEM(self->segments, 0))->seg, &in);
-    if (get_buf(qo, &q, 'f', 4, 0, "Q") < 0) goto done;
-    got_q = 1;
-    if (has_mask) {
-        if (get_buf(masko, &mask, 'b', 1, 0, "segment_mask") < 0) goto done;
-        got_mask = 1;
-        if (check_len(&mask, (size_t)PyTuple_GET_SIZE(self->segments), "segment_mask") < 0)
-            goto done;
-    }
-    if (has_allow) {
-        if (get_buf(allowo, &allow, 'u', 8, 0, "allowed_rowids") < 0) goto done;
-        got_allow = 1;
-    }
-    if (has_frags) {
-        if (get_buf(fragso, &frags, 'u', 8, 0, "allowed_fragments") < 0) goto done;
-        got_frags = 1;
-    }
-    if (deniedo != Py_None) {
-        if (get_buf(deniedo, &denied, 'u', 8, 0, "denied_rowids") < 0) goto done;
-        got_denied = 1;
-    }
-    if (check_len(&q, (size_t)nq * in.dim, "Q") < 0) goto done;
-    results = calloc((size_t)(nq ? nq : 1), sizeof *results);
-    if (results == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    batch_job job;
-    memset(&job, 0, sizeof job);
-    job.s = self->s;
-    job.Q = q.buf;
-    job.nq = (size_t)nq;
-    job.dim = in.dim;
-    set_params(&job.params, k, nprobes, eps0, refine, got_mask ? &mask : NULL,
-               got_allow ? &allow : NULL, got_frags ? &frags : NULL,
-               got_denied ? &denied : NULL);
-    job.results = results;
-    run_batch(&job, nthreads);
-    if (job.status != BS_OK) {
-        raise_bs(self->module, &job.err);
-        goto done;
-    }
-    PyObject *list = PyList_New(nq);
-    if (list == NULL) goto done;
-    for (Py_ssize_t i = 0; i < nq; i++) {
-        PyObject *t = Py_BuildValue("(y#y#y#)", (const char *)results[i].rowids,
-                                    (Py_ssize_t)(results[i].n * 8), (const char *)results[i].est,
-                                    (Py_ssize_t)(results[i].n * 4), (const char *)results[i].lb,
-                                    (Py_ssize_t)(results[i].n * 4));
-        if (t == NULL) {
-            Py_DECREF(list);
-            goto done;
-        }
-        PyList_SET_ITEM(list, i, t);
-    }
-    result = Py_BuildValue("(N(KKKK))", list, (unsigned long long)job.stats.partitions_probed,
-                           (unsigned long long)job.stats.codes_scanned,
-                           (unsigned long long)job.stats.codes_stage2,
-                           (unsigned long long)job.stats.candidates);
-done:
-    if (results) {
-        for (Py_ssize_t i = 0; i < nq; i++) {
-            free(results[i].rowids);
-            free(results[i].est);
-            free(results[i].lb);
-        }
-        free(results);
-    }
-    if (got_q) PyBuffer_Release(&q);
-    if (got_mask) PyBuffer_Release(&mask);
-    if (got_allow) PyBuffer_Release(&allow);
-    if (got_frags) PyBuffer_Release(&frags);
-    if (got_denied) PyBuffer_Release(&denied);
-    return result;
-}
-
-/* search_batch_into(Q, nq, k, nprobes, eps0, refine_factor, segment_mask,
- *                   allowed_rowids, allowed_fragments, num_threads, denied_rowids,
- *                   out_rowids, out_estimates, out_counts, stats) -> None
+/* search_batch_into(Q, nq, num_threads, params, out_rowids, out_estimates,
+ *                   out_lower_bounds, out_counts, stats) -> None
  *
- * The batch without per-query objects: query i's first min(n_i, cap)
- * candidates go to out_rowids[i * cap ...] and out_estimates[i * cap ...]
- * (cap = len(out_rowids) / nq), n_i to out_counts[i]; stats (uint64[4] or
- * None) accumulates the counts. */
+ * nq queries on up to num_threads threads (at most 256), into caller
+ * arrays: query i's first min(n_i, cap) candidates go to
+ * out_rowids[i * cap ...], out_estimates[i * cap ...] and, unless None,
+ * out_lower_bounds[i * cap ...] (cap = len(out_rowids) / nq), n_i to
+ * out_counts[i]; stats (uint64[4] or None) accumulates the counts. A
+ * caller whose n_i exceeded cap searches those queries again with longer
+ * arrays. params: see parse_params. */
 static PyObject *Searcher_search_batch_into(SearcherObject *self, PyObject *args) {
-    PyObject *o[7], *ro, *eo, *co, *so;
-    Py_ssize_t nq;
-    unsigned int k, nprobes, refine, nthreads;
-    float eps0;
-    if (!PyArg_ParseTuple(args, "OnIIfIOOOIOOOOO", &o[0], &nq, &k, &nprobes, &eps0, &refine,
-                          &o[1], &o[2], &o[3], &nthreads, &o[4], &ro, &eo, &co, &so))
+    PyObject *qo, *nq_o, *threads_o, *params, *rowso, *esto, *lbo, *countso, *statso;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO", &qo, &nq_o, &threads_o, &params, &rowso, &esto,
+                          &lbo, &countso, &statso))
         return NULL;
-    if (nq < 0) return PyErr_Format(PyExc_ValueError, "nq must be >= 0");
-    if (nthreads < 1) nthreads = 1;
+    PyObject *m = self->module;
+    size_t nq;
+    unsigned long long nthreads;
+    if (count_arg(m, nq_o, "nq", &nq) < 0 ||
+        int_arg(m, threads_o, "num_threads", 1, PY_SSIZE_T_MAX, &nthreads) < 0)
+        return NULL;
     if (nthreads > 256) nthreads = 256;
-    /* buffers: Q, mask, allowed, frags, denied, rowids, est, counts, stats */
-    PyObject *objs[9] = {o[0], o[1], o[2], o[3], o[4], ro, eo, co, so};
-    static const char kind[9] = {'f', 'b', 'u', 'u', 'u', 'u', 'f', 'u', 'u'};
-    static const int writable[9] = {0, 0, 0, 0, 0, 1, 1, 1, 1};
-    static const char *const names[9] = {"Q", "segment_mask", "allowed_rowids",
-                                         "allowed_fragments", "denied_rowids", "out_rowids",
-                                         "out_estimates", "out_counts", "stats"};
-    Py_buffer buf[9];
-    int got[9] = {0};
+    bs_search_params p;
+    buf_arg b[NUM_FILTERS + 6];
+    if (parse_params(self, params, &p, b) < 0) return NULL;
+    const buf_arg rest[6] = {
+        BUF("Q", qo, 'f', 0, items_of(nq, self->dim)),
+        BUF("out_rowids", rowso, 'U', BUF_WRITABLE, 0),
+        BUF("out_estimates", esto, 'f', BUF_WRITABLE, 0),
+        BUF("out_lower_bounds", lbo, 'f', BUF_WRITABLE | BUF_OPTIONAL, 0),
+        BUF("out_counts", countso, 'U', BUF_WRITABLE, nq),
+        BUF("stats", statso, 'U', BUF_WRITABLE | BUF_OPTIONAL, 4),
+    };
+    memcpy(b + NUM_FILTERS, rest, sizeof rest);
+    if (bufs_acquire(m, b, NBUFS(b)) < 0) return NULL;
+    buf_arg *Q = &b[NUM_FILTERS], *rowids = Q + 1, *est = Q + 2, *lb = Q + 3, *counts = Q + 4,
+            *stats = Q + 5;
+    set_filters(&p, b);
     PyObject *result = NULL;
-    for (int i = 0; i < 9; i++) {
-        if (objs[i] == Py_None && ((i >= 1 && i <= 4) || i == 8)) continue;
-        if (get_buf(objs[i], &buf[i], kind[i], 8, writable[i], names[i]) < 0) goto done;
-        got[i] = 1;
-    }
-    bs_segment_info in;
-    bs_segment_get_info(((SegmentObject *)PyTuple_GET_ITEM(self->segments, 0))->seg, &in);
-    if (check_len(&buf[0], (size_t)nq * in.dim, "Q") < 0) goto done;
-    if (got[1] && check_len(&buf[1], (size_t)PyTuple_GET_SIZE(self->segments),
-                            "segment_mask") < 0)
+    size_t cap = nq ? buf_items(&rowids->view) / nq : 0;
+    if (check_len(m, &est->view, cap * nq, 0, "out_estimates") < 0 ||
+        (lb->held && check_len(m, &lb->view, cap * nq, 0, "out_lower_bounds") < 0))
         goto done;
-    if (check_len(&buf[7], (size_t)nq, "out_counts") < 0) goto done;
-    if (got[8] && check_len(&buf[8], 4, "stats") < 0) goto done;
-    size_t cap = nq ? (size_t)(buf[5].len / 8) / (size_t)nq : 0;
-    if (nq && (size_t)(buf[6].len / 4) < cap * (size_t)nq) {
-        PyErr_Format(PyExc_ValueError, "out_estimates holds fewer entries than out_rowids");
-        goto done;
-    }
     batch_job job;
     memset(&job, 0, sizeof job);
     job.s = self->s;
-    job.Q = buf[0].buf;
-    job.nq = (size_t)nq;
-    job.dim = in.dim;
-    set_params(&job.params, k, nprobes, eps0, refine, got[1] ? &buf[1] : NULL,
-               got[2] ? &buf[2] : NULL, got[3] ? &buf[3] : NULL, got[4] ? &buf[4] : NULL);
-    job.out_rowids = buf[5].buf;
-    job.out_est = buf[6].buf;
-    job.out_counts = buf[7].buf;
+    job.Q = Q->view.buf;
+    job.nq = nq;
+    job.dim = self->dim;
+    job.params = p;
+    job.out_rowids = rowids->view.buf;
+    job.out_est = est->view.buf;
+    job.out_lb = buf_ptr(lb);
+    job.out_counts = counts->view.buf;
     job.cap = cap;
-    run_batch(&job, nthreads);
+    run_batch(&job, (unsigned)nthreads);
     if (job.status != BS_OK) {
-        raise_bs(self->module, &job.err);
+        raise_bs(m, &job.err);
         goto done;
     }
-    if (got[8]) stats_add_u64(buf[8].buf, &job.stats);
-    result = Py_None;
-    Py_INCREF(result);
+    stats_add_u64(stats, &job.stats);
+    result = Py_NewRef(Py_None);
 done:
-    for (int i = 0; i < 9; i++)
-        if (got[i]) PyBuffer_Release(&buf[i]);
+    bufs_release(b, NBUFS(b));
     return result;
 }
 
 static PyMethodDef Searcher_methods[] = {
     {"search", (PyCFunction)Searcher_search, METH_VARARGS,
-     "search(q, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids, "
-     "allowed_fragments, denied_rowids, out_rowids, out_estimates, out_lower_bounds, "
-     "stats) -> number of candidates"},
+     "search(q, params, out_rowids, out_estimates, out_lower_bounds, stats) -> number of "
+     "candidates"},
     {"search_batch_into", (PyCFunction)Searcher_search_batch_into, METH_VARARGS,
-     "search_batch_into(Q, nq, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids, "
-     "allowed_fragments, num_threads, denied_rowids, out_rowids, out_estimates, out_counts, "
-     "stats) -> None"},
-    {"search_batch", (PyCFunction)Searcher_search_batch, METH_VARARGS,
-     "search_batch(Q, nq, k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids, "
-     "allowed_fragments, num_threads) -> ([(rowids, estimates, lower_bounds)], stats)"},
+     "search_batch_into(Q, nq, num_threads, params, out_rowids, out_estimates, "
+     "out_lower_bounds, out_counts, stats) -> None"},
     {NULL, NULL, 0, NULL}};
 
 /* ------------------------------------------------------- type boilerplate */
@@ -945,223 +995,147 @@ static PyType_Spec Rotation_spec = {"bitshard._native.Rotation", sizeof(Rotation
 /* ------------------------------------------------------ module functions */
 
 static PyObject *fn_kmeans_train(PyObject *module, PyObject *args) {
-    PyObject *xo, *outo;
-    Py_ssize_t n;
-    unsigned int d, k, iters;
+    PyObject *xo, *n_o, *d_o, *k_o, *metric_o, *iters_o, *seed_o, *outo, *threads_o = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO|O", &xo, &n_o, &d_o, &k_o, &metric_o, &iters_o,
+                          &seed_o, &outo, &threads_o))
+        return NULL;
+    size_t n;
+    uint32_t d, k, iters, threads = 1;
     int metric;
     unsigned long long seed;
-    unsigned int threads = 1;
-    if (!PyArg_ParseTuple(args, "OnIIiIKO|I", &xo, &n, &d, &k, &metric, &iters, &seed, &outo,
-                          &threads))
+    if (count_arg(module, n_o, "n", &n) < 0 || u32_arg(module, d_o, "d", 0, &d) < 0 ||
+        u32_arg(module, k_o, "k", 0, &k) < 0 || enum_arg(module, metric_o, "metric", &metric) < 0 ||
+        u32_arg(module, iters_o, "max_iters", 0, &iters) < 0 ||
+        int_arg(module, seed_o, "seed", 0, UINT64_MAX, &seed) < 0 ||
+        (threads_o != NULL && u32_arg(module, threads_o, "threads", 0, &threads) < 0))
         return NULL;
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "n must be >= 0");
-    Py_buffer x, out;
-    if (get_buf(xo, &x, 'f', 4, 0, "x") < 0) return NULL;
-    if (get_buf(outo, &out, 'f', 4, 1, "out") < 0) {
-        PyBuffer_Release(&x);
-        return NULL;
-    }
-    PyObject *result = NULL;
-    if (check_len(&x, (size_t)n * d, "x") == 0 && check_len(&out, (size_t)k * d, "out") == 0) {
-        bs_error err;
-        bs_status status;
-        /* Our threads each run the BLAS on their own rows: its own pool
-         * would only spin against them (see bs_kmeans_train_mt). The count
-         * is process-wide; another thread's call in between is merely
-         * slower, never wrong. */
-        int blas = threads > 1 ? scipy_openblas_get_num_threads() : 0;
-        Py_BEGIN_ALLOW_THREADS
-        if (blas > 1) scipy_openblas_set_num_threads(1);
-        status = bs_kmeans_train_mt(x.buf, (size_t)n, d, k, (bs_metric)metric, iters, seed,
-                                    threads, out.buf, &err);
-        if (blas > 1) scipy_openblas_set_num_threads(blas);
-        Py_END_ALLOW_THREADS
-        if (status != BS_OK)
-            raise_bs(module, &err);
-        else
-            result = Py_NewRef(Py_None);
-    }
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&out);
-    return result;
-}
-
-static PyObject *fn_ivf_assign(PyObject *module, PyObject *args) {
-    PyObject *co, *xo, *ao;
-    unsigned int k, d;
-    int metric;
-    Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "OIIiOnO", &co, &k, &d, &metric, &xo, &n, &ao)) return NULL;
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "n must be >= 0");
-    Py_buffer c, x, a;
-    if (get_buf(co, &c, 'f', 4, 0, "centroids") < 0) return NULL;
-    if (get_buf(xo, &x, 'f', 4, 0, "x") < 0) {
-        PyBuffer_Release(&c);
-        return NULL;
-    }
-    if (get_buf(ao, &a, 'u', 4, 1, "assign") < 0) {
-        PyBuffer_Release(&c);
-        PyBuffer_Release(&x);
-        return NULL;
-    }
-    PyObject *result = NULL;
-    if (check_len(&c, (size_t)k * d, "centroids") == 0 &&
-        check_len(&x, (size_t)n * d, "x") == 0 && check_len(&a, (size_t)n, "assign") == 0) {
-        bs_error err;
-        bs_status status;
-        Py_BEGIN_ALLOW_THREADS
-        status = bs_ivf_assign(c.buf, k, d, (bs_metric)metric, x.buf, (size_t)n, a.buf, NULL,
-                               &err);
-        Py_END_ALLOW_THREADS
-        if (status != BS_OK)
-            raise_bs(module, &err);
-        else
-            result = Py_NewRef(Py_None);
-    }
-    PyBuffer_Release(&c);
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&a);
-    return result;
+    buf_arg b[] = {
+        BUF("x", xo, 'f', 0, items_of(n, d)),
+        BUF("out", outo, 'f', BUF_WRITABLE, items_of(k, d)),
+    };
+    if (bufs_acquire(module, b, NBUFS(b)) < 0) return NULL;
+    bs_error err;
+    bs_status status;
+    Py_BEGIN_ALLOW_THREADS
+    int blas = blas_single(threads);
+    status = bs_kmeans_train_mt(b[0].view.buf, n, d, k, (bs_metric)metric, iters, seed, threads,
+                                b[1].view.buf, &err);
+    blas_restore(blas);
+    Py_END_ALLOW_THREADS
+    return finish(module, b, NBUFS(b), status, &err);
 }
 
 static PyObject *fn_ivf_fingerprint(PyObject *module, PyObject *args) {
-    PyObject *co;
-    unsigned int k, d;
+    PyObject *co, *k_o, *d_o, *metric_o;
+    if (!PyArg_ParseTuple(args, "OOOO", &co, &k_o, &d_o, &metric_o)) return NULL;
+    uint32_t k, d;
     int metric;
-    if (!PyArg_ParseTuple(args, "OIIi", &co, &k, &d, &metric)) return NULL;
-    Py_buffer c;
-    if (get_buf(co, &c, 'f', 4, 0, "centroids") < 0) return NULL;
-    PyObject *r = NULL;
-    if (check_len(&c, (size_t)k * d, "centroids") == 0)
-        r = fingerprint_bytes(bs_ivf_fingerprint(c.buf, k, d, (bs_metric)metric));
-    PyBuffer_Release(&c);
+    if (u32_arg(module, k_o, "k", 0, &k) < 0 || u32_arg(module, d_o, "d", 0, &d) < 0 ||
+        enum_arg(module, metric_o, "metric", &metric) < 0)
+        return NULL;
+    buf_arg b[] = {BUF("centroids", co, 'f', 0, items_of(k, d))};
+    if (bufs_acquire(module, b, NBUFS(b)) < 0) return NULL;
+    PyObject *r = fingerprint_bytes(bs_ivf_fingerprint(b[0].view.buf, k, d, (bs_metric)metric));
+    bufs_release(b, NBUFS(b));
     return r;
 }
 
 static PyObject *fn_hash64(PyObject *module, PyObject *args) {
-    Py_buffer b;
+    PyObject *datao, *seed_o = NULL;
+    if (!PyArg_ParseTuple(args, "O|O", &datao, &seed_o)) return NULL;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTuple(args, "y*|K", &b, &seed)) return NULL;
+    if (seed_o != NULL && int_arg(module, seed_o, "seed", 0, UINT64_MAX, &seed) < 0)
+        return NULL;
+    buf_arg b[] = {BUF("data", datao, 'b', 0, 0)};
+    if (bufs_acquire(module, b, NBUFS(b)) < 0) return NULL;
     uint64_t h;
     Py_BEGIN_ALLOW_THREADS
-    h = bs_hash64(b.buf, (size_t)b.len, seed);
+    h = bs_hash64(b[0].view.buf, (size_t)b[0].view.len, seed);
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&b);
+    bufs_release(b, NBUFS(b));
     return PyLong_FromUnsignedLongLong(h);
 }
 
 static PyObject *fn_padded_dim(PyObject *module, PyObject *args) {
-    unsigned int d;
-    if (!PyArg_ParseTuple(args, "I", &d)) return NULL;
+    PyObject *d_o;
+    uint32_t d;
+    if (!PyArg_ParseTuple(args, "O", &d_o)) return NULL;
+    if (u32_arg(module, d_o, "dim", 0, &d) < 0) return NULL;
     return PyLong_FromUnsignedLong(bs_padded_dim(d));
 }
 
-static PyObject *fn_check_compatible(PyObject *module, PyObject *args) {
-    PyObject *a, *b;
-    if (!PyArg_ParseTuple(args, "OO", &a, &b)) return NULL;
-    native_state *st = get_state(module);
-    if (!PyObject_TypeCheck(a, st->SegmentType) || !PyObject_TypeCheck(b, st->SegmentType))
-        return PyErr_Format(PyExc_TypeError, "check_compatible takes two Segments");
-    bs_error err;
-    if (bs_segment_check_compatible(((SegmentObject *)a)->seg, ((SegmentObject *)b)->seg,
-                                    &err) != BS_OK)
-        return raise_bs(module, &err);
-    Py_RETURN_NONE;
-}
-
 static PyObject *fn_merge(PyObject *module, PyObject *args) {
-    PyObject *seq;
-    Py_buffer uuid;
+    PyObject *seq, *uuido;
     const char *path;
-    if (!PyArg_ParseTuple(args, "Oy*s", &seq, &uuid, &path)) return NULL;
-    if (uuid.len != 16) {
-        PyBuffer_Release(&uuid);
-        return PyErr_Format(PyExc_ValueError, "uuid must be 16 bytes");
-    }
+    if (!PyArg_ParseTuple(args, "OOs", &seq, &uuido, &path)) return NULL;
+    buf_arg b[] = {BUF("uuid", uuido, 'b', BUF_EXACT, 16)};
+    if (bufs_acquire(module, b, NBUFS(b)) < 0) return NULL;
     const bs_segment **arr;
     Py_ssize_t n;
     if (segments_from_seq(module, seq, &arr, &n) < 0) {
-        PyBuffer_Release(&uuid);
+        bufs_release(b, NBUFS(b));
         return NULL;
     }
     bs_error err;
     bs_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = bs_segment_merge(arr, (size_t)n, uuid.buf, path, &err);
+    status = bs_segment_merge(arr, (size_t)n, b[0].view.buf, path, &err);
     Py_END_ALLOW_THREADS
     PyMem_Free(arr);
-    PyBuffer_Release(&uuid);
-    if (status != BS_OK) return raise_bs(module, &err);
-    Py_RETURN_NONE;
+    return finish(module, b, NBUFS(b), status, &err);
 }
 
 static PyObject *fn_exact_distances(PyObject *module, PyObject *args) {
+    PyObject *metric_o, *qo, *xo, *n_o, *dim_o, *outo;
+    if (!PyArg_ParseTuple(args, "OOOOOO", &metric_o, &qo, &xo, &n_o, &dim_o, &outo))
+        return NULL;
     int metric;
-    PyObject *qo, *xo, *outo;
-    Py_ssize_t n;
-    unsigned int dim;
-    if (!PyArg_ParseTuple(args, "iOOnIO", &metric, &qo, &xo, &n, &dim, &outo)) return NULL;
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "n must be >= 0");
-    Py_buffer q, x, out;
-    if (get_buf(qo, &q, 'f', 4, 0, "q") < 0) return NULL;
-    if (get_buf(xo, &x, 'f', 4, 0, "x") < 0) {
-        PyBuffer_Release(&q);
+    size_t n;
+    uint32_t dim;
+    if (enum_arg(module, metric_o, "metric", &metric) < 0 ||
+        count_arg(module, n_o, "n", &n) < 0 || u32_arg(module, dim_o, "dim", 0, &dim) < 0)
         return NULL;
-    }
-    if (get_buf(outo, &out, 'f', 4, 1, "out") < 0) {
-        PyBuffer_Release(&q);
-        PyBuffer_Release(&x);
-        return NULL;
-    }
-    PyObject *result = NULL;
-    if (check_len(&q, dim, "q") == 0 && check_len(&x, (size_t)n * dim, "x") == 0 &&
-        check_len(&out, (size_t)n, "out") == 0) {
-        bs_error err;
-        bs_status status;
-        Py_BEGIN_ALLOW_THREADS
-        status = bs_exact_distances((bs_metric)metric, q.buf, x.buf, (size_t)n, dim, out.buf,
-                                    &err);
-        Py_END_ALLOW_THREADS
-        if (status != BS_OK)
-            raise_bs(module, &err);
-        else
-            result = Py_NewRef(Py_None);
-    }
-    PyBuffer_Release(&q);
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&out);
-    return result;
+    buf_arg b[] = {
+        BUF("q", qo, 'f', 0, dim),
+        BUF("x", xo, 'f', 0, items_of(n, dim)),
+        BUF("out", outo, 'f', BUF_WRITABLE, n),
+    };
+    if (bufs_acquire(module, b, NBUFS(b)) < 0) return NULL;
+    bs_error err;
+    bs_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = bs_exact_distances((bs_metric)metric, b[0].view.buf, b[1].view.buf, n, dim,
+                                b[2].view.buf, &err);
+    Py_END_ALLOW_THREADS
+    return finish(module, b, NBUFS(b), status, &err);
 }
 
 /* rerank_gate(lb, d, heap, heap_n, k) -> (stop, heap_n); heap is a
  * writable float32 buffer of k entries carried across calls. */
 static PyObject *fn_rerank_gate(PyObject *module, PyObject *args) {
-    PyObject *lbo, *dO, *heapo;
-    unsigned int heap_n, k;
-    if (!PyArg_ParseTuple(args, "OOOII", &lbo, &dO, &heapo, &heap_n, &k)) return NULL;
-    Py_buffer lb, d, heap;
-    if (get_buf(lbo, &lb, 'f', 4, 0, "lb") < 0) return NULL;
-    if (get_buf(dO, &d, 'f', 4, 0, "d") < 0) {
-        PyBuffer_Release(&lb);
+    PyObject *lbo, *dO, *heapo, *heap_n_o, *k_o;
+    if (!PyArg_ParseTuple(args, "OOOOO", &lbo, &dO, &heapo, &heap_n_o, &k_o)) return NULL;
+    uint32_t heap_n, k;
+    if (u32_arg(module, heap_n_o, "heap_n", 0, &heap_n) < 0 ||
+        u32_arg(module, k_o, "k", 1, &k) < 0)
         return NULL;
-    }
-    if (get_buf(heapo, &heap, 'f', 4, 1, "heap") < 0) {
-        PyBuffer_Release(&lb);
-        PyBuffer_Release(&d);
-        return NULL;
-    }
+    if (heap_n > k)
+        return PyErr_Format(invalid_input(module), "heap_n must be <= k (%u), got %u", k,
+                            heap_n);
+    buf_arg b[] = {
+        BUF("lb", lbo, 'f', 0, 0),
+        BUF("d", dO, 'f', 0, 0),
+        BUF("heap", heapo, 'f', BUF_WRITABLE, k),
+    };
+    if (bufs_acquire(module, b, NBUFS(b)) < 0) return NULL;
     PyObject *r = NULL;
-    size_t n = (size_t)(lb.len / 4);
-    if (k == 0 || heap_n > k) {
-        PyErr_SetString(PyExc_ValueError, "need 0 <= heap_n <= k and k >= 1");
-    } else if (check_len(&d, n, "d") == 0 && check_len(&heap, k, "heap") == 0) {
+    size_t n = buf_items(&b[0].view);
+    if (check_len(module, &b[1].view, n, 0, "d") == 0) {
         uint32_t hn = heap_n;
-        size_t stop = bs_rerank_gate(lb.buf, d.buf, n, k, heap.buf, &hn);
+        size_t stop = bs_rerank_gate(b[0].view.buf, b[1].view.buf, n, k, b[2].view.buf, &hn);
         r = Py_BuildValue("(nI)", (Py_ssize_t)stop, hn);
     }
-    PyBuffer_Release(&lb);
-    PyBuffer_Release(&d);
-    PyBuffer_Release(&heap);
+    bufs_release(b, NBUFS(b));
     return r;
 }
 
@@ -1170,10 +1144,11 @@ static PyObject *fn_rerank_gate(PyObject *module, PyObject *args) {
  * so that N workers do not start N x cores BLAS threads. */
 
 static PyObject *fn_set_blas_threads(PyObject *module, PyObject *args) {
-    int n;
-    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
-    if (n < 1) return PyErr_Format(PyExc_ValueError, "threads must be >= 1, got %d", n);
-    scipy_openblas_set_num_threads(n);
+    PyObject *n_o;
+    unsigned long long n;
+    if (!PyArg_ParseTuple(args, "O", &n_o)) return NULL;
+    if (int_arg(module, n_o, "threads", 1, INT_MAX, &n) < 0) return NULL;
+    scipy_openblas_set_num_threads((int)n);
     Py_RETURN_NONE;
 }
 
@@ -1191,14 +1166,10 @@ static PyObject *fn_version(PyObject *module, PyObject *unused) {
 static PyMethodDef native_methods[] = {
     {"kmeans_train", fn_kmeans_train, METH_VARARGS,
      "kmeans_train(x, n, d, k, metric, max_iters, seed, out, threads=1)"},
-    {"ivf_assign", fn_ivf_assign, METH_VARARGS,
-     "ivf_assign(centroids, k, d, metric, x, n, assign_out)"},
     {"ivf_fingerprint", fn_ivf_fingerprint, METH_VARARGS,
      "ivf_fingerprint(centroids, k, d, metric) -> 16 bytes"},
     {"hash64", fn_hash64, METH_VARARGS, "hash64(data, seed=0) -> int"},
     {"padded_dim", fn_padded_dim, METH_VARARGS, "padded_dim(dim) -> int"},
-    {"check_compatible", fn_check_compatible, METH_VARARGS,
-     "check_compatible(a, b): raise ArtifactMismatchError naming what differs"},
     {"merge", fn_merge, METH_VARARGS, "merge(segments, uuid, path)"},
     {"exact_distances", fn_exact_distances, METH_VARARGS,
      "exact_distances(metric, q, x, n, dim, out)"},
@@ -1235,13 +1206,12 @@ static int native_exec(PyObject *module) {
         }
     }
     Py_DECREF(errors);
-    PyType_Spec *specs[] = {&Rotation_spec, &Builder_spec, &Segment_spec, &Searcher_spec};
-    PyTypeObject **slots[] = {&st->RotationType, &st->BuilderType, &st->SegmentType,
-                              &st->SearcherType};
-    for (int i = 0; i < 4; i++) {
+    PyType_Spec *specs[NUM_TYPES] = {&Rotation_spec, &Builder_spec, &Segment_spec,
+                                     &Searcher_spec};
+    for (int i = 0; i < NUM_TYPES; i++) {
         PyObject *t = PyType_FromModuleAndSpec(module, specs[i], NULL);
         if (t == NULL) return -1;
-        *slots[i] = (PyTypeObject *)t;
+        st->types[i] = (PyTypeObject *)t;
         if (PyModule_AddType(module, (PyTypeObject *)t) < 0) return -1;
     }
     return 0;
@@ -1250,20 +1220,14 @@ static int native_exec(PyObject *module) {
 static int native_traverse(PyObject *module, visitproc visit, void *arg) {
     native_state *st = get_state(module);
     for (int i = 0; i < 10; i++) Py_VISIT(st->errors[i]);
-    Py_VISIT(st->RotationType);
-    Py_VISIT(st->BuilderType);
-    Py_VISIT(st->SegmentType);
-    Py_VISIT(st->SearcherType);
+    for (int i = 0; i < NUM_TYPES; i++) Py_VISIT(st->types[i]);
     return 0;
 }
 
 static int native_clear(PyObject *module) {
     native_state *st = get_state(module);
     for (int i = 0; i < 10; i++) Py_CLEAR(st->errors[i]);
-    Py_CLEAR(st->RotationType);
-    Py_CLEAR(st->BuilderType);
-    Py_CLEAR(st->SegmentType);
-    Py_CLEAR(st->SearcherType);
+    for (int i = 0; i < NUM_TYPES; i++) Py_CLEAR(st->types[i]);
     return 0;
 }
 

@@ -36,19 +36,18 @@ class Segment:
     def fragments(self) -> List[Tuple[int, int]]: ...
     def centroids(self, out: Buffer) -> None: ...
 
+#: The settings of a prepared search, shared by Searcher.search and
+#: Searcher.search_batch_into: (k, nprobes, eps0, refine_factor, segment_mask,
+#: allowed_rowids, allowed_fragments, denied_rowids); the four buffers may be None.
+SearchParams = Tuple[int, int, float, int, Optional[Buffer], Optional[Buffer],
+                     Optional[Buffer], Optional[Buffer]]
+
 class Searcher:
     def __init__(self, segments: Sequence[Segment]) -> None: ...
     def search(
         self,
         q: Buffer,
-        k: int,
-        nprobes: int,
-        eps0: float,
-        refine_factor: int,
-        segment_mask: Optional[Buffer],
-        allowed_rowids: Optional[Buffer],
-        allowed_fragments: Optional[Buffer],
-        denied_rowids: Optional[Buffer],
+        params: SearchParams,
         out_rowids: Buffer,
         out_estimates: Buffer,
         out_lower_bounds: Optional[Buffer],
@@ -58,45 +57,22 @@ class Searcher:
         self,
         Q: Buffer,
         nq: int,
-        k: int,
-        nprobes: int,
-        eps0: float,
-        refine_factor: int,
-        segment_mask: Optional[Buffer],
-        allowed_rowids: Optional[Buffer],
-        allowed_fragments: Optional[Buffer],
         num_threads: int,
-        denied_rowids: Optional[Buffer],
+        params: SearchParams,
         out_rowids: Buffer,
         out_estimates: Buffer,
+        out_lower_bounds: Optional[Buffer],
         out_counts: Buffer,
         stats: Optional[Buffer],
     ) -> None: ...
-    def search_batch(
-        self,
-        Q: Buffer,
-        nq: int,
-        k: int,
-        nprobes: int,
-        eps0: float,
-        refine_factor: int,
-        segment_mask: Optional[Buffer],
-        allowed_rowids: Optional[Buffer],
-        allowed_fragments: Optional[Buffer],
-        num_threads: int,
-        denied_rowids: Optional[Buffer] = ...,
-    ) -> Tuple[List[Tuple[bytes, bytes, bytes]], Tuple[int, int, int, int]]: ...
 
 def kmeans_train(
     x: Buffer, n: int, d: int, k: int, metric: int, max_iters: int, seed: int, out: Buffer,
     threads: int = ...,
 ) -> None: ...
-def ivf_assign(centroids: Buffer, k: int, d: int, metric: int, x: Buffer, n: int,
-               assign_out: Buffer) -> None: ...
 def ivf_fingerprint(centroids: Buffer, k: int, d: int, metric: int) -> bytes: ...
 def hash64(data: bytes, seed: int = ...) -> int: ...
 def padded_dim(dim: int) -> int: ...
-def check_compatible(a: Segment, b: Segment) -> None: ...
 def merge(segments: Sequence[Segment], uuid: bytes, path: str) -> None: ...
 def exact_distances(metric: int, q: Buffer, x: Buffer, n: int, dim: int, out: Buffer) -> None: ...
 def rerank_gate(lb: Buffer, d: Buffer, heap: Buffer, heap_n: int, k: int) -> Tuple[int, int]: ...

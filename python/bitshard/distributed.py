@@ -117,11 +117,6 @@ def _maybe_crash(marker: Optional[str]) -> None:
     os._exit(1)
 
 
-def _ping() -> int:
-    """A no-op task: proves a worker process started."""
-    return os.getpid()
-
-
 def _warm() -> int:
     """A worker's first task, submitted while the driver still trains: the
     imports the first encode task would otherwise pay after training

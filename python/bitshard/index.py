@@ -329,10 +329,6 @@ def _manifest_key(name: str, version: int) -> str:
     return f"{INDICES_DIR}/{name}/v{version:08d}.json"
 
 
-def _manifest_path(root: Root, name: str, version: int) -> str:
-    return storage_of(root).path(_manifest_key(name, version))
-
-
 def _checksum(doc: Dict[str, Any]) -> str:
     body = json.dumps({k: v for k, v in doc.items() if k != "checksum"}, sort_keys=True)
     return f"{_native.hash64(body.encode(), 0):016x}"

@@ -56,11 +56,6 @@ class ProgressBar:
         if self._owner.callback is not None:
             self._owner.callback(self.stage, self.done, self.total)
 
-    def set_postfix(self, text: str) -> None:
-        """Show a short note after the bar (no-op without bars)."""
-        if self._bar is not None:
-            self._bar.set_postfix_str(text, refresh=True)
-
     def refresh(self) -> None:
         """Redraw (so the elapsed time moves while nothing completes)."""
         if self._bar is not None:

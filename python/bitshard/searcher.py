@@ -99,17 +99,20 @@ class Searcher:
         self.num_bits = int(doc.get("num_bits", 1))
         self.dim = self.source.vector_dim(column)
         self._native = native if native is not None and mask.any() else None
-        self._args = (self.k, self.nprobes, self.eps0, refine_factor or 0, mask,
-                      allowed_rows, allowed_frags, plan["denied"])
+        # nprobes above the partition count means every partition (the C
+        # search caps it); so does one above the C parameter's range.
+        self._args = (self.k, min(self.nprobes, 2**32 - 1), self.eps0, refine_factor or 0,
+                      mask, allowed_rows, allowed_frags, plan["denied"])
         # How many candidates the C search can return: k (extra bits), k * r
         # (rerank), or every code that passed stage 1 (gated 1-bit rerank,
-        # grown on demand).
+        # grown on demand); never more than the rows encoded.
         if refine_factor is not None:
-            self._cap = self.k * refine_factor
+            cap = self.k * refine_factor
         elif self.num_bits > 1:
-            self._cap = self.k
+            cap = self.k
         else:
-            self._cap = max(256, 16 * self.k)
+            cap = max(256, 16 * self.k)
+        self._cap = self._batch_cap = min(cap, sum(h.num_rows for h in handles))
         self._stats = np.zeros(4, dtype=np.uint64)
         self._exact_reads = 0
 
@@ -161,9 +164,8 @@ class Searcher:
             out_r = np.full((nq, self.k), NO_ROW, dtype=np.uint64)
             out_d = np.full((nq, self.k), np.inf, dtype=np.float32)
             counts = np.empty(nq, dtype=np.uint64)
-            threads = int(self._num_threads or os.cpu_count() or 1)
-            self._native.search_batch_into(Q, nq, *self._args[:7], threads, self._args[7],
-                                           out_r, out_d, counts, self._stats)
+            self._native.search_batch_into(Q, nq, self._threads(), self._args, out_r, out_d,
+                                           None, counts, self._stats)
             return out_r, out_d
         hits = self.search_lists(a)
         out_r = np.full((len(hits), self.k), NO_ROW, dtype=np.uint64)
@@ -218,14 +220,14 @@ class Searcher:
             r = np.empty(cap, np.uint64)
             e = np.empty(cap, np.float32)
             lb = np.empty(cap, np.float32) if gated else None
-            n = self._native.search(q, *self._args, r, e, lb, self._stats)
+            n = self._native.search(q, self._args, r, e, lb, self._stats)
             if n > cap:
                 # only the gated 1-bit rerank returns an open-ended list
                 self._cap = cap = 1 << (n - 1).bit_length()
                 r = np.empty(cap, np.uint64)
                 e = np.empty(cap, np.float32)
                 lb = np.empty(cap, np.float32) if gated else None
-                self._native.search(q, *self._args, r, e, lb, None)
+                self._native.search(q, self._args, r, e, lb, None)
             rows, dists = r[:n], e[:n]
             if self.refine_factor is not None:
                 rows, dists = _rerank_all(self.source, self.column, q[None, :],
@@ -248,21 +250,56 @@ class Searcher:
         order = np.lexsort((rows, dists))[: self.k]
         return rows[order], dists[order]
 
+    def _threads(self) -> int:
+        """Threads of a batch: the caller's count or every core (the C side
+        starts at most 256)."""
+        return int(self._num_threads or os.cpu_count() or 1)  # cpu_count is slow
+
+    def _scan_batch(self, native: Any, Q: np.ndarray, gated: bool
+                    ) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
+        """The C scan of a batch: per query its candidates' row ids, estimates
+        and (gated 1-bit rerank) lower bounds, each list complete. The arrays
+        hold ``self._batch_cap`` candidates a query; the few queries with more
+        (only the gated rerank's lists are open-ended) are scanned again into
+        arrays long enough, their counts not added twice."""
+        nq = Q.shape[0]
+        cap = self._batch_cap
+        r = np.empty((nq, cap), np.uint64)
+        e = np.empty((nq, cap), np.float32)
+        lb = np.empty((nq, cap), np.float32) if gated else None
+        counts = np.empty(nq, np.uint64)
+        native.search_batch_into(Q, nq, self._threads(), self._args, r, e, lb, counts,
+                                 self._stats)
+        n = counts.astype(np.int64)
+        rows = [r[i, :min(n[i], cap)] for i in range(nq)]
+        ests = [e[i, :min(n[i], cap)] for i in range(nq)]
+        lbs = [lb[i, :min(n[i], cap)] for i in range(nq)] if lb is not None else []
+        over = np.flatnonzero(n > cap)
+        if over.size:
+            Qo = np.ascontiguousarray(Q[over])
+            cap2 = int(n[over].max())
+            r2 = np.empty((over.size, cap2), np.uint64)
+            e2 = np.empty((over.size, cap2), np.float32)
+            lb2 = np.empty((over.size, cap2), np.float32) if gated else None
+            native.search_batch_into(Qo, over.size, self._threads(), self._args, r2, e2, lb2,
+                                     np.empty(over.size, np.uint64), None)
+            for j, qi in enumerate(over):
+                rows[qi], ests[qi] = r2[j, :n[qi]], e2[j, :n[qi]]
+                if lb2 is not None:
+                    lbs[qi] = lb2[j, :n[qi]]
+        return rows, ests, lbs
+
     def _batch(self, Q: np.ndarray) -> List[_Hits]:
         nq = Q.shape[0]
         per_query: List[_Hits] = [(np.empty(0, np.uint64), np.empty(0, np.float32))] * nq
         if self._native is not None and nq:
-            threads = int(self._num_threads or os.cpu_count() or 1)  # cpu_count is slow
-            res, st = self._native.search_batch(Q, nq, *self._args[:7], threads,
-                                                self._args[7])
-            self._stats += np.array(st, dtype=np.uint64)
-            per_query = [(np.frombuffer(r, dtype=np.uint64), np.frombuffer(e, dtype=np.float32))
-                         for r, e, _ in res]
+            gated = self.num_bits == 1 and self.refine_factor is None
+            found, ests, lbs = self._scan_batch(self._native, Q, gated)
+            per_query = list(zip(found, ests))
             if self.refine_factor is not None:
                 per_query = _rerank_all(self.source, self.column, Q, per_query, self._mcode,
                                         self.dim)
-            elif self.num_bits == 1:
-                lbs = [np.frombuffer(lb, dtype=np.float32) for _, _, lb in res]
+            elif gated:
                 per_query, reads = _rerank_gated(self.source, self.column, Q, per_query, lbs,
                                                  self._mcode, self.dim, self.k)
                 self._exact_reads += reads

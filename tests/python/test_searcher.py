@@ -189,3 +189,28 @@ def test_stats_count_every_query(indexed):
     ds.search("vec9", x[0], k=10, nprobes=4, with_stats=True)
     ds.search("vec9", x[0], k=10, nprobes=4, with_stats=True)
     assert ds.last_search_stats == one
+
+
+def test_batch_candidate_lists_longer_than_the_arrays():
+    """A gated 1-bit batch writes at most 256 candidates a query into its
+    arrays (k=1); queries with more are scanned again into longer ones. The
+    answers and the counts equal those of the queries one by one."""
+    x = clustered(3000, 32, seed=3)
+    ds = bitshard.dataset(x)
+    ds.create_index("vector", "IVF_RQ", name="one", num_partitions=8, num_bits=1)
+    Q = x[:12]
+    one = ds.searcher("vector", k=1, nprobes=8, eps0=5.0)
+    per_query = [one.search(q) for q in Q]
+    counts = []
+    for q in Q:
+        before = one.stats["candidates"]
+        one.search(q)
+        counts.append(one.stats["candidates"] - before)
+    assert min(counts) < 256 < max(counts)  # both kinds of query in the batch
+    batch = ds.searcher("vector", k=1, nprobes=8, eps0=5.0)
+    rows, dists = batch.search(Q)
+    np.testing.assert_array_equal(rows, np.stack([r for r, _ in per_query]))
+    np.testing.assert_array_equal(dists, np.stack([d for _, d in per_query]))
+    # the scan's counts (exact reads differ: a batch reads ahead in steps)
+    scan = ("partitions_probed", "codes_scanned", "codes_stage2", "candidates")
+    assert [batch.stats[key] for key in scan] == [one.stats[key] // 2 for key in scan]
