@@ -455,12 +455,24 @@ def commit(
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise InvalidInputError(f"bad index name {name!r}")
     st = storage_of(root)
+    # Under the lock, cleanup cannot remove a segment between the check
+    # below and the manifest that names it (see Storage.commit_lock).
+    with st.commit_lock(exclusive=False):
+        return _commit_locked(st, name, column, segments, mode, source_version,
+                              expected_version)
+
+
+def _commit_locked(st: Storage, name: str, column: str, segments: Sequence[SegmentHandle],
+                   mode: str, source_version: Any, expected_version: Optional[int]) -> int:
     root_s = st.root
     for h in segments:
         if not st.exists(segment_key(h.uuid)):
             where = "" if h.index_root == root_s else f" (it was written under {h.index_root})"
             raise InvalidInputError(
-                f"segment {h.uuid} has no file at {segment_path(st, h.uuid)}{where}")
+                f"segment {h.uuid} has no file at {segment_path(st, h.uuid)}{where}: it was "
+                f"never written there, or cleanup removed it as unreferenced before this "
+                f"commit (cleanup's --older-than was shorter than the time from writing the "
+                f"segment to committing it); write it again")
         # Re-read the file: a handle is a claim, the file is the truth.
         actual = OpenSegment.of(st, h.uuid).handle(root_s, name)
         diff = CodeSpace.of(actual).first_difference(CodeSpace.of(h))

@@ -160,6 +160,14 @@ def cleanup(
     """
     validate.non_negative_number("older_than_seconds", older_than_seconds)
     st = _index_root(uri, index_uri, storage_options)
+    # Commits hold this lock shared from checking their segments to creating
+    # their manifest: no segment is removed in between (Storage.commit_lock).
+    with st.commit_lock(exclusive=True):
+        return _cleanup_locked(st, older_than_seconds, dry_run, abandoned_builds)
+
+
+def _cleanup_locked(st: Storage, older_than_seconds: float, dry_run: bool,
+                    abandoned_builds: bool) -> List[str]:
     seg_files = st.list(idx.SEGMENTS_DIR)
     if not seg_files:
         return []

@@ -35,7 +35,8 @@ import os
 import threading
 import time
 import uuid as uuid_mod
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 import numpy as np
@@ -216,6 +217,18 @@ class Storage:
     def remove_empty_dir(self, prefix: str) -> None:
         """Remove directory ``prefix`` if it is empty (no-op on object stores)."""
 
+    @contextmanager
+    def commit_lock(self, exclusive: bool) -> Iterator[None]:
+        """Held shared by a commit, from checking its segment files to creating
+        its manifest, and exclusive by ``cleanup``, from reading the manifests
+        to its last delete: so cleanup never removes a segment between a
+        commit's check and its manifest (a committed version naming a deleted
+        file). Commits do not exclude each other. A local root locks its
+        directory (``flock``); an object store has no lock, so there cleanup
+        must keep an age longer than any writer's write-to-commit time
+        (docs/distributed.md)."""
+        yield
+
     def __eq__(self, other: Any) -> bool:
         return type(self) is type(other) and self._key() == other._key()
 
@@ -334,6 +347,41 @@ class LocalStorage(Storage):
             os.rmdir(self.path(prefix))
         except OSError:
             pass
+
+    @contextmanager
+    def commit_lock(self, exclusive: bool) -> Iterator[None]:
+        # flock on the root directory itself: no lock file to leave behind,
+        # and the kernel drops the lock when its holder dies (even SIGKILL).
+        if not exclusive:
+            os.makedirs(self.root, exist_ok=True)  # a first commit creates it anyway
+        try:
+            import fcntl  # noqa: PLC0415 - POSIX only
+
+            fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (ImportError, FileNotFoundError):
+            yield  # no root, nothing to clean up; or no flock on this OS
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            except OSError as e:  # a filesystem without flock (some network mounts)
+                _warn_no_lock(self.root, e)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
+_NO_LOCK_WARNED: set = set()
+
+
+def _warn_no_lock(root: str, err: OSError) -> None:
+    if root not in _NO_LOCK_WARNED:
+        _NO_LOCK_WARNED.add(root)
+        import logging  # noqa: PLC0415
+
+        logging.getLogger("bitshard.storage").warning(
+            "cannot lock index root %s (%s): cleanup with a short --older-than may remove a "
+            "segment a concurrent commit is about to name", root, err)
 
 
 # =========================================================================

@@ -1,0 +1,80 @@
+"""Racing writers and upkeep on a local index root: commits against
+``cleanup`` (the lock that orders them), and a small run of the race harness
+(tests/trials/race_trials.py: 8 writers committing and delta-committing,
+searchers, cleanup at its default age and at age 0; ``make trials`` runs the
+full counts, locally and on a moto S3 server)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+import bitshard
+from bitshard import index as idx
+from bitshard.errors import InvalidInputError
+from bitshard.storage import LocalStorage
+
+from conftest import clustered, write_lance
+
+pytest.importorskip("lance")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    x = clustered(400, 16, seed=3)
+    uri = write_lance(tmp_path_factory.mktemp("races") / "v.lance", x, 100)
+    ds = bitshard.dataset(uri)
+    ivf = bitshard.train_ivf(ds, "vec", num_partitions=4, seed=1)
+    rot = bitshard.build_rq_rotation(dimension=16, num_bits=1, seed=2)
+    return uri, x, ivf, rot
+
+
+def test_cleanup_waits_for_a_commit_between_its_check_and_its_manifest(
+        data, tmp_path, monkeypatch):
+    """cleanup --older-than 0 starting after a commit checked its segment and
+    before its manifest exists used to delete the segment, and the commit then
+    named a missing file (search: CorruptIndexError, verify: a fault). Now it
+    waits for the commit, and then sees the segment referenced."""
+    uri, x, ivf, rot = data
+    root = str(tmp_path / "root")
+    ds = bitshard.dataset(uri, index_uri=root)
+    seg = ds.create_index_uncommitted("vec", "IVF_RQ", name="idx", ivf_centroids=ivf,
+                                      rq_rotation=rot)
+    removed = []
+    plain = LocalStorage.create_exclusive
+
+    def racing_create(self, key, payload):
+        t = threading.Thread(target=lambda: removed.extend(bitshard.cleanup(root, 0)))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive()          # cleanup waits for the commit's lock
+        plain(self, key, payload)
+        racing_create.thread = t
+
+    monkeypatch.setattr(LocalStorage, "create_exclusive", racing_create)
+    ds.commit_existing_index_segments("idx", "vec", [seg])
+    racing_create.thread.join(30)
+    assert removed == []
+    assert os.path.exists(seg.path)
+    assert bitshard.distributed.verify(uri, index_uri=root) == []
+    hits = ds.search("vec", x[7], k=1, nprobes=4, refine_factor=20, fast_search=True)
+    assert hits.column("_rowid").to_pylist() == [7]
+
+
+def test_commit_after_cleanup_removed_its_segment_is_refused_clearly(data, tmp_path):
+    uri, x, ivf, rot = data
+    root = str(tmp_path / "root")
+    ds = bitshard.dataset(uri, index_uri=root)
+    seg = ds.create_index_uncommitted("vec", "IVF_RQ", name="idx", ivf_centroids=ivf,
+                                      rq_rotation=rot)
+    assert bitshard.cleanup(root, 0) == [seg.uuid]
+    with pytest.raises(InvalidInputError) as e:
+        ds.commit_existing_index_segments("idx", "vec", [seg])
+    assert str(e.value) == (
+        f"segment {seg.uuid} has no file at {seg.path}: it was never written there, or "
+        f"cleanup removed it as unreferenced before this commit (cleanup's --older-than was "
+        f"shorter than the time from writing the segment to committing it); write it again")
+    assert idx.manifest_versions(ds.storage, "idx") == []
