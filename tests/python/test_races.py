@@ -7,9 +7,11 @@ full counts, locally and on a moto S3 server)."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import bitshard
@@ -18,6 +20,9 @@ from bitshard.errors import InvalidInputError
 from bitshard.storage import LocalStorage
 
 from conftest import clustered, write_lance
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "trials"))
+import race_trials  # noqa: E402
 
 pytest.importorskip("lance")
 
@@ -78,3 +83,24 @@ def test_commit_after_cleanup_removed_its_segment_is_refused_clearly(data, tmp_p
         f"cleanup removed it as unreferenced before this commit (cleanup's --older-than was "
         f"shorter than the time from writing the segment to committing it); write it again")
     assert idx.manifest_versions(ds.storage, "idx") == []
+
+
+def test_racing_writers_searchers_and_cleanup_local(tmp_path):
+    """8 writers x 2 commits, a searcher, cleanup at 3600 s and (second round)
+    at 0 s: every commit lands or conflicts (or, at age 0, is refused because
+    cleanup removed its segment), searches never fail or return a wrong row,
+    nothing committed is lost, each fragment is covered once."""
+    res = race_trials.run("local", writers=8, commits=2, searchers=1, seed=7,
+                          work=str(tmp_path))
+    by_round = {r["round"]: r for r in res}
+    assert sorted(by_round) == ["age-0", "default-age"]
+    for r in res:
+        assert r["failed"] == [], r
+        c = r["counts"]
+        assert c["landed"] == 16 and "gave-up" not in c and "unexpected" not in c, r
+        assert c["searches"] > 0, r
+    assert "segment-removed" not in by_round["default-age"]["counts"]
+    assert by_round["default-age"]["counts"]["removed-age-3600"] == 0
+    # The age-0 cleaner did run and remove things meanwhile.
+    assert by_round["age-0"]["counts"]["removed-age-0"] > 0, by_round["age-0"]
+    assert np.all([by_round[k]["counts"]["final_version"] >= 17 for k in by_round])
