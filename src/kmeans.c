@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "alloc.h"
 #include "error.h"
 #include "ivf_internal.h"
 #include "parallel.h"
@@ -69,11 +70,11 @@ static bs_status seed_kmeanspp(const float *data, size_t n, uint32_t d,
 
     /* A contiguous copy: the pass per centre then streams through memory
      * instead of hopping across all n rows (TLB and prefetch friendly). */
-    float *sample = malloc(m * d * sizeof(float));
-    double *dist = malloc(m * sizeof(double));
-    uint32_t *near = malloc(m * sizeof(uint32_t));
-    unsigned char *elig = malloc(m);
-    double *cc = malloc((size_t)k * sizeof(double));
+    float *sample = bs_alloc2(m, d, sizeof(float));
+    double *dist = bs_alloc(m, sizeof(double));
+    uint32_t *near = bs_alloc(m, sizeof(uint32_t));
+    unsigned char *elig = bs_alloc(m, 1);
+    double *cc = bs_alloc(k, sizeof(double));
     bs_status st = BS_OK;
     if (!sample || !dist || !near || !elig || !cc) {
         st = bs_fail(err, BS_ERR_NO_MEMORY,
@@ -345,10 +346,10 @@ static int prune_bufs_init(prune_bufs *pb, uint32_t nw, size_t gbatch, uint32_t 
     pb->nw = nw;
     pb->gbatch = gbatch;
     for (uint32_t w = 0; w < nw; w++) {
-        pb->gather[w] = malloc(gbatch * d * sizeof(float));
-        pb->g_assign[w] = malloc(gbatch * sizeof(uint32_t));
-        pb->g_dist2[w] = malloc(gbatch * sizeof(float));
-        pb->g_second[w] = malloc(gbatch * sizeof(double));
+        pb->gather[w] = bs_alloc2(gbatch, d, sizeof(float));
+        pb->g_assign[w] = bs_alloc(gbatch, sizeof(uint32_t));
+        pb->g_dist2[w] = bs_alloc(gbatch, sizeof(float));
+        pb->g_second[w] = bs_alloc(gbatch, sizeof(double));
         if (!pb->gather[w] || !pb->g_assign[w] || !pb->g_dist2[w] || !pb->g_second[w])
             return 0;
     }
@@ -357,10 +358,10 @@ static int prune_bufs_init(prune_bufs *pb, uint32_t nw, size_t gbatch, uint32_t 
 
 static void prune_bufs_free(prune_bufs *pb) {
     for (uint32_t w = 0; w < pb->nw; w++) {
-        free(pb->gather[w]);
-        free(pb->g_assign[w]);
-        free(pb->g_dist2[w]);
-        free(pb->g_second[w]);
+        BS_FREE(pb->gather[w]);
+        BS_FREE(pb->g_assign[w]);
+        BS_FREE(pb->g_dist2[w]);
+        BS_FREE(pb->g_second[w]);
     }
 }
 
@@ -490,17 +491,17 @@ typedef struct km_state {
 } km_state;
 
 static void km_state_free(km_state *s) {
-    free(s->lbd);
-    free(s->redo);
+    BS_FREE(s->lbd);
+    BS_FREE(s->redo);
     prune_bufs_free(&s->pb);
-    free(s->old_c);
-    free(s->normed);
-    free(s->assign);
-    free(s->prev);
-    free(s->dist2);
-    free(s->counts);
-    free(s->inertia);
-    free(s->sums);
+    BS_FREE(s->old_c);
+    BS_FREE(s->normed);
+    BS_FREE(s->assign);
+    BS_FREE(s->prev);
+    BS_FREE(s->dist2);
+    BS_FREE(s->counts);
+    BS_FREE(s->inertia);
+    BS_FREE(s->sums);
 }
 
 /* The per-row and per-partition buffers, and the rows to train on
@@ -516,13 +517,13 @@ static bs_status km_state_init(km_state *s, const float *x, size_t n, uint32_t d
     s->prune = prune;
     s->nw = threads < 1 ? 1 : threads > BS_MAX_THREADS ? BS_MAX_THREADS : threads;
     bs_rng_seed(&s->rng, seed);
-    s->assign = malloc(n * sizeof(uint32_t));
-    s->prev = malloc(n * sizeof(uint32_t));
-    s->dist2 = malloc(n * sizeof(float));
-    s->counts = malloc((size_t)k * sizeof(size_t));
-    s->inertia = malloc((size_t)k * sizeof(double));
-    s->sums = malloc((size_t)k * d * sizeof(double));
-    if (s->cosine) s->normed = malloc(n * d * sizeof(float));
+    s->assign = bs_alloc(n, sizeof(uint32_t));
+    s->prev = bs_alloc(n, sizeof(uint32_t));
+    s->dist2 = bs_alloc(n, sizeof(float));
+    s->counts = bs_alloc(k, sizeof(size_t));
+    s->inertia = bs_alloc(k, sizeof(double));
+    s->sums = bs_alloc2(k, d, sizeof(double));
+    if (s->cosine) s->normed = bs_alloc2(n, d, sizeof(float));
     if (!s->assign || !s->prev || !s->dist2 || !s->counts || !s->inertia || !s->sums ||
         (s->cosine && !s->normed))
         return bs_fail(err, BS_ERR_NO_MEMORY,
@@ -549,9 +550,9 @@ static bs_status km_bounds_init(km_state *s, bs_error *err) {
     const uint32_t d = s->d;
     size_t gbatch = BS_REDO_FLOATS / d ? BS_REDO_FLOATS / d : 1;
     if (gbatch > n) gbatch = n;
-    s->lbd = malloc(n * sizeof(double));
-    s->redo = malloc(n * sizeof(size_t));
-    s->old_c = malloc((size_t)s->k * d * sizeof(float));
+    s->lbd = bs_alloc(n, sizeof(double));
+    s->redo = bs_alloc(n, sizeof(size_t));
+    s->old_c = bs_alloc2(s->k, d, sizeof(float));
     int bufs = prune_bufs_init(&s->pb, s->nw, gbatch, d);
     if (!s->lbd || !s->redo || !s->old_c || !bufs)
         return bs_fail(err, BS_ERR_NO_MEMORY,

@@ -21,6 +21,7 @@
 #include <emmintrin.h>
 #endif
 
+#include "alloc.h"
 #include "bounds.h"
 #include "dot.h"
 #include "error.h"
@@ -97,16 +98,33 @@ struct bs_candidates {
 
 /* ---------------------------------------------------------- small helpers */
 
+/* Grows *ptr to hold at least need elements (doubling from 64, so a
+ * buffer reused across queries settles at its largest size). *cap only
+ * ever grows: a query that needs 0 elements keeps the buffer it has. On
+ * failure *ptr and *cap are unchanged and still valid. */
 static int grow(void **ptr, size_t *cap, size_t need, size_t elem) {
-    if (need <= *cap) return 1;
+    if (need <= *cap && *ptr != NULL) return 1;
     size_t n = *cap ? *cap : 64;
-    while (n < need) n *= 2;
-    size_t bytes;
-    if (!bs_mul_ok(n, elem, &bytes)) return 0;
-    void *p = realloc(*ptr, bytes);
+    while (n < need) {
+        if (n > SIZE_MAX / 2) {
+            n = need;
+            break;
+        }
+        n *= 2;
+    }
+    void *p = bs_realloc(*ptr, n, elem);
     if (p == NULL) return 0;
     *ptr = p;
     *cap = n;
+    return 1;
+}
+
+/* *ptr resized to cap elements: a buffer sized alongside another one's
+ * capacity (cap >= 1 after a successful grow). */
+static int match_cap(void **ptr, size_t cap, size_t elem) {
+    void *p = bs_realloc(*ptr, cap, elem);
+    if (p == NULL) return 0;
+    *ptr = p;
     return 1;
 }
 
@@ -372,9 +390,9 @@ bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
 
     bs_segment_info info;
     bs_segment_get_info(segs[0], &info);
-    bs_searcher *s = calloc(1, sizeof *s);
+    bs_searcher *s = bs_zalloc(1, sizeof *s);
     if (s == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-    s->segs = malloc(n * sizeof *s->segs);
+    s->segs = bs_alloc(n, sizeof *s->segs);
     s->nseg = n;
     s->dim = info.dim;
     s->D = info.padded_dim;
@@ -384,13 +402,8 @@ bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
     s->centroids = bs_segment_centroids(segs[0]);
     s->kernel = bs_fastscan_kernel(level);
     bs_dot_kernels_get(level, &s->dots);
-    size_t rc_len;
-    if (!bs_mul_ok((size_t)s->nlist, s->D, &rc_len)) {
-        bs_searcher_free(s);
-        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "index too large");
-    }
-    s->rot_centroids = malloc(rc_len * sizeof(float));
-    s->centroid_norm2 = malloc((size_t)s->nlist * sizeof(float));
+    s->rot_centroids = bs_alloc2(s->nlist, s->D, sizeof(float));
+    s->centroid_norm2 = bs_alloc(s->nlist, sizeof(float));
     if (s->segs == NULL || s->rot_centroids == NULL || s->centroid_norm2 == NULL) {
         bs_searcher_free(s);
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
@@ -418,8 +431,8 @@ bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
         int fits = 1;
         for (size_t i = 0; i < cells && fits; i++) fits = fabsf(s->centroids[i]) < 65504.0f;
         if (fits) {
-            s->c16 = malloc(cells * sizeof(uint16_t));
-            s->centroid_norm = malloc((size_t)s->nlist * sizeof(float));
+            s->c16 = bs_alloc(cells, sizeof(uint16_t));
+            s->centroid_norm = bs_alloc(s->nlist, sizeof(float));
             if (s->c16 == NULL || s->centroid_norm == NULL) {
                 bs_searcher_free(s);
                 return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
@@ -451,7 +464,7 @@ void bs_searcher_free(bs_searcher *s) {
 
 /* ----------------------------------------------------------- candidates */
 
-bs_candidates *bs_candidates_new(void) { return calloc(1, sizeof(bs_candidates)); }
+bs_candidates *bs_candidates_new(void) { return bs_zalloc(1, sizeof(bs_candidates)); }
 
 void bs_candidates_free(bs_candidates *c) {
     if (c == NULL) return;
@@ -628,18 +641,11 @@ static void choose_probes(const bs_searcher *s, const bs_candidates *cc, const f
 /* Scratch for the probe choice of up to nprobe of the searcher's
  * centroids. */
 static int probe_scratch(const bs_searcher *s, bs_candidates *c, uint32_t nprobe) {
-    if (!grow((void **)&c->probes, &c->cap_probes, nprobe, sizeof(uint32_t))) return 0;
-    float *keys = realloc(c->probe_keys, c->cap_probes * sizeof(float));
-    if (keys == NULL) return 0;
-    c->probe_keys = keys;
-    if (!grow((void **)&c->approx, &c->cap_approx, s->nlist, sizeof(float))) return 0;
-    float *ae = realloc(c->approx_err, c->cap_approx * sizeof(float));
-    if (ae == NULL) return 0;
-    c->approx_err = ae;
-    uint32_t *nr = realloc(c->near, c->cap_approx * sizeof(uint32_t));
-    if (nr == NULL) return 0;
-    c->near = nr;
-    return 1;
+    return grow((void **)&c->probes, &c->cap_probes, nprobe, sizeof(uint32_t)) &&
+           match_cap((void **)&c->probe_keys, c->cap_probes, sizeof(float)) &&
+           grow((void **)&c->approx, &c->cap_approx, s->nlist, sizeof(float)) &&
+           match_cap((void **)&c->approx_err, c->cap_approx, sizeof(float)) &&
+           match_cap((void **)&c->near, c->cap_approx, sizeof(uint32_t));
 }
 
 bs_status bs_searcher_probes(const bs_searcher *s, bs_candidates *c, const float *q,
@@ -694,12 +700,6 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
         !grow((void **)&c->pinfo, &c->cap_pinfo, (size_t)nprobe * 3, sizeof(float)) ||
         !grow((void **)&c->ntab_ready, &c->cap_ready, nprobe, 1))
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-    {
-        size_t cap = c->cap_probes;
-        float *keys = realloc(c->probe_keys, cap * sizeof(float));
-        if (keys == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-        c->probe_keys = keys;
-    }
     float *q = c->qbuf;
     float *pq = c->qbuf + D;
     memcpy(q, q_in, dim * sizeof(float));
@@ -912,17 +912,14 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
         nout = k;
     }
     sort_best(c->cands, c->ncands, nout, by_lb);
-    if (!grow((void **)&c->rowids, &c->cap_out, nout, sizeof(uint64_t)))
+    /* estimates and lower_bounds share cap_out: resized alongside. The
+     * result is empty (size 0) until all three succeed, so a failure here
+     * leaves no stale rows behind. */
+    c->size = 0;
+    if (!grow((void **)&c->rowids, &c->cap_out, nout, sizeof(uint64_t)) ||
+        !match_cap((void **)&c->estimates, c->cap_out, sizeof(float)) ||
+        !match_cap((void **)&c->lower_bounds, c->cap_out, sizeof(float)))
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-    {
-        /* estimates / lower_bounds share cap_out; realloc them alongside */
-        float *e = realloc(c->estimates, c->cap_out * sizeof(float));
-        if (e == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-        c->estimates = e;
-        float *l = realloc(c->lower_bounds, c->cap_out * sizeof(float));
-        if (l == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-        c->lower_bounds = l;
-    }
     for (size_t i = 0; i < nout; i++) {
         c->rowids[i] = c->cands[i].rowid;
         c->estimates[i] = c->cands[i].est;

@@ -529,6 +529,133 @@ static void test_ties_by_rowid(void) {
     }
 }
 
+/* Searches that find nothing, again and again on one candidate list: no
+ * fragment allowed, rows outside the probed partitions, every segment
+ * masked out, an empty segment; then k above the row count, and the same
+ * list still answers an ordinary query exactly as a fresh one. Each empty
+ * result once shrank the scratch to realloc(p, 0), which freed it; the
+ * next search failed "out of memory" and the one after freed it again. */
+static void check_empty(const bs_searcher *s, bs_candidates *c, const bs_search_params *p,
+                        const char *what) {
+    bs_error err;
+    for (int rep = 0; rep < 4; rep++) {
+        bs_search_stats st;
+        bs_status status = bs_search(s, g_q, p, c, &st, &err);
+        CHECK_MSG(status == BS_OK, "%s, round %d: %s", what, rep, err.message);
+        CHECK_MSG(bs_candidates_size(c) == 0, "%s: %zu candidates", what,
+                  bs_candidates_size(c));
+        CHECK(bs_candidates_rowids(c) != NULL && bs_candidates_estimates(c) != NULL &&
+              bs_candidates_lower_bounds(c) != NULL);
+        CHECK(st.candidates == 0);
+    }
+}
+
+static void test_empty_results(void) {
+    for (uint32_t bits = 1; bits <= 9; bits += 4) {
+        opened full = build(0, NFRAG, bits, BS_METRIC_L2, "z1");
+        /* a segment whose fragment holds rows, none of them added */
+        uint64_t ids[1] = {NFRAG}, rows[1] = {FRAG_ROWS};
+        bs_segment_spec spec;
+        memset(&spec, 0, sizeof spec);
+        spec.dim = D;
+        spec.num_bits = bits;
+        spec.metric = BS_METRIC_L2;
+        spec.rotation_kind = BS_ROTATION_FAST;
+        spec.rotation_seed = 99;
+        spec.centroids = g_cent;
+        spec.num_partitions = K;
+        spec.column = "vec";
+        spec.uuid = UUID;
+        spec.fragment_ids = ids;
+        spec.fragment_rows = rows;
+        spec.num_fragments = 1;
+        bs_error err;
+        bs_segment_builder *b = NULL;
+        CHECK(bs_builder_create(&spec, &b, &err) == BS_OK);
+        opened empty = write_and_open(b, "z2");
+
+        bs_searcher *s = NULL;
+        const bs_segment *both[2] = {full.seg, empty.seg};
+        CHECK(bs_searcher_create(both, 2, &s, &err) == BS_OK);
+        bs_candidates *c = bs_candidates_new();
+        for (uint32_t refine = 0; refine <= 2; refine += 2) {
+            bs_search_params p;
+            memset(&p, 0, sizeof p);
+            p.k = 10;
+            p.nprobes = 2;
+            p.eps0 = 1.9f;
+            p.refine_factor = refine;
+            const uint64_t nofrag[1] = {77};
+            p.allowed_fragments = nofrag;
+            p.num_allowed_fragments = 1;
+            check_empty(s, c, &p, "no fragment allowed");
+            p.allowed_fragments = NULL;
+            p.num_allowed_fragments = 0;
+            /* an allowed row in a partition the query does not probe */
+            uint32_t probes[2];
+            CHECK(bs_searcher_probes(s, c, g_q, 2, 1, probes, &err) == BS_OK);
+            uint64_t far = UINT64_MAX;
+            uint32_t assign[N];
+            CHECK(bs_ivf_assign(g_cent, K, D, BS_METRIC_L2, g_x, N, assign, NULL, &err) == BS_OK);
+            for (uint32_t i = 0; i < N && far == UINT64_MAX; i++)
+                if (assign[i] != probes[0] && assign[i] != probes[1])
+                    far = ((uint64_t)(i / FRAG_ROWS) << 32) | (i % FRAG_ROWS);
+            CHECK(far != UINT64_MAX);
+            p.allowed_rowids = &far;
+            p.num_allowed = 1;
+            check_empty(s, c, &p, "allowed row outside the probes");
+            p.allowed_rowids = NULL;
+            p.num_allowed = 0;
+            const uint8_t none[2] = {0, 0}, only_empty[2] = {0, 1};
+            p.segment_mask = none;
+            check_empty(s, c, &p, "every segment masked out");
+            p.segment_mask = only_empty;
+            check_empty(s, c, &p, "only the empty segment");
+            p.nprobes = K;
+            check_empty(s, c, &p, "the empty segment, every partition");
+            /* k above the row count: every row once, no more */
+            p.segment_mask = NULL;
+            p.k = 5 * N;
+            CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_OK);
+            CHECK_MSG(bs_candidates_size(c) <= N, "%zu candidates", bs_candidates_size(c));
+            if (bits > 1 && refine == 0) CHECK(bs_candidates_size(c) == N);
+            /* the reused list answers like a fresh one */
+            p.k = 10;
+            p.nprobes = 4;
+            bs_candidates *fresh = bs_candidates_new();
+            CHECK(bs_search(s, g_q + D, &p, c, NULL, &err) == BS_OK);
+            CHECK(bs_search(s, g_q + D, &p, fresh, NULL, &err) == BS_OK);
+            size_t n = bs_candidates_size(c);
+            CHECK(n > 0 && n == bs_candidates_size(fresh));
+            if (n == bs_candidates_size(fresh)) {
+                CHECK(memcmp(bs_candidates_rowids(c), bs_candidates_rowids(fresh), n * 8) == 0);
+                CHECK(memcmp(bs_candidates_estimates(c), bs_candidates_estimates(fresh),
+                             n * 4) == 0);
+            }
+            bs_candidates_free(fresh);
+        }
+        /* zero probes is refused, by search and by the probe choice */
+        bs_search_params p;
+        memset(&p, 0, sizeof p);
+        p.k = 1;
+        p.eps0 = 1.9f;
+        CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_ERR_INVALID_ARGUMENT);
+        CHECK(strstr(err.message, "nprobes must be >= 1, got 0") != NULL);
+        uint32_t probe;
+        CHECK(bs_searcher_probes(s, c, g_q, 0, 0, &probe, &err) == BS_ERR_INVALID_ARGUMENT);
+        /* a fresh list that only ever saw empty results, freed */
+        bs_candidates *once = bs_candidates_new();
+        CHECK(bs_candidates_size(once) == 0);
+        bs_candidates_free(once);
+        bs_candidates_free(c);
+        bs_candidates_free(NULL);
+        bs_searcher_free(s);
+        bs_searcher_free(NULL);
+        release(&full);
+        release(&empty);
+    }
+}
+
 int main(void) {
     snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_search_XXXXXX");
     if (mkdtemp(g_dir) == NULL) return 1;
@@ -542,6 +669,7 @@ int main(void) {
     test_lower_bounds_kernel();
     test_probe_prepass();
     test_ties_by_rowid();
+    test_empty_results();
     rmdir(g_dir);
     TEST_MAIN_END();
 }
