@@ -34,15 +34,7 @@
 #endif
 
 #ifdef BS_HAVE_VEC
-typedef float bs_v4f __attribute__((vector_size(16)));
-typedef int32_t bs_v4i __attribute__((vector_size(16)));
-typedef float bs_v2f __attribute__((vector_size(8)));
-typedef double bs_v2d __attribute__((vector_size(16)));
-static inline bs_v4f load4(const float *p) {
-    bs_v4f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
+#include "vec.h"
 static inline bs_v2d load2d(const float *p) {
     bs_v2f v;
     memcpy(&v, p, sizeof v);
@@ -57,24 +49,31 @@ static inline bs_v4f vmin4(bs_v4f a, bs_v4f b) {
 
 /* The fixed order: eight strided partial sums (lane l takes elements
  * i = l mod 8 of the leading multiple of 8), combined as
- * ((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7)), then the tail added
- * in sequence. ISO C mode never contracts t * t + acc into an fma and never
+ * ((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7)) (bs_combine8), then the
+ * tail added in sequence. ISO C mode never contracts t * t + acc into an fma and never
  * reassociates, so the source fixes the bits. */
-static double combine8(const double acc[8]) {
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) +
-           ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+/* (a_i - b_i) as doubles, or a_i alone when b is NULL: the one term of the
+ * two sums below. sumsq_fixed is inlined into each caller with b constant,
+ * so the test folds away. */
+static inline double term(const float *a, const float *b, uint32_t i) {
+    return b ? (double)a[i] - (double)b[i] : (double)a[i];
 }
 
-double bs_l2sq_fixed(const float *a, const float *b, uint32_t d) {
+#ifdef BS_HAVE_VEC
+static inline bs_v2d term2d(const float *a, const float *b, uint32_t i) {
+    return b ? load2d(a + i) - load2d(b + i) : load2d(a + i);
+}
+#endif
+
+/* sum_i term(i)^2 in the fixed order above. */
+static inline double sumsq_fixed(const float *a, const float *b, uint32_t d) {
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     uint32_t i = 0;
 #ifdef BS_HAVE_VEC
     bs_v2d s0 = {0, 0}, s1 = s0, s2 = s0, s3 = s0;
     for (; i + 8 <= d; i += 8) {
-        bs_v2d t0 = load2d(a + i) - load2d(b + i);
-        bs_v2d t1 = load2d(a + i + 2) - load2d(b + i + 2);
-        bs_v2d t2 = load2d(a + i + 4) - load2d(b + i + 4);
-        bs_v2d t3 = load2d(a + i + 6) - load2d(b + i + 6);
+        bs_v2d t0 = term2d(a, b, i), t1 = term2d(a, b, i + 2);
+        bs_v2d t2 = term2d(a, b, i + 4), t3 = term2d(a, b, i + 6);
         s0 += t0 * t0;
         s1 += t1 * t1;
         s2 += t2 * t2;
@@ -85,17 +84,21 @@ double bs_l2sq_fixed(const float *a, const float *b, uint32_t d) {
 #else
     for (; i + 8 <= d; i += 8) {
         for (int l = 0; l < 8; l++) {
-            double t = (double)a[i + l] - (double)b[i + l];
+            double t = term(a, b, i + l);
             acc[l] += t * t;
         }
     }
 #endif
-    double s = combine8(acc);
+    double s = bs_combine8(acc);
     for (; i < d; i++) {
-        double t = (double)a[i] - (double)b[i];
+        double t = term(a, b, i);
         s += t * t;
     }
     return s;
+}
+
+double bs_l2sq_fixed(const float *a, const float *b, uint32_t d) {
+    return sumsq_fixed(a, b, d);
 }
 
 bs_status bs_l2_kernels_select(bs_l2_kernels *out, bs_error *err) {
@@ -111,36 +114,7 @@ bs_status bs_l2_kernels_select(bs_l2_kernels *out, bs_error *err) {
     return BS_OK;
 }
 
-double bs_norm2_fixed(const float *a, uint32_t d) {
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    uint32_t i = 0;
-#ifdef BS_HAVE_VEC
-    bs_v2d s0 = {0, 0}, s1 = s0, s2 = s0, s3 = s0;
-    for (; i + 8 <= d; i += 8) {
-        bs_v2d t0 = load2d(a + i), t1 = load2d(a + i + 2);
-        bs_v2d t2 = load2d(a + i + 4), t3 = load2d(a + i + 6);
-        s0 += t0 * t0;
-        s1 += t1 * t1;
-        s2 += t2 * t2;
-        s3 += t3 * t3;
-    }
-    acc[0] = s0[0], acc[1] = s0[1], acc[2] = s1[0], acc[3] = s1[1];
-    acc[4] = s2[0], acc[5] = s2[1], acc[6] = s3[0], acc[7] = s3[1];
-#else
-    for (; i + 8 <= d; i += 8) {
-        for (int l = 0; l < 8; l++) {
-            double t = (double)a[i + l];
-            acc[l] += t * t;
-        }
-    }
-#endif
-    double s = combine8(acc);
-    for (; i < d; i++) {
-        double t = (double)a[i];
-        s += t * t;
-    }
-    return s;
-}
+double bs_norm2_fixed(const float *a, uint32_t d) { return sumsq_fixed(a, NULL, d); }
 
 float bs_l2sq_f32_fixed(const float *a, const float *b, uint32_t d) {
     float acc[16];
@@ -149,10 +123,10 @@ float bs_l2sq_f32_fixed(const float *a, const float *b, uint32_t d) {
 #ifdef BS_HAVE_VEC
     bs_v4f s0 = {0, 0, 0, 0}, s1 = s0, s2 = s0, s3 = s0;
     for (; i + 16 <= d; i += 16) {
-        bs_v4f t0 = load4(a + i) - load4(b + i);
-        bs_v4f t1 = load4(a + i + 4) - load4(b + i + 4);
-        bs_v4f t2 = load4(a + i + 8) - load4(b + i + 8);
-        bs_v4f t3 = load4(a + i + 12) - load4(b + i + 12);
+        bs_v4f t0 = bs_v4f_load(a + i) - bs_v4f_load(b + i);
+        bs_v4f t1 = bs_v4f_load(a + i + 4) - bs_v4f_load(b + i + 4);
+        bs_v4f t2 = bs_v4f_load(a + i + 8) - bs_v4f_load(b + i + 8);
+        bs_v4f t3 = bs_v4f_load(a + i + 12) - bs_v4f_load(b + i + 12);
         s0 += t0 * t0;
         s1 += t1 * t1;
         s2 += t2 * t2;
@@ -295,8 +269,8 @@ static float min_of_sum(const float *a, const float *b, uint32_t k) {
     if (k >= 8) {
         bs_v4f m0 = {FLT_MAX, FLT_MAX, FLT_MAX, FLT_MAX}, m1 = m0;
         for (; j + 8 <= k; j += 8) {
-            m0 = vmin4(load4(a + j) + load4(b + j), m0);
-            m1 = vmin4(load4(a + j + 4) + load4(b + j + 4), m1);
+            m0 = vmin4(bs_v4f_load(a + j) + bs_v4f_load(b + j), m0);
+            m1 = vmin4(bs_v4f_load(a + j + 4) + bs_v4f_load(b + j + 4), m1);
         }
         m0 = vmin4(m0, m1);
         for (int l = 0; l < 4; l++) m = m0[l] < m ? m0[l] : m;
@@ -316,8 +290,8 @@ static uint32_t collect_below(const float *a, const float *b, uint32_t k,
 #ifdef BS_HAVE_VEC
     bs_v4f tv = {thr, thr, thr, thr};
     for (; j + 8 <= k; j += 8) {
-        bs_v4i le = ((load4(a + j) + load4(b + j)) <= tv) |
-                    ((load4(a + j + 4) + load4(b + j + 4)) <= tv);
+        bs_v4i le = ((bs_v4f_load(a + j) + bs_v4f_load(b + j)) <= tv) |
+                    ((bs_v4f_load(a + j + 4) + bs_v4f_load(b + j + 4)) <= tv);
         uint64_t w[2];
         memcpy(w, &le, sizeof w);
         if ((w[0] | w[1]) == 0) continue;

@@ -20,6 +20,12 @@ double bs_l2sq_fixed(const float *a, const float *b, uint32_t d);
  * bits. Fixed order too (see ivf.c). */
 float bs_l2sq_f32_fixed(const float *a, const float *b, uint32_t d);
 
+/* How both fixed-order double sums (and their AVX2 versions) combine their
+ * eight partial sums: ((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7)). */
+static inline double bs_combine8(const double acc[8]) {
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 /* AVX2 versions of the two fixed-order sums: the same bits (l2_avx2.c),
  * and the pair the assignment uses, chosen like the scan kernels
  * (bs_simd_select, so BITSHARD_SIMD applies). */

@@ -11,48 +11,34 @@
 
 #include <immintrin.h>
 
-static double combine8(const double acc[8]) {
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+/* The lanes of term(i) for i in [i, i + 4) as doubles: a - b, or a alone
+ * when b is NULL (constant in each inlined caller). */
+static inline __m256d term4(const float *a, const float *b, uint32_t i) {
+    __m256d x = _mm256_cvtps_pd(_mm_loadu_ps(a + i));
+    return b ? _mm256_sub_pd(x, _mm256_cvtps_pd(_mm_loadu_ps(b + i))) : x;
+}
+
+static inline double sumsq_fixed_avx2(const float *a, const float *b, uint32_t d) {
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+    uint32_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        __m256d t0 = term4(a, b, i), t1 = term4(a, b, i + 4);
+        s0 = _mm256_add_pd(s0, _mm256_mul_pd(t0, t0));
+        s1 = _mm256_add_pd(s1, _mm256_mul_pd(t1, t1));
+    }
+    double acc[8];
+    _mm256_storeu_pd(acc, s0);
+    _mm256_storeu_pd(acc + 4, s1);
+    double s = bs_combine8(acc);
+    for (; i < d; i++) {
+        double t = b ? (double)a[i] - (double)b[i] : (double)a[i];
+        s += t * t;
+    }
+    return s;
 }
 
 double bs_l2sq_fixed_avx2(const float *a, const float *b, uint32_t d) {
-    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
-    uint32_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-        __m256d t0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + i)),
-                                   _mm256_cvtps_pd(_mm_loadu_ps(b + i)));
-        __m256d t1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(a + i + 4)),
-                                   _mm256_cvtps_pd(_mm_loadu_ps(b + i + 4)));
-        s0 = _mm256_add_pd(s0, _mm256_mul_pd(t0, t0));
-        s1 = _mm256_add_pd(s1, _mm256_mul_pd(t1, t1));
-    }
-    double acc[8];
-    _mm256_storeu_pd(acc, s0);
-    _mm256_storeu_pd(acc + 4, s1);
-    double s = combine8(acc);
-    for (; i < d; i++) {
-        double t = (double)a[i] - (double)b[i];
-        s += t * t;
-    }
-    return s;
+    return sumsq_fixed_avx2(a, b, d);
 }
 
-double bs_norm2_fixed_avx2(const float *a, uint32_t d) {
-    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
-    uint32_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-        __m256d t0 = _mm256_cvtps_pd(_mm_loadu_ps(a + i));
-        __m256d t1 = _mm256_cvtps_pd(_mm_loadu_ps(a + i + 4));
-        s0 = _mm256_add_pd(s0, _mm256_mul_pd(t0, t0));
-        s1 = _mm256_add_pd(s1, _mm256_mul_pd(t1, t1));
-    }
-    double acc[8];
-    _mm256_storeu_pd(acc, s0);
-    _mm256_storeu_pd(acc + 4, s1);
-    double s = combine8(acc);
-    for (; i < d; i++) {
-        double t = (double)a[i];
-        s += t * t;
-    }
-    return s;
-}
+double bs_norm2_fixed_avx2(const float *a, uint32_t d) { return sumsq_fixed_avx2(a, NULL, d); }
