@@ -34,6 +34,7 @@
 #include "error.h"
 #include "hash.h"
 #include "rng.h"
+#include "vec.h"
 
 /* 65536 bounds the FAST transform's memory (8 passes of D floats) and keeps
  * every D * D product of the MATRIX kind far from overflow. */
@@ -102,6 +103,16 @@ static inline __m128 hadamard4(__m128 v) {
 }
 #endif
 
+/* One butterfly level over n pairs: (lo[j], hi[j]) <- (lo[j] + hi[j],
+ * lo[j] - hi[j]). */
+static inline void butterfly(float *restrict lo, float *restrict hi, uint32_t n) {
+    for (uint32_t j = 0; j < n; j++) {
+        float a = lo[j], b = hi[j];
+        lo[j] = a + b;
+        hi[j] = a - b;
+    }
+}
+
 /* x[i] *= d[i], then the unnormalised in-place Walsh-Hadamard transform of
  * x[0, n), n a power of two >= 8. The rounding is defined by the textbook
  * order: levels h = 1, 2, 4, ..., n/2, each replacing every pair
@@ -161,15 +172,7 @@ static void signed_fwht(float *restrict x, const float *restrict d,
             }
         }
     }
-    if (2 * h == n) {
-        float *restrict p0 = x;
-        float *restrict p1 = x + h;
-        for (uint32_t j = 0; j < h; j++) {
-            float a = p0[j], b = p1[j];
-            p0[j] = a + b;
-            p1[j] = a - b;
-        }
-    }
+    if (2 * h == n) butterfly(x, x + h, h);
 }
 
 static void mul_diag(float *restrict x, const float *restrict d, uint32_t n) {
@@ -238,13 +241,7 @@ static void fast_apply_row(const bs_rotation *rot, float *restrict x) {
         mul_diag(x, d, m);
         signed_fwht(x + m, d + m, W);
         d += D;
-        float *restrict lo = x;
-        float *restrict hi = x + half;
-        for (uint32_t i = 0; i < half; i++) {
-            float a = lo[i], b = hi[i];
-            lo[i] = a + b;
-            hi[i] = a - b;
-        }
+        butterfly(x, x + half, half);
     }
 }
 
@@ -286,19 +283,8 @@ static void fast_apply(const bs_rotation *rot, const float *x, size_t n,
  * (compact WY), so each block costs two cache-friendly passes over A
  * instead of one pass per reflector. */
 
-/* Two doubles in one register. GCC and clang both lower this to SSE2 on
- * x86-64 and to scalar code where there is no vector unit; element-wise
- * +, -, * round exactly like the scalar operations, so using it changes no
- * bit. Plain loops here were vectorised across the wrong index. */
-typedef double bs_v2d __attribute__((vector_size(16)));
-
-static inline bs_v2d v2d_load(const double *p) {
-    bs_v2d v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void v2d_store(double *p, bs_v2d v) { memcpy(p, &v, sizeof v); }
+/* Pairs of doubles (vec.h): plain loops here were vectorised across the
+ * wrong index. */
 
 typedef struct matrix_work {
     uint32_t n;
@@ -347,21 +333,21 @@ static void wy_project(const matrix_work *w, uint32_t m, uint32_t bb,
                     double *y1 = y0 + m;
                     bs_v2d a0[4], a1[4];
                     for (int q = 0; q < 4; q++) {
-                        a0[q] = v2d_load(y0 + 2 * q);
-                        a1[q] = v2d_load(y1 + 2 * q);
+                        a0[q] = bs_v2d_load(y0 + 2 * q);
+                        a1[q] = bs_v2d_load(y1 + 2 * q);
                     }
                     for (uint32_t r = r0; r < r1; r++) {
                         const double *ar = asub + (size_t)r * n + c;
                         const bs_v2d s0 = {v0[r], v0[r]}, s1 = {v1[r], v1[r]};
                         for (int q = 0; q < 4; q++) {
-                            const bs_v2d x = v2d_load(ar + 2 * q);
+                            const bs_v2d x = bs_v2d_load(ar + 2 * q);
                             a0[q] += s0 * x;
                             a1[q] += s1 * x;
                         }
                     }
                     for (int q = 0; q < 4; q++) {
-                        v2d_store(y0 + 2 * q, a0[q]);
-                        v2d_store(y1 + 2 * q, a1[q]);
+                        bs_v2d_store(y0 + 2 * q, a0[q]);
+                        bs_v2d_store(y1 + 2 * q, a1[q]);
                     }
                 }
             }
@@ -397,35 +383,35 @@ static void wy_update(const matrix_work *w, uint32_t m, uint32_t bb,
                 const double *vr1 = vr0 + bb;
                 bs_v2d acc0[4], acc1[4];
                 for (int q = 0; q < 4; q++) {
-                    acc0[q] = v2d_load(ar0 + 2 * q);
-                    acc1[q] = v2d_load(ar1 + 2 * q);
+                    acc0[q] = bs_v2d_load(ar0 + 2 * q);
+                    acc1[q] = bs_v2d_load(ar1 + 2 * q);
                 }
                 for (uint32_t j = 0; j < bb; j++) {
                     const bs_v2d s0 = {vr0[j], vr0[j]}, s1 = {vr1[j], vr1[j]};
                     const double *zj = w->y + (size_t)j * m + c;
                     for (int q = 0; q < 4; q++) {
-                        const bs_v2d z = v2d_load(zj + 2 * q);
+                        const bs_v2d z = bs_v2d_load(zj + 2 * q);
                         acc0[q] -= s0 * z;
                         acc1[q] -= s1 * z;
                     }
                 }
                 for (int q = 0; q < 4; q++) {
-                    v2d_store(ar0 + 2 * q, acc0[q]);
-                    v2d_store(ar1 + 2 * q, acc1[q]);
+                    bs_v2d_store(ar0 + 2 * q, acc0[q]);
+                    bs_v2d_store(ar1 + 2 * q, acc1[q]);
                 }
             }
             for (; r < r1; r++) {
                 double *ar = asub + (size_t)r * n + c;
                 const double *vr = w->v + (size_t)r * bb;
                 bs_v2d acc[4];
-                for (int q = 0; q < 4; q++) acc[q] = v2d_load(ar + 2 * q);
+                for (int q = 0; q < 4; q++) acc[q] = bs_v2d_load(ar + 2 * q);
                 for (uint32_t j = 0; j < bb; j++) {
                     const bs_v2d sj = {vr[j], vr[j]};
                     const double *zj = w->y + (size_t)j * m + c;
                     for (int q = 0; q < 4; q++)
-                        acc[q] -= sj * v2d_load(zj + 2 * q);
+                        acc[q] -= sj * bs_v2d_load(zj + 2 * q);
                 }
-                for (int q = 0; q < 4; q++) v2d_store(ar + 2 * q, acc[q]);
+                for (int q = 0; q < 4; q++) bs_v2d_store(ar + 2 * q, acc[q]);
             }
         }
         for (; c < m; c++) {
@@ -561,15 +547,6 @@ static bs_status matrix_build(bs_rotation *rot) {
  * than a batched AVX2 sgemm, but 2x faster than sgemm called one row at a
  * time (4x in batches), which is how a batch-independent caller would have
  * had to use BLAS. */
-typedef float bs_v4sf __attribute__((vector_size(16)));
-
-static inline bs_v4sf v4sf_load(const float *p) {
-    bs_v4sf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void v4sf_store(float *p, bs_v4sf v) { memcpy(p, &v, sizeof v); }
 
 /* Rows per block: their inputs stay in L2 while every 8-column strip of
  * P^T streams past them. */
@@ -585,21 +562,21 @@ static void matrix_apply(const bs_rotation *rot, const float *x, size_t n,
         for (uint32_t c = 0; c < D; c += 8) {
             for (size_t r = r0; r + 4 <= r1; r += 4) {
                 const float *xr = x + r * K;
-                bs_v4sf acc[4][2];
+                bs_v4f acc[4][2];
                 memset(acc, 0, sizeof acc);
                 for (uint32_t j = 0; j < K; j++) {
                     const float *pj = pt + (size_t)j * D + c;
-                    const bs_v4sf p0 = v4sf_load(pj), p1 = v4sf_load(pj + 4);
+                    const bs_v4f p0 = bs_v4f_load(pj), p1 = bs_v4f_load(pj + 4);
                     for (int q = 0; q < 4; q++) {
                         const float s = xr[(size_t)q * K + j];
-                        const bs_v4sf b = {s, s, s, s};
+                        const bs_v4f b = {s, s, s, s};
                         acc[q][0] += b * p0;
                         acc[q][1] += b * p1;
                     }
                 }
                 for (int q = 0; q < 4; q++) {
-                    v4sf_store(out + (r + q) * D + c, acc[q][0]);
-                    v4sf_store(out + (r + q) * D + c + 4, acc[q][1]);
+                    bs_v4f_store(out + (r + q) * D + c, acc[q][0]);
+                    bs_v4f_store(out + (r + q) * D + c + 4, acc[q][1]);
                 }
             }
         }
@@ -612,10 +589,10 @@ static void matrix_apply(const bs_rotation *rot, const float *x, size_t n,
             memset(yr, 0, (size_t)D * sizeof(float));
             for (uint32_t j = 0; j < K; j++) {
                 const float *pj = pt + (size_t)j * D;
-                const bs_v4sf b = {xr[j], xr[j], xr[j], xr[j]};
+                const bs_v4f b = {xr[j], xr[j], xr[j], xr[j]};
                 for (uint32_t c = 0; c < D; c += 4)
-                    v4sf_store(yr + c,
-                               v4sf_load(yr + c) + b * v4sf_load(pj + c));
+                    bs_v4f_store(yr + c,
+                               bs_v4f_load(yr + c) + b * bs_v4f_load(pj + c));
             }
         }
     }
