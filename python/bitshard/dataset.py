@@ -345,7 +345,7 @@ class Dataset:
         ``num_threads`` (default: all cores) runs k-means and encoding; the
         index is the same, byte for byte, for every count. Returns self.
         """
-        name = name or f"{column}_idx"
+        name = idx.check_commit_name(self.storage, name or f"{column}_idx")
         if ivf_centroids is None:
             nrows = sum(f.num_rows for f in self.source.fragments())
             k = num_partitions or _default_num_partitions(nrows)

@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from . import _native
 from . import index as idx
+from . import names
 from .artifacts import IvfModel, Rotation, as_ivf_model, build_rq_rotation, metric_code
 from . import validate
 from .codespace import CodeSpace
@@ -483,7 +484,7 @@ def _merge_plan_size(n: int, fan_in: int) -> int:
 
 def _state_keys(name: str) -> Tuple[str, str]:
     """The keys of a build's state and IVF model files under the index root."""
-    return f"{BUILDS_DIR}/{name}.json", f"{BUILDS_DIR}/{name}.ivf"
+    return names.build_state_key(name), names.build_ivf_key(name)
 
 
 def _write_json_atomic(st: Storage, key: str, doc: Dict[str, Any]) -> None:
@@ -506,7 +507,32 @@ def _load_state(st: Storage, name: str) -> Optional[Dict[str, Any]]:
         log.warning("ignoring build state %s: not a version-%d bitshard build state",
                     path, BUILD_STATE_VERSION)
         return None
+    try:
+        _check_state_uuids(doc, path)
+    except CorruptIndexError as e:
+        log.warning("ignoring build state: %s", e)
+        return None
     return doc
+
+
+def _check_state_uuids(doc: Dict[str, Any], path: str) -> None:
+    """Every segment uuid a build state names is a uuid (it becomes a key of
+    a file the build may delete): CorruptIndexError naming the field."""
+    segs = doc.get("segments")
+    merges = doc.get("merges")
+    if not isinstance(segs, dict):
+        raise CorruptIndexError(f"build state {path}: field 'segments' must be an object")
+    if not isinstance(merges, list):
+        raise CorruptIndexError(f"build state {path}: field 'merges' must be a list")
+    for k, u in segs.items():
+        names.check_uuid(u, f"build state {path}: segments[{k!r}]")
+    for i, m in enumerate(merges):
+        if not isinstance(m, dict) or not isinstance(m.get("inputs"), list):
+            raise CorruptIndexError(
+                f"build state {path}: merges[{i}] must be an object with a list 'inputs'")
+        names.check_uuid(m.get("uuid"), f"build state {path}: merges[{i}].uuid")
+        for j, u in enumerate(m["inputs"]):
+            names.check_uuid(u, f"build state {path}: merges[{i}].inputs[{j}]")
 
 
 def _source_identity(ds: Dataset) -> Dict[str, Any]:
@@ -569,11 +595,10 @@ class BuildStats:
         return asdict(self)
 
 
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name \
-            or name.startswith("."):
-        raise InvalidInputError(f"bad index name {name!r}")
-    return name
+def _check_name(name: str, st: Storage) -> str:
+    """A new index needs a name of the strict pattern; an existing index
+    with a legacy name may be rebuilt under it."""
+    return idx.check_commit_name(st, name)
 
 
 def build_index(
@@ -669,8 +694,8 @@ def build_index(
     prog = Progress(progress)
 
     ds = open_dataset(uri, index_uri, storage_options)
-    name = _check_name(name or f"{column}_idx")
     st = ds.storage
+    name = _check_name(name or f"{column}_idx", st)
     root = ds.index_root
     source = ds.source
     dim = source.vector_dim(column)
@@ -909,7 +934,10 @@ def build_index(
         log.warning("not removing the build's intermediate segments: %s", e)
         ours = set()
     for u in sorted(ours - referenced):
-        st.delete(idx.segment_key(u))
+        try:
+            st.delete(idx.segment_key(u))
+        except BitshardError as e:  # not a file the build wrote: leave it
+            log.warning("not removing intermediate segment %s: %s", u, e)
     st.delete(state_key)
     st.delete(ivf_key)
     st.remove_empty_dir(BUILDS_DIR)  # only if no other build is in progress

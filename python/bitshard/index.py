@@ -20,6 +20,7 @@ or a :class:`~bitshard.storage.Storage`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -46,15 +47,14 @@ from .errors import (
     IndexNotFoundError,
     InvalidInputError,
 )
+from . import names
+from .names import BUILDS_DIR, INDICES_DIR, SEGMENT_SUFFIX, SEGMENTS_DIR
 from .storage import LocalStorage, Storage, is_object_uri, join_uri
 
 MANIFEST_FORMAT = "bitshard-manifest"
 MANIFEST_VERSION = 1
-SEGMENT_SUFFIX = ".bsseg"
-SEGMENTS_DIR = "segments"
-INDICES_DIR = "indices"
-#: In-progress distributed builds keep their state here (docs/distributed.md).
-BUILDS_DIR = "builds"
+
+log = logging.getLogger("bitshard.index")
 
 #: An index root: a path or URI string, or a Storage.
 Root = Union[str, Storage]
@@ -119,8 +119,9 @@ class SegmentHandle:
 
 
 def segment_key(uuid: str) -> str:
-    """The key of segment ``uuid`` relative to an index root."""
-    return f"{SEGMENTS_DIR}/{uuid}{SEGMENT_SUFFIX}"
+    """The key of segment ``uuid`` relative to an index root
+    (CorruptIndexError if ``uuid`` is not 32 lowercase hex digits)."""
+    return names.segment_key(uuid)
 
 
 def segment_path(root: Root, uuid: str) -> str:
@@ -129,7 +130,7 @@ def segment_path(root: Root, uuid: str) -> str:
         return root.path(segment_key(uuid))
     if is_object_uri(root):
         return join_uri(root, segment_key(uuid))
-    return os.path.join(root, SEGMENTS_DIR, f"{uuid}{SEGMENT_SUFFIX}")
+    return names.local_path(root, segment_key(uuid))
 
 
 def new_uuid(index_uuid: Optional[str] = None) -> str:
@@ -137,17 +138,21 @@ def new_uuid(index_uuid: Optional[str] = None) -> str:
     if index_uuid is None:
         return uuid_mod.uuid4().hex
     try:
-        return uuid_mod.UUID(str(index_uuid)).hex
+        u = uuid_mod.UUID(str(index_uuid)).hex
     except ValueError:
         raise InvalidInputError(f"index_uuid is not a UUID: {index_uuid!r}") from None
+    return names.check_uuid(u, "index_uuid", InvalidInputError)
 
 
 def _file_storage(path: str) -> Tuple[Storage, str]:
-    """The storage of a file's directory, and the file's key in it."""
+    """The storage of a file's directory, and the file's key in it. A local
+    path a caller names is taken as it resolves (the link rules of
+    bitshard.names apply to keys under an index root, not to such a path)."""
     if is_object_uri(path):
         parent, name = path.rstrip("/").rsplit("/", 1)
         return Storage.for_uri(parent), name
-    return LocalStorage(os.path.dirname(path)), os.path.basename(path)
+    real = os.path.realpath(path)
+    return LocalStorage(os.path.dirname(real)), os.path.basename(real)
 
 
 class OpenSegment:
@@ -326,7 +331,7 @@ def merge_segments(handles: Sequence[SegmentHandle], root: Root,
 
 
 def _manifest_key(name: str, version: int) -> str:
-    return f"{INDICES_DIR}/{name}/v{version:08d}.json"
+    return names.manifest_key(name, version)
 
 
 def _checksum(doc: Dict[str, Any]) -> str:
@@ -335,8 +340,25 @@ def _checksum(doc: Dict[str, Any]) -> str:
 
 
 def index_dir_names(root: Root) -> List[str]:
-    """Names of the directories under ``indices/`` (committed or not)."""
-    return sorted(e.name for e in storage_of(root).list(INDICES_DIR) if e.is_dir)
+    """Names of the directories under ``indices/`` (committed or not).
+
+    Only names that are one harmless path component are returned
+    (:func:`bitshard.names.is_readable_index_name`; hidden ``.*`` entries are
+    skipped); a legacy name that breaks the rule for new indexes gives a
+    :class:`~bitshard.names.LegacyNameWarning`.
+    """
+    st = storage_of(root)
+    out = []
+    for e in st.list(INDICES_DIR):
+        if not e.is_dir or e.name.startswith("."):
+            continue
+        if not names.is_readable_index_name(e.name):
+            log.warning("ignoring directory %r under %s: not an index name", e.name,
+                        st.path(INDICES_DIR))
+            continue
+        names.warn_legacy_name(e.name, st.path(INDICES_DIR))
+        out.append(e.name)
+    return sorted(out)
 
 
 def list_index_names(root: Root) -> List[str]:
@@ -348,10 +370,10 @@ def list_index_names(root: Root) -> List[str]:
 def manifest_versions(root: Root, name: str) -> List[int]:
     """The manifest versions of index ``name`` present, ascending."""
     out = []
-    for e in storage_of(root).list(f"{INDICES_DIR}/{name}"):
-        fn = e.name
-        if not e.is_dir and fn.startswith("v") and fn.endswith(".json") and fn[1:-5].isdigit():
-            out.append(int(fn[1:-5]))
+    for e in storage_of(root).list(names.index_dir_key(name)):
+        v = None if e.is_dir else names.parse_manifest_file(e.name)
+        if v is not None:
+            out.append(v)
     return sorted(out)
 
 
@@ -434,6 +456,16 @@ def check_same_artifacts(handles: Sequence[SegmentHandle], column: Optional[str]
             seen[f] = h.uuid
 
 
+def check_commit_name(root: Root, name: Any) -> str:
+    """``name`` if a commit may use it: a new index needs the strict pattern
+    of :mod:`bitshard.names`; an existing index with a legacy name may get
+    new versions. InvalidInputError naming ``name`` and the value otherwise."""
+    names.check_index_name(name, "name")
+    if latest_version(root, name) == 0:
+        names.check_index_name(name, "name", new=True)
+    return name
+
+
 def commit(
     root: Root,
     name: str,
@@ -452,9 +484,10 @@ def commit(
     ``latest + 1`` (or ``expected_version + 1``): if another writer got there
     first, CommitConflictError is raised and nothing changes.
     """
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise InvalidInputError(f"bad index name {name!r}")
     st = storage_of(root)
+    # A new index needs a name of the strict pattern; an existing one with a
+    # legacy name may still get new versions.
+    check_commit_name(st, name)
     # Under the lock, cleanup cannot remove a segment between the check
     # below and the manifest that names it (see Storage.commit_lock).
     with st.commit_lock(exclusive=False):
@@ -466,6 +499,7 @@ def _commit_locked(st: Storage, name: str, column: str, segments: Sequence[Segme
                    mode: str, source_version: Any, expected_version: Optional[int]) -> int:
     root_s = st.root
     for h in segments:
+        names.check_uuid(h.uuid, "segment handle uuid", InvalidInputError)
         if not st.exists(segment_key(h.uuid)):
             where = "" if h.index_root == root_s else f" (it was written under {h.index_root})"
             raise InvalidInputError(
@@ -567,11 +601,12 @@ def uncommitted_segments(root: Root) -> List[str]:
                 named.update(e["uuid"] for e in read_manifest(st, name, v)["segments"])
             except (BitshardError, OSError):
                 continue
-    return sorted(
-        e.name[: -len(SEGMENT_SUFFIX)]
-        for e in files
-        if e.name.endswith(SEGMENT_SUFFIX) and e.name[: -len(SEGMENT_SUFFIX)] not in named
-    )
+    out = []
+    for e in files:
+        parsed = None if (e.is_dir or e.is_link) else names.parse_segment_file(e.name)
+        if parsed is not None and not parsed[1] and parsed[0] not in named:
+            out.append(parsed[0])
+    return sorted(out)
 
 
 def iter_fragments(handles: Iterable[SegmentHandle]) -> List[int]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
 from . import index as idx
-from . import validate
+from . import names, validate
 from .codespace import CodeSpace
 from .dataset import Dataset, dataset
 from .errors import BitshardError, CorruptIndexError, IndexNotFoundError
@@ -178,14 +178,18 @@ def _cleanup_locked(st: Storage, older_than_seconds: float, dry_run: bool,
     build_names = {e.name for e in builds}
     for e in builds:
         fn = e.name
-        key = f"{BUILDS_DIR}/{fn}"
-        if fn.endswith(".ivf") and abandoned_builds and not dry_run \
-                and fn[:-4] + ".json" not in build_names:
+        stem, ext = os.path.splitext(fn)
+        if e.is_dir or e.is_link or ext not in (".ivf", ".json") \
+                or not names.is_readable_index_name(stem):
+            continue  # not a file a build wrote
+        key = names.build_state_key(stem) if ext == ".json" else names.build_ivf_key(stem)
+        if ext == ".ivf" and abandoned_builds and not dry_run \
+                and stem + ".json" not in build_names:
             # the model file of a failed build that kept no state (in-memory source)
             if e.mtime is not None and now - e.mtime >= older_than_seconds:
                 st.delete(key)
             continue
-        if not fn.endswith(".json"):
+        if ext != ".json":
             continue
         try:
             age = now - (e.mtime if e.mtime is not None else st.mtime(key))
@@ -197,19 +201,18 @@ def _cleanup_locked(st: Storage, older_than_seconds: float, dry_run: bool,
         if abandoned_builds and age >= older_than_seconds:
             if not dry_run:
                 st.delete(key)
-                st.delete(key[:-5] + ".ivf")
+                st.delete(names.build_ivf_key(stem))
             continue
         protected |= uuids
     removed = set()
-    suffix, tmp_suffix = idx.SEGMENT_SUFFIX, idx.SEGMENT_SUFFIX + ".tmp"
     for e in seg_files:
         fn = e.name
-        if fn.endswith(tmp_suffix):
-            uuid, tmp = fn[: -len(tmp_suffix)], True
-        elif fn.endswith(suffix):
-            uuid, tmp = fn[: -len(suffix)], False
-        else:
+        # Only regular files named by a uuid are candidates: never a link
+        # (nor what it points to), a directory, or a file of another name.
+        parsed = None if (e.is_dir or e.is_link) else names.parse_segment_file(fn)
+        if parsed is None:
             continue
+        uuid, tmp = parsed
         if not tmp and (uuid in referenced or uuid in protected):
             continue
         key = f"{idx.SEGMENTS_DIR}/{fn}"

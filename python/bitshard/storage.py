@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import stat
 import threading
 import time
 import uuid as uuid_mod
@@ -42,6 +43,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .errors import BitshardError, CorruptIndexError, InvalidInputError
+from .names import check_key, check_resolved_inside, local_path
 
 __all__ = [
     "Storage",
@@ -93,9 +95,10 @@ class FileEntry(NamedTuple):
     """One child of a listed directory (or common prefix)."""
 
     name: str          #: the child's name (no slashes)
-    is_dir: bool       #: a directory / common prefix
+    is_dir: bool       #: a directory / common prefix (a link to one counts)
     size: int          #: bytes (0 for directories)
     mtime: Optional[float]  #: modification time, seconds since the epoch
+    is_link: bool = False   #: a symbolic link (local roots; never deleted by bitshard)
 
 
 def _normalize_options(options: Optional[Dict[str, Any]], strict: bool = True) -> Dict[str, str]:
@@ -245,15 +248,25 @@ class Storage:
 
 
 def _write_synced(path: str, data: bytes) -> None:
-    """Write a local file and flush it to disk before it is renamed or linked."""
-    with open(path, "wb") as f:
+    """Write a local file and flush it to disk before it is renamed or linked.
+    A symbolic link planted at the (temp) name is not written through."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o644)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
 class LocalStorage(Storage):
-    """An index root on a local (or shared, POSIX) filesystem."""
+    """An index root on a local (or shared, POSIX) filesystem.
+
+    Symbolic links: the root itself may be one. Below it, a read follows a
+    link only if the resolved path stays under the resolved root (else
+    CorruptIndexError); a write or delete checks that the file's directory
+    resolves under the root, and :meth:`delete` removes only regular files,
+    never a link or what it points to (docs/distributed.md, "Symbolic links").
+    """
 
     is_local = True
 
@@ -267,11 +280,26 @@ class LocalStorage(Storage):
         return (LocalStorage, (self.root,))
 
     def path(self, key: str) -> str:
-        return os.path.join(self.root, *key.split("/")) if key else self.root
+        # names.local_path refuses a key that could leave the root.
+        return local_path(self.root, key)
+
+    def _read_path(self, key: str) -> str:
+        """The path of ``key`` for reading: links resolved must stay inside."""
+        path = self.path(key)
+        check_resolved_inside(self.root, path)
+        return path
+
+    def _write_path(self, key: str) -> str:
+        """The path of ``key`` for creating, replacing or removing: its
+        directory (links resolved) must be inside the root."""
+        path = self.path(key)
+        check_resolved_inside(self.root, os.path.dirname(path))
+        return path
 
     def list(self, prefix: str) -> List[FileEntry]:
         d = self.path(prefix)
         try:
+            check_resolved_inside(self.root, d)
             names = os.listdir(d)
         except (FileNotFoundError, NotADirectoryError):
             return []
@@ -279,56 +307,84 @@ class LocalStorage(Storage):
         for n in names:
             p = os.path.join(d, n)
             try:
-                st = os.stat(p)
-            except FileNotFoundError:
-                continue
-            is_dir = os.path.isdir(p)
-            out.append(FileEntry(n, is_dir, 0 if is_dir else st.st_size, st.st_mtime))
+                lst = os.lstat(p)
+                link = stat.S_ISLNK(lst.st_mode)
+                st = os.stat(p) if link else lst
+            except FileNotFoundError:  # gone, or a dangling link
+                if not link:
+                    continue
+                st = lst
+            is_dir = stat.S_ISDIR(st.st_mode)
+            out.append(FileEntry(n, is_dir, 0 if is_dir else st.st_size, st.st_mtime, link))
         return sorted(out)
 
     def read_bytes(self, key: str) -> bytes:
-        with open(self.path(key), "rb") as f:
+        with open(self._read_path(key), "rb") as f:
             return f.read()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self.path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        _write_synced(tmp, data)
-        os.replace(tmp, path)
+        self._write_path(key)
+        # A fresh name, created exclusively: nothing planted there is written through.
+        tmp = f"{path}.{uuid_mod.uuid4().hex}.tmp"
+        try:
+            _write_synced(tmp, data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
 
     def write_file(self, local_path: str, key: str) -> None:
         path = self.path(key)
         if os.path.abspath(local_path) != os.path.abspath(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._write_path(key)
             os.replace(local_path, path)
 
     def delete(self, key: str) -> bool:
+        path = self._write_path(key)
         try:
-            os.remove(self.path(key))
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(mode):
+            raise CorruptIndexError(
+                f"refusing to delete {path}: not a regular file (a symbolic link or a "
+                f"directory); bitshard deletes only files it wrote")
+        try:
+            os.remove(path)
             return True
         except FileNotFoundError:
             return False
 
     def exists(self, key: str) -> bool:
-        return os.path.exists(self.path(key))
+        return os.path.exists(self._read_path(key))
 
     def mtime(self, key: str) -> float:
-        return os.path.getmtime(self.path(key))
+        return os.path.getmtime(self._read_path(key))
 
     def create_exclusive(self, key: str, data: bytes) -> None:
         final = self.path(key)
         os.makedirs(os.path.dirname(final), exist_ok=True)
+        self._write_path(key)
         tmp = f"{final}.{uuid_mod.uuid4().hex}.tmp"
-        _write_synced(tmp, data)
         try:
+            _write_synced(tmp, data)
             os.link(tmp, final)  # atomic, and fails if the key exists
         finally:
-            os.unlink(tmp)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
 
     def open_segment(self, key: str) -> Any:
         path = self.path(key)
         try:
+            check_resolved_inside(self.root, path)
             f = open(path, "rb")
         except FileNotFoundError:
             raise CorruptIndexError(f"segment file is missing: {path}") from None
@@ -340,12 +396,15 @@ class LocalStorage(Storage):
     def local_target(self, key: str) -> Tuple[str, bool]:
         path = self.path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._write_path(key)
         return path, False
 
     def remove_empty_dir(self, prefix: str) -> None:
         try:
-            os.rmdir(self.path(prefix))
-        except OSError:
+            path = self._write_path(prefix)
+            if not os.path.islink(path):
+                os.rmdir(path)
+        except (OSError, CorruptIndexError):
             pass
 
     @contextmanager
@@ -548,15 +607,19 @@ class ObjectStorage(Storage):
 
     # ---------------------------------------------------------------- keys
 
+    # Every key is checked (names.check_key) before it becomes an object
+    # name: no component may be empty, "." or "..", which some stores and
+    # gateways normalise and which would then leave the index prefix.
+
     def object_key(self, key: str) -> str:
         """The S3 object key of ``key`` (bucket excluded)."""
-        return "/".join(p for p in (self.prefix, key.strip("/")) if p)
+        return "/".join(p for p in (self.prefix, check_key(key)) if p)
 
     def _fs_path(self, key: str) -> str:
-        return "/".join(p for p in (self.bucket, self.prefix, key.strip("/")) if p)
+        return "/".join(p for p in (self.bucket, self.prefix, check_key(key)) if p)
 
     def path(self, key: str) -> str:
-        return join_uri(self.root, key) if key else self.root
+        return join_uri(self.root, check_key(key)) if key else self.root
 
     # ---------------------------------------------------------- operations
 
