@@ -498,7 +498,8 @@ class Dataset:
         if key not in self._searchers:
             doc = idx.read_manifest(self.storage, name, version)
             handles = idx.committed_segments(self.storage, name, version)
-            opened = [idx.open_handle(h, self.storage) for h in handles]
+            mpath = self.storage.path(idx._manifest_key(name, version))
+            opened = [idx.open_handle(h, self.storage, f"manifest {mpath}") for h in handles]
             # The manifest's claims are checked against the files: a segment
             # swapped on disk for one from another code space is refused here
             # (and the C searcher checks the files against each other).

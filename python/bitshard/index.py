@@ -222,14 +222,40 @@ class OpenSegment:
         return IvfModel(out, METRIC_NAMES[i["metric"]])
 
 
-def open_handle(h: SegmentHandle, root: Optional[Root] = None) -> OpenSegment:
+def open_handle(h: SegmentHandle, root: Optional[Root] = None,
+                claimed_by: str = "its handle") -> OpenSegment:
     """Open a handle's file, through ``root``'s storage when it is the
-    handle's index root (so that storage's options are used)."""
+    handle's index root (so that storage's options are used), and check
+    that the file is the segment the handle describes: its own uuid,
+    fragment list and row count (see :func:`check_file_identity`).
+    ``claimed_by`` names the source of the handle in the message."""
+    o = None
     if root is not None:
         st = storage_of(root)
         if st.root == h.index_root:
-            return OpenSegment.of(st, h.uuid)
-    return OpenSegment(h.path)
+            o = OpenSegment.of(st, h.uuid)
+    if o is None:
+        o = OpenSegment(h.path)
+    check_file_identity(h, o, claimed_by)
+    return o
+
+
+def check_file_identity(h: SegmentHandle, o: OpenSegment, claimed_by: str) -> None:
+    """CorruptIndexError naming the file, the field and both values unless
+    the opened file ``o`` has the uuid, fragments and row count of ``h``. A
+    valid segment copied over another (same artifacts, so every checksum
+    and fingerprint passes) would otherwise return its rows twice and hide
+    the real ones."""
+    file_uuid = bytes(o.info["uuid"]).hex()
+    file_frags = [int(f) for f in o.fragments]
+    file_rows = int(o.info["num_rows"])
+    for field, claim, actual in (("uuid", h.uuid, file_uuid),
+                                 ("fragment_ids", [int(f) for f in h.fragment_ids], file_frags),
+                                 ("num_rows", int(h.num_rows), file_rows)):
+        if claim != actual:
+            raise CorruptIndexError(
+                f"segment file {o.path} is not the segment {claimed_by} describes: "
+                f"{field} is {claim!r} there, {actual!r} in the file")
 
 
 # ------------------------------------------------------------------ building
@@ -405,7 +431,29 @@ def read_manifest(root: Root, name: str, version: Optional[int] = None) -> Dict[
     if doc.get("checksum") != _checksum(doc):
         raise CorruptIndexError(f"manifest {path} fails its checksum")
     _check_manifest_shape(doc, path)
+    _check_manifest_disjoint(doc, path)
     return doc
+
+
+def _check_manifest_disjoint(doc: Dict[str, Any], path: str) -> None:
+    """No segment listed twice, no fragment in two entries (a checksum-valid
+    manifest breaking this would return rows twice)."""
+    seen: Dict[str, int] = {}
+    owner: Dict[int, int] = {}
+    for i, e in enumerate(doc["segments"]):
+        u = e["uuid"]
+        if u in seen:
+            raise CorruptIndexError(
+                f"manifest {path}: segment {u} is listed twice (segments[{seen[u]}] and "
+                f"segments[{i}])")
+        seen[u] = i
+        for f in e["fragment_ids"]:
+            if f in owner:
+                j = owner[f]
+                raise CorruptIndexError(
+                    f"manifest {path}: fragment {f} is in two entries: segments[{j}] "
+                    f"({doc['segments'][j]['uuid']}) and segments[{i}] ({u})")
+            owner[f] = i
 
 
 def _check_manifest_shape(doc: Dict[str, Any], path: str) -> None:
