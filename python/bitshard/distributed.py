@@ -18,7 +18,10 @@ is retried; segments of failed attempts are never committed
 (:func:`cleanup` removes them later). A build records its progress under the
 index root in ``builds/<name>.json`` (plus ``builds/<name>.ivf``), so running
 the same call again after the driver died reuses the artifacts and every
-finished, verified segment. ``last_build_stats`` holds the
+finished, verified segment (:class:`bitshard.build_state.BuildState`).
+``build_index`` itself is a short driver over named phases (argument checks,
+build state and artifacts, encode, merge tree, commit and clean): see the
+comment above it. ``last_build_stats`` holds the
 :class:`BuildStats` of the build as a dict.
 
 :func:`cleanup` and :func:`verify` live in :mod:`bitshard.maintenance` and
@@ -27,7 +30,6 @@ are importable from here as before.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -42,13 +44,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from . import _native
 from . import index as idx
-from . import names
 from .artifacts import IvfModel, Rotation, as_ivf_model, build_rq_rotation, metric_code
 from . import validate
 from .codespace import CodeSpace
+from .build_state import BUILD_STATE_FORMAT, BUILD_STATE_VERSION, BuildState  # noqa: F401
 from .dataset import DEFAULT_NUM_BITS, Dataset, _default_num_partitions, train_ivf
 from .errors import BitshardError, CorruptIndexError, InvalidInputError
-from .index import BUILDS_DIR, OpenSegment, SegmentHandle
+from .index import BUILDS_DIR, OpenSegment, SegmentHandle  # noqa: F401 (re-exported)
 from .maintenance import cleanup, open_dataset, referenced_uuids, verify
 from .progress import Progress
 from .storage import Storage
@@ -70,9 +72,6 @@ TASKS_PER_WORKER = 4
 #: reads the variable and hands it to the workers with each task; it is
 #: ignored by the ``serial`` executor.
 CRASH_ENV = "BITSHARD_TEST_CRASH_ONCE"
-
-BUILD_STATE_FORMAT = "bitshard-build"
-BUILD_STATE_VERSION = 1
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -478,61 +477,17 @@ def _merge_plan_size(n: int, fan_in: int) -> int:
 
 
 # =========================================================================
-# Build state: what a rerun of the same call may reuse
+# build_index: an orchestrator over named phases
 # =========================================================================
-
-
-def _state_keys(name: str) -> Tuple[str, str]:
-    """The keys of a build's state and IVF model files under the index root."""
-    return names.build_state_key(name), names.build_ivf_key(name)
-
-
-def _write_json_atomic(st: Storage, key: str, doc: Dict[str, Any]) -> None:
-    # Locally a temp file + os.replace; on an object store one PUT (atomic).
-    st.write_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode())
-
-
-def _load_state(st: Storage, name: str) -> Optional[Dict[str, Any]]:
-    key, _ = _state_keys(name)
-    path = st.path(key)
-    try:
-        doc = json.loads(st.read_bytes(key))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable build state %s: %s", path, e)
-        return None
-    if not isinstance(doc, dict) or doc.get("format") != BUILD_STATE_FORMAT \
-            or doc.get("format_version") != BUILD_STATE_VERSION:
-        log.warning("ignoring build state %s: not a version-%d bitshard build state",
-                    path, BUILD_STATE_VERSION)
-        return None
-    try:
-        _check_state_uuids(doc, path)
-    except CorruptIndexError as e:
-        log.warning("ignoring build state: %s", e)
-        return None
-    return doc
-
-
-def _check_state_uuids(doc: Dict[str, Any], path: str) -> None:
-    """Every segment uuid a build state names is a uuid (it becomes a key of
-    a file the build may delete): CorruptIndexError naming the field."""
-    segs = doc.get("segments")
-    merges = doc.get("merges")
-    if not isinstance(segs, dict):
-        raise CorruptIndexError(f"build state {path}: field 'segments' must be an object")
-    if not isinstance(merges, list):
-        raise CorruptIndexError(f"build state {path}: field 'merges' must be a list")
-    for k, u in segs.items():
-        names.check_uuid(u, f"build state {path}: segments[{k!r}]")
-    for i, m in enumerate(merges):
-        if not isinstance(m, dict) or not isinstance(m.get("inputs"), list):
-            raise CorruptIndexError(
-                f"build state {path}: merges[{i}] must be an object with a list 'inputs'")
-        names.check_uuid(m.get("uuid"), f"build state {path}: merges[{i}].uuid")
-        for j, u in enumerate(m["inputs"]):
-            names.check_uuid(u, f"build state {path}: merges[{i}].inputs[{j}]")
+#
+# 1. argument checks: _check_arguments (no data needed), then _open_job
+#    (against the source);
+# 2. build state and artifacts: _artifacts resumes an interrupted build of
+#    the same call (_resume) or trains / mints and records a new one
+#    (_new_state); the record itself is a BuildState (bitshard.build_state);
+# 3. encode: _encode, a segment per task on the workers;
+# 4. merge tree: _merge_tree, one _merge_level at a time;
+# 5. commit and clean: _commit_and_clean.
 
 
 def _source_identity(ds: Dataset) -> Dict[str, Any]:
@@ -557,11 +512,6 @@ def _verify_segment(root: Storage, uuid: str, fragment_ids: Sequence[int], num_r
         log.warning("not reusing segment %s: %s differ from the build's", uuid, ", ".join(diff))
         return None
     return h
-
-
-# =========================================================================
-# build_index
-# =========================================================================
 
 
 @dataclass
@@ -599,6 +549,364 @@ def _check_name(name: str, st: Storage) -> str:
     """A new index needs a name of the strict pattern; an existing index
     with a legacy name may be rebuilt under it."""
     return idx.check_commit_name(st, name)
+
+
+@dataclass(frozen=True)
+class _BuildOptions:
+    """The arguments of :func:`build_index` that are checked without the data."""
+
+    metric: str                          #: lower case
+    executor: str                        #: one of EXECUTORS
+    workers: int                         #: >= 1
+    sample_rate: int
+    max_iters: int
+    max_retries: int
+    fragments_per_task: Optional[int]
+    num_partitions: Optional[int]
+
+
+def _check_arguments(index_type: str, metric: str, sample_rate: int, max_iters: int,
+                     max_retries: int, fragments_per_task: Optional[int],
+                     num_partitions: Optional[int], executor: Optional[str],
+                     num_workers: Optional[int]) -> _BuildOptions:
+    """Phase 1a: the checks that need no data; InvalidInputError naming the
+    argument and its value."""
+    if str(index_type).upper() != "IVF_RQ":
+        raise InvalidInputError(f"index_type must be 'IVF_RQ', got {index_type!r}")
+    metric_code(metric)
+    metric = metric.lower()
+    validate.integer("sample_rate", sample_rate)
+    validate.integer("max_iters", max_iters)
+    validate.integer("max_retries", max_retries, minimum=0)
+    validate.optional_integer("fragments_per_task", fragments_per_task)
+    validate.optional_integer("num_partitions", num_partitions)
+    executor = _choose_executor(executor)
+    workers = _resolve_workers(executor, num_workers)
+    return _BuildOptions(metric=metric, executor=executor, workers=workers,
+                         sample_rate=sample_rate, max_iters=max_iters, max_retries=max_retries,
+                         fragments_per_task=fragments_per_task, num_partitions=num_partitions)
+
+
+@dataclass
+class _BuildJob:
+    """One :func:`build_index` call: its checked inputs and what the phases
+    share. ``ivf``, ``rot`` and ``space`` are set by the artifacts phase."""
+
+    ds: Dataset
+    name: str
+    column: str
+    opts: _BuildOptions
+    prog: Progress
+    dim: int                             #: the column's dimension
+    frags: List[Any]                     #: the source's FragmentInfo list
+    user_ivf: Optional[IvfModel]         #: the caller's ivf_centroids, if any
+    user_rotation: Optional[Rotation]    #: the caller's rq_rotation, if any
+    num_bits: Optional[int]
+    seed: Optional[int]
+    params: Dict[str, Any]               #: what makes "the same call" (build state)
+    ident: Dict[str, Any]                #: the source's kind, uri and version
+    stats: BuildStats
+    crash_marker: Optional[str]          #: CRASH_ENV, handed to the workers
+    ivf: Optional[IvfModel] = None
+    rot: Optional[Rotation] = None
+    _space: Optional[CodeSpace] = None
+
+    @property
+    def storage(self) -> Storage:
+        """The index root."""
+        return self.ds.storage
+
+    @property
+    def space(self) -> CodeSpace:
+        """The code space every segment of the build must have."""
+        assert self._space is not None, "set by the artifacts phase"
+        return self._space
+
+    @property
+    def rows_of(self) -> Dict[int, int]:
+        """Live rows per fragment id."""
+        return {f.id: f.num_rows for f in self.frags}
+
+    def use_artifacts(self, ivf: IvfModel, rot: Rotation) -> None:
+        """Record the build's IVF model and rotation (in the stats too)."""
+        self.ivf, self.rot = ivf, rot
+        self.stats.rotation_seed = rot.seed
+        self.stats.ivf_fingerprint = ivf.fingerprint
+        self.stats.rotation_fingerprint = rot.fingerprint
+        self._space = CodeSpace(dimension=self.dim, column=self.column, metric=self.opts.metric,
+                                num_bits=rot.num_bits, rotation_fingerprint=rot.fingerprint,
+                                ivf_fingerprint=ivf.fingerprint)
+
+
+def _open_job(ds: Dataset, column: str, name: Optional[str], opts: _BuildOptions,
+              prog: Progress, num_bits: Optional[int], ivf_centroids: Any,
+              rq_rotation: Optional[Rotation], seed: Optional[int]) -> _BuildJob:
+    """Phase 1b: the checks against the source (name, column, fragments, the
+    caller's artifacts), and the settings a rerun must match to resume."""
+    name = _check_name(name or f"{column}_idx", ds.storage)
+    source = ds.source
+    dim = source.vector_dim(column)
+    frags = source.fragments()
+    if not frags:
+        raise InvalidInputError(f"the source has no fragments to index ({source.uri})")
+    metric, num_partitions = opts.metric, opts.num_partitions
+    user_ivf = None if ivf_centroids is None else as_ivf_model(ivf_centroids, metric)
+    if user_ivf is not None:
+        validate.ivf_for(user_ivf, dim, column)
+        if num_partitions is not None and user_ivf.num_partitions != num_partitions:
+            raise InvalidInputError(
+                f"num_partitions={num_partitions} conflicts with ivf_centroids "
+                f"({user_ivf.num_partitions} partitions)")
+    if rq_rotation is not None:
+        validate.rotation_for(rq_rotation, num_bits, dim, column)
+    params = {
+        "column": column, "metric": metric, "num_partitions": num_partitions,
+        "num_bits": None if num_bits is None else int(num_bits),
+        "sample_rate": int(opts.sample_rate), "max_iters": int(opts.max_iters),
+        "seed": None if seed is None else int(seed),
+        "ivf_centroids": None if user_ivf is None else user_ivf.fingerprint,
+        "rq_rotation": None if rq_rotation is None else rq_rotation.to_bytes().hex(),
+    }
+    return _BuildJob(
+        ds=ds, name=name, column=column, opts=opts, prog=prog, dim=dim, frags=frags,
+        user_ivf=user_ivf, user_rotation=rq_rotation, num_bits=num_bits, seed=seed,
+        params=params, ident=_source_identity(ds),
+        stats=BuildStats(executor=opts.executor, num_workers=opts.workers),
+        crash_marker=(os.environ.get(CRASH_ENV) or None) if opts.executor != "serial" else None)
+
+
+class _Workers:
+    """The build's task runner (see :func:`_make_runner`), made on first use."""
+
+    def __init__(self, opts: _BuildOptions) -> None:
+        self.opts = opts
+        self.runner: Any = None
+
+    def get(self) -> Any:
+        """The runner, started now if it was not."""
+        if self.runner is None:
+            self.runner = _make_runner(self.opts.executor, self.opts.workers,
+                                       int(self.opts.max_retries))
+        return self.runner
+
+    def close(self, stats: Optional[BuildStats] = None) -> None:
+        """Stop the runner if it started (its pool restarts go to ``stats``)."""
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            if stats is not None:
+                stats.pool_restarts = runner.restarts
+            runner.close()
+
+
+def _resume(job: _BuildJob) -> Optional[Tuple[BuildState, IvfModel, Rotation]]:
+    """Phase 2a: the state of an interrupted build of the same call and its
+    artifacts, if it can be resumed; else None (why not is logged)."""
+    state = BuildState.load(job.storage, job.name)
+    if state is None:
+        return None
+    why = state.mismatch(job.params, job.ident)
+    if why is None:
+        try:
+            ivf, rot = state.artifacts(job.opts.metric, list(job.rows_of))
+        except (BitshardError, OSError, KeyError, ValueError, TypeError) as e:
+            why = f"its artifacts are unusable ({e})"
+    if why is not None:
+        log.warning("starting build %r afresh, not resuming: %s", job.name, why)
+        return None
+    job.stats.resumed = True
+    log.info("resuming build %r: %d of %d tasks were finished", job.name,
+             len(state.finished_segments()), len(state.tasks))
+    return state, ivf, rot
+
+
+def _new_state(job: _BuildJob) -> Tuple[BuildState, IvfModel, Rotation]:
+    """Phase 2b: train the IVF model and mint the rotation (unless the caller
+    gave them), plan the encode tasks and record all that in a new state."""
+    ds, source, column, opts = job.ds, job.ds.source, job.column, job.opts
+    if job.user_ivf is not None:
+        ivf = job.user_ivf
+    else:
+        k = opts.num_partitions or _default_num_partitions(source.num_rows())
+        with job.prog.step("train", f"train IVF (k={k}, sample {k * int(opts.sample_rate)} rows)"):
+            ivf = train_ivf(ds, column, k, opts.metric, opts.sample_rate, opts.max_iters, job.seed)
+    if job.user_rotation is not None:
+        rot = job.user_rotation
+    else:
+        rot = build_rq_rotation(job.dim,
+                                DEFAULT_NUM_BITS if job.num_bits is None else int(job.num_bits),
+                                dtype=source.vector_dtype(column).name, seed=job.seed)
+    tasks = plan_tasks(job.frags, opts.workers, opts.fragments_per_task)
+    state = BuildState.create(job.storage, job.name, job.params, job.ident, ivf, rot, tasks,
+                              job.rows_of)
+    return state, ivf, rot
+
+
+def _artifacts(job: _BuildJob, workers: _Workers) -> BuildState:
+    """Phase 2: the build state and its artifacts, resumed or new."""
+    resumed = _resume(job)
+    t0 = time.perf_counter()
+    if resumed is None and job.opts.executor == "processes":
+        # Worker start-up (a new interpreter, imports) overlaps training.
+        workers.get().prestart(min(job.opts.workers, len(job.frags)))
+    try:
+        state, ivf, rot = resumed if resumed is not None else _new_state(job)
+    except BaseException:
+        workers.close()  # the pre-started workers
+        raise
+    job.stats.seconds["artifacts"] = time.perf_counter() - t0
+    job.use_artifacts(ivf, rot)
+    return state
+
+
+def _reuse_leaves(job: _BuildJob, state: BuildState) -> Dict[int, SegmentHandle]:
+    """The segments of finished tasks that still verify, by task id; the
+    others are forgotten (their tasks run again)."""
+    leaves: Dict[int, SegmentHandle] = {}
+    for tid, uuid in state.finished_segments():
+        t = state.tasks[tid]
+        h = _verify_segment(job.storage, uuid, t["fragment_ids"], t["num_rows"], job.space,
+                            job.name)
+        if h is None:
+            state.forget_segment(tid)
+        else:
+            leaves[tid] = h
+            job.stats.reused_segments.append(uuid)
+    return leaves
+
+
+def _encode(job: _BuildJob, state: BuildState, workers: _Workers) -> List[SegmentHandle]:
+    """Phase 3: one segment per task, in task order (reused or encoded on
+    the workers; each is recorded in the state as it arrives)."""
+    t0 = time.perf_counter()
+    tasks = state.tasks
+    leaves = _reuse_leaves(job, state)
+    todo = [t for t in tasks if t["id"] not in leaves]
+    total_rows = sum(t["num_rows"] for t in tasks)
+    if todo:
+        workers.get()  # start the workers (Ray) before the bar measures rows/s
+    bar = job.prog.bar("encode", total_rows, "encode", unit="rows", unit_scale=True,
+                       initial=total_rows - sum(t["num_rows"] for t in todo))
+    if leaves and job.prog.callback is not None:
+        job.prog.callback("resume", len(leaves), len(tasks))
+    try:
+        if todo:
+            assert job.ivf is not None and job.rot is not None
+            specs = [{
+                "kind": "encode", "task_id": t["id"], "column": job.column, "name": job.name,
+                "fragment_ids": list(t["fragment_ids"]), "metric": job.opts.metric,
+                "ivf_key": state.ivf_key, "ivf_fingerprint": job.ivf.fingerprint,
+                "rotation": job.rot.to_bytes(), "crash_marker": job.crash_marker,
+                "driver_pid": os.getpid(),
+            } for t in todo]
+
+            def encoded(i: int, h: SegmentHandle) -> None:
+                t = todo[i]
+                diff = CodeSpace.of(h).first_difference(job.space)
+                if list(h.fragment_ids) != list(t["fragment_ids"]) or diff is not None:
+                    what = "fragment_ids differ" if diff is None else diff.describe()
+                    raise CorruptIndexError(
+                        f"task {t['id']} returned segment {h.uuid} that does not match it: "
+                        f"{what}")
+                leaves[t["id"]] = h
+                state.record_segment(t["id"], h.uuid)
+                bar.update(t["num_rows"])
+
+            workers.get().run(specs, job.ds, encoded)
+    finally:
+        bar.close()
+    job.stats.seconds["encode"] = time.perf_counter() - t0
+    return [leaves[t["id"]] for t in tasks]
+
+
+def _merge_level(job: _BuildJob, state: BuildState, workers: _Workers,
+                 level: List[SegmentHandle], recorded: Dict[Tuple[str, ...], str],
+                 mbar: Any) -> List[SegmentHandle]:
+    """One level of the merge tree: each consecutive group of
+    :data:`MERGE_FAN_IN` segments becomes one (a group of one passes through;
+    a merge the state recorded is reused if it verifies)."""
+    groups = [level[i:i + MERGE_FAN_IN] for i in range(0, len(level), MERGE_FAN_IN)]
+    nxt: List[Optional[SegmentHandle]] = [None] * len(groups)
+    specs, slots = [], []
+    for gi, g in enumerate(groups):
+        if len(g) == 1:
+            nxt[gi] = g[0]
+            continue
+        key = tuple(h.uuid for h in g)
+        frag_ids = [f for h in g for f in h.fragment_ids]
+        nrows = sum(h.num_rows for h in g)
+        if key in recorded:
+            h = _verify_segment(job.storage, recorded[key], frag_ids, nrows, job.space,
+                                job.name)
+            if h is not None:
+                nxt[gi] = h
+                job.stats.reused_merges.append(h.uuid)
+                mbar.update(1)
+                continue
+        specs.append({"kind": "merge", "inputs": list(g), "index_root": job.ds.index_root,
+                      "storage_options": job.ds.storage_options,
+                      "crash_marker": job.crash_marker, "driver_pid": os.getpid()})
+        slots.append(gi)
+    if specs:
+        def merged(i: int, h: SegmentHandle) -> None:
+            g = groups[slots[i]]
+            if list(h.fragment_ids) != [f for x in g for f in x.fragment_ids]:
+                raise CorruptIndexError(
+                    f"merge returned segment {h.uuid} with the wrong fragments")
+            nxt[slots[i]] = h
+            state.record_merge([x.uuid for x in g], h.uuid)
+            mbar.update(1)
+
+        workers.get().run(specs, None, merged)
+    out = [h for h in nxt if h is not None]
+    assert len(out) == len(groups)
+    return out
+
+
+def _merge_tree(job: _BuildJob, state: BuildState, workers: _Workers,
+                level: List[SegmentHandle]) -> SegmentHandle:
+    """Phase 4: merge the task segments as a tree, level by level, into one."""
+    t0 = time.perf_counter()
+    recorded = state.recorded_merges()
+    mbar = job.prog.bar("merge", _merge_plan_size(len(level), MERGE_FAN_IN), "merge",
+                        unit="merge")
+    try:
+        while len(level) > 1:
+            level = _merge_level(job, state, workers, level, recorded, mbar)
+    finally:
+        mbar.close()
+    job.stats.seconds["merge"] = time.perf_counter() - t0
+    return level[0]
+
+
+def _commit_and_clean(job: _BuildJob, state: BuildState, final: SegmentHandle) -> None:
+    """Phase 5: commit ``final`` as the index's new version; then delete the
+    build's intermediate segments (no manifest references them) and its state."""
+    t0 = time.perf_counter()
+    st = job.storage
+    job.ds.commit_existing_index_segments(job.name, job.column, [final], replace=True)
+    version = idx.latest_version(st, job.name)
+    if job.prog.callback is not None:
+        job.prog.callback("commit", 1, 1)
+    ours = state.segment_uuids()
+    ours.discard(final.uuid)
+    try:
+        referenced = referenced_uuids(st)
+    except BitshardError as e:  # leave them for cleanup()
+        log.warning("not removing the build's intermediate segments: %s", e)
+        ours = set()
+    for u in sorted(ours - referenced):
+        try:
+            st.delete(idx.segment_key(u))
+        except BitshardError as e:  # not a file the build wrote: leave it
+            log.warning("not removing intermediate segment %s: %s", u, e)
+    state.discard()
+    assert job.ivf is not None and job.rot is not None
+    s = job.stats
+    s.seconds["commit"] = time.perf_counter() - t0
+    s.tasks = len(state.tasks)
+    s.merges = _merge_plan_size(len(state.tasks), MERGE_FAN_IN)
+    s.final_segment, s.version, s.num_rows = final.uuid, version, final.num_rows
+    s.num_partitions, s.num_bits = job.ivf.num_partitions, job.rot.num_bits
 
 
 def build_index(
@@ -680,275 +988,21 @@ def build_index(
         CommitConflictError: another writer committed the index meanwhile.
     """
     t_start = time.perf_counter()
-    if str(index_type).upper() != "IVF_RQ":
-        raise InvalidInputError(f"index_type must be 'IVF_RQ', got {index_type!r}")
-    metric_code(metric)
-    metric = metric.lower()
-    validate.integer("sample_rate", sample_rate)
-    validate.integer("max_iters", max_iters)
-    validate.integer("max_retries", max_retries, minimum=0)
-    validate.optional_integer("fragments_per_task", fragments_per_task)
-    validate.optional_integer("num_partitions", num_partitions)
-    executor = _choose_executor(executor)
-    workers = _resolve_workers(executor, num_workers)
+    # 1. argument checks: first those that need no data, then against the source
+    opts = _check_arguments(index_type, metric, sample_rate, max_iters, max_retries,
+                            fragments_per_task, num_partitions, executor, num_workers)
     prog = Progress(progress)
-
     ds = open_dataset(uri, index_uri, storage_options)
-    st = ds.storage
-    name = _check_name(name or f"{column}_idx", st)
-    root = ds.index_root
-    source = ds.source
-    dim = source.vector_dim(column)
-    frags = source.fragments()
-    if not frags:
-        raise InvalidInputError(f"the source has no fragments to index ({source.uri})")
-    rows_of = {f.id: f.num_rows for f in frags}
-
-    # What makes "the same call": a rerun with these equal reuses the state.
-    user_ivf = None if ivf_centroids is None else as_ivf_model(ivf_centroids, metric)
-    if user_ivf is not None:
-        validate.ivf_for(user_ivf, dim, column)
-        if num_partitions is not None and user_ivf.num_partitions != num_partitions:
-            raise InvalidInputError(
-                f"num_partitions={num_partitions} conflicts with ivf_centroids "
-                f"({user_ivf.num_partitions} partitions)")
-    if rq_rotation is not None:
-        validate.rotation_for(rq_rotation, num_bits, dim, column)
-    params = {
-        "column": column, "metric": metric, "num_partitions": num_partitions,
-        "num_bits": None if num_bits is None else int(num_bits),
-        "sample_rate": int(sample_rate), "max_iters": int(max_iters),
-        "seed": None if seed is None else int(seed),
-        "ivf_centroids": None if user_ivf is None else user_ivf.fingerprint,
-        "rq_rotation": None if rq_rotation is None else rq_rotation.to_bytes().hex(),
-    }
-    ident = _source_identity(ds)
-    state_key, ivf_key = _state_keys(name)
-    stats = BuildStats(executor=executor, num_workers=workers)
-
-    # ---------------------------------------------------------- artifacts
-    state = _load_state(st, name)
-    ivf: Optional[IvfModel] = None
-    rot: Optional[Rotation] = None
-    if state is not None:
-        why = None
-        if ident["version"] is None:
-            why = "an in-memory source has no version to pin the build to"
-        elif state.get("params") != params:
-            why = "the call's settings differ"
-        elif state.get("source") != ident:
-            why = (f"the source changed (version {state.get('source', {}).get('version')!r} "
-                   f"then, {ident['version']!r} now)")
-        if why is None:
-            try:
-                ivf = as_ivf_model(IvfModel.from_bytes(st.read_bytes(ivf_key)), metric)
-                rot = Rotation.from_bytes(bytes.fromhex(state["rotation"]))
-                if ivf.fingerprint != state["ivf_fingerprint"]:
-                    raise CorruptIndexError("IVF model file does not match the build state")
-                tasks_ok = sorted(f for t in state["tasks"] for f in t["fragment_ids"]) \
-                    == sorted(rows_of)
-                if not tasks_ok:
-                    raise CorruptIndexError("the recorded tasks do not cover the source")
-            except (BitshardError, OSError, KeyError, ValueError, TypeError) as e:
-                why = f"its artifacts are unusable ({e})"
-                ivf = rot = None
-        if why is not None:
-            log.warning("starting build %r afresh, not resuming: %s", name, why)
-            state = None
-        else:
-            stats.resumed = True
-            log.info("resuming build %r: %d of %d tasks were finished", name,
-                     len(state["segments"]), len(state["tasks"]))
-
-    crash_marker = (os.environ.get(CRASH_ENV) or None) if executor != "serial" else None
-    runner: Any = None
-
-    def get_runner() -> Any:
-        nonlocal runner
-        if runner is None:
-            runner = _make_runner(executor, workers, int(max_retries))
-        return runner
-
-    t0 = time.perf_counter()
-    if state is None and executor == "processes":
-        # Worker start-up (a new interpreter, imports) overlaps training.
-        get_runner().prestart(min(workers, len(frags)))
+    job = _open_job(ds, column, name, opts, prog, num_bits, ivf_centroids, rq_rotation, seed)
+    workers = _Workers(opts)
+    # 2. build state and artifacts: resume the same call's interrupted build, or train
+    state = _artifacts(job, workers)
     try:
-        if state is None:
-            if user_ivf is not None:
-                ivf = user_ivf
-            else:
-                k = num_partitions or _default_num_partitions(source.num_rows())
-                with prog.step("train", f"train IVF (k={k}, sample {k * int(sample_rate)} rows)"):
-                    ivf = train_ivf(ds, column, k, metric, sample_rate, max_iters, seed)
-            if rq_rotation is not None:
-                rot = rq_rotation
-            else:
-                rot = build_rq_rotation(dim, DEFAULT_NUM_BITS if num_bits is None else int(num_bits),
-                                        dtype=source.vector_dtype(column).name, seed=seed)
-            tasks = plan_tasks(frags, workers, fragments_per_task)
-            state = {
-                "format": BUILD_STATE_FORMAT, "format_version": BUILD_STATE_VERSION,
-                "name": name, "index_type": "IVF_RQ", "params": params, "source": ident,
-                "rotation": rot.to_bytes().hex(), "rotation_seed": rot.seed,
-                "ivf_file": ivf_key.rsplit("/", 1)[-1], "ivf_fingerprint": ivf.fingerprint,
-                "tasks": [{"id": i, "fragment_ids": t, "num_rows": sum(rows_of[f] for f in t)}
-                          for i, t in enumerate(tasks)],
-                "segments": {}, "merges": [], "created_at": time.time(),
-            }
-            st.write_bytes(ivf_key, ivf.to_bytes())
-            if ident["version"] is not None:
-                _write_json_atomic(st, state_key, state)
-    except BaseException:
-        if runner is not None:  # the pre-started workers
-            runner.close()
-        raise
-    assert ivf is not None and rot is not None
-    stats.seconds["artifacts"] = time.perf_counter() - t0
-    stats.rotation_seed = rot.seed
-    stats.ivf_fingerprint = ivf.fingerprint
-    stats.rotation_fingerprint = rot.fingerprint
-    space = CodeSpace(dimension=dim, column=column, metric=metric, num_bits=rot.num_bits,
-                      rotation_fingerprint=rot.fingerprint, ivf_fingerprint=ivf.fingerprint)
-
-    def save_state() -> None:
-        if ident["version"] is not None:
-            state["updated_at"] = time.time()
-            _write_json_atomic(st, state_key, state)
-
-    try:
-        # ------------------------------------------------------- encoding
-        t0 = time.perf_counter()
-        tasks = state["tasks"]
-        leaves: Dict[int, SegmentHandle] = {}
-        for key, uuid in list(state["segments"].items()):
-            t = tasks[int(key)]
-            h = _verify_segment(st, uuid, t["fragment_ids"], t["num_rows"], space, name)
-            if h is None:
-                del state["segments"][key]
-            else:
-                leaves[int(key)] = h
-                stats.reused_segments.append(uuid)
-        todo = [t for t in tasks if t["id"] not in leaves]
-        total_rows = sum(t["num_rows"] for t in tasks)
-        if todo:
-            get_runner()  # start the workers (Ray) before the bar measures rows/s
-        bar = prog.bar("encode", total_rows, "encode", unit="rows", unit_scale=True,
-                       initial=total_rows - sum(t["num_rows"] for t in todo))
-        if leaves and prog.callback is not None:
-            prog.callback("resume", len(leaves), len(tasks))
-        try:
-            if todo:
-                specs = [{
-                    "kind": "encode", "task_id": t["id"], "column": column, "name": name,
-                    "fragment_ids": list(t["fragment_ids"]), "metric": metric,
-                    "ivf_key": ivf_key, "ivf_fingerprint": ivf.fingerprint,
-                    "rotation": rot.to_bytes(), "crash_marker": crash_marker,
-                    "driver_pid": os.getpid(),
-                } for t in todo]
-
-                def encoded(i: int, h: SegmentHandle) -> None:
-                    t = todo[i]
-                    diff = CodeSpace.of(h).first_difference(space)
-                    if list(h.fragment_ids) != list(t["fragment_ids"]) or diff is not None:
-                        what = "fragment_ids differ" if diff is None else diff.describe()
-                        raise CorruptIndexError(
-                            f"task {t['id']} returned segment {h.uuid} that does not match it: "
-                            f"{what}")
-                    leaves[t["id"]] = h
-                    state["segments"][str(t["id"])] = h.uuid
-                    save_state()
-                    bar.update(t["num_rows"])
-
-                get_runner().run(specs, ds, encoded)
-        finally:
-            bar.close()
-        stats.seconds["encode"] = time.perf_counter() - t0
-
-        # --------------------------------------------------------- merging
-        t0 = time.perf_counter()
-        level = [leaves[t["id"]] for t in tasks]
-        recorded = {tuple(m["inputs"]): m["uuid"] for m in state["merges"]}
-        mbar = prog.bar("merge", _merge_plan_size(len(level), MERGE_FAN_IN), "merge",
-                        unit="merge")
-        try:
-            while len(level) > 1:
-                groups = [level[i:i + MERGE_FAN_IN] for i in range(0, len(level), MERGE_FAN_IN)]
-                nxt: List[Optional[SegmentHandle]] = [None] * len(groups)
-                specs, slots = [], []
-                for gi, g in enumerate(groups):
-                    if len(g) == 1:
-                        nxt[gi] = g[0]
-                        continue
-                    key = tuple(h.uuid for h in g)
-                    frag_ids = [f for h in g for f in h.fragment_ids]
-                    nrows = sum(h.num_rows for h in g)
-                    if key in recorded:
-                        h = _verify_segment(st, recorded[key], frag_ids, nrows, space, name)
-                        if h is not None:
-                            nxt[gi] = h
-                            stats.reused_merges.append(h.uuid)
-                            mbar.update(1)
-                            continue
-                    specs.append({"kind": "merge", "inputs": list(g), "index_root": root,
-                                  "storage_options": ds.storage_options,
-                                  "crash_marker": crash_marker, "driver_pid": os.getpid()})
-                    slots.append(gi)
-                if specs:
-                    def merged(i: int, h: SegmentHandle, slots: List[int] = slots,
-                               groups: List[Any] = groups) -> None:
-                        g = groups[slots[i]]
-                        if list(h.fragment_ids) != [f for x in g for f in x.fragment_ids]:
-                            raise CorruptIndexError(
-                                f"merge returned segment {h.uuid} with the wrong fragments")
-                        nxt[slots[i]] = h
-                        state["merges"].append({"inputs": [x.uuid for x in g], "uuid": h.uuid})
-                        save_state()
-                        mbar.update(1)
-
-                    get_runner().run(specs, None, merged)
-                level = [h for h in nxt if h is not None]
-                assert len(level) == len(groups)
-        finally:
-            mbar.close()
-        stats.seconds["merge"] = time.perf_counter() - t0
+        leaves = _encode(job, state, workers)             # 3. a segment per task
+        final = _merge_tree(job, state, workers, leaves)  # 4. merged as a tree
     finally:
-        if runner is not None:
-            stats.pool_restarts = runner.restarts
-            runner.close()
-
-    # ------------------------------------------------------------- commit
-    t0 = time.perf_counter()
-    final = level[0]
-    ds.commit_existing_index_segments(name, column, [final], replace=True)
-    version = idx.latest_version(st, name)
-    if prog.callback is not None:
-        prog.callback("commit", 1, 1)
-    # The leaves and inner merges are referenced by no manifest now: remove
-    # them, then the build state (the build is done).
-    ours = set(state["segments"].values()) | {m["uuid"] for m in state["merges"]}
-    ours.discard(final.uuid)
-    try:
-        referenced = referenced_uuids(st)
-    except BitshardError as e:  # leave them for cleanup()
-        log.warning("not removing the build's intermediate segments: %s", e)
-        ours = set()
-    for u in sorted(ours - referenced):
-        try:
-            st.delete(idx.segment_key(u))
-        except BitshardError as e:  # not a file the build wrote: leave it
-            log.warning("not removing intermediate segment %s: %s", u, e)
-    st.delete(state_key)
-    st.delete(ivf_key)
-    st.remove_empty_dir(BUILDS_DIR)  # only if no other build is in progress
-    stats.seconds["commit"] = time.perf_counter() - t0
-    stats.seconds["total"] = time.perf_counter() - t_start
-    stats.tasks = len(state["tasks"])
-    stats.merges = _merge_plan_size(len(state["tasks"]), MERGE_FAN_IN)
-    stats.final_segment = final.uuid
-    stats.version = version
-    stats.num_rows = final.num_rows
-    stats.num_partitions = ivf.num_partitions
-    stats.num_bits = rot.num_bits
-    ds.last_build_stats = stats.as_dict()
+        workers.close(job.stats)
+    _commit_and_clean(job, state, final)                  # 5. commit, delete the rest
+    job.stats.seconds["total"] = time.perf_counter() - t_start
+    ds.last_build_stats = job.stats.as_dict()
     return ds

@@ -142,7 +142,7 @@ def _kind(path: Any) -> str:
 
 def _install_points(points: _Points) -> None:
     """Wrap the calls through which bitshard changes an index root."""
-    import bitshard.distributed as dist
+    import bitshard.build_state as build_state
     import bitshard.index as idx
     import bitshard.storage as storage
 
@@ -167,7 +167,7 @@ def _install_points(points: _Points) -> None:
             wrap_fn(cls, attr, f"{cls.__name__}.{attr}", arg)
     wrap_fn(storage.ObjectStorage, "_conditional_put", "conditional-put", 1)
     wrap_fn(idx, "_write_native", "write-segment", 1)
-    wrap_fn(dist, "_write_json_atomic", "save-state", 1)
+    wrap_fn(build_state, "_write_json_atomic", "save-state", 1)
 
 
 def child_main(spec: Dict[str, Any]) -> int:
