@@ -11,6 +11,12 @@
  *    threads at once for reading (search); a builder is used by one thread.
  *  - All vectors are float32, row-major. All on-disk integers are
  *    little-endian (docs/format.md).
+ *  - Accepted vector values: every element of a data row (bs_builder_add),
+ *    of the centroids (bs_builder_create) and of a query (bs_search) is
+ *    finite with magnitude at most BS_MAX_ABS_VALUE; anything else is
+ *    refused, naming the row or dimension and the value. Within that range
+ *    no norm, dot product, distance, code factor or error bound overflows
+ *    float (docs/usage.md, "What values are accepted").
  *  - "Returns:" under a function lists every status it can return. Any
  *    function that picks a SIMD kernel (bs_simd_select) can also return
  *    what bs_simd_select returns when BITSHARD_SIMD is set; this is said
@@ -31,6 +37,14 @@ extern "C" {
 #define BS_VERSION_PATCH 0
 #define BS_VERSION_NUMBER \
     (BS_VERSION_MAJOR * 10000 + BS_VERSION_MINOR * 100 + BS_VERSION_PATCH)
+
+/* The largest accepted magnitude of a vector element, 2^40 (about 1.1e12).
+ * With d <= 65536, |x|^2 <= 2^96 and |q - x|^2 <= 2^98 for any accepted
+ * pair, 2^30 below FLT_MAX: room for the code factors and bounds. */
+#define BS_MAX_ABS_VALUE 0x1p40
+/* The largest accepted eps0 (bound width in standard deviations): the
+ * bound terms stay finite for every accepted pair of vectors. */
+#define BS_MAX_EPS0 1000.0f
 
 #if defined(__GNUC__)
 #define BS_API __attribute__((visibility("default")))

@@ -11,6 +11,7 @@
 #include "ivf_internal.h"
 #include "parallel.h"
 #include "rabitq.h"
+#include "values.h"
 
 /* Rows encoded per internal batch: bounds the scratch memory of one add()
  * call whatever n the caller passes. */
@@ -71,11 +72,16 @@ static bs_status validate_spec(const bs_segment_spec *s, bs_error *err) {
         return INVALID("num_partitions %u is too large", s->num_partitions);
     if (s->centroids == NULL) return INVALID("centroids is NULL");
     size_t n = (size_t)s->num_partitions * s->dim;
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        if (!bs_value_refused(s->centroids[i])) continue;
         if (!isfinite(s->centroids[i]))
             return INVALID("centroids has a non-finite value (%g) at "
                            "partition %zu, dimension %zu",
                            (double)s->centroids[i], i / s->dim, i % s->dim);
+        return INVALID("centroids has a value too large (%g) at partition %zu, "
+                       "dimension %zu " BS_ACCEPTED_VALUES,
+                       (double)s->centroids[i], i / s->dim, i % s->dim);
+    }
     if (s->column == NULL) return INVALID("column is NULL");
     size_t clen = strlen(s->column);
     if (clen == 0) return INVALID("column must not be empty");
@@ -393,14 +399,20 @@ bs_status bs_builder_add(bs_segment_builder *b, const float *x, size_t n,
             return INVALID("row %zu: offset %u is out of range for fragment "
                            "%llu with %llu rows",
                            i, offsets[i], fid, (ull)rows);
+        /* The accepted-values rule (values.h): within it no quantity of
+         * the encoder or of a search overflows float. */
         const float *row = x + i * dim;
-        if (row_finite(row, dim)) continue;
-        for (uint32_t j = 0; j < dim; j++)
-            if (!isfinite(row[j]))
-                return bs_fail(err, BS_ERR_INVALID_DATA,
-                               "row %zu (fragment %llu, offset %u) has a "
-                               "non-finite value at dimension %u",
-                               i, fid, offsets[i], j);
+        if (bs_row_accepted(row, dim)) continue;
+        const uint32_t j = bs_first_refused(row, dim);
+        if (!isfinite(row[j]))
+            return bs_fail(err, BS_ERR_INVALID_DATA,
+                           "row %zu (fragment %llu, offset %u) has a "
+                           "non-finite value at dimension %u",
+                           i, fid, offsets[i], j);
+        return bs_fail(err, BS_ERR_INVALID_DATA,
+                       "row %zu (fragment %llu, offset %u) is too large: value %g at "
+                       "dimension %u " BS_ACCEPTED_VALUES,
+                       i, fid, offsets[i], (double)row[j], j);
     }
     if (b->seen[fi] == NULL) {
         b->seen[fi] = calloc(1, (size_t)(rows / 8 + 1));

@@ -28,6 +28,7 @@
 #include "rabitq.h"
 #include "search_internal.h"
 #include "segment.h"
+#include "values.h"
 
 struct bs_searcher {
     const bs_segment **segs;
@@ -675,13 +676,30 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "k must be >= 1, got 0");
     if (params->nprobes == 0)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "nprobes must be >= 1, got 0");
-    if (!(params->eps0 >= 0.0f) || !isfinite(params->eps0))
+    /* The result holds up to k x refine_factor candidates: that count must
+     * fit size_t, and its buffers too, or the request is refused rather
+     * than wrapped (both are 32-bit, so on 64-bit builds it always fits). */
+    size_t topk;
+    if (!bs_mul_ok(params->k, params->refine_factor ? params->refine_factor : 1u, &topk) ||
+        topk > SIZE_MAX / sizeof(bs_cand))
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
-                       "eps0 must be finite and >= 0, got %g", (double)params->eps0);
-    for (uint32_t i = 0; i < s->dim; i++)
+                       "k (%u) x refine_factor (%u) is too large", params->k,
+                       params->refine_factor);
+    /* eps0 scales the bound terms: capped so that they stay finite. */
+    if (!(params->eps0 >= 0.0f) || !(params->eps0 <= BS_MAX_EPS0))
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "eps0 must be finite and in [0, %g], got %g", (double)BS_MAX_EPS0,
+                       (double)params->eps0);
+    /* The accepted-values rule (values.h), as for the data. */
+    if (!bs_row_accepted(q_in, s->dim)) {
+        const uint32_t i = bs_first_refused(q_in, s->dim);
         if (!isfinite(q_in[i]))
             return bs_fail(err, BS_ERR_INVALID_DATA,
                            "query has a non-finite value at dimension %u", i);
+        return bs_fail(err, BS_ERR_INVALID_DATA,
+                       "query: value %g at dimension %u is too large " BS_ACCEPTED_VALUES,
+                       (double)q_in[i], i);
+    }
 
     const uint32_t D = s->D, dim = s->dim, B = s->bits;
     const uint32_t nprobe = params->nprobes < s->nlist ? params->nprobes : s->nlist;

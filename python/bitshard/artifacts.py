@@ -227,11 +227,16 @@ class IvfModel:
         if arr.dtype.kind != "f":
             raise InvalidInputError(f"centroids must be floating point, got {arr.dtype}")
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            bad = np.argwhere(~np.isfinite(arr))[0]
+        bad = validate.first_refused_value(arr)
+        if bad is not None:
+            v = float(arr[bad])
+            if not np.isfinite(v):
+                raise InvalidInputError(
+                    f"centroids hold a non-finite value at partition {bad[0]}, "
+                    f"dimension {bad[1]}")
             raise InvalidInputError(
-                f"centroids hold a non-finite value at partition {bad[0]}, dimension {bad[1]}"
-            )
+                f"centroids hold a value too large ({v:g}) at partition {bad[0]}, "
+                f"dimension {bad[1]} {validate.ACCEPTED_VALUES}")
         metric_code(metric)
         arr.setflags(write=False)
         self.centroids = arr

@@ -30,6 +30,16 @@ NO_ROW = np.uint64(np.iinfo(np.uint64).max)
 _Hits = Tuple[np.ndarray, np.ndarray]  # (rowids uint64, distances float32)
 
 
+def _refuse_query(a: np.ndarray, i: int, j: int, which: str) -> None:
+    """Raise the accepted-values refusal for element (i, j) of float32 queries
+    ``a`` (the C library words a single query's refusal the same way)."""
+    v = float(a[i, j])
+    if not np.isfinite(v):
+        raise InvalidInputError(f"{which} has a non-finite value at dimension {j}")
+    raise InvalidInputError(f"{which}: value {v:g} at dimension {j} is too large "
+                            f"{validate.ACCEPTED_VALUES}")
+
+
 class Searcher:
     """A search of one index with fixed settings, ready for many queries.
 
@@ -195,10 +205,10 @@ class Searcher:
                 f"query has dimension {a.shape[-1]}, column {self.column!r} has {self.dim}")
         if a.dtype != np.float32 or not a.flags.c_contiguous:
             a = np.ascontiguousarray(a, dtype=np.float32)
-        if a.ndim == 2 and not np.isfinite(a).all():
-            bad = np.argwhere(~np.isfinite(a))[0]
-            raise InvalidInputError(
-                f"query {bad[0]} has a non-finite value at dimension {bad[1]}")
+        if a.ndim == 2:
+            bad = validate.first_refused_value(a)
+            if bad is not None:
+                _refuse_query(a, bad[0], bad[1], f"query {bad[0]}")
         return a
 
     def _exact_scan(self) -> Optional["_ExactScan"]:
@@ -211,9 +221,9 @@ class Searcher:
         """One float32 query of shape (d,): the hot path."""
         if self._native is None:
             rows, dists = np.empty(0, np.uint64), np.empty(0, np.float32)
-            if not np.isfinite(q).all():
-                bad = int(np.argwhere(~np.isfinite(q))[0][0])
-                raise InvalidInputError(f"query has a non-finite value at dimension {bad}")
+            bad = validate.first_refused_value(q[None, :])
+            if bad is not None:
+                _refuse_query(q[None, :], 0, bad[1], "query")
         else:
             cap = self._cap
             gated = self.num_bits == 1 and self.refine_factor is None

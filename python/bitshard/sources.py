@@ -200,22 +200,24 @@ def _rows_locator(fragment_ids: np.ndarray, offsets: np.ndarray) -> Locator:
 
 def _check_finite_f32(vecs: np.ndarray, column: str, locate: Locator,
                       original: Optional[np.ndarray] = None) -> np.ndarray:
-    """Validate a float (n, d) array and return it as C-contiguous float32."""
+    """Validate a float (n, d) array against the accepted-values rule
+    (finite, |value| <= validate.MAX_ABS_VALUE) and return it as C-contiguous float32.
+    A refusal names the column, fragment, row, dimension and value."""
     if original is None:
         original = vecs
     if vecs.dtype != np.float32:
         with np.errstate(over="ignore", invalid="ignore"):
             vecs = vecs.astype(np.float32)
     vecs = np.ascontiguousarray(vecs)
-    if vecs.size == 0:
-        return vecs
-    # A row is finite iff its float64 sum is: float32 magnitudes cannot overflow
-    # float64 when summed, and NaN / +-Inf propagate. One pass, n floats of scratch.
-    row_ok = np.isfinite(vecs.sum(axis=1, dtype=np.float64))
-    if not row_ok.all():
-        i = int(np.argmin(row_ok))
-        j = int(np.argmin(np.isfinite(vecs[i])))
+    bad = validate.first_refused_value(vecs)
+    if bad is not None:
+        i, j = bad
         orig = original[i, j]
+        if np.isfinite(vecs[i, j]):
+            raise InvalidInputError(
+                f"column {column!r} {locate(i)}: value {float(orig):g} at dimension {j} "
+                f"is too large {validate.ACCEPTED_VALUES}"
+            )
         if np.isfinite(orig):
             raise InvalidInputError(
                 f"column {column!r} {locate(i)}: non-finite value at dimension {j} "

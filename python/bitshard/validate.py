@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
@@ -23,6 +23,18 @@ from .errors import InvalidInputError
 MAX_THREADS = 256
 #: Vector dimensions the rotation accepts (the C library's bound).
 MAX_DIMENSION = 65536
+
+
+#: The largest accepted magnitude of a vector element, 2**40 (the C library's
+#: BS_MAX_ABS_VALUE). Every element of data rows, training samples, centroids
+#: and queries is finite and at most this in magnitude: within it no norm, dot
+#: product or distance of the index overflows float32 (docs/usage.md, "What
+#: values are accepted").
+MAX_ABS_VALUE = 2.0**40
+#: The rule as it ends every refusal message (the same text as in C).
+ACCEPTED_VALUES = "(accepted: finite, |value| <= 2**40 = 1099511627776.0)"
+#: The largest accepted eps0 (the C library's BS_MAX_EPS0).
+MAX_EPS0 = 1000.0
 
 
 def _is_int(value: Any) -> bool:
@@ -71,10 +83,13 @@ def refine_factor(value: Any) -> Optional[int]:
 
 
 def eps0(value: Any) -> float:
-    """The bound width in standard deviations: a finite number >= 0."""
+    """The bound width in standard deviations: a finite number >= 0 and at
+    most MAX_EPS0 (wider bounds could overflow float32 for accepted vectors)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
             or not math.isfinite(float(value)) or value < 0:
         raise InvalidInputError(f"eps0 must be a finite number >= 0, got {value!r}")
+    if value > MAX_EPS0:
+        raise InvalidInputError(f"eps0 must be at most {MAX_EPS0:g}, got {value!r}")
     return float(value)
 
 
@@ -152,3 +167,17 @@ def ivf_for(ivf: Any, dim: int, column: str) -> Any:
         raise InvalidInputError(
             f"ivf_centroids have dimension {ivf.dimension}, column {column!r} has {dim}")
     return ivf
+
+
+def first_refused_value(vecs: np.ndarray) -> Optional[Tuple[int, int]]:
+    """(row, dimension) of the first element of float32 (n, d) ``vecs``, in
+    row-major order, that the accepted-values rule refuses (NaN, +-Inf, or a
+    magnitude above MAX_ABS_VALUE); None when every element is accepted."""
+    if vecs.size == 0:
+        return None
+    # NaN propagates through max and min and fails both comparisons, so two
+    # reductions (no temporary array) settle the common, accepted case.
+    if vecs.max() <= MAX_ABS_VALUE and vecs.min() >= -MAX_ABS_VALUE:
+        return None
+    i, j = np.argwhere(~(np.abs(vecs) <= MAX_ABS_VALUE))[0]
+    return int(i), int(j)

@@ -14,6 +14,7 @@
 #include "bounds.h"
 #include "search_internal.h"
 #include "testing.h"
+#include "values.h"
 
 enum { D = 48, NFRAG = 4, FRAG_ROWS = 500, N = NFRAG * FRAG_ROWS, K = 16, NQ = 30 };
 
@@ -289,6 +290,25 @@ static void test_errors(void) {
     bad[7] = INFINITY;
     CHECK(bs_search(s, bad, &p, c, NULL, &err) == BS_ERR_INVALID_DATA);
     CHECK(strstr(err.message, "dimension 7") != NULL);
+    /* the accepted-values rule: |v| <= 2^40, the bound itself included */
+    bad[7] = 3e19f;
+    CHECK(bs_search(s, bad, &p, c, NULL, &err) == BS_ERR_INVALID_DATA);
+    CHECK_MSG(strcmp(err.message, "query: value 3e+19 at dimension 7 is too large (accepted: "
+                                  "finite, |value| <= 2**40 = 1099511627776.0)") == 0,
+              "%s", err.message);
+    bad[7] = nextafterf((float)-BS_MAX_ABS_VALUE, -INFINITY);
+    CHECK(bs_search(s, bad, &p, c, NULL, &err) == BS_ERR_INVALID_DATA);
+    CHECK(strstr(err.message, "value -1.09951e+12 at dimension 7") != NULL);
+    bad[7] = (float)-BS_MAX_ABS_VALUE;
+    CHECK(bs_search(s, bad, &p, c, NULL, &err) == BS_OK);
+    /* eps0 is capped so that the bound terms stay finite */
+    p.eps0 = nextafterf(BS_MAX_EPS0, INFINITY);
+    CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strstr(err.message, "eps0 must be finite and in [0, 1000], got 1000") != NULL,
+              "%s", err.message);
+    p.eps0 = BS_MAX_EPS0;
+    CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_OK);
+    p.eps0 = 1.9f;
     /* nprobes beyond the partition count is capped, not an error */
     p.nprobes = 1000;
     CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_OK);
@@ -656,6 +676,27 @@ static void test_empty_results(void) {
     }
 }
 
+/* The bit test of values.h is the documented rule, |v| <= 2^40 and finite. */
+static void test_value_rule(void) {
+    const float m = (float)BS_MAX_ABS_VALUE;
+    CHECK((double)m == 1099511627776.0);
+    const float ok[] = {0.0f, -0.0f, 1e-45f, -1e-45f, 1.0f, m, -m, nextafterf(m, 0.0f)};
+    const float no[] = {nextafterf(m, INFINITY), -nextafterf(m, INFINITY), 3e19f, -3e38f,
+                        INFINITY, -INFINITY, NAN, -NAN};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++)
+        CHECK_MSG(!bs_value_refused(ok[i]), "%g refused", (double)ok[i]);
+    for (size_t i = 0; i < sizeof no / sizeof no[0]; i++)
+        CHECK_MSG(bs_value_refused(no[i]), "%g accepted", (double)no[i]);
+    float row[70];
+    for (uint32_t n = 0; n <= 70; n++) {
+        for (uint32_t j = 0; j < 70; j++) row[j] = j % 2 ? m : -m;
+        CHECK(bs_row_accepted(row, n) && bs_first_refused(row, n) == n);
+        if (n == 0) continue;
+        row[n - 1] = NAN;
+        CHECK(!bs_row_accepted(row, n) && bs_first_refused(row, n) == n - 1);
+    }
+}
+
 int main(void) {
     snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_search_XXXXXX");
     if (mkdtemp(g_dir) == NULL) return 1;
@@ -670,6 +711,7 @@ int main(void) {
     test_probe_prepass();
     test_ties_by_rowid();
     test_empty_results();
+    test_value_rule();
     rmdir(g_dir);
     TEST_MAIN_END();
 }

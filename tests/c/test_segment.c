@@ -1022,6 +1022,13 @@ static void test_builder_args(void) {
     memcpy(c, ds.centroids, 3 * 16 * 4);
     c[20] = INFINITY;
     s = s0; s.centroids = c; expect_create(&s, BS_ERR_INVALID_ARGUMENT, "partition 1, dimension 4");
+    c[20] = -5e20f;
+    s = s0; s.centroids = c;
+    expect_create(&s, BS_ERR_INVALID_ARGUMENT,
+                  "centroids has a value too large (-5e+20) at partition 1, dimension 4 "
+                  "(accepted: finite, |value| <= 2**40 = 1099511627776.0)");
+    c[20] = (float)-BS_MAX_ABS_VALUE;
+    s = s0; s.centroids = c; expect_create(&s, BS_OK, "");
     free(c);
     s = s0; s.column = NULL; expect_create(&s, BS_ERR_INVALID_ARGUMENT, "column is NULL");
     s = s0; s.column = ""; expect_create(&s, BS_ERR_INVALID_ARGUMENT, "column must not be empty");
@@ -1057,6 +1064,25 @@ static void test_builder_args(void) {
               "%s", err.message);
     x[2 * 16 + 3] = -INFINITY;
     CHECK(bs_builder_add(b, x, 4, 1, offs, &err) == BS_ERR_INVALID_DATA);
+    /* The accepted-values rule: finite and |v| <= 2^40, the bound itself
+     * included; the next float up is refused, naming row, dimension and
+     * value (a finite value whose square overflows float, 3e19, too). */
+    memcpy(x, ds.x, sizeof x);
+    x[1 * 16 + 5] = nextafterf((float)BS_MAX_ABS_VALUE, INFINITY);
+    CHECK(bs_builder_add(b, x, 4, 1, offs, &err) == BS_ERR_INVALID_DATA);
+    CHECK_MSG(strcmp(err.message, "row 1 (fragment 2, offset 1) is too large: value "
+                                  "1.09951e+12 at dimension 5 (accepted: finite, |value| "
+                                  "<= 2**40 = 1099511627776.0)") == 0,
+              "%s", err.message);
+    x[1 * 16 + 5] = 3e19f;
+    x[3 * 16 + 0] = NAN;
+    CHECK(bs_builder_add(b, x, 4, 1, offs, &err) == BS_ERR_INVALID_DATA);
+    CHECK_MSG(strstr(err.message, "row 1 (fragment 2, offset 1) is too large: value 3e+19 at "
+                                  "dimension 5") != NULL, "%s", err.message);
+    x[1 * 16 + 5] = -3e19f;
+    x[3 * 16 + 0] = 0.0f;
+    CHECK(bs_builder_add(b, x, 4, 1, offs, &err) == BS_ERR_INVALID_DATA);
+    CHECK_MSG(strstr(err.message, "value -3e+19 at dimension 5") != NULL, "%s", err.message);
     memcpy(x, ds.x, sizeof x);
     uint32_t bad_off[2] = {3, 20};
     CHECK(bs_builder_add(b, x, 2, 0, bad_off, &err) == BS_ERR_INVALID_ARGUMENT);
