@@ -328,6 +328,16 @@ def as_ivf_model(ivf_centroids: Any, metric: str) -> IvfModel:
             )
         return ivf_centroids
     if isinstance(ivf_centroids, (str, os.PathLike)):
-        model = IvfModel.load(ivf_centroids)
+        try:
+            model = IvfModel.load(ivf_centroids)
+        except OSError as e:
+            raise InvalidInputError(
+                f"ivf_centroids: cannot read {os.fspath(ivf_centroids)!r}: "
+                f"{e.strerror or e}") from None
+        except ValueError as e:  # np.load of a file that is not an array
+            if isinstance(e, InvalidInputError):
+                raise
+            raise InvalidInputError(
+                f"ivf_centroids: {os.fspath(ivf_centroids)!r} is not a .npy array: {e}") from None
         return IvfModel(model.centroids, metric)
     return IvfModel(ivf_centroids, metric)

@@ -47,9 +47,28 @@ def _number(kind: Any, noun: str, minimum: Any) -> Any:
     return parse
 
 
-_positive_int = _number(int, "an integer", 1)
 _non_negative_int = _number(int, "an integer", 0)
 _non_negative_float = _number(float, "a number", 0)
+
+
+def _checked(rule: Any) -> Any:
+    """An argparse type applying the library's own rule (bitshard.validate),
+    so the command line refuses exactly what the Python API refuses, with
+    the same message (a usage error, exit 2). ``--name`` is left to the
+    library (a bitshard error, exit 1), as bitshard.names' tests expect."""
+    from .errors import InvalidInputError  # noqa: PLC0415
+
+    def check(text: str) -> Any:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        try:
+            return rule(v)
+        except InvalidInputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return check
 
 
 def _storage_option(text: str) -> Any:
@@ -66,6 +85,8 @@ def _storage_options(args: argparse.Namespace) -> Optional[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``bitshard`` command."""
+    from . import validate as rules  # noqa: PLC0415
+
     p = argparse.ArgumentParser(
         prog="bitshard",
         description="Build, query and maintain IVF_RQ (IVF + RaBitQ) vector indexes.",
@@ -90,22 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     common(b)
     b.add_argument("--column", required=True, help="the vector column")
     b.add_argument("--name", default=None, help="index name (default: <column>_idx)")
-    b.add_argument("--num-partitions", type=_positive_int, default=None,
+    b.add_argument("--num-partitions", type=_checked(rules.num_partitions), default=None,
                    help="IVF partitions (default: about sqrt(rows))")
-    b.add_argument("--num-bits", type=_positive_int, default=None,
+    b.add_argument("--num-bits", type=_checked(rules.num_bits), default=None,
                    help="bits per dimension, 1..9 (default 9: see docs/decisions.md)")
     b.add_argument("--metric", choices=("l2", "cosine", "dot"), default="l2")
-    b.add_argument("--workers", type=_positive_int, default=None,
+    b.add_argument("--workers", type=_checked(lambda n: rules.integer("num_workers", n)),
+                   default=None,
                    help="worker processes / Ray CPUs (default: CPU count)")
     b.add_argument("--executor", choices=("ray", "processes", "serial"), default=None,
                    help="default: ray if installed, else processes")
-    b.add_argument("--fragments-per-task", type=_positive_int, default=None)
-    b.add_argument("--sample-rate", type=_positive_int, default=256,
+    b.add_argument("--fragments-per-task",
+                   type=_checked(lambda n: rules.integer("fragments_per_task", n)), default=None)
+    b.add_argument("--sample-rate", type=_checked(rules.sample_rate), default=256,
                    help="training rows per partition (default 256)")
-    b.add_argument("--max-iters", type=_positive_int, default=50)
-    b.add_argument("--seed", type=_non_negative_int, default=None,
+    b.add_argument("--max-iters", type=_checked(rules.max_iters), default=50)
+    b.add_argument("--seed", type=_checked(rules.rotation_seed), default=None,
                    help="training seed, and the rotation seed (default: random rotation)")
-    b.add_argument("--max-retries", type=_non_negative_int, default=3,
+    b.add_argument("--max-retries", type=_checked(lambda n: rules.integer("max_retries", n, 0)),
+                   default=3,
                    help="retries of a task whose worker died (default 3)")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -121,9 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--query-file", help=".npy file: one query (d,) or a batch (nq, d)")
     q.add_argument("--query-row", type=_non_negative_int,
                    help="use row N of the dataset (0-based, live rows in fragment order)")
-    s.add_argument("--k", type=_positive_int, default=10)
-    s.add_argument("--nprobes", type=_positive_int, default=20)
-    s.add_argument("--refine-factor", type=_positive_int, default=None)
+    s.add_argument("--k", type=_checked(rules.k), default=10)
+    s.add_argument("--nprobes", type=_checked(rules.nprobes), default=20,
+                   help="partitions probed (capped at the partition count)")
+    s.add_argument("--refine-factor", type=_checked(lambda r: rules.refine_factor(r, 1)),
+                   default=None, help="rerank the k * R best exactly (k * R <= 2**20)")
     s.add_argument("--index", default=None, help="index name, when the column has several")
     s.add_argument("--columns", default=None,
                    help="comma-separated source columns to add to the results")

@@ -108,8 +108,9 @@ def train_ivf(
     if not isinstance(ds, Dataset):
         ds = dataset(ds)
     metric_code(metric)
-    validate.integer("num_partitions", num_partitions)
-    validate.training_sizes(sample_rate, max_iters)
+    num_partitions = validate.num_partitions(num_partitions)
+    sample_rate = validate.sample_rate(sample_rate)
+    max_iters = validate.max_iters(max_iters)
     seed = validate.kmeans_seed(seed)
     num_threads = validate.thread_count(num_threads)
     sample = ds.source.sample(column, int(num_partitions) * int(sample_rate), seed)
@@ -273,15 +274,19 @@ class Dataset:
             if rq_rotation is not None and rq_rotation != rabitq_model:
                 raise InvalidInputError("rq_rotation and rabitq_model name different rotations")
             rq_rotation = rabitq_model
+        name = validate.index_name(name or f"{column}_idx")
+        num_bits = validate.optional_num_bits(num_bits)
+        if fragment_ids is not None:
+            fragment_ids = validate.fragment_ids(fragment_ids)
+        batch_size = validate.positive_integer("batch_size", batch_size)
+        num_threads = validate.thread_count(num_threads)
         ivf, rot = self._resolve_artifacts(column, ivf_centroids, rq_rotation, num_bits, metric)
         if fragment_ids is None:
             fragment_ids = [f.id for f in self.source.fragments()]
-        fragment_ids = validate.fragment_ids(fragment_ids)
-        name = name or f"{column}_idx"
         return idx.write_segment(
             self.source, column, name, self.storage, ivf, rot, fragment_ids,
             idx.new_uuid(index_uuid), batch_size=batch_size, progress=progress,
-            num_threads=validate.thread_count(num_threads),
+            num_threads=num_threads,
         )
 
     def merge_existing_index_segments(
@@ -346,13 +351,22 @@ class Dataset:
         index is the same, byte for byte, for every count. Returns self.
         """
         name = idx.check_commit_name(self.storage, name or f"{column}_idx")
+        if num_partitions is not None:
+            num_partitions = validate.num_partitions(num_partitions)
+        num_bits = validate.optional_num_bits(num_bits)
+        sample_rate = validate.sample_rate(sample_rate)
+        max_iters = validate.max_iters(max_iters)
+        seed = validate.optional_seed(seed)
+        num_threads = validate.thread_count(num_threads)
         if ivf_centroids is None:
             nrows = sum(f.num_rows for f in self.source.fragments())
             k = num_partitions or _default_num_partitions(nrows)
             ivf_centroids = train_ivf(self, column, k, metric, sample_rate, max_iters, seed,
                                       num_threads=num_threads)
-        elif num_partitions is not None and as_ivf_model(ivf_centroids, metric).num_partitions != num_partitions:
-            raise InvalidInputError("num_partitions conflicts with ivf_centroids")
+        elif num_partitions is not None:
+            ivf_centroids = as_ivf_model(ivf_centroids, metric)
+            validate.ivf_for(ivf_centroids, self.source.vector_dim(column), column,
+                             num_partitions)
         seg = self.create_index_uncommitted(
             column, index_type, name=name, ivf_centroids=ivf_centroids,
             rq_rotation=rq_rotation, num_bits=num_bits, metric=metric,
@@ -590,11 +604,14 @@ class Dataset:
         """The searcher of these settings, reused across search() calls while
         the index version and the source version it was made for hold (a
         filter is resolved afresh on each call, so those are not kept)."""
+        # Checked before the cache is consulted: k=True must not find k=1's.
+        k, nprobes, refine_factor, eps0, num_threads, fragment_ids = validate.search_settings(
+            k, nprobes, refine_factor, eps0, num_threads, fragment_ids)
         key = None
         if filter is None:
             try:
                 key = (column, index, k, nprobes, refine_factor,
-                       None if fragment_ids is None else tuple(int(f) for f in fragment_ids),
+                       None if fragment_ids is None else tuple(fragment_ids),
                        bool(fast_search), eps0, num_threads, self.source.version)
                 hash(key)
             except (TypeError, ValueError):

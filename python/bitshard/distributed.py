@@ -575,11 +575,12 @@ def _check_arguments(index_type: str, metric: str, sample_rate: int, max_iters: 
         raise InvalidInputError(f"index_type must be 'IVF_RQ', got {index_type!r}")
     metric_code(metric)
     metric = metric.lower()
-    validate.integer("sample_rate", sample_rate)
-    validate.integer("max_iters", max_iters)
-    validate.integer("max_retries", max_retries, minimum=0)
-    validate.optional_integer("fragments_per_task", fragments_per_task)
-    validate.optional_integer("num_partitions", num_partitions)
+    sample_rate = validate.sample_rate(sample_rate)
+    max_iters = validate.max_iters(max_iters)
+    max_retries = validate.integer("max_retries", max_retries, minimum=0)
+    fragments_per_task = validate.optional_integer("fragments_per_task", fragments_per_task)
+    if num_partitions is not None:
+        num_partitions = validate.num_partitions(num_partitions)
     executor = _choose_executor(executor)
     workers = _resolve_workers(executor, num_workers)
     return _BuildOptions(metric=metric, executor=executor, workers=workers,
@@ -643,6 +644,7 @@ def _open_job(ds: Dataset, column: str, name: Optional[str], opts: _BuildOptions
               rq_rotation: Optional[Rotation], seed: Optional[int]) -> _BuildJob:
     """Phase 1b: the checks against the source (name, column, fragments, the
     caller's artifacts), and the settings a rerun must match to resume."""
+    num_bits, seed = validate.optional_num_bits(num_bits), validate.optional_seed(seed)
     name = _check_name(name or f"{column}_idx", ds.storage)
     source = ds.source
     dim = source.vector_dim(column)
@@ -652,11 +654,7 @@ def _open_job(ds: Dataset, column: str, name: Optional[str], opts: _BuildOptions
     metric, num_partitions = opts.metric, opts.num_partitions
     user_ivf = None if ivf_centroids is None else as_ivf_model(ivf_centroids, metric)
     if user_ivf is not None:
-        validate.ivf_for(user_ivf, dim, column)
-        if num_partitions is not None and user_ivf.num_partitions != num_partitions:
-            raise InvalidInputError(
-                f"num_partitions={num_partitions} conflicts with ivf_centroids "
-                f"({user_ivf.num_partitions} partitions)")
+        validate.ivf_for(user_ivf, dim, column, num_partitions)
     if rq_rotation is not None:
         validate.rotation_for(rq_rotation, num_bits, dim, column)
     params = {

@@ -68,12 +68,13 @@ class Searcher:
         eps0: float,
         num_threads: Optional[int] = None,
     ) -> None:
-        self.k = validate.integer("k", k)
-        self.nprobes = validate.integer("nprobes", nprobes)
-        self.refine_factor = refine_factor = validate.refine_factor(refine_factor)
-        self.eps0 = validate.eps0(eps0)
-        validate.optional_integer("num_threads", num_threads)
-        self._num_threads = num_threads
+        settings = validate.search_settings(k, nprobes, refine_factor, eps0, num_threads,
+                                            fragment_ids)
+        self.k, self.nprobes = settings.k, settings.nprobes
+        self.refine_factor = refine_factor = settings.refine_factor
+        self.eps0 = settings.eps0
+        self._num_threads = settings.num_threads
+        fragment_ids = settings.fragment_ids
         self.column = column
         self.source: Source = ds.source
 
@@ -89,7 +90,7 @@ class Searcher:
             allowed_frags = plan["allowed_all"]
             uncovered = [] if fast_search else plan["uncovered_all"]
         else:
-            wanted = set(validate.fragment_ids(fragment_ids))
+            wanted = set(fragment_ids)
             unknown = wanted - plan["source_frags"]
             if unknown:
                 raise InvalidInputError(f"fragment {min(unknown)} is not in the source")

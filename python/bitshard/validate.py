@@ -6,23 +6,44 @@ and raises :class:`~bitshard.errors.InvalidInputError` naming the argument
 and the value. Keeping the rules in one module keeps them the same in every
 entry point (``Dataset.search``, ``Dataset.searcher``, ``create_index``,
 ``create_index_uncommitted``, ``train_ivf``, ``build_index``,
-``build_rq_rotation``, the command line).
+``build_rq_rotation``, the command line). docs/usage.md has the table of
+rules ("Argument rules"); change a rule here and there together.
+
+Bounds that are not about meaning come from what the C library takes: counts
+it receives as 32-bit unsigned integers (``max_iters``, ``num_partitions``)
+are refused above ``UINT32_MAX``, and seeds (64-bit) outside [0, 2**64),
+here, before the call. ``nprobes`` is the exception: any value above the
+partition count means every partition, so it is capped, not refused (the
+searcher caps it at UINT32_MAX before the C call and C at the count).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from . import names
 from .errors import InvalidInputError
 
-#: Threads a build or a batch search uses at most.
+#: Threads a build or a batch search uses at most (larger counts are capped).
 MAX_THREADS = 256
 #: Vector dimensions the rotation accepts (the C library's bound).
 MAX_DIMENSION = 65536
+#: The largest count the C library takes as a 32-bit unsigned integer.
+UINT32_MAX = 2**32 - 1
+#: Results per query at most: ``k``, and ``k * refine_factor`` (the candidates
+#: kept for an exact rerank), are refused above it. A search allocates its
+#: output (12 bytes per result per query) and its candidate lists (16 bytes
+#: per candidate) up front, so an unbounded k turns a typo into a MemoryError
+#: or a numpy "maximum dimension" error. 2**20 is 10^4 times the k of any
+#: nearest-neighbour workload we know; at the cap a query needs 12 MiB of
+#: output and at most 16 MiB of candidates per 2**20 (the candidate arrays
+#: are also capped at the rows the index holds), and every candidate count
+#: stays far inside the C library's 32-bit counts.
+MAX_K = 2**20
 
 
 #: The largest accepted magnitude of a vector element, 2**40 (the C library's
@@ -42,16 +63,47 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def integer(name: str, value: Any, minimum: int = 1) -> int:
-    """An integer >= ``minimum``."""
+def integer(name: str, value: Any, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    """An integer >= ``minimum`` (and <= ``maximum`` when given)."""
     if not _is_int(value) or value < minimum:
         raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise InvalidInputError(f"{name} must be at most {maximum}, got {int(value)}")
     return int(value)
 
 
-def optional_integer(name: str, value: Any, minimum: int = 1) -> Optional[int]:
-    """``None``, or an integer >= ``minimum``."""
-    return None if value is None else integer(name, value, minimum)
+def optional_integer(name: str, value: Any, minimum: int = 1,
+                     maximum: Optional[int] = None) -> Optional[int]:
+    """``None``, or an integer >= ``minimum`` (and <= ``maximum``)."""
+    return None if value is None else integer(name, value, minimum, maximum)
+
+
+def k(value: Any) -> int:
+    """Neighbours per query: an integer in 1..MAX_K. A k above the rows an
+    index holds is allowed: the answer is padded with ``NO_ROW`` / inf."""
+    return integer("k", value, 1, MAX_K)
+
+
+def nprobes(value: Any) -> int:
+    """Partitions probed: an integer >= 1; above the index's partition count
+    (however large) it means every partition."""
+    return integer("nprobes", value)
+
+
+def num_partitions(value: Any) -> int:
+    """IVF partitions: an integer in 1..UINT32_MAX."""
+    return integer("num_partitions", value, 1, UINT32_MAX)
+
+
+def max_iters(value: Any) -> int:
+    """k-means iterations at most: an integer in 1..UINT32_MAX."""
+    return integer("max_iters", value, 1, UINT32_MAX)
+
+
+def sample_rate(value: Any) -> int:
+    """Training rows per partition: an integer >= 1 (the sample is capped at
+    the row count)."""
+    return integer("sample_rate", value)
 
 
 def positive_integer(name: str, value: Any, upper: Optional[int] = None) -> int:
@@ -73,12 +125,16 @@ def non_negative_number(name: str, value: Any) -> float:
     return float(value)
 
 
-def refine_factor(value: Any) -> Optional[int]:
-    """``None`` (no exact rerank of the k * r best) or an integer >= 1."""
+def refine_factor(value: Any, k: int) -> Optional[int]:
+    """``None`` (no exact rerank of the k * r best) or an integer >= 1 with
+    ``k * refine_factor`` <= MAX_K (``k`` already checked)."""
     if value is None:
         return None
     if not _is_int(value) or value < 1:
         raise InvalidInputError(f"refine_factor must be None or >= 1, got {value!r}")
+    if k * int(value) > MAX_K:
+        raise InvalidInputError(
+            f"k * refine_factor must be at most {MAX_K}, got {k} * {int(value)}")
     return int(value)
 
 
@@ -94,23 +150,45 @@ def eps0(value: Any) -> float:
 
 
 def thread_count(value: Any) -> int:
-    """A build's thread count: all cores for ``None``, at most MAX_THREADS."""
+    """A thread count: all cores for ``None``; an integer >= 1, capped at
+    MAX_THREADS."""
     if value is None:
         return min(os.cpu_count() or 1, MAX_THREADS)
     return min(integer("num_threads", value), MAX_THREADS)
 
 
-def training_sizes(sample_rate: Any, max_iters: Any) -> None:
-    """``train_ivf``'s sample rate and iteration count, both >= 1."""
-    if sample_rate < 1 or max_iters < 1:
-        raise InvalidInputError(
-            f"sample_rate and max_iters must be >= 1, got {sample_rate} and {max_iters}"
-        )
+def optional_thread_count(value: Any) -> Optional[int]:
+    """``None`` (the caller's default) or :func:`thread_count`."""
+    return None if value is None else thread_count(value)
 
 
 def fragment_ids(value: Any) -> List[int]:
-    """A list of fragment ids (callers treat ``None``, every fragment, first)."""
-    return [int(f) for f in value]
+    """A sequence of fragment ids, each an integer in [0, 2**32) (callers
+    treat ``None``, every fragment, first)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidInputError(f"fragment_ids must be a sequence of integers, got {value!r}")
+    out = []
+    for i, f in enumerate(value):
+        if not _is_int(f) or not 0 <= f <= UINT32_MAX:
+            raise InvalidInputError(
+                f"fragment_ids must hold integers in [0, 2**32), got {f!r} at position {i}")
+        out.append(int(f))
+    return out
+
+
+def index_name(value: Any) -> str:
+    """An index name that can be a path component (bitshard.names: non-empty,
+    at most 255 bytes of UTF-8, no ``/``, ``\\`` or NUL, no leading ``.``),
+    checked before any work. A commit then also requires a new index's name
+    to match the strict pattern of :mod:`bitshard.names`
+    (``index.check_commit_name``); an existing index with an older name may
+    still be rebuilt."""
+    return names.check_index_name(value, "name")
+
+
+def optional_num_bits(value: Any) -> Optional[int]:
+    """``None`` (the default width) or :func:`num_bits`."""
+    return None if value is None else num_bits(value)
 
 
 def num_bits(value: Any) -> int:
@@ -138,9 +216,14 @@ def rotation_seed(value: Any) -> int:
     return int(value)
 
 
+def optional_seed(value: Any) -> Optional[int]:
+    """``None`` or a seed: an integer in [0, 2**64)."""
+    return None if value is None else rotation_seed(value)
+
+
 def kmeans_seed(value: Any) -> int:
-    """The k-means sampling seed (``None``: 0)."""
-    return 0 if value is None else int(value)
+    """The k-means sampling seed: an integer in [0, 2**64) (``None``: 0)."""
+    return 0 if value is None else rotation_seed(value)
 
 
 def rotation_for(rq_rotation: Any, bits: Optional[int], dim: int, column: str) -> Any:
@@ -152,7 +235,7 @@ def rotation_for(rq_rotation: Any, bits: Optional[int], dim: int, column: str) -
     if not isinstance(rq_rotation, Rotation):
         raise InvalidInputError(
             f"rq_rotation must be a bitshard.Rotation, got {type(rq_rotation).__name__}")
-    if bits is not None and int(bits) != rq_rotation.num_bits:
+    if bits is not None and num_bits(bits) != rq_rotation.num_bits:
         raise InvalidInputError(
             f"num_bits={bits} conflicts with the rotation's num_bits={rq_rotation.num_bits}")
     if rq_rotation.dimension != dim:
@@ -161,11 +244,16 @@ def rotation_for(rq_rotation: Any, bits: Optional[int], dim: int, column: str) -
     return rq_rotation
 
 
-def ivf_for(ivf: Any, dim: int, column: str) -> Any:
-    """A caller's IVF model for column ``column`` of dimension ``dim``."""
+def ivf_for(ivf: Any, dim: int, column: str, partitions: Optional[int] = None) -> Any:
+    """A caller's IVF model for column ``column`` of dimension ``dim`` (with
+    ``partitions`` partitions when the caller also gave ``num_partitions``)."""
     if ivf.dimension != dim:
         raise InvalidInputError(
             f"ivf_centroids have dimension {ivf.dimension}, column {column!r} has {dim}")
+    if partitions is not None and ivf.num_partitions != partitions:
+        raise InvalidInputError(
+            f"num_partitions={partitions} conflicts with ivf_centroids "
+            f"({ivf.num_partitions} partitions)")
     return ivf
 
 
@@ -181,3 +269,26 @@ def first_refused_value(vecs: np.ndarray) -> Optional[Tuple[int, int]]:
         return None
     i, j = np.argwhere(~(np.abs(vecs) <= MAX_ABS_VALUE))[0]
     return int(i), int(j)
+
+
+class SearchSettings(NamedTuple):
+    """The query-independent numbers of a search, checked and normalised."""
+
+    k: int
+    nprobes: int
+    refine_factor: Optional[int]
+    eps0: float
+    num_threads: Optional[int]
+    fragment_ids: Optional[List[int]]
+
+
+def search_settings(k_value: Any, nprobes_value: Any, refine_value: Any, eps0_value: Any,
+                    threads_value: Any, fragments_value: Any) -> SearchSettings:
+    """The settings of ``Dataset.search`` / ``Dataset.searcher`` (k, nprobes,
+    refine_factor, eps0, num_threads, fragment_ids), each checked by its rule
+    above, in that order."""
+    checked_k = k(k_value)
+    return SearchSettings(
+        checked_k, nprobes(nprobes_value), refine_factor(refine_value, checked_k),
+        eps0(eps0_value), optional_thread_count(threads_value),
+        None if fragments_value is None else fragment_ids(fragments_value))
