@@ -26,7 +26,7 @@ typedef struct bs_dot_kernels {
      * F16C): the float16 copy of n floats (round to nearest even; finite
      * inputs below 65520 stay finite), and dots of q with four float16
      * rows. Probe selection uses them as a pre-pass with an error bound
-     * (search.c), never for a value it returns. */
+     * (probe.c), never for a value it returns. */
     void (*to_f16)(const float *x, size_t n, uint16_t *out);
     void (*dot4_f16)(const float *q, const uint16_t *const rows[4], uint32_t n, float out[4]);
 } bs_dot_kernels;
