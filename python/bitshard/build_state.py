@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from . import names
+from . import names, schema
 from .artifacts import IvfModel, Rotation, as_ivf_model
 from .errors import CorruptIndexError
 from .storage import Storage
@@ -29,8 +29,8 @@ __all__ = ["BuildState", "BUILD_STATE_FORMAT", "BUILD_STATE_VERSION", "state_key
 # Messages about a build's state are the build's: one logger for both.
 log = logging.getLogger("bitshard.distributed")
 
-BUILD_STATE_FORMAT = "bitshard-build"
-BUILD_STATE_VERSION = 1
+BUILD_STATE_FORMAT = schema.BUILD_STATE_FORMAT
+BUILD_STATE_VERSION = schema.BUILD_STATE_VERSION
 
 
 def state_keys(name: str) -> Tuple[str, str]:
@@ -41,26 +41,6 @@ def state_keys(name: str) -> Tuple[str, str]:
 def _write_json_atomic(st: Storage, key: str, doc: Dict[str, Any]) -> None:
     # Locally a temp file + os.replace; on an object store one PUT (atomic).
     st.write_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode())
-
-
-def _check_state_uuids(doc: Dict[str, Any], path: str) -> None:
-    """Every segment uuid a build state names is a uuid (it becomes a key of
-    a file the build may delete): CorruptIndexError naming the field."""
-    segs = doc.get("segments")
-    merges = doc.get("merges")
-    if not isinstance(segs, dict):
-        raise CorruptIndexError(f"build state {path}: field 'segments' must be an object")
-    if not isinstance(merges, list):
-        raise CorruptIndexError(f"build state {path}: field 'merges' must be a list")
-    for k, u in segs.items():
-        names.check_uuid(u, f"build state {path}: segments[{k!r}]")
-    for i, m in enumerate(merges):
-        if not isinstance(m, dict) or not isinstance(m.get("inputs"), list):
-            raise CorruptIndexError(
-                f"build state {path}: merges[{i}] must be an object with a list 'inputs'")
-        names.check_uuid(m.get("uuid"), f"build state {path}: merges[{i}].uuid")
-        for j, u in enumerate(m["inputs"]):
-            names.check_uuid(u, f"build state {path}: merges[{i}].inputs[{j}]")
 
 
 class BuildState:
@@ -85,25 +65,15 @@ class BuildState:
     @classmethod
     def load(cls, storage: Storage, name: str) -> Optional["BuildState"]:
         """The stored state of an unfinished build of ``name``; None if there
-        is none, or it is unreadable or of another format (logged: the build
-        then starts afresh)."""
+        is none, or it fails :func:`bitshard.schema.read_build_state` (size,
+        nesting, format, every field's type and range: logged with the file
+        and the field, and the build then starts afresh)."""
         key, _ = state_keys(name)
-        path = storage.path(key)
         try:
-            doc = json.loads(storage.read_bytes(key))
+            doc = schema.read_build_state(storage.read_bytes(key), storage.path(key))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable build state %s: %s", path, e)
-            return None
-        if not isinstance(doc, dict) or doc.get("format") != BUILD_STATE_FORMAT \
-                or doc.get("format_version") != BUILD_STATE_VERSION:
-            log.warning("ignoring build state %s: not a version-%d bitshard build state",
-                        path, BUILD_STATE_VERSION)
-            return None
-        try:
-            _check_state_uuids(doc, path)
-        except CorruptIndexError as e:
+        except (OSError, CorruptIndexError) as e:
             log.warning("ignoring build state: %s", e)
             return None
         return cls(storage, name, doc)

@@ -47,7 +47,7 @@ from .errors import (
     IndexNotFoundError,
     InvalidInputError,
 )
-from . import names
+from . import names, schema
 from .names import BUILDS_DIR, INDICES_DIR, SEGMENT_SUFFIX, SEGMENTS_DIR
 from .storage import LocalStorage, Storage, is_object_uri, join_uri
 
@@ -414,23 +414,18 @@ def read_manifest(root: Root, name: str, version: Optional[int] = None) -> Dict[
     v = latest_version(st, name) if version is None else version
     if v == 0:
         raise IndexNotFoundError(f"no index named {name!r}")
-    path = st.path(_manifest_key(name, v))
-    try:
-        doc = json.loads(st.read_bytes(_manifest_key(name, v)))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CorruptIndexError(f"manifest {path} is not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
-        raise CorruptIndexError(f"manifest {path} is not a bitshard manifest")
-    if doc.get("format_version", 0) > MANIFEST_VERSION:
-        from .errors import UnsupportedVersionError
-
-        raise UnsupportedVersionError(
-            f"manifest {path} has format version {doc.get('format_version')}, "
-            f"this bitshard reads up to {MANIFEST_VERSION}"
-        )
-    if doc.get("checksum") != _checksum(doc):
-        raise CorruptIndexError(f"manifest {path} fails its checksum")
-    _check_manifest_shape(doc, path)
+    key = _manifest_key(name, v)
+    path = st.path(key)
+    # Size, nesting depth, format, version, checksum, then every field's
+    # type and range (bitshard.schema), before any field is used here.
+    doc = schema.read_document(st.read_bytes(key), path, "manifest", MANIFEST_FORMAT,
+                               MANIFEST_VERSION, schema.Manifest, _checksum)
+    names.check_index_name(doc["name"], f"manifest {path}: field 'name'", error=CorruptIndexError)
+    for i, e in enumerate(doc["segments"]):
+        want = names.segment_key(e["uuid"])
+        if e.get("file", want) != want:
+            raise CorruptIndexError(f"manifest {path}: segments[{i}].file is {e['file']!r}, "
+                                    f"the segment's uuid makes it {want!r}")
     _check_manifest_disjoint(doc, path)
     return doc
 
@@ -454,31 +449,6 @@ def _check_manifest_disjoint(doc: Dict[str, Any], path: str) -> None:
                     f"manifest {path}: fragment {f} is in two entries: segments[{j}] "
                     f"({doc['segments'][j]['uuid']}) and segments[{i}] ({u})")
             owner[f] = i
-
-
-def _check_manifest_shape(doc: Dict[str, Any], path: str) -> None:
-    """A checksum proves the bytes are the writer's, not that the writer was
-    this code: check every field the readers use before they use it."""
-    def bad(what: str) -> CorruptIndexError:
-        return CorruptIndexError(f"manifest {path}: {what}")
-
-    for key, typ in (("name", str), ("column", str), ("version", int), ("segments", list)):
-        if not isinstance(doc.get(key), typ) or isinstance(doc.get(key), bool):
-            raise bad(f"field {key!r} must be {typ.__name__}")
-    for i, e in enumerate(doc["segments"]):
-        if not isinstance(e, dict):
-            raise bad(f"segment {i} is not an object")
-        u = e.get("uuid")
-        if not (isinstance(u, str) and len(u) == 32 and all(ch in "0123456789abcdef" for ch in u)):
-            raise bad(f"segment {i} has a bad uuid {u!r}")
-        frags = e.get("fragment_ids")
-        if not isinstance(frags, list) or not all(
-                isinstance(f, int) and not isinstance(f, bool) and 0 <= f < 2**32 for f in frags):
-            raise bad(f"segment {i} has bad fragment_ids")
-        for key, typ in (("num_rows", int), ("num_bits", int), ("dimension", int),
-                         ("metric", str), ("rotation_fingerprint", str), ("ivf_fingerprint", str)):
-            if not isinstance(e.get(key), typ) or isinstance(e.get(key), bool):
-                raise bad(f"segment {i} field {key!r} must be {typ.__name__}")
 
 
 def check_same_artifacts(handles: Sequence[SegmentHandle], column: Optional[str] = None) -> None:

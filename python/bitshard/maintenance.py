@@ -13,7 +13,7 @@ docs/distributed.md, *Maintenance*.
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import time
 import dataclasses
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
 from . import index as idx
-from . import names, validate
+from . import names, schema, validate
 from .codespace import CodeSpace
 from .dataset import Dataset, dataset
 from .errors import BitshardError, CorruptIndexError, IndexNotFoundError
@@ -32,6 +32,8 @@ __all__ = ["cleanup", "verify", "verify_report", "VerifyReport", "IndexSummary",
            "open_dataset", "referenced_uuids"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+log = logging.getLogger("bitshard.maintenance")
 
 
 @dataclass(frozen=True)
@@ -193,10 +195,10 @@ def _cleanup_locked(st: Storage, older_than_seconds: float, dry_run: bool,
             continue
         try:
             age = now - (e.mtime if e.mtime is not None else st.mtime(key))
-            doc = json.loads(st.read_bytes(key))
-            uuids = set(doc.get("segments", {}).values()) | {
-                m["uuid"] for m in doc.get("merges", [])}
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            doc = schema.read_build_state(st.read_bytes(key), st.path(key))
+            uuids = set(doc["segments"].values()) | {m["uuid"] for m in doc["merges"]}
+        except (OSError, CorruptIndexError) as err:
+            log.warning("cleanup: ignoring build state: %s", err)
             continue
         if abandoned_builds and age >= older_than_seconds:
             if not dry_run:
