@@ -23,14 +23,11 @@ from .artifacts import (
     metric_code,
 )
 from . import validate
-from .codespace import CodeSpace
-from .errors import (
-    IndexNotFoundError,
-    InvalidInputError,
-)
+from .errors import InvalidInputError
 from . import index as idx
 from .index import SegmentHandle
-from .searcher import Searcher
+from .indexview import IndexView
+from .searcher import SearchOptions, Searcher
 from .sources import Source, open_source
 from .storage import Storage, is_object_uri, join_uri
 
@@ -172,16 +169,9 @@ class Dataset:
             dict(storage_options) if storage_options else None
         #: Where the indexes live (:class:`bitshard.storage.Storage`).
         self.storage: Storage = Storage.for_uri(self.index_root, self.storage_options)
-        self._searchers: Dict[Tuple[str, int], Any] = {}
-        # The committed indexes this object searches: name -> (version,
-        # column), read at first use and kept (like a Lance dataset pinned to
-        # its version) until this object commits or refresh() is called, so
-        # a search does not list and parse manifests on every call.
-        self._view: Optional[Dict[str, Tuple[int, str]]] = None
-        self._plans: Dict[Any, Dict[str, Any]] = {}
-        self._deleted_cache: Dict[Tuple[Any, int], np.ndarray] = {}
-        # search() settings -> Searcher (see _prepared_searcher)
-        self._prepared: Dict[Any, Searcher] = {}
+        # The committed indexes this object searches, pinned at first use
+        # until it commits or refresh() is called (see bitshard.indexview).
+        self._indexes = IndexView(self.storage, self.source, self.index_root)
 
     # -------------------------------------------------------------- pickling
 
@@ -195,11 +185,7 @@ class Dataset:
         self.storage_options = state.get("storage_options")
         self.storage = Storage.for_uri(self.index_root, self.storage_options)
         self._tmp = None
-        self._searchers = {}
-        self._deleted_cache = {}
-        self._view = None
-        self._plans = {}
-        self._prepared = {}
+        self._indexes = IndexView(self.storage, self.source, self.index_root)
 
     def __repr__(self) -> str:
         return f"bitshard.Dataset({self.source.kind}, uri={self.source.uri!r}, index_root={self.index_root!r})"
@@ -317,7 +303,7 @@ class Dataset:
         ``replace=True``. Raises CommitConflictError when another writer
         committed the same version first.
         """
-        self._view = None  # our own commit: see it next search
+        self._indexes.invalidate()  # our own commit: see it next search
         idx.commit(self.storage, name, column, list(segments),
                    mode="replace" if replace else "append",
                    source_version=self.source.version)
@@ -372,7 +358,7 @@ class Dataset:
             rq_rotation=rq_rotation, num_bits=num_bits, metric=metric,
             num_threads=num_threads, **kwargs,
         )
-        self._view = None  # our own commit: see it next search
+        self._indexes.invalidate()  # our own commit: see it next search
         idx.commit(self.storage, name, column, [seg], mode="replace" if replace else "append",
                    source_version=self.source.version)
         return self
@@ -386,7 +372,7 @@ class Dataset:
             if len(segs) <= 1:
                 continue
             merged = idx.merge_segments(segs, self.storage)
-            self._view = None  # our own commit: see it next search
+            self._indexes.invalidate()  # our own commit: see it next search
             idx.commit(self.storage, n, doc["column"], [merged], mode="replace",
                        source_version=self.source.version, expected_version=doc["version"])
         return self
@@ -438,95 +424,8 @@ class Dataset:
     def refresh(self) -> "Dataset":
         """See indexes committed by other writers since this object first
         searched (its own commits are always seen). Returns self."""
-        self._view = None
+        self._indexes.invalidate()
         return self
-
-    def _index_view(self) -> Dict[str, Tuple[int, str]]:
-        if self._view is None:
-            view = {}
-            for n in idx.list_index_names(self.storage):
-                v = idx.latest_version(self.storage, n)
-                view[n] = (v, idx.read_manifest(self.storage, n, v)["column"])
-            self._view = view
-        return self._view
-
-    def _resolve_index(self, column: str, index: Optional[str]) -> str:
-        view = self._index_view()
-        names = sorted(view)
-        if index is not None:
-            if index not in view:
-                raise IndexNotFoundError(f"no index named {index!r}; have {names}")
-            return index
-        on_col = [n for n in names if view[n][1] == column]
-        if not on_col:
-            raise IndexNotFoundError(f"no index on column {column!r}")
-        if len(on_col) > 1:
-            raise InvalidInputError(
-                f"column {column!r} has several indexes {on_col}; pass index= to choose"
-            )
-        return on_col[0]
-
-    def _deleted_rowids(self, handles: List[SegmentHandle]) -> Optional[np.ndarray]:
-        """Sorted row ids deleted from the source after their segments were
-        built (a segment encodes the rows live at build time), or None."""
-        covered = set(idx.iter_fragments(handles))
-        parts = []
-        for f in self.source.fragments():
-            if f.id in covered and f.num_rows < f.physical_rows:
-                key = (self.source.version, f.id)
-                if key not in self._deleted_cache:
-                    live = self.source._live_offsets(f.id).astype(np.uint64)
-                    dead = np.setdiff1d(np.arange(f.physical_rows, dtype=np.uint64), live)
-                    self._deleted_cache[key] = (np.uint64(f.id) << np.uint64(32)) | dead
-                parts.append(self._deleted_cache[key])
-        if not parts:
-            return None
-        return np.ascontiguousarray(np.sort(np.concatenate(parts)), dtype=np.uint64)
-
-    def _plan(self, name: str, handles: List[SegmentHandle]) -> Dict[str, Any]:
-        """What a search of index ``name`` needs that does not depend on the
-        query: computed once per (index version, source version)."""
-        key = (name, self._index_view()[name][0], self.source.version)
-        plan = self._plans.get(key)
-        if plan is None:
-            source_frags = {f.id for f in self.source.fragments()}
-            covered = set(idx.iter_fragments(handles))
-            # Fragments compacted away or deleted since the build: segments
-            # covering only those are skipped, and their rows never returned.
-            stale = covered - source_frags
-            plan = {
-                "source_frags": source_frags,
-                "covered": covered,
-                "uncovered_all": sorted(source_frags - covered),
-                "mask_all": np.array([any(f in source_frags for f in h.fragment_ids)
-                                      for h in handles], dtype=np.uint8),
-                "allowed_all": np.array(sorted(source_frags), dtype=np.uint64) if stale else None,
-                "denied": self._deleted_rowids(handles),
-            }
-            self._plans = {key: plan}
-        return plan
-
-    def _searcher(self, name: str) -> Tuple[Any, List[SegmentHandle], Dict[str, Any]]:
-        version = self._index_view()[name][0]
-        key = (name, version)
-        if key not in self._searchers:
-            doc = idx.read_manifest(self.storage, name, version)
-            handles = idx.committed_segments(self.storage, name, version)
-            mpath = self.storage.path(idx._manifest_key(name, version))
-            opened = [idx.open_handle(h, self.storage, f"manifest {mpath}") for h in handles]
-            # The manifest's claims are checked against the files: a segment
-            # swapped on disk for one from another code space is refused here
-            # (and the C searcher checks the files against each other).
-            for h, o in zip(handles, opened):
-                real = o.handle(self.index_root, name)
-                CodeSpace.of(real).require_same(
-                    CodeSpace.of(h),
-                    f"segment {h.uuid} on disk does not match index {name!r} (file vs manifest)")
-            searcher = _native.Searcher([o.native for o in opened]) if opened else None
-            self._searchers = {k: v for k, v in self._searchers.items() if k[0] != name}
-            self._searchers[key] = (searcher, handles, doc, opened)
-        s, handles, doc, _ = self._searchers[key]
-        return s, handles, doc
 
     def search(
         self,
@@ -572,8 +471,10 @@ class Dataset:
             the requested columns, and ``query_index`` for a batch; rows sorted
             by (query_index, _distance, _rowid).
         """
-        s = self._prepared_searcher(column, k, nprobes, refine_factor, index, fragment_ids,
-                                    filter, fast_search, eps0, num_threads)
+        s = self._indexes.searcher(column, SearchOptions(
+            k=k, nprobes=nprobes, refine_factor=refine_factor, index=index,
+            fragment_ids=fragment_ids, filter=filter, fast_search=fast_search, eps0=eps0,
+            num_threads=num_threads))
         before = s.stats if with_stats else None
         q_arr = np.asarray(q)
         hits = s.search_lists(q_arr)
@@ -595,38 +496,6 @@ class Dataset:
         if before is not None:
             self.last_search_stats = {key: v - before[key] for key, v in s.stats.items()}
         return table
-
-    def _prepared_searcher(self, column: str, k: int, nprobes: int,
-                           refine_factor: Optional[int], index: Optional[str],
-                           fragment_ids: Optional[Sequence[int]], filter: Any,
-                           fast_search: bool, eps0: float,
-                           num_threads: Optional[int]) -> Searcher:
-        """The searcher of these settings, reused across search() calls while
-        the index version and the source version it was made for hold (a
-        filter is resolved afresh on each call, so those are not kept)."""
-        # Checked before the cache is consulted: k=True must not find k=1's.
-        k, nprobes, refine_factor, eps0, num_threads, fragment_ids = validate.search_settings(
-            k, nprobes, refine_factor, eps0, num_threads, fragment_ids)
-        key = None
-        if filter is None:
-            try:
-                key = (column, index, k, nprobes, refine_factor,
-                       None if fragment_ids is None else tuple(fragment_ids),
-                       bool(fast_search), eps0, num_threads, self.source.version)
-                hash(key)
-            except (TypeError, ValueError):
-                key = None  # unusual argument types: validated by Searcher below
-        s = self._prepared.get(key) if key is not None else None
-        if s is not None and self._index_view().get(s.index_name, (None,))[0] == s.index_version:
-            return s
-        s = self.searcher(column, k=k, nprobes=nprobes, refine_factor=refine_factor,
-                          index=index, fragment_ids=fragment_ids, filter=filter,
-                          fast_search=fast_search, eps0=eps0, num_threads=num_threads)
-        if key is not None:
-            if len(self._prepared) >= 16:
-                self._prepared.clear()
-            self._prepared[key] = s
-        return s
 
     def searcher(
         self,
@@ -659,8 +528,9 @@ class Dataset:
         Returns:
             A :class:`bitshard.Searcher`.
         """
-        return Searcher(self, column, k=k, nprobes=nprobes, refine_factor=refine_factor,
-                        index=index, fragment_ids=fragment_ids, filter=filter,
-                        fast_search=fast_search, eps0=eps0, num_threads=num_threads)
+        return Searcher(self._indexes, column, SearchOptions(
+            k=k, nprobes=nprobes, refine_factor=refine_factor, index=index,
+            fragment_ids=fragment_ids, filter=filter, fast_search=fast_search, eps0=eps0,
+            num_threads=num_threads))
 
 

@@ -1,18 +1,22 @@
 """Prepared searches: everything about a search that does not depend on the
 query, settled once.
 
-``ds.searcher(column, k=10, nprobes=20, ...)`` resolves the index, pins its
-committed version (like ``ds.search``), checks the parameters, resolves a
-filter to the rows it allows and builds the search plan; then
-``searcher.search(q)`` costs the scan and little else, and returns numpy
-arrays. ``Dataset.search`` is a prepared search used once, with its answer
-turned into a pyarrow Table.
+``ds.searcher(column, k=10, nprobes=20, ...)`` gathers its settings into a
+:class:`SearchOptions`; the :class:`Searcher` checks them, takes the index,
+its pinned version and the search plan from the Dataset's
+:class:`~bitshard.indexview.IndexView`, and resolves a filter to the rows it
+allows; then ``searcher.search(q)`` costs the scan and little else, and
+returns numpy arrays. ``Dataset.search`` is a prepared search used once (and
+kept by the IndexView for the next call with the same settings), with its
+answer turned into a pyarrow Table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -22,7 +26,10 @@ from . import validate
 from .errors import InvalidInputError
 from .sources import Source
 
-__all__ = ["Searcher", "NO_ROW"]
+if TYPE_CHECKING:
+    from .indexview import IndexView, OpenIndex, SearchPlan
+
+__all__ = ["Searcher", "SearchOptions", "NO_ROW"]
 
 #: Row id that pads a result with fewer than k rows (its distance is +inf).
 NO_ROW = np.uint64(np.iinfo(np.uint64).max)
@@ -40,6 +47,57 @@ def _refuse_query(a: np.ndarray, i: int, j: int, which: str) -> None:
                             f"{validate.ACCEPTED_VALUES}")
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """The settings of a search: the keywords of ``Dataset.search`` and
+    ``Dataset.searcher`` (documented there), as the caller gave them.
+    :meth:`checked` validates and normalises them."""
+
+    k: Any
+    nprobes: Any
+    refine_factor: Any
+    index: Optional[str]
+    fragment_ids: Optional[Sequence[int]]
+    filter: Any
+    fast_search: bool
+    eps0: Any
+    num_threads: Any
+
+    def checked(self) -> "SearchOptions":
+        """These settings checked by their rules (validate.search_settings)
+        and normalised: integers as ``int``, fragment_ids as a list."""
+        s = validate.search_settings(self.k, self.nprobes, self.refine_factor, self.eps0,
+                                     self.num_threads, self.fragment_ids)
+        return dataclasses.replace(
+            self, k=s.k, nprobes=s.nprobes, refine_factor=s.refine_factor, eps0=s.eps0,
+            num_threads=s.num_threads, fragment_ids=s.fragment_ids)
+
+    def cache_key(self) -> Optional[Tuple[Any, ...]]:
+        """A hashable key of checked settings, to reuse a prepared searcher;
+        None with a filter (resolved afresh on each search) or an index
+        argument that is not hashable (left for the index lookup to refuse)."""
+        if self.filter is not None:
+            return None
+        try:
+            key = (self.index, self.k, self.nprobes, self.refine_factor,
+                   None if self.fragment_ids is None else tuple(self.fragment_ids),
+                   bool(self.fast_search), self.eps0, self.num_threads)
+            hash(key)
+        except (TypeError, ValueError):
+            return None
+        return key
+
+    def native_params(self, segment_mask: np.ndarray, allowed_rows: Optional[np.ndarray],
+                      allowed_fragments: Optional[np.ndarray],
+                      denied: Optional[np.ndarray]) -> Tuple[Any, ...]:
+        """The settings tuple of the C search (``_native.SearchParams``) for
+        checked options and the plan's filters."""
+        # nprobes above the partition count means every partition (the C
+        # search caps it); so does one above the C parameter's range.
+        return (self.k, min(self.nprobes, 2**32 - 1), self.eps0, self.refine_factor or 0,
+                segment_mask, allowed_rows, allowed_fragments, denied)
+
+
 class Searcher:
     """A search of one index with fixed settings, ready for many queries.
 
@@ -53,79 +111,68 @@ class Searcher:
     Safe to share between threads; each call allocates its own output.
     """
 
-    def __init__(
-        self,
-        ds: Any,
-        column: str,
-        *,
-        k: int = 10,
-        nprobes: int = 20,
-        refine_factor: Optional[int] = None,
-        index: Optional[str] = None,
-        fragment_ids: Optional[Sequence[int]] = None,
-        filter: Any = None,
-        fast_search: bool = False,
-        eps0: float,
-        num_threads: Optional[int] = None,
-    ) -> None:
-        settings = validate.search_settings(k, nprobes, refine_factor, eps0, num_threads,
-                                            fragment_ids)
-        self.k, self.nprobes = settings.k, settings.nprobes
-        self.refine_factor = refine_factor = settings.refine_factor
-        self.eps0 = settings.eps0
-        self._num_threads = settings.num_threads
-        fragment_ids = settings.fragment_ids
+    def __init__(self, view: "IndexView", column: str, options: SearchOptions) -> None:
+        """A search of ``column`` through ``view`` (a Dataset's committed
+        indexes) with ``options``, which are checked here; use
+        :meth:`bitshard.Dataset.searcher` rather than this constructor."""
+        options = options.checked()
+        self.k: int = options.k
+        self.nprobes: int = options.nprobes
+        self.refine_factor: Optional[int] = options.refine_factor
+        self.eps0: float = options.eps0
+        self._num_threads: Optional[int] = options.num_threads
         self.column = column
-        self.source: Source = ds.source
+        self.source: Source = view.source
 
-        name = ds._resolve_index(column, index)
-        native, handles, doc = ds._searcher(name)
-        plan = ds._plan(name, handles)
+        index = view.open(view.resolve(column, options.index))
+        plan = view.plan(index)
         #: The index searched and its committed version.
-        self.index_name = name
-        self.index_version = int(doc.get("version", 0))
-        if fragment_ids is None:
-            wanted = plan["source_frags"]
-            mask = plan["mask_all"]
-            allowed_frags = plan["allowed_all"]
-            uncovered = [] if fast_search else plan["uncovered_all"]
-        else:
-            wanted = set(fragment_ids)
-            unknown = wanted - plan["source_frags"]
-            if unknown:
-                raise InvalidInputError(f"fragment {min(unknown)} is not in the source")
-            mask = np.array([any(f in wanted for f in h.fragment_ids) for h in handles],
-                            dtype=np.uint8)
-            allowed_frags = np.array(sorted(wanted), dtype=np.uint64)
-            uncovered = [] if fast_search else sorted(wanted - plan["covered"])
+        self.index_name = index.name
+        self.index_version = int(index.doc.get("version", 0))
+        wanted, mask, allowed_frags, uncovered = self._fragments(index, plan, options)
         allowed_rows = None
-        if filter is not None:
+        if options.filter is not None:
             allowed_rows = np.ascontiguousarray(
-                np.sort(self.source.filter_rowids(filter, sorted(wanted))), dtype=np.uint64)
+                np.sort(self.source.filter_rowids(options.filter, sorted(wanted))),
+                dtype=np.uint64)
         self._allowed_rows = allowed_rows
         self._uncovered = list(uncovered)
         self._exact: Optional[_ExactScan] = None
-        self.metric: str = doc.get("metric", "l2")
+        self.metric: str = index.doc.get("metric", "l2")
         self._mcode = METRICS[self.metric]
-        self.num_bits = int(doc.get("num_bits", 1))
+        self.num_bits = int(index.doc.get("num_bits", 1))
         self.dim = self.source.vector_dim(column)
-        self._native = native if native is not None and mask.any() else None
-        # nprobes above the partition count means every partition (the C
-        # search caps it); so does one above the C parameter's range.
-        self._args = (self.k, min(self.nprobes, 2**32 - 1), self.eps0, refine_factor or 0,
-                      mask, allowed_rows, allowed_frags, plan["denied"])
+        self._native = index.native if index.native is not None and mask.any() else None
+        self._params = options.native_params(mask, allowed_rows, allowed_frags, plan.denied)
         # How many candidates the C search can return: k (extra bits), k * r
         # (rerank), or every code that passed stage 1 (gated 1-bit rerank,
         # grown on demand); never more than the rows encoded.
-        if refine_factor is not None:
-            cap = self.k * refine_factor
+        if self.refine_factor is not None:
+            cap = self.k * self.refine_factor
         elif self.num_bits > 1:
             cap = self.k
         else:
             cap = max(256, 16 * self.k)
-        self._cap = self._batch_cap = min(cap, sum(h.num_rows for h in handles))
+        self._cap = self._batch_cap = min(cap, sum(h.num_rows for h in index.handles))
         self._stats = np.zeros(4, dtype=np.uint64)
         self._exact_reads = 0
+
+    @staticmethod
+    def _fragments(index: "OpenIndex", plan: "SearchPlan", options: SearchOptions
+                   ) -> Tuple[Set[int], np.ndarray, Optional[np.ndarray], List[int]]:
+        """The fragments searched: (their ids, the segment mask, the fragment
+        allow-list for the C search, those scanned exactly)."""
+        if options.fragment_ids is None:
+            uncovered = [] if options.fast_search else plan.uncovered
+            return plan.source_fragments, plan.segment_mask, plan.allowed_fragments, uncovered
+        wanted = set(options.fragment_ids)
+        unknown = wanted - plan.source_fragments
+        if unknown:
+            raise InvalidInputError(f"fragment {min(unknown)} is not in the source")
+        mask = np.array([any(f in wanted for f in h.fragment_ids) for h in index.handles],
+                        dtype=np.uint8)
+        uncovered = [] if options.fast_search else sorted(wanted - plan.covered)
+        return wanted, mask, np.array(sorted(wanted), dtype=np.uint64), uncovered
 
     # ------------------------------------------------------------- results
 
@@ -175,7 +222,7 @@ class Searcher:
             out_r = np.full((nq, self.k), NO_ROW, dtype=np.uint64)
             out_d = np.full((nq, self.k), np.inf, dtype=np.float32)
             counts = np.empty(nq, dtype=np.uint64)
-            self._native.search_batch_into(Q, nq, self._threads(), self._args, out_r, out_d,
+            self._native.search_batch_into(Q, nq, self._threads(), self._params, out_r, out_d,
                                            None, counts, self._stats)
             return out_r, out_d
         hits = self.search_lists(a)
@@ -231,14 +278,14 @@ class Searcher:
             r = np.empty(cap, np.uint64)
             e = np.empty(cap, np.float32)
             lb = np.empty(cap, np.float32) if gated else None
-            n = self._native.search(q, self._args, r, e, lb, self._stats)
+            n = self._native.search(q, self._params, r, e, lb, self._stats)
             if n > cap:
                 # only the gated 1-bit rerank returns an open-ended list
                 self._cap = cap = 1 << (n - 1).bit_length()
                 r = np.empty(cap, np.uint64)
                 e = np.empty(cap, np.float32)
                 lb = np.empty(cap, np.float32) if gated else None
-                self._native.search(q, self._args, r, e, lb, None)
+                self._native.search(q, self._params, r, e, lb, None)
             rows, dists = r[:n], e[:n]
             if self.refine_factor is not None:
                 rows, dists = _rerank_all(self.source, self.column, q[None, :],
@@ -279,7 +326,7 @@ class Searcher:
         e = np.empty((nq, cap), np.float32)
         lb = np.empty((nq, cap), np.float32) if gated else None
         counts = np.empty(nq, np.uint64)
-        native.search_batch_into(Q, nq, self._threads(), self._args, r, e, lb, counts,
+        native.search_batch_into(Q, nq, self._threads(), self._params, r, e, lb, counts,
                                  self._stats)
         n = counts.astype(np.int64)
         rows = [r[i, :min(n[i], cap)] for i in range(nq)]
@@ -292,7 +339,7 @@ class Searcher:
             r2 = np.empty((over.size, cap2), np.uint64)
             e2 = np.empty((over.size, cap2), np.float32)
             lb2 = np.empty((over.size, cap2), np.float32) if gated else None
-            native.search_batch_into(Qo, over.size, self._threads(), self._args, r2, e2, lb2,
+            native.search_batch_into(Qo, over.size, self._threads(), self._params, r2, e2, lb2,
                                      np.empty(over.size, np.uint64), None)
             for j, qi in enumerate(over):
                 rows[qi], ests[qi] = r2[j, :n[qi]], e2[j, :n[qi]]

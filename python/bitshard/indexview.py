@@ -1,0 +1,204 @@
+"""What a Dataset searches: its committed indexes, pinned at first use, and
+everything a search reuses that is derived from them.
+
+A :class:`IndexView` reads the list of committed indexes (name -> version,
+column) the first time a search needs it and keeps it, like a Lance dataset
+pinned to its version, so that a search does not list and parse manifests on
+every call. Its Dataset calls :meth:`IndexView.invalidate` after each commit
+of its own and on ``refresh()``; the next search reads the list again. The
+other caches here are keyed by the index version and the source version they
+were made for, so the pin is all there is to invalidate:
+
+- the opened segments of an index version and the C searcher over them
+  (:meth:`IndexView.open`), one version per index name;
+- the search plan of an (index version, source version): the fragments,
+  the segment mask, the rows deleted since the build (:meth:`IndexView.plan`);
+- the prepared searchers behind ``Dataset.search``, per settings
+  (:meth:`IndexView.searcher`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import numpy as np
+
+from . import _native
+from . import index as idx
+from .codespace import CodeSpace
+from .errors import IndexNotFoundError, InvalidInputError
+from .index import OpenSegment, SegmentHandle
+from .searcher import SearchOptions, Searcher
+from .sources import Source
+from .storage import Storage
+
+__all__ = ["IndexView", "OpenIndex", "SearchPlan"]
+
+#: Prepared searchers kept for Dataset.search (the cache is emptied when full).
+MAX_PREPARED = 16
+
+
+@dataclass(frozen=True)
+class OpenIndex:
+    """One committed version of an index, opened for search."""
+
+    name: str
+    version: int
+    #: The manifest.
+    doc: Dict[str, Any]
+    #: The manifest's segments, in its order.
+    handles: List[SegmentHandle]
+    #: The C searcher over every segment (None when the index has none).
+    native: Any
+    #: The opened files, held while the C searcher points into them.
+    opened: List[OpenSegment]
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """What a search of an index version needs from the source's version
+    that does not depend on the query or on the search settings."""
+
+    #: Fragments of the source.
+    source_fragments: Set[int]
+    #: Fragments some segment covers.
+    covered: Set[int]
+    #: Source fragments no segment covers, sorted (scanned exactly).
+    uncovered: List[int]
+    #: One flag per segment: does it cover a fragment still in the source.
+    segment_mask: np.ndarray
+    #: The source's fragments, sorted, when some segment covers fragments
+    #: compacted away or deleted since the build (their rows are never
+    #: returned); None when every covered fragment is still there.
+    allowed_fragments: Optional[np.ndarray]
+    #: Sorted row ids deleted from the source after their segment was built.
+    denied: Optional[np.ndarray]
+
+
+class IndexView:
+    """The committed indexes of one Dataset as its searches see them."""
+
+    def __init__(self, storage: Storage, source: Source, index_root: str) -> None:
+        self.storage = storage
+        self.source = source
+        self.index_root = index_root
+        self._versions: Optional[Dict[str, Tuple[int, str]]] = None
+        self._open: Dict[str, OpenIndex] = {}
+        self._plans: Dict[Tuple[str, int, Any], SearchPlan] = {}
+        self._deleted: Dict[Tuple[Any, int], np.ndarray] = {}
+        self._prepared: Dict[Any, Searcher] = {}
+
+    def invalidate(self) -> None:
+        """Read the committed versions again at the next search (after a
+        commit, or to see other writers' commits)."""
+        self._versions = None
+
+    def versions(self) -> Dict[str, Tuple[int, str]]:
+        """Index name -> (committed version, column), read once and kept."""
+        if self._versions is None:
+            versions = {}
+            for n in idx.list_index_names(self.storage):
+                v = idx.latest_version(self.storage, n)
+                versions[n] = (v, idx.read_manifest(self.storage, n, v)["column"])
+            self._versions = versions
+        return self._versions
+
+    def resolve(self, column: str, index: Optional[str]) -> str:
+        """The index a search of ``column`` uses: ``index`` when given (it
+        must exist), else the one index on the column."""
+        versions = self.versions()
+        names = sorted(versions)
+        if index is not None:
+            if index not in versions:
+                raise IndexNotFoundError(f"no index named {index!r}; have {names}")
+            return index
+        on_col = [n for n in names if versions[n][1] == column]
+        if not on_col:
+            raise IndexNotFoundError(f"no index on column {column!r}")
+        if len(on_col) > 1:
+            raise InvalidInputError(
+                f"column {column!r} has several indexes {on_col}; pass index= to choose"
+            )
+        return on_col[0]
+
+    def open(self, name: str) -> OpenIndex:
+        """The pinned version of index ``name``, its segments opened and
+        checked against its manifest (kept until the version changes)."""
+        version = self.versions()[name][0]
+        found = self._open.get(name)
+        if found is not None and found.version == version:
+            return found
+        doc = idx.read_manifest(self.storage, name, version)
+        handles = idx.committed_segments(self.storage, name, version)
+        mpath = self.storage.path(idx._manifest_key(name, version))
+        opened = [idx.open_handle(h, self.storage, f"manifest {mpath}") for h in handles]
+        # The manifest's claims are checked against the files: a segment
+        # swapped on disk for one from another code space is refused here
+        # (and the C searcher checks the files against each other).
+        for h, o in zip(handles, opened):
+            real = o.handle(self.index_root, name)
+            CodeSpace.of(real).require_same(
+                CodeSpace.of(h),
+                f"segment {h.uuid} on disk does not match index {name!r} (file vs manifest)")
+        native = _native.Searcher([o.native for o in opened]) if opened else None
+        self._open[name] = OpenIndex(name, version, doc, handles, native, opened)
+        return self._open[name]
+
+    def plan(self, index: OpenIndex) -> SearchPlan:
+        """The plan of ``index`` at the source's current version (computed
+        once per index version and source version; the last one is kept)."""
+        key = (index.name, index.version, self.source.version)
+        plan = self._plans.get(key)
+        if plan is None:
+            source_fragments = {f.id for f in self.source.fragments()}
+            covered = set(idx.iter_fragments(index.handles))
+            # Fragments compacted away or deleted since the build: segments
+            # covering only those are skipped, and their rows never returned.
+            stale = covered - source_fragments
+            plan = SearchPlan(
+                source_fragments=source_fragments,
+                covered=covered,
+                uncovered=sorted(source_fragments - covered),
+                segment_mask=np.array([any(f in source_fragments for f in h.fragment_ids)
+                                       for h in index.handles], dtype=np.uint8),
+                allowed_fragments=(np.array(sorted(source_fragments), dtype=np.uint64)
+                                   if stale else None),
+                denied=self._deleted_rowids(covered),
+            )
+            self._plans = {key: plan}
+        return plan
+
+    def _deleted_rowids(self, covered: Set[int]) -> Optional[np.ndarray]:
+        """Sorted row ids deleted from the source after their segments were
+        built (a segment encodes the rows live at build time), or None."""
+        parts = []
+        for f in self.source.fragments():
+            if f.id in covered and f.num_rows < f.physical_rows:
+                key = (self.source.version, f.id)
+                if key not in self._deleted:
+                    live = self.source._live_offsets(f.id).astype(np.uint64)
+                    dead = np.setdiff1d(np.arange(f.physical_rows, dtype=np.uint64), live)
+                    self._deleted[key] = (np.uint64(f.id) << np.uint64(32)) | dead
+                parts.append(self._deleted[key])
+        if not parts:
+            return None
+        return np.ascontiguousarray(np.sort(np.concatenate(parts)), dtype=np.uint64)
+
+    def searcher(self, column: str, options: SearchOptions) -> Searcher:
+        """A searcher of these settings, reused across calls while the index
+        version and the source version it was made for hold (a filter is
+        resolved afresh on each call, so those are not kept)."""
+        # Checked before the cache is consulted: k=True must not find k=1's.
+        options = options.checked()
+        settings = options.cache_key()
+        key = None if settings is None else (column, settings, self.source.version)
+        s = self._prepared.get(key) if key is not None else None
+        if s is not None and self.versions().get(s.index_name, (None,))[0] == s.index_version:
+            return s
+        s = Searcher(self, column, options)
+        if key is not None:
+            if len(self._prepared) >= MAX_PREPARED:
+                self._prepared.clear()
+            self._prepared[key] = s
+        return s
