@@ -216,17 +216,17 @@ typedef struct bs_segment_builder bs_segment_builder;
 
 /* Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (out or spec NULL, or a spec field
  * out of range, naming it and its value: dim, num_bits, metric,
- * rotation_kind, num_partitions, non-finite centroids, column, uuid,
- * fragments); BS_ERR_NO_MEMORY. */
+ * rotation_kind, num_partitions, a centroid value that is not accepted,
+ * column, uuid, fragments); BS_ERR_NO_MEMORY. */
 BS_API bs_status bs_builder_create(const bs_segment_spec *spec,
                                    bs_segment_builder **out, bs_error *err);
 /* Encodes n vectors (n * dim floats) of the fragment at position
  * fragment_index of spec->fragment_ids, at the given physical offsets.
- * NaN/Inf gives BS_ERR_INVALID_DATA naming the row.
+ * A value that is not accepted gives BS_ERR_INVALID_DATA naming the row.
  * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (b, x or offsets NULL,
  * fragment_index out of range, an offset out of range or already added);
- * BS_ERR_INVALID_DATA (a non-finite value, or a row whose rotated residual
- * overflows float); BS_ERR_NO_MEMORY; and bs_simd_select's errors. */
+ * BS_ERR_INVALID_DATA (a value that is not accepted, or a row whose rotated
+ * residual overflows float); BS_ERR_NO_MEMORY; and bs_simd_select's errors. */
 BS_API bs_status bs_builder_add(bs_segment_builder *b, const float *x,
                                 size_t n, uint32_t fragment_index,
                                 const uint32_t *offsets, bs_error *err);
@@ -365,8 +365,9 @@ BS_API const float *bs_candidates_lower_bounds(const bs_candidates *c);
  * depends only on the set of rows searched, never on how they are split
  * into segments or ordered (ties break by row id).
  * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (a NULL argument, k or nprobes 0,
- * eps0 negative or not finite); BS_ERR_INVALID_DATA (a non-finite value in
- * q, naming the dimension); BS_ERR_NO_MEMORY. */
+ * k x refine_factor too large, eps0 negative, not finite or above
+ * BS_MAX_EPS0); BS_ERR_INVALID_DATA (a value of q that is not accepted,
+ * naming the dimension); BS_ERR_NO_MEMORY. */
 BS_API bs_status bs_search(const bs_searcher *s, const float *q,
                            const bs_search_params *params, bs_candidates *c,
                            bs_search_stats *stats, bs_error *err);
