@@ -33,6 +33,7 @@ import numpy as np
 
 ROWS, DIM, QUERIES, PARTITIONS = 6000, 48, 40, 16
 FRAGMENT = 1000
+WIDE_DIM, WIDE_ROWS, WIDE_PARTITIONS = 768, 3000, 96
 
 
 def _uuid(n: int) -> str:
@@ -121,6 +122,52 @@ def run(workdir: str) -> Dict[str, str]:
                 t = ds.search("vector", queries[2], k=25, nprobes=4, index=name,
                               fragment_ids=[0, 2, 5], eps0=4.0)
                 out[f"{tag}/{name}/search/filtered"] = _digest(
+                    t.column("_rowid").to_numpy(), t.column("_distance").to_numpy())
+    out.update(_run_wide(workdir))
+    return out
+
+
+def _run_wide(workdir: str) -> Dict[str, str]:
+    """768 dimensions and 96 partitions: the float16 probe pre-pass (which
+    needs at least 256 dimensions and 64 partitions) and the fast rotation's
+    padding of a dimension that is not a power of two."""
+    import bitshard
+
+    rng = np.random.default_rng(768)
+    dim, rows, parts = WIDE_DIM, WIDE_ROWS, WIDE_PARTITIONS
+    centres = rng.normal(size=(40, dim)).astype(np.float32)
+    labels = rng.integers(0, 40, size=rows + 8)
+    x = (centres[labels] + 0.5 * rng.normal(size=(rows + 8, dim))).astype(np.float32)
+    base, queries = x[:rows].copy(), x[rows:].copy()
+    out: Dict[str, str] = {}
+    serial = 10_000
+    for metric in ("l2", "cosine"):
+        ds0 = bitshard.dataset(base, fragment_size=FRAGMENT,
+                               index_uri=os.path.join(workdir, f"wide-idx-{metric}"))
+        ivf = bitshard.train_ivf(ds0, "vector", parts, metric=metric, seed=5, num_threads=1)
+        for bits in (1, 9):
+            rot = bitshard.build_rq_rotation(dimension=dim, num_bits=bits, seed=13)
+            tag = f"wide-{metric}-{bits}bit"
+            ds = bitshard.dataset(base, fragment_size=FRAGMENT,
+                                  index_uri=os.path.join(workdir, tag))
+            frags = [f.id for f in ds.source.fragments()]
+            segs = []
+            for part in (frags[:1], frags[1:]):
+                segs.append(ds.create_index_uncommitted(
+                    "vector", "IVF_RQ", name="merged", ivf_centroids=ivf, rq_rotation=rot,
+                    fragment_ids=part, metric=metric, index_uuid=_uuid(serial), num_threads=1))
+                serial += 1
+            merged = ds.merge_existing_index_segments(segs, index_uuid=_uuid(serial))
+            serial += 1
+            ds.commit_existing_index_segments("merged", "vector", [merged])
+            out[f"{tag}/file/merged"] = _file_digest(merged.path)
+            for nprobes in (8, parts):
+                s = ds.searcher("vector", k=10, nprobes=nprobes, index="merged")
+                rb, db = s.search(queries)
+                out[f"{tag}/searcher/np{nprobes}/batch"] = _digest(rb, db)
+                t = ds.search("vector", queries[0], k=10, nprobes=nprobes, index="merged",
+                              refine_factor=2)
+                out[f"{tag}/search/np{nprobes}/rf2"] = _digest(
                     t.column("_rowid").to_numpy(), t.column("_distance").to_numpy())
     return out
 
