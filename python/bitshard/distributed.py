@@ -891,7 +891,7 @@ def _commit_and_clean(job: _BuildJob, state: BuildState, final: SegmentHandle) -
         referenced = referenced_uuids(st)
     except BitshardError as e:  # leave them for cleanup()
         log.warning("not removing the build's intermediate segments: %s", e)
-        ours = set()
+        ours, referenced = set(), set()
     for u in sorted(ours - referenced):
         try:
             st.delete(idx.segment_key(u))
