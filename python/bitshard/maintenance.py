@@ -143,6 +143,11 @@ def cleanup(
     now keeps its fresh segments). Leftover ``.bsseg.tmp`` files of writers
     that died are removed under the same age rule.
 
+    Cleanup first checks the tree: if ``segments/``, ``indices/``,
+    ``indices/<name>/`` or ``builds/`` is a file, or a manifest's name is a
+    directory, it removes nothing and raises CorruptIndexError naming it
+    (manifests it cannot see would make their segments look unreferenced).
+
     Args:
         uri: the data (path/URI or :class:`Dataset`; its index root is used)
             or an index root itself (a directory or ``s3://bucket/prefix``).
@@ -158,7 +163,8 @@ def cleanup(
         The sorted uuids (32 hex digits) of the removed segment files.
 
     Raises:
-        CorruptIndexError: a manifest is unreadable; nothing is removed.
+        CorruptIndexError: a manifest is unreadable, or the tree is not what
+            bitshard writes; nothing is removed.
     """
     validate.non_negative_number("older_than_seconds", older_than_seconds)
     st = _index_root(uri, index_uri, storage_options)
@@ -170,11 +176,78 @@ def cleanup(
 
 def _cleanup_locked(st: Storage, older_than_seconds: float, dry_run: bool,
                     abandoned_builds: bool) -> List[str]:
+    _check_tree(st)
     seg_files = st.list(idx.SEGMENTS_DIR)
+    referenced = referenced_uuids(st) if seg_files else set()
+    now = time.time()
     if not seg_files:
         return []
-    referenced = referenced_uuids(st)
-    now = time.time()
+    protected = _build_segments(st, now, older_than_seconds, dry_run, abandoned_builds)
+    removed = set()
+    for e in seg_files:
+        fn = e.name
+        # Only regular files named by a uuid are candidates: never a link
+        # (nor what it points to), a directory, or a file of another name.
+        parsed = None if (e.is_dir or e.is_link) else names.parse_segment_file(fn)
+        if parsed is None:
+            continue
+        uuid, tmp = parsed
+        if not tmp and (uuid in referenced or uuid in protected):
+            continue
+        key = f"{idx.SEGMENTS_DIR}/{fn}"
+        if e.mtime is not None and now - e.mtime < older_than_seconds:
+            continue
+        if not dry_run and not st.delete(key):
+            continue
+        removed.add(uuid)
+    return sorted(removed)
+
+
+def _refuse(st: Storage, key: str, what: str) -> CorruptIndexError:
+    return CorruptIndexError(
+        f"cleanup removes nothing: {st.path(key)} is {what}; the index root's tree is not "
+        f"what bitshard writes (segments/, indices/, indices/<name>/ and builds/ are "
+        f"directories, manifests are files), so the segments a manifest names could be "
+        f"taken for unreferenced. Repair or move it, then run cleanup again")
+
+
+def _check_tree(st: Storage) -> None:
+    """CorruptIndexError unless the index root's tree is what cleanup reads.
+
+    A file in place of ``indices/`` (or of one index's directory, or a
+    directory in place of a manifest) would hide manifests, and every segment
+    they name would look unreferenced; a file in place of ``builds/`` would
+    hide the builds in progress. Cleanup then removes nothing at all.
+    """
+    def files_only(entries: List[Any]) -> List[str]:
+        # On an object store a key and a prefix may share a name: only a
+        # name that is a file and nothing else is out of place.
+        dirs = {e.name for e in entries if e.is_dir}
+        return sorted({e.name for e in entries if not e.is_dir} - dirs)
+
+    for n in files_only(st.list("")):
+        if n in (idx.SEGMENTS_DIR, idx.INDICES_DIR, BUILDS_DIR):
+            raise _refuse(st, n, "a file, not a directory")
+    entries = st.list(idx.INDICES_DIR)
+    for n in files_only(entries):
+        if not n.startswith("."):
+            raise _refuse(st, f"{idx.INDICES_DIR}/{n}", "a file, not an index's directory")
+    for n in sorted({e.name for e in entries if e.is_dir}):
+        if not names.is_readable_index_name(n):
+            continue
+        inner = st.list(f"{idx.INDICES_DIR}/{n}")
+        plain = {e.name for e in inner if not e.is_dir}
+        for e in inner:
+            if e.is_dir and e.name not in plain and names.parse_manifest_file(e.name) is not None:
+                raise _refuse(st, f"{idx.INDICES_DIR}/{n}/{e.name}",
+                              "a directory, not a manifest file")
+
+
+def _build_segments(st: Storage, now: float, older_than_seconds: float, dry_run: bool,
+                    abandoned_builds: bool) -> set:
+    """The segment uuids the builds in progress list (protected from
+    cleanup); with ``abandoned_builds``, the states older than the age are
+    dropped first (and protect nothing)."""
     protected: set = set()
     builds = st.list(BUILDS_DIR)
     build_names = {e.name for e in builds}
@@ -206,24 +279,7 @@ def _cleanup_locked(st: Storage, older_than_seconds: float, dry_run: bool,
                 st.delete(names.build_ivf_key(stem))
             continue
         protected |= uuids
-    removed = set()
-    for e in seg_files:
-        fn = e.name
-        # Only regular files named by a uuid are candidates: never a link
-        # (nor what it points to), a directory, or a file of another name.
-        parsed = None if (e.is_dir or e.is_link) else names.parse_segment_file(fn)
-        if parsed is None:
-            continue
-        uuid, tmp = parsed
-        if not tmp and (uuid in referenced or uuid in protected):
-            continue
-        key = f"{idx.SEGMENTS_DIR}/{fn}"
-        if e.mtime is not None and now - e.mtime < older_than_seconds:
-            continue
-        if not dry_run and not st.delete(key):
-            continue
-        removed.add(uuid)
-    return sorted(removed)
+    return protected
 
 
 def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
@@ -233,15 +289,15 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
     index checked (see :class:`VerifyReport`). Same arguments and checks."""
     ds = open_dataset(uri, index_uri, storage_options)
     root = ds.storage
-    names = idx.list_index_names(root)
+    index_names = idx.list_index_names(root)
     if name is not None:
-        if name not in names:
-            raise IndexNotFoundError(f"no index named {name!r}; have {names}")
-        names = [name]
+        if name not in index_names:
+            raise IndexNotFoundError(f"no index named {name!r}; have {index_names}")
+        index_names = [name]
     source_frags = {f.id: f for f in ds.source.fragments()}
     faults: List[str] = []
     summary: List[IndexSummary] = []
-    for n in names:
+    for n in index_names:
         for v in idx.manifest_versions(root, n):
             try:
                 idx.read_manifest(root, n, v)

@@ -247,6 +247,27 @@ class Storage:
 # =========================================================================
 
 
+def _tree_error(root: str, path: str, action: str) -> CorruptIndexError:
+    """The error for ``path`` (under ``root``) that cannot be ``action``
+    ("read", "listed", "written") because the index root's tree has a file
+    where a directory belongs, or a directory where a file belongs: names
+    what is in the way, instead of the operating system's bare errno."""
+    rel = os.path.relpath(path, root)
+    cur = root
+    for part in [] if rel == os.curdir else rel.split(os.sep):
+        cur = os.path.join(cur, part)
+        if cur != path and os.path.lexists(cur) and not os.path.isdir(cur):
+            return CorruptIndexError(
+                f"{path} cannot be {action}: {cur} is a file, where the index root needs a "
+                f"directory (segments/, indices/, indices/<name>/ and builds/ are directories)")
+    if os.path.isdir(path):
+        return CorruptIndexError(
+            f"{path} cannot be {action}: it is a directory, where the index root needs a file")
+    return CorruptIndexError(
+        f"{path} cannot be {action}: it is a file, where the index root needs a directory "
+        f"(segments/, indices/, indices/<name>/ and builds/ are directories)")
+
+
 def _write_synced(path: str, data: bytes) -> None:
     """Write a local file and flush it to disk before it is renamed or linked.
     A symbolic link planted at the (temp) name is not written through."""
@@ -289,6 +310,13 @@ class LocalStorage(Storage):
         check_resolved_inside(self.root, path)
         return path
 
+    def _make_parent(self, path: str) -> None:
+        """Create ``path``'s directory (and its parents) if absent."""
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise _tree_error(self.root, path, "written") from None
+
     def _write_path(self, key: str) -> str:
         """The path of ``key`` for creating, replacing or removing: its
         directory (links resolved) must be inside the root."""
@@ -301,8 +329,12 @@ class LocalStorage(Storage):
         try:
             check_resolved_inside(self.root, d)
             names = os.listdir(d)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             return []
+        except NotADirectoryError:
+            if not prefix:  # the root itself is a file: no index root here
+                return []
+            raise _tree_error(self.root, d, "listed") from None
         out = []
         for n in names:
             p = os.path.join(d, n)
@@ -324,13 +356,16 @@ class LocalStorage(Storage):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self.path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._make_parent(path)
         self._write_path(key)
         # A fresh name, created exclusively: nothing planted there is written through.
         tmp = f"{path}.{uuid_mod.uuid4().hex}.tmp"
         try:
             _write_synced(tmp, data)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except IsADirectoryError:
+                raise _tree_error(self.root, path, "written") from None
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -341,9 +376,12 @@ class LocalStorage(Storage):
     def write_file(self, local_path: str, key: str) -> None:
         path = self.path(key)
         if os.path.abspath(local_path) != os.path.abspath(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._make_parent(path)
             self._write_path(key)
-            os.replace(local_path, path)
+            try:
+                os.replace(local_path, path)
+            except IsADirectoryError:
+                raise _tree_error(self.root, path, "written") from None
 
     def delete(self, key: str) -> bool:
         path = self._write_path(key)
@@ -369,8 +407,10 @@ class LocalStorage(Storage):
 
     def create_exclusive(self, key: str, data: bytes) -> None:
         final = self.path(key)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
+        self._make_parent(final)
         self._write_path(key)
+        if os.path.isdir(final):  # not a version another writer committed
+            raise _tree_error(self.root, final, "written")
         tmp = f"{final}.{uuid_mod.uuid4().hex}.tmp"
         try:
             _write_synced(tmp, data)
@@ -388,6 +428,8 @@ class LocalStorage(Storage):
             f = open(path, "rb")
         except FileNotFoundError:
             raise CorruptIndexError(f"segment file is missing: {path}") from None
+        except (IsADirectoryError, NotADirectoryError):
+            raise _tree_error(self.root, path, "read") from None
         with f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise CorruptIndexError(f"segment file is empty: {path}")
@@ -395,7 +437,7 @@ class LocalStorage(Storage):
 
     def local_target(self, key: str) -> Tuple[str, bool]:
         path = self.path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._make_parent(path)
         self._write_path(key)
         return path, False
 

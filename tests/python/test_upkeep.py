@@ -62,3 +62,92 @@ def test_build_index_commits_when_another_manifest_is_unreadable(tmp_path, caplo
     assert "not removing the build's intermediate segments" in caplog.text
     (final,) = idx.committed_segments(root, "other")
     assert final.uuid == out.last_build_stats["final_segment"] and final.num_rows == 300
+
+
+def test_cleanup_leaves_directories_named_like_segments(tmp_path):
+    # It crashed with IsADirectoryError; a directory is not a file bitshard wrote.
+    ds, root, uuid = _index(tmp_path)
+    for fn in ("cd" * 16 + ".bsseg", "ce" * 16 + ".bsseg.tmp"):
+        os.mkdir(os.path.join(root, "segments", fn))
+        _old(os.path.join(root, "segments", fn))
+    orphan = _orphan(root, uuid)
+    assert bitshard.cleanup(root, 0) == ["ef" * 16]
+    assert not os.path.exists(orphan)
+    assert os.path.isdir(os.path.join(root, "segments", "cd" * 16 + ".bsseg"))
+    assert os.path.isdir(os.path.join(root, "segments", "ce" * 16 + ".bsseg.tmp"))
+
+
+@pytest.mark.parametrize("damage, what", [
+    ("indices", "a file, not a directory"),
+    ("builds", "a file, not a directory"),
+    ("segments", "a file, not a directory"),
+    ("indices/idx", "a file, not an index's directory"),
+    ("indices/idx/v00000001.json", "a directory, not a manifest file"),
+])
+def test_cleanup_refuses_a_tree_it_does_not_expect(tmp_path, damage, what):
+    # A file in place of indices/ made cleanup delete every segment.
+    ds, root, uuid = _index(tmp_path)
+    orphan = _orphan(root, uuid)
+    path = os.path.join(root, *damage.split("/"))
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+    if what.startswith("a directory"):
+        os.mkdir(path)
+    else:
+        with open(path, "wb") as f:
+            f.write(b"not a directory")
+    before = sorted(os.listdir(os.path.join(root, "segments"))) if damage != "segments" else []
+    with pytest.raises(CorruptIndexError) as e:
+        bitshard.cleanup(root, 0)
+    assert str(e.value).startswith(f"cleanup removes nothing: {path} is {what}; ")
+    if damage != "segments":
+        assert sorted(os.listdir(os.path.join(root, "segments"))) == before
+        assert os.path.exists(orphan)
+    # The command line says it in one line, no traceback.
+    assert cli_main(["cleanup", root, "--older-than", "0"]) == 1
+
+
+def test_a_file_or_directory_in_the_wrong_place_is_a_clear_error(tmp_path, capsys):
+    ds, root, uuid = _index(tmp_path)
+    seg = os.path.join(root, "segments", uuid + ".bsseg")
+    q = _x()[0]
+    # A directory in place of a segment file (was IsADirectoryError).
+    os.rename(seg, seg + ".saved")
+    os.mkdir(seg)
+    with pytest.raises(CorruptIndexError, match=f"^{seg} cannot be read: it is a directory, "
+                                                f"where the index root needs a file$"):
+        bitshard.dataset(_x(), index_uri=root).search("vector", q, k=3)
+    os.rmdir(seg)
+    os.rename(seg + ".saved", seg)
+    # A file in place of segments/ (was NotADirectoryError on search,
+    # FileExistsError on the next write).
+    segs = os.path.join(root, "segments")
+    os.rename(segs, segs + ".saved")
+    with open(segs, "wb") as f:
+        f.write(b"x")
+    with pytest.raises(CorruptIndexError, match=f"^{seg} cannot be read: {segs} is a file, "
+                                                f"where the index root needs a directory"):
+        bitshard.dataset(_x(), index_uri=root).search("vector", q, k=3)
+    with pytest.raises(CorruptIndexError, match=f"cannot be written: {segs} is a file, "
+                                                f"where the index root needs a directory"):
+        bitshard.dataset(_x(), index_uri=root).create_index(
+            "vector", "IVF_RQ", name="idx2", num_partitions=2, num_bits=1)
+    os.remove(segs)
+    os.rename(segs + ".saved", segs)
+    # A file in place of indices/ (search said "no index", a commit raised
+    # NotADirectoryError).
+    ind = os.path.join(root, "indices")
+    os.rename(ind, ind + ".saved")
+    with open(ind, "wb") as f:
+        f.write(b"x")
+    with pytest.raises(CorruptIndexError, match=f"^{ind} cannot be listed: it is a file, "
+                                                f"where the index root needs a directory"):
+        bitshard.dataset(_x(), index_uri=root).search("vector", q, k=3)
+    with pytest.raises(CorruptIndexError, match=f"cannot be (written|listed): {ind} is a file"):
+        bitshard.dataset(_x(), index_uri=root).create_index(
+            "vector", "IVF_RQ", name="idx2", num_partitions=2, num_bits=1)
+    os.remove(ind)
+    os.rename(ind + ".saved", ind)
+    assert bitshard.dataset(_x(), index_uri=root).search("vector", q, k=3).num_rows == 3
