@@ -140,8 +140,10 @@ def cleanup(
     A segment is removed when no manifest version of any index under the
     index root names it, no in-progress build (``builds/*.json``) lists it,
     and its file is older than ``older_than_seconds`` (so a build running
-    now keeps its fresh segments). Leftover ``.bsseg.tmp`` files of writers
-    that died are removed under the same age rule.
+    now keeps its fresh segments). Leftover temp files of writers that died
+    (``segments/*.bsseg.tmp``, ``indices/<name>/vNNNNNNNN.json.*.tmp``,
+    ``builds/<name>.{json,ivf}.*.tmp``) are removed under the same age rule
+    (not listed in the result, which names segments).
 
     Cleanup first checks the tree: if ``segments/``, ``indices/``,
     ``indices/<name>/`` or ``builds/`` is a file, or a manifest's name is a
@@ -180,6 +182,7 @@ def _cleanup_locked(st: Storage, older_than_seconds: float, dry_run: bool,
     seg_files = st.list(idx.SEGMENTS_DIR)
     referenced = referenced_uuids(st) if seg_files else set()
     now = time.time()
+    _remove_stale_temp_files(st, now, older_than_seconds, dry_run)
     if not seg_files:
         return []
     protected = _build_segments(st, now, older_than_seconds, dry_run, abandoned_builds)
@@ -241,6 +244,34 @@ def _check_tree(st: Storage) -> None:
             if e.is_dir and e.name not in plain and names.parse_manifest_file(e.name) is not None:
                 raise _refuse(st, f"{idx.INDICES_DIR}/{n}/{e.name}",
                               "a directory, not a manifest file")
+
+
+def _remove_stale_temp_files(st: Storage, now: float, older_than_seconds: float,
+                             dry_run: bool) -> None:
+    """Remove the temp files of manifest and build-state writers that died
+    (``indices/<name>/vNNNNNNNN.json.<token>.tmp``, ``builds/<name>.json.<token>.tmp``,
+    ``builds/<name>.ivf.<token>.tmp``) older than the age. Local commits
+    hold the commit lock while their temp manifest exists, and cleanup holds
+    it too: a live commit's temp file is never removed."""
+    def stale(e: Any) -> bool:
+        return not (e.is_dir or e.is_link) and (
+            e.mtime is None or now - e.mtime >= older_than_seconds)
+
+    keys = []
+    for n in idx.index_dir_names(st):
+        for e in st.list(f"{idx.INDICES_DIR}/{n}"):
+            target = names.parse_temp_file(e.name)
+            if target is not None and names.parse_manifest_file(target) is not None and stale(e):
+                keys.append(f"{idx.INDICES_DIR}/{n}/{e.name}")
+    for e in st.list(BUILDS_DIR):
+        stem, ext = os.path.splitext(names.parse_temp_file(e.name) or "")
+        if ext in (".json", ".ivf") and names.is_readable_index_name(stem) and stale(e):
+            keys.append(f"{BUILDS_DIR}/{e.name}")
+    for key in keys:
+        if dry_run:
+            log.info("cleanup would remove the leftover temp file %s", st.path(key))
+        elif st.delete(key):
+            log.info("cleanup removed the leftover temp file %s", st.path(key))
 
 
 def _build_segments(st: Storage, now: float, older_than_seconds: float, dry_run: bool,

@@ -47,6 +47,7 @@ __all__ = [
     "check_version",
     "parse_manifest_file",
     "parse_segment_file",
+    "parse_temp_file",
     "segment_key",
     "index_dir_key",
     "manifest_key",
@@ -75,6 +76,9 @@ _UUID_RE = re.compile(UUID_PATTERN, re.ASCII)
 _NAME_RE = re.compile(INDEX_NAME_PATTERN, re.ASCII)
 _MANIFEST_FILE_RE = re.compile(r"v([0-9]{8})\.json", re.ASCII)
 _SEGMENT_FILE_RE = re.compile(r"([0-9a-f]{32})\.bsseg(\.tmp)?", re.ASCII)
+# A writer's temp file: the final name, a dot, a token (a random hex uuid
+# now; a process id in older versions), ".tmp".
+_TEMP_FILE_RE = re.compile(r"(.+)\.([0-9a-f]{1,64})\.tmp", re.ASCII | re.DOTALL)
 
 ErrorType = Type[BitshardError]
 
@@ -187,6 +191,16 @@ def parse_segment_file(file_name: str) -> Optional[Tuple[str, bool]]:
     if m is None:
         return None
     return m.group(1), m.group(2) is not None
+
+
+def parse_temp_file(file_name: str) -> Optional[str]:
+    """The final name a writer's temp file ``<final>.<hex token>.tmp`` was
+    for (``v00000002.json`` for ``v00000002.json.5f0e....tmp``), or None for
+    any other name. Storage.write_bytes and create_exclusive write such a
+    file and rename or link it into place; a writer killed in between leaves
+    it behind."""
+    m = _TEMP_FILE_RE.fullmatch(file_name)
+    return None if m is None else m.group(1)
 
 
 # ------------------------------------------------------------------- keys

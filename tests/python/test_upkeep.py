@@ -151,3 +151,37 @@ def test_a_file_or_directory_in_the_wrong_place_is_a_clear_error(tmp_path, capsy
     os.remove(ind)
     os.rename(ind + ".saved", ind)
     assert bitshard.dataset(_x(), index_uri=root).search("vector", q, k=3).num_rows == 3
+
+
+def test_cleanup_removes_stale_manifest_and_build_state_temp_files(tmp_path, caplog):
+    ds, root, uuid = _index(tmp_path)
+    d = os.path.join(root, "indices", "idx")
+    builds = os.path.join(root, "builds")
+    os.makedirs(builds)
+    stale = [os.path.join(d, "v00000002.json." + "5a" * 16 + ".tmp"),  # a killed commit
+             os.path.join(d, "v00000002.json.4242.tmp"),               # older writers
+             os.path.join(builds, "idx.json." + "0b" * 16 + ".tmp"),   # killed state saves
+             os.path.join(builds, "idx.ivf." + "0c" * 16 + ".tmp")]
+    for p in stale:
+        with open(p, "wb") as f:
+            f.write(b"{")
+        _old(p)
+    fresh = os.path.join(d, "v00000003.json." + "7d" * 16 + ".tmp")
+    others = [fresh, os.path.join(d, "notes.tmp"), os.path.join(d, "v2.json.00.tmp"),
+              os.path.join(builds, "idx.txt.00.tmp")]
+    for p in others:
+        with open(p, "wb") as f:
+            f.write(b"{")
+    for p in others[1:]:
+        _old(p)
+    caplog.set_level("INFO", logger="bitshard")
+    assert bitshard.cleanup(root, dry_run=True) == []
+    assert all(os.path.exists(p) for p in stale + others)
+    assert f"cleanup would remove the leftover temp file {stale[0]}" in caplog.text
+    assert bitshard.cleanup(root) == []              # nothing but temp files to remove
+    assert [os.path.exists(p) for p in stale] == [False] * 4
+    assert all(os.path.exists(p) for p in others)     # too young, or not a writer's temp file
+    assert f"cleanup removed the leftover temp file {stale[2]}" in caplog.text
+    assert bitshard.cleanup(root, 0) == []
+    assert not os.path.exists(fresh)
+    assert ds.search("vector", _x()[0], k=3).num_rows == 3
