@@ -331,9 +331,13 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
     for n in index_names:
         for v in idx.manifest_versions(root, n):
             try:
-                idx.read_manifest(root, n, v)
+                version = idx.read_manifest(root, n, v)["version"]
             except (BitshardError, OSError) as err:
                 faults.append(f"index {n!r}: manifest v{v}: {err}")
+                continue
+            if version != v:  # a manifest copied or renamed to another version's name
+                faults.append(f"index {n!r}: manifest v{v}: "
+                              f"{root.path(names.manifest_key(n, v))} says version {version!r}")
         try:
             doc = idx.read_manifest(root, n)
         except (BitshardError, OSError):
@@ -395,7 +399,8 @@ def verify(uri: Any, *, index_uri: Optional[PathLike] = None,
     """Re-read every segment of every committed index and report faults.
 
     Checks, for the latest manifest of each index (or of ``name``): every
-    manifest version passes its checksum; every segment file exists and
+    manifest version passes its checksum and holds the version its file
+    name says (``vNNNNNNNN.json``); every segment file exists and
     opens (the C reader verifies every checksum and bound); the manifest's
     claims (fragments, rows, bits, metric, dimension, fingerprints, column)
     match the file; all segments share one code space; no fragment is in two

@@ -185,3 +185,19 @@ def test_cleanup_removes_stale_manifest_and_build_state_temp_files(tmp_path, cap
     assert bitshard.cleanup(root, 0) == []
     assert not os.path.exists(fresh)
     assert ds.search("vector", _x()[0], k=3).num_rows == 3
+
+
+def test_verify_checks_each_manifest_file_name_against_its_version(tmp_path):
+    ds, root, uuid = _index(tmp_path)
+    ds.create_index("vector", "IVF_RQ", name="idx", num_partitions=2, num_bits=1)  # v2
+    d = os.path.join(root, "indices", "idx")
+    assert bitshard.distributed.verify(ds) == []
+    # v1 copied over to v3: a valid checksum, but it says version 1.
+    shutil.copy(os.path.join(d, "v00000001.json"), os.path.join(d, "v00000003.json"))
+    with open(os.path.join(d, "v00000003.json")) as f:
+        assert json.load(f)["version"] == 1
+    faults = bitshard.distributed.verify(ds)
+    assert f"index 'idx': manifest v3: {os.path.join(d, 'v00000003.json')} says version 1" \
+        in faults
+    report = bitshard.maintenance.verify_report(ds)
+    assert report.faults == faults and not report.ok
