@@ -44,6 +44,13 @@ static inline void *bs_zalloc(size_t n, size_t size) {
     return calloc(1, bytes ? bytes : 1);
 }
 
+/* a * b * size bytes (at least 1), zeroed. */
+static inline void *bs_zalloc2(size_t a, size_t b, size_t size) {
+    size_t n;
+    if (!bs_mul_ok(a, b, &n)) return NULL;
+    return bs_zalloc(n, size);
+}
+
 /* p resized to n * size bytes (at least 1); p may be NULL. On failure
  * returns NULL and p is untouched (still valid, still the caller's). */
 static inline void *bs_realloc(void *p, size_t n, size_t size) {

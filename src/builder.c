@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "alloc.h"
 #include "bitshard.h"
 #include "error.h"
 #include "format.h"
@@ -109,7 +110,7 @@ static bs_status validate_spec(const bs_segment_spec *s, bs_error *err) {
         total += s->fragment_rows[i];
     }
     if (s->num_fragments > 1) {
-        uint64_t *ids = malloc((size_t)s->num_fragments * sizeof *ids);
+        uint64_t *ids = bs_alloc(s->num_fragments, sizeof *ids);
         if (ids == NULL) return NOMEM();
         memcpy(ids, s->fragment_ids, (size_t)s->num_fragments * sizeof *ids);
         qsort(ids, s->num_fragments, sizeof *ids, cmp_u64);
@@ -172,7 +173,7 @@ bs_status bs_builder_create(const bs_segment_spec *spec,
     if (spec == NULL) return INVALID("spec is NULL");
     BS_TRY(validate_spec(spec, err));
 
-    bs_segment_builder *b = calloc(1, sizeof *b);
+    bs_segment_builder *b = bs_zalloc(1, sizeof *b);
     if (b == NULL) return NOMEM();
     b->threads = 1;
     b->dim = spec->dim;
@@ -193,14 +194,14 @@ bs_status bs_builder_create(const bs_segment_spec *spec,
     b->D = bs_rotation_padded_dim(b->rot);
     size_t ncent = (size_t)b->k * b->dim;
     size_t nf1 = (size_t)b->nf + 1;
-    b->column = malloc(b->column_len + 1);
-    b->centroids = malloc(ncent * sizeof(float));
-    b->pc = malloc((size_t)b->k * b->D * sizeof(float));
-    b->frag_ids = malloc(nf1 * sizeof(uint64_t));
-    b->frag_rows = malloc(nf1 * sizeof(uint64_t));
-    b->prefix = malloc(nf1 * sizeof(uint64_t));
-    b->seen = calloc(nf1, sizeof(uint8_t *));
-    b->parts = calloc(b->k, sizeof *b->parts);
+    b->column = bs_alloc((size_t)b->column_len + 1, 1);
+    b->centroids = bs_alloc(ncent, sizeof(float));
+    b->pc = bs_alloc2(b->k, b->D, sizeof(float));
+    b->frag_ids = bs_alloc(nf1, sizeof(uint64_t));
+    b->frag_rows = bs_alloc(nf1, sizeof(uint64_t));
+    b->prefix = bs_alloc(nf1, sizeof(uint64_t));
+    b->seen = bs_zalloc(nf1, sizeof(uint8_t *));
+    b->parts = bs_zalloc(b->k, sizeof *b->parts);
     if (!b->column || !b->centroids || !b->pc || !b->frag_ids ||
         !b->frag_rows || !b->prefix || !b->seen || !b->parts) {
         bs_builder_free(b);
@@ -253,18 +254,18 @@ static int part_reserve(bs_build_part *pt, uint32_t need, size_t code_bytes,
     uint64_t cap = pt->cap ? (uint64_t)pt->cap * 2 : 64;
     while (cap < need) cap *= 2;
     if (cap > UINT32_MAX) cap = UINT32_MAX;
-    uint8_t *codes = realloc(pt->codes, (size_t)cap * code_bytes);
+    uint8_t *codes = bs_realloc(pt->codes, (size_t)cap, code_bytes);
     if (codes == NULL) return 0;
     pt->codes = codes;
     if (ext_bytes) {
-        uint8_t *ext = realloc(pt->ext, (size_t)cap * ext_bytes);
+        uint8_t *ext = bs_realloc(pt->ext, (size_t)cap, ext_bytes);
         if (ext == NULL) return 0;
         pt->ext = ext;
     }
-    bs_factors *f = realloc(pt->f, (size_t)cap * sizeof *f);
+    bs_factors *f = bs_realloc(pt->f, (size_t)cap, sizeof *f);
     if (f == NULL) return 0;
     pt->f = f;
-    uint32_t *ord = realloc(pt->ord, (size_t)cap * sizeof *ord);
+    uint32_t *ord = bs_realloc(pt->ord, (size_t)cap, sizeof *ord);
     if (ord == NULL) return 0;
     pt->ord = ord;
     pt->cap = (uint32_t)cap;
@@ -415,7 +416,7 @@ bs_status bs_builder_add(bs_segment_builder *b, const float *x, size_t n,
                        i, fid, offsets[i], (double)row[j], j);
     }
     if (b->seen[fi] == NULL) {
-        b->seen[fi] = calloc(1, (size_t)(rows / 8 + 1));
+        b->seen[fi] = bs_zalloc((size_t)(rows / 8 + 1), 1);
         if (b->seen[fi] == NULL) return NOMEM();
     }
     uint8_t *seen = b->seen[fi];
@@ -431,24 +432,24 @@ bs_status bs_builder_add(bs_segment_builder *b, const float *x, size_t n,
 
     /* Partition counts before the call, to undo a failure midway. */
     const uint32_t nw = b->threads;
-    uint32_t *old = malloc((size_t)b->k * sizeof *old);
+    uint32_t *old = bs_alloc(b->k, sizeof *old);
     size_t chunk = BS_BUILD_CHUNK * (size_t)nw;
     if (n < chunk) chunk = n;
     const uint32_t D = b->D;
     float *xn = b->metric == BS_METRIC_COSINE
-                    ? malloc(chunk * dim * sizeof(float))
+                    ? bs_alloc2(chunk, dim, sizeof(float))
                     : NULL;
-    float *po = malloc(chunk * D * sizeof(float));
-    uint32_t *assign = malloc(chunk * sizeof *assign);
-    uint32_t *slot = malloc(chunk * sizeof *slot);
-    uint32_t *ords = malloc(chunk * sizeof *ords);
+    float *po = bs_alloc2(chunk, D, sizeof(float));
+    uint32_t *assign = bs_alloc(chunk, sizeof *assign);
+    uint32_t *slot = bs_alloc(chunk, sizeof *slot);
+    uint32_t *ords = bs_alloc(chunk, sizeof *ords);
     float *scratch[BS_MAX_THREADS] = {0};
     bs_status wst[BS_MAX_THREADS];
-    bs_error *werr = malloc(nw * sizeof *werr);
+    bs_error *werr = bs_alloc(nw, sizeof *werr);
     int ok = old && po && assign && slot && ords && werr &&
              (b->metric != BS_METRIC_COSINE || xn);
     for (uint32_t w = 0; w < nw && ok; w++)
-        ok = (scratch[w] = malloc((size_t)D * 3 * sizeof(float))) != NULL;
+        ok = (scratch[w] = bs_alloc2(D, 3, sizeof(float))) != NULL;
     bs_status st = BS_OK;
     if (!ok) {
         st = NOMEM();
@@ -501,9 +502,9 @@ bs_status bs_builder_write(bs_segment_builder *b, const char *path,
     bs_part_layout L;
     if (!bs_part_layout_compute(max_count, D, B, &L) || L.size > SIZE_MAX)
         return NOMEM();
-    uint8_t *buf = malloc((size_t)L.size + 1);
-    uint8_t *codes = malloc((size_t)max_count * cb + 1);
-    uint64_t *order = malloc((size_t)max_count * sizeof *order + 1);
+    uint8_t *buf = bs_alloc((size_t)L.size, 1);
+    uint8_t *codes = bs_alloc(max_count, cb);
+    uint64_t *order = bs_alloc(max_count, sizeof *order);
     if (!buf || !codes || !order) {
         free(buf);
         free(codes);

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "alloc.h"
 #include "rabitq.h"
 
 /* ------------------------------------------------------------- layout */
@@ -128,7 +129,7 @@ static bs_status write_section(bs_seg_writer *w, const void *data,
         *checksum = bs_hash64(data, (size_t)size, BS_SEG_CHECKSUM_SEED);
         return write_bytes(w, data, size, err);
     }
-    uint8_t *buf = calloc(1, (size_t)size);
+    uint8_t *buf = bs_zalloc((size_t)size, 1);
     if (buf == NULL)
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory (%llu bytes)",
                        (unsigned long long)size);
@@ -141,7 +142,7 @@ static bs_status write_section(bs_seg_writer *w, const void *data,
 
 static char *str_concat(const char *a, const char *b) {
     size_t la = strlen(a), lb = strlen(b);
-    char *s = malloc(la + lb + 1);
+    char *s = bs_alloc(la + lb + 1, 1);
     if (s == NULL) return NULL;
     memcpy(s, a, la);
     memcpy(s + la, b, lb + 1);
@@ -154,10 +155,10 @@ void bs_seg_writer_abort(bs_seg_writer *w) {
         w->f = NULL;
         if (w->tmp_path) remove(w->tmp_path);
     }
-    free(w->path);
-    free(w->tmp_path);
-    free(w->header);
-    free(w->directory);
+    BS_FREE(w->path);
+    BS_FREE(w->tmp_path);
+    BS_FREE(w->header);
+    BS_FREE(w->directory);
     memset(w, 0, sizeof *w);
 }
 
@@ -182,9 +183,9 @@ bs_status bs_seg_writer_open(bs_seg_writer *w, const char *path,
 
     w->path = str_concat(path, "");
     w->tmp_path = str_concat(path, ".tmp");
-    w->header = calloc(1, (size_t)w->header_size);
-    w->directory = calloc(1, (size_t)w->directory_size);
-    uint8_t *frags = calloc(1, (size_t)frag_size + 1);
+    w->header = bs_zalloc((size_t)w->header_size, 1);
+    w->directory = bs_zalloc((size_t)w->directory_size, 1);
+    uint8_t *frags = bs_zalloc((size_t)frag_size, 1);
     if (!w->path || !w->tmp_path || !w->header || !w->directory || !frags) {
         free(frags);
         bs_seg_writer_abort(w);
@@ -282,7 +283,7 @@ static bs_status sync_parent_dir(const char *path, bs_error *err) {
         dir = str_concat("/", "");
     } else {
         size_t n = (size_t)(slash - path);
-        dir = malloc(n + 1);
+        dir = bs_alloc(n + 1, 1);
         if (dir) {
             memcpy(dir, path, n);
             dir[n] = '\0';

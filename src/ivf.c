@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "alloc.h"
 #include "error.h"
 #include "ivf_internal.h"
 #include "parallel.h"
@@ -469,14 +470,14 @@ bs_status bs_ivf_assign_rows_lb(const float *centroids, uint32_t k, uint32_t d,
     float *dots[BS_MAX_THREADS] = {0}, *xbuf[BS_MAX_THREADS] = {0};
     uint32_t *cand[BS_MAX_THREADS] = {0};
     bs_status wst[BS_MAX_THREADS];
-    bs_error *werr = malloc(nw * sizeof *werr);
-    float *c_hi = malloc((size_t)k * sizeof(float));
-    float *c_lo = malloc((size_t)k * sizeof(float));
+    bs_error *werr = bs_alloc(nw, sizeof *werr);
+    float *c_hi = bs_alloc(k, sizeof(float));
+    float *c_lo = bs_alloc(k, sizeof(float));
     int ok = werr && c_hi && c_lo;
     for (uint32_t w = 0; w < nw && ok; w++) {
-        dots[w] = malloc(brows * k * sizeof(float));
-        cand[w] = malloc((size_t)k * sizeof(uint32_t));
-        xbuf[w] = normalize ? malloc(brows * d * sizeof(float)) : NULL;
+        dots[w] = bs_alloc2(brows, k, sizeof(float));
+        cand[w] = bs_alloc(k, sizeof(uint32_t));
+        xbuf[w] = normalize ? bs_alloc2(brows, d, sizeof(float)) : NULL;
         ok = dots[w] && cand[w] && (!normalize || xbuf[w]);
     }
     bs_status st = BS_OK;

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "alloc.h"
 #include "error.h"
 #include "format.h"
 #include "rabitq.h"
@@ -48,7 +49,7 @@ static bs_status plan_fragments(const bs_segment *const *in, size_t n,
                            (ull)total_rows, i);
     }
     if (total_f < 2) return BS_OK;
-    frag_owner *own = malloc(total_f * sizeof *own);
+    frag_owner *own = bs_alloc(total_f, sizeof *own);
     if (own == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
@@ -123,11 +124,11 @@ typedef struct merge_state {
 } merge_state;
 
 static void merge_state_free(merge_state *m) {
-    free(m->buf);
-    free(m->codes);
-    free(m->ids);
-    free(m->rows);
-    free(m->base);
+    BS_FREE(m->buf);
+    BS_FREE(m->codes);
+    BS_FREE(m->ids);
+    BS_FREE(m->rows);
+    BS_FREE(m->base);
 }
 
 /* The fragment table (its size checked against the format's limit) and
@@ -146,9 +147,9 @@ static bs_status merge_plan(merge_state *m, bs_error *err) {
                        "than 2^32 - 1",
                        (ull)total_f);
     m->num_fragments = total_f;
-    m->ids = malloc((size_t)total_f * sizeof *m->ids + 1);
-    m->rows = malloc((size_t)total_f * sizeof *m->rows + 1);
-    m->base = malloc(m->n * sizeof *m->base);
+    m->ids = bs_alloc((size_t)total_f, sizeof *m->ids);
+    m->rows = bs_alloc((size_t)total_f, sizeof *m->rows);
+    m->base = bs_alloc(m->n, sizeof *m->base);
     if (!m->ids || !m->rows || !m->base)
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
     return plan_fragments(m->in, m->n, m->ids, m->rows, m->base, err);
@@ -167,8 +168,8 @@ static bs_status merge_buffers(merge_state *m, bs_error *err) {
     bs_part_layout L;
     if (!bs_part_layout_compute(max_count, D, B, &L) || L.size > SIZE_MAX)
         return bs_fail(err, BS_ERR_NO_MEMORY, "partition too large");
-    m->buf = malloc((size_t)L.size + 1);
-    m->codes = malloc((size_t)max_count * bs_code_bytes(D) + 1);
+    m->buf = bs_alloc((size_t)L.size, 1);
+    m->codes = bs_alloc((size_t)max_count, bs_code_bytes(D));
     if (!m->buf || !m->codes) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
     return BS_OK;
 }

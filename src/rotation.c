@@ -30,6 +30,7 @@
 #include <emmintrin.h>
 #endif
 
+#include "alloc.h"
 #include "bitshard.h"
 #include "error.h"
 #include "hash.h"
@@ -191,7 +192,7 @@ static bs_status fast_build(bs_rotation *rot) {
     while (2 * W <= D) W *= 2;
     rot->hadamard_size = W;
     rot->num_passes = (W == D) ? BS_FAST_ROUNDS : 2 * BS_FAST_ROUNDS;
-    rot->diag = malloc((size_t)rot->num_passes * D * sizeof(float));
+    rot->diag = bs_alloc2(rot->num_passes, D, sizeof(float));
     if (rot->diag == NULL) return BS_ERR_NO_MEMORY;
 
     const float inv_w = (float)(1.0 / sqrt((double)W));
@@ -302,11 +303,11 @@ typedef struct matrix_work {
 } matrix_work;
 
 static void matrix_work_free(matrix_work *w) {
-    free(w->a);
-    free(w->v);
-    free(w->vt);
-    free(w->y);
-    free(w->sign);
+    BS_FREE(w->a);
+    BS_FREE(w->v);
+    BS_FREE(w->vt);
+    BS_FREE(w->y);
+    BS_FREE(w->sign);
 }
 
 /* y[j][c] = sum_r vt[j][r] * a[r][c] over r = 0, 1, ..., m-1 in turn.
@@ -495,12 +496,12 @@ static bs_status matrix_build(bs_rotation *rot) {
     memset(&w, 0, sizeof w);
     w.n = n;
     w.lda = (size_t)n + 8;
-    w.a = calloc((size_t)n * w.lda, sizeof(double));
-    w.v = malloc((size_t)n * BS_MATRIX_BLOCK * sizeof(double));
-    w.vt = malloc((size_t)n * BS_MATRIX_BLOCK * sizeof(double));
-    w.y = malloc((size_t)n * BS_MATRIX_BLOCK * sizeof(double));
-    w.sign = malloc((size_t)n * sizeof(double));
-    rot->matrix_t = malloc(nn * sizeof(float));
+    w.a = bs_zalloc2((size_t)n, w.lda, sizeof(double));
+    w.v = bs_alloc2(n, BS_MATRIX_BLOCK, sizeof(double));
+    w.vt = bs_alloc2(n, BS_MATRIX_BLOCK, sizeof(double));
+    w.y = bs_alloc2(n, BS_MATRIX_BLOCK, sizeof(double));
+    w.sign = bs_alloc(n, sizeof(double));
+    rot->matrix_t = bs_alloc(nn, sizeof(float));
     if (!w.a || !w.v || !w.vt || !w.y || !w.sign || !rot->matrix_t) {
         matrix_work_free(&w);
         return BS_ERR_NO_MEMORY;
@@ -631,7 +632,7 @@ bs_status bs_rotation_create(bs_rotation_kind kind, uint32_t dim,
                        "fast rotation)",
                        BS_ROTATION_MATRIX_MAX_DIM, D, dim);
 
-    bs_rotation *rot = calloc(1, sizeof *rot);
+    bs_rotation *rot = bs_zalloc(1, sizeof *rot);
     if (rot == NULL)
         return bs_fail(err, BS_ERR_NO_MEMORY,
                        "rotation: out of memory for the handle");

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "alloc.h"
 #include "error.h"
 #include "format.h"
 #include "hash.h"
@@ -183,7 +184,7 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
         if (h[i] != 0)
             return CORRUPT("header padding byte at offset %llu is not zero",
                            (ull)i);
-    s->column = malloc(column_len + 1);
+    s->column = bs_alloc((size_t)column_len + 1, 1);
     if (s->column == NULL) return NOMEM();
     memcpy(s->column, col, column_len);
     s->column[column_len] = '\0';
@@ -236,9 +237,9 @@ static bs_status parse_fragments(bs_segment *s, bs_error *err) {
     BS_TRY(check_section(s, BS_HDR_FRAGMENTS, off, size, "fragment table",
                          err));
 
-    s->frag_ids = malloc(((size_t)nf + 1) * sizeof(uint64_t));
-    s->frag_rows = malloc(((size_t)nf + 1) * sizeof(uint64_t));
-    s->prefix = malloc(((size_t)nf + 1) * sizeof(uint64_t));
+    s->frag_ids = bs_alloc((size_t)nf + 1, sizeof(uint64_t));
+    s->frag_rows = bs_alloc((size_t)nf + 1, sizeof(uint64_t));
+    s->prefix = bs_alloc((size_t)nf + 1, sizeof(uint64_t));
     if (!s->frag_ids || !s->frag_rows || !s->prefix)
         return NOMEM();
     s->prefix[0] = 0;
@@ -258,7 +259,7 @@ static bs_status parse_fragments(bs_segment *s, bs_error *err) {
         s->prefix[i + 1] = s->prefix[i] + rows;
     }
     if (nf > 1) {
-        uint64_t *sorted = malloc((size_t)nf * sizeof(uint64_t));
+        uint64_t *sorted = bs_alloc(nf, sizeof(uint64_t));
         if (sorted == NULL) return NOMEM();
         memcpy(sorted, s->frag_ids, (size_t)nf * sizeof(uint64_t));
         qsort(sorted, nf, sizeof(uint64_t), cmp_u64);
@@ -333,7 +334,7 @@ static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
     if (n < 2) return BS_OK;
     uint64_t bitmap_bytes = total / 8 + 1;
     if (bitmap_bytes <= n * 4 + 4096) {
-        uint8_t *seen = calloc(1, (size_t)bitmap_bytes);
+        uint8_t *seen = bs_zalloc((size_t)bitmap_bytes, 1);
         if (seen == NULL) return NOMEM();
         for (uint32_t p = 0; p < s->info.num_partitions; p++) {
             const bs_partition_view *v = &s->parts[p];
@@ -351,7 +352,7 @@ static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
         free(seen);
         return BS_OK;
     }
-    uint32_t *all = malloc((size_t)n * sizeof(uint32_t));
+    uint32_t *all = bs_alloc((size_t)n, sizeof(uint32_t));
     if (all == NULL) return NOMEM();
     size_t k = 0;
     for (uint32_t p = 0; p < s->info.num_partitions; p++) {
@@ -383,7 +384,7 @@ static bs_status parse_partitions(bs_segment *s, bs_error *err) {
     BS_TRY(check_section(s, BS_HDR_DIRECTORY, dir_off, dir_size,
                          "partition directory", err));
 
-    s->parts = calloc(k, sizeof *s->parts);
+    s->parts = bs_zalloc(k, sizeof *s->parts);
     if (s->parts == NULL) return NOMEM();
     uint64_t pos = dir_off + dir_size;
     uint64_t rows = 0;
@@ -457,7 +458,7 @@ bs_status bs_segment_open(const void *data, size_t len, bs_segment **out,
     if ((uintptr_t)data % BS_SEG_ALIGN != 0)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "segment buffer must be 64-byte aligned");
-    bs_segment *s = calloc(1, sizeof *s);
+    bs_segment *s = bs_zalloc(1, sizeof *s);
     if (s == NULL) return NOMEM();
     s->data = data;
     s->len = len;

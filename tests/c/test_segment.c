@@ -1171,6 +1171,23 @@ static void test_degenerate(void) {
             const bs_segment *in[2] = {l.seg, l.seg};
             if (variant == 0)
                 CHECK(bs_segment_merge(in, 2, UUID_A, tpath("e2.bsseg"), &err) == BS_OK);
+            /* Searching an empty segment finds nothing, again and again, with
+             * every partition probed and k far above the row count. */
+            bs_searcher *srch = NULL;
+            CHECK(bs_searcher_create(in, 1, &srch, &err) == BS_OK);
+            bs_candidates *c = bs_candidates_new();
+            bs_search_params sp;
+            memset(&sp, 0, sizeof sp);
+            sp.k = 1000;
+            sp.nprobes = 4;
+            sp.eps0 = 1.9f;
+            for (int rep = 0; rep < 6 && srch; rep++) {
+                sp.refine_factor = (uint32_t)(rep % 3);
+                CHECK(bs_search(srch, ds.x, &sp, c, NULL, &err) == BS_OK);
+                CHECK(bs_candidates_size(c) == 0 && bs_candidates_rowids(c) != NULL);
+            }
+            bs_candidates_free(c);
+            bs_searcher_free(srch);
         }
         unload(&l);
     }
