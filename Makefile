@@ -53,6 +53,39 @@ pytest: $(VENV)/.installed
 
 test: ctest pytest
 
+# The Python tests that reach the C library without Ray or moto, against an
+# ASan + UBSan build of the extension: a heap error in a path only Python
+# reaches fails a test instead of corrupting memory silently. The extension
+# is built apart (build/asan) and put first on PYTHONPATH next to a copy of
+# the package; the venv's own install is untouched. libasan must be the first
+# library loaded (LD_PRELOAD); PYTHONMALLOC=malloc sends Python's small
+# objects through it too; --capture=sys leaves file descriptor 2 alone, so a
+# sanitizer report that ends the process still reaches the terminal. Leaks are not checked here (the interpreter keeps
+# memory until exit by design): tests/c/test_leaks.c and
+# tests/python/test_memory_safety.py bound them.
+ASAN_TESTS ?= tests/python/test_memory_safety.py tests/python/test_searcher.py \
+              tests/python/test_build_search.py tests/python/test_artifacts.py \
+              tests/python/test_fuzz_readers.py tests/python/test_native_args.py \
+              tests/python/test_codespace.py
+asan-pytest: $(VENV)/.installed
+	cmake -S . -B build/asan -G Ninja -DSKBUILD=ON -DBS_SANITIZE=ON \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
+	cmake --build build/asan -j $(JOBS) --target _native
+	rm -rf build/asan/py && mkdir -p build/asan/py/bitshard
+	cp python/bitshard/*.py python/bitshard/py.typed build/asan/py/bitshard/
+	cp build/asan/_native*.so build/asan/py/bitshard/
+	ln -s $$($(PY) -c "import scipy_openblas32, os; print(os.path.dirname(scipy_openblas32.__file__))") \
+	  build/asan/py/scipy_openblas32
+	PYTHONPATH=$(abspath build/asan/py) LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	  PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PY) -c "import bitshard._native as n, sys; sys.exit('not the ASan build: ' + n.__file__ if '/build/asan/' not in n.__file__ else 0)"
+	PYTHONPATH=$(abspath build/asan/py) LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	  PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PY) -m pytest -q -x -p no:cacheprovider --capture=sys $(ASAN_TESTS)
+
 # Crash trials (tests/trials/crash_trials.py): SIGKILL writers, mergers,
 # committers, resumed builds and cleanup at random points, on a local root
 # and on a moto S3 server, then check what is left. Racing writers
