@@ -439,6 +439,13 @@ class LocalStorage(Storage):
         path = self.path(key)
         self._make_parent(path)
         self._write_path(key)
+        # The C writer opens "<path>.tmp" with fopen, which follows a link: a
+        # link planted at that name (the uuid may be the caller's) would have
+        # it write through to wherever the link points.
+        tmp = path + ".tmp"
+        if os.path.islink(tmp):
+            raise CorruptIndexError(
+                f"refusing to write {path}: its temporary file {tmp} is a symbolic link")
         return path, False
 
     def remove_empty_dir(self, prefix: str) -> None:

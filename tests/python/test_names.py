@@ -262,3 +262,19 @@ def test_cli_refuses_a_bad_name_cleanly(lance_data, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert err.startswith("bitshard: error: name is not a usable index name: '../up'")
+
+
+def test_segment_writer_does_not_write_through_a_planted_link(lance_data, tmp_path):
+    uri, x = lance_data
+    ds = bitshard.dataset(uri)
+    seg_dir = os.path.join(ds.index_root, "segments")
+    os.makedirs(seg_dir)
+    secret = tmp_path / "secret"
+    secret.write_text("keep")
+    tmp = os.path.join(seg_dir, "ab" * 16 + ".bsseg.tmp")
+    os.symlink(secret, tmp)
+    with pytest.raises(CorruptIndexError) as e:
+        ds.create_index_uncommitted("vec", ivf_centroids=x[:4].copy(), index_uuid="ab" * 16)
+    assert str(e.value) == (f"refusing to write {os.path.join(seg_dir, 'ab' * 16 + '.bsseg')}: "
+                            f"its temporary file {tmp} is a symbolic link")
+    assert secret.read_text() == "keep"
