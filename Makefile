@@ -11,7 +11,7 @@ SOURCES := $(wildcard src/*.c src/*.h include/*.h python/bitshard/*.c python/bit
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test ctest pytest trials bench bench-quick bench-wordnet bench-wordnet-deps fuzz clean install apt-deps
+.PHONY: demo test ctest pytest trials bench bench-quick bench-wordnet bench-wordnet-deps bench-fashion bench-fashion-deps fuzz clean install apt-deps
 
 $(VENV)/.created:
 	python3 -m venv $(VENV)
@@ -131,6 +131,16 @@ bench-wordnet-deps: $(VENV)/.installed
 
 bench-wordnet: bench-wordnet-deps
 	$(PY) -m bench --dataset wordnet --out bench/results/wordnet.json
+
+# Fashion-MNIST (Debian's dataset-fashion-mnist): 60k x 784 image pixels.
+bench-fashion-deps: $(VENV)/.installed
+	@test -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || { \
+	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+	$(PIP) install -q ".[bench]" --no-build-isolation
+
+bench-fashion: bench-fashion-deps
+	$(PY) -m bench --dataset fashion-mnist --partitions 256 --out bench/results/fashion-mnist.json
 
 fuzz: apt-deps $(VENV)/.build-deps
 	CC=clang cmake -S . -B build/fuzz -G Ninja -DBS_BUILD_FUZZ=ON \

