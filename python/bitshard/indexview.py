@@ -19,6 +19,7 @@ were made for, so the pin is all there is to invalidate:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -27,7 +28,7 @@ import numpy as np
 from . import _native
 from . import index as idx
 from .codespace import CodeSpace
-from .errors import IndexNotFoundError, InvalidInputError
+from .errors import CorruptIndexError, IndexNotFoundError, InvalidInputError
 from .index import OpenSegment, SegmentHandle
 from .searcher import SearchOptions, Searcher
 from .sources import Source
@@ -84,6 +85,9 @@ class IndexView:
         self.source = source
         self.index_root = index_root
         self._versions: Optional[Dict[str, Tuple[int, str]]] = None
+        #: Indexes whose newest manifest could not be read, with the error:
+        #: a search of another index does not depend on them.
+        self._broken: Dict[str, CorruptIndexError] = {}
         self._open: Dict[str, OpenIndex] = {}
         self._plans: Dict[Tuple[str, int, Any], SearchPlan] = {}
         self._deleted: Dict[Tuple[Any, int], np.ndarray] = {}
@@ -97,11 +101,14 @@ class IndexView:
     def versions(self) -> Dict[str, Tuple[int, str]]:
         """Index name -> (committed version, column), read once and kept."""
         if self._versions is None:
-            versions = {}
+            versions, broken = {}, {}
             for n in idx.list_index_names(self.storage):
                 v = idx.latest_version(self.storage, n)
-                versions[n] = (v, idx.read_manifest(self.storage, n, v)["column"])
-            self._versions = versions
+                try:
+                    versions[n] = (v, idx.read_manifest(self.storage, n, v)["column"])
+                except CorruptIndexError as e:
+                    broken[n] = e
+            self._versions, self._broken = versions, broken
         return self._versions
 
     def resolve(self, column: str, index: Optional[str]) -> str:
@@ -110,10 +117,22 @@ class IndexView:
         versions = self.versions()
         names = sorted(versions)
         if index is not None:
+            if index in self._broken:
+                raise self._broken[index]
             if index not in versions:
                 raise IndexNotFoundError(f"no index named {index!r}; have {names}")
             return index
         on_col = [n for n in names if versions[n][1] == column]
+        if self._broken:
+            # An unreadable manifest may be another index on this column: with
+            # none readable, its error is the answer; with one, search it and
+            # say which index was left out (verify reports the damage).
+            first = sorted(self._broken)[0]
+            if not on_col:
+                raise self._broken[first]
+            warnings.warn(
+                f"index {first!r} is unreadable and was not considered for column "
+                f"{column!r}: {self._broken[first]}", stacklevel=4)
         if not on_col:
             raise IndexNotFoundError(f"no index on column {column!r}")
         if len(on_col) > 1:

@@ -269,3 +269,28 @@ def test_hostile_build_state_is_ignored_with_its_field_named(tmp_path, edit, mes
     assert f"ignoring build state: build state {path}: {message}" in caplog.text
     assert not ds.last_build_stats["resumed"]
     assert len(ds.search("vec", x[0], k=5)) == 5
+
+
+def test_one_unreadable_manifest_does_not_stop_other_indexes(two_segments):
+    # A corrupt manifest of one index used to make every search under the
+    # root fail, whichever index it asked for.
+    uri, x, ds, a, b = two_segments
+    ivf = bitshard.IvfModel(x[:4].copy(), "l2")
+    seg = ds.create_index_uncommitted("vec", name="other", ivf_centroids=ivf)
+    ds.commit_existing_index_segments("other", "vec", [seg])
+    want = ds.search("vec", x[0], k=5, index="other").column("_rowid").to_pylist()
+    with open(os.path.join(ds.index_root, "indices", "idx", "v00000001.json"), "w") as f:
+        f.write('{"format": ')
+    fresh = bitshard.dataset(uri)
+    got = fresh.search("vec", x[0], k=5, index="other").column("_rowid").to_pylist()
+    assert got == want
+    with pytest.raises(CorruptIndexError, match="v00000001.json"):
+        fresh.search("vec", x[0], k=5, index="idx")
+    # By column: the readable index answers, and the warning names the other.
+    with pytest.warns(UserWarning, match="index 'idx' is unreadable"):
+        got = fresh.search("vec", x[0], k=5).column("_rowid").to_pylist()
+    assert got == want
+    # With no readable index on the column, the damage is the answer.
+    shutil.rmtree(os.path.join(ds.index_root, "indices", "other"))
+    with pytest.raises(CorruptIndexError, match="v00000001.json"):
+        bitshard.dataset(uri).search("vec", x[0], k=5)
