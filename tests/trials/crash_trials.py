@@ -91,7 +91,8 @@ KEY_ID, SECRET = "testing-key", "testing-secret"
 FINDING_KINDS = (
     "torn-version", "verify", "lost-rows", "wrong-answer", "search-error",
     "resume-failed", "cleanup-failed", "leftover-manifest-tmp", "leftover-state-tmp",
-    "leftover-segment-tmp", "leftover-build-state", "leftover-segment", "leftover-other",
+    "leftover-segment-tmp", "leftover-build-state", "leftover-segment", "leftover-probe",
+    "leftover-other",
     "leftover-multipart", "leftover-local-upload", "child-error", "harness-error",
 )
 
@@ -679,6 +680,8 @@ class Trials:
                 kind = "leftover-segment-tmp"
             elif parts[0] == "segments":
                 kind = "leftover-segment"
+            elif len(parts) == 1 and base.startswith(".bitshard-probe-"):
+                kind = "leftover-probe"  # an object store's conditional-write probe
             else:
                 kind = "leftover-other"
             found.append((kind, key))
