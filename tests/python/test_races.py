@@ -6,6 +6,7 @@ full counts, locally and on a moto S3 server)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -95,7 +96,7 @@ def test_racing_writers_searchers_and_cleanup_local(tmp_path):
     by_round = {r["round"]: r for r in res}
     assert sorted(by_round) == ["age-0", "default-age"]
     for r in res:
-        assert r["failed"] == [], r
+        assert r["failed"] == [], json.dumps(r, indent=1)
         c = r["counts"]
         assert c["landed"] == 16 and "gave-up" not in c and "unexpected" not in c, r
         assert c["searches"] > 0, r

@@ -158,12 +158,14 @@ def searcher(i: int, cfg: Dict[str, Any], out: Any) -> None:
             doc = idx.read_manifest(ds.storage, NAME)
             covered = {f for e in doc["segments"] for f in e["fragment_ids"]}
             ds.refresh()
-            # The full search scans uncovered fragments exactly (slow while
-            # many are): every third round, so searches overlap more commits.
-            modes = (False, True) if stats["searches"] % 3 == 0 else (True,)
-            for fast in modes:
+            # Through the index alone (fast_search), and through the index plus
+            # an exact scan of uncovered fragments, restricted to the queried
+            # rows' fragments (scanning every uncovered fragment is slow while
+            # many are, and the searches are to overlap many commits).
+            for fast in (True, False):
+                frags = None if fast else sorted({frag_ids[r // ROWS] for r in rows})
                 t = ds.search(COLUMN, x[rows], k=K, nprobes=PARTITIONS, refine_factor=10,
-                              index=NAME, fast_search=fast)
+                              index=NAME, fast_search=fast, fragment_ids=frags)
                 ids = t.column("_rowid").to_numpy()
                 dist = t.column("_distance").to_numpy()
                 qi = t.column("query_index").to_numpy()
@@ -292,11 +294,24 @@ class Race:
         time.sleep(1.0)  # let them import before the start signal
         cfg["start"].set()
         results: List[Tuple[str, int, Any]] = []
-        while len(results) < writers:
-            results.append(out.get(timeout=900))
+
+        def collect(n: int, limit: float) -> None:
+            import queue  # noqa: PLC0415
+
+            deadline = time.monotonic() + limit
+            while len(results) < n:
+                try:
+                    results.append(out.get(timeout=2))
+                except queue.Empty:
+                    dead = [p for p in procs + others if p.exitcode not in (None, 0)]
+                    if dead or time.monotonic() > deadline:
+                        cfg["stop"].set()
+                        raise RuntimeError(f"race {label}: {len(results)} of {n} reports; "
+                                           f"exit codes {[p.exitcode for p in procs + others]}")
+
+        collect(writers, 900)
         cfg["stop"].set()
-        while len(results) < writers + len(others):
-            results.append(out.get(timeout=300))
+        collect(writers + len(others), 300)
         for p in procs + others:
             p.join(timeout=60)
         seconds = time.perf_counter() - t0
