@@ -44,12 +44,15 @@ def test_crash_trials_local(tmp_path):
         known.append("leftover-manifest-tmp")
     if _cleanup_leaves(tmp_path, "builds/idx.json.4242.tmp"):
         known.append("leftover-state-tmp")
+    # Kills at storage calls only: a kill after a random delay depends on the
+    # machine's load (make trials draws both kinds).
     s = crash_trials.run(8, seed=20261202, root_kind="local", work=str(tmp_path / "w"),
-                         known=known)
+                         known=known, modes=("point",))
     with open(s["log"]) as f:
         log = f.read()
     assert s["trials"] == 8, log
     assert s["failed"] == [], log
-    # The trials did kill: the operations did not simply run to their end (a
-    # delay kill may come after a fast run ended; the bound leaves room).
-    assert s["outcomes"].get("killed", 0) >= 4, log
+    # The trials did kill: the operations did not simply run to their end
+    # (a resumed build's calls depend on where its first run died, so a drawn
+    # call may lie past its end: the bound leaves room for that).
+    assert s["outcomes"].get("killed", 0) >= 6, log

@@ -370,7 +370,7 @@ class Trials:
     """Prepared data, artifacts and template roots; runs trials."""
 
     def __init__(self, roots: Any, work: str, verbose: bool = False,
-                 log: Any = None) -> None:
+                 log: Any = None, modes: Sequence[str] = ("point", "delay")) -> None:
         import numpy as np
         import pyarrow as pa
         import lance
@@ -380,6 +380,7 @@ class Trials:
         self.roots = roots
         self.work = work
         self.verbose = verbose
+        self.modes = tuple(modes)
         self.logf = log
         self.opts = roots.options
         rng = np.random.default_rng(11)
@@ -725,7 +726,7 @@ class Trials:
         n_points, seconds = self.calibrate(op, executor, spec, root)
         self._prepare(op, root, spec, rng)
         before = self.snapshot(root)
-        mode = rng.choice(("point", "delay"))
+        mode = rng.choice(self.modes)
         if mode == "point" and n_points:
             spec["kill_at"] = rng.randrange(n_points)
             kill = f"point {spec['kill_at']}/{n_points}"
@@ -794,9 +795,11 @@ def _cli(main: Any, argv: List[str]) -> Tuple[int, str]:
 
 def run(trials: int, seed: int, root_kind: str, work: Optional[str] = None,
         only: Optional[int] = None, known: Sequence[str] = (), verbose: bool = False,
-        log_path: Optional[str] = None) -> Dict[str, Any]:
+        log_path: Optional[str] = None, modes: Sequence[str] = ("point", "delay")
+        ) -> Dict[str, Any]:
     """Run the trials; returns a summary dict (counts per finding kind,
-    seconds, the trials with findings)."""
+    seconds, the trials with findings). ``modes``: the kinds of kill drawn
+    from (``point`` kills do not depend on timing)."""
     own = work is None
     work = work or tempfile.mkdtemp(prefix=f"bitshard-crash-{root_kind}-")
     os.makedirs(work, exist_ok=True)
@@ -807,7 +810,7 @@ def run(trials: int, seed: int, root_kind: str, work: Optional[str] = None,
                                "findings": {}, "failed": [], "log": log_path}
     with open(log_path, "a") as logf:
         try:
-            t = Trials(roots, work, verbose=verbose, log=logf)
+            t = Trials(roots, work, verbose=verbose, log=logf, modes=modes)
             t.log(f"# crash trials: {trials} on {root_kind}, seed {seed}, work {work}")
             which = [only] if only is not None else range(trials)
             for i in which:
@@ -844,13 +847,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--only", type=int, default=None, help="run only trial N (replay)")
     p.add_argument("--known", default="", help="comma-separated finding kinds that are "
                                                "reported but do not fail the run")
+    p.add_argument("--modes", default="point,delay",
+                   help="kinds of kill: point (at a storage call), delay (after a time)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child is not None:
         return child_main(json.loads(a.child))
     known = [k for k in a.known.split(",") if k]
-    s = run(a.trials, a.seed, a.root, a.work, a.only, known, a.verbose, a.log)
+    s = run(a.trials, a.seed, a.root, a.work, a.only, known, a.verbose, a.log,
+            a.modes.split(","))
     print(json.dumps(s, indent=1, sort_keys=True))
     return 1 if s["failed"] else 0
 
