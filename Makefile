@@ -66,7 +66,7 @@ test: ctest pytest
 ASAN_TESTS ?= tests/python/test_memory_safety.py tests/python/test_searcher.py \
               tests/python/test_build_search.py tests/python/test_artifacts.py \
               tests/python/test_fuzz_readers.py tests/python/test_native_args.py \
-              tests/python/test_codespace.py
+              tests/python/test_codespace.py tests/python/test_fuzz_values.py
 asan-pytest: $(VENV)/.installed
 	cmake -S . -B build/asan -G Ninja -DSKBUILD=ON -DBS_SANITIZE=ON \
 	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPython_EXECUTABLE=$(abspath $(PY)) \
