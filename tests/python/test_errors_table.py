@@ -1,7 +1,8 @@
 """Rows of docs/errors.md that no other test asserted: empty sources and
-fragments, damaged segment files on a local root, a second commit of one
-version, and a directory named like a segment. Each asserts the exception
-class and the message the table gives."""
+fragments, damaged segment files on a local root, an edited manifest, a
+second commit of one version, an unknown index name, refine_factor and eps0
+below their range. Each asserts the exception class and the message the
+table gives."""
 
 from __future__ import annotations
 
@@ -105,16 +106,6 @@ def test_second_commit_of_one_version_conflicts(tmp_path):
                        match="^index 'idx' version 1 was committed by another writer; "
                              "reload and retry$"):
         idx.commit(ds.index_root, "idx", "vector", [b], expected_version=0)
-
-
-def test_cleanup_leaves_a_directory_named_like_a_segment(one_segment):
-    x, root, _ = one_segment
-    odd = os.path.join(root, "segments", "0" * 32 + ".bsseg")
-    os.mkdir(odd)
-    open(os.path.join(odd, "keep"), "w").write("x")
-    assert bitshard.cleanup(root, 0) == []
-    assert os.listdir(odd) == ["keep"]
-    assert _search(x, root).num_rows == 2
 
 
 def test_unknown_index_name(one_segment):
