@@ -125,3 +125,22 @@ def test_refine_factor_and_eps0_below_their_range(one_segment):
         ds.search("vector", x[0], k=1, eps0=-1.0)
     with pytest.raises(InvalidInputError, match=r"^eps0 must be a finite number >= 0, got nan$"):
         ds.search("vector", x[0], k=1, eps0=float("nan"))
+
+
+def test_float16_nan_and_inf_are_refused_like_any_other(one_segment):
+    """Finite float16 values always qualify (65504 at most); a float16 NaN
+    or infinity does not (docs/usage.md, "What values are accepted")."""
+    x, root, _ = one_segment
+    ds = bitshard.dataset(x, fragment_size=100, index_uri=root)
+    q = x[0].astype(np.float16)
+    q[3] = np.float16(65504)
+    assert ds.search("vector", q, k=1).num_rows == 1
+    q[3] = np.inf
+    with pytest.raises(InvalidInputError, match=r"^query has a non-finite value at dimension 3"):
+        ds.search("vector", q, k=1)
+    y = x.astype(np.float16)
+    y[150, 2] = np.nan
+    with pytest.raises(InvalidInputError,
+                       match=r"^column 'vector' fragment 1 row 50: non-finite value at dimension 2"):
+        bitshard.dataset(y, fragment_size=100, index_uri=root + "2").create_index(
+            "vector", "IVF_RQ", num_partitions=2)
