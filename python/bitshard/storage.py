@@ -338,6 +338,7 @@ class LocalStorage(Storage):
         out = []
         for n in names:
             p = os.path.join(d, n)
+            link = False  # a name removed before lstat (a racing writer's temp file)
             try:
                 lst = os.lstat(p)
                 link = stat.S_ISLNK(lst.st_mode)

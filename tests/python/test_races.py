@@ -86,6 +86,17 @@ def test_commit_after_cleanup_removed_its_segment_is_refused_clearly(data, tmp_p
     assert idx.manifest_versions(ds.storage, "idx") == []
 
 
+def test_listing_skips_a_name_removed_meanwhile(tmp_path, monkeypatch):
+    """A name listed and then removed before it is stat'ed (a commit's temp
+    manifest, a segment cleanup removed) is skipped; the racing-writers trial
+    found it raising UnboundLocalError instead."""
+    (tmp_path / "segments").mkdir()
+    (tmp_path / "segments" / "a.bsseg").write_bytes(b"1")
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda d: ["gone.bsseg"] + real(d))  # first: no earlier name
+    assert [e.name for e in LocalStorage(str(tmp_path)).list("segments")] == ["a.bsseg"]
+
+
 def test_racing_writers_searchers_and_cleanup_local(tmp_path):
     """8 writers x 2 commits, a searcher, cleanup at 3600 s and (second round)
     at 0 s: every commit lands or conflicts (or, at age 0, is refused because
