@@ -286,7 +286,12 @@ class IvfModel:
         if len(body) != _IVF_STRUCT.size + 4 * k * d or metric not in METRIC_NAMES:
             raise CorruptIndexError("IVF model bytes have inconsistent sizes or metric")
         cent = np.frombuffer(body, dtype="<f4", offset=_IVF_STRUCT.size).reshape(k, d)
-        return cls(cent, METRIC_NAMES[metric])
+        try:
+            return cls(cent, METRIC_NAMES[metric])
+        except InvalidInputError as e:
+            # Checksum-valid bytes holding values IvfModel() refuses (k or d 0,
+            # NaN, a value above 2**40) are a damaged file, not a bad argument.
+            raise CorruptIndexError(f"IVF model bytes hold bad values: {e}") from None
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write :meth:`to_bytes` to a file (atomically, via a temp file)."""

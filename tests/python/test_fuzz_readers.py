@@ -143,13 +143,6 @@ def test_rotation_resealed_matrix_too_large_is_corrupt():
         bitshard.Rotation.from_bytes(data)
 
 
-IVF_REFUSED = pytest.mark.xfail(
-    strict=True, raises=bitshard.InvalidInputError,
-    reason="IvfModel.from_bytes lets IvfModel()'s InvalidInputError through for sealed "
-           "bytes with k or d 0 or a refused centroid value (Rotation.from_bytes turns "
-           "it into CorruptIndexError)")
-
-
 @pytest.mark.parametrize("k,d,values", [
     (0, 0, []),
     (1, 0, []),
@@ -157,11 +150,10 @@ IVF_REFUSED = pytest.mark.xfail(
     pytest.param(1, 1, [float("inf")], id="inf"),
     pytest.param(1, 2, [0.0, 2.0**41], id="too-large"),
 ])
-@IVF_REFUSED
 def test_ivf_resealed_refused_values_are_corrupt(k, d, values):
     data = _sealed(artifacts._IVF_STRUCT.pack(artifacts._IVF_MAGIC, k, d, 0)
                    + np.array(values, "<f4").tobytes())
-    with pytest.raises(CorruptIndexError):
+    with pytest.raises(CorruptIndexError, match="^IVF model bytes hold bad values: "):
         bitshard.IvfModel.from_bytes(data)
 
 
