@@ -46,6 +46,16 @@ extern "C" {
  * bound terms stay finite for every accepted pair of vectors. */
 #define BS_MAX_EPS0 1000.0f
 
+/* Largest dimension of a rotation: bounds the fast transform's memory (8
+ * passes of D floats) and keeps every D * D product of the matrix kind far
+ * from overflow. */
+#define BS_ROTATION_MAX_DIM 65536u
+/* Largest padded dimension of the dense matrix rotation: it costs D^2 floats,
+ * about (4/3) D^3 flops to build (D = 4096: about 11 s of one core and
+ * 200 MiB at the peak) and D^2 multiply-adds per vector, so past 4096 the
+ * fast kind is the only sensible choice and larger sizes are refused. */
+#define BS_ROTATION_MATRIX_MAX_DIM 4096u
+
 #if defined(__GNUC__)
 #define BS_API __attribute__((visibility("default")))
 #else

@@ -155,10 +155,14 @@ done:
     return st;
 }
 
-/* Keeps a perturbed coordinate finite for data near the float range. */
-static float to_float_clamped(double v) {
-    if (v > FLT_MAX) return FLT_MAX;
-    if (v < -FLT_MAX) return -FLT_MAX;
+/* Keeps a perturbed coordinate of a split centroid within reach of its
+ * base: inside the accepted range (|v| <= 2^40, bitshard.h) when the base is
+ * inside it, so accepted data never trains a centroid that the builder then
+ * refuses; otherwise (the C API takes any finite value) merely finite. */
+static float to_float_clamped(double v, double base) {
+    const double limit = fabs(base) <= BS_MAX_ABS_VALUE ? BS_MAX_ABS_VALUE : FLT_MAX;
+    if (v > limit) return (float)limit;
+    if (v < -limit) return (float)-limit;
     return (float)v;
 }
 
@@ -200,8 +204,8 @@ static void repair_by_split(float *centroids, uint32_t k, uint32_t d,
             if ((i & 63) == 0) bits = bs_rng_next(rng);
             double delta = ((bits >> (i & 63)) & 1) ? step : -step;
             double base = (double)cb[i];
-            cj[i] = to_float_clamped(base + delta);
-            cb[i] = to_float_clamped(base - delta);
+            cj[i] = to_float_clamped(base + delta, base);
+            cb[i] = to_float_clamped(base - delta, base);
         }
         if (cosine) {
             normalize_centroid(cj, d);

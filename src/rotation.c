@@ -37,15 +37,7 @@
 #include "rng.h"
 #include "vec.h"
 
-/* 65536 bounds the FAST transform's memory (8 passes of D floats) and keeps
- * every D * D product of the MATRIX kind far from overflow. */
-#define BS_ROTATION_MAX_DIM 65536u
-/* The dense kind costs D^2 floats to hold, about (4/3) D^3 flops to build
- * (D = 4096: about 11 s of one core and 200 MiB at the peak) and D^2
- * multiply-adds per vector. Past 4096 that is minutes per searcher or
- * builder and milliseconds per vector, where the FAST kind is the right
- * choice, so larger sizes get a clear error instead. */
-#define BS_ROTATION_MATRIX_MAX_DIM 4096u
+/* BS_ROTATION_MAX_DIM and BS_ROTATION_MATRIX_MAX_DIM: see bitshard.h. */
 
 /* Why 4 rounds. For D a power of two, one round maps e_1 to a vector of
  * equal magnitudes +-1/sqrt(D) (coordinate kurtosis 1, far from the

@@ -1206,6 +1206,10 @@ static int native_exec(PyObject *module) {
         }
     }
     Py_DECREF(errors);
+    /* Python refuses what the C library would refuse only when first used. */
+    if (PyModule_AddIntConstant(module, "ROTATION_MATRIX_MAX_DIM",
+                                (long)BS_ROTATION_MATRIX_MAX_DIM) < 0)
+        return -1;
     PyType_Spec *specs[NUM_TYPES] = {&Rotation_spec, &Builder_spec, &Segment_spec,
                                      &Searcher_spec};
     for (int i = 0; i < NUM_TYPES; i++) {

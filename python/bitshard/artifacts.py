@@ -90,6 +90,15 @@ class Rotation:
                 f"rotation_type must be 'fast' or 'matrix', got {rotation_type!r}"
             )
         self.rotation_type = rotation_type
+        if rotation_type == "matrix":
+            # The C library refuses this size only when the transform is
+            # first made; refuse it here, where the argument is given.
+            D = int(_native.padded_dim(self.dimension))
+            if D > _native.ROTATION_MATRIX_MAX_DIM:
+                raise InvalidInputError(
+                    f"matrix rotation dimension must be <= {_native.ROTATION_MATRIX_MAX_DIM} "
+                    f"(padded dimension {D} for dimension {self.dimension} is too large; "
+                    "use the fast rotation)")
         self.seed = validate.rotation_seed(seed)
         self._handle: Any = None
 

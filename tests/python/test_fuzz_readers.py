@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bitshard
-from bitshard import CorruptIndexError
+from bitshard import CorruptIndexError, InvalidInputError
 from bitshard import artifacts
 from bitshard import index as idx
 
@@ -135,12 +135,19 @@ def test_rotation_resealed_fields_fuzz(dim, bits, kind, dtype, seed):
     assert r.apply(np.zeros((1, dim), np.float32)).shape == (1, r.padded_dimension)
 
 
-@pytest.mark.xfail(strict=True, reason="Rotation accepts a matrix rotation above the C "
-                   "library's 4096 padded-dimension limit; it fails only when first used")
 def test_rotation_resealed_matrix_too_large_is_corrupt():
     data = _sealed(artifacts._ROT_STRUCT.pack(artifacts._ROT_MAGIC, 65536, 1, 1, 0, 0))
-    with pytest.raises(CorruptIndexError):
+    with pytest.raises(CorruptIndexError, match="^rotation bytes hold bad values: matrix "
+                       "rotation dimension must be <= 4096"):
         bitshard.Rotation.from_bytes(data)
+
+
+def test_matrix_rotation_too_large_is_refused_when_asked_for():
+    # Padded dimension 4096 is the largest matrix rotation; 4097 pads to 4160.
+    assert bitshard.build_rq_rotation(4096, rotation_type="matrix").dimension == 4096
+    with pytest.raises(InvalidInputError, match=r"^matrix rotation dimension must be <= 4096 "
+                       r"\(padded dimension 4160 for dimension 4097"):
+        bitshard.build_rq_rotation(4097, rotation_type="matrix")
 
 
 @pytest.mark.parametrize("k,d,values", [

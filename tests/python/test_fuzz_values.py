@@ -91,10 +91,9 @@ def test_build_and_search_adversarial_values(c):
         if c["train"]:
             cent = bitshard.train_ivf(ds, "vector", c["parts"], metric=c["metric"], seed=1,
                                       num_threads=1).centroids
-            # k-means may split a cluster past 2**40 (pinned, xfail, by
-            # test_trained_centroids_stay_accepted below); clip so the rest
-            # of the path is still fuzzed.
-            cent = np.clip(cent, -EDGE, EDGE)
+            # k-means keeps split centroids inside the accepted range
+            # (test_trained_centroids_stay_accepted below).
+            assert np.all(np.abs(cent) <= EDGE), cent
         else:
             cent = x[np.arange(c["parts"]) % rows]
         ds.create_index("vector", num_bits=c["bits"], metric=c["metric"],
@@ -115,9 +114,6 @@ def test_build_and_search_adversarial_values(c):
         assert np.array_equal(dist.view(np.uint32), sdist.view(np.uint32))
 
 
-@pytest.mark.xfail(strict=True, raises=InvalidInputError,
-                   reason="k-means splits an empty cluster past 2**40 (src/kmeans.c "
-                          "repair_by_split clamps to FLT_MAX, not to the accepted range)")
 @pytest.mark.parametrize("value", [-EDGE])
 def test_trained_centroids_stay_accepted(tmp_path, value):
     """Found by test_build_and_search_adversarial_values: two equal rows at
