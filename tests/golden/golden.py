@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -38,6 +39,13 @@ WIDE_DIM, WIDE_ROWS, WIDE_PARTITIONS = 768, 3000, 96
 
 def _uuid(n: int) -> str:
     return f"{n:032x}"
+
+
+def _encode(ds, name, parts, ivf, rot, metric, serials):
+    """One uncommitted segment per fragment list, uuids from ``serials``."""
+    return [ds.create_index_uncommitted(
+        "vector", "IVF_RQ", name=name, ivf_centroids=ivf, rq_rotation=rot, fragment_ids=p,
+        metric=metric, index_uuid=_uuid(next(serials)), num_threads=1) for p in parts]
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -70,7 +78,7 @@ def run(workdir: str) -> Dict[str, str]:
 
     base, queries = _data()
     out: Dict[str, str] = {}
-    serial = 1
+    serials = itertools.count(1)
     for metric in ("l2", "cosine", "dot"):
         ds0 = bitshard.dataset(base, fragment_size=FRAGMENT,
                                index_uri=os.path.join(workdir, f"idx-{metric}"))
@@ -83,26 +91,13 @@ def run(workdir: str) -> Dict[str, str]:
                                   index_uri=os.path.join(workdir, tag))
             frags = [f.id for f in ds.source.fragments()]
             halves = (frags[: len(frags) // 2], frags[len(frags) // 2:])
-            segs = []
-            for part in halves:
-                segs.append(ds.create_index_uncommitted(
-                    "vector", "IVF_RQ", name="merged", ivf_centroids=ivf, rq_rotation=rot,
-                    fragment_ids=part, metric=metric, index_uuid=_uuid(serial), num_threads=1))
-                serial += 1
-            merged = ds.merge_existing_index_segments(segs, index_uuid=_uuid(serial))
-            serial += 1
+            segs = _encode(ds, "merged", halves, ivf, rot, metric, serials)
+            merged = ds.merge_existing_index_segments(segs, index_uuid=_uuid(next(serials)))
             ds.commit_existing_index_segments("merged", "vector", [merged])
-            unmerged = []
-            for part in reversed(halves):  # committed out of order on purpose
-                unmerged.append(ds.create_index_uncommitted(
-                    "vector", "IVF_RQ", name="unmerged", ivf_centroids=ivf, rq_rotation=rot,
-                    fragment_ids=part, metric=metric, index_uuid=_uuid(serial), num_threads=1))
-                serial += 1
+            # Committed out of order on purpose.
+            unmerged = _encode(ds, "unmerged", halves[::-1], ivf, rot, metric, serials)
             ds.commit_existing_index_segments("unmerged", "vector", unmerged)
-            single = ds.create_index_uncommitted(
-                "vector", "IVF_RQ", name="single", ivf_centroids=ivf, rq_rotation=rot,
-                metric=metric, index_uuid=_uuid(serial), num_threads=1)
-            serial += 1
+            single = _encode(ds, "single", [frags], ivf, rot, metric, serials)[0]
             for label, h in [("seg-a", segs[0]), ("seg-b", segs[1]), ("merged", merged),
                              ("single", single)]:
                 out[f"{tag}/file/{label}"] = _file_digest(h.path)
@@ -140,7 +135,7 @@ def _run_wide(workdir: str) -> Dict[str, str]:
     x = (centres[labels] + 0.5 * rng.normal(size=(rows + 8, dim))).astype(np.float32)
     base, queries = x[:rows].copy(), x[rows:].copy()
     out: Dict[str, str] = {}
-    serial = 10_000
+    serials = itertools.count(10_000)
     for metric in ("l2", "cosine"):
         ds0 = bitshard.dataset(base, fragment_size=FRAGMENT,
                                index_uri=os.path.join(workdir, f"wide-idx-{metric}"))
@@ -151,14 +146,8 @@ def _run_wide(workdir: str) -> Dict[str, str]:
             ds = bitshard.dataset(base, fragment_size=FRAGMENT,
                                   index_uri=os.path.join(workdir, tag))
             frags = [f.id for f in ds.source.fragments()]
-            segs = []
-            for part in (frags[:1], frags[1:]):
-                segs.append(ds.create_index_uncommitted(
-                    "vector", "IVF_RQ", name="merged", ivf_centroids=ivf, rq_rotation=rot,
-                    fragment_ids=part, metric=metric, index_uuid=_uuid(serial), num_threads=1))
-                serial += 1
-            merged = ds.merge_existing_index_segments(segs, index_uuid=_uuid(serial))
-            serial += 1
+            segs = _encode(ds, "merged", (frags[:1], frags[1:]), ivf, rot, metric, serials)
+            merged = ds.merge_existing_index_segments(segs, index_uuid=_uuid(next(serials)))
             ds.commit_existing_index_segments("merged", "vector", [merged])
             out[f"{tag}/file/merged"] = _file_digest(merged.path)
             for nprobes in (8, parts):
