@@ -24,27 +24,6 @@ static float g_x[N * D];
 static float g_cent[K * D];
 static const uint8_t UUID[16] = {3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3};
 
-static uint8_t *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (f == NULL) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    void *p = NULL;
-    if (n <= 0 || posix_memalign(&p, 64, (size_t)n) != 0) {
-        fclose(f);
-        return NULL;
-    }
-    size_t got = fread(p, 1, (size_t)n, f);
-    fclose(f);
-    if (got != (size_t)n) {
-        free(p);
-        return NULL;
-    }
-    *len = (size_t)n;
-    return p;
-}
-
 /* Builds a segment of fragments [f0, f1) (100 rows each) into path; also
  * tries the refused inputs on the same builder first. */
 static void build(uint32_t bits, bs_metric metric, uint32_t f0, uint32_t f1,
@@ -54,20 +33,8 @@ static void build(uint32_t bits, bs_metric metric, uint32_t f0, uint32_t f1,
         ids[f - f0] = f;
         rows[f - f0] = 100;
     }
-    bs_segment_spec spec;
-    memset(&spec, 0, sizeof spec);
-    spec.dim = D;
-    spec.num_bits = bits;
-    spec.metric = metric;
-    spec.rotation_kind = BS_ROTATION_FAST;
-    spec.rotation_seed = 5;
-    spec.centroids = g_cent;
-    spec.num_partitions = K;
-    spec.column = "vec";
-    spec.uuid = UUID;
-    spec.fragment_ids = ids;
-    spec.fragment_rows = rows;
-    spec.num_fragments = f1 - f0;
+    bs_segment_spec spec = test_segment_spec(D, bits, metric, 5, g_cent, K, UUID, ids, rows,
+                                             f1 - f0);
     bs_error err;
     bs_segment_builder *b = NULL;
     /* refused specs allocate nothing that outlives the call */
@@ -144,7 +111,7 @@ static void test_loop(void) {
         build(bits, metric, 0, 2, p1);
         build(bits, metric, 2, 3, p2);
         size_t l1 = 0, l2 = 0;
-        uint8_t *b1 = read_all(p1, &l1), *b2 = read_all(p2, &l2);
+        uint8_t *b1 = test_read_file(p1, &l1), *b2 = test_read_file(p2, &l2);
         CHECK(b1 != NULL && b2 != NULL);
         if (b1 == NULL || b2 == NULL) {
             free(b1);
@@ -165,7 +132,7 @@ static void test_loop(void) {
         const bs_segment *twice[2] = {s1, s1};
         CHECK(bs_segment_merge(twice, 2, UUID, pm, &err) == BS_ERR_INVALID_ARGUMENT);
         size_t lm = 0;
-        uint8_t *bm = read_all(pm, &lm);
+        uint8_t *bm = test_read_file(pm, &lm);
         CHECK(bm != NULL && bs_segment_open(bm, lm, &sm, &err) == BS_OK);
         const bs_segment *merged[1] = {sm};
         if (sm) search_all(merged, 1);

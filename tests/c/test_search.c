@@ -74,20 +74,8 @@ static opened build(uint32_t f0, uint32_t f1, uint32_t bits, bs_metric metric,
         ids[f - f0] = f;
         rows[f - f0] = FRAG_ROWS;
     }
-    bs_segment_spec spec;
-    memset(&spec, 0, sizeof spec);
-    spec.dim = D;
-    spec.num_bits = bits;
-    spec.metric = metric;
-    spec.rotation_kind = BS_ROTATION_FAST;
-    spec.rotation_seed = 99;
-    spec.centroids = g_cent;
-    spec.num_partitions = K;
-    spec.column = "vec";
-    spec.uuid = UUID;
-    spec.fragment_ids = ids;
-    spec.fragment_rows = rows;
-    spec.num_fragments = f1 - f0;
+    bs_segment_spec spec = test_segment_spec(D, bits, metric, 99, g_cent, K,
+                                             UUID, ids, rows, f1 - f0);
     bs_error err;
     bs_segment_builder *b = NULL;
     CHECK(bs_builder_create(&spec, &b, &err) == BS_OK);
@@ -395,20 +383,7 @@ static void test_lower_bounds_kernel(void) {
 static opened build_with(const float *x, uint32_t dim, const float *cent, uint32_t k,
                          bs_metric metric) {
     uint64_t ids[1] = {0}, rows[1] = {FRAG_ROWS};
-    bs_segment_spec spec;
-    memset(&spec, 0, sizeof spec);
-    spec.dim = dim;
-    spec.num_bits = 1;
-    spec.metric = metric;
-    spec.rotation_kind = BS_ROTATION_FAST;
-    spec.rotation_seed = 5;
-    spec.centroids = cent;
-    spec.num_partitions = k;
-    spec.column = "vec";
-    spec.uuid = UUID;
-    spec.fragment_ids = ids;
-    spec.fragment_rows = rows;
-    spec.num_fragments = 1;
+    bs_segment_spec spec = test_segment_spec(dim, 1, metric, 5, cent, k, UUID, ids, rows, 1);
     bs_error err;
     bs_segment_builder *b = NULL;
     CHECK(bs_builder_create(&spec, &b, &err) == BS_OK);
@@ -496,20 +471,8 @@ static void test_ties_by_rowid(void) {
     uint64_t ids[2] = {5, 3}, rows[2] = {FRAG_ROWS, FRAG_ROWS};
     const uint32_t bits_list[2] = {9, 4};
     for (int bi = 0; bi < 2; bi++) {
-        bs_segment_spec spec;
-        memset(&spec, 0, sizeof spec);
-        spec.dim = D;
-        spec.num_bits = bits_list[bi];
-        spec.metric = BS_METRIC_L2;
-        spec.rotation_kind = BS_ROTATION_FAST;
-        spec.rotation_seed = 3;
-        spec.centroids = g_cent;
-        spec.num_partitions = K;
-        spec.column = "vec";
-        spec.uuid = UUID;
-        spec.fragment_ids = ids;
-        spec.fragment_rows = rows;
-        spec.num_fragments = 2;
+        bs_segment_spec spec = test_segment_spec(D, bits_list[bi], BS_METRIC_L2, 3, g_cent, K,
+                                                 UUID, ids, rows, 2);
         bs_error err;
         bs_segment_builder *b = NULL;
         CHECK(bs_builder_create(&spec, &b, &err) == BS_OK);
@@ -575,20 +538,8 @@ static void test_empty_results(void) {
         opened full = build(0, NFRAG, bits, BS_METRIC_L2, "z1");
         /* a segment whose fragment holds rows, none of them added */
         uint64_t ids[1] = {NFRAG}, rows[1] = {FRAG_ROWS};
-        bs_segment_spec spec;
-        memset(&spec, 0, sizeof spec);
-        spec.dim = D;
-        spec.num_bits = bits;
-        spec.metric = BS_METRIC_L2;
-        spec.rotation_kind = BS_ROTATION_FAST;
-        spec.rotation_seed = 99;
-        spec.centroids = g_cent;
-        spec.num_partitions = K;
-        spec.column = "vec";
-        spec.uuid = UUID;
-        spec.fragment_ids = ids;
-        spec.fragment_rows = rows;
-        spec.num_fragments = 1;
+        bs_segment_spec spec = test_segment_spec(D, bits, BS_METRIC_L2, 99, g_cent, K,
+                                                 UUID, ids, rows, 1);
         bs_error err;
         bs_segment_builder *b = NULL;
         CHECK(bs_builder_create(&spec, &b, &err) == BS_OK);

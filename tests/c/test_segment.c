@@ -39,30 +39,9 @@ static uint8_t *aligned_copy(const uint8_t *src, size_t len) {
     return p;
 }
 
-static uint8_t *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (f == NULL) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    void *p = NULL;
-    if (posix_memalign(&p, 64, n ? (size_t)n : 1) != 0) {
-        fclose(f);
-        return NULL;
-    }
-    if (fread(p, 1, (size_t)n, f) != (size_t)n) {
-        free(p);
-        fclose(f);
-        return NULL;
-    }
-    fclose(f);
-    *len = (size_t)n;
-    return p;
-}
-
 static int files_equal(const char *a, const char *b) {
     size_t la = 0, lb = 0;
-    uint8_t *x = read_file(a, &la), *y = read_file(b, &lb);
+    uint8_t *x = test_read_file(a, &la), *y = test_read_file(b, &lb);
     int eq = x && y && la == lb && memcmp(x, y, la) == 0;
     if (x && y && !eq) {
         size_t i = 0;
@@ -84,7 +63,7 @@ typedef struct loaded {
 
 static bs_status load(const char *path, loaded *out, bs_error *err) {
     out->seg = NULL;
-    out->data = read_file(path, &out->len);
+    out->data = test_read_file(path, &out->len);
     if (out->data == NULL) return BS_ERR_IO;
     return bs_segment_open(out->data, out->len, &out->seg, err);
 }
@@ -604,7 +583,7 @@ static void test_corruption(void) {
     CHECK(build_range(&ds, 3, BS_METRIC_L2, BS_ROTATION_FAST, ids, rows, 0, 2,
                       16, 0, UUID_A, path, &err) == BS_OK);
     size_t len = 0;
-    uint8_t *orig = read_file(path, &len);
+    uint8_t *orig = test_read_file(path, &len);
     CHECK(orig != NULL && len > 0);
     if (orig == NULL) return;
     CHECK(open_bytes(orig, len, &err) == BS_OK);
@@ -670,7 +649,7 @@ static void test_corruption(void) {
         CHECK(build_range(&ds, 9, BS_METRIC_L2, BS_ROTATION_FAST, ids, rows, 0, 2, 16, 0,
                           UUID_A, p9, &err) == BS_OK);
         size_t len9 = 0;
-        uint8_t *orig9 = read_file(p9, &len9);
+        uint8_t *orig9 = test_read_file(p9, &len9);
         CHECK(orig9 != NULL);
         if (orig9 != NULL) {
             CHECK(bs_load_u32(orig9 + BS_HDR_READ_VERSION) == 2);

@@ -1,6 +1,9 @@
+#define _POSIX_C_SOURCE 200809L /* posix_memalign */
 #include "testing.h"
 
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 int bs_test_failures = 0;
 
@@ -19,4 +22,47 @@ double test_rand_normal(uint64_t *state) {
     double u1 = test_rand_uniform(state), u2 = test_rand_uniform(state);
     if (u1 < 1e-300) u1 = 1e-300;
     return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+uint8_t *test_read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    void *p = NULL;
+    if (n < 0 || posix_memalign(&p, 64, n ? (size_t)n : 1) != 0) {
+        fclose(f);
+        return NULL;
+    }
+    if (fread(p, 1, (size_t)n, f) != (size_t)n) {
+        free(p);
+        fclose(f);
+        return NULL;
+    }
+    fclose(f);
+    *len = (size_t)n;
+    return p;
+}
+
+bs_segment_spec test_segment_spec(uint32_t dim, uint32_t bits, bs_metric metric,
+                                  uint64_t rotation_seed, const float *centroids,
+                                  uint32_t num_partitions, const uint8_t *uuid,
+                                  const uint64_t *fragment_ids,
+                                  const uint64_t *fragment_rows, uint32_t num_fragments) {
+    bs_segment_spec spec;
+    memset(&spec, 0, sizeof spec);
+    spec.dim = dim;
+    spec.num_bits = bits;
+    spec.metric = metric;
+    spec.rotation_kind = BS_ROTATION_FAST;
+    spec.rotation_seed = rotation_seed;
+    spec.centroids = centroids;
+    spec.num_partitions = num_partitions;
+    spec.column = "vec";
+    spec.uuid = uuid;
+    spec.fragment_ids = fragment_ids;
+    spec.fragment_rows = fragment_rows;
+    spec.num_fragments = num_fragments;
+    return spec;
 }

@@ -3,8 +3,11 @@
 #ifndef BS_TESTING_H
 #define BS_TESTING_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+
+#include "bitshard.h"
 
 extern int bs_test_failures;
 
@@ -34,6 +37,18 @@ uint64_t test_rand_u64(uint64_t *state);
 double test_rand_uniform(uint64_t *state);
 /* Standard normal. */
 double test_rand_normal(uint64_t *state);
+
+/* The whole file in a 64-byte aligned buffer (as the segment reader wants
+ * it; free() it), or NULL. An empty file gives a 1-byte buffer and len 0. */
+uint8_t *test_read_file(const char *path, size_t *len);
+
+/* A segment spec with the fields every test sets (the fast rotation, column
+ * "vec"); the arrays are borrowed, not copied. */
+bs_segment_spec test_segment_spec(uint32_t dim, uint32_t bits, bs_metric metric,
+                                  uint64_t rotation_seed, const float *centroids,
+                                  uint32_t num_partitions, const uint8_t *uuid,
+                                  const uint64_t *fragment_ids,
+                                  const uint64_t *fragment_rows, uint32_t num_fragments);
 
 #define TEST_MAIN_END()                                                        \
     do {                                                                       \
