@@ -329,81 +329,9 @@ def main(argv=None) -> int:
             log(f"  {label}: built in {res['build_seconds']:.2f} s, "
                 f"{res['index_bytes'] / data.n:.1f} B/vector, peak RSS {peak / 2**20:.0f} MB "
                 f"({time.perf_counter() - t:.0f} s wall)")
-            mod = load(fam)
-            dist_checks = []
-            for mode in dist_modes(fam, v, mod, args):
-                ddir = os.path.join(work_root, f"{data.name}-{label}-dist-{mode}")
-                shutil.rmtree(ddir, ignore_errors=True)
-                os.makedirs(ddir)
-                dparams = dict(params, dist=mode)
-                dist_spec = dict(spec, phase="build_dist", params=dparams, workdir=ddir,
-                                 workers=args.workers)
-                dres, dpeak, derr, dtimes = _best_build(
-                    lambda: run_child(dist_spec, all_cores, args.timeout, specdir), repeats,
-                    ddir)
-                key = "build_seconds_distributed" if mode == "processes" else "build_seconds_lance_ray"
-                if derr:
-                    vrow["notes"].append(f"distributed build ({mode}) failed: {derr[:600]}")
-                    log(f"  {label}: distributed ({mode}) FAILED: {derr[:300]}")
-                elif dres.get("skipped"):
-                    vrow["notes"].append(f"distributed ({mode}) skipped: {dres['skipped']}")
-                else:
-                    vrow[key] = dres["build_seconds"]
-                    vrow[key + "_all"] = dtimes
-                    vrow["distributed_workers"] = args.workers
-                    # all the build's processes together (sampled sum over the tree)
-                    vrow[("peak_rss_distributed_bytes" if mode == "processes"
-                          else "peak_rss_lance_ray_bytes")] = dres.get("tree_peak_rss_bytes") or dpeak
-                    chk = dres.get("check") or {}
-                    if chk:
-                        dist_checks.append((mode, chk))
-                    vrow["notes"].append(
-                        f"distributed ({mode}): {dres.get('note')}; {dres['build_seconds']:.2f} s; "
-                        f"index {dres['index_bytes']} B; recall@10 "
-                        f"{chk.get('recall_at_10', float('nan')):.4f} at {chk.get('setting')} "
-                        f"on {chk.get('queries')} queries")
-                    log(f"  {label}: distributed ({mode}, {args.workers} workers) "
-                        f"{dres['build_seconds']:.2f} s; check recall "
-                        f"{chk.get('recall_at_10', float('nan')):.3f}")
-                if not args.keep:
-                    shutil.rmtree(ddir, ignore_errors=True)
-            for th in threads:
-                if args.drop_caches:
-                    _drop_caches(vrow)
-                sres, _, serr = run_child(
-                    dict(spec, phase="search", threads=th, thin=th > 1,
-                         budget_seconds=args.budget if th == 1 else args.budget / 2),
-                    th, args.timeout, specdir)
-                if serr:
-                    log(f"  {label}: search threads={th} FAILED: {serr[:300]}")
-                    rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
-                                     notes=vrow["notes"] + [f"search failed: {serr}"]))
-                    continue
-                snotes = list(sres.get("notes", []))
-                la = max(sres.get("loadavg_start") or 0, sres.get("loadavg_end") or 0)
-                if la > all_cores + 0.5:
-                    snotes.append(f"machine busy during search: load average {la:.1f} on "
-                                  f"{all_cores} cores (QPS not trustworthy)")
-                for pt in sres["points"]:
-                    sp = pt["setting"]
-                    row = dict(vrow, threads=th, nprobes=sp.get("nprobes"), refine=sp.get("refine"),
-                               search_params=sp, recall_at_10=pt["recall_at_10"], qps=pt["qps"],
-                               queries_measured=pt["queries_measured"],
-                               cold_first_result_seconds=sres["cold_first_result_seconds"],
-                               cold_open_seconds=sres["cold_open_seconds"],
-                               cold_with_import_seconds=(sres["cold_first_result_seconds"]
-                                                         + (sres.get("import_seconds") or 0)),
-                               import_seconds=sres.get("import_seconds"), loadavg_search=la,
-                               notes=vrow["notes"] + snotes)
-                    for key in pt:
-                        if key.endswith("_per_query") or key == "codes_per_second":
-                            row[key] = pt[key]
-                    rows.append(row)
-                best = max((p["recall_at_10"] for p in sres["points"]), default=float("nan"))
-                fastest = max((p["qps"] or 0 for p in sres["points"]), default=0)
-                log(f"  {label}: threads={th}: {len(sres['points'])} settings, max recall "
-                    f"{best:.3f}, max QPS {fastest:,.0f}, cold first result "
-                    f"{sres['cold_first_result_seconds']:.2f} s")
+            dist_checks = _distributed_builds(fam, v, label, params, spec, vrow, data, args,
+                                              work_root, all_cores, specdir, repeats)
+            _search_rows(rows, vrow, label, spec, threads, args, all_cores, specdir)
             _compare_checks(rows, label, data, dist_checks, args.k, spec, specdir, args)
             if fam == "bitshard" and not args.no_profile:
                 prof = _profile(spec, rows, label, data.name, v, all_cores, args, specdir)
@@ -414,6 +342,100 @@ def main(argv=None) -> int:
             _write(args.out, rows)
             if not args.keep:
                 shutil.rmtree(wdir, ignore_errors=True)
+    _finish(rows, profiles, env_note, args, t_start)
+    if not args.workdir:
+        shutil.rmtree(work_root, ignore_errors=True)
+    return 0
+
+
+def _distributed_builds(fam, v, label, params, spec, vrow, data, args, work_root, all_cores,
+                        specdir, repeats) -> list:
+    """Build the variant distributed in every mode it supports; note the
+    times and memory in ``vrow``; return the (mode, recall check) pairs."""
+    mod = load(fam)
+    dist_checks = []
+    for mode in dist_modes(fam, v, mod, args):
+        ddir = os.path.join(work_root, f"{data.name}-{label}-dist-{mode}")
+        shutil.rmtree(ddir, ignore_errors=True)
+        os.makedirs(ddir)
+        dparams = dict(params, dist=mode)
+        dist_spec = dict(spec, phase="build_dist", params=dparams, workdir=ddir,
+                         workers=args.workers)
+        dres, dpeak, derr, dtimes = _best_build(
+            lambda: run_child(dist_spec, all_cores, args.timeout, specdir), repeats,
+            ddir)
+        key = "build_seconds_distributed" if mode == "processes" else "build_seconds_lance_ray"
+        if derr:
+            vrow["notes"].append(f"distributed build ({mode}) failed: {derr[:600]}")
+            log(f"  {label}: distributed ({mode}) FAILED: {derr[:300]}")
+        elif dres.get("skipped"):
+            vrow["notes"].append(f"distributed ({mode}) skipped: {dres['skipped']}")
+        else:
+            vrow[key] = dres["build_seconds"]
+            vrow[key + "_all"] = dtimes
+            vrow["distributed_workers"] = args.workers
+            # all the build's processes together (sampled sum over the tree)
+            vrow[("peak_rss_distributed_bytes" if mode == "processes"
+                  else "peak_rss_lance_ray_bytes")] = dres.get("tree_peak_rss_bytes") or dpeak
+            chk = dres.get("check") or {}
+            if chk:
+                dist_checks.append((mode, chk))
+            vrow["notes"].append(
+                f"distributed ({mode}): {dres.get('note')}; {dres['build_seconds']:.2f} s; "
+                f"index {dres['index_bytes']} B; recall@10 "
+                f"{chk.get('recall_at_10', float('nan')):.4f} at {chk.get('setting')} "
+                f"on {chk.get('queries')} queries")
+            log(f"  {label}: distributed ({mode}, {args.workers} workers) "
+                f"{dres['build_seconds']:.2f} s; check recall "
+                f"{chk.get('recall_at_10', float('nan')):.3f}")
+        if not args.keep:
+            shutil.rmtree(ddir, ignore_errors=True)
+    return dist_checks
+
+
+def _search_rows(rows, vrow, label, spec, threads, args, all_cores, specdir) -> None:
+    """Run the search phase at each thread count; append one row per setting."""
+    for th in threads:
+        if args.drop_caches:
+            _drop_caches(vrow)
+        sres, _, serr = run_child(
+            dict(spec, phase="search", threads=th, thin=th > 1,
+                 budget_seconds=args.budget if th == 1 else args.budget / 2),
+            th, args.timeout, specdir)
+        if serr:
+            log(f"  {label}: search threads={th} FAILED: {serr[:300]}")
+            rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
+                             notes=vrow["notes"] + [f"search failed: {serr}"]))
+            continue
+        snotes = list(sres.get("notes", []))
+        la = max(sres.get("loadavg_start") or 0, sres.get("loadavg_end") or 0)
+        if la > all_cores + 0.5:
+            snotes.append(f"machine busy during search: load average {la:.1f} on "
+                          f"{all_cores} cores (QPS not trustworthy)")
+        for pt in sres["points"]:
+            sp = pt["setting"]
+            row = dict(vrow, threads=th, nprobes=sp.get("nprobes"), refine=sp.get("refine"),
+                       search_params=sp, recall_at_10=pt["recall_at_10"], qps=pt["qps"],
+                       queries_measured=pt["queries_measured"],
+                       cold_first_result_seconds=sres["cold_first_result_seconds"],
+                       cold_open_seconds=sres["cold_open_seconds"],
+                       cold_with_import_seconds=(sres["cold_first_result_seconds"]
+                                                 + (sres.get("import_seconds") or 0)),
+                       import_seconds=sres.get("import_seconds"), loadavg_search=la,
+                       notes=vrow["notes"] + snotes)
+            for key in pt:
+                if key.endswith("_per_query") or key == "codes_per_second":
+                    row[key] = pt[key]
+            rows.append(row)
+        best = max((p["recall_at_10"] for p in sres["points"]), default=float("nan"))
+        fastest = max((p["qps"] or 0 for p in sres["points"]), default=0)
+        log(f"  {label}: threads={th}: {len(sres['points'])} settings, max recall "
+            f"{best:.3f}, max QPS {fastest:,.0f}, cold first result "
+            f"{sres['cold_first_result_seconds']:.2f} s")
+
+
+def _finish(rows, profiles, env_note, args, t_start) -> None:
+    """Write the rows, the plot and the summary files; log the summary."""
     for r in rows:
         r.setdefault("notes", [])
         r["env"] = env_note
@@ -429,9 +451,6 @@ def main(argv=None) -> int:
     log(text)
     log(f"\nrows: {args.out}\nplot: {png if not perr else perr}\nsummary: {summary_path}.txt"
         f"\ntotal {time.perf_counter() - t_start:.0f} s")
-    if not args.workdir:
-        shutil.rmtree(work_root, ignore_errors=True)
-    return 0
 
 
 def _compare_checks(rows, label, data, checks, k, spec, specdir, args) -> None:
