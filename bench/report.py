@@ -96,102 +96,9 @@ def summarize(rows: List[dict], profiles: Optional[List[dict]] = None) -> Tuple[
                              and r.get("threads") is not None})
         head = {"dataset": ds, "dim": d, "rows": n}
         for th in thread_set:
-            curves = _curves(rows, ds, th)
-            lines.append(f"-- threads={th} --")
-            lines.append(f"{'system':32s} {'QPS@0.90':>10s} {'QPS@0.95':>10s} {'max rec':>8s} "
-                         f"{'build s':>8s} {'dist s':>8s} {'B/vec':>7s} {'peakRSS MB':>10s} "
-                         f"{'cold s':>7s} {'+import':>7s}")
-            at: Dict[str, Dict[float, Optional[float]]] = {}
-            for name, c in curves.items():
-                at[name] = {t: qps_at(c["points"], t) for t in TARGETS}
-                b = builds.get(name, {})
-                mx = max((p[0] for p in c["points"]), default=None)
-                lines.append(
-                    f"{name:32s} {_fmt(at[name][0.90]):>10s} {_fmt(at[name][0.95]):>10s} "
-                    f"{_fmt(mx, 3):>8s} {_fmt(b.get('build_seconds'), 1):>8s} "
-                    f"{_fmt(b.get('build_seconds_distributed'), 1):>8s} "
-                    f"{_fmt(b.get('bytes_per_vector'), 1):>7s} "
-                    f"{_fmt((b.get('peak_rss_bytes') or 0) / 2**20 if b.get('peak_rss_bytes') else None, 0):>10s} "
-                    f"{_fmt(c['row'].get('cold_first_result_seconds'), 2):>7s} "
-                    f"{_fmt(c['row'].get('cold_with_import_seconds'), 2):>7s}")
-
-            def best(fams, t, exclude_prefix=None):
-                cand = [(v[t], name) for name, v in at.items()
-                        if curves[name]["family"] in fams and v[t]]
-                return max(cand) if cand else (None, None)
-
-            for t in TARGETS:
-                bs, bsn = best(("bitshard",), t)
-                pf, pfn = best(PEERS_FAST, t)
-                rq, rqn = best(("rabitqlib",), t)
-                r1 = bs / pf if bs and pf else None
-                r2 = bs / rq if bs and rq else None
-                lines.append(
-                    f"recall {t:.2f}: bitshard best {_fmt(bs)} ({bsn or 'does not reach'}); "
-                    f"best pylance/FAISS {_fmt(pf)} ({pfn or '-'}) -> ratio {_fmt(r1, 2, 'x')} "
-                    f"[target >= 1.5x]{_short(r1, 1.5)}; rabitqlib {_fmt(rq)} ({rqn or '-'}) -> "
-                    f"ratio {_fmt(r2, 2, 'x')} [target >= 1.0x]{_short(r2, 1.0)}")
-                head[f"t{th}_r{int(t * 100)}"] = {"bitshard": bs, "bitshard_system": bsn,
-                                                  "best_pylance_faiss": pf, "peer_system": pfn,
-                                                  "ratio_vs_pylance_faiss": r1,
-                                                  "rabitqlib": rq, "rabitqlib_system": rqn,
-                                                  "ratio_vs_rabitqlib": r2}
-        # build throughput and size
-        for bits in (1, 4, 9):
-            b, p = builds.get(f"bitshard-{bits}bit"), builds.get(f"pylance-ivfrq-{bits}bit")
-            if b and p:
-                for key, what in (("build_seconds", "single process"),
-                                  ("build_seconds_distributed", "distributed")):
-                    if b.get(key) and p.get(key):
-                        ratio = p[key] / b[key]
-                        lines.append(f"build throughput {bits}-bit ({what}): bitshard "
-                                     f"{n / b[key]:,.0f} rows/s vs pylance {n / p[key]:,.0f} "
-                                     f"rows/s -> {ratio:.2f}x [target >= 2x]{_short(ratio, 2.0)}")
-                        head[f"build_ratio_{bits}bit_{'dist' if 'dist' in key else 'single'}"] = ratio
-        b1 = builds.get("bitshard-1bit")
-        if b1 and b1.get("bytes_per_vector") and d:
-            target = d / 8 + 16
-            over = b1["bytes_per_vector"] - target
-            lines.append(f"bitshard-1bit index: {b1['bytes_per_vector']:.1f} bytes/vector vs target "
-                         f"d/8+16 = {target:.0f} -> {b1['bytes_per_vector'] / target:.2f}x of target"
-                         + (f"  SHORT: {over:.1f} bytes/vector over" if over > 0 else "")
-                         + (f" (the IVF centroids alone, P x d float32, are "
-                            f"{some.get('partitions') * d * 4 / n:.1f} bytes/vector at this size)"
-                            if some.get("partitions") and n else ""))
-            head["bitshard_1bit_bytes_per_vector"] = b1["bytes_per_vector"]
-            head["target_bytes_per_vector"] = target
-        # stage counts of bitshard near recall 0.9 (single thread)
-        for r in rows:
-            if r.get("dataset") == ds and r.get("family") == "bitshard" and r.get("threads") == 1 \
-                    and r.get("codes_scanned_per_query") is not None:
-                head.setdefault("_stage_rows", []).append(r)
-        st = head.pop("_stage_rows", [])
-        if st:
-            lines.append("bitshard staged scan (threads=1, the fastest setting reaching recall 0.90, "
-                         "per variant):")
-            for name in OrderedDict((r["system"], None) for r in st):
-                r = setting_at([r for r in st if r["system"] == name], 0.90)
-                lines.append(
-                    f"  {name}: nprobes={r.get('nprobes')} refine={r.get('refine')} "
-                    f"recall={_fmt(r.get('recall_at_10'), 3)}: codes scanned/query "
-                    f"{_fmt(r.get('codes_scanned_per_query'))}, stage 2 "
-                    f"{_fmt(r.get('codes_stage2_per_query'), 1)}, reranked "
-                    f"{_fmt(r.get('candidates_per_query'), 1)}; "
-                    f"{_fmt((r.get('codes_per_second') or 0) / 1e6, 1)} M codes/s end to end")
-        for pr in profiles or []:
-            if pr.get("dataset") != ds:
-                continue
-            lines.append(f"profile of {pr['system']}:")
-            if pr.get("build"):
-                b = pr["build"]
-                lines.append(f"  build {b['seconds']:.1f} s: " + "; ".join(
-                    f"{e['function']} {100 * (e['share'] or 0):.0f}%" for e in b["top"][:4]))
-            sr = pr.get("search") or {}
-            if sr:
-                lines.append(f"  search {sr['ms_per_query']:.2f} ms/query at {sr['setting']} "
-                             f"(recall {pr.get('recall_at_setting', float('nan')):.3f}): " + "; ".join(
-                                 f"{e['function']} {100 * (e['share'] or 0):.0f}%"
-                                 for e in sr["top"][:6]))
+            _thread_lines(rows, ds, th, builds, head, lines)
+        _build_lines(builds, n, d, some, head, lines)
+        _stage_lines(rows, ds, profiles, head, lines)
         heads.append(head)
     versions = OrderedDict((r.get("version"), None) for r in rows if r.get("version"))
     env = next((r.get("env") for r in rows if r.get("env")), None)
@@ -214,6 +121,114 @@ def summarize(rows: List[dict], profiles: Optional[List[dict]] = None) -> Tuple[
             lines.append(f"{r.get('dataset')} {r['system']} threads={r.get('threads')}: "
                          + " | ".join(r["notes"])[:400])
     return "\n".join(lines), heads
+
+
+def _thread_lines(rows, ds, th, builds, head, lines) -> None:
+    """The table and the ratio lines of one dataset at one thread count."""
+    curves = _curves(rows, ds, th)
+    lines.append(f"-- threads={th} --")
+    lines.append(f"{'system':32s} {'QPS@0.90':>10s} {'QPS@0.95':>10s} {'max rec':>8s} "
+                 f"{'build s':>8s} {'dist s':>8s} {'B/vec':>7s} {'peakRSS MB':>10s} "
+                 f"{'cold s':>7s} {'+import':>7s}")
+    at: Dict[str, Dict[float, Optional[float]]] = {}
+    for name, c in curves.items():
+        at[name] = {t: qps_at(c["points"], t) for t in TARGETS}
+        b = builds.get(name, {})
+        mx = max((p[0] for p in c["points"]), default=None)
+        lines.append(
+            f"{name:32s} {_fmt(at[name][0.90]):>10s} {_fmt(at[name][0.95]):>10s} "
+            f"{_fmt(mx, 3):>8s} {_fmt(b.get('build_seconds'), 1):>8s} "
+            f"{_fmt(b.get('build_seconds_distributed'), 1):>8s} "
+            f"{_fmt(b.get('bytes_per_vector'), 1):>7s} "
+            f"{_fmt((b.get('peak_rss_bytes') or 0) / 2**20 if b.get('peak_rss_bytes') else None, 0):>10s} "
+            f"{_fmt(c['row'].get('cold_first_result_seconds'), 2):>7s} "
+            f"{_fmt(c['row'].get('cold_with_import_seconds'), 2):>7s}")
+
+    def best(fams, t, exclude_prefix=None):
+        cand = [(v[t], name) for name, v in at.items()
+                if curves[name]["family"] in fams and v[t]]
+        return max(cand) if cand else (None, None)
+
+    for t in TARGETS:
+        bs, bsn = best(("bitshard",), t)
+        pf, pfn = best(PEERS_FAST, t)
+        rq, rqn = best(("rabitqlib",), t)
+        r1 = bs / pf if bs and pf else None
+        r2 = bs / rq if bs and rq else None
+        lines.append(
+            f"recall {t:.2f}: bitshard best {_fmt(bs)} ({bsn or 'does not reach'}); "
+            f"best pylance/FAISS {_fmt(pf)} ({pfn or '-'}) -> ratio {_fmt(r1, 2, 'x')} "
+            f"[target >= 1.5x]{_short(r1, 1.5)}; rabitqlib {_fmt(rq)} ({rqn or '-'}) -> "
+            f"ratio {_fmt(r2, 2, 'x')} [target >= 1.0x]{_short(r2, 1.0)}")
+        head[f"t{th}_r{int(t * 100)}"] = {"bitshard": bs, "bitshard_system": bsn,
+                                          "best_pylance_faiss": pf, "peer_system": pfn,
+                                          "ratio_vs_pylance_faiss": r1,
+                                          "rabitqlib": rq, "rabitqlib_system": rqn,
+                                          "ratio_vs_rabitqlib": r2}
+
+
+def _build_lines(builds, n, d, some, head, lines) -> None:
+    """Build throughput against pylance, and the 1-bit index size."""
+    # build throughput and size
+    for bits in (1, 4, 9):
+        b, p = builds.get(f"bitshard-{bits}bit"), builds.get(f"pylance-ivfrq-{bits}bit")
+        if b and p:
+            for key, what in (("build_seconds", "single process"),
+                              ("build_seconds_distributed", "distributed")):
+                if b.get(key) and p.get(key):
+                    ratio = p[key] / b[key]
+                    lines.append(f"build throughput {bits}-bit ({what}): bitshard "
+                                 f"{n / b[key]:,.0f} rows/s vs pylance {n / p[key]:,.0f} "
+                                 f"rows/s -> {ratio:.2f}x [target >= 2x]{_short(ratio, 2.0)}")
+                    head[f"build_ratio_{bits}bit_{'dist' if 'dist' in key else 'single'}"] = ratio
+    b1 = builds.get("bitshard-1bit")
+    if b1 and b1.get("bytes_per_vector") and d:
+        target = d / 8 + 16
+        over = b1["bytes_per_vector"] - target
+        lines.append(f"bitshard-1bit index: {b1['bytes_per_vector']:.1f} bytes/vector vs target "
+                     f"d/8+16 = {target:.0f} -> {b1['bytes_per_vector'] / target:.2f}x of target"
+                     + (f"  SHORT: {over:.1f} bytes/vector over" if over > 0 else "")
+                     + (f" (the IVF centroids alone, P x d float32, are "
+                        f"{some.get('partitions') * d * 4 / n:.1f} bytes/vector at this size)"
+                        if some.get("partitions") and n else ""))
+        head["bitshard_1bit_bytes_per_vector"] = b1["bytes_per_vector"]
+        head["target_bytes_per_vector"] = target
+
+
+def _stage_lines(rows, ds, profiles, head, lines) -> None:
+    """bitshard's staged-scan counts near recall 0.90, and its profiles."""
+    # stage counts of bitshard near recall 0.9 (single thread)
+    for r in rows:
+        if r.get("dataset") == ds and r.get("family") == "bitshard" and r.get("threads") == 1 \
+                and r.get("codes_scanned_per_query") is not None:
+            head.setdefault("_stage_rows", []).append(r)
+    st = head.pop("_stage_rows", [])
+    if st:
+        lines.append("bitshard staged scan (threads=1, the fastest setting reaching recall 0.90, "
+                     "per variant):")
+        for name in OrderedDict((r["system"], None) for r in st):
+            r = setting_at([r for r in st if r["system"] == name], 0.90)
+            lines.append(
+                f"  {name}: nprobes={r.get('nprobes')} refine={r.get('refine')} "
+                f"recall={_fmt(r.get('recall_at_10'), 3)}: codes scanned/query "
+                f"{_fmt(r.get('codes_scanned_per_query'))}, stage 2 "
+                f"{_fmt(r.get('codes_stage2_per_query'), 1)}, reranked "
+                f"{_fmt(r.get('candidates_per_query'), 1)}; "
+                f"{_fmt((r.get('codes_per_second') or 0) / 1e6, 1)} M codes/s end to end")
+    for pr in profiles or []:
+        if pr.get("dataset") != ds:
+            continue
+        lines.append(f"profile of {pr['system']}:")
+        if pr.get("build"):
+            b = pr["build"]
+            lines.append(f"  build {b['seconds']:.1f} s: " + "; ".join(
+                f"{e['function']} {100 * (e['share'] or 0):.0f}%" for e in b["top"][:4]))
+        sr = pr.get("search") or {}
+        if sr:
+            lines.append(f"  search {sr['ms_per_query']:.2f} ms/query at {sr['setting']} "
+                         f"(recall {pr.get('recall_at_setting', float('nan')):.3f}): " + "; ".join(
+                             f"{e['function']} {100 * (e['share'] or 0):.0f}%"
+                             for e in sr["top"][:6]))
 
 
 COLORS = {"bitshard": ["#d62728", "#ff7f0e", "#8c564b", "#e377c2"],
