@@ -1,6 +1,7 @@
 #define _POSIX_C_SOURCE 200809L /* posix_memalign */
 #include "testing.h"
 
+#include <dirent.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,4 +66,28 @@ bs_segment_spec test_segment_spec(uint32_t dim, uint32_t bits, bs_metric metric,
     spec.fragment_rows = fragment_rows;
     spec.num_fragments = num_fragments;
     return spec;
+}
+
+int test_replay_dir(const char *dir,
+                    void (*each)(const char *name, const uint8_t *data, size_t len, void *ctx),
+                    void *ctx) {
+    DIR *d = opendir(dir);
+    CHECK_MSG(d != NULL, "cannot open %s", dir);
+    if (d == NULL) return -1;
+    int files = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        size_t len = 0;
+        uint8_t *data = test_read_file(path, &len);
+        CHECK_MSG(data != NULL, "cannot read %s", path);
+        if (data == NULL) continue;
+        files++;
+        each(e->d_name, data, len, ctx);
+        free(data);
+    }
+    closedir(d);
+    return files;
 }

@@ -42,6 +42,14 @@ double test_rand_normal(uint64_t *state);
  * it; free() it), or NULL. An empty file gives a 1-byte buffer and len 0. */
 uint8_t *test_read_file(const char *path, size_t *len);
 
+/* Calls each(name, data, len, ctx) for every file of dir not starting with
+ * '.', the bytes 64-byte aligned and freed after the call (a corpus replay
+ * without libFuzzer). Returns the number of files, or -1 (with a failed
+ * CHECK) when dir cannot be opened. */
+int test_replay_dir(const char *dir,
+                    void (*each)(const char *name, const uint8_t *data, size_t len, void *ctx),
+                    void *ctx);
+
 /* A segment spec with the fields every test sets (the fast rotation, column
  * "vec"); the arrays are borrowed, not copied. */
 bs_segment_spec test_segment_spec(uint32_t dim, uint32_t bits, bs_metric metric,
