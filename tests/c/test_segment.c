@@ -109,20 +109,9 @@ static bs_segment_spec base_spec(const dataset *ds, uint32_t bits,
                                  bs_metric metric, bs_rotation_kind kind,
                                  const uint64_t *ids, const uint64_t *rows,
                                  uint32_t nf) {
-    bs_segment_spec s;
-    memset(&s, 0, sizeof s);
-    s.dim = ds->d;
-    s.num_bits = bits;
-    s.metric = metric;
+    bs_segment_spec s = test_segment_spec(ds->d, bits, metric, 12345, ds->centroids, ds->k,
+                                          UUID_A, ids, rows, nf);
     s.rotation_kind = kind;
-    s.rotation_seed = 12345;
-    s.centroids = ds->centroids;
-    s.num_partitions = ds->k;
-    s.column = "vec";
-    s.uuid = UUID_A;
-    s.fragment_ids = ids;
-    s.fragment_rows = rows;
-    s.num_fragments = nf;
     return s;
 }
 
