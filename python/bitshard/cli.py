@@ -215,7 +215,7 @@ def _query_row(ds: Any, column: str, n: int, parser: argparse.ArgumentParser) ->
     at = n
     for f in src.fragments():
         if at < f.num_rows:
-            off = src._logical_to_offsets(f.id, np.array([at], dtype=np.int64))
+            off = src.logical_to_offsets(f.id, np.array([at], dtype=np.int64))
             rowid = make_rowids(f.id, np.asarray(off, dtype=np.uint32))
             return src.take(column, rowid)[0]
         at -= f.num_rows

@@ -196,7 +196,7 @@ class IndexView:
             if f.id in covered and f.num_rows < f.physical_rows:
                 key = (self.source.version, f.id)
                 if key not in self._deleted:
-                    live = self.source._live_offsets(f.id).astype(np.uint64)
+                    live = self.source.live_offsets(f.id).astype(np.uint64)
                     dead = np.setdiff1d(np.arange(f.physical_rows, dtype=np.uint64), live)
                     self._deleted[key] = (np.uint64(f.id) << np.uint64(32)) | dead
                 parts.append(self._deleted[key])

@@ -610,7 +610,9 @@ class Source:
         uniq = (fids.astype(np.uint64) << np.uint64(32)) | offs.astype(np.uint64)
         return self._take_unique(uniq, fids, offs, columns)
 
-    def _logical_to_offsets(self, fragment_id: int, logical: np.ndarray) -> np.ndarray:
+    def logical_to_offsets(self, fragment_id: int, logical: np.ndarray) -> np.ndarray:
+        """Physical offsets (int64) of the live rows at positions ``logical``
+        (0-based among a fragment's live rows); equal where nothing is deleted."""
         return np.asarray(logical, dtype=np.int64)
 
     # -- sampling ------------------------------------------------------------
@@ -651,7 +653,7 @@ class Source:
 
         def locate(i: int) -> str:
             fid = int(fids[i])
-            off = self._logical_to_offsets(fid, logical[i:i + 1])[0]
+            off = self.logical_to_offsets(fid, logical[i:i + 1])[0]
             return f"fragment {fid} row {int(off)}"
 
         return _arrow_to_vectors(table.column(col), col, dim, locate)
@@ -691,14 +693,15 @@ class Source:
             if info.num_rows == 0:
                 continue
             if filter is None:
-                parts.append(make_rowids(info.id, self._live_offsets(info.id)))
+                parts.append(make_rowids(info.id, self.live_offsets(info.id)))
                 continue
             parts.append(self._filter_fragment(info, filter))
         out = np.concatenate(parts)
         out.sort()
         return out
 
-    def _live_offsets(self, fragment_id: int) -> np.ndarray:
+    def live_offsets(self, fragment_id: int) -> np.ndarray:
+        """Sorted uint32 offsets of the live rows of a fragment."""
         info = self.fragment(fragment_id)
         return np.arange(info.physical_rows, dtype=np.uint32)
 
@@ -862,10 +865,10 @@ class LanceSource(Source):
         info = self.fragment(fragment_id)
         return info.num_rows != info.physical_rows
 
-    def _live_offsets(self, fragment_id: int) -> np.ndarray:
+    def live_offsets(self, fragment_id: int) -> np.ndarray:
         """Sorted uint32 offsets of the live rows of a fragment (small LRU cache)."""
         if not self._has_deletions(fragment_id):
-            return super()._live_offsets(fragment_id)
+            return super().live_offsets(fragment_id)
         with self._lock:
             hit = self._live_cache.get(fragment_id)
             if hit is not None:
@@ -906,7 +909,7 @@ class LanceSource(Source):
         for fid, s, e in _groups(fids):
             o = offs[s:e]
             if self._has_deletions(fid):
-                live = self._live_offsets(fid).astype(np.int64)
+                live = self.live_offsets(fid).astype(np.int64)
                 pos = np.searchsorted(live, o)
                 ok = pos < live.size
                 ok[ok] = live[pos[ok]] == o[ok]
@@ -937,11 +940,11 @@ class LanceSource(Source):
         idx = base + np.asarray(logical, dtype=np.int64)
         return self.dataset.take(pa.array(idx, pa.int64()), columns=list(columns))
 
-    def _logical_to_offsets(self, fragment_id, logical):
+    def logical_to_offsets(self, fragment_id, logical):
         logical = np.asarray(logical, dtype=np.int64)
         if not self._has_deletions(fragment_id):
             return logical
-        return self._live_offsets(fragment_id)[logical].astype(np.int64)
+        return self.live_offsets(fragment_id)[logical].astype(np.int64)
 
     def filter_rowids(self, filter: Any, fragment_ids: Optional[Iterable[int]] = None) -> np.ndarray:
         """Sorted uint64 row ids (row addresses) of live rows matching ``filter``.
