@@ -250,7 +250,9 @@ def _remove_stale_temp_files(st: Storage, now: float, older_than_seconds: float,
                              dry_run: bool) -> None:
     """Remove the temp files of manifest and build-state writers that died
     (``indices/<name>/vNNNNNNNN.json.<token>.tmp``, ``builds/<name>.json.<token>.tmp``,
-    ``builds/<name>.ivf.<token>.tmp``) older than the age. Local commits
+    ``builds/<name>.ivf.<token>.tmp``), and the conditional-write probe
+    objects of killed object-store writers (``.bitshard-probe-<hex>`` at the
+    root), older than the age. Local commits
     hold the commit lock while their temp manifest exists, and cleanup holds
     it too: a live commit's temp file is never removed."""
     def stale(e: Any) -> bool:
@@ -267,6 +269,7 @@ def _remove_stale_temp_files(st: Storage, now: float, older_than_seconds: float,
         stem, ext = os.path.splitext(names.parse_temp_file(e.name) or "")
         if ext in (".json", ".ivf") and names.is_readable_index_name(stem) and stale(e):
             keys.append(f"{BUILDS_DIR}/{e.name}")
+    keys += [e.name for e in st.list("") if names.is_probe_file(e.name) and stale(e)]
     for key in keys:
         if dry_run:
             log.info("cleanup would remove the leftover temp file %s", st.path(key))

@@ -78,6 +78,10 @@ _MANIFEST_FILE_RE = re.compile(r"v([0-9]{8})\.json", re.ASCII)
 _SEGMENT_FILE_RE = re.compile(r"([0-9a-f]{32})\.bsseg(\.tmp)?", re.ASCII)
 # A writer's temp file: the final name, a dot, a token (a random hex uuid
 # now; a process id in older versions), ".tmp".
+# The object a store's conditional-write probe writes and deletes at the
+# index root (storage.ObjectStorage); a process killed in between leaves it.
+PROBE_PREFIX = ".bitshard-probe-"
+_PROBE_FILE_RE = re.compile(r"\.bitshard-probe-[0-9a-f]{32}", re.ASCII)
 _TEMP_FILE_RE = re.compile(r"(.+)\.([0-9a-f]{1,64})\.tmp", re.ASCII | re.DOTALL)
 
 ErrorType = Type[BitshardError]
@@ -201,6 +205,12 @@ def parse_temp_file(file_name: str) -> Optional[str]:
     it behind."""
     m = _TEMP_FILE_RE.fullmatch(file_name)
     return None if m is None else m.group(1)
+
+
+def is_probe_file(file_name: str) -> bool:
+    """True for the name of a conditional-write probe object
+    (``.bitshard-probe-<32 hex>``)."""
+    return _PROBE_FILE_RE.fullmatch(file_name) is not None
 
 
 # ------------------------------------------------------------------- keys

@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .errors import BitshardError, CorruptIndexError, InvalidInputError
-from .names import check_key, check_resolved_inside, local_path
+from .names import PROBE_PREFIX, check_key, check_resolved_inside, local_path
 
 __all__ = [
     "Storage",
@@ -774,7 +774,7 @@ class ObjectStorage(Storage):
         pk = (self.bucket,) + self._client_key()
         if _PROBED.get(pk):
             return
-        key = self.object_key(f".bitshard-probe-{uuid_mod.uuid4().hex}")
+        key = self.object_key(f"{PROBE_PREFIX}{uuid_mod.uuid4().hex}")
         try:
             if not self._conditional_put(key, b"1"):
                 raise BitshardError(f"conditional-write probe {key} already existed")

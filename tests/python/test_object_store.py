@@ -357,6 +357,15 @@ def test_cleanup_on_s3(s3, data):
     assert bitshard.cleanup(uri, index_uri=root, storage_options=opts) == []   # too young
     assert bitshard.cleanup(root, 0, storage_options=opts, dry_run=True) == [orphan.uuid]
     assert f"segments/{orphan.uuid}.bsseg" in _keys(s3, prefix)
+    # A writer killed during its conditional-write probe leaves the probe
+    # object at the root; cleanup removes it under the same age rule (and
+    # leaves an object of another name alone).
+    st = Storage.for_uri(root, opts)
+    probe, other = ".bitshard-probe-" + "ab" * 16, ".bitshard-probe-notmine"
+    st.write_bytes(probe, b"1")
+    st.write_bytes(other, b"1")
+    assert bitshard.cleanup(root, 3600, storage_options=opts) == []
+    assert probe in _keys(s3, prefix)
     # the command line: --index-uri s3://... --storage-option KEY=VALUE
     from bitshard.cli import main
 
@@ -364,7 +373,7 @@ def test_cleanup_on_s3(s3, data):
     for k, v in opts.items():
         argv += ["--storage-option", f"{k}={v}"]
     assert main(argv) == 0
-    assert _keys(s3, prefix) == ["indices/idx/v00000001.json", f"segments/{kept}.bsseg"]
+    assert _keys(s3, prefix) == [other, "indices/idx/v00000001.json", f"segments/{kept}.bsseg"]
     assert main(["verify", uri, "--index-uri", root]
                 + [a for k, v in opts.items() for a in ("--storage-option", f"{k}={v}")]) == 0
     loc_hits = ds.search("vec", x[3], k=3)
