@@ -310,6 +310,42 @@ BS_API bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
                                   const uint8_t uuid[16], const char *path,
                                   bs_error *err);
 
+/* A row map entry: the row is left out of the remapped segment. */
+#define BS_REMAP_DROP UINT64_MAX
+
+/* One input of bs_segment_remap: a segment and, for each of its ordinals
+ * (the physical rows of its fragments in table order, map_len of them),
+ * the row id (new_fragment << 32) | new_offset the row takes in the output,
+ * or BS_REMAP_DROP. Entries of ordinals the segment did not encode are
+ * checked like the others and otherwise unused. */
+typedef struct bs_remap_input {
+    const bs_segment *segment;
+    const uint64_t *row_map;
+    uint64_t map_len;
+} bs_remap_input;
+
+/* Writes a new segment at path holding the encoded rows of n compatible
+ * inputs under new row ids, without re-encoding: codes and factors are
+ * copied, each partition's rows put in the order of their new ordinals and
+ * the FastScan blocks repacked. The output's fragment table is
+ * (fragment_ids, fragment_rows); every mapped row id must name a fragment of
+ * it and an offset below its rows, and no two entries (of any input) may
+ * map to the same row id. Because every row is encoded on its own, the
+ * output is byte for byte the segment a builder with the same artifacts,
+ * uuid and fragment table writes for the same rows. Memory: one partition
+ * block plus 4 bytes per input ordinal and one bit per output row.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (no inputs, a NULL argument, a
+ * map whose length is not the input's ordinal count, a row id outside the
+ * table, two entries mapped to one row id, a bad fragment table, naming
+ * the input, ordinal and value); BS_ERR_ARTIFACT_MISMATCH (inputs from
+ * different code spaces); BS_ERR_NO_MEMORY; BS_ERR_IO; BS_ERR_INTERNAL. */
+BS_API bs_status bs_segment_remap(const bs_remap_input *inputs, size_t n,
+                                  const uint64_t *fragment_ids,
+                                  const uint64_t *fragment_rows,
+                                  uint32_t num_fragments,
+                                  const uint8_t uuid[16], const char *path,
+                                  bs_error *err);
+
 /* ---------------------------------------------------------------- search */
 
 typedef struct bs_searcher bs_searcher;

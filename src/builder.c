@@ -92,40 +92,8 @@ static bs_status validate_spec(const bs_segment_spec *s, bs_error *err) {
     if (!bs_seg_utf8_valid((const uint8_t *)s->column, clen))
         return INVALID("column name is not valid UTF-8");
     if (s->uuid == NULL) return INVALID("uuid is NULL");
-    if (s->num_fragments > 0 &&
-        (s->fragment_ids == NULL || s->fragment_rows == NULL))
-        return INVALID("fragment_ids or fragment_rows is NULL with "
-                       "num_fragments = %u",
-                       s->num_fragments);
-    uint64_t total = 0;
-    for (uint32_t i = 0; i < s->num_fragments; i++) {
-        if (s->fragment_ids[i] > BS_SEG_MAX_FRAGMENT_ID)
-            return INVALID("fragment id %llu does not fit in 32 bits (row "
-                           "ids are id << 32 | offset)",
-                           (ull)s->fragment_ids[i]);
-        if (s->fragment_rows[i] > BS_SEG_MAX_ROWS - total)
-            return INVALID("the fragments hold more than 2^32 - 1 rows "
-                           "(at fragment %llu); split them across segments",
-                           (ull)s->fragment_ids[i]);
-        total += s->fragment_rows[i];
-    }
-    if (s->num_fragments > 1) {
-        uint64_t *ids = bs_alloc(s->num_fragments, sizeof *ids);
-        if (ids == NULL) return NOMEM();
-        memcpy(ids, s->fragment_ids, (size_t)s->num_fragments * sizeof *ids);
-        qsort(ids, s->num_fragments, sizeof *ids, cmp_u64);
-        for (uint32_t i = 1; i < s->num_fragments; i++) {
-            if (ids[i] == ids[i - 1]) {
-                ull dup = ids[i];
-                free(ids);
-                return INVALID("fragment id %llu appears more than once in "
-                               "fragment_ids",
-                               dup);
-            }
-        }
-        free(ids);
-    }
-    return BS_OK;
+    return bs_seg_check_fragment_table(s->fragment_ids, s->fragment_rows,
+                                       s->num_fragments, err);
 }
 
 void bs_builder_free(bs_segment_builder *b) {

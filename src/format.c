@@ -46,6 +46,51 @@ int bs_part_layout_compute(uint64_t count, uint32_t D, uint32_t B,
 
 /* ------------------------------------------------------------ helpers */
 
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+bs_status bs_seg_check_fragment_table(const uint64_t *ids, const uint64_t *rows,
+                                      uint32_t n, bs_error *err) {
+    if (n > 0 && (ids == NULL || rows == NULL))
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "fragment_ids or fragment_rows is NULL with "
+                       "num_fragments = %u",
+                       n);
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (ids[i] > BS_SEG_MAX_FRAGMENT_ID)
+            return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                           "fragment id %llu does not fit in 32 bits (row "
+                           "ids are id << 32 | offset)",
+                           (unsigned long long)ids[i]);
+        if (rows[i] > BS_SEG_MAX_ROWS - total)
+            return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                           "the fragments hold more than 2^32 - 1 rows "
+                           "(at fragment %llu); split them across segments",
+                           (unsigned long long)ids[i]);
+        total += rows[i];
+    }
+    if (n < 2) return BS_OK;
+    uint64_t *sorted = bs_alloc(n, sizeof *sorted);
+    if (sorted == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    memcpy(sorted, ids, (size_t)n * sizeof *sorted);
+    qsort(sorted, n, sizeof *sorted, cmp_u64);
+    bs_status st = BS_OK;
+    for (uint32_t i = 1; i < n; i++) {
+        if (sorted[i] == sorted[i - 1]) {
+            st = bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                         "fragment id %llu appears more than once in "
+                         "fragment_ids",
+                         (unsigned long long)sorted[i]);
+            break;
+        }
+    }
+    free(sorted);
+    return st;
+}
+
 int bs_seg_utf8_valid(const uint8_t *s, size_t len) {
     size_t i = 0;
     while (i < len) {

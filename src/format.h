@@ -189,6 +189,12 @@ void bs_seg_writer_abort(bs_seg_writer *w);
 
 /* ------------------------------------------------------------- helpers */
 
+/* A fragment table a writer may take: ids < 2^32 and unique, at most
+ * 2^32 - 1 rows in all. BS_ERR_INVALID_ARGUMENT naming the fragment
+ * otherwise (shared by the builder and remap). */
+bs_status bs_seg_check_fragment_table(const uint64_t *ids, const uint64_t *rows,
+                                      uint32_t n, bs_error *err);
+
 /* 1 when s[0..len) is valid UTF-8 without NUL bytes. */
 int bs_seg_utf8_valid(const uint8_t *s, size_t len);
 

@@ -9,7 +9,7 @@
 #include "alloc.h"
 #include "error.h"
 #include "format.h"
-#include "rabitq.h"
+#include "repack.h"
 #include "segment.h"
 
 typedef unsigned long long ull;
@@ -119,13 +119,11 @@ typedef struct merge_state {
     uint64_t num_fragments;
     uint64_t *ids, *rows; /* output fragment table */
     uint64_t *base;       /* per input: ordinal of its first row in the output */
-    uint8_t *buf;         /* one partition block, as the writer takes it */
-    uint8_t *codes;       /* the partition's 1-bit codes, unpacked */
+    bs_repack rp;         /* one partition block, as the writer takes it */
 } merge_state;
 
 static void merge_state_free(merge_state *m) {
-    BS_FREE(m->buf);
-    BS_FREE(m->codes);
+    bs_repack_free(&m->rp);
     BS_FREE(m->ids);
     BS_FREE(m->rows);
     BS_FREE(m->base);
@@ -157,7 +155,6 @@ static bs_status merge_plan(merge_state *m, bs_error *err) {
 
 /* Buffers for the largest output partition. */
 static bs_status merge_buffers(merge_state *m, bs_error *err) {
-    const uint32_t D = m->info.padded_dim, B = m->info.num_bits;
     uint64_t max_count = 0;
     for (uint32_t p = 0; p < m->info.num_partitions; p++) {
         uint64_t c = merged_count(m->in, m->n, p);
@@ -165,38 +162,17 @@ static bs_status merge_buffers(merge_state *m, bs_error *err) {
     }
     /* Disjoint fragments and unique ordinals per input bound this by
      * the 2^32 - 1 rows checked above. */
-    bs_part_layout L;
-    if (!bs_part_layout_compute(max_count, D, B, &L) || L.size > SIZE_MAX)
-        return bs_fail(err, BS_ERR_NO_MEMORY, "partition too large");
-    m->buf = bs_alloc((size_t)L.size, 1);
-    m->codes = bs_alloc((size_t)max_count, bs_code_bytes(D));
-    if (!m->buf || !m->codes) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-    return BS_OK;
+    return bs_repack_init(&m->rp, m->info.padded_dim, m->info.num_bits,
+                          max_count, err);
 }
 
 /* The output's header: inputs[0]'s code space, the new uuid, the merged
  * fragment table. */
 static bs_status merge_open(const merge_state *m, const uint8_t uuid[16],
                             const char *path, bs_seg_writer *w, bs_error *err) {
-    const bs_segment_info *info = &m->info;
     bs_seg_params prm;
-    memset(&prm, 0, sizeof prm);
-    prm.dim = info->dim;
-    prm.padded_dim = info->padded_dim;
-    prm.num_bits = info->num_bits;
-    prm.metric = info->metric;
-    prm.rotation_kind = info->rotation_kind;
-    prm.rotation_seed = info->rotation_seed;
-    prm.num_partitions = info->num_partitions;
-    memcpy(prm.uuid, uuid, 16);
-    prm.rotation_fp = info->rotation_fingerprint;
-    prm.ivf_fp = info->ivf_fingerprint;
-    prm.column = info->column;
-    prm.column_len = (uint32_t)strlen(info->column);
-    prm.centroids = bs_segment_centroids(m->in[0]);
-    prm.fragment_ids = m->ids;
-    prm.fragment_rows = m->rows;
-    prm.num_fragments = (uint32_t)m->num_fragments;
+    bs_repack_params(m->in[0], uuid, m->ids, m->rows,
+                     (uint32_t)m->num_fragments, &prm);
     return bs_seg_writer_open(w, path, &prm, err);
 }
 
@@ -205,36 +181,16 @@ static bs_status merge_open(const merge_state *m, const uint8_t uuid[16],
  * count. */
 static bs_status merge_partition(merge_state *m, uint32_t p, bs_seg_writer *w,
                                  bs_error *err) {
-    const uint32_t D = m->info.padded_dim, B = m->info.num_bits;
-    const size_t cb = bs_code_bytes(D), eb = bs_ext_bytes(D, B);
-    uint8_t *buf = m->buf;
     /* <= the 2^32 - 1 rows plan_fragments allows */
-    const uint32_t count = (uint32_t)merged_count(m->in, m->n, p);
-    bs_part_layout pl;
-    bs_part_layout_compute(count, D, B, &pl);
-    memset(buf, 0, (size_t)pl.size);
-    size_t at = 0;
+    bs_repack_begin(&m->rp, (uint32_t)merged_count(m->in, m->n, p));
     for (size_t i = 0; i < m->n; i++) {
         bs_partition_view v;
         bs_segment_partition(m->in[i], p, &v);
-        size_t cnt = v.count;
-        for (size_t j = 0; j < cnt; j++)
-            bs_fastscan_unpack_one(v.blocks, j, D, m->codes + (at + j) * cb);
         uint32_t shift = (uint32_t)m->base[i];
-        for (size_t j = 0; j < cnt; j++) {
-            uint32_t o = v.ordinals[j] + shift;
-            memcpy(buf + pl.ordinals + (at + j) * 4, &o, 4);
-        }
-        memcpy(buf + pl.norm2 + at * 4, v.norm2, cnt * 4);
-        memcpy(buf + pl.s1 + at * 4, v.s1, cnt * 4);
-        if (B > 1) {
-            memcpy(buf + pl.ext + at * eb, v.ext, cnt * eb);
-            memcpy(buf + pl.s_full + at * 4, v.s_full, cnt * 4);
-        }
-        at += cnt;
+        for (size_t j = 0; j < v.count; j++)
+            bs_repack_put(&m->rp, &v, j, v.ordinals[j] + shift);
     }
-    if (count) bs_fastscan_pack(m->codes, count, D, buf + pl.blocks);
-    return bs_seg_writer_partition(w, count, buf, pl.size, err);
+    return bs_repack_write(&m->rp, w, err);
 }
 
 bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,

@@ -1085,6 +1085,79 @@ static PyObject *fn_merge(PyObject *module, PyObject *args) {
     return finish(module, b, NBUFS(b), status, &err);
 }
 
+/* remap(segments, maps, fragment_ids, fragment_rows, uuid, path): maps[i]
+ * is a uint64 array, one new row id (or 2^64 - 1: dropped) per ordinal of
+ * segments[i]; the library checks every entry. */
+static PyObject *fn_remap(PyObject *module, PyObject *args) {
+    PyObject *seq, *maps_o, *fido, *frowo, *uuido;
+    const char *path;
+    if (!PyArg_ParseTuple(args, "OOOOOs", &seq, &maps_o, &fido, &frowo, &uuido, &path))
+        return NULL;
+    const bs_segment **arr;
+    Py_ssize_t n;
+    if (segments_from_seq(module, seq, &arr, &n) < 0) return NULL;
+    PyObject *maps = PySequence_Fast(maps_o, "maps must be a sequence");
+    if (maps == NULL) {
+        PyMem_Free(arr);
+        return NULL;
+    }
+    if (PySequence_Fast_GET_SIZE(maps) != n) {
+        PyErr_Format(invalid_input(module), "maps holds %zd items, segments %zd",
+                     PySequence_Fast_GET_SIZE(maps), n);
+        Py_DECREF(maps);
+        PyMem_Free(arr);
+        return NULL;
+    }
+    buf_arg b[] = {
+        BUF("uuid", uuido, 'b', BUF_EXACT, 16),
+        BUF("fragment_ids", fido, 'U', 0, 0),
+        BUF("fragment_rows", frowo, 'U', 0, 0),
+    };
+    Py_buffer *views = PyMem_Calloc((size_t)(n ? n : 1), sizeof *views);
+    bs_remap_input *in = PyMem_Calloc((size_t)(n ? n : 1), sizeof *in);
+    Py_ssize_t held = 0;
+    PyObject *result = NULL;
+    if (views == NULL || in == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; held < n; held++) {
+        char name[32];
+        snprintf(name, sizeof name, "maps[%zd]", held);
+        if (get_buf(PySequence_Fast_GET_ITEM(maps, held), &views[held], 'U', 0, name) < 0)
+            goto done;
+        in[held].segment = arr[held];
+        in[held].row_map = views[held].buf;
+        in[held].map_len = buf_items(&views[held]);
+    }
+    if (bufs_acquire(module, b, NBUFS(b)) < 0) goto done;
+    size_t nf = buf_items(&b[1].view);
+    if (nf > UINT32_MAX) {
+        PyErr_Format(invalid_input(module), "fragment_ids holds %zu items, at most %u", nf,
+                     (unsigned)UINT32_MAX);
+        bufs_release(b, NBUFS(b));
+        goto done;
+    }
+    if (check_len(module, &b[2].view, nf, 1, "fragment_rows") < 0) {
+        bufs_release(b, NBUFS(b));
+        goto done;
+    }
+    bs_error err;
+    bs_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = bs_segment_remap(in, (size_t)n, b[1].view.buf, b[2].view.buf, (uint32_t)nf,
+                              b[0].view.buf, path, &err);
+    Py_END_ALLOW_THREADS
+    result = finish(module, b, NBUFS(b), status, &err);
+done:
+    for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(in);
+    Py_DECREF(maps);
+    PyMem_Free(arr);
+    return result;
+}
+
 static PyObject *fn_exact_distances(PyObject *module, PyObject *args) {
     PyObject *metric_o, *qo, *xo, *n_o, *dim_o, *outo;
     if (!PyArg_ParseTuple(args, "OOOOOO", &metric_o, &qo, &xo, &n_o, &dim_o, &outo))
@@ -1171,6 +1244,8 @@ static PyMethodDef native_methods[] = {
     {"hash64", fn_hash64, METH_VARARGS, "hash64(data, seed=0) -> int"},
     {"padded_dim", fn_padded_dim, METH_VARARGS, "padded_dim(dim) -> int"},
     {"merge", fn_merge, METH_VARARGS, "merge(segments, uuid, path)"},
+    {"remap", fn_remap, METH_VARARGS,
+     "remap(segments, maps, fragment_ids, fragment_rows, uuid, path)"},
     {"exact_distances", fn_exact_distances, METH_VARARGS,
      "exact_distances(metric, q, x, n, dim, out)"},
     {"simd_level", fn_simd_level, METH_NOARGS, "the kernel level in use"},

@@ -1,0 +1,342 @@
+/* bs_segment_remap: a compaction moves rows to new fragments, drops deleted
+ * ones and mixes in rows never indexed; remapping the old segments (plus a
+ * segment of only the new rows) must give byte for byte the segment a
+ * fresh builder writes over the new layout with the same artifacts and
+ * uuid. And every malformed map is refused with a message naming it. */
+#define _POSIX_C_SOURCE 200809L
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bitshard.h"
+#include "testing.h"
+
+static char g_dir[256];
+
+static const char *tpath(const char *name) {
+    static char buf[8][512];
+    static int slot = 0;
+    slot = (slot + 1) % 8;
+    snprintf(buf[slot], sizeof buf[slot], "%s/%s", g_dir, name);
+    return buf[slot];
+}
+
+static int files_equal(const char *a, const char *b) {
+    size_t la = 0, lb = 0;
+    uint8_t *x = test_read_file(a, &la), *y = test_read_file(b, &lb);
+    int eq = x && y && la == lb && memcmp(x, y, la) == 0;
+    free(x);
+    free(y);
+    return eq;
+}
+
+typedef struct loaded {
+    uint8_t *data;
+    size_t len;
+    bs_segment *seg;
+} loaded;
+
+static bs_status load(const char *path, loaded *out) {
+    out->seg = NULL;
+    out->data = test_read_file(path, &out->len);
+    if (out->data == NULL) return BS_ERR_IO;
+    return bs_segment_open(out->data, out->len, &out->seg, NULL);
+}
+
+static void unload(loaded *l) {
+    bs_segment_free(l->seg);
+    free(l->data);
+}
+
+static const uint8_t UUID_OLD[16] = {7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7};
+static const uint8_t UUID_NEW[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+
+/* The old layout: fragments 3, 5, 7 (segment A) and 9 (segment B) over
+ * consecutive data rows; rows r % 7 == 3 of 3, 7, 9 are deleted, row 0
+ * of 5 too. Compaction: the live rows of 3, 7, 9 in order fill fragment
+ * 20 (150 rows) then 21, which also gets NEW_ROWS rows never indexed;
+ * fragment 5 stays. */
+enum { NOLD = 4, NEW_ROWS = 25 };
+static const uint64_t OLD_IDS[NOLD] = {3, 5, 7, 9};
+static const uint64_t OLD_ROWS[NOLD] = {120, 40, 90, 60};
+
+typedef struct world {
+    uint32_t d, k, bits;
+    bs_metric metric;
+    float *centroids;
+    float *x;            /* old rows (310) then the new rows */
+    uint64_t first[NOLD]; /* data row of each old fragment's offset 0 */
+    uint64_t new_ids[3], new_rows[3];
+    uint64_t *map[NOLD]; /* old ordinal (per fragment) -> new row id */
+    uint32_t n20, n21_old;
+} world;
+
+static int deleted(uint32_t f, uint64_t off) {
+    if (OLD_IDS[f] == 5) return off == 0;
+    return off % 7 == 3;
+}
+
+static world make_world(uint32_t d, uint32_t bits, bs_metric metric, uint64_t seed) {
+    world w;
+    memset(&w, 0, sizeof w);
+    w.d = d;
+    w.k = 5;
+    w.bits = bits;
+    w.metric = metric;
+    uint64_t st = seed, total = 0;
+    for (int f = 0; f < NOLD; f++) {
+        w.first[f] = total;
+        total += OLD_ROWS[f];
+    }
+    w.centroids = malloc((size_t)w.k * d * 4);
+    w.x = malloc((size_t)(total + NEW_ROWS) * d * 4);
+    for (size_t i = 0; i < (size_t)w.k * d; i++)
+        w.centroids[i] = (float)(3.0 * test_rand_normal(&st));
+    for (uint64_t i = 0; i < total + NEW_ROWS; i++) {
+        uint32_t c = (uint32_t)(test_rand_u64(&st) % w.k);
+        for (uint32_t j = 0; j < d; j++)
+            w.x[i * d + j] = w.centroids[(size_t)c * d + j] + (float)test_rand_normal(&st);
+    }
+    /* The compaction's row map, as bitshard rebuilds it from deletion
+     * vectors: live rows keep their order. */
+    uint64_t next = 0;
+    for (int f = 0; f < NOLD; f++) {
+        w.map[f] = malloc(OLD_ROWS[f] * sizeof(uint64_t));
+        for (uint64_t o = 0; o < OLD_ROWS[f]; o++) {
+            if (deleted((uint32_t)f, o)) {
+                w.map[f][o] = BS_REMAP_DROP;
+            } else if (OLD_IDS[f] == 5) {
+                w.map[f][o] = (5ull << 32) | o;
+            } else {
+                uint64_t fid = next < 150 ? 20 : 21, off = next < 150 ? next : next - 150;
+                w.map[f][o] = (fid << 32) | off;
+                next++;
+            }
+        }
+    }
+    w.n20 = 150;
+    w.n21_old = (uint32_t)(next - 150);
+    w.new_ids[0] = 5;
+    w.new_ids[1] = 20;
+    w.new_ids[2] = 21;
+    w.new_rows[0] = 40;
+    w.new_rows[1] = 150;
+    w.new_rows[2] = w.n21_old + NEW_ROWS;
+    return w;
+}
+
+static void free_world(world *w) {
+    free(w->centroids);
+    free(w->x);
+    for (int f = 0; f < NOLD; f++) free(w->map[f]);
+}
+
+static bs_segment_spec spec_of(const world *w, const uint8_t *uuid, const uint64_t *ids,
+                               const uint64_t *rows, uint32_t nf) {
+    return test_segment_spec(w->d, w->bits, w->metric, 99, w->centroids, w->k, uuid, ids,
+                             rows, nf);
+}
+
+static bs_status add_row(bs_segment_builder *b, const world *w, uint32_t fpos,
+                         uint64_t off, uint64_t data_row) {
+    uint32_t o = (uint32_t)off;
+    return bs_builder_add(b, w->x + data_row * w->d, 1, fpos, &o, NULL);
+}
+
+/* The old segment over old fragment indexes [f0, f1), live rows only. */
+static void build_old(const world *w, int f0, int f1, const char *path) {
+    bs_segment_spec s = spec_of(w, UUID_OLD, OLD_IDS + f0, OLD_ROWS + f0, (uint32_t)(f1 - f0));
+    bs_segment_builder *b = NULL;
+    CHECK(bs_builder_create(&s, &b, NULL) == BS_OK);
+    for (int f = f0; f < f1; f++)
+        for (uint64_t o = 0; o < OLD_ROWS[f]; o++)
+            if (!deleted((uint32_t)f, o))
+                CHECK(add_row(b, w, (uint32_t)(f - f0), o, w->first[f] + o) == BS_OK);
+    bs_error err;
+    CHECK_MSG(bs_builder_write(b, path, &err) == BS_OK, "%s", err.message);
+    bs_builder_free(b);
+}
+
+/* Over the new table: the rows never indexed (new) and/or every live row
+ * (fresh). */
+static void build_new(const world *w, int with_old, const uint8_t *uuid, const char *path) {
+    bs_segment_spec s = spec_of(w, uuid, w->new_ids, w->new_rows, 3);
+    bs_segment_builder *b = NULL;
+    CHECK(bs_builder_create(&s, &b, NULL) == BS_OK);
+    if (with_old)
+        for (int f = 0; f < NOLD; f++)
+            for (uint64_t o = 0; o < OLD_ROWS[f]; o++) {
+                uint64_t v = w->map[f][o];
+                if (v == BS_REMAP_DROP) continue;
+                uint32_t pos = (v >> 32) == 5 ? 0 : (v >> 32) == 20 ? 1 : 2;
+                CHECK(add_row(b, w, pos, v & 0xFFFFFFFFu, w->first[f] + o) == BS_OK);
+            }
+    for (uint64_t i = 0; i < NEW_ROWS; i++)
+        CHECK(add_row(b, w, 2, w->n21_old + i, 310 + i) == BS_OK);
+    bs_error err;
+    CHECK_MSG(bs_builder_write(b, path, &err) == BS_OK, "%s", err.message);
+    bs_builder_free(b);
+}
+
+static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric) {
+    world w = make_world(d, bits, metric, 1000 + d + bits);
+    const char *pa = tpath("a.bsseg"), *pb = tpath("b.bsseg"), *pc = tpath("c.bsseg");
+    const char *fresh = tpath("fresh.bsseg"), *out = tpath("out.bsseg");
+    build_old(&w, 0, 3, pa);
+    build_old(&w, 3, 4, pb);
+    build_new(&w, 0, UUID_OLD, pc);
+    build_new(&w, 1, UUID_NEW, fresh);
+    loaded a, b, c;
+    CHECK(load(pa, &a) == BS_OK);
+    CHECK(load(pb, &b) == BS_OK);
+    CHECK(load(pc, &c) == BS_OK);
+    if (!a.seg || !b.seg || !c.seg) return;
+    /* A's ordinals: fragments 3, 5, 7 in table order. */
+    uint64_t *map_a = malloc(250 * sizeof(uint64_t));
+    memcpy(map_a, w.map[0], 120 * 8);
+    memcpy(map_a + 120, w.map[1], 40 * 8);
+    memcpy(map_a + 160, w.map[2], 90 * 8);
+    uint64_t *map_c = malloc((w.new_rows[0] + w.new_rows[1] + w.new_rows[2]) * 8);
+    uint64_t k = 0;
+    /* C encoded only the new rows: the others are not its to claim. */
+    for (int f = 0; f < 3; f++)
+        for (uint64_t o = 0; o < w.new_rows[f]; o++)
+            map_c[k++] = f == 2 && o >= w.n21_old ? (w.new_ids[f] << 32) | o : BS_REMAP_DROP;
+    bs_remap_input in[3] = {{a.seg, map_a, 250}, {b.seg, w.map[3], 60}, {c.seg, map_c, k}};
+    bs_error err;
+    CHECK_MSG(bs_segment_remap(in, 3, w.new_ids, w.new_rows, 3, UUID_NEW, out, &err) == BS_OK,
+              "%s", err.message);
+    CHECK_MSG(files_equal(out, fresh), "remap != fresh build (d=%u bits=%u metric=%d)", d,
+              bits, (int)metric);
+    /* Input order does not matter. */
+    bs_remap_input rev[3] = {in[2], in[0], in[1]};
+    CHECK(bs_segment_remap(rev, 3, w.new_ids, w.new_rows, 3, UUID_NEW, out, &err) == BS_OK);
+    CHECK(files_equal(out, fresh));
+
+    /* The test can fail: two rows swapped give another file. */
+    uint64_t t = map_a[1];
+    map_a[1] = map_a[2];
+    map_a[2] = t;
+    CHECK(bs_segment_remap(in, 3, w.new_ids, w.new_rows, 3, UUID_NEW, out, &err) == BS_OK);
+    CHECK(!files_equal(out, fresh));
+    map_a[2] = map_a[1];
+    map_a[1] = t;
+
+    /* ---- refusals: each names the input, ordinal and value */
+    const char *bad = tpath("bad.bsseg");
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) == BS_OK);
+    in[1].map_len = 59;
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+          BS_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strcmp(err.message, "input 1: row_map has 59 entries, the segment has 60 "
+                                  "ordinals (the rows of its fragments)") == 0,
+              "%s", err.message);
+    in[1].map_len = 60;
+    uint64_t saved = map_a[1];
+    map_a[1] = (8ull << 32) | 4;
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+          BS_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strcmp(err.message, "input 0 ordinal 1 maps to row id 34359738372: fragment 8 "
+                                  "is not in the output fragment table") == 0,
+              "%s", err.message);
+    map_a[1] = (20ull << 32) | 150;
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+          BS_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strcmp(err.message, "input 0 ordinal 1 maps to row id 85899346070: offset 150 "
+                                  "is out of range for fragment 20 (150 rows)") == 0,
+              "%s", err.message);
+    map_a[1] = saved;
+    /* Two rows onto one: B's first row onto A's first. */
+    uint64_t saved_b = w.map[3][0];
+    w.map[3][0] = map_a[0];
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+          BS_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strcmp(err.message, "input 0 ordinal 0 and input 1 ordinal 0 both map to row "
+                                  "id 85899345920 (fragment 20 offset 0)") == 0,
+              "%s", err.message);
+    w.map[3][0] = saved_b;
+    /* Two rows of one input onto one. */
+    saved = map_a[2];
+    map_a[2] = map_a[1];
+    CHECK(bs_segment_remap(in, 1, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+          BS_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strcmp(err.message, "input 0 ordinal 1 and input 0 ordinal 2 both map to row "
+                                  "id 85899345921 (fragment 20 offset 1)") == 0,
+              "%s", err.message);
+    map_a[2] = saved;
+    uint64_t dup_ids[3] = {5, 20, 5};
+    CHECK(bs_segment_remap(in, 2, dup_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+          BS_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strcmp(err.message, "fragment id 5 appears more than once in fragment_ids") == 0,
+              "%s", err.message);
+    CHECK(bs_segment_remap(NULL, 0, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+          BS_ERR_INVALID_ARGUMENT);
+    CHECK(strcmp(err.message, "remap needs at least one segment") == 0);
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, NULL, bad, &err) ==
+          BS_ERR_INVALID_ARGUMENT);
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, NULL, &err) ==
+          BS_ERR_INVALID_ARGUMENT);
+    bs_remap_input nullmap[1] = {{a.seg, NULL, 250}};
+    CHECK(bs_segment_remap(nullmap, 1, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+          BS_ERR_INVALID_ARGUMENT);
+    CHECK(strcmp(err.message, "input 0: row_map is NULL") == 0);
+    /* Everything dropped: a valid segment of 0 rows. */
+    uint64_t *drop = malloc(250 * sizeof(uint64_t));
+    for (int i = 0; i < 250; i++) drop[i] = BS_REMAP_DROP;
+    bs_remap_input none[1] = {{a.seg, drop, 250}};
+    CHECK(bs_segment_remap(none, 1, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) == BS_OK);
+    loaded e;
+    CHECK(load(bad, &e) == BS_OK);
+    if (e.seg) {
+        bs_segment_info info;
+        bs_segment_get_info(e.seg, &info);
+        CHECK(info.num_rows == 0 && info.num_fragments == 3);
+    }
+    unload(&e);
+    free(drop);
+    CHECK(access(tpath("bad.bsseg.tmp"), F_OK) != 0);
+    free(map_a);
+    free(map_c);
+    unload(&a);
+    unload(&b);
+    unload(&c);
+    free_world(&w);
+}
+
+/* Segments of different code spaces are refused, naming the artifact. */
+static void test_mismatch(void) {
+    world w1 = make_world(64, 2, BS_METRIC_L2, 5), w2 = make_world(64, 3, BS_METRIC_L2, 5);
+    const char *p1 = tpath("m1.bsseg"), *p2 = tpath("m2.bsseg");
+    build_old(&w1, 3, 4, p1);
+    build_old(&w2, 3, 4, p2);
+    loaded a, b;
+    CHECK(load(p1, &a) == BS_OK);
+    CHECK(load(p2, &b) == BS_OK);
+    bs_remap_input in[2] = {{a.seg, w1.map[3], 60}, {b.seg, w2.map[3], 60}};
+    bs_error err;
+    CHECK(bs_segment_remap(in, 2, w1.new_ids, w1.new_rows, 3, UUID_NEW, tpath("m.bsseg"),
+                           &err) == BS_ERR_ARTIFACT_MISMATCH);
+    CHECK_MSG(strncmp(err.message, "cannot remap segment 1: ", 24) == 0, "%s", err.message);
+    unload(&a);
+    unload(&b);
+    free_world(&w1);
+    free_world(&w2);
+}
+
+int main(void) {
+    snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_remap_%d", (int)getpid());
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "mkdir -p %s", g_dir);
+    if (system(cmd) != 0) return 1;
+    test_equals_fresh_build(100, 1, BS_METRIC_L2);
+    test_equals_fresh_build(100, 3, BS_METRIC_COSINE);
+    test_equals_fresh_build(64, 9, BS_METRIC_DOT);
+    test_equals_fresh_build(130, 4, BS_METRIC_L2);
+    test_mismatch();
+    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
+    if (system(cmd) != 0) return 1;
+    TEST_MAIN_END();
+}
