@@ -301,12 +301,15 @@ class Dataset:
 
         Appends to an existing index of that name (a delta commit) unless
         ``replace=True``. Raises CommitConflictError when another writer
-        committed the same version first.
+        committed the same version first. Each handle carries the identity
+        of its fragments at the version its worker read; a handle without
+        them (one made from its file alone) gets this Dataset's source's,
+        so commit such a handle through a Dataset pinned to that version.
         """
         self._indexes.invalidate()  # our own commit: see it next search
         idx.commit(self.storage, name, column, list(segments),
                    mode="replace" if replace else "append",
-                   source_version=self.source.version)
+                   source_version=self.source.version, source=self.source)
         return self
 
     def create_index(

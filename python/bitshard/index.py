@@ -19,6 +19,7 @@ or a :class:`~bitshard.storage.Storage`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -47,12 +48,16 @@ from .errors import (
     IndexNotFoundError,
     InvalidInputError,
 )
-from . import names, schema
+from . import identity, names, schema
+from .identity import FragmentIdentity
 from .names import BUILDS_DIR, INDICES_DIR, SEGMENT_SUFFIX, SEGMENTS_DIR
 from .storage import LocalStorage, Storage, is_object_uri, join_uri
 
 MANIFEST_FORMAT = "bitshard-manifest"
-MANIFEST_VERSION = 1
+#: The manifest format written. Format 2 adds, per segment entry, the
+#: identity of each fragment at the version it was read (``fragments``) and
+#: that version (``source_version``); format 1 is still read.
+MANIFEST_VERSION = 2
 
 log = logging.getLogger("bitshard.index")
 
@@ -82,6 +87,13 @@ class SegmentHandle:
         num_rows: rows encoded.
         num_bits, metric, dimension: the quantizer settings.
         rotation_fingerprint, ivf_fingerprint: 32 hex digits each.
+        size_bytes: the file's size.
+        identities: the :class:`~bitshard.identity.FragmentIdentity` of each
+            fragment at the version the worker read, in ``fragment_ids``
+            order; empty when unknown (a handle made from the file alone, or
+            from a format 1 manifest).
+        source_version: the source version the fragments were read at
+            (None when unknown).
     """
 
     uuid: str
@@ -96,6 +108,8 @@ class SegmentHandle:
     rotation_fingerprint: str
     ivf_fingerprint: str
     size_bytes: int = 0
+    identities: Tuple[FragmentIdentity, ...] = ()
+    source_version: Any = None
 
     @property
     def path(self) -> str:
@@ -103,8 +117,9 @@ class SegmentHandle:
         return segment_path(self.index_root, self.uuid)
 
     def to_json(self) -> Dict[str, Any]:
-        """The manifest entry of this segment."""
-        return {
+        """The manifest entry of this segment (``fragments`` only when the
+        identities are known; ``source_version`` only when known)."""
+        out = {
             "uuid": self.uuid,
             "file": f"segments/{self.uuid}{SEGMENT_SUFFIX}",
             "fragment_ids": list(self.fragment_ids),
@@ -116,6 +131,18 @@ class SegmentHandle:
             "ivf_fingerprint": self.ivf_fingerprint,
             "size_bytes": self.size_bytes,
         }
+        if self.identities:
+            out["fragments"] = [i.to_json() for i in self.identities]
+        if self.source_version is not None:
+            out["source_version"] = self.source_version
+        return out
+
+    def with_identities(self, source: Any) -> "SegmentHandle":
+        """This handle with the identities of its fragments in ``source``
+        (at the version ``source`` is pinned to) and that version."""
+        return dataclasses.replace(
+            self, identities=identity.identities(source, self.fragment_ids, self.column),
+            source_version=source.version)
 
 
 def segment_key(uuid: str) -> str:
@@ -256,6 +283,12 @@ def check_file_identity(h: SegmentHandle, o: OpenSegment, claimed_by: str) -> No
             raise CorruptIndexError(
                 f"segment file {o.path} is not the segment {claimed_by} describes: "
                 f"{field} is {claim!r} there, {actual!r} in the file")
+    if h.identities:
+        ids = [i.id for i in h.identities]
+        if ids != file_frags:
+            raise CorruptIndexError(
+                f"segment file {o.path} is not the segment {claimed_by} describes: "
+                f"its fragment identities are of fragments {ids}, the file has {file_frags}")
 
 
 # ------------------------------------------------------------------ building
@@ -308,6 +341,9 @@ def write_segment(
         raise InvalidInputError("fragment_ids holds duplicates")
     ids = np.array(list(fragment_ids), dtype=np.uint64)
     rows = np.array([frags[f].physical_rows for f in fragment_ids], dtype=np.uint64)
+    # What the fragments are at the version read: recorded in the manifest
+    # so a reader can tell when they change (bitshard.identity).
+    idents = identity.identities(source, fragment_ids, column)
     dim = ivf.dimension
     builder = _native.Builder(
         dim,
@@ -335,7 +371,8 @@ def write_segment(
                     np.ascontiguousarray(batch.offsets, dtype=np.uint32))
         if progress is not None:
             progress.update(vec.shape[0])
-    return _write_native(root, uuid, name, builder.write)
+    handle = _write_native(root, uuid, name, builder.write)
+    return dataclasses.replace(handle, identities=idents, source_version=source.version)
 
 
 def merge_segments(handles: Sequence[SegmentHandle], root: Root,
@@ -349,8 +386,30 @@ def merge_segments(handles: Sequence[SegmentHandle], root: Root,
     opened = [open_handle(h, root) for h in handles]
     uuid = new_uuid(uuid)
     natives = [o.native for o in opened]
-    return _write_native(root, uuid, handles[0].name,
-                         lambda path: _native.merge(natives, bytes.fromhex(uuid), path))
+    merged = _write_native(root, uuid, handles[0].name,
+                           lambda path: _native.merge(natives, bytes.fromhex(uuid), path))
+    return dataclasses.replace(merged, **merged_identities(handles, merged.fragment_ids))
+
+
+def merged_identities(handles: Sequence[SegmentHandle], fragment_ids: Sequence[int]
+                      ) -> Dict[str, Any]:
+    """The ``identities`` and ``source_version`` of a segment made of
+    ``handles`` covering ``fragment_ids``: the inputs' identities in that
+    order when every input has them (else none); the inputs' source version
+    when they agree (else None)."""
+    known: Dict[int, FragmentIdentity] = {}
+    complete = True
+    for h in handles:
+        if len(h.identities) != len(h.fragment_ids):
+            complete = False
+        for i in h.identities:
+            known[i.id] = i
+    idents: Tuple[FragmentIdentity, ...] = ()
+    if complete and all(int(f) in known for f in fragment_ids):
+        idents = tuple(known[int(f)] for f in fragment_ids)
+    versions = {repr(h.source_version) for h in handles}
+    version = handles[0].source_version if len(versions) == 1 else None
+    return {"identities": idents, "source_version": version}
 
 
 # ----------------------------------------------------------------- manifests
@@ -427,7 +486,27 @@ def read_manifest(root: Root, name: str, version: Optional[int] = None) -> Dict[
             raise CorruptIndexError(f"manifest {path}: segments[{i}].file is {e['file']!r}, "
                                     f"the segment's uuid makes it {want!r}")
     _check_manifest_disjoint(doc, path)
+    for i, e in enumerate(doc["segments"]):
+        _check_identities(doc, i, e, path)
     return doc
+
+
+def _check_identities(doc: Dict[str, Any], i: int, e: Dict[str, Any], path: str) -> None:
+    """A format 2 entry's ``fragments`` each hold the fingerprint of their
+    record; format 1 has none. (That they list the file's fragments is
+    checked with the file: :func:`check_file_identity`.)"""
+    frags = e.get("fragments")
+    if frags is None:
+        return
+    if doc["format_version"] < 2:
+        raise CorruptIndexError(f"manifest {path}: segments[{i}].fragments is a format 2 field, "
+                                f"the manifest says format {doc['format_version']}")
+    for j, f in enumerate(frags):
+        fp = identity.fingerprint(f["record"])
+        if f["identity"] != fp:
+            raise CorruptIndexError(
+                f"manifest {path}: segments[{i}].fragments[{j}].identity is {f['identity']}, "
+                f"its record's fingerprint is {fp}")
 
 
 def _check_manifest_disjoint(doc: Dict[str, Any], path: str) -> None:
@@ -493,8 +572,14 @@ def commit(
     mode: str = "append",
     source_version: Any = None,
     expected_version: Optional[int] = None,
+    source: Any = None,
 ) -> int:
     """Commit segments as index ``name``; returns the new manifest version.
+
+    A handle without fragment identities (one made from its file alone, as
+    a resumed build does) gets those of ``source`` when it is given: the
+    caller's source must then be pinned to the version the segment was read
+    at (a resumed build's is).
 
     ``mode="append"`` adds the segments to the latest version (a delta
     commit: their fragments must not overlap what is there); ``"replace"``
@@ -506,6 +591,9 @@ def commit(
     # A new index needs a name of the strict pattern; an existing one with a
     # legacy name may still get new versions.
     check_commit_name(st, name)
+    if source is not None:
+        segments = [h if len(h.identities) == len(h.fragment_ids) else h.with_identities(source)
+                    for h in segments]
     # Under the lock, cleanup cannot remove a segment between the check
     # below and the manifest that names it (see Storage.commit_lock).
     with st.commit_lock(exclusive=False):
@@ -541,6 +629,11 @@ def _commit_locked(st: Storage, name: str, column: str, segments: Sequence[Segme
     if base > 0 and mode == "append":
         prev = read_manifest(st, name, base)
         existing = list(prev["segments"])
+    if prev is not None and prev["format_version"] < 2:
+        # Format 1 entries have no identities: they keep the version the
+        # readers compare them at (bitshard.identity, "legacy" indexes).
+        existing = [e if "source_version" in e else dict(e, source_version=prev["source_version"])
+                    for e in existing]
     all_handles = [handle_from_json(st, name, prev["column"], e) for e in existing] if prev else []
     all_handles += list(segments)
     check_same_artifacts(all_handles, column)
@@ -596,6 +689,8 @@ def handle_from_json(root: Root, name: str, column: str, e: Dict[str, Any]) -> S
         rotation_fingerprint=e["rotation_fingerprint"],
         ivf_fingerprint=e["ivf_fingerprint"],
         size_bytes=e.get("size_bytes", 0),
+        identities=tuple(FragmentIdentity.from_json(f) for f in e.get("fragments") or ()),
+        source_version=e.get("source_version"),
     )
 
 

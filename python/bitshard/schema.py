@@ -43,6 +43,7 @@ __all__ = [
     "MAX_SEGMENTS",
     "Manifest",
     "SegmentEntry",
+    "FragmentEntry",
     "BuildState",
     "read_document",
     "read_build_state",
@@ -54,10 +55,12 @@ BUILD_STATE_FORMAT = "bitshard-build"
 BUILD_STATE_VERSION = 1
 
 #: The largest manifest or build state read, in bytes (a manifest entry
-#: takes about 400 bytes plus 12 per fragment).
-MAX_DOCUMENT_BYTES = 64 << 20
-#: The deepest nesting of arrays and objects read. Today's documents nest 4
-#: deep (``{"segments": [{"fragment_ids": [...]}]}``); the rest is headroom.
+#: takes about 400 bytes plus 12 per fragment, and in format 2 its identity
+#: record: about 300 bytes per Lance fragment).
+MAX_DOCUMENT_BYTES = 256 << 20
+#: The deepest nesting of arrays and objects read. Today's documents nest 11
+#: deep (``{"segments": [{"fragments": [{"record": {"overlays": [{"file":
+#: {"columns": [[...]]}}]}}]}]}``); the rest is headroom.
 MAX_DEPTH = 16
 #: The most segments one manifest may list.
 MAX_SEGMENTS = 100_000
@@ -85,8 +88,59 @@ SourceVersion = Union[int, str, None]
 # ------------------------------------------------------------- manifests
 
 
+class LanceFileRecord(Struct, forbid_unknown_fields=True):
+    """A Lance data file in an identity record (bitshard.identity)."""
+
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    size: Optional[U64]
+    version: Annotated[str, Meta(max_length=32)]
+    base_id: Optional[U32]
+    columns: List[Annotated[List[int], Meta(min_length=2, max_length=2)]]
+
+
+class LanceOverlayRecord(Struct, forbid_unknown_fields=True):
+    """A Lance data overlay in an identity record."""
+
+    file: LanceFileRecord
+    committed_version: Optional[U64]
+
+
+class LanceRecord(Struct, tag_field="kind", tag="lance", forbid_unknown_fields=True):
+    """The identity record of a Lance fragment (bitshard.identity)."""
+
+    physical_rows: U32
+    fields: List[int]
+    files: List[LanceFileRecord]
+    overlays: List[LanceOverlayRecord]
+
+
+class ParquetRecord(Struct, tag_field="kind", tag="parquet", forbid_unknown_fields=True):
+    """The identity record of a Parquet fragment (bitshard.identity)."""
+
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    size: Optional[U64]
+    mtime_ns: Optional[int]
+
+
+class MemoryRecord(Struct, tag_field="kind", tag="memory", forbid_unknown_fields=True):
+    """The identity record of an in-memory fragment (bitshard.identity)."""
+
+    physical_rows: U32
+
+
+class FragmentEntry(Struct, forbid_unknown_fields=True):
+    """One fragment of a segment entry (manifest format 2): its id, physical
+    rows, and identity at the version the segment was read."""
+
+    id: U32
+    rows: U32
+    identity: Fingerprint
+    record: Union[LanceRecord, ParquetRecord, MemoryRecord]
+
+
 class SegmentEntry(Struct):
-    """One segment of a manifest: what the file must be (checked at open)."""
+    """One segment of a manifest: what the file must be (checked at open).
+    ``fragments`` and ``source_version`` are format 2's."""
 
     uuid: Uuid
     fragment_ids: Annotated[List[U32], Meta(max_length=_U32_MAX)]
@@ -98,13 +152,15 @@ class SegmentEntry(Struct):
     ivf_fingerprint: Fingerprint
     file: Optional[str] = None
     size_bytes: U64 = 0
+    fragments: Optional[Annotated[List[FragmentEntry], Meta(max_length=_U32_MAX)]] = None
+    source_version: SourceVersion = None
 
 
 class Manifest(Struct):
     """A manifest version (``indices/<name>/v<NNNNNNNN>.json``)."""
 
     format: Literal["bitshard-manifest"]
-    format_version: Annotated[int, Meta(ge=1, le=1)]
+    format_version: Annotated[int, Meta(ge=1, le=2)]
     name: Name
     column: Column
     version: Annotated[int, Meta(ge=1, le=MAX_VERSION)]

@@ -345,6 +345,15 @@ class Source:
     def _list_fragments(self) -> list[FragmentInfo]:
         raise NotImplementedError
 
+    def fragment_identity(self, fragment_id: int, column: Optional[str] = None) -> dict:
+        """The identity record of one fragment for vector column ``column``
+        at the pinned version: a small JSON-able dict that changes when the
+        column's values in the fragment may have changed (see
+        :mod:`bitshard.identity`). In-memory data cannot change under a
+        source: its record is the row count."""
+        info = self.fragment(fragment_id)
+        return {"kind": "memory", "physical_rows": int(info.physical_rows)}
+
     def num_rows(self) -> int:
         """Total live rows over all fragments."""
         return sum(f.num_rows for f in self.fragments())
@@ -779,7 +788,7 @@ class LanceSource(Source):
     """
 
     kind = "lance"
-    _TRANSIENT = ("_ds", "_lock", "_live_cache", "_starts")
+    _TRANSIENT = ("_ds", "_lock", "_live_cache", "_starts", "_metadata", "_field_ids")
 
     def __init__(self, ds: Any, column: Optional[str],
                  storage_options: Optional[dict] = None) -> None:
@@ -810,6 +819,8 @@ class LanceSource(Source):
         self._lock = threading.Lock()
         self._live_cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._starts: Optional[dict[int, int]] = None
+        self._metadata: Optional[dict[int, Any]] = None
+        self._field_ids: dict[str, list[int]] = {}
 
     @property
     def uri(self) -> str:
@@ -846,6 +857,26 @@ class LanceSource(Source):
             phys = int(f.physical_rows)
             out.append(FragmentInfo(int(f.fragment_id), phys, phys - int(f.num_deletions)))
         return out
+
+    def fragment_identity(self, fragment_id: int, column: Optional[str] = None) -> dict:
+        """The identity record of a Lance fragment for ``column``: the data
+        files and data overlays holding the column's fields, and the
+        physical row count, at the pinned version (the deletion file is
+        left out; see :mod:`bitshard.identity`)."""
+        from bitshard import identity  # noqa: PLC0415
+
+        col = self._resolve_column(column)
+        self.fragment(fragment_id)  # InvalidInputError naming an unknown id
+        with self._lock:
+            meta = self._metadata
+            if meta is None:
+                meta = {int(f.fragment_id): f.metadata for f in self.dataset.get_fragments()}
+                self._metadata = meta
+            fields = self._field_ids.get(col)
+            if fields is None:
+                fields = identity.lance_field_ids(self.dataset.lance_schema, col)
+                self._field_ids[col] = fields
+        return identity.lance_record(meta[int(fragment_id)], fields)
 
     def _lance_fragment(self, fragment_id: int):
         frag = self.dataset.get_fragment(int(fragment_id))
@@ -997,8 +1028,9 @@ def _split_uri(uri: str) -> tuple[Any, str, str]:
     return pafs.LocalFileSystem(), path, path
 
 
-def _parquet_token(fs: Any, base: str, files: list[str]) -> str:
-    """A stable version token: hash of relative names, sizes and mtimes."""
+def _parquet_listing(fs: Any, base: str, files: list[str]) -> list[list[Any]]:
+    """``[relative name, size, mtime_ns]`` of each file (None, None for a
+    file that is gone)."""
     infos = fs.get_file_info(files) if files else []
     items = []
     for f, info in zip(files, infos):
@@ -1006,6 +1038,13 @@ def _parquet_token(fs: Any, base: str, files: list[str]) -> str:
         mtime = info.mtime_ns if info.type.name == "File" else None
         size = info.size if info.type.name == "File" else None
         items.append([rel, size, mtime])
+    return items
+
+
+def _parquet_token(fs: Any, base: str, files: list[str],
+                   listing: Optional[list[list[Any]]] = None) -> str:
+    """A stable version token: hash of relative names, sizes and mtimes."""
+    items = _parquet_listing(fs, base, files) if listing is None else listing
     blob = json.dumps(items, separators=(",", ":")).encode()
     return "parquet-" + hashlib.sha256(blob).hexdigest()[:32]
 
@@ -1055,7 +1094,8 @@ class ParquetSource(Source):
         self._base = base
         self._files = files
         self._schema = schema
-        self._version = _parquet_token(fs, base, files)
+        self._listing = _parquet_listing(fs, base, files)
+        self._version = _parquet_token(fs, base, files, self._listing)
         self._reset_transient()
         self._verified = True
 
@@ -1083,6 +1123,15 @@ class ParquetSource(Source):
     def files(self) -> list[str]:
         """The Parquet files, in fragment id order (paths within the filesystem)."""
         return list(self._files)
+
+    def fragment_identity(self, fragment_id: int, column: Optional[str] = None) -> dict:
+        """The identity record of a Parquet fragment: its file's path
+        relative to the dataset root, size in bytes and modification time
+        (ns), as listed when the source was opened (the column plays no
+        part: a file is rewritten whole)."""
+        self.fragment(fragment_id)  # InvalidInputError naming an unknown id
+        rel, size, mtime = self._listing[int(fragment_id)]
+        return {"kind": "parquet", "path": rel, "size": size, "mtime_ns": mtime}
 
     def _verify(self) -> None:
         if self._verified:
