@@ -8,7 +8,7 @@
     bitshard search URI --column vec (--query-file q.npy | --query-row N) [--k 10]
                    [--nprobes 20] [--refine-factor R] [--format table|json|csv]
     bitshard describe URI [--json]
-    bitshard verify URI
+    bitshard verify URI [--strict]
     bitshard cleanup URI [--older-than SECONDS] [--dry-run]
 
 Every command takes ``--index-uri`` (a directory or ``s3://bucket/prefix``)
@@ -16,7 +16,8 @@ and ``--storage-option KEY=VALUE`` (repeatable; object-store settings such
 as ``endpoint_override``, ``region``, ``access_key``, ``secret_key``).
 
 Exit codes: 0 success; 1 a bitshard error (the message, no traceback) or
-``verify`` found faults; 2 a usage error; 130 interrupted.
+``verify`` found faults (with ``--strict``: or notices: a fragment stale,
+gone from the source or not indexed); 2 a usage error; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-read every committed segment; exit 1 listing faults")
     common(v)
     v.add_argument("--name", default=None, help="verify only this index")
+    v.add_argument("--strict", action="store_true",
+                   help="also exit 1 unless every fragment is indexed and current")
     v.set_defaults(func=_cmd_verify)
 
     c = sub.add_parser("cleanup", help="remove segment files no manifest references")
@@ -299,6 +302,11 @@ def _cmd_describe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                   f"[{shown}], {s['size_bytes']} bytes")
         if d["uncovered_fragments"]:
             print(f"  fragments not indexed (searched exactly): {d['uncovered_fragments']}")
+        for st in d.get("stale_fragments", []):
+            print(f"  fragment {st['id']} is stale (searched exactly): {st['reason']}")
+        if d.get("missing_fragments"):
+            print(f"  fragments no longer in the source (never returned; run "
+                  f"optimize_indices): {d['missing_fragments']}")
     return 0
 
 
@@ -309,11 +317,17 @@ def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                            storage_options=_storage_options(args))
     for f in report.faults:
         print(f"FAULT: {f}")
+    for n in report.notices:
+        print(f"NOTICE: {n}")
     for s in report.indexes:
         print(f"index {s.name!r} version {s.version}: {s.segments} segment(s), "
               f"{s.rows} rows")
     if report.faults:
         print(f"verify: {len(report.faults)} fault(s)", file=sys.stderr)
+        return 1
+    if args.strict and report.notices:
+        print(f"verify: {len(report.notices)} notice(s) (--strict: every fragment must be "
+              f"indexed and current)", file=sys.stderr)
         return 1
     print("verify: ok" if report.indexes else "verify: no committed indexes")
     return 0

@@ -22,7 +22,7 @@ from .artifacts import (
     as_ivf_model,
     metric_code,
 )
-from . import validate
+from . import identity, validate
 from .errors import InvalidInputError
 from . import index as idx
 from .index import SegmentHandle
@@ -133,6 +133,37 @@ def _source_storage_options(source: Source) -> Optional[Dict[str, Any]]:
     return known or None
 
 
+def _recorded_parquet_ids(storage: Storage) -> Dict[str, int]:
+    """Relative path -> fragment id, as the latest manifests of the indexes
+    under ``storage`` recorded them (format 2 Parquet records). An index
+    whose manifest cannot be read is left out (its search reports why); a
+    path or id two indexes record differently keeps the first index's (by
+    name); the other index then sees that fragment as stale."""
+    from .errors import BitshardError  # noqa: PLC0415
+
+    out: Dict[str, int] = {}
+    taken: Dict[int, str] = {}
+    try:
+        names = idx.list_index_names(storage)
+    except (BitshardError, OSError):
+        return out
+    for n in names:
+        try:
+            doc = idx.read_manifest(storage, n)
+        except (BitshardError, OSError):
+            continue
+        for e in doc["segments"]:
+            for f in e.get("fragments") or ():
+                rec = f["record"]
+                if rec.get("kind") != "parquet":
+                    continue
+                path, fid = rec["path"], int(f["id"])
+                if path not in out and fid not in taken:
+                    out[path] = fid
+                    taken[fid] = path
+    return out
+
+
 def _default_num_partitions(num_rows: int) -> int:
     # About sqrt(n) partitions, as pylance suggests, at least 1.
     return max(1, min(num_rows, int(round(np.sqrt(max(num_rows, 1))))))
@@ -169,6 +200,12 @@ class Dataset:
             dict(storage_options) if storage_options else None
         #: Where the indexes live (:class:`bitshard.storage.Storage`).
         self.storage: Storage = Storage.for_uri(self.index_root, self.storage_options)
+        if source.kind == "parquet":
+            # A Parquet file keeps the fragment id its indexes recorded for
+            # its path; new files get fresh ids (docs/sources.md).
+            ids = _recorded_parquet_ids(self.storage)
+            if ids:
+                source.adopt_fragment_ids(ids)  # type: ignore[attr-defined]
         # The committed indexes this object searches, pinned at first use
         # until it commits or refresh() is called (see bitshard.indexview).
         self._indexes = IndexView(self.storage, self.source, self.index_root)
@@ -399,14 +436,22 @@ class Dataset:
         return out
 
     def describe_indices(self) -> List[Dict[str, Any]]:
-        """Each index with its segments, fragments, rows, fingerprints, and the
-        source fragments no segment covers."""
+        """Each index with its segments, fragments, rows, fingerprints, the
+        source fragments no segment covers (``uncovered_fragments``), the
+        covered ones whose data changed since they were encoded
+        (``stale_fragments``: ``{"id", "reason"}`` each, searched exactly;
+        a reason starting ``"unverified"`` is a fragment of an index that
+        recorded no identities and whose build version cannot be compared),
+        and the covered ones no longer in the source (``missing_fragments``:
+        compacted away or deleted; their rows are never returned)."""
         all_frags = [f.id for f in self.source.fragments()]
         out = []
         for n in idx.list_index_names(self.storage):
             doc = idx.read_manifest(self.storage, n)
-            segs = idx.committed_segments(self.storage, n)
+            segs = [idx.handle_from_json(self.storage, n, doc["column"], e)
+                    for e in doc["segments"]]
             covered = set(idx.iter_fragments(segs))
+            stale = identity.stale_fragments(self.source, doc, segs)
             out.append({
                 "name": n,
                 "column": doc["column"],
@@ -419,6 +464,8 @@ class Dataset:
                 "segments": [s.to_json() for s in segs],
                 "num_rows": sum(s.num_rows for s in segs),
                 "uncovered_fragments": [f for f in all_frags if f not in covered],
+                "stale_fragments": [{"id": f, "reason": r} for f, r in sorted(stale.items())],
+                "missing_fragments": identity.missing_fragments(self.source, segs),
             })
         return out
 

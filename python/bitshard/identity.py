@@ -51,6 +51,9 @@ __all__ = [
     "identity_of",
     "identities",
     "difference",
+    "stale_fragments",
+    "missing_fragments",
+    "unverified_warning",
     "UNVERIFIED",
 ]
 
@@ -207,3 +210,97 @@ def lance_record(metadata: Any, field_ids: Sequence[int]) -> Dict[str, Any]:
             overlays.append({"file": r, "committed_version": None if cv is None else int(cv)})
     return {"kind": "lance", "physical_rows": int(metadata.physical_rows),
             "fields": sorted(fields), "files": files, "overlays": overlays}
+
+
+# ---------------------------------------------------------------- staleness
+
+
+def _legacy_version(doc: Dict[str, Any], h: Any) -> Any:
+    """The source version a segment without identities is compared at: its
+    entry's ``source_version`` (format 2, copied from a format 1 manifest),
+    else the manifest's."""
+    return h.source_version if h.source_version is not None else doc.get("source_version")
+
+
+def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any]
+                    ) -> Dict[int, str]:
+    """The fragments of ``source`` covered by ``handles`` (the segments of
+    manifest ``doc``) whose codes must not be used: fragment id -> reason.
+
+    A segment with identities (manifest format 2) is compared fragment by
+    fragment with the source's current records (:func:`difference` gives the
+    reason). A segment without them (format 1) is compared with the records
+    at its recorded source version: the same version is current; a Lance
+    version that can still be opened is compared fragment by fragment;
+    otherwise every fragment is ``"unverified: ..."`` (the reason says why).
+    Fragments no longer in the source are not listed (their rows are never
+    returned; see :func:`missing_fragments`)."""
+    column = doc["column"]
+    present = {f.id for f in source.fragments()}
+    out: Dict[int, str] = {}
+    legacy: Dict[str, Tuple[Any, List[int]]] = {}  # repr(version) -> (version, fragments)
+    for h in handles:
+        if len(h.identities) == len(h.fragment_ids) and h.identities:
+            for ident in h.identities:
+                if ident.id not in present:
+                    continue
+                why = difference(ident.record_dict, source.fragment_identity(ident.id, column))
+                if why is not None:
+                    out[ident.id] = why
+        else:
+            v = _legacy_version(doc, h)
+            legacy.setdefault(repr(v), (v, []))[1].extend(
+                int(f) for f in h.fragment_ids if f in present)
+    for v, frags in legacy.values():
+        if frags:
+            out.update(_legacy_check(source, column, v, frags))
+    return out
+
+
+def _legacy_check(source: Any, column: str, version: Any, frags: List[int]
+                  ) -> Dict[int, str]:
+    """Reasons for fragments ``frags`` of a segment without identities,
+    recorded at source version ``version``."""
+    if source.kind in ("numpy", "table"):
+        return {}  # in-memory data cannot change under its source
+    if version is None:
+        return {f: f"{UNVERIFIED}: the index recorded no source version" for f in frags}
+    if version == source.version:
+        return {}
+    if source.kind != "lance":
+        return {f: f"{UNVERIFIED}: the {source.kind} files changed since the index was built "
+                   f"(version {version}) and it recorded no fragment identities" for f in frags}
+    try:
+        old = source.at_version(version)
+        old_present = {f.id for f in old.fragments()}
+    except Exception:  # cleaned up, or unreadable: nothing to compare with
+        return {f: f"{UNVERIFIED}: source version {version} no longer exists" for f in frags}
+    out: Dict[int, str] = {}
+    for f in frags:
+        if f not in old_present:
+            out[f] = f"{UNVERIFIED}: fragment {f} is not in source version {version}"
+            continue
+        why = difference(old.fragment_identity(f, column), source.fragment_identity(f, column))
+        if why is not None:
+            out[f] = why
+    return out
+
+
+def missing_fragments(source: Any, handles: Sequence[Any]) -> List[int]:
+    """Fragments the segments cover that are no longer in the source
+    (compacted away or deleted since the build), sorted."""
+    present = {f.id for f in source.fragments()}
+    return sorted({int(f) for h in handles for f in h.fragment_ids} - present)
+
+
+def unverified_warning(name: str, stale: Dict[int, str]) -> Optional[str]:
+    """The one warning about an index's unverified fragments (None if
+    there are none): how many, why, and how to re-index."""
+    unv = sorted(f for f, why in stale.items() if why.startswith(UNVERIFIED))
+    if not unv:
+        return None
+    shown = unv if len(unv) <= 10 else unv[:10] + ["..."]
+    return (f"index {name!r}: {len(unv)} fragment(s) {shown} cannot be verified "
+            f"({stale[unv[0]]}): their rows are searched exactly, not from the index; "
+            f"rebuild the index (ds.create_index(..., replace=True), bitshard.build_index or "
+            f"`bitshard build`) to record what it covers")

@@ -12,7 +12,10 @@ were made for, so the pin is all there is to invalidate:
 - the opened segments of an index version and the C searcher over them
   (:meth:`IndexView.open`), one version per index name;
 - the search plan of an (index version, source version): the fragments,
-  the segment mask, the rows deleted since the build (:meth:`IndexView.plan`);
+  those whose data changed since they were encoded (stale: compared by
+  their identity records, :mod:`bitshard.identity`, here and never per
+  query), the segment mask, the rows deleted since the build
+  (:meth:`IndexView.plan`);
 - the prepared searchers behind ``Dataset.search``, per settings
   (:meth:`IndexView.searcher`).
 """
@@ -26,6 +29,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import numpy as np
 
 from . import _native
+from . import identity
 from . import index as idx
 from .codespace import CodeSpace
 from .errors import CorruptIndexError, IndexNotFoundError, InvalidInputError
@@ -63,10 +67,14 @@ class SearchPlan:
 
     #: Fragments of the source.
     source_fragments: Set[int]
-    #: Fragments some segment covers.
+    #: Source fragments some segment covers with codes of their current
+    #: data (neither stale nor gone).
     covered: Set[int]
     #: Source fragments no segment covers, sorted (scanned exactly).
     uncovered: List[int]
+    #: Covered source fragments whose codes must not be used, with the
+    #: reason (bitshard.identity.stale_fragments): scanned exactly.
+    stale: Dict[int, str]
     #: One flag per segment: does it cover a fragment still in the source.
     segment_mask: np.ndarray
     #: The source's fragments, sorted, when some segment covers fragments
@@ -75,6 +83,11 @@ class SearchPlan:
     allowed_fragments: Optional[np.ndarray]
     #: Sorted row ids deleted from the source after their segment was built.
     denied: Optional[np.ndarray]
+
+    @property
+    def exact(self) -> List[int]:
+        """The fragments searched exactly: uncovered and stale, sorted."""
+        return sorted(set(self.uncovered) | set(self.stale))
 
 
 class IndexView:
@@ -174,16 +187,25 @@ class IndexView:
             covered = set(idx.iter_fragments(index.handles))
             # Fragments compacted away or deleted since the build: segments
             # covering only those are skipped, and their rows never returned.
-            stale = covered - source_fragments
+            gone = covered - source_fragments
+            # Fragments whose data changed since they were encoded: their
+            # codes are never used; their rows are scanned exactly.
+            stale = identity.stale_fragments(self.source, index.doc, index.handles)
+            message = identity.unverified_warning(index.name, stale)
+            if message is not None:
+                warnings.warn(message, stacklevel=4)
+            current = covered - gone - set(stale)
             plan = SearchPlan(
                 source_fragments=source_fragments,
-                covered=covered,
+                covered=current,
                 uncovered=sorted(source_fragments - covered),
-                segment_mask=np.array([any(f in source_fragments for f in h.fragment_ids)
+                stale=stale,
+                segment_mask=np.array([any(f in current for f in h.fragment_ids)
                                        for h in index.handles], dtype=np.uint8),
-                allowed_fragments=(np.array(sorted(source_fragments), dtype=np.uint64)
-                                   if stale else None),
-                denied=self._deleted_rowids(covered),
+                allowed_fragments=(np.array(sorted(source_fragments - set(stale)),
+                                            dtype=np.uint64)
+                                   if gone or stale else None),
+                denied=self._deleted_rowids(current),
             )
             self._plans = {key: plan}
         return plan

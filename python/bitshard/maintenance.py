@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
+from . import identity
 from . import index as idx
 from . import names, schema, validate
 from .codespace import CodeSpace
@@ -32,6 +33,9 @@ __all__ = ["cleanup", "verify", "verify_report", "VerifyReport", "IndexSummary",
            "open_dataset", "referenced_uuids"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+#: How a verify notice says to bring fragments back into the index.
+_REINDEX = "run optimize_indices, or rebuild the index"
 
 log = logging.getLogger("bitshard.maintenance")
 
@@ -52,17 +56,29 @@ class VerifyReport:
 
     ``faults`` is exactly what :func:`verify` returns: one human-readable
     line per fault, naming the index and the file (empty if everything checks
-    out). ``indexes`` summarises the latest readable manifest of each index
-    checked, in name order.
+    out). ``notices`` lists what is not corrupt but not indexed and current
+    either: fragments whose data changed since they were encoded (stale, or
+    unverified), fragments the index covers that are no longer in the source
+    (compacted or deleted), and source fragments no segment covers; search
+    handles each correctly (exactly, or not at all) and ``optimize_indices``
+    or a rebuild brings them back into the index. ``indexes`` summarises the
+    latest readable manifest of each index checked, in name order.
     """
 
     faults: List[str] = dataclasses.field(default_factory=list)
     indexes: List[IndexSummary] = dataclasses.field(default_factory=list)
+    notices: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """True when no fault was found."""
         return not self.faults
+
+    @property
+    def current(self) -> bool:
+        """True when nothing is corrupt and every source fragment is indexed
+        with codes of its current data (what ``verify --strict`` requires)."""
+        return not self.faults and not self.notices
 
 
 def open_dataset(uri: Any, index_uri: Optional[PathLike] = None,
@@ -330,6 +346,7 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
         index_names = [name]
     source_frags = {f.id: f for f in ds.source.fragments()}
     faults: List[str] = []
+    notices: List[str] = []
     summary: List[IndexSummary] = []
     for n in index_names:
         for v in idx.manifest_versions(root, n):
@@ -350,6 +367,15 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
                                     rows=sum(e.get("num_rows", 0) for e in entries)))
         first: Optional[SegmentHandle] = None
         owner: Dict[int, str] = {}
+        claimed = [idx.handle_from_json(root, n, doc["column"], e) for e in entries]
+        try:
+            stale = identity.stale_fragments(ds.source, doc, claimed)
+        except (BitshardError, OSError) as err:
+            faults.append(f"index {n!r}: cannot compare fragment identities: {err}")
+            stale = {}
+        for fid, why in sorted(stale.items()):
+            notices.append(f"index {n!r}: fragment {fid} is stale ({why}): searched exactly "
+                           f"until re-indexed ({_REINDEX})")
         top: Dict[str, Any] = {k: doc.get(k) for k in (
             "metric", "num_bits", "dimension", "rotation_fingerprint", "ivf_fingerprint")}
         for e in entries:
@@ -383,17 +409,31 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
                 for d in space.differences(CodeSpace.of(first)):
                     faults.append(f"{where}: {d.label} differs from segment {first.uuid}: "
                                   f"{d.ours!r} vs {d.theirs!r}")
+            recorded = {i.id: i.rows for i in claims.identities}
             for fid, rows in o.native.fragments():
                 fid, rows = int(fid), int(rows)
                 if fid in owner:
                     faults.append(f"{where}: fragment {fid} is also in segment {owner[fid]}")
                 owner.setdefault(fid, h.uuid)
+                if fid in recorded and recorded[fid] != rows:
+                    faults.append(f"{where}: the manifest records {recorded[fid]} rows for "
+                                  f"fragment {fid}, the file has {rows}")
                 if fid not in source_frags:
-                    faults.append(f"{where}: fragment {fid} is not in the source")
+                    # Compacted away or deleted since the build: its rows are
+                    # never returned; not a fault.
+                    notices.append(f"{where}: fragment {fid} is not in the source (compacted "
+                                   f"or deleted since the build); run optimize_indices")
+                elif fid in stale:
+                    pass  # a notice above: its data changed, so may its rows
                 elif source_frags[fid].physical_rows != rows:
                     faults.append(f"{where}: fragment {fid} has {rows} rows in the segment, "
                                   f"{source_frags[fid].physical_rows} in the source")
-    return VerifyReport(faults=faults, indexes=summary)
+        uncovered = sorted(set(source_frags) - set(idx.iter_fragments(claimed)))
+        if uncovered:
+            shown = uncovered if len(uncovered) <= 20 else uncovered[:20] + ["..."]
+            notices.append(f"index {n!r}: {len(uncovered)} fragment(s) not indexed (searched "
+                           f"exactly): {shown}; {_REINDEX}")
+    return VerifyReport(faults=faults, indexes=summary, notices=notices)
 
 
 def verify(uri: Any, *, index_uri: Optional[PathLike] = None,
@@ -407,7 +447,9 @@ def verify(uri: Any, *, index_uri: Optional[PathLike] = None,
     opens (the C reader verifies every checksum and bound); the manifest's
     claims (fragments, rows, bits, metric, dimension, fingerprints, column)
     match the file; all segments share one code space; no fragment is in two
-    segments; every fragment is in the source with the same row count.
+    segments; a fragment still in the source whose identity is current has
+    the source's row count. Fragments that are stale, gone from the source
+    or not indexed are not faults (see :class:`VerifyReport`, ``notices``).
 
     Args:
         uri: the data (path/URI or :class:`Dataset`).

@@ -162,17 +162,21 @@ class Searcher:
                    ) -> Tuple[Set[int], np.ndarray, Optional[np.ndarray], List[int]]:
         """The fragments searched: (their ids, the segment mask, the fragment
         allow-list for the C search, those scanned exactly)."""
+        # Stale fragments (data changed since encoded) are never answered
+        # from codes: scanned exactly like uncovered ones, or skipped by
+        # fast_search.
         if options.fragment_ids is None:
-            uncovered = [] if options.fast_search else plan.uncovered
+            uncovered = [] if options.fast_search else plan.exact
             return plan.source_fragments, plan.segment_mask, plan.allowed_fragments, uncovered
         wanted = set(options.fragment_ids)
         unknown = wanted - plan.source_fragments
         if unknown:
             raise InvalidInputError(f"fragment {min(unknown)} is not in the source")
-        mask = np.array([any(f in wanted for f in h.fragment_ids) for h in index.handles],
-                        dtype=np.uint8)
+        mask = np.array([any(f in wanted and f in plan.covered for f in h.fragment_ids)
+                         for h in index.handles], dtype=np.uint8)
         uncovered = [] if options.fast_search else sorted(wanted - plan.covered)
-        return wanted, mask, np.array(sorted(wanted), dtype=np.uint64), uncovered
+        return wanted, mask, np.array(sorted(wanted - set(plan.stale)), dtype=np.uint64), \
+            uncovered
 
     # ------------------------------------------------------------- results
 

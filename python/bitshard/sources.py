@@ -837,6 +837,18 @@ class LanceSource(Source):
         """The Lance dataset's Arrow schema."""
         return self._schema
 
+    def at_version(self, version: int) -> "LanceSource":
+        """The same dataset at another version (InvalidInputError when that
+        version cannot be opened, e.g. after ``cleanup_old_versions``)."""
+        lance = _import_lance()
+        try:
+            ds = lance.dataset(self._uri, version=int(version),
+                               storage_options=self._storage_options)
+        except Exception as e:
+            raise InvalidInputError(
+                f"cannot open Lance dataset {self._uri} at version {version}: {e}") from None
+        return LanceSource(ds, self._column, self._storage_options)
+
     @property
     def dataset(self):
         """The ``lance.LanceDataset`` at the pinned version (opened on first use)."""
@@ -1054,8 +1066,12 @@ class ParquetSource(Source):
 
     One file is one fragment. The files are the ones ``pyarrow.dataset``
     discovers under the directory (recursively, skipping names starting with
-    ``_`` or ``.``), sorted by path; fragment id = position in that order,
-    fixed when the source is opened (the list travels with the pickle).
+    ``_`` or ``.``), sorted by path. A fragment id belongs to a file path: by
+    default id = position in that order; a Dataset whose indexes recorded
+    ids for paths gives those files their recorded ids and the others fresh
+    ones (:meth:`adopt_fragment_ids`), so a new file whose name sorts first
+    renumbers nothing. Ids are fixed when the source is opened (they travel
+    with the pickle).
     ``version`` hashes the files' relative names, sizes and mtimes; a source
     unpickled elsewhere checks it on first use and refuses to read files that
     changed.
@@ -1093,6 +1109,9 @@ class ParquetSource(Source):
         self._uri = norm
         self._base = base
         self._files = files
+        #: Fragment id of each file (position in ``files``), and back.
+        self._ids = list(range(len(files)))
+        self._pos = {i: i for i in range(len(files))}
         self._schema = schema
         self._listing = _parquet_listing(fs, base, files)
         self._version = _parquet_token(fs, base, files, self._listing)
@@ -1122,7 +1141,39 @@ class ParquetSource(Source):
     @property
     def files(self) -> list[str]:
         """The Parquet files, in fragment id order (paths within the filesystem)."""
-        return list(self._files)
+        return [self._files[self._pos[i]] for i in sorted(self._pos)]
+
+    def fragment_paths(self) -> dict[int, str]:
+        """Fragment id -> the file's path relative to the dataset root."""
+        return {fid: self._listing[pos][0] for fid, pos in self._pos.items()}
+
+    def adopt_fragment_ids(self, ids_by_path: dict[str, int]) -> None:
+        """Give each file whose relative path is in ``ids_by_path`` that
+        fragment id, and every other file a fresh id above all of those (in
+        path order). A Dataset calls this before any use, with the ids its
+        indexes recorded; a path's id then never changes."""
+        used: set[int] = set()
+        ids: list[Optional[int]] = []
+        for rel, _size, _mtime in self._listing:
+            fid = ids_by_path.get(rel)
+            if fid is not None and int(fid) not in used and 0 <= int(fid) < _MAX_OFFSETS:
+                used.add(int(fid))
+                ids.append(int(fid))
+            else:
+                ids.append(None)
+        nxt = max([int(v) for v in ids_by_path.values()] + [-1]) + 1
+        out = []
+        for fid in ids:
+            if fid is None:
+                fid, nxt = nxt, nxt + 1
+            out.append(fid)
+        if nxt > _MAX_OFFSETS:
+            raise InvalidInputError(f"Parquet source {self._uri}: fragment ids past 2**32 - 1")
+        self._ids = out
+        self._pos = {fid: pos for pos, fid in enumerate(out)}
+        self._fragments = None
+        self._frag_index = None
+        self._meta = {}
 
     def fragment_identity(self, fragment_id: int, column: Optional[str] = None) -> dict:
         """The identity record of a Parquet fragment: its file's path
@@ -1130,7 +1181,7 @@ class ParquetSource(Source):
         (ns), as listed when the source was opened (the column plays no
         part: a file is rewritten whole)."""
         self.fragment(fragment_id)  # InvalidInputError naming an unknown id
-        rel, size, mtime = self._listing[int(fragment_id)]
+        rel, size, mtime = self._listing[self._pos[int(fragment_id)]]
         return {"kind": "parquet", "path": rel, "size": size, "mtime_ns": mtime}
 
     def _verify(self) -> None:
@@ -1150,9 +1201,9 @@ class ParquetSource(Source):
 
         self._verify()
         fid = int(fragment_id)
-        if not 0 <= fid < len(self._files):
+        if fid not in self._pos:
             raise InvalidInputError(f"fragment {fragment_id} does not exist in this parquet source")
-        path = self._files[fid]
+        path = self._files[self._pos[fid]]
         meta = self._meta.get(fid)
         try:
             f = self._fs.open_input_file(path)
@@ -1169,15 +1220,16 @@ class ParquetSource(Source):
             n = self._file(i).metadata.num_rows
             if n >= _MAX_OFFSETS:
                 raise InvalidInputError(
-                    f"Parquet file {self._files[i]} has {n} rows: at most 2**32 - 1 per fragment"
+                    f"Parquet file {self._files[self._pos[i]]} has {n} rows: at most 2**32 - 1 "
+                    f"per fragment"
                 )
             return FragmentInfo(i, n, n)
 
         self._verify()
         if len(self._files) <= 4:
-            return [rows(i) for i in range(len(self._files))]
+            return [rows(i) for i in self._ids]
         with ThreadPoolExecutor(max_workers=min(16, len(self._files))) as pool:
-            return list(pool.map(rows, range(len(self._files))))
+            return list(pool.map(rows, self._ids))
 
     def _iter_raw(self, fragment_id, columns, batch_size):
         pf = self._file(fragment_id)
@@ -1185,7 +1237,8 @@ class ParquetSource(Source):
         missing = [c for c in columns if pf.schema_arrow.get_field_index(c) < 0]
         if missing:
             raise InvalidInputError(
-                f"column {missing[0]!r} not found in Parquet file {self._files[int(fragment_id)]} "
+                f"column {missing[0]!r} not found in Parquet file "
+                f"{self._files[self._pos[int(fragment_id)]]} "
                 f"(fragment {fragment_id})"
             )
         if not columns:

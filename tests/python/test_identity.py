@@ -159,3 +159,23 @@ def test_unknown_record_kind_is_refused(small_lance):
         idx.read_manifest(ds.storage, "vec_idx")
     assert str(e.value) == (f"manifest {path}: bad field: Invalid value 'zip' - at "
                             f"`$.segments[0].fragments[0].record.kind`")
+
+
+def test_identities_of_other_fragments_than_the_file_are_refused(small_lance):
+    uri, x = small_lance
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", num_partitions=8)
+    doc = _manifest(ds)
+    frags = doc["segments"][0]["fragments"]
+    frags[0], frags[1] = frags[1], frags[0]
+    doc["version"] = 2
+    doc["checksum"] = idx._checksum(doc)
+    path = os.path.join(ds.index_root, "indices", "vec_idx", "v00000002.json")
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    seg = idx.segment_path(ds.index_root, doc["segments"][0]["uuid"])
+    with pytest.raises(CorruptIndexError) as e:
+        bitshard.dataset(uri).search("vec", x[0], k=1)
+    assert str(e.value) == (
+        f"segment file {seg} is not the segment manifest {path} describes: its fragment "
+        f"identities are of fragments [1, 0, 2, 3], the file has [0, 1, 2, 3]")
