@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import report
-from .datasets import default_cache_dir, prepare
+from .datasets import REAL_DATASETS, default_cache_dir, prepare
 from .systems import FAMILIES, load
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,6 +30,18 @@ ROOT = os.path.dirname(HERE)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "RAYON_NUM_THREADS",
                "LANCE_CPU_THREADS", "BITSHARD_NUM_THREADS")
+
+
+# Every variant, in the order a time budget keeps them: the leaders of each
+# family at the recall targets first (bitshard and rabitqlib at 9 and 4 bits,
+# then FAISS's and pylance's best on real sets), the rest after.
+PRIORITY = (
+    "bitshard-9bit", "rabitqlib-ivf-9bit", "bitshard-4bit", "rabitqlib-ivf-4bit",
+    "faiss-ivfrabitq-9bit", "faiss-ivfrabitq-1bit+refine", "pylance-ivfrq-9bit",
+    "bitshard-1bit-npy", "faiss-ivfrabitq-fs-4bit", "faiss-ivfrabitq-4bit", "pylance-ivfrq-4bit",
+    "bitshard-1bit", "rabitqlib-ivf-1bit", "pylance-ivfrq-1bit", "faiss-ivfrabitq-1bit",
+    "faiss-ivfrabitq-fs-1bit", "brute-force",
+    "bitshard", "rabitqlib", "faiss", "pylance", "brute")  # anything else of the families
 
 
 def log(*a):
@@ -40,17 +53,30 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", action="append",
                     help="synthetic-128|synthetic-384|synthetic-768|synthetic-1536|hdf5:<path>|"
-                         "wordnet|fashion-mnist (repeatable or comma-separated; default synthetic-128 and "
-                         "synthetic-768, --quick: synthetic-128)")
+                         "wordnet|fashion-mnist|gcide|real (repeatable or comma-separated; "
+                         "'real' = wordnet,fashion-mnist,gcide; default: real, --synthetic: "
+                         "synthetic-128 and synthetic-768, --quick: synthetic-128)")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="the secondary view: synthetic-128 and synthetic-768 as default datasets")
     ap.add_argument("--rows", type=int, help="rows per dataset (default per dataset)")
     ap.add_argument("--queries", type=int, help="queries (default 1000, --quick 200)")
     ap.add_argument("--partitions", type=int,
                     help="IVF partitions for every system (default: power of two near sqrt(rows))")
     ap.add_argument("--threads", default="1,all",
                     help="search thread settings, e.g. '1,all' or '1' or '1,2'")
-    ap.add_argument("--systems", default=",".join(FAMILIES),
+    ap.add_argument("--systems", default=",".join(PRIORITY),
                     help="families (bitshard,pylance,faiss,rabitqlib,brute) or variant labels "
-                         "(e.g. bitshard-1bit,faiss-ivfrabitq-4bit)")
+                         "(e.g. bitshard-1bit,faiss-ivfrabitq-4bit), in priority order: "
+                         "with --budget-min the last ones are the first skipped "
+                         "(default: every variant, leaders first)")
+    ap.add_argument("--budget-min", type=float,
+                    default=float(os.environ.get("BENCH_BUDGET_MIN") or 0) or None,
+                    help="wall-time budget of the whole run in minutes (default: $BENCH_BUDGET_MIN, "
+                         "else none): datasets share it, builds that do not fit are skipped, "
+                         "sweeps are shortened, and what was skipped is reported")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="search runs per system and thread count, interleaved across systems; "
+                         "each point's QPS is the median (default 3)")
     ap.add_argument("--quick", action="store_true", help="a small CI-sized run (~2-3 minutes)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     ap.add_argument("--cache", default=default_cache_dir(), help="dataset cache directory")
@@ -79,10 +105,16 @@ def parse_args(argv=None):
     ap.add_argument("--drop-caches", action="store_true",
                     help="drop the OS page cache before each cold open (root only)")
     a = ap.parse_args(argv)
+    a.command = "python -m bench " + " ".join(
+        shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     ds = []
-    for x in a.dataset or (["synthetic-128"] if a.quick else ["synthetic-128", "synthetic-768"]):
-        ds += [s for s in x.split(",") if s]
+    default = (["synthetic-128"] if a.quick else
+               ["synthetic-128", "synthetic-768"] if a.synthetic else ["real"])
+    for x in a.dataset or default:
+        for s in x.split(","):
+            ds += list(REAL_DATASETS) if s == "real" else ([s] if s else [])
     a.dataset = ds
+    a.runs = max(1, a.runs if not a.quick else 1)
     if a.quick:
         a.rows = a.rows or 20_000
     a.queries = a.queries or (200 if a.quick else 1000)
@@ -221,7 +253,8 @@ def _tree_rss(proc) -> int:
 
 
 def select_variants(args, opts) -> List[Tuple[str, dict, Optional[str]]]:
-    """(family, variant, why-not) for every variant the --systems selection names."""
+    """(family, variant, why-not) for every variant the --systems selection names,
+    in the selection's order (a label where it is named, else its family's place)."""
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
     out = []
     for fam in FAMILIES:
@@ -239,7 +272,8 @@ def select_variants(args, opts) -> List[Tuple[str, dict, Optional[str]]]:
         for v in vs:
             if fam in wanted or v["label"] in wanted:
                 out.append((fam, v, why))
-    return out
+    rank = {w: i for i, w in reversed(list(enumerate(wanted)))}
+    return sorted(out, key=lambda x: rank.get(x[1]["label"], rank.get(x[0], len(wanted))))
 
 
 def dist_modes(fam: str, v: dict, mod, args) -> List[str]:
@@ -258,6 +292,33 @@ def dist_modes(fam: str, v: dict, mod, args) -> List[str]:
     return []
 
 
+class Budget:
+    """The run's wall-time budget (``--budget-min``): each dataset gets the time
+    left divided by the datasets left, so time one set does not use passes on."""
+
+    # a search child's fixed cost (process start, imports, open, warm-up), seconds
+    CHILD_OVERHEAD = 8.0
+    # the least sweep budget worth a child (seconds at one thread)
+    MIN_SWEEP = 4.0
+
+    def __init__(self, minutes: Optional[float]):
+        self.total = minutes * 60.0 if minutes else None
+        self.t0 = time.monotonic()
+        self.skipped: List[str] = []
+
+    def left(self) -> float:
+        if self.total is None:
+            return float("inf")
+        return self.total - (time.monotonic() - self.t0)
+
+    def share(self, datasets_left: int) -> float:
+        return self.left() / max(1, datasets_left)
+
+    def skip(self, what: str) -> None:
+        self.skipped.append(what)
+        log(f"  budget: {what}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -268,11 +329,21 @@ def main(argv=None) -> int:
     all_cores = os.cpu_count() or 1
     rows: List[dict] = []
     profiles: List[dict] = []
+    budget = Budget(args.budget_min)
     env_note = (f"{platform.node()} {platform.machine()} {all_cores} cores ({_cpu_desc()}); "
                 f"python {platform.python_version()}")
-    log(f"bitshard bench: {', '.join(args.dataset)}; threads {threads}; work dir {work_root}")
+    log(f"bitshard bench: {', '.join(args.dataset)}; threads {threads}; {args.runs} runs per "
+        f"point; budget {f'{args.budget_min:g} min' if args.budget_min else 'none'}; "
+        f"work dir {work_root}")
     t_start = time.perf_counter()
-    for dspec in args.dataset:
+    for di, dspec in enumerate(args.dataset):
+        share = budget.share(len(args.dataset) - di)
+        ds_deadline = time.monotonic() + share
+        if share < 60:
+            budget.skip(f"{dspec}: not run ({share:.0f} s of budget left for it)")
+            rows.append({"system": "-", "family": None, "dataset": dspec, "recall_at_10": None,
+                         "notes": ["skipped: time budget spent"]})
+            continue
         try:
             data = prepare(dspec, args.rows, args.queries, args.cache, args.seed, log)
         except Exception as e:
@@ -284,68 +355,238 @@ def main(argv=None) -> int:
         opts = {"partitions": parts, "quick": args.quick, "k": args.k,
                 "bitshard_source": args.bitshard_source}
         log(f"\n== {data.name}: {data.n} x {data.dim}, {data.queries.shape[0]} queries, "
-            f"{parts} partitions ==")
+            f"{parts} partitions"
+            + (f"; {max(0.0, ds_deadline - time.monotonic()) / 60:.1f} min of budget ==" if
+               budget.total else " =="))
         base_row = {"dataset": data.name, "dim": data.dim, "rows": data.n,
                     "queries": int(data.queries.shape[0]), "partitions": parts, "k": args.k}
-        for fam, v, why in select_variants(args, opts):
-            label = v["label"]
-            params = dict(v, partitions=parts)
-            vrow = dict(base_row, system=label, family=fam, num_bits=v.get("num_bits"),
-                        build_params=params, notes=[])
-            if why:
-                log(f"  {label}: skipped: {why}")
-                for th in threads:
-                    rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
-                                     notes=[f"skipped: {why}"]))
-                _write(args.out, rows)
-                continue
-            wdir = os.path.join(work_root, f"{data.name}-{label}")
-            shutil.rmtree(wdir, ignore_errors=True)
-            os.makedirs(wdir)
-            spec = {"family": fam, "params": params, "data_path": data.path, "workdir": wdir,
-                    "k": args.k, "opts": opts, "threads": all_cores}
-            t = time.perf_counter()
-            repeats = max(1, args.build_repeats or (1 if args.quick else 2))
-            res, peak, err, times = _best_build(
-                lambda: run_child(dict(spec, phase="build"), all_cores, args.timeout, specdir),
-                repeats, wdir)
-            if err:
-                log(f"  {label}: build FAILED: {err[:300]}")
-                for th in threads:
-                    rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
-                                     peak_rss_bytes=peak, notes=[f"build failed: {err}"]))
-                _write(args.out, rows)
-                shutil.rmtree(wdir, ignore_errors=True)
-                continue
-            vrow.update(build_seconds=res["build_seconds"], build_seconds_all=times,
-                        index_bytes=res["index_bytes"],
-                        bytes_per_vector=res["index_bytes"] / data.n, peak_rss_bytes=peak,
-                        rss_before_build_bytes=res.get("rss_before_build_bytes"),
-                        build_threads=all_cores, loadavg_build=res.get("loadavg_end"),
-                        version=res.get("version"))
-            if (res.get("loadavg_end") or 0) > all_cores + 0.5:
-                vrow["notes"].append(f"machine busy during build: load average "
-                                     f"{res['loadavg_end']:.1f} on {all_cores} cores")
-            log(f"  {label}: built in {res['build_seconds']:.2f} s, "
-                f"{res['index_bytes'] / data.n:.1f} B/vector, peak RSS {peak / 2**20:.0f} MB "
-                f"({time.perf_counter() - t:.0f} s wall)")
-            dist_checks = _distributed_builds(fam, v, label, params, spec, vrow, data, args,
-                                              work_root, all_cores, specdir, repeats)
-            _search_rows(rows, vrow, label, spec, threads, args, all_cores, specdir)
-            _compare_checks(rows, label, data, dist_checks, args.k, spec, specdir, args)
-            if fam == "bitshard" and not args.no_profile:
-                prof = _profile(spec, rows, label, data.name, v, all_cores, args, specdir)
+        built = _build_all(rows, base_row, data, opts, parts, args, threads, all_cores,
+                           work_root, specdir, budget, ds_deadline)
+        _search_rounds(rows, built, data, args, threads, all_cores, specdir, budget,
+                       ds_deadline)
+        for b in built:
+            _compare_checks(rows, b["label"], data, b["dist_checks"], args.k, b["spec"],
+                            specdir, args)
+            if b["fam"] == "bitshard" and not args.no_profile:
+                prof = _profile(b["spec"], rows, b["label"], data.name, b["v"], all_cores, args,
+                                specdir)
                 if prof:
                     profiles.append(prof)
                     with open(os.path.splitext(args.out)[0] + "-profile.json", "w") as f:
                         json.dump(profiles, f, indent=1, default=_json_default)
-            _write(args.out, rows)
             if not args.keep:
-                shutil.rmtree(wdir, ignore_errors=True)
-    _finish(rows, profiles, env_note, args, t_start)
+                shutil.rmtree(b["spec"]["workdir"], ignore_errors=True)
+        _write(args.out, rows)
+    _finish(rows, profiles, env_note, args, t_start, budget)
     if not args.workdir:
         shutil.rmtree(work_root, ignore_errors=True)
     return 0
+
+
+def _sweep_budgets(args, threads: List[int]) -> Dict[int, float]:
+    """Seconds per search sweep at each thread count (all cores get half)."""
+    return {th: (args.budget if th == 1 else args.budget / 2) for th in threads}
+
+
+def _search_cost(args, threads, sweep_1: float) -> float:
+    """Worst-case seconds of one system's searches in one run at sweep budget
+    ``sweep_1`` (a child may overrun its budget by half)."""
+    return sum(Budget.CHILD_OVERHEAD + 1.5 * (sweep_1 if th == 1 else sweep_1 / 2)
+               for th in threads)
+
+
+def _build_all(rows, base_row, data, opts, parts, args, threads, all_cores, work_root, specdir,
+               budget, ds_deadline) -> List[dict]:
+    """Build every selected variant (kept on disk for the search runs), in
+    priority order; with a budget, a variant whose build and least search time
+    would not fit in the dataset's share is skipped. Returns the built ones."""
+    built: List[dict] = []
+    build_times: List[float] = []
+    for fam, v, why in select_variants(args, opts):
+        label = v["label"]
+        params = dict(v, partitions=parts)
+        vrow = dict(base_row, system=label, family=fam, num_bits=v.get("num_bits"),
+                    build_params=params, notes=[])
+        if why:
+            log(f"  {label}: skipped: {why}")
+            for th in threads:
+                rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
+                                 notes=[f"skipped: {why}"]))
+            _write(args.out, rows)
+            continue
+        if budget.total is not None:
+            est_build = max(build_times) if build_times else 30.0
+            least = args.runs * _search_cost(args, threads, Budget.MIN_SWEEP)
+            need = est_build + (len(built) + 1) * least
+            if built and time.monotonic() + need > ds_deadline:
+                budget.skip(f"{data.name} {label}: not built (needs ~{need:.0f} s with the "
+                            f"{len(built)} built before it, "
+                            f"{max(0.0, ds_deadline - time.monotonic()):.0f} s left)")
+                for th in threads:
+                    rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
+                                     notes=["skipped: time budget"]))
+                continue
+        wdir = os.path.join(work_root, f"{data.name}-{label}")
+        shutil.rmtree(wdir, ignore_errors=True)
+        os.makedirs(wdir)
+        spec = {"family": fam, "params": params, "data_path": data.path, "workdir": wdir,
+                "k": args.k, "opts": opts, "threads": all_cores}
+        t = time.perf_counter()
+        repeats = max(1, args.build_repeats or (1 if args.quick else 2))
+        la0 = os.getloadavg()[0]
+        res, peak, err, times = _best_build(
+            lambda: run_child(dict(spec, phase="build"), all_cores, args.timeout, specdir),
+            repeats, wdir)
+        build_times.append(time.perf_counter() - t)
+        if err:
+            log(f"  {label}: build FAILED: {err[:300]}")
+            for th in threads:
+                rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
+                                 peak_rss_bytes=peak, notes=[f"build failed: {err}"]))
+            _write(args.out, rows)
+            shutil.rmtree(wdir, ignore_errors=True)
+            continue
+        vrow.update(build_seconds=res["build_seconds"], build_seconds_all=times,
+                    index_bytes=res["index_bytes"],
+                    bytes_per_vector=res["index_bytes"] / data.n, peak_rss_bytes=peak,
+                    rss_before_build_bytes=res.get("rss_before_build_bytes"),
+                    build_threads=all_cores, loadavg_build=res.get("loadavg_end"),
+                    loadavg_build_before_after=[la0, os.getloadavg()[0]],
+                    version=res.get("version"))
+        if (res.get("loadavg_end") or 0) > all_cores + 0.5:
+            vrow["notes"].append(f"machine busy during build: load average "
+                                 f"{res['loadavg_end']:.1f} on {all_cores} cores")
+        log(f"  {label}: built in {res['build_seconds']:.2f} s, "
+            f"{res['index_bytes'] / data.n:.1f} B/vector, peak RSS {peak / 2**20:.0f} MB "
+            f"({time.perf_counter() - t:.0f} s wall)")
+        dist_checks = _distributed_builds(fam, v, label, params, spec, vrow, data, args,
+                                          work_root, all_cores, specdir, repeats)
+        built.append({"fam": fam, "v": v, "label": label, "spec": spec, "vrow": vrow,
+                      "dist_checks": dist_checks})
+    return built
+
+
+def _search_rounds(rows, built, data, args, threads, all_cores, specdir, budget,
+                   ds_deadline) -> None:
+    """The search runs: ``args.runs`` rounds, each searching every built system
+    at every thread count (the order of the systems rotated by one each round,
+    so none is always first after the builds). The first round sweeps under the
+    time budget; the later ones replay its points on the same queries. Each
+    point's QPS is the median over the rounds; the 1-minute load average before
+    and after every search child is kept in the rows."""
+    if not built:
+        return
+    sweeps = _sweep_budgets(args, threads)
+    if budget.total is not None:
+        # fit the rounds in what is left of the dataset's share: shorten the sweeps
+        left = ds_deadline - time.monotonic()
+        per_sys = left / args.runs / len(built)
+        fixed = Budget.CHILD_OVERHEAD * len(threads)
+        scale = sum(1.5 * (1 if th == 1 else 0.5) for th in threads)
+        s1 = max(Budget.MIN_SWEEP, min(args.budget, (per_sys - fixed) / scale))
+        if s1 < args.budget:
+            log(f"  budget: sweeps shortened to {s1:.0f} s (one thread) to fit "
+                f"{args.runs} runs of {len(built)} systems in {left:.0f} s")
+        sweeps = {th: (s1 if th == 1 else s1 / 2) for th in threads}
+    results: Dict[Tuple[str, int], List[dict]] = {}
+    loads: Dict[Tuple[str, int], List[List[float]]] = {}
+    errors: Dict[Tuple[str, int], str] = {}
+    for rnd in range(args.runs):
+        order = built[rnd % len(built):] + built[:rnd % len(built)]
+        for b in order:
+            for th in threads:
+                key = (b["label"], th)
+                if key in errors:
+                    continue
+                first = results.get(key)
+                if rnd and not first:
+                    continue  # its first run failed or was skipped
+                if budget.total is not None and time.monotonic() > ds_deadline + 30:
+                    budget.skip(f"{data.name} {b['label']} threads={th}: run {rnd + 1} of "
+                                f"{args.runs} not done (the dataset's share is spent)")
+                    continue
+                if args.drop_caches:
+                    _drop_caches(b["vrow"])
+                spec = dict(b["spec"], phase="search", threads=th, thin=th > 1,
+                            budget_seconds=sweeps[th])
+                if rnd:
+                    spec["plan"] = [{"setting": p["setting"], "queries": p["queries_measured"]}
+                                    for p in first[0]["points"]]
+                la0 = os.getloadavg()[0]
+                sres, _, serr = run_child(spec, th, args.timeout, specdir)
+                la1 = os.getloadavg()[0]
+                loads.setdefault(key, []).append([la0, la1])
+                if serr:
+                    log(f"  {b['label']}: search threads={th} run {rnd + 1} FAILED: "
+                        f"{serr[:300]}")
+                    if not rnd:
+                        errors[key] = serr
+                    continue
+                results.setdefault(key, []).append(sres)
+                pts = sres["points"]
+                log(f"  {b['label']}: threads={th} run {rnd + 1}: {len(pts)} settings, max "
+                    f"recall {max((p['recall_at_10'] for p in pts), default=float('nan')):.3f}, "
+                    f"max QPS {max((p['qps'] or 0 for p in pts), default=0):,.0f}, load "
+                    f"{la0:.1f} -> {la1:.1f}")
+    for b in built:
+        for th in threads:
+            key = (b["label"], th)
+            _point_rows(rows, b["vrow"], th, results.get(key), loads.get(key, []),
+                        errors.get(key), all_cores)
+    _write(args.out, rows)
+
+
+def _median(xs: List[float]) -> Optional[float]:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
+
+
+def _point_rows(rows, vrow, th, runs, loads, err, all_cores) -> None:
+    """One row per setting of a system at a thread count: the first run's
+    recall and counters, the median QPS (and cold time) over the runs."""
+    if err or not runs:
+        rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
+                         notes=vrow["notes"] + [f"search failed: {err}" if err else
+                                                "skipped: time budget"],
+                         loadavg_runs=loads))
+        return
+    first = runs[0]
+    snotes = list(first.get("notes", []))
+    la = max([x for pair in loads for x in pair]
+             + [max(r.get("loadavg_start") or 0, r.get("loadavg_end") or 0) for r in runs])
+    if la > all_cores + 0.5:
+        snotes.append(f"machine busy during search: load average up to {la:.1f} on "
+                      f"{all_cores} cores (QPS not trustworthy)")
+    if len(runs) > 1:
+        snotes.append(f"QPS: median of {len(runs)} runs")
+    for i, pt in enumerate(first["points"]):
+        sp = pt["setting"]
+        same = [r["points"][i] for r in runs
+                if i < len(r["points"]) and r["points"][i]["setting"] == sp]
+        qps_runs = [p["qps"] for p in same]
+        rec_runs = {round(p["recall_at_10"], 9) for p in same}
+        notes = vrow["notes"] + snotes
+        if len(rec_runs) > 1:
+            notes = notes + [f"recall differs between runs: {sorted(rec_runs)}"]
+        row = dict(vrow, threads=th, nprobes=sp.get("nprobes"), refine=sp.get("refine"),
+                   search_params=sp, recall_at_10=pt["recall_at_10"], qps=_median(qps_runs),
+                   qps_runs=qps_runs, runs=len(same),
+                   queries_measured=pt["queries_measured"],
+                   cold_first_result_seconds=_median(
+                       [r["cold_first_result_seconds"] for r in runs]),
+                   cold_open_seconds=_median([r["cold_open_seconds"] for r in runs]),
+                   cold_with_import_seconds=_median(
+                       [r["cold_first_result_seconds"] + (r.get("import_seconds") or 0)
+                        for r in runs]),
+                   import_seconds=first.get("import_seconds"), loadavg_search=la,
+                   loadavg_runs=loads, notes=notes)
+        for key in pt:
+            if key.endswith("_per_query") or key == "codes_per_second":
+                row[key] = pt[key]
+        rows.append(row)
 
 
 def _distributed_builds(fam, v, label, params, spec, vrow, data, args, work_root, all_cores,
@@ -393,56 +634,20 @@ def _distributed_builds(fam, v, label, params, spec, vrow, data, args, work_root
     return dist_checks
 
 
-def _search_rows(rows, vrow, label, spec, threads, args, all_cores, specdir) -> None:
-    """Run the search phase at each thread count; append one row per setting."""
-    for th in threads:
-        if args.drop_caches:
-            _drop_caches(vrow)
-        sres, _, serr = run_child(
-            dict(spec, phase="search", threads=th, thin=th > 1,
-                 budget_seconds=args.budget if th == 1 else args.budget / 2),
-            th, args.timeout, specdir)
-        if serr:
-            log(f"  {label}: search threads={th} FAILED: {serr[:300]}")
-            rows.append(dict(vrow, threads=th, recall_at_10=None, qps=None,
-                             notes=vrow["notes"] + [f"search failed: {serr}"]))
-            continue
-        snotes = list(sres.get("notes", []))
-        la = max(sres.get("loadavg_start") or 0, sres.get("loadavg_end") or 0)
-        if la > all_cores + 0.5:
-            snotes.append(f"machine busy during search: load average {la:.1f} on "
-                          f"{all_cores} cores (QPS not trustworthy)")
-        for pt in sres["points"]:
-            sp = pt["setting"]
-            row = dict(vrow, threads=th, nprobes=sp.get("nprobes"), refine=sp.get("refine"),
-                       search_params=sp, recall_at_10=pt["recall_at_10"], qps=pt["qps"],
-                       queries_measured=pt["queries_measured"],
-                       cold_first_result_seconds=sres["cold_first_result_seconds"],
-                       cold_open_seconds=sres["cold_open_seconds"],
-                       cold_with_import_seconds=(sres["cold_first_result_seconds"]
-                                                 + (sres.get("import_seconds") or 0)),
-                       import_seconds=sres.get("import_seconds"), loadavg_search=la,
-                       notes=vrow["notes"] + snotes)
-            for key in pt:
-                if key.endswith("_per_query") or key == "codes_per_second":
-                    row[key] = pt[key]
-            rows.append(row)
-        best = max((p["recall_at_10"] for p in sres["points"]), default=float("nan"))
-        fastest = max((p["qps"] or 0 for p in sres["points"]), default=0)
-        log(f"  {label}: threads={th}: {len(sres['points'])} settings, max recall "
-            f"{best:.3f}, max QPS {fastest:,.0f}, cold first result "
-            f"{sres['cold_first_result_seconds']:.2f} s")
-
-
-def _finish(rows, profiles, env_note, args, t_start) -> None:
+def _finish(rows, profiles, env_note, args, t_start, budget) -> None:
     """Write the rows, the plot and the summary files; log the summary."""
+    run = {"command": args.command.strip(), "runs": args.runs, "budget_min": args.budget_min,
+           "skipped_by_budget": budget.skipped, "wall_seconds": time.perf_counter() - t_start}
     for r in rows:
         r.setdefault("notes", [])
         r["env"] = env_note
+        r["run"] = run
     _write(args.out, rows)
     png = os.path.splitext(args.out)[0] + ".png"
     perr = report.plot(rows, png)
     text, heads = report.summarize(rows, profiles)
+    with open(os.path.splitext(args.out)[0] + "-summary.md", "w") as f:
+        f.write(report.markdown(rows))
     summary_path = os.path.splitext(args.out)[0] + "-summary"
     with open(summary_path + ".txt", "w") as f:
         f.write(text.lstrip() + "\n")

@@ -6,7 +6,10 @@ Phases:
     search      reopen the index (cold time to first result), then the sweep of
                 search settings: recall@10 and QPS, one query at a time when
                 threads == 1, the whole batch through the system's batch call
-                otherwise
+                otherwise. With spec["plan"] (a list of {"setting", "queries"}:
+                an earlier run's points) exactly those settings on exactly that
+                many queries, without a time cap, so that repeated runs of a
+                point do the same work and their QPS can be compared
 
 The result is a JSON object written to spec["out"]; an exception is written
 there too (as "error") so the parent records it as a note.
@@ -110,8 +113,14 @@ def phase_search(mod, data, spec):
     Q = np.ascontiguousarray(data.queries, dtype=np.float32)
     gt = data.gt[:, :k]
     nq = Q.shape[0]
-    sweep = mod.sweep(params, spec["opts"])
-    if spec.get("thin") and len(sweep) > 4:
+    plan = spec.get("plan")
+    limits = {}
+    if plan:
+        sweep = [p["setting"] for p in plan]
+        limits = {json.dumps(p["setting"], sort_keys=True): int(p["queries"]) for p in plan}
+    else:
+        sweep = mod.sweep(params, spec["opts"])
+    if not plan and spec.get("thin") and len(sweep) > 4:
         # all-cores pass: every other setting of each group, keeping the last
         groups = {}
         for sp in sweep:
@@ -122,11 +131,14 @@ def phase_search(mod, data, spec):
     # budget cut loses the top of every curve rather than a whole curve
     pos = {}
     keyed = []
-    for sp in sweep:
+    if plan:
+        pos = None  # keep the planned order
+    for sp in (sweep if pos is not None else []):
         g = _group_key(sp)
         pos[g] = pos.get(g, -1) + 1
         keyed.append((pos[g], len(keyed), sp))
-    sweep = [sp for _, _, sp in sorted(keyed, key=lambda x: (x[0], x[1]))]
+    if pos is not None:
+        sweep = [sp for _, _, sp in sorted(keyed, key=lambda x: (x[0], x[1]))]
 
     # every setting gets an equal share of the budget (at least 100 queries, or
     # all of them), so a slow system still gets its whole curve, on fewer queries
@@ -145,9 +157,11 @@ def phase_search(mod, data, spec):
     cut = []
     for sp in sweep:
         g = _group_key(sp)
-        if g in saturated:
+        if g in saturated and not plan:
             continue
-        if time.perf_counter() > deadline:
+        # a planned point runs on exactly its queries, never cut by the clock
+        limit = limits.get(json.dumps(sp, sort_keys=True), nq) if plan else nq
+        if not plan and time.perf_counter() > deadline:
             out["notes"].append(f"time budget ({budget:.0f} s) spent: settings from {sp} on skipped")
             break
         warm = Q[: min(5, nq)]
@@ -166,29 +180,30 @@ def phase_search(mod, data, spec):
         ids_fn = getattr(mod, "search_ids", None) if threads == 1 else None
         raw = []
         t = time.perf_counter()
+        cap = float("inf") if plan else point_cap
         if ids_fn is not None:
-            while done < nq:
+            while done < limit:
                 raw.append(ids_fn(h, Q[done:done + 1], k, sp))
                 done += 1
-                if done >= min_queries and done % 20 == 0 and time.perf_counter() - t > point_cap:
+                if done >= min_queries and done % 20 == 0 and time.perf_counter() - t > cap:
                     break
         elif threads == 1:
-            while done < nq:
+            while done < limit:
                 got[done] = mod.search(h, Q[done:done + 1], k, sp)[0]
                 if per_call:
                     st_acc = _add_stats(st_acc, mod.stats(h))
                 done += 1
-                if done >= min_queries and done % 20 == 0 and time.perf_counter() - t > point_cap:
+                if done >= min_queries and done % 20 == 0 and time.perf_counter() - t > cap:
                     break
         else:
             step = max(1, min(nq // 4, min_queries))  # batches of 100: the cap can act
-            while done < nq:
-                e = min(nq, done + step)
+            while done < limit:
+                e = min(limit, done + step)
                 got[done:e] = mod.search(h, Q[done:e], k, sp)
                 if per_call:
                     st_acc = _add_stats(st_acc, mod.stats(h))
                 done = e
-                if done >= min_queries and time.perf_counter() - t > point_cap:
+                if done >= min_queries and time.perf_counter() - t > cap:
                     break
         el = time.perf_counter() - t
         if raw:
@@ -206,7 +221,7 @@ def phase_search(mod, data, spec):
         out["points"].append(pt)
         if rec >= 0.998:
             saturated.add(g)
-        if done < nq:
+        if done < nq and not plan:
             cut.append(sp)
     if cut:
         out["notes"].append(f"{len(cut)} settings measured on fewer than all {nq} queries "

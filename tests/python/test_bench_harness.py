@@ -1,0 +1,110 @@
+"""The benchmark harness's own logic (bench/): the GCIDE parser, the reading of
+recall/QPS curves and the ratio cells of the summary. No system is run."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from bench import cli, datasets, report  # noqa: E402
+
+ENTRY = """Abuse \\A*buse"\\, n. [F. abus, L. abusus, fr. abuti. See {Abuse},
+   v. t.]
+   1. Improper treatment or use; application to a wrong or bad
+      purpose; misuse; as, an abuse of our natural powers.
+      [1913 Webster]
+
+            Liberty may be endangered by the abuses of liberty,
+            as well as by the abuses of power.    --Madison.
+      [1913 Webster]
+
+   2. Physical ill treatment; injury. "Rejoice . . . at the
+      abuse of Falstaff." --Shak.
+      [1913 Webster]
+
+   3. To go:
+      (a) To go swiftly; to pass at a swift pace. [Obs.]
+          [1913 Webster]
+
+                "Ha, ha, the fox!" and after him they ran.
+                                                  --Chaucer.
+          [1913 Webster]
+      (b) To flee.
+          [1913 Webster]
+
+   Syn: Invective; contumely; reproach; scurrility; insult;
+        opprobrium.
+
+   {Abuse of distress} (Law), a wrongful using of an animal or
+      chattel distrained, by the distrainer.
+      [1913 Webster]
+
+Abusion \\A*bu"sion\\, n. [OE. abusion, abusioun, OF. abusion, fr.
+   L. abusio misuse of words, f. abuti. See {Abuse}, v. t.]
+   Evil or corrupt usage; abuse; wrong; reproach. --Chaucer.
+   [1913 Webster]
+"""
+
+
+def test_gcide_entry_definitions_keeps_senses_and_drops_the_rest():
+    assert datasets.gcide_entry_definitions(ENTRY) == [
+        "Improper treatment or use; application to a wrong or bad purpose; misuse; "
+        "as, an abuse of our natural powers.",
+        'Physical ill treatment; injury. "Rejoice . . . at the abuse of Falstaff."',
+        "To go swiftly; to pass at a swift pace.",
+        "Abuse of distress (Law), a wrongful using of an animal or chattel distrained, "
+        "by the distrainer.",
+        "Evil or corrupt usage; abuse; wrong; reproach.",
+    ]
+
+
+def test_gcide_cuts_long_definitions_at_a_word():
+    body = "Word \\Word\\, n.\n   " + " ".join(["abcdefghi"] * 100) + "\n   [PJC]\n"
+    (d,) = datasets.gcide_entry_definitions(body)
+    assert len(d) == 599 and d.endswith("abcdefghi")
+
+
+def test_dictd_numbers_are_base64_most_significant_first():
+    assert datasets._dictd_number("A") == 0
+    assert datasets._dictd_number("BVR") == 1 * 64 * 64 + 21 * 64 + 17
+
+
+def test_qps_at_interpolates_and_returns_none_when_never_reached():
+    pts = [(0.80, 1000.0), (0.92, 500.0), (0.97, 100.0)]
+    assert report.qps_at(pts, 0.92) == 500.0
+    assert report.qps_at(pts, 0.99) is None
+    assert report.qps_at(pts, 0.945) == pytest.approx((500.0 * 100.0) ** 0.5)
+
+
+def test_ratio_cell_counts_a_peer_that_never_reaches_as_beaten():
+    assert report.ratio_cell(300.0, 200.0) == "1.50x"
+    assert report.ratio_cell(300.0, None) == "peer not reached (beaten)"
+    assert report.ratio_cell(None, 200.0) == "bitshard not reached"
+    assert report.ratio_cell(None, None) == "neither reaches"
+
+
+def test_targets_per_thread_count():
+    assert report._target(report.TARGET_VS_RABITQLIB, 1, 0.99) == 1.3
+    assert report._target(report.TARGET_VS_RABITQLIB, 2, 0.95) == 1.2
+    assert report._target(report.TARGET_VS_RABITQLIB, 2, 0.99) is None
+    assert report._target(report.TARGET_VS_PYLANCE_FAISS, 2, 0.90) is None
+
+
+def test_median_of_runs():
+    assert cli._median([3.0, 1.0, 2.0]) == 2.0
+    assert cli._median([4.0, 1.0]) == 2.5
+    assert cli._median([None, 5.0]) == 5.0
+    assert cli._median([]) is None
+
+
+def test_real_is_the_default_and_expands_to_the_three_sets():
+    assert cli.parse_args([]).dataset == ["wordnet", "fashion-mnist", "gcide"]
+    assert cli.parse_args(["--synthetic"]).dataset == ["synthetic-128", "synthetic-768"]
+    a = cli.parse_args(["--dataset", "real,synthetic-384", "--budget-min", "5"])
+    assert a.dataset == ["wordnet", "fashion-mnist", "gcide", "synthetic-384"]
+    assert a.budget_min == 5.0 and a.runs == 3
