@@ -327,12 +327,25 @@ def plot(rows: List[dict], path: str) -> Optional[str]:
             ax.plot([p[1] for p in front], [p[0] for p in front], ls, color=col, lw=lw,
                     marker="o", ms=3.5, label=name)
             ax.scatter([p[1] for p in pts], [p[0] for p in pts], s=6, color=col, alpha=0.35)
+            # the whole curve: every setting, by nprobes within each reranking setting
+            groups: Dict[str, List[Tuple[float, float, float]]] = {}
+            for r in rows:
+                if (r.get("dataset") == ds and r.get("threads") == th and r["system"] == name
+                        and r.get("recall_at_10") is not None and r.get("qps")):
+                    g = str({k: v for k, v in (r.get("search_params") or {}).items()
+                             if k != "nprobes"})
+                    groups.setdefault(g, []).append((r.get("nprobes") or 0, r["qps"],
+                                                     r["recall_at_10"]))
+            for g in groups.values():
+                g.sort()
+                ax.plot([x[1] for x in g], [x[2] for x in g], "-", color=col, lw=0.6, alpha=0.35)
         ax.set_xscale("log")
         ax.set_xlabel("queries per second (log)")
         ax.set_ylabel("recall@10")
         some = next(r for r in rows if r.get("dataset") == ds)
         ax.set_title(f"{ds} ({some.get('rows'):,} x {some.get('dim')}), "
-                     f"{'1 thread' if th == 1 else f'{th} threads'}")
+                     f"{'1 thread' if th == 1 else f'{th} threads (batch)'}; "
+                     "bold: front, thin: all settings")
         for t in TARGETS:
             ax.axhline(t, color="#999999", lw=0.6, ls=":")
         ax.grid(True, which="both", alpha=0.25)
