@@ -25,16 +25,29 @@ def _target(table: dict, threads: int, recall: float) -> Optional[float]:
     return table.get("all") if recall in ALL_CORES_TARGETS else None
 
 
-def ratio_cell(bs: Optional[float], peer: Optional[float]) -> str:
+CUT = "not measured (sweep cut by the time budget)"
+CUT_MARK = "spent: settings from"  # the worker's note when the budget cut a sweep
+
+
+def ratio_cell(bs: Optional[float], peer: Optional[float], peer_cut: bool = False,
+               bs_cut: bool = False) -> str:
     """bitshard's QPS over the peer's at one recall: a peer whose curve never
-    reaches the recall while bitshard's does is beaten there."""
+    reaches the recall while bitshard's does is beaten there, unless the time
+    budget cut the peer's sweep before its last settings (``peer_cut``): then
+    the recall was not measured and nobody is beaten."""
     if bs and peer:
         return f"{bs / peer:.2f}x"
     if bs:
-        return "peer " + BEATEN
+        return "peer " + (CUT if peer_cut else BEATEN)
     if peer:
-        return "bitshard " + NOT_REACHED
+        return "bitshard " + (CUT if bs_cut else NOT_REACHED)
     return "neither reaches"
+
+
+def cut_short(curves, at, fams, t) -> bool:
+    """Whether a system of ``fams`` misses recall t only because the budget cut
+    its sweep (so that it might have reached it)."""
+    return any(c["family"] in fams and c["cut"] and not at[n][t] for n, c in curves.items())
 
 
 def frontier(points: Iterable[Tuple[float, float]]) -> List[Tuple[float, float]]:
@@ -87,7 +100,10 @@ def _curves(rows, dataset, threads) -> "OrderedDict[str, dict]":
     for r in rows:
         if r.get("dataset") != dataset or r.get("threads") != threads:
             continue
-        c = out.setdefault(r["system"], {"family": r.get("family"), "points": [], "row": r})
+        c = out.setdefault(r["system"], {"family": r.get("family"), "points": [], "row": r,
+                                         "cut": False})
+        if any(CUT_MARK in n for n in r.get("notes") or []):
+            c["cut"] = True
         if r.get("recall_at_10") is not None and r.get("qps"):
             c["points"].append((r["recall_at_10"], r["qps"]))
     return out
@@ -179,8 +195,8 @@ def _thread_lines(rows, ds, th, builds, head, lines) -> None:
         at[name] = {t: qps_at(c["points"], t) for t in TARGETS}
         b = builds.get(name, {})
         mx = max((p[0] for p in c["points"]), default=None)
-        cells = [_fmt(at[name][t]) if at[name][t] else ("n/r" if c["points"] else "-")
-                 for t in TARGETS]
+        cells = [_fmt(at[name][t]) if at[name][t] else
+                 (("cut" if c["cut"] else "n/r") if c["points"] else "-") for t in TARGETS]
         lines.append(
             f"{name:30s} {cells[0]:>11s} {cells[1]:>11s} {cells[2]:>11s} "
             f"{_fmt(mx, 3):>7s} {_fmt(b.get('build_seconds'), 1):>7s} "
@@ -189,7 +205,8 @@ def _thread_lines(rows, ds, th, builds, head, lines) -> None:
             f"{_fmt(c['row'].get('cold_first_result_seconds'), 2):>6s} "
             f"{_loads(c['row'].get('loadavg_runs'))}")
     lines.append("(QPS: median of the runs, interpolated on each system's recall/QPS front; "
-                 "n/r = the curve never reaches that recall, which counts as beaten)")
+                 "n/r = the curve never reaches that recall, which counts as beaten; cut = not "
+                 "reached before the time budget cut the sweep, so not measured)")
     for t in TARGETS:
         bs, bsn = best_at(curves, at, ("bitshard",), t)
         pf, pfn = best_at(curves, at, PEERS_FAST, t)
@@ -200,22 +217,25 @@ def _thread_lines(rows, ds, th, builds, head, lines) -> None:
         t_rq = _target(TARGET_VS_RABITQLIB, th, t)
         have_pf = any(curves[n]["family"] in PEERS_FAST for n in curves)
         have_rq = any(curves[n]["family"] == "rabitqlib" for n in curves)
+        bcut = cut_short(curves, at, ("bitshard",), t)
+        rcut = cut_short(curves, at, ("rabitqlib",), t)
+        pcut = cut_short(curves, at, PEERS_FAST, t)
         parts = [f"recall {t:.2f}: bitshard best {_fmt(bs)} ({bsn or NOT_REACHED})"]
         if have_rq:
             parts.append(f"rabitqlib {_fmt(rq)} ({rqn or NOT_REACHED}) -> "
-                         f"{ratio_cell(bs, rq)}"
+                         f"{ratio_cell(bs, rq, rcut, bcut)}"
                          + (f" [target >= {t_rq}x]{_short(r2, t_rq, bs)}" if t_rq else ""))
         if have_pf:
             parts.append(f"best pylance/FAISS {_fmt(pf)} ({pfn or NOT_REACHED}) -> "
-                         f"{ratio_cell(bs, pf)}"
+                         f"{ratio_cell(bs, pf, pcut, bcut)}"
                          + (f" [target >= {t_pf}x]{_short(r1, t_pf, bs)}" if t_pf else ""))
         lines.append("; ".join(parts))
         head[f"t{th}_r{int(round(t * 100))}"] = {
             "bitshard": bs, "bitshard_system": bsn,
             "best_pylance_faiss": pf, "peer_system": pfn, "ratio_vs_pylance_faiss": r1,
-            "vs_pylance_faiss": ratio_cell(bs, pf) if have_pf else None,
+            "vs_pylance_faiss": ratio_cell(bs, pf, pcut, bcut) if have_pf else None,
             "rabitqlib": rq, "rabitqlib_system": rqn, "ratio_vs_rabitqlib": r2,
-            "vs_rabitqlib": ratio_cell(bs, rq) if have_rq else None}
+            "vs_rabitqlib": ratio_cell(bs, rq, rcut, bcut) if have_rq else None}
 
 
 def _loads(runs) -> str:
@@ -390,7 +410,8 @@ def markdown(rows: List[dict]) -> str:
                 b = builds.get(name, {})
                 mx = max((p[0] for p in c["points"]), default=None)
                 cells = [_fmt(at[name][t]) if at[name][t] else
-                         (NOT_REACHED if c["points"] else "-") for t in TARGETS]
+                         ((CUT if c["cut"] else NOT_REACHED) if c["points"] else "-")
+                         for t in TARGETS]
                 note = "" if c["points"] else " (" + "; ".join(c["row"].get("notes") or [])[:80] + ")"
                 out.append(f"| {name}{note} | " + " | ".join(cells)
                            + f" | {_fmt(mx, 3)} | {_fmt(b.get('build_seconds'), 1)} | "
@@ -410,9 +431,13 @@ def markdown(rows: List[dict]) -> str:
                 def cell(q, n):
                     return f"{_fmt(q)} ({n})" if q else NOT_REACHED
 
+                bcut = cut_short(curves, at, ("bitshard",), t)
+                rcut = cut_short(curves, at, ("rabitqlib",), t)
+                pcut = cut_short(curves, at, PEERS_FAST, t)
                 out.append(f"| {t:.2f} | {cell(bs, bsn)} | {cell(rq, rqn)} | "
-                           f"{ratio_cell(bs, rq)}" + (f" (target {t_rq}x)" if t_rq else "")
-                           + f" | {cell(pf, pfn)} | {ratio_cell(bs, pf)}"
+                           f"{ratio_cell(bs, rq, rcut, bcut)}"
+                           + (f" (target {t_rq}x)" if t_rq else "")
+                           + f" | {cell(pf, pfn)} | {ratio_cell(bs, pf, pcut, bcut)}"
                            + (f" (target {t_pf}x)" if t_pf else "") + " |")
             out.append("")
     if run.get("skipped_by_budget"):

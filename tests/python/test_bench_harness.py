@@ -86,6 +86,11 @@ def test_ratio_cell_counts_a_peer_that_never_reaches_as_beaten():
     assert report.ratio_cell(300.0, None) == "peer not reached (beaten)"
     assert report.ratio_cell(None, 200.0) == "bitshard not reached"
     assert report.ratio_cell(None, None) == "neither reaches"
+    # a peer whose sweep the time budget cut was not measured there: not beaten
+    assert report.ratio_cell(300.0, None, peer_cut=True) == \
+        "peer not measured (sweep cut by the time budget)"
+    assert report.ratio_cell(None, 200.0, bs_cut=True) == \
+        "bitshard not measured (sweep cut by the time budget)"
 
 
 def test_targets_per_thread_count():
