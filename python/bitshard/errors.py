@@ -15,6 +15,8 @@ __all__ = [
     "CommitConflictError",
     "IndexNotFoundError",
     "UnsupportedCpuError",
+    "MissingFileError",
+    "StorageError",
 ]
 
 
@@ -31,6 +33,19 @@ class InvalidInputError(BitshardError, ValueError):
 
 class CorruptIndexError(BitshardError):
     """An index file is truncated or its bytes fail a checksum or a bound."""
+
+
+class MissingFileError(CorruptIndexError, FileNotFoundError):
+    """A file the index root should hold is gone (a segment a manifest or a
+    handle names, a manifest that was listed): the message names the file
+    and what can have removed it. Also a ``FileNotFoundError``."""
+
+
+class StorageError(BitshardError, OSError):
+    """The storage backend failed an operation on the index root: permission
+    denied, the object store unreachable or refusing the request, a read cut
+    short. The message names the file (path or URI), the operation and the
+    backend's own message. Also an ``OSError``."""
 
 
 class UnsupportedVersionError(CorruptIndexError):

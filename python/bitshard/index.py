@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 import uuid as uuid_mod
 from dataclasses import dataclass
@@ -300,17 +299,15 @@ def _write_native(root: Root, uuid: str, name: str, write: Any) -> SegmentHandle
     file, verified, uploaded whole, then removed."""
     st = storage_of(root)
     key = segment_key(uuid)
-    target, upload = st.local_target(key)
-    try:
+    # The target's temp file (or upload directory) is held as a live
+    # writer's until the block ends: cleanup leaves it (Storage.segment_target).
+    with st.segment_target(key) as (target, upload):
         write(target)
         opened = OpenSegment(target)
         handle = opened.handle(st.root, name)
         del opened
         if upload:
             st.write_file(target, key)
-    finally:
-        if upload:
-            shutil.rmtree(os.path.dirname(target), ignore_errors=True)
     return handle
 
 

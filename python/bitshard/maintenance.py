@@ -27,7 +27,7 @@ from .codespace import CodeSpace
 from .dataset import Dataset, dataset
 from .errors import BitshardError, CorruptIndexError, IndexNotFoundError
 from .index import BUILDS_DIR, OpenSegment, SegmentHandle
-from .storage import Storage, is_object_uri
+from .storage import Storage, is_object_uri, reclaim_upload_dirs
 
 __all__ = ["cleanup", "verify", "verify_report", "VerifyReport", "IndexSummary",
            "open_dataset", "referenced_uuids"]
@@ -159,7 +159,17 @@ def cleanup(
     now keeps its fresh segments). Leftover temp files of writers that died
     (``segments/*.bsseg.tmp``, ``indices/<name>/vNNNNNNNN.json.*.tmp``,
     ``builds/<name>.{json,ivf}.*.tmp``) are removed under the same age rule
-    (not listed in the result, which names segments).
+    (not listed in the result, which names segments); on a local root a live
+    writer holds a lock on its temp file and cleanup leaves it, whatever the
+    age. On an object store, incomplete multipart uploads of segment files
+    started longer ago than the age are aborted, and the local upload
+    directories (``$TMPDIR/bitshard-upload-*``) of writers on this machine
+    that died are removed.
+
+    A build state (``builds/<name>.json``) that cannot be read makes cleanup
+    remove nothing (its build's uncommitted segments are unknown) and raise
+    CorruptIndexError naming it, unless ``abandoned_builds`` is set and it is
+    older than the age: then it is dropped like any abandoned state.
 
     Cleanup first checks the tree: if ``segments/``, ``indices/``,
     ``indices/<name>/`` or ``builds/`` is a file, or a manifest's name is a
@@ -181,8 +191,9 @@ def cleanup(
         The sorted uuids (32 hex digits) of the removed segment files.
 
     Raises:
-        CorruptIndexError: a manifest is unreadable, or the tree is not what
-            bitshard writes; nothing is removed.
+        CorruptIndexError: a manifest or a build state is unreadable, or the
+            tree is not what bitshard writes; nothing is removed.
+        StorageError: the storage backend failed (names the file).
     """
     validate.non_negative_number("older_than_seconds", older_than_seconds)
     st = _index_root(uri, index_uri, storage_options)
@@ -198,10 +209,12 @@ def _cleanup_locked(st: Storage, older_than_seconds: float, dry_run: bool,
     seg_files = st.list(idx.SEGMENTS_DIR)
     referenced = referenced_uuids(st) if seg_files else set()
     now = time.time()
+    # Before anything is removed: an unreadable build state stops cleanup.
+    protected = _build_segments(st, now, older_than_seconds, dry_run, abandoned_builds)
     _remove_stale_temp_files(st, now, older_than_seconds, dry_run)
+    _remove_stale_uploads(st, older_than_seconds, dry_run)
     if not seg_files:
         return []
-    protected = _build_segments(st, now, older_than_seconds, dry_run, abandoned_builds)
     removed = set()
     for e in seg_files:
         fn = e.name
@@ -216,7 +229,8 @@ def _cleanup_locked(st: Storage, older_than_seconds: float, dry_run: bool,
         key = f"{idx.SEGMENTS_DIR}/{fn}"
         if e.mtime is not None and now - e.mtime < older_than_seconds:
             continue
-        if not dry_run and not st.delete(key):
+        # A live writer's temp file is locked: delete_temp leaves it.
+        if not dry_run and not (st.delete_temp(key) if tmp else st.delete(key)):
             continue
         removed.add(uuid)
     return sorted(removed)
@@ -289,8 +303,24 @@ def _remove_stale_temp_files(st: Storage, now: float, older_than_seconds: float,
     for key in keys:
         if dry_run:
             log.info("cleanup would remove the leftover temp file %s", st.path(key))
-        elif st.delete(key):
+        elif st.delete_temp(key):  # never a live writer's (Storage.delete_temp)
             log.info("cleanup removed the leftover temp file %s", st.path(key))
+
+
+def _remove_stale_uploads(st: Storage, older_than_seconds: float, dry_run: bool) -> None:
+    """On an object store: abort the incomplete multipart uploads of segment
+    files started longer ago than the age (a writer killed while uploading),
+    and remove the local upload directories (``$TMPDIR/bitshard-upload-*``)
+    of writers on this machine that died (a live writer's is locked)."""
+    if st.is_local:
+        return
+    for key in st.abort_stale_uploads(idx.SEGMENTS_DIR, older_than_seconds,  # type: ignore[attr-defined]
+                                      dry_run):
+        log.info("cleanup %s the incomplete upload of %s",
+                 "would abort" if dry_run else "aborted", st.path(key))
+    for d in reclaim_upload_dirs(older_than_seconds, dry_run):
+        log.info("cleanup %s the upload directory %s of a writer that died",
+                 "would remove" if dry_run else "removed", d)
 
 
 def _build_segments(st: Storage, now: float, older_than_seconds: float, dry_run: bool,
@@ -316,13 +346,28 @@ def _build_segments(st: Storage, now: float, older_than_seconds: float, dry_run:
             continue
         if ext != ".json":
             continue
+        age = now - (e.mtime if e.mtime is not None else now)
         try:
-            age = now - (e.mtime if e.mtime is not None else st.mtime(key))
             doc = schema.read_build_state(st.read_bytes(key), st.path(key))
             uuids = set(doc["segments"].values()) | {m["uuid"] for m in doc["merges"]}
+        except FileNotFoundError:
+            continue  # its build finished (and dropped it) since the listing
         except (OSError, CorruptIndexError) as err:
-            log.warning("cleanup: ignoring build state: %s", err)
-            continue
+            if abandoned_builds and age >= older_than_seconds:
+                if not dry_run:
+                    st.delete(key)
+                    st.delete(names.build_ivf_key(stem))
+                log.warning("cleanup: dropped the unreadable build state %s", st.path(key))
+                continue
+            # Which segments its build wrote is unknown: any uncommitted one
+            # may be its, so none may be removed.
+            raise CorruptIndexError(
+                f"cleanup removes nothing: the build state {st.path(key)} cannot be read "
+                f"({err}), so the uncommitted segments its build wrote cannot be told apart "
+                f"from orphans. If no build of index {stem!r} runs, delete that file (a rerun "
+                f"of the build then starts afresh), or run cleanup with abandoned_builds=True "
+                f"(--abandoned-builds) to drop it when older than the age; then run cleanup "
+                f"again") from None
         if abandoned_builds and age >= older_than_seconds:
             if not dry_run:
                 st.delete(key)

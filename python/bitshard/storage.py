@@ -37,12 +37,13 @@ import threading
 import time
 import uuid as uuid_mod
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Type, Union
 from urllib.parse import urlparse
 
 import numpy as np
 
-from .errors import BitshardError, CorruptIndexError, InvalidInputError
+from .errors import (BitshardError, CorruptIndexError, InvalidInputError, MissingFileError,
+                     StorageError)
 from .names import PROBE_PREFIX, check_key, check_resolved_inside, local_path
 
 __all__ = [
@@ -117,8 +118,113 @@ def _normalize_options(options: Optional[Dict[str, Any]], strict: bool = True) -
     return out
 
 
+# =========================================================================
+# Backend errors: the one place they become BitshardErrors
+# =========================================================================
+
+# Words in a pyarrow S3 error's message (pyarrow raises a plain OSError that
+# carries the AWS error name) and botocore error codes, by what happened.
+_MISSING_WORDS = ("NO_SUCH_KEY", "NoSuchKey", "NO_SUCH_UPLOAD", "NoSuchUpload",
+                  "Path does not exist")
+_MISSING_CODES = ("NoSuchKey", "NoSuchUpload", "404", "NotFound")
+_DENIED_WORDS = ("ACCESS_DENIED", "AccessDenied", "HTTP status 403")
+_DENIED_CODES = ("AccessDenied", "403", "Forbidden", "AllAccessDisabled")
+_BACKEND_MODULES = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+def _backend_kind(e: BaseException) -> Optional[str]:
+    """What a storage backend's exception means: ``"missing"`` (the file or
+    object is not there), ``"denied"`` (permission), ``"failed"`` (anything
+    else the backend reports: I/O, network, throttling, a read cut short);
+    None for an exception that is not the backend's (a BitshardError, a bug)."""
+    if isinstance(e, BitshardError):
+        return None
+    if type(e).__module__.split(".")[0] in _BACKEND_MODULES:
+        resp = getattr(e, "response", None) or {}
+        code = str(resp.get("Error", {}).get("Code", ""))
+        status = str(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in _MISSING_CODES or status == "404":
+            return "missing"
+        if code in _DENIED_CODES or status == "403":
+            return "denied"
+        return "failed"
+    if isinstance(e, FileNotFoundError):
+        return "missing"
+    if isinstance(e, PermissionError):
+        return "denied"
+    if isinstance(e, OSError):
+        text = str(e)
+        if any(w in text for w in _MISSING_WORDS):
+            return "missing"
+        if any(w in text for w in _DENIED_WORDS):
+            return "denied"
+        return "failed"
+    return None
+
+
+def backend_error(path: str, verb: str, e: BaseException) -> BitshardError:
+    """The BitshardError for backend exception ``e`` raised while bitshard
+    was to ``verb`` ("read", "write", "list", "delete", ...) ``path``:
+    MissingFileError (also a FileNotFoundError) when it is not there,
+    StorageError (also an OSError) otherwise; the message names the path,
+    the operation and the backend's own message."""
+    kind = _backend_kind(e)
+    detail = f"{type(e).__name__}: {e}"
+    if any(w in str(e) for w in ("NO_SUCH_UPLOAD", "NoSuchUpload")):
+        return StorageError(
+            f"cannot {verb} {path}: its multipart upload was aborted while it ran (by cleanup "
+            f"with an age shorter than the upload takes, or by a bucket lifecycle rule); "
+            f"write it again ({detail})")
+    if kind == "missing":
+        return MissingFileError(f"cannot {verb} {path}: it does not exist ({detail})")
+    if kind == "denied":
+        return StorageError(f"cannot {verb} {path}: permission denied ({detail})")
+    return StorageError(f"cannot {verb} {path}: the storage backend failed ({detail})")
+
+
+def missing_segment(path: str) -> MissingFileError:
+    """The error for a segment file a manifest or a handle names but the
+    root no longer holds."""
+    return MissingFileError(
+        f"segment file is missing: {path} (a manifest or a handle names it, but it was removed: "
+        f"by hand, or by cleanup with an age shorter than a writer's write-to-commit time; "
+        f"refresh() (or reopen the dataset) and rerun: a newer index version may no longer "
+        f"name it; `bitshard verify` says whether the latest version is damaged; an "
+        f"uncommitted segment must be written again)")
+
+
+@contextmanager
+def _backend_errors(path: str, verb: str, keep: Tuple[Type[BaseException], ...] = (),
+                    segment: bool = False) -> Iterator[None]:
+    """Turn what a storage backend raises in the block into a BitshardError
+    (:func:`backend_error`; :func:`missing_segment` for a segment file when
+    ``segment``). BitshardErrors and the ``keep`` classes (a contract such
+    as create_exclusive's FileExistsError) pass unchanged."""
+    try:
+        yield
+    except keep:
+        raise
+    except Exception as e:  # noqa: BLE001 - classified; anything else is re-raised
+        kind = _backend_kind(e)
+        if kind is None:
+            raise
+        if segment and kind == "missing":
+            raise missing_segment(path) from None
+        raise backend_error(path, verb, e) from None
+
+
 class Storage:
-    """An index root on some backend; keys are relative to the root."""
+    """An index root on some backend; keys are relative to the root.
+
+    Every method turns what its backend raises (``OSError`` and its
+    subclasses, pyarrow's S3 errors, botocore's) into a BitshardError naming
+    the path and the operation (:func:`backend_error`): ``MissingFileError``
+    (a ``CorruptIndexError`` and a ``FileNotFoundError``) for a file that is
+    not there, ``StorageError`` (an ``OSError``) for anything else. The
+    documented exceptions (``FileNotFoundError`` of :meth:`read_bytes`,
+    ``FileExistsError`` of :meth:`create_exclusive`) are such errors or pass
+    as they are, so no backend error reaches a caller raw.
+    """
 
     #: The root as given to :meth:`for_uri` (a path, or ``s3://bucket/prefix``).
     root: str
@@ -212,10 +318,21 @@ class Storage:
         """Drop a locally cached copy of ``key`` (True if there was one)."""
         return False
 
-    def local_target(self, key: str) -> Tuple[str, bool]:
-        """Where the C writer should write the file of ``key``: ``(path, upload)``;
-        if ``upload`` the caller passes the finished file to :meth:`write_file`."""
+    @contextmanager
+    def segment_target(self, key: str) -> Iterator[Tuple[str, bool]]:
+        """Where the C writer should write the file of ``key``, as ``(path,
+        upload)``, for the duration of the block; if ``upload`` the caller
+        passes the finished file to :meth:`write_file` inside the block. The
+        writer's temp file (or upload directory) is held as a live writer's
+        while the block runs, so cleanup leaves it."""
         raise NotImplementedError
+        yield  # pragma: no cover
+
+    def delete_temp(self, key: str) -> bool:
+        """Remove the temp file ``key`` a writer left, unless a live writer
+        still holds it (local roots: its lock; an object store has none and
+        writes no temp objects); True if removed."""
+        return self.delete(key)
 
     def remove_empty_dir(self, prefix: str) -> None:
         """Remove directory ``prefix`` if it is empty (no-op on object stores)."""
@@ -268,15 +385,102 @@ def _tree_error(root: str, path: str, action: str) -> CorruptIndexError:
         f"(segments/, indices/, indices/<name>/ and builds/ are directories)")
 
 
-def _write_synced(path: str, data: bytes) -> None:
-    """Write a local file and flush it to disk before it is renamed or linked.
-    A symbolic link planted at the (temp) name is not written through."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
-                 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _fcntl() -> Any:
+    """The fcntl module (POSIX), or None where there is none."""
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only
+
+        return fcntl
+    except ImportError:
+        return None
+
+
+# A local writer's temp file (a segment's ``<uuid>.bsseg.tmp``, a manifest's
+# or a build state's ``<name>.<token>.tmp``) is created exclusively and held
+# with an exclusive flock from its creation until it is renamed into place or
+# removed: the kernel's proof that its writer is alive (it drops the lock when
+# the process dies, even by SIGKILL). cleanup removes a temp file only after
+# taking that lock itself (remove_dead_temp), so it never removes a live
+# writer's, however short its age.
+
+
+def _create_locked(path: str) -> int:
+    """Create ``path`` exclusively, without following a link planted at the
+    name, and hold an exclusive flock on it; returns the descriptor (closing
+    it releases the lock). A cleanup that removed the name between the
+    create and the lock (it took the lock first) makes us create it again."""
+    fcntl = _fcntl()
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        fd = os.open(path, flags, 0o644)
+        if fcntl is None:
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without flock: the age rule only
+            _warn_no_lock(os.path.dirname(path), e)
+            return fd
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def remove_dead_temp(path: str) -> bool:
+    """Remove the local temp file ``path`` if no live writer holds it (see
+    :func:`_create_locked`); True if removed. The name must still be the
+    file locked when it is removed (a writer may have renamed it, and
+    another created the name again)."""
+    fcntl = _fcntl()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return False
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # its writer is alive
+            except OSError as e:  # no flock here: the age rule only
+                _warn_no_lock(os.path.dirname(path), e)
+        try:
+            if not os.path.samestat(os.fstat(fd), os.lstat(path)):
+                return False
+        except FileNotFoundError:
+            return False
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: str, data: bytes) -> int:
+    """Create the temp file ``path`` locked (:func:`_create_locked`), write
+    ``data`` and flush it to disk before it is renamed or linked; returns the
+    descriptor, which holds the lock until the caller closes it. A symbolic
+    link planted at the (temp) name is not written through."""
+    fd = _create_locked(path)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _unlink_quietly(path)
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class LocalStorage(Storage):
@@ -326,128 +530,179 @@ class LocalStorage(Storage):
 
     def list(self, prefix: str) -> List[FileEntry]:
         d = self.path(prefix)
-        try:
-            check_resolved_inside(self.root, d)
-            names = os.listdir(d)
-        except FileNotFoundError:
-            return []
-        except NotADirectoryError:
-            if not prefix:  # the root itself is a file: no index root here
-                return []
-            raise _tree_error(self.root, d, "listed") from None
-        out = []
-        for n in names:
-            p = os.path.join(d, n)
-            link = False  # a name removed before lstat (a racing writer's temp file)
+        with _backend_errors(d, "list"):
             try:
-                lst = os.lstat(p)
-                link = stat.S_ISLNK(lst.st_mode)
-                st = os.stat(p) if link else lst
-            except FileNotFoundError:  # gone, or a dangling link
-                if not link:
-                    continue
-                st = lst
-            is_dir = stat.S_ISDIR(st.st_mode)
-            out.append(FileEntry(n, is_dir, 0 if is_dir else st.st_size, st.st_mtime, link))
-        return sorted(out)
+                check_resolved_inside(self.root, d)
+                names = os.listdir(d)
+            except FileNotFoundError:
+                return []
+            except NotADirectoryError:
+                if not prefix:  # the root itself is a file: no index root here
+                    return []
+                raise _tree_error(self.root, d, "listed") from None
+            out = []
+            for n in names:
+                p = os.path.join(d, n)
+                link = False  # a name removed before lstat (a racing writer's temp file)
+                try:
+                    lst = os.lstat(p)
+                    link = stat.S_ISLNK(lst.st_mode)
+                    st = os.stat(p) if link else lst
+                except FileNotFoundError:  # gone, or a dangling link
+                    if not link:
+                        continue
+                    st = lst
+                is_dir = stat.S_ISDIR(st.st_mode)
+                out.append(FileEntry(n, is_dir, 0 if is_dir else st.st_size, st.st_mtime, link))
+            return sorted(out)
 
     def read_bytes(self, key: str) -> bytes:
-        with open(self._read_path(key), "rb") as f:
-            return f.read()
+        path = self._read_path(key)
+        with _backend_errors(path, "read"):
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except (IsADirectoryError, NotADirectoryError):
+                raise _tree_error(self.root, path, "read") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self.path(key)
-        self._make_parent(path)
-        self._write_path(key)
-        # A fresh name, created exclusively: nothing planted there is written through.
-        tmp = f"{path}.{uuid_mod.uuid4().hex}.tmp"
-        try:
-            _write_synced(tmp, data)
+        with _backend_errors(path, "write"):
+            self._make_parent(path)
+            self._write_path(key)
+            # A fresh name, created exclusively and locked: nothing planted
+            # there is written through, and cleanup leaves it while we live.
+            tmp = f"{path}.{uuid_mod.uuid4().hex}.tmp"
+            for attempt in range(3):
+                try:
+                    fd = _write_synced(tmp, data)
+                    break
+                except FileNotFoundError:
+                    # builds/ removed as empty by a build that just finished
+                    # (remove_empty_dir) between our makedirs and our create.
+                    if attempt == 2 or os.path.isdir(os.path.dirname(path)):
+                        raise
+                    self._make_parent(path)
             try:
-                os.replace(tmp, path)
-            except IsADirectoryError:
-                raise _tree_error(self.root, path, "written") from None
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+                try:
+                    os.replace(tmp, path)
+                except IsADirectoryError:
+                    raise _tree_error(self.root, path, "written") from None
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+            finally:
+                os.close(fd)
 
     def write_file(self, local_path: str, key: str) -> None:
         path = self.path(key)
         if os.path.abspath(local_path) != os.path.abspath(path):
-            self._make_parent(path)
-            self._write_path(key)
-            try:
-                os.replace(local_path, path)
-            except IsADirectoryError:
-                raise _tree_error(self.root, path, "written") from None
+            with _backend_errors(path, "write"):
+                self._make_parent(path)
+                self._write_path(key)
+                try:
+                    os.replace(local_path, path)
+                except IsADirectoryError:
+                    raise _tree_error(self.root, path, "written") from None
 
     def delete(self, key: str) -> bool:
         path = self._write_path(key)
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            return False
-        if not stat.S_ISREG(mode):
-            raise CorruptIndexError(
-                f"refusing to delete {path}: not a regular file (a symbolic link or a "
-                f"directory); bitshard deletes only files it wrote")
-        try:
-            os.remove(path)
-            return True
-        except FileNotFoundError:
-            return False
+        with _backend_errors(path, "delete"):
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                return False
+            if not stat.S_ISREG(mode):
+                raise CorruptIndexError(
+                    f"refusing to delete {path}: not a regular file (a symbolic link or a "
+                    f"directory); bitshard deletes only files it wrote")
+            try:
+                os.remove(path)
+                return True
+            except FileNotFoundError:
+                return False
+
+    def delete_temp(self, key: str) -> bool:
+        path = self._write_path(key)
+        with _backend_errors(path, "delete"):
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    return False  # never a link or a directory
+            except FileNotFoundError:
+                return False  # renamed into place (or removed) since it was listed
+            return remove_dead_temp(path)
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self._read_path(key))
 
     def mtime(self, key: str) -> float:
-        return os.path.getmtime(self._read_path(key))
+        path = self._read_path(key)
+        with _backend_errors(path, "read the modification time of"):
+            return os.path.getmtime(path)
 
     def create_exclusive(self, key: str, data: bytes) -> None:
         final = self.path(key)
-        self._make_parent(final)
-        self._write_path(key)
-        if os.path.isdir(final):  # not a version another writer committed
-            raise _tree_error(self.root, final, "written")
-        tmp = f"{final}.{uuid_mod.uuid4().hex}.tmp"
-        try:
-            _write_synced(tmp, data)
-            os.link(tmp, final)  # atomic, and fails if the key exists
-        finally:
+        with _backend_errors(final, "create", keep=(FileExistsError,)):
+            self._make_parent(final)
+            self._write_path(key)
+            if os.path.isdir(final):  # not a version another writer committed
+                raise _tree_error(self.root, final, "written")
+            tmp = f"{final}.{uuid_mod.uuid4().hex}.tmp"
+            fd = _write_synced(tmp, data)
             try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+                os.link(tmp, final)  # atomic, and fails if the key exists
+            finally:
+                _unlink_quietly(tmp)
+                os.close(fd)
 
     def open_segment(self, key: str) -> Any:
         path = self.path(key)
-        try:
-            check_resolved_inside(self.root, path)
-            f = open(path, "rb")
-        except FileNotFoundError:
-            raise CorruptIndexError(f"segment file is missing: {path}") from None
-        except (IsADirectoryError, NotADirectoryError):
-            raise _tree_error(self.root, path, "read") from None
-        with f:
-            if os.fstat(f.fileno()).st_size == 0:
-                raise CorruptIndexError(f"segment file is empty: {path}")
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # page-aligned
+        with _backend_errors(path, "read", segment=True):
+            try:
+                check_resolved_inside(self.root, path)
+                f = open(path, "rb")
+            except (IsADirectoryError, NotADirectoryError):
+                raise _tree_error(self.root, path, "read") from None
+            with f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    raise CorruptIndexError(f"segment file is empty: {path}")
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # page-aligned
 
-    def local_target(self, key: str) -> Tuple[str, bool]:
+    @contextmanager
+    def segment_target(self, key: str) -> Iterator[Tuple[str, bool]]:
         path = self.path(key)
-        self._make_parent(path)
-        self._write_path(key)
-        # The C writer opens "<path>.tmp" with fopen, which follows a link: a
-        # link planted at that name (the uuid may be the caller's) would have
-        # it write through to wherever the link points.
         tmp = path + ".tmp"
-        if os.path.islink(tmp):
-            raise CorruptIndexError(
-                f"refusing to write {path}: its temporary file {tmp} is a symbolic link")
-        return path, False
+        with _backend_errors(path, "write"):
+            self._make_parent(path)
+            self._write_path(key)
+            # The C writer opens "<path>.tmp" with fopen ("wb": it truncates
+            # and writes the file created here, and renames it). Created here
+            # exclusively and without following links (a link planted at that
+            # name would have fopen write through it), and locked while the
+            # writer runs, so cleanup leaves it (remove_dead_temp).
+            if os.path.islink(tmp):
+                raise CorruptIndexError(
+                    f"refusing to write {path}: its temporary file {tmp} is a symbolic link")
+            try:
+                fd = _create_locked(tmp)
+            except FileExistsError:
+                # A dead writer's file of this uuid (the uuid may be the caller's).
+                if not remove_dead_temp(tmp):
+                    raise CorruptIndexError(
+                        f"refusing to write {path}: its temporary file {tmp} is held by "
+                        f"another live writer of the same segment uuid") from None
+                fd = _create_locked(tmp)
+        try:
+            yield path, False
+        finally:
+            # The C writer renamed its temp file, or removed it on failure; a
+            # failure before it opened the file leaves ours: remove it.
+            try:
+                if os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+                    os.unlink(tmp)
+            except OSError:
+                pass
+            os.close(fd)
 
     def remove_empty_dir(self, prefix: str) -> None:
         try:
@@ -461,23 +716,26 @@ class LocalStorage(Storage):
     def commit_lock(self, exclusive: bool) -> Iterator[None]:
         # flock on the root directory itself: no lock file to leave behind,
         # and the kernel drops the lock when its holder dies (even SIGKILL).
-        if not exclusive:
-            os.makedirs(self.root, exist_ok=True)  # a first commit creates it anyway
-        try:
-            import fcntl  # noqa: PLC0415 - POSIX only
-
-            fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        except (ImportError, FileNotFoundError):
-            yield  # no root, nothing to clean up; or no flock on this OS
-            return
-        try:
+        # Only the taking of the lock is translated: the block's own errors
+        # pass through the yield as they are.
+        fcntl = _fcntl()
+        with _backend_errors(self.root, "lock"):
+            if not exclusive:
+                os.makedirs(self.root, exist_ok=True)  # a first commit creates it anyway
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            except OSError as e:  # a filesystem without flock (some network mounts)
-                _warn_no_lock(self.root, e)
+                fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except FileNotFoundError:
+                fd = -1  # no root, nothing to clean up
+            if fd >= 0 and fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                except OSError as e:  # a filesystem without flock (some network mounts)
+                    _warn_no_lock(self.root, e)
+        try:
             yield
         finally:
-            os.close(fd)  # releases the lock
+            if fd >= 0:
+                os.close(fd)  # releases the lock
 
 
 _NO_LOCK_WARNED: set = set()
@@ -677,10 +935,11 @@ class ObjectStorage(Storage):
         from pyarrow import fs as pafs  # noqa: PLC0415
 
         sel = pafs.FileSelector(self._fs_path(prefix), allow_not_found=True, recursive=False)
-        try:
-            infos = self.fs.get_file_info(sel)
-        except FileNotFoundError:
-            return []
+        with _backend_errors(self.path(prefix), "list"):
+            try:
+                infos = self.fs.get_file_info(sel)
+            except FileNotFoundError:
+                return []
         out = []
         for i in infos:
             name = i.path.rstrip("/").rsplit("/", 1)[-1]
@@ -692,24 +951,27 @@ class ObjectStorage(Storage):
         return sorted(out)
 
     def read_bytes(self, key: str) -> bytes:
-        with self.fs.open_input_stream(self._fs_path(key)) as f:
-            return f.read()
+        with _backend_errors(self.path(key), "read"):
+            with self.fs.open_input_stream(self._fs_path(key)) as f:
+                return f.read()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         # A PUT replaces an object whole: readers see the old or the new one.
-        with self.fs.open_output_stream(self._fs_path(key)) as f:
-            f.write(data)
+        with _backend_errors(self.path(key), "write"):
+            with self.fs.open_output_stream(self._fs_path(key)) as f:
+                f.write(data)
 
     def write_file(self, local_path: str, key: str) -> None:
         # Multipart for large files; the object appears only when complete.
         try:
-            with open(local_path, "rb") as src, \
-                    self.fs.open_output_stream(self._fs_path(key)) as dst:
-                while True:
-                    chunk = src.read(16 << 20)
-                    if not chunk:
-                        break
-                    dst.write(chunk)
+            with _backend_errors(self.path(key), "upload"):
+                with open(local_path, "rb") as src, \
+                        self.fs.open_output_stream(self._fs_path(key)) as dst:
+                    while True:
+                        chunk = src.read(16 << 20)
+                        if not chunk:
+                            break
+                        dst.write(chunk)
         finally:
             try:
                 os.remove(local_path)
@@ -719,11 +981,13 @@ class ObjectStorage(Storage):
     def delete(self, key: str) -> bool:
         if not self.exists(key):
             return False
-        self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+        with _backend_errors(self.path(key), "delete"):
+            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
         return True
 
     def _info(self, key: str) -> Any:
-        return self.fs.get_file_info(self._fs_path(key))
+        with _backend_errors(self.path(key), "read the metadata of"):
+            return self.fs.get_file_info(self._fs_path(key))
 
     def exists(self, key: str) -> bool:
         from pyarrow import fs as pafs  # noqa: PLC0415
@@ -792,6 +1056,10 @@ class ObjectStorage(Storage):
         _PROBED[pk] = True
 
     def create_exclusive(self, key: str, data: bytes) -> None:
+        with _backend_errors(self.path(key), "create", keep=(FileExistsError,)):
+            self._create_exclusive(key, data)
+
+    def _create_exclusive(self, key: str, data: bytes) -> None:
         self._probe_conditional_writes()
         ok = self._conditional_put(self.object_key(key), data)
         if not ok:
@@ -828,12 +1096,18 @@ class ObjectStorage(Storage):
         or, with a ``cache_dir``, into a cache file that is then mapped. The
         caller's C reader verifies every checksum either way; a cached copy
         that fails is evicted (:meth:`evict`) and fetched again."""
+        path = self.path(key)
+        # A segment removed at any step (listed, then gone: NoSuchKey from
+        # any call) is missing_segment; other backend errors StorageError.
+        with _backend_errors(path, "read", segment=True):
+            return self._open_segment(key, path)
+
+    def _open_segment(self, key: str, path: str) -> Any:
         from pyarrow import fs as pafs  # noqa: PLC0415
 
-        path = self.path(key)
-        info = self._info(key)
+        info = self.fs.get_file_info(self._fs_path(key))
         if info.type != pafs.FileType.File:
-            raise CorruptIndexError(f"segment file is missing: {path}")
+            raise missing_segment(path)
         size = int(info.size or 0)
         if size == 0:
             raise CorruptIndexError(f"segment file is empty: {path}")
@@ -843,15 +1117,12 @@ class ObjectStorage(Storage):
         buf = _aligned_empty(size)
         view = buf.data  # a writable memoryview of the aligned bytes
         got = 0
-        try:
-            with self.fs.open_input_file(self._fs_path(key)) as f:
-                while got < size:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-        except FileNotFoundError:
-            raise CorruptIndexError(f"segment file is missing: {path}") from None
+        with self.fs.open_input_file(self._fs_path(key)) as f:
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
         if got != size:
             raise CorruptIndexError(f"segment file {path} changed while read "
                                     f"({got} of {size} bytes)")
@@ -880,9 +1151,6 @@ class ObjectStorage(Storage):
                     raise CorruptIndexError(
                         f"segment file {self.path(key)} changed while read")
                 os.replace(tmp, cached)
-            except FileNotFoundError:
-                raise CorruptIndexError(
-                    f"segment file is missing: {self.path(key)}") from None
             finally:
                 try:
                     os.remove(tmp)
@@ -891,9 +1159,155 @@ class ObjectStorage(Storage):
         with open(cached, "rb") as f:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # page-aligned
 
-    def local_target(self, key: str) -> Tuple[str, bool]:
-        import tempfile  # noqa: PLC0415
+    @contextmanager
+    def segment_target(self, key: str) -> Iterator[Tuple[str, bool]]:
+        with _backend_errors(self.path(key), "write"):
+            d, fd = make_upload_dir()
+        try:
+            yield os.path.join(d, key.rsplit("/", 1)[-1]), True
+        finally:
+            import shutil  # noqa: PLC0415
 
-        d = tempfile.mkdtemp(prefix="bitshard-upload-")
-        return os.path.join(d, key.rsplit("/", 1)[-1]), True
+            shutil.rmtree(d, ignore_errors=True)
+            os.close(fd)  # after the directory is gone: reclaimers skip it until then
+
+    def abort_stale_uploads(self, prefix: str, older_than_seconds: float,
+                            dry_run: bool = False) -> List[str]:
+        """Abort the incomplete multipart uploads of segment files under
+        ``prefix`` started at least ``older_than_seconds`` ago (a writer
+        killed while uploading leaves one: invisible to listings, billed by
+        the store); returns their keys. A store cannot tell a live upload
+        from a dead one, so the age is the only guard, as for segments."""
+        out: List[str] = []
+        base = self.object_key(prefix).rstrip("/") + "/"
+        with _backend_errors(self.path(prefix), "list the multipart uploads of"):
+            kw: Dict[str, Any] = {"Bucket": self.bucket, "Prefix": base}
+            while True:
+                page = self.client.list_multipart_uploads(**kw)
+                for u in page.get("Uploads", []):
+                    name = u["Key"][len(base):]
+                    if "/" in name or _parse_segment_name(name) is None:
+                        continue
+                    started = u.get("Initiated")
+                    age = time.time() - started.timestamp() if started is not None else None
+                    if age is not None and age < older_than_seconds:
+                        continue
+                    if not dry_run:
+                        try:
+                            self.client.abort_multipart_upload(
+                                Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                        except Exception as e:  # noqa: BLE001 - NoSuchUpload: done meanwhile
+                            if _backend_kind(e) != "missing":
+                                raise
+                    out.append(f"{prefix}/{name}")
+                if not page.get("IsTruncated"):
+                    break
+                kw["KeyMarker"] = page.get("NextKeyMarker", "")
+                kw["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
+        return out
+
+
+# =========================================================================
+# Local upload directories of object-store writers
+# =========================================================================
+
+#: The prefix of the local directory where a segment for an object store is
+#: written before its upload (in the temp directory, ``$TMPDIR``).
+UPLOAD_DIR_PREFIX = "bitshard-upload-"
+
+
+def _upload_tmp_root() -> str:
+    import tempfile  # noqa: PLC0415
+
+    return tempfile.gettempdir()
+
+
+def make_upload_dir() -> Tuple[str, int]:
+    """A fresh ``$TMPDIR/bitshard-upload-*`` directory, held with an
+    exclusive flock (the mark of a live writer, as for local temp files):
+    ``(path, descriptor)``; closing the descriptor releases it. The first
+    call of a process first reclaims the directories dead writers left."""
+    import tempfile  # noqa: PLC0415
+
+    global _UPLOAD_DIRS_RECLAIMED
+    if not _UPLOAD_DIRS_RECLAIMED:
+        _UPLOAD_DIRS_RECLAIMED = True
+        try:
+            reclaim_upload_dirs()
+        except OSError:  # best effort: never fail a write for another's leftovers
+            pass
+    fcntl = _fcntl()
+    while True:
+        d = tempfile.mkdtemp(prefix=UPLOAD_DIR_PREFIX)
+        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        if fcntl is None:
+            return d, fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            return d, fd
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(d))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return d, fd
+        os.close(fd)  # a reclaimer took it between mkdtemp and the lock
+
+
+_UPLOAD_DIRS_RECLAIMED = False
+
+
+def reclaim_upload_dirs(older_than_seconds: float = 0, dry_run: bool = False,
+                        tmp_root: Optional[str] = None) -> List[str]:
+    """Remove the ``$TMPDIR/bitshard-upload-*`` directories of writers that
+    died (killed while writing or uploading a segment for an object store),
+    older than the age; a live writer's is locked (:func:`make_upload_dir`)
+    and left. Returns the removed paths."""
+    import shutil  # noqa: PLC0415
+
+    fcntl = _fcntl()
+    base = tmp_root or _upload_tmp_root()
+    out: List[str] = []
+    if fcntl is None:
+        return out  # no proof a writer is dead
+    try:
+        entries = os.listdir(base)
+    except FileNotFoundError:
+        return out
+    now = time.time()
+    for n in sorted(entries):
+        if not n.startswith(UPLOAD_DIR_PREFIX):
+            continue
+        d = os.path.join(base, n)
+        try:
+            fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+                         | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # gone, a link, not a directory, not ours to open
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer's (or no flock here: no proof)
+            st = os.fstat(fd)
+            try:
+                if not os.path.samestat(st, os.lstat(d)):
+                    continue
+            except FileNotFoundError:
+                continue
+            if now - st.st_mtime < older_than_seconds:
+                continue
+            if not dry_run:
+                shutil.rmtree(d, ignore_errors=True)
+            out.append(d)
+        finally:
+            os.close(fd)
+    return out
+
+
+def _parse_segment_name(name: str) -> Optional[Tuple[str, bool]]:
+    from .names import parse_segment_file  # noqa: PLC0415
+
+    return parse_segment_file(name)
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import bitshard
-from bitshard import CommitConflictError, CorruptIndexError, InvalidInputError
+from bitshard import CommitConflictError, CorruptIndexError, InvalidInputError, MissingFileError
 from bitshard import index as idx
 
 from conftest import clustered
@@ -81,7 +81,13 @@ def test_damaged_segment_file_on_a_local_root(one_segment):
                        match=f"^{path}: bad magic at offset 0: not a bitshard segment$"):
         _search(x, root)
     os.remove(path)
-    with pytest.raises(CorruptIndexError, match=f"^segment file is missing: {path}$"):
+    # A MissingFileError is a CorruptIndexError (and a FileNotFoundError);
+    # the message says what can have removed it and what to do.
+    with pytest.raises(MissingFileError,
+                       match=f"^segment file is missing: {path} \\(a manifest or a handle names "
+                             f"it, but it was removed: by hand, or by cleanup with an age "
+                             f"shorter than a writer's write-to-commit time; refresh\\(\\) "
+                             f"\\(or reopen the dataset\\) and rerun: .*\\)$"):
         _search(x, root)
 
 

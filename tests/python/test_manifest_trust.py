@@ -258,15 +258,26 @@ def test_hostile_build_state_is_ignored_with_its_field_named(tmp_path, edit, mes
     with pytest.raises(CorruptIndexError) as e:
         schema.read_build_state(open(path, "rb").read(), path)
     assert str(e.value) == f"build state {path}: {message}"
-    # cleanup skips it (and says why); a rerun starts afresh instead of failing
+    # cleanup removes nothing while it cannot tell which segments the build
+    # wrote (and says how to proceed); a rerun starts afresh instead of failing
     import logging
 
+    segs = sorted(os.listdir(os.path.join(uri, "_bitshard", "segments")))
+    with pytest.raises(CorruptIndexError) as e:
+        bitshard.cleanup(uri, 0)
+    assert str(e.value) == (
+        f"cleanup removes nothing: the build state {path} cannot be read (build state {path}: "
+        f"{message}), so the uncommitted segments its build wrote cannot be told apart from "
+        f"orphans. If no build of index 'b' runs, delete that file (a rerun of the build then "
+        f"starts afresh), or run cleanup with abandoned_builds=True (--abandoned-builds) to "
+        f"drop it when older than the age; then run cleanup again")
+    assert sorted(os.listdir(os.path.join(uri, "_bitshard", "segments"))) == segs
     with caplog.at_level(logging.WARNING, logger="bitshard"):
-        assert bitshard.cleanup(uri, 3600) == []
         ds = bitshard.build_index(uri, "vec", name="b", num_partitions=4, executor="serial",
                                   fragments_per_task=1, seed=3, progress=False)
-    assert f"cleanup: ignoring build state: build state {path}: {message}" in caplog.text
     assert f"ignoring build state: build state {path}: {message}" in caplog.text
+    # the build committed and dropped its state: cleanup runs again
+    assert set(bitshard.cleanup(uri, 0)) >= {s[:32] for s in segs}
     assert not ds.last_build_stats["resumed"]
     assert len(ds.search("vec", x[0], k=5)) == 5
 

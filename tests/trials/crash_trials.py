@@ -743,12 +743,6 @@ class Trials:
             findings.append(("child-error", out.strip()[-600:]))
         desc += f" -> {outcome}"
         findings += self.check(root, op, before, spec, "after the kill")
-        # Local temp files a killed upload left (outside the index root).
-        if os.path.isdir(tmp):
-            for n in sorted(os.listdir(tmp)):
-                if n.startswith("bitshard-upload-"):
-                    findings.append(("leftover-local-upload", os.path.join(tmp, n)))
-                shutil.rmtree(os.path.join(tmp, n), ignore_errors=True)
         # Recovery: finish an interrupted build (the resume), then clean up.
         st = self._ds(root).storage
         if st.exists(f"builds/{NAME}.json") or st.exists(f"builds/{NAME}.ivf"):
@@ -765,10 +759,26 @@ class Trials:
                                                       "single-process build"))
             except Exception as e:  # noqa: BLE001
                 findings.append(("resume-failed", repr(e)))
-        rc, cout = _cli(cli_main, ["cleanup", self.data, "--index-uri", root, "--older-than",
-                                   "0", "--abandoned-builds"] + self._opt_args())
+        # cleanup runs as on the child's machine: its temp directory is the
+        # child's, where a killed upload leaves its local directory.
+        import tempfile
+
+        saved_tmp, tempfile.tempdir = tempfile.tempdir, tmp if os.path.isdir(tmp) else None
+        try:
+            rc, cout = _cli(cli_main, ["cleanup", self.data, "--index-uri", root,
+                                       "--older-than", "0", "--abandoned-builds"]
+                            + self._opt_args())
+        finally:
+            tempfile.tempdir = saved_tmp
         if rc != 0:
             findings.append(("cleanup-failed", f"cleanup exited {rc}: {cout.strip()[-300:]}"))
+        # Local temp files a killed upload left (outside the index root) that
+        # cleanup did not remove.
+        if os.path.isdir(tmp):
+            for n in sorted(os.listdir(tmp)):
+                if n.startswith("bitshard-upload-"):
+                    findings.append(("leftover-local-upload", os.path.join(tmp, n)))
+                shutil.rmtree(os.path.join(tmp, n), ignore_errors=True)
         findings += self.leftovers(root)
         after = self.snapshot(root)
         findings += [(k, d) for k, d in self.check(root, "cleanup", after, {}, "after cleanup")]
