@@ -410,7 +410,7 @@ def markdown(rows: List[dict]) -> str:
                 b = builds.get(name, {})
                 mx = max((p[0] for p in c["points"]), default=None)
                 cells = [_fmt(at[name][t]) if at[name][t] else
-                         ((CUT if c["cut"] else NOT_REACHED) if c["points"] else "-")
+                         (("not measured (budget)" if c["cut"] else NOT_REACHED) if c["points"] else "-")
                          for t in TARGETS]
                 note = "" if c["points"] else " (" + "; ".join(c["row"].get("notes") or [])[:80] + ")"
                 out.append(f"| {name}{note} | " + " | ".join(cells)
