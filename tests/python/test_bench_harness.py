@@ -113,3 +113,27 @@ def test_real_is_the_default_and_expands_to_the_three_sets():
     a = cli.parse_args(["--dataset", "real,synthetic-384", "--budget-min", "5"])
     assert a.dataset == ["wordnet", "fashion-mnist", "gcide", "synthetic-384"]
     assert a.budget_min == 5.0 and a.runs == 3
+
+
+def test_embedding_stops_at_its_deadline_with_the_cached_chunks(tmp_path):
+    import time
+
+    import numpy as np
+
+    chunk = np.random.default_rng(0).standard_normal((2048, 384)).astype(np.float32)
+    np.save(tmp_path / "chunk-0000.npy", chunk)
+    texts = [f"text {i}" for i in range(5000)]
+    # chunk 1 is missing and the deadline has passed: no model is loaded
+    got = datasets.embed_cached(texts, 5000, str(tmp_path), "test texts", log=lambda *a: None,
+                                deadline=time.monotonic() - 1)
+    assert got.shape == (2048, 384) and np.array_equal(got, chunk)
+    # fewer rows wanted than cached: cut to the count
+    assert datasets.embed_cached(texts, 100, str(tmp_path), "t").shape == (100, 384)
+
+
+def test_a_set_cut_short_gets_its_own_name_or_fails_when_too_small(tmp_path):
+    path, extra = datasets._cut_short("/c/gcide-n50000-q1000", 6144, 51000, 1000, "gcide", "/c")
+    assert (path, extra) == ("/c/gcide-n5144-q1000", {"rows_wanted": 50000})
+    assert datasets._cut_short("/c/x", 51000, 51000, 1000, "gcide", "/c") == ("/c/x", {})
+    with pytest.raises(RuntimeError, match="after 1500 of 51000 texts"):
+        datasets._cut_short("/c/x", 1500, 51000, 1000, "gcide", "/c")
