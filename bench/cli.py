@@ -506,8 +506,8 @@ def _search_rounds(rows, built, data, args, threads, all_cores, specdir, budget,
                 if key in errors:
                     continue
                 first = results.get(key)
-                if rnd and not first:
-                    continue  # its first run failed or was skipped
+                if rnd and not (first and first[0]["points"]):
+                    continue  # its first run failed, was skipped or measured nothing
                 if budget.total is not None and time.monotonic() > ds_deadline + 30:
                     budget.skip(f"{data.name} {b['label']} threads={th}: run {rnd + 1} of "
                                 f"{args.runs} not done (the dataset's share is spent)")
