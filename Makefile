@@ -11,7 +11,7 @@ SOURCES := $(wildcard src/*.c src/*.h include/*.h python/bitshard/*.c python/bit
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test ctest pytest trials bench bench-deps bench-synthetic bench-quick bench-wordnet bench-wordnet-deps bench-fashion bench-fashion-deps bench-gcide bench-gcide-deps fuzz clean install apt-deps
+.PHONY: demo test ctest pytest trials bench bench-deps bench-synthetic bench-quick bench-wordnet bench-wordnet-deps bench-fashion bench-fashion-deps bench-gcide bench-gcide-deps fuzz fuzz-build fuzz-long clean install apt-deps
 
 $(VENV)/.created:
 	python3 -m venv $(VENV)
@@ -169,10 +169,21 @@ bench-gcide-deps: $(VENV)/.installed
 bench-gcide: bench-gcide-deps
 	$(PY) -m bench --dataset gcide --out bench/results/gcide.json
 
-fuzz: apt-deps $(VENV)/.build-deps
+fuzz-build: apt-deps $(VENV)/.build-deps
 	CC=clang cmake -S . -B build/fuzz -G Ninja -DBS_BUILD_FUZZ=ON \
 	  -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
 	cmake --build build/fuzz -j $(JOBS)
+
+# Every target at once from its committed seeds, each until it has used
+# FUZZ_CPU_SECONDS of CPU (not wall time: the machine may be shared), into a
+# fresh scratch directory; fails if any target left a crash artifact.
+fuzz-long: fuzz-build
+	d=build/fuzz/long-$$(date +%Y%m%d-%H%M%S); mkdir -p $$d; \
+	pids=; for f in build/fuzz/fuzz_*; do n=$$(basename $$f | sed 's/^fuzz_//'); \
+	  fuzz/run_cpu_budget.sh $$n $${FUZZ_CPU_SECONDS:-1800} $$d & pids="$$pids $$!"; done; \
+	ok=0; for j in $$pids; do wait $$j || ok=1; done; exit $$ok
+
+fuzz: fuzz-build
 	# New inputs go to a scratch corpus; the checked-in seeds are read only.
 	for f in build/fuzz/fuzz_*; do n=$$(basename $$f | sed 's/^fuzz_//'); \
 	  mkdir -p build/fuzz/corpus_$$n; \
