@@ -101,12 +101,13 @@ void bs_lut_fill_ref(const float *x, uint32_t groups, float inv, uint8_t *tables
  * its time building its operands one float at a time), and the 16 entries
  * x 4 groups are transposed back to group-major bytes with unpacks. minps
  * (t, c) is t < c ? t : c and maxps(t, c) is t > c ? t : c, the reference's
- * expressions; min(x, 0) is its x < 0 ? x : 0 (x is finite). groups is a
- * multiple of 4 (D a multiple of 64). */
+ * expressions; min(x, 0) is its x < 0 ? x : 0 (x is finite). Groups past
+ * a multiple of 4 (none when D is a multiple of 64) go to the reference. */
 void bs_lut_fill_sse2(const float *x, uint32_t groups, float inv, uint8_t *tables) {
     const __m128 vinv = _mm_set1_ps(inv), vhalf = _mm_set1_ps(0.5f);
     const __m128 v255 = _mm_set1_ps(255.0f), vzero = _mm_setzero_ps();
-    for (uint32_t g = 0; g < groups; g += 4) {
+    uint32_t g = 0;
+    for (; g + 4 <= groups; g += 4) {
         __m128 x0 = _mm_loadu_ps(x + 4 * g), x1 = _mm_loadu_ps(x + 4 * g + 4);
         __m128 x2 = _mm_loadu_ps(x + 4 * g + 8), x3 = _mm_loadu_ps(x + 4 * g + 12);
         _MM_TRANSPOSE4_PS(x0, x1, x2, x3); /* xi: coordinate i of 4 groups */
@@ -139,6 +140,11 @@ void bs_lut_fill_sse2(const float *x, uint32_t groups, float inv, uint8_t *table
         _mm_storeu_si128(out + 2, _mm_unpacklo_epi16(hi01, hi23));
         _mm_storeu_si128(out + 3, _mm_unpackhi_epi16(hi01, hi23));
     }
+    bs_lut_fill_ref(x + 4 * g, groups - g, inv, tables + (size_t)g * 16);
+}
+#else
+void bs_lut_fill_sse2(const float *x, uint32_t groups, float inv, uint8_t *tables) {
+    bs_lut_fill_ref(x, groups, inv, tables);
 }
 #endif
 
@@ -148,25 +154,29 @@ static float bs_round_up_float(double v) {
     return f;
 }
 
-/* delta * lut + lo approximates each table's sums; one delta is shared by
- * all tables so that the kernel's integer total is a single affine image
- * of the float sum (delta * total + offset). Built once per query and
- * probed partition, so it must cost about as much as scanning a
- * partition: float arithmetic, no division in the loop, SSE2 (part of the
- * x86-64 baseline) with a portable branch computing the same bits. See
- * docs/algorithms.md for the error. x must be finite. */
-void bs_query_lut_build(const float *x, uint32_t D, bs_query_lut *lut) {
-    const uint32_t groups = D / 4;
-    uint8_t *tables = lut->tables;
-    float range_max = 0.0f;
-    double offset = 0.0, abs_total = 0.0;
+/* The first pass (rabitq.h): the reference, one group at a time. */
+void bs_lut_sums_ref(const float *x, uint32_t groups, bs_lut_sums *acc) {
+    for (uint32_t g = 0; g < groups; g++) {
+        const float *xg = x + 4 * g;
+        const float range = (fabsf(xg[0]) + fabsf(xg[1])) +
+                            (fabsf(xg[2]) + fabsf(xg[3]));
+        acc->range_max = range > acc->range_max ? range : acc->range_max;
+        acc->offset += bs_group_lo(xg);
+        acc->abs_total += range;
+    }
+}
+
 #if defined(__SSE2__)
-    /* bs_group_lo's four sign tests are coin flips on real queries; as
-     * branches they cost more than everything else here. minps(x, 0) is
-     * x < 0 ? x : 0 for finite x (ties return the 0), and the sums run in
-     * the reference's order, so the bits are the same. */
+/* bs_group_lo's four sign tests are coin flips on real queries; as
+ * branches they cost more than everything else here. minps(x, 0) is
+ * x < 0 ? x : 0 for finite x (ties return the 0), and the sums run in
+ * the reference's order, so the bits are the same. */
+void bs_lut_sums_sse2(const float *x, uint32_t groups, bs_lut_sums *acc) {
+    float range_max = acc->range_max;
+    double offset = acc->offset, abs_total = acc->abs_total;
     const __m128 vzero = _mm_setzero_ps(), sign = _mm_set1_ps(-0.0f);
-    for (uint32_t g = 0; g < groups; g += 4) {
+    uint32_t g = 0;
+    for (; g + 4 <= groups; g += 4) {
         __m128 x0 = _mm_loadu_ps(x + 4 * g), x1 = _mm_loadu_ps(x + 4 * g + 4);
         __m128 x2 = _mm_loadu_ps(x + 4 * g + 8), x3 = _mm_loadu_ps(x + 4 * g + 12);
         _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
@@ -183,16 +193,36 @@ void bs_query_lut_build(const float *x, uint32_t D, bs_query_lut *lut) {
             abs_total += range[j];
         }
     }
+    acc->range_max = range_max;
+    acc->offset = offset;
+    acc->abs_total = abs_total;
+    bs_lut_sums_ref(x + 4 * g, groups - g, acc);
+}
 #else
-    for (uint32_t g = 0; g < groups; g++) {
-        const float *xg = x + 4 * g;
-        const float range = (fabsf(xg[0]) + fabsf(xg[1])) +
-                            (fabsf(xg[2]) + fabsf(xg[3]));
-        range_max = range > range_max ? range : range_max;
-        offset += bs_group_lo(xg);
-        abs_total += range;
-    }
+void bs_lut_sums_sse2(const float *x, uint32_t groups, bs_lut_sums *acc) {
+    bs_lut_sums_ref(x, groups, acc);
+}
 #endif
+
+/* delta * lut + lo approximates each table's sums; one delta is shared by
+ * all tables so that the kernel's integer total is a single affine image
+ * of the float sum (delta * total + offset). Built once per query and
+ * probed partition, so it must cost about as much as scanning a
+ * partition: float arithmetic, no division in the loop, vector code for
+ * the level (SSE2 is the x86-64 baseline) computing the reference's bits.
+ * See docs/algorithms.md for the error. x must be finite. */
+void bs_query_lut_build_simd(const float *x, uint32_t D, bs_simd_level level,
+                             bs_query_lut *lut) {
+    const uint32_t groups = D / 4;
+    uint8_t *tables = lut->tables;
+    const int wide = level == BS_SIMD_AVX2 || level == BS_SIMD_AVX512;
+    bs_lut_sums sums = {0.0f, 0.0, 0.0};
+    if (wide)
+        bs_lut_sums_avx2(x, groups, &sums);
+    else
+        bs_lut_sums_sse2(x, groups, &sums);
+    const float range_max = sums.range_max;
+    const double offset = sums.offset, abs_total = sums.abs_total;
     const float delta = range_max / 255.0f;
     const float offset_f = (float)offset;
     const double offset_err = fabs(offset - (double)offset_f);
@@ -207,11 +237,12 @@ void bs_query_lut_build(const float *x, uint32_t D, bs_query_lut *lut) {
         return;
     }
     const float inv = 1.0f / delta;
-#if defined(__SSE2__)
-    bs_lut_fill_sse2(x, groups, inv, tables);
-#else
-    bs_lut_fill_ref(x, groups, inv, tables);
-#endif
+    if (level == BS_SIMD_AVX512)
+        bs_lut_fill_avx512(x, groups, inv, tables);
+    else if (level == BS_SIMD_AVX2)
+        bs_lut_fill_avx2(x, groups, inv, tables);
+    else
+        bs_lut_fill_sse2(x, groups, inv, tables);
     lut->delta = delta;
     lut->offset = offset_f;
     /* A code picks one entry per table, each off by at most delta / 2 (the
@@ -221,6 +252,10 @@ void bs_query_lut_build(const float *x, uint32_t D, bs_query_lut *lut) {
     lut->max_error = bs_round_up_float((double)groups * delta * 0.5 *
                                            (1.0 + 0x1p-12) +
                                        0x1p-21 * abs_total + offset_err);
+}
+
+void bs_query_lut_build(const float *x, uint32_t D, bs_query_lut *lut) {
+    bs_query_lut_build_simd(x, D, BS_SIMD_SCALAR, lut);
 }
 
 /* ------------------------------------------------------------- kernels */

@@ -161,3 +161,94 @@ void bs_fastscan_avx2(const uint8_t *blocks, size_t nblocks,
     for (; blk < nblocks; blk++)
         bs_scan1(blocks + blk * stride, lut, pairs, out + blk * 32);
 }
+
+/* ------------------------------------------------------ lookup tables */
+
+/* The first pass of bs_query_lut_build (rabitq.h), eight groups at a time.
+ * Loads r0..r3 hold groups (g, g+1), (g+2, g+3), (g+4, g+5), (g+6, g+7);
+ * the in-lane 4x4 transpose leaves coordinate i of groups g, g+2, g+4, g+6
+ * in lane 0 of ci and of g+1, g+3, g+5, g+7 in lane 1. Per lane the float
+ * sums are the reference's expressions in its order (minps(x, 0) is
+ * x < 0 ? x : 0 for finite x, ties returning the 0; andnot of -0 is
+ * fabsf); the double sums then run one group at a time in increasing g,
+ * through ORDER, so the bits are the reference's. max is exact and does not
+ * depend on the order. */
+void bs_lut_sums_avx2(const float *x, uint32_t groups, bs_lut_sums *acc) {
+    static const int ORDER[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+    const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    __m256 vmax = _mm256_set1_ps(acc->range_max);
+    double offset = acc->offset, abs_total = acc->abs_total;
+    uint32_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        const float *xg = x + 4 * g;
+        const __m256 r0 = _mm256_loadu_ps(xg), r1 = _mm256_loadu_ps(xg + 8);
+        const __m256 r2 = _mm256_loadu_ps(xg + 16), r3 = _mm256_loadu_ps(xg + 24);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpacklo_ps(r2, r3);
+        const __m256 t2 = _mm256_unpackhi_ps(r0, r1), t3 = _mm256_unpackhi_ps(r2, r3);
+        const __m256 c0 = _mm256_shuffle_ps(t0, t1, 0x44), c1 = _mm256_shuffle_ps(t0, t1, 0xEE);
+        const __m256 c2 = _mm256_shuffle_ps(t2, t3, 0x44), c3 = _mm256_shuffle_ps(t2, t3, 0xEE);
+        const __m256 lo = _mm256_add_ps(
+            _mm256_add_ps(_mm256_min_ps(c0, zero), _mm256_min_ps(c1, zero)),
+            _mm256_add_ps(_mm256_min_ps(c2, zero), _mm256_min_ps(c3, zero)));
+        const __m256 range = _mm256_add_ps(
+            _mm256_add_ps(_mm256_andnot_ps(sign, c0), _mm256_andnot_ps(sign, c1)),
+            _mm256_add_ps(_mm256_andnot_ps(sign, c2), _mm256_andnot_ps(sign, c3)));
+        vmax = _mm256_max_ps(vmax, range);
+        float l[8], r[8];
+        _mm256_storeu_ps(l, lo);
+        _mm256_storeu_ps(r, range);
+        for (int j = 0; j < 8; j++) {
+            offset += l[ORDER[j]];
+            abs_total += r[ORDER[j]];
+        }
+    }
+    float m[8];
+    _mm256_storeu_ps(m, vmax);
+    float range_max = m[0];
+    for (int j = 1; j < 8; j++) range_max = m[j] > range_max ? m[j] : range_max;
+    acc->range_max = range_max;
+    acc->offset = offset;
+    acc->abs_total = abs_total;
+    bs_lut_sums_ref(x + 4 * g, groups - g, acc);
+}
+
+/* One table entry per lane for two groups (lane L: group g + L): entry
+ * m = i + 4k is ((a_i + bk_k) - lo) * inv + 0.5 with a = (0, x0, x1,
+ * x0 + x1), bk = (0, x2, x3, x2 + x3), as in bs_lut_fill_ref. Register
+ * e_k holds entries 4k..4k+3 of each group, so the two saturating packs
+ * put entries 0..15 of a group in order into its 16 bytes. Same values:
+ * x1 + x0 is x0 + x1 (addition commutes bit for bit), so the pairwise sums
+ * may come from either lane; lo is the reference's ((m0 + m1) + (m2 + m3))
+ * in every lane. minps(t, 255) is the reference's t < 255 ? t : 255 (NaN
+ * gives 255). The reference's max(t, 0) is left to the packs: cvttps of
+ * any t < 0 (or below -2^31) is 0 or negative, which packs to 0, exactly
+ * what the clamp gives, and t <= 255 after the min converts unchanged. */
+void bs_lut_fill_avx2(const float *x, uint32_t groups, float inv, uint8_t *tables) {
+    const __m256 vinv = _mm256_set1_ps(inv), vhalf = _mm256_set1_ps(0.5f);
+    const __m256 v255 = _mm256_set1_ps(255.0f), zero = _mm256_setzero_ps();
+    size_t g = 0; /* size_t: no zero extension in the address arithmetic */
+    for (; g + 2 <= groups; g += 2) {
+        const __m256 X = _mm256_loadu_ps(x + 4 * g); /* (x0 x1 x2 x3) per lane */
+        const __m256 M = _mm256_min_ps(X, zero);
+        const __m256 P = _mm256_add_ps(M, _mm256_permute_ps(M, _MM_SHUFFLE(2, 3, 0, 1)));
+        const __m256 lo = _mm256_add_ps(P, _mm256_permute_ps(P, _MM_SHUFFLE(1, 0, 3, 2)));
+        /* S = (x0 + x1, x1 + x0, x2 + x3, x3 + x2); T = (x0, x1, x0 + x1, x2 + x3) */
+        const __m256 S = _mm256_add_ps(X, _mm256_permute_ps(X, _MM_SHUFFLE(2, 3, 0, 1)));
+        const __m256 T = _mm256_shuffle_ps(X, S, _MM_SHUFFLE(2, 0, 1, 0));
+        const __m256 A =
+            _mm256_blend_ps(_mm256_permute_ps(T, _MM_SHUFFLE(2, 1, 0, 0)), zero, 0x11);
+        const __m256 Bk[4] = {zero, _mm256_permute_ps(X, _MM_SHUFFLE(2, 2, 2, 2)),
+                              _mm256_permute_ps(X, _MM_SHUFFLE(3, 3, 3, 3)),
+                              _mm256_permute_ps(T, _MM_SHUFFLE(3, 3, 3, 3))};
+        __m256i e[4];
+        for (int k = 0; k < 4; k++) {
+            const __m256 d = _mm256_sub_ps(_mm256_add_ps(A, Bk[k]), lo);
+            const __m256 t = _mm256_add_ps(_mm256_mul_ps(d, vinv), vhalf);
+            e[k] = _mm256_cvttps_epi32(_mm256_min_ps(t, v255));
+        }
+        const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(e[0], e[1]),
+                                              _mm256_packs_epi32(e[2], e[3]));
+        _mm256_storeu_si256((__m256i *)(void *)(tables + g * 16), b);
+    }
+    bs_lut_fill_ref(x + 4 * g, (uint32_t)(groups - g), inv, tables + g * 16);
+}

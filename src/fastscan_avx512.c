@@ -87,3 +87,34 @@ void bs_fastscan_avx512(const uint8_t *blocks, size_t nblocks,
     for (size_t blk = 0; blk < nblocks; blk++)
         bs_scan_avx512(blocks + blk * stride, lut, quads, out + blk * 32);
 }
+
+/* bs_lut_fill_avx2 widened to four groups per register (lane L: group
+ * g + L); every entry is the same operations in the same order, so the
+ * same bytes as bs_lut_fill_ref (see the AVX2 version for why). */
+void bs_lut_fill_avx512(const float *x, uint32_t groups, float inv, uint8_t *tables) {
+    const __m512 vinv = _mm512_set1_ps(inv), vhalf = _mm512_set1_ps(0.5f);
+    const __m512 v255 = _mm512_set1_ps(255.0f), zero = _mm512_setzero_ps();
+    size_t g = 0; /* size_t: no zero extension in the address arithmetic */
+    for (; g + 4 <= groups; g += 4) {
+        const __m512 X = _mm512_loadu_ps(x + 4 * g);
+        const __m512 M = _mm512_min_ps(X, zero);
+        const __m512 P = _mm512_add_ps(M, _mm512_permute_ps(M, _MM_SHUFFLE(2, 3, 0, 1)));
+        const __m512 lo = _mm512_add_ps(P, _mm512_permute_ps(P, _MM_SHUFFLE(1, 0, 3, 2)));
+        const __m512 S = _mm512_add_ps(X, _mm512_permute_ps(X, _MM_SHUFFLE(2, 3, 0, 1)));
+        const __m512 T = _mm512_shuffle_ps(X, S, _MM_SHUFFLE(2, 0, 1, 0));
+        const __m512 A = _mm512_maskz_permute_ps(0xEEEE, T, _MM_SHUFFLE(2, 1, 0, 0));
+        const __m512 Bk[4] = {zero, _mm512_permute_ps(X, _MM_SHUFFLE(2, 2, 2, 2)),
+                              _mm512_permute_ps(X, _MM_SHUFFLE(3, 3, 3, 3)),
+                              _mm512_permute_ps(T, _MM_SHUFFLE(3, 3, 3, 3))};
+        __m512i e[4];
+        for (int k = 0; k < 4; k++) {
+            const __m512 d = _mm512_sub_ps(_mm512_add_ps(A, Bk[k]), lo);
+            const __m512 t = _mm512_add_ps(_mm512_mul_ps(d, vinv), vhalf);
+            e[k] = _mm512_cvttps_epi32(_mm512_min_ps(t, v255));
+        }
+        const __m512i b = _mm512_packus_epi16(_mm512_packs_epi32(e[0], e[1]),
+                                              _mm512_packs_epi32(e[2], e[3]));
+        _mm512_storeu_si512((void *)(tables + g * 16), b);
+    }
+    bs_lut_fill_ref(x + 4 * g, (uint32_t)(groups - g), inv, tables + g * 16);
+}

@@ -88,13 +88,33 @@ typedef struct bs_query_lut {
     float max_error;
 } bs_query_lut;
 
-/* Fills lut (tables must hold D/4 * 16 bytes) from x[D]. Deterministic. */
+/* Fills lut (tables must hold D/4 * 16 bytes) from x[D]. Deterministic:
+ * every level gives the same bytes and the same delta, offset and
+ * max_error (bs_query_lut_build is the baseline level, SSE2 on x86-64). */
 void bs_query_lut_build(const float *x, uint32_t D, bs_query_lut *lut);
+void bs_query_lut_build_simd(const float *x, uint32_t D, bs_simd_level level,
+                             bs_query_lut *lut);
 /* The table bytes of bs_query_lut_build for groups = D / 4 groups and
- * inv = 1 / delta: the reference, and the SSE2 version (x86-64) that must
- * equal it byte for byte. */
+ * inv = 1 / delta: the reference, and the SSE2 (x86-64), AVX2 and AVX-512
+ * versions (run only where bs_simd_supported says so) that must equal it
+ * byte for byte for every inv, NaN and infinities included. */
 void bs_lut_fill_ref(const float *x, uint32_t groups, float inv, uint8_t *tables);
 void bs_lut_fill_sse2(const float *x, uint32_t groups, float inv, uint8_t *tables);
+void bs_lut_fill_avx2(const float *x, uint32_t groups, float inv, uint8_t *tables);
+void bs_lut_fill_avx512(const float *x, uint32_t groups, float inv, uint8_t *tables);
+/* The first pass of bs_query_lut_build over groups groups of finite x,
+ * added into acc (all zero for a whole x): the largest group range
+ * (|x0| + |x1|) + (|x2| + |x3|), and, added in double one group at a time
+ * in increasing group order, the groups' least entries lo_g (bs_lut_fill's
+ * lo) and their ranges. The reference and the vector versions give the
+ * same bits. */
+typedef struct bs_lut_sums {
+    float range_max;
+    double offset, abs_total;
+} bs_lut_sums;
+void bs_lut_sums_ref(const float *x, uint32_t groups, bs_lut_sums *acc);
+void bs_lut_sums_sse2(const float *x, uint32_t groups, bs_lut_sums *acc);
+void bs_lut_sums_avx2(const float *x, uint32_t groups, bs_lut_sums *acc);
 
 /* Kernel: for each of nblocks blocks, the 32 integer sums
  * sum_g lut[g][nib(v, g)] into out[32 * block + v]. Exact integers, so

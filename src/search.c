@@ -49,6 +49,7 @@ struct bs_searcher {
     bs_rotation *rot;
     const float *centroids; /* num_partitions * dim, owned by segs[0] */
     float *rot_centroids;   /* num_partitions * D: P c */
+    bs_simd_level level;
     bs_fastscan_fn kernel;
     bs_dot_kernels dots;
     bs_probe_index probe;
@@ -261,6 +262,7 @@ bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
     s->num_partitions = info.num_partitions;
     s->metric = info.metric;
     s->centroids = bs_segment_centroids(segs[0]);
+    s->level = level;
     s->kernel = bs_fastscan_kernel(level);
     bs_dot_kernels_get(level, &s->dots);
     s->rot_centroids = bs_alloc2(s->num_partitions, s->padded_dim, sizeof(float));
@@ -464,7 +466,7 @@ static bs_bound_params probe_tables(const query_ctx *x, uint32_t pi) {
     const probe_terms *t = &x->c->terms[pi];
     bs_query_lut lut;
     lut.tables = x->c->lut_tables;
-    bs_query_lut_build(query_row(x, 2 + (size_t)pi), D, &lut);
+    bs_query_lut_build_simd(query_row(x, 2 + (size_t)pi), D, s->level, &lut);
     const float eps0 = x->params->eps0;
     /* LUT rounding errors are independent and uniform in +-delta/2 per
      * group: their sum has sd delta * sqrt(groups / 12). Widen the bound

@@ -426,19 +426,29 @@ static void test_forced_level_runs(void) {
     }
 }
 
-/* The SSE2 table fill equals the reference byte for byte, and the SSE2
- * first pass gives the reference's delta and offset: random
- * coordinates, all-negative and all-positive groups, zeros and -0, ties at
- * the rounding point, and scales that clamp entries at 0 and 255. */
-static void test_lut_fill_sse2(void) {
-#if defined(__SSE2__)
+/* Every table fill (SSE2, AVX2, AVX-512 where the CPU has them) equals the
+ * reference byte for byte, every first pass gives the reference's sums bit
+ * for bit, and bs_query_lut_build_simd gives the baseline's tables, delta,
+ * offset and max_error at every supported level: random coordinates,
+ * all-negative and all-positive groups, zeros and -0, ties at the rounding
+ * point, values near the accepted limit 2^40 and tiny ones, and scales
+ * that clamp entries at 0 and 255 or make them NaN or infinite (the vector
+ * fills leave the lower clamp to saturating packs). Group counts that are
+ * not a multiple of the vector width go through the tails. */
+static void test_lut_fill_levels(void) {
     uint64_t st = 99;
-    int bad = 0;
-    for (size_t di = 0; di < NDIMS; di++) {
-        const uint32_t D = DIMS[di], groups = D / 4;
+    int bad_fill[3] = {0, 0, 0}, bad_sums[3] = {0, 0, 0}, bad_build[3] = {0, 0, 0};
+    int bad_delta = 0;
+    const int have[3] = {1, bs_simd_supported(BS_SIMD_AVX2),
+                         bs_simd_supported(BS_SIMD_AVX512)};
+    const bs_simd_level levels[3] = {BS_SIMD_SCALAR, BS_SIMD_AVX2, BS_SIMD_AVX512};
+    int cases = 0;
+    for (size_t di = 0; di < NDIMS + 1; di++) {
+        /* the last "dimension" is 4 * 13 groups: odd, past every width */
+        const uint32_t D = di < NDIMS ? DIMS[di] : 52, groups = D / 4;
         float *x = xmalloc(D * sizeof *x);
         uint8_t *a = xmalloc((size_t)groups * 16), *b = xmalloc((size_t)groups * 16);
-        for (int kind = 0; kind < 6; kind++) {
+        for (int kind = 0; kind < 9; kind++) {
             for (uint32_t i = 0; i < D; i++) {
                 double u = test_rand_normal(&st);
                 switch (kind) {
@@ -446,11 +456,15 @@ static void test_lut_fill_sse2(void) {
                 case 2: x[i] = (float)fabs(u); break;
                 case 3: x[i] = i % 3 == 0 ? 0.0f : (i % 3 == 1 ? -0.0f : (float)u); break;
                 case 4: x[i] = (float)((int)(u * 4)) * 0.5f; break; /* exact halves */
+                case 5: x[i] = (float)(u * 0x1p38); break;          /* near 2^40 */
+                case 6: x[i] = (float)(u * 0x1p-120); break;        /* tiny */
+                case 7: x[i] = i % 5 == 0 ? (float)(u * 1e6) : (float)(u * 1e-6); break;
+                case 8: x[i] = i % 4 == 0 ? (float)u : -0.0f; break; /* one per group */
                 default: x[i] = (float)u;
                 }
             }
             /* delta and offset are the reference's sums, bit for bit */
-            {
+            if (groups % 4 == 0) {
                 float range_max = 0.0f;
                 double offset = 0.0;
                 for (uint32_t g = 0; g < groups; g++) {
@@ -462,27 +476,74 @@ static void test_lut_fill_sse2(void) {
                 }
                 bs_query_lut q = {a, 0, 0, 0};
                 bs_query_lut_build(x, D, &q);
-                bad += q.delta != range_max / 255.0f || q.offset != (float)offset;
+                bad_delta += q.delta != range_max / 255.0f || q.offset != (float)offset;
             }
-            const float invs[3] = {255.0f / 4.0f, 1000.0f, 1.0f / 64.0f};
-            for (int t = 0; t < 3; t++) {
+            bs_lut_sums ref = {0.0f, 0.0, 0.0};
+            bs_lut_sums_ref(x, groups, &ref);
+            for (int v = 0; v < 2; v++) {
+                if (v == 1 && !have[1]) continue;
+                bs_lut_sums got = {0.0f, 0.0, 0.0};
+                if (v == 0)
+                    bs_lut_sums_sse2(x, groups, &got);
+                else
+                    bs_lut_sums_avx2(x, groups, &got);
+                bad_sums[v] += memcmp(&got.range_max, &ref.range_max, sizeof ref.range_max) ||
+                               memcmp(&got.offset, &ref.offset, sizeof ref.offset) ||
+                               memcmp(&got.abs_total, &ref.abs_total, sizeof ref.abs_total);
+            }
+            const float invs[8] = {255.0f / 4.0f, 1000.0f, 1.0f / 64.0f, 0x1p100f,
+                                   -3.0f, INFINITY, -INFINITY, NAN};
+            for (int t = 0; t < 8; t++) {
                 bs_lut_fill_ref(x, groups, invs[t], a);
-                bs_lut_fill_sse2(x, groups, invs[t], b);
-                bad += memcmp(a, b, (size_t)groups * 16) != 0;
+                for (int v = 0; v < 3; v++) {
+                    if (!have[v]) continue;
+                    memset(b, 0xA5, (size_t)groups * 16);
+                    if (v == 0) bs_lut_fill_sse2(x, groups, invs[t], b);
+                    if (v == 1) bs_lut_fill_avx2(x, groups, invs[t], b);
+                    if (v == 2) bs_lut_fill_avx512(x, groups, invs[t], b);
+                    bad_fill[v] += memcmp(a, b, (size_t)groups * 16) != 0;
+                }
+                cases++;
+            }
+            /* the whole build, at each level, against the baseline */
+            if (groups % 4 == 0) {
+                bs_query_lut base = {a, 0, 0, 0};
+                bs_query_lut_build(x, D, &base);
+                for (int v = 0; v < 3; v++) {
+                    if (!have[v]) continue;
+                    bs_query_lut got = {b, 0, 0, 0};
+                    memset(b, 0xA5, (size_t)groups * 16);
+                    bs_query_lut_build_simd(x, D, levels[v], &got);
+                    bad_build[v] += memcmp(a, b, (size_t)groups * 16) != 0 ||
+                                    memcmp(&base.delta, &got.delta, sizeof got.delta) ||
+                                    memcmp(&base.offset, &got.offset, sizeof got.offset) ||
+                                    memcmp(&base.max_error, &got.max_error,
+                                           sizeof got.max_error);
+                }
             }
         }
         free(x);
         free(a);
         free(b);
     }
-    CHECK_MSG(bad == 0, "%d SSE2 table fills differ from the reference", bad);
-#endif
+    printf("table fills: %d cases; avx2 %s, avx512 %s\n", cases,
+           have[1] ? "checked" : "not on this CPU", have[2] ? "checked" : "not on this CPU");
+    CHECK_MSG(bad_delta == 0, "%d builds' delta or offset differ from the reference sums",
+              bad_delta);
+    for (int v = 0; v < 3; v++) {
+        CHECK_MSG(bad_fill[v] == 0, "%d %s table fills differ from the reference",
+                  bad_fill[v], v == 0 ? "SSE2" : bs_simd_name(levels[v]));
+        CHECK_MSG(bad_sums[v] == 0, "%d %s first passes differ from the reference",
+                  bad_sums[v], v == 0 ? "SSE2" : bs_simd_name(levels[v]));
+        CHECK_MSG(bad_build[v] == 0, "%d %s builds differ from the baseline", bad_build[v],
+                  bs_simd_name(levels[v]));
+    }
 }
 
 int main(void) {
     test_pack_roundtrip();
     test_lut();
-    test_lut_fill_sse2();
+    test_lut_fill_levels();
     test_scalar_definition();
     test_kernels_random();
     test_kernels_extreme();
