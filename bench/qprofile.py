@@ -96,6 +96,8 @@ STAGE_OF_CALLEE = [
     ("bs_rotation", "query checks + rotation"),
     ("bs_query_lut_build", "per-probe tables"),
     ("bs_lut_fill", "per-probe tables"),
+    ("bs_lut_sums", "per-probe tables"),
+    ("bs_residual", "per-probe tables"),
     ("bs_segment_rowid", "row-id lookups"),
     ("bs_sort_best", "sort + emit"),
     ("sort_cands", "sort + emit"),

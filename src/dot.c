@@ -20,6 +20,23 @@ float bs_dot_ref(const float *a, const float *b, uint32_t n) {
     return combine8(acc, tail);
 }
 
+float bs_sum(const float *x, uint32_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (uint32_t j = 0; j < 8; j++) acc[j] += x[i + j];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += x[i];
+    return combine8(acc, tail);
+}
+
+void bs_residual_ref(const float *a, const float *b, uint32_t n, float *out, float *norm2,
+                     float *sum) {
+    for (uint32_t i = 0; i < n; i++) out[i] = b != NULL ? a[i] - b[i] : a[i];
+    *norm2 = bs_dot_ref(out, out, n);
+    *sum = bs_sum(out, n);
+}
+
 void bs_dot4_ref(const float *q, const float *const rows[4], uint32_t n, float out[4]) {
     for (int r = 0; r < 4; r++) out[r] = bs_dot_ref(q, rows[r], n);
 }
@@ -77,6 +94,41 @@ void bs_dot4_sse2(const float *q, const float *const rows[4], uint32_t n, float 
     }
 }
 
+/* The three passes of bs_residual_ref in one: eight lanes in two
+ * registers for each sum. */
+void bs_residual_sse2(const float *a, const float *b, uint32_t n, float *out, float *norm2,
+                      float *sum) {
+    __m128 n0 = _mm_setzero_ps(), n1 = n0, s0 = n0, s1 = n0;
+    uint32_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128 v0 = _mm_loadu_ps(a + i), v1 = _mm_loadu_ps(a + i + 4);
+        if (b != NULL) {
+            v0 = _mm_sub_ps(v0, _mm_loadu_ps(b + i));
+            v1 = _mm_sub_ps(v1, _mm_loadu_ps(b + i + 4));
+        }
+        _mm_storeu_ps(out + i, v0);
+        _mm_storeu_ps(out + i + 4, v1);
+        n0 = _mm_add_ps(n0, _mm_mul_ps(v0, v0));
+        n1 = _mm_add_ps(n1, _mm_mul_ps(v1, v1));
+        s0 = _mm_add_ps(s0, v0);
+        s1 = _mm_add_ps(s1, v1);
+    }
+    float accn[8], accs[8];
+    _mm_storeu_ps(accn, n0);
+    _mm_storeu_ps(accn + 4, n1);
+    _mm_storeu_ps(accs, s0);
+    _mm_storeu_ps(accs + 4, s1);
+    float tn = 0.0f, ts = 0.0f;
+    for (; i < n; i++) {
+        const float v = b != NULL ? a[i] - b[i] : a[i];
+        out[i] = v;
+        tn += v * v;
+        ts += v;
+    }
+    *norm2 = combine8(accn, tn);
+    *sum = combine8(accs, ts);
+}
+
 /* Sixteen lanes are four SSE registers, so the adds do not queue on one. */
 float bs_u8_dot_sse2(const uint8_t *e, const float *x, uint32_t D) {
     const __m128i zero = _mm_setzero_si128();
@@ -110,17 +162,23 @@ void bs_dot4_sse2(const float *q, const float *const rows[4], uint32_t n, float 
 float bs_u8_dot_sse2(const uint8_t *e, const float *x, uint32_t D) {
     return bs_u8_dot_ref(e, x, D);
 }
+void bs_residual_sse2(const float *a, const float *b, uint32_t n, float *out, float *norm2,
+                      float *sum) {
+    bs_residual_ref(a, b, n, out, norm2, sum);
+}
 #endif
 
 void bs_dot_kernels_get(bs_simd_level level, bs_dot_kernels *out) {
     if (level == BS_SIMD_AVX2 || level == BS_SIMD_AVX512) {
         out->dot4 = bs_dot4_avx2;
         out->u8_dot = bs_u8_dot_avx2;
+        out->residual = bs_residual_avx2;
         out->to_f16 = bs_to_f16_avx2;
         out->dot4_f16 = bs_dot4_f16_avx2;
     } else {
         out->dot4 = bs_dot4_sse2;
         out->u8_dot = bs_u8_dot_sse2;
+        out->residual = bs_residual_sse2;
         out->to_f16 = NULL;
         out->dot4_f16 = NULL;
     }

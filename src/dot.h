@@ -7,6 +7,9 @@
  *  - u8 dot: sixteen partial sums, lane j over i = j mod 16 in increasing
  *    i (D is a multiple of 64), h_j = lane j + lane j + 8, combined like
  *    bs_dot's eight.
+ *  - sum: bs_dot's order with x_i in place of the products;
+ *  - residual: out = a - b (or a copy of a), then its bs_dot with itself
+ *    and its sum, each in its own order above, in one pass.
  * No FMA anywhere (products are rounded, then added), so the scalar
  * reference, SSE2 and AVX2 give the same bits; test_dot checks it. */
 #ifndef BS_DOT_H
@@ -27,6 +30,11 @@ typedef struct bs_dot_kernels {
      * inputs below 65520 stay finite), and dots of q with four float16
      * rows. Probe selection uses them as a pre-pass with an error bound
      * (probe.c), never for a value it returns. */
+    /* out[i] = a[i] - b[i] (a[i] when b is NULL) for i < n, *norm2 =
+     * bs_dot(out, out, n), *sum = bs_sum(out, n): a probed partition's
+     * q' = Pq - Pc, |q'|^2 and sum(q'). out must not overlap a or b. */
+    void (*residual)(const float *a, const float *b, uint32_t n, float *out, float *norm2,
+                     float *sum);
     void (*to_f16)(const float *x, size_t n, uint16_t *out);
     void (*dot4_f16)(const float *q, const uint16_t *const rows[4], uint32_t n, float out[4]);
 } bs_dot_kernels;
@@ -38,7 +46,16 @@ void bs_dot_kernels_get(bs_simd_level level, bs_dot_kernels *out);
 /* bs_dot in SSE2 where available (one dot, the order above). */
 float bs_dot(const float *a, const float *b, uint32_t n);
 
+/* sum_i x_i in bs_dot's order (the reference). */
+float bs_sum(const float *x, uint32_t n);
+
 /* The variants, for the tests. */
+void bs_residual_ref(const float *a, const float *b, uint32_t n, float *out, float *norm2,
+                     float *sum);
+void bs_residual_sse2(const float *a, const float *b, uint32_t n, float *out, float *norm2,
+                      float *sum);
+void bs_residual_avx2(const float *a, const float *b, uint32_t n, float *out, float *norm2,
+                      float *sum);
 float bs_dot_ref(const float *a, const float *b, uint32_t n);
 void bs_dot4_ref(const float *q, const float *const rows[4], uint32_t n, float out[4]);
 float bs_u8_dot_ref(const uint8_t *e, const float *x, uint32_t D);

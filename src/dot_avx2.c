@@ -56,6 +56,32 @@ float bs_u8_dot_avx2(const uint8_t *e, const float *x, uint32_t D) {
     return combine8(h, 0.0f);
 }
 
+/* bs_residual_ref in one pass: one register is each sum's eight lanes. */
+void bs_residual_avx2(const float *a, const float *b, uint32_t n, float *out, float *norm2,
+                      float *sum) {
+    __m256 vn = _mm256_setzero_ps(), vs = vn;
+    uint32_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(a + i);
+        if (b != NULL) v = _mm256_sub_ps(v, _mm256_loadu_ps(b + i));
+        _mm256_storeu_ps(out + i, v);
+        vn = _mm256_add_ps(vn, _mm256_mul_ps(v, v));
+        vs = _mm256_add_ps(vs, v);
+    }
+    float accn[8], accs[8];
+    _mm256_storeu_ps(accn, vn);
+    _mm256_storeu_ps(accs, vs);
+    float tn = 0.0f, ts = 0.0f;
+    for (; i < n; i++) {
+        const float v = b != NULL ? a[i] - b[i] : a[i];
+        out[i] = v;
+        tn += v * v;
+        ts += v;
+    }
+    *norm2 = combine8(accn, tn);
+    *sum = combine8(accs, ts);
+}
+
 /* The float16 pre-pass kernels: approximations, so FMA is welcome here. */
 void bs_to_f16_avx2(const float *x, size_t n, uint16_t *out) {
     size_t i = 0;

@@ -134,17 +134,6 @@ static int rowid_allowed(const bs_search_params *p, uint64_t rowid) {
            sorted_contains(p->allowed_rowids, p->num_allowed, rowid);
 }
 
-static float sum_f(const float *a, uint32_t n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    uint32_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (uint32_t j = 0; j < 8; j++) acc[j] += a[i + j];
-    float tail = 0.0f;
-    for (; i < n; i++) tail += a[i];
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) +
-           ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
-
 /* Stage 2 reads a handful of codes per probed partition. Rather than
  * walking bits, it sums 16-entry float tables per 4-dimension group: entry m
  * of group g is the sum of x over the bits of m. Built once per partition
@@ -447,15 +436,13 @@ static void probe_prepare(query_ctx *x, uint32_t pi) {
     float *qp = query_row(x, 2 + (size_t)pi);
     probe_terms *t = &x->c->terms[pi];
     t->ip_cq = 0.0f;
-    if (s->metric == BS_METRIC_L2) {
-        const float *pc = s->rot_centroids + (size_t)p * D;
-        for (uint32_t i = 0; i < D; i++) qp[i] = pq[i] - pc[i];
-    } else {
-        memcpy(qp, pq, D * sizeof(float));
+    const float *pc = NULL; /* dot and cosine: q' = Pq */
+    if (s->metric == BS_METRIC_L2)
+        pc = s->rot_centroids + (size_t)p * D;
+    else
         t->ip_cq = bs_dot(query_row(x, 0), s->centroids + (size_t)p * dim, dim);
-    }
-    t->qnorm2 = bs_dot(qp, qp, D);
-    t->qsum = sum_f(qp, D);
+    /* q', |q'|^2 = bs_dot(q', q') and sum(q') = bs_sum(q') in one pass */
+    s->dots.residual(pq, pc, D, qp, &t->qnorm2, &t->qsum);
 }
 
 /* Probe pi's lookup tables (into c->lut_tables) and stage 1's estimate and

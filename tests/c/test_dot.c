@@ -1,7 +1,8 @@
 /* The float dot products of the search (src/dot.h): SSE2 and AVX2 give the
  * scalar reference's bits exactly, on random input and on input built to
  * expose a change of summation order (cancelling magnitudes, denormals,
- * overflow to inf, every tail length). */
+ * overflow to inf, every tail length); likewise the fused residual (q',
+ * |q'|^2, sum q') against its three reference passes. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,6 +57,28 @@ static void check_level(bs_simd_level level) {
             if (kind == 1) g_e[D - 1] = 255;
             bad += !same(bs_u8_dot_ref(g_e, g_q, D), k.u8_dot(g_e, g_q, D));
         }
+        /* q' and its two sums, against the three reference passes, for
+         * every tail length and a whole vector, with and without b */
+        for (uint32_t n = 1; n <= NMAX; n = n < 70 ? n + 1 : n + 253) {
+            for (uint32_t i = 0; i < n; i++) {
+                g_q[i] = value(&st, kind);
+                g_r[0][i] = value(&st, kind);
+            }
+            for (int with_b = 0; with_b < 2; with_b++) {
+                const float *b = with_b ? g_r[0] : NULL;
+                float want_n2, want_s, got_n2, got_s;
+                for (uint32_t i = 0; i < n; i++) g_r[1][i] = b ? g_q[i] - b[i] : g_q[i];
+                want_n2 = bs_dot_ref(g_r[1], g_r[1], n);
+                want_s = bs_sum(g_r[1], n);
+                memset(g_r[2], 0xA5, sizeof g_r[2]);
+                k.residual(g_q, b, n, g_r[2], &got_n2, &got_s);
+                bad += memcmp(g_r[1], g_r[2], n * sizeof(float)) != 0;
+                bad += !same(want_n2, got_n2) || !same(want_s, got_s);
+                bs_residual_ref(g_q, b, n, g_r[3], &got_n2, &got_s);
+                bad += memcmp(g_r[1], g_r[3], n * sizeof(float)) != 0;
+                bad += !same(want_n2, got_n2) || !same(want_s, got_s);
+            }
+        }
     }
     CHECK_MSG(bad == 0, "level %s: %d results differ from the reference", bs_simd_name(level),
               bad);
@@ -71,6 +94,12 @@ static void test_reference_order(void) {
     a[0] = 1e8f;
     a[8] = -1e8f; /* lane 0 twice: they cancel before meeting the rest */
     CHECK(bs_dot_ref(a, b, 16) == 126.0f);
+    CHECK(bs_sum(a, 16) == 126.0f);
+    float c[19];
+    for (int i = 0; i < 19; i++) c[i] = 1.0f;
+    c[16] = 1e8f;
+    c[18] = -1e8f; /* the tail in order: c[17] is lost in 1e8 before -1e8 cancels it */
+    CHECK(bs_sum(c, 19) == 16.0f);
     uint8_t e[64];
     float x[64];
     for (int i = 0; i < 64; i++) {
