@@ -1,5 +1,6 @@
-/* See bounds.h. SSE2 is the x86-64 baseline, so no dispatch: the vector
- * loop is what every x86-64 build runs; the reference is the definition. */
+/* See bounds.h. SSE2 is the x86-64 baseline: its loop is what every
+ * x86-64 build runs at the scalar level; the AVX2 and AVX-512 versions are
+ * in bounds_avx2.c and bounds_avx512.c; the reference is the definition. */
 #include "bounds.h"
 
 #include <math.h>
@@ -56,4 +57,47 @@ void bs_lower_bounds_sse2(const uint32_t *sums, const float *norm2, const float 
 void bs_lower_bounds(const uint32_t *sums, const float *norm2, const float *s1, size_t n,
                      const bs_bound_params *p, float *out) {
     bs_lower_bounds_sse2(sums, norm2, s1, n, p, out);
+}
+
+void bs_lower_bounds_mask_ref(const uint32_t *sums, const float *norm2, const float *s1,
+                              size_t n, const bs_bound_params *p, float threshold, float *out,
+                              uint32_t *mask) {
+    memset(mask, 0, (n + 31) / 32 * sizeof *mask);
+    for (size_t i = 0; i < n; i++) {
+        out[i] = lower_bound_one(sums[i], norm2[i], s1[i], p);
+        mask[i / 32] |= (uint32_t)!(out[i] > threshold) << (i % 32);
+    }
+}
+
+/* bs_lower_bounds_sse2's lanes, and cmpngtps for the mask: not greater
+ * (NaN included) is the reference's !(lb > threshold). */
+void bs_lower_bounds_mask_sse2(const uint32_t *sums, const float *norm2, const float *s1,
+                               size_t n, const bs_bound_params *p, float threshold,
+                               float *out, uint32_t *mask) {
+#if defined(__SSE2__)
+    const size_t whole = n / 32 * 32;
+    bs_lower_bounds_sse2(sums, norm2, s1, whole, p, out);
+    const __m128 thr = _mm_set1_ps(threshold);
+    for (size_t w = 0; w < whole / 32; w++) {
+        uint32_t m = 0;
+        for (unsigned j = 0; j < 8; j++)
+            m |= (uint32_t)_mm_movemask_ps(_mm_cmpngt_ps(_mm_loadu_ps(out + 32 * w + 4 * j),
+                                                         thr))
+                 << (4 * j);
+        mask[w] = m;
+    }
+    bs_lower_bounds_mask_ref(sums + whole, norm2 + whole, s1 + whole, n - whole, p, threshold,
+                             out + whole, mask + whole / 32);
+#else
+    bs_lower_bounds_mask_ref(sums, norm2, s1, n, p, threshold, out, mask);
+#endif
+}
+
+bs_bounds_fn bs_lower_bounds_kernel(bs_simd_level level) {
+    switch (level) {
+    case BS_SIMD_AVX2: return bs_lower_bounds_mask_avx2;
+    case BS_SIMD_AVX512: return bs_lower_bounds_mask_avx512;
+    case BS_SIMD_SCALAR: break;
+    }
+    return bs_lower_bounds_mask_sse2;
 }

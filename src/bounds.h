@@ -10,6 +10,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "bitshard.h"
+
 typedef struct bs_bound_params {
     float delta, offset;  /* the query table's scale and offset */
     float half_qsum;      /* 0.5 * sum of the query residual */
@@ -32,5 +34,30 @@ void bs_lower_bounds_sse2(const uint32_t *sums, const float *norm2, const float 
 /* The best of the two this build has (SSE2 on x86-64). */
 void bs_lower_bounds(const uint32_t *sums, const float *norm2, const float *s1, size_t n,
                      const bs_bound_params *p, float *out);
+
+/* Stage 1's filter in the same pass: out as bs_lower_bounds_ref, and, of
+ * the (n + 31) / 32 words of mask, bit i % 32 of word i / 32 set exactly
+ * when !(out[i] > threshold) (NaN passes, like the scalar test it stands
+ * for), every bit past n clear. out may be sums, as above. The reference
+ * and the SSE2, AVX2 and AVX-512 versions (the last two only where
+ * bs_simd_supported says so) give the same bits and the same mask. */
+typedef void (*bs_bounds_fn)(const uint32_t *sums, const float *norm2, const float *s1,
+                             size_t n, const bs_bound_params *p, float threshold, float *out,
+                             uint32_t *mask);
+void bs_lower_bounds_mask_ref(const uint32_t *sums, const float *norm2, const float *s1,
+                              size_t n, const bs_bound_params *p, float threshold, float *out,
+                              uint32_t *mask);
+void bs_lower_bounds_mask_sse2(const uint32_t *sums, const float *norm2, const float *s1,
+                               size_t n, const bs_bound_params *p, float threshold,
+                               float *out, uint32_t *mask);
+void bs_lower_bounds_mask_avx2(const uint32_t *sums, const float *norm2, const float *s1,
+                               size_t n, const bs_bound_params *p, float threshold,
+                               float *out, uint32_t *mask);
+void bs_lower_bounds_mask_avx512(const uint32_t *sums, const float *norm2, const float *s1,
+                                 size_t n, const bs_bound_params *p, float threshold,
+                                 float *out, uint32_t *mask);
+/* The version for a level (SSE2, or the reference off x86-64, for
+ * BS_SIMD_SCALAR). */
+bs_bounds_fn bs_lower_bounds_kernel(bs_simd_level level);
 
 #endif

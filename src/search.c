@@ -22,9 +22,6 @@
  */
 #include <math.h>
 #include <string.h>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #include "alloc.h"
 #include "bounds.h"
@@ -51,6 +48,7 @@ struct bs_searcher {
     float *rot_centroids;   /* num_partitions * D: P c */
     bs_simd_level level;
     bs_fastscan_fn kernel;
+    bs_bounds_fn bounds;
     bs_dot_kernels dots;
     bs_probe_index probe;
 };
@@ -78,6 +76,8 @@ struct bs_candidates {
     size_t cap_heap;
     uint32_t *sums; /* one partition's FastScan sums, then its lower bounds */
     size_t cap_sums;
+    uint32_t *lb_mask; /* one bit per code of the partition: may pass the threshold */
+    size_t cap_lb_mask;
     /* (nprobes + 2) rows of D floats: the normalised query (dim used), Pq,
      * then q' of each probe */
     float *query_rows;
@@ -200,21 +200,6 @@ static inline void prefetch_read(const void *p) {
 #endif
 }
 
-/* Bit i set when lbs[i] is not above the threshold (NaN counts as not
- * above, like the scalar test it stands for). lbs must have 4 readable
- * floats. */
-static inline unsigned pass_mask(const float *lbs, float threshold) {
-#if defined(__SSE2__)
-    return (unsigned)_mm_movemask_ps(
-        _mm_cmpngt_ps(_mm_loadu_ps(lbs), _mm_set1_ps(threshold)));
-#else
-    unsigned m = 0;
-    for (unsigned j = 0; j < 4; j++) m |= (unsigned)!(lbs[j] > threshold) << j;
-    return m;
-#endif
-}
-
-
 /* ------------------------------------------------------------- searcher */
 
 bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
@@ -253,6 +238,7 @@ bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
     s->centroids = bs_segment_centroids(segs[0]);
     s->level = level;
     s->kernel = bs_fastscan_kernel(level);
+    s->bounds = bs_lower_bounds_kernel(level);
     bs_dot_kernels_get(level, &s->dots);
     s->rot_centroids = bs_alloc2(s->num_partitions, s->padded_dim, sizeof(float));
     if (s->segs == NULL || s->rot_centroids == NULL) {
@@ -297,6 +283,7 @@ void bs_candidates_free(bs_candidates *c) {
     free(c->cands);
     free(c->heap);
     free(c->sums);
+    free(c->lb_mask);
     free(c->query_rows);
     free(c->lut_tables);
     bs_probe_scratch_free(&c->probe);
@@ -488,24 +475,26 @@ static bs_status scan_partition(query_ctx *x, uint32_t pi, size_t si,
     x->stats.partitions_probed++;
     if (v.count == 0) return BS_OK;
     size_t nblocks = bs_fastscan_num_blocks(v.count);
-    if (!bs_grow((void **)&c->sums, &c->cap_sums, nblocks * 32, sizeof(uint32_t)))
+    if (!bs_grow((void **)&c->sums, &c->cap_sums, nblocks * 32, sizeof(uint32_t)) ||
+        !bs_grow((void **)&c->lb_mask, &c->cap_lb_mask, nblocks, sizeof(uint32_t)))
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
     s->kernel(v.blocks, nblocks, c->lut_tables, s->padded_dim, c->sums);
     x->stats.codes_scanned += v.count;
-    /* Pass 1 (vectorisable): estimate and lower bound of every code,
-     * written over the sums. Pass 2: the few below the threshold. */
+    /* One vector pass: every code's estimate and lower bound, written over
+     * the sums, and a bit per code whose bound is not above the threshold
+     * as the partition starts. Then the few with the bit set, in order. */
     float *lbs = (float *)c->sums;
-    bs_lower_bounds(c->sums, v.norm2, v.s1, v.count, bp, lbs);
     const size_t k = x->k;
     size_t nheap = x->nheap;
-    /* Most codes fail the threshold: test four at a time and visit
-     * only the survivors. The threshold read per group may be stale
-     * (larger), which only lets a code reach the exact test below. */
-    for (uint32_t i0 = 0; i0 < v.count; i0 += 4) {
-        unsigned live = pass_mask(lbs + i0, nheap == k ? c->heap[0] : INFINITY);
-        if (v.count - i0 < 4) live &= (1u << (v.count - i0)) - 1u;
+    s->bounds(c->sums, v.norm2, v.s1, v.count, bp, nheap == k ? c->heap[0] : INFINITY, lbs,
+              c->lb_mask);
+    /* The threshold only falls while the partition is scanned, so a code
+     * whose bit is clear could not pass the exact test below; a set bit
+     * (the threshold may have fallen since) only lets it reach that test. */
+    for (uint32_t w = 0; w < (uint32_t)nblocks; w++) {
+        uint32_t live = c->lb_mask[w];
         while (live) {
-            uint32_t i = i0 + (uint32_t)__builtin_ctz(live);
+            uint32_t i = 32 * w + (uint32_t)__builtin_ctz(live);
             live &= live - 1u;
             float lb = lbs[i];
             if (nheap == k && lb > c->heap[0]) continue;

@@ -344,7 +344,7 @@ static void test_lower_bounds_kernel(void) {
     uint32_t sums[M], inplace[M];
     float norm2[M], s1[M], a[M], b[M];
     const float odd[] = {0.0f, -0.0f, 1e-42f, 3e38f, INFINITY, -INFINITY, NAN, 1.0f, -1.0f};
-    int bad = 0;
+    int bad = 0, bad_mask = 0, mask_cases = 0;
     for (int round = 0; round < 400; round++) {
         bs_bound_params p = {(float)test_rand_normal(&st), (float)test_rand_normal(&st) * 50.0f,
                              (float)test_rand_normal(&st) * 10.0f, round % 2 ? 1.0f : 0.0f,
@@ -373,8 +373,40 @@ static void test_lower_bounds_kernel(void) {
             memcpy(&c, &inplace[i], sizeof c);
             bad += !same_or_both_nan(a[i], b[i]) || !same_or_both_nan(a[i], c);
         }
+        /* the bounds with the filter mask, at every level this CPU runs,
+         * against the reference's bounds and the scalar test */
+        const float thresholds[5] = {(float)test_rand_normal(&st) * 40.0f, INFINITY, -INFINITY,
+                                     NAN, n > 0 ? a[n / 2] : 0.0f};
+        const bs_simd_level levels[3] = {BS_SIMD_SCALAR, BS_SIMD_AVX2, BS_SIMD_AVX512};
+        for (int t = 0; t < 5; t++) {
+            const float thr = thresholds[t];
+            uint32_t want[(M + 31) / 32] = {0};
+            for (size_t i = 0; i < n; i++) want[i / 32] |= (uint32_t)!(a[i] > thr) << (i % 32);
+            for (int v = -1; v < 3; v++) {
+                if (v >= 0 && !bs_simd_supported(levels[v])) continue;
+                bs_bounds_fn fn = v < 0 ? bs_lower_bounds_mask_ref : bs_lower_bounds_kernel(levels[v]);
+                uint32_t mask[(M + 31) / 32 + 1];
+                memset(mask, 0xA5, sizeof mask);
+                memcpy(inplace, sums, sizeof sums);
+                fn(inplace, norm2, s1, n, &p, thr, (float *)(void *)inplace, mask);
+                for (size_t i = 0; i < n; i++) {
+                    float c;
+                    memcpy(&c, &inplace[i], sizeof c);
+                    bad_mask += !same_or_both_nan(a[i], c);
+                }
+                bad_mask += memcmp(mask, want, (n + 31) / 32 * sizeof(uint32_t)) != 0;
+                /* the word past the last is not written, nor out past n */
+                bad_mask += mask[(n + 31) / 32] != 0xA5A5A5A5u;
+                bad_mask += memcmp(inplace + n, sums + n, (M - n) * sizeof *sums) != 0;
+                mask_cases++;
+            }
+        }
     }
     CHECK_MSG(bad == 0, "%d stage-1 bounds differ from the reference", bad);
+    printf("stage-1 bounds with mask: %d cases (avx2 %s, avx512 %s)\n", mask_cases,
+           bs_simd_supported(BS_SIMD_AVX2) ? "checked" : "not on this CPU",
+           bs_simd_supported(BS_SIMD_AVX512) ? "checked" : "not on this CPU");
+    CHECK_MSG(bad_mask == 0, "%d stage-1 bounds or masks differ from the reference", bad_mask);
 }
 
 /* A one-fragment segment of FRAG_ROWS rows x of dimension dim with the
