@@ -12,6 +12,7 @@
 
 #include "bitshard.h"
 #include "bounds.h"
+#include "exact.h"
 #include "search_internal.h"
 #include "testing.h"
 #include "values.h"
@@ -328,6 +329,71 @@ static void test_gate(void) {
     hn = 0;
     CHECK(bs_rerank_gate(lb, d, 2, 2, heap, &hn) == 2);
     CHECK(bs_rerank_gate(lb + 2, d + 2, 4, 2, heap, &hn) == 1);
+}
+
+/* The exact distances bs_exact_distances computes (SSE2 on x86-64) have
+ * the reference's bits for every metric: random rows, every tail length,
+ * a wide row, and input built to expose another summation order (huge and
+ * tiny terms that cancel, denormals, zero rows, values whose squares
+ * overflow float but not double). */
+static void test_exact_distances_sse2(void) {
+    enum { NR = 5, DMAX = 800 };
+    static float q[DMAX], x[NR * DMAX];
+    uint64_t st = 4242;
+    int bad = 0, cases = 0;
+    const bs_metric metrics[3] = {BS_METRIC_L2, BS_METRIC_COSINE, BS_METRIC_DOT};
+    for (int kind = 0; kind < 5; kind++) {
+        for (uint32_t dim = 1; dim <= DMAX; dim = dim < 70 ? dim + 1 : dim + 365) {
+            for (uint32_t j = 0; j < dim; j++) {
+                for (int r = -1; r < NR; r++) {
+                    double u = test_rand_normal(&st);
+                    float val;
+                    switch (kind) {
+                    case 1: val = (float)(j % 4 == 0 ? u * 1e20 : u * 1e-3); break;
+                    case 2: val = j % 3 == 0 ? 1e-42f : (float)(u * 1e-30); break;
+                    case 3: val = r == 1 ? 0.0f : (float)(u * 3e30); break;
+                    case 4: val = (float)(u * 0x1p40); break;
+                    default: val = (float)u;
+                    }
+                    if (r < 0)
+                        q[j] = val;
+                    else
+                        x[(size_t)r * dim + j] = val;
+                }
+            }
+            for (int m = 0; m < 3; m++) {
+                float want[NR], got[NR], api[NR];
+                bs_error err;
+                bs_exact_distances_ref(metrics[m], q, x, NR, dim, want);
+                bs_exact_distances_sse2(metrics[m], q, x, NR, dim, got);
+                CHECK(bs_exact_distances(metrics[m], q, x, NR, dim, api, &err) == BS_OK);
+                bad += memcmp(want, got, sizeof want) != 0 || memcmp(want, api, sizeof want) != 0;
+                cases++;
+            }
+        }
+    }
+    CHECK_MSG(bad == 0, "%d of %d exact-distance cases differ from the reference", bad, cases);
+    /* The reference is the documented order, not merely some order. l2:
+     * 1 + 2^-24 is a float tie (rounds to 1) and each (1.25 2^-27)^2 is
+     * below half a double ulp there, so added one at a time they vanish;
+     * summed in any pairs first they push the result past the tie. dot:
+     * 2^40 - 2^40 cancels before the 2^-14 terms, which 2^40 absorbs. */
+    float qz[18] = {0}, vl[18], ones[8], vd[8], out;
+    bs_error err;
+    vl[0] = 1.0f;
+    vl[1] = 0x1p-12f;
+    for (int j = 2; j < 18; j++) vl[j] = 1.25f * 0x1p-27f;
+    for (int j = 0; j < 8; j++) ones[j] = 1.0f, vd[j] = 0x1p-14f;
+    vd[0] = 0x1p40f;
+    vd[1] = -0x1p40f;
+    bs_exact_distances_ref(BS_METRIC_L2, qz, vl, 1, 18, &out);
+    CHECK(out == 1.0f);
+    CHECK(bs_exact_distances(BS_METRIC_L2, qz, vl, 1, 18, &out, &err) == BS_OK && out == 1.0f);
+    const float want_dot = (float)(1.0 - 6 * 0x1p-14);
+    bs_exact_distances_ref(BS_METRIC_DOT, ones, vd, 1, 8, &out);
+    CHECK(out == want_dot);
+    CHECK(bs_exact_distances(BS_METRIC_DOT, ones, vd, 1, 8, &out, &err) == BS_OK &&
+          out == want_dot);
 }
 
 /* Same bits from the vector stage-1 bounds as from the reference, on
@@ -691,6 +757,7 @@ int main(void) {
     test_errors();
     test_gate();
     test_lower_bounds_kernel();
+    test_exact_distances_sse2();
     test_probe_prepass();
     test_ties_by_rowid();
     test_empty_results();
