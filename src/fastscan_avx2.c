@@ -212,43 +212,63 @@ void bs_lut_sums_avx2(const float *x, uint32_t groups, bs_lut_sums *acc) {
     bs_lut_sums_ref(x + 4 * g, groups - g, acc);
 }
 
-/* One table entry per lane for two groups (lane L: group g + L): entry
- * m = i + 4k is ((a_i + bk_k) - lo) * inv + 0.5 with a = (0, x0, x1,
- * x0 + x1), bk = (0, x2, x3, x2 + x3), as in bs_lut_fill_ref. Register
- * e_k holds entries 4k..4k+3 of each group, so the two saturating packs
- * put entries 0..15 of a group in order into its 16 bytes. Same values:
- * x1 + x0 is x0 + x1 (addition commutes bit for bit), so the pairwise sums
- * may come from either lane; lo is the reference's ((m0 + m1) + (m2 + m3))
- * in every lane. minps(t, 255) is the reference's t < 255 ? t : 255 (NaN
- * gives 255). The reference's max(t, 0) is left to the packs: cvttps of
- * any t < 0 (or below -2^31) is 0 or negative, which packs to 0, exactly
- * what the clamp gives, and t <= 255 after the min converts unchanged. */
+/* The table fill, eight groups at a time, in bs_lut_fill_sse2's scheme:
+ * after the in-lane 4x4 transpose of bs_lut_sums_avx2, register ci holds
+ * coordinate i of groups g, g+2, g+4, g+6 (lane 0) and g+1, g+3, g+5, g+7
+ * (lane 1), so each entry m = i + 4k of eight groups is the reference's
+ * ((a_i + bk_k) - lo) * inv + 0.5 on whole registers, with a = (0, x0, x1,
+ * x0 + x1), bk = (0, x2, x3, x2 + x3) and lo = (min(x0, 0) + min(x1, 0)) +
+ * (min(x2, 0) + min(x3, 0)) (minps(x, 0) is x < 0 ? x : 0 for finite x).
+ * minps(t, 255) is the reference's t < 255 ? t : 255 (NaN gives 255). The
+ * reference's max(t, 0) is left to the saturating packs: cvttps of any t < 0
+ * (or below -2^31) is 0 or negative, which packs to 0, exactly what the
+ * clamp gives, and t <= 255 after the min converts unchanged. The packs
+ * and unpacks are SSE2's, lane by lane: they leave register r holding
+ * group g + 2r in lane 0 and g + 2r + 1 in lane 1, i.e. 32 consecutive
+ * table bytes. */
 void bs_lut_fill_avx2(const float *x, uint32_t groups, float inv, uint8_t *tables) {
     const __m256 vinv = _mm256_set1_ps(inv), vhalf = _mm256_set1_ps(0.5f);
     const __m256 v255 = _mm256_set1_ps(255.0f), zero = _mm256_setzero_ps();
     size_t g = 0; /* size_t: no zero extension in the address arithmetic */
-    for (; g + 2 <= groups; g += 2) {
-        const __m256 X = _mm256_loadu_ps(x + 4 * g); /* (x0 x1 x2 x3) per lane */
-        const __m256 M = _mm256_min_ps(X, zero);
-        const __m256 P = _mm256_add_ps(M, _mm256_permute_ps(M, _MM_SHUFFLE(2, 3, 0, 1)));
-        const __m256 lo = _mm256_add_ps(P, _mm256_permute_ps(P, _MM_SHUFFLE(1, 0, 3, 2)));
-        /* S = (x0 + x1, x1 + x0, x2 + x3, x3 + x2); T = (x0, x1, x0 + x1, x2 + x3) */
-        const __m256 S = _mm256_add_ps(X, _mm256_permute_ps(X, _MM_SHUFFLE(2, 3, 0, 1)));
-        const __m256 T = _mm256_shuffle_ps(X, S, _MM_SHUFFLE(2, 0, 1, 0));
-        const __m256 A =
-            _mm256_blend_ps(_mm256_permute_ps(T, _MM_SHUFFLE(2, 1, 0, 0)), zero, 0x11);
-        const __m256 Bk[4] = {zero, _mm256_permute_ps(X, _MM_SHUFFLE(2, 2, 2, 2)),
-                              _mm256_permute_ps(X, _MM_SHUFFLE(3, 3, 3, 3)),
-                              _mm256_permute_ps(T, _MM_SHUFFLE(3, 3, 3, 3))};
-        __m256i e[4];
-        for (int k = 0; k < 4; k++) {
-            const __m256 d = _mm256_sub_ps(_mm256_add_ps(A, Bk[k]), lo);
-            const __m256 t = _mm256_add_ps(_mm256_mul_ps(d, vinv), vhalf);
-            e[k] = _mm256_cvttps_epi32(_mm256_min_ps(t, v255));
+    for (; g + 8 <= groups; g += 8) {
+        const float *xg = x + 4 * g;
+        const __m256 r0 = _mm256_loadu_ps(xg), r1 = _mm256_loadu_ps(xg + 8);
+        const __m256 r2 = _mm256_loadu_ps(xg + 16), r3 = _mm256_loadu_ps(xg + 24);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpacklo_ps(r2, r3);
+        const __m256 t2 = _mm256_unpackhi_ps(r0, r1), t3 = _mm256_unpackhi_ps(r2, r3);
+        const __m256 c0 = _mm256_shuffle_ps(t0, t1, 0x44), c1 = _mm256_shuffle_ps(t0, t1, 0xEE);
+        const __m256 c2 = _mm256_shuffle_ps(t2, t3, 0x44), c3 = _mm256_shuffle_ps(t2, t3, 0xEE);
+        const __m256 lo = _mm256_add_ps(
+            _mm256_add_ps(_mm256_min_ps(c0, zero), _mm256_min_ps(c1, zero)),
+            _mm256_add_ps(_mm256_min_ps(c2, zero), _mm256_min_ps(c3, zero)));
+        const __m256 a[4] = {zero, c0, c1, _mm256_add_ps(c0, c1)};
+        const __m256 bk[4] = {zero, c2, c3, _mm256_add_ps(c2, c3)};
+        /* bm[k]: entries 4k..4k+3, packed as soon as they exist (sixteen
+         * live entry registers would spill) */
+        __m256i bm[4];
+        for (unsigned k = 0; k < 4; k++) {
+            __m256i q[4];
+            for (unsigned i = 0; i < 4; i++) {
+                const __m256 d = _mm256_sub_ps(_mm256_add_ps(a[i], bk[k]), lo);
+                const __m256 t = _mm256_add_ps(_mm256_mul_ps(d, vinv), vhalf);
+                q[i] = _mm256_cvttps_epi32(_mm256_min_ps(t, v255));
+            }
+            bm[k] = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                        _mm256_packs_epi32(q[2], q[3]));
         }
-        const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(e[0], e[1]),
-                                              _mm256_packs_epi32(e[2], e[3]));
-        _mm256_storeu_si256((__m256i *)(void *)(tables + g * 16), b);
+        const __m256i l01 = _mm256_unpacklo_epi8(bm[0], bm[1]);
+        const __m256i h01 = _mm256_unpackhi_epi8(bm[0], bm[1]);
+        const __m256i l23 = _mm256_unpacklo_epi8(bm[2], bm[3]);
+        const __m256i h23 = _mm256_unpackhi_epi8(bm[2], bm[3]);
+        const __m256i v0 = _mm256_unpacklo_epi16(l01, l23), v1 = _mm256_unpackhi_epi16(l01, l23);
+        const __m256i v2 = _mm256_unpacklo_epi16(h01, h23), v3 = _mm256_unpackhi_epi16(h01, h23);
+        const __m256i lo01 = _mm256_unpacklo_epi8(v0, v1), lo23 = _mm256_unpacklo_epi8(v2, v3);
+        const __m256i hi01 = _mm256_unpackhi_epi8(v0, v1), hi23 = _mm256_unpackhi_epi8(v2, v3);
+        __m256i *out = (__m256i *)(void *)(tables + g * 16);
+        _mm256_storeu_si256(out, _mm256_unpacklo_epi16(lo01, lo23));
+        _mm256_storeu_si256(out + 1, _mm256_unpackhi_epi16(lo01, lo23));
+        _mm256_storeu_si256(out + 2, _mm256_unpacklo_epi16(hi01, hi23));
+        _mm256_storeu_si256(out + 3, _mm256_unpackhi_epi16(hi01, hi23));
     }
     bs_lut_fill_ref(x + 4 * g, (uint32_t)(groups - g), inv, tables + g * 16);
 }
