@@ -25,6 +25,9 @@ new column, a delete) does not make an index stale:
   ``mtime_ns``, as listed when the source was opened.
 - In-memory data (``kind: "memory"``): ``physical_rows`` (the data cannot
   change under a Dataset).
+- ``kind: "unrecorded"``, ``source_version``: a fragment of a segment
+  written before identities were recorded, merged with recorded ones; it
+  is compared at that version like a format 1 segment.
 
 The fingerprint is the project's 16-byte fingerprint (docs/format.md,
 *Fingerprints*): two XXH64 hashes, seeds ``0x62732D66702D6C6F`` and
@@ -244,7 +247,12 @@ def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any]
             for ident in h.identities:
                 if ident.id not in present:
                     continue
-                why = difference(ident.record_dict, source.fragment_identity(ident.id, column))
+                rec = ident.record_dict
+                if rec.get("kind") == "unrecorded":  # merged from a format 1 segment
+                    v = rec.get("source_version")
+                    legacy.setdefault(repr(v), (v, []))[1].append(ident.id)
+                    continue
+                why = difference(rec, source.fragment_identity(ident.id, column))
                 if why is not None:
                     out[ident.id] = why
         else:

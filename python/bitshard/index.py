@@ -383,30 +383,40 @@ def merge_segments(handles: Sequence[SegmentHandle], root: Root,
     opened = [open_handle(h, root) for h in handles]
     uuid = new_uuid(uuid)
     natives = [o.native for o in opened]
+    rows = {int(f): int(r) for o in opened for f, r in o.native.fragments()}
     merged = _write_native(root, uuid, handles[0].name,
                            lambda path: _native.merge(natives, bytes.fromhex(uuid), path))
-    return dataclasses.replace(merged, **merged_identities(handles, merged.fragment_ids))
+    return dataclasses.replace(merged, **merged_identities(handles, merged.fragment_ids, rows))
 
 
-def merged_identities(handles: Sequence[SegmentHandle], fragment_ids: Sequence[int]
-                      ) -> Dict[str, Any]:
+def merged_identities(handles: Sequence[SegmentHandle], fragment_ids: Sequence[int],
+                      rows: Dict[int, int]) -> Dict[str, Any]:
     """The ``identities`` and ``source_version`` of a segment made of
-    ``handles`` covering ``fragment_ids``: the inputs' identities in that
-    order when every input has them (else none); the inputs' source version
-    when they agree (else None)."""
-    known: Dict[int, FragmentIdentity] = {}
-    complete = True
-    for h in handles:
-        if len(h.identities) != len(h.fragment_ids):
-            complete = False
-        for i in h.identities:
-            known[i.id] = i
-    idents: Tuple[FragmentIdentity, ...] = ()
-    if complete and all(int(f) in known for f in fragment_ids):
-        idents = tuple(known[int(f)] for f in fragment_ids)
+    ``handles`` covering ``fragment_ids`` (``rows``: each fragment's
+    physical rows, from the files): the inputs' identities in that order.
+    When no input has identities the result has none either (a format 1
+    segment stays one), nor when an input without them has no source
+    version (a handle made from its file: the commit fills them in); when
+    only some have, the fragments of the others (format 1 entries, which
+    know their source version) get an ``unrecorded`` record naming it, so
+    they are still compared where that segment would have been. The source
+    version is the inputs' when they agree, else None."""
     versions = {repr(h.source_version) for h in handles}
     version = handles[0].source_version if len(versions) == 1 else None
-    return {"identities": idents, "source_version": version}
+    bare = [h for h in handles if len(h.identities) != len(h.fragment_ids)]
+    if len(bare) == len(handles) or any(h.source_version is None for h in bare):
+        # No identities, or an input known only from its file (a resumed
+        # build's): none; the commit takes them from its pinned source.
+        return {"identities": (), "source_version": version}
+    known: Dict[int, FragmentIdentity] = {}
+    for h in handles:
+        if len(h.identities) == len(h.fragment_ids):
+            known.update((i.id, i) for i in h.identities)
+        else:
+            rec = {"kind": "unrecorded", "source_version": h.source_version}
+            known.update((int(f), FragmentIdentity.of(f, rows[int(f)], rec))
+                         for f in h.fragment_ids)
+    return {"identities": tuple(known[int(f)] for f in fragment_ids), "source_version": version}
 
 
 # ----------------------------------------------------------------- manifests
@@ -671,8 +681,11 @@ def _commit_locked(st: Storage, name: str, column: str, segments: Sequence[Segme
     return base + 1
 
 
-def handle_from_json(root: Root, name: str, column: str, e: Dict[str, Any]) -> SegmentHandle:
-    """The handle of a manifest entry."""
+def handle_from_json(root: Root, name: str, column: str, e: Dict[str, Any],
+                     default_source_version: Any = None) -> SegmentHandle:
+    """The handle of a manifest entry. ``default_source_version`` is the
+    source version of an entry that records none (a format 1 manifest's
+    entries: pass the manifest's ``source_version``)."""
     return SegmentHandle(
         uuid=e["uuid"],
         index_root=_root_str(root),
@@ -687,7 +700,7 @@ def handle_from_json(root: Root, name: str, column: str, e: Dict[str, Any]) -> S
         ivf_fingerprint=e["ivf_fingerprint"],
         size_bytes=e.get("size_bytes", 0),
         identities=tuple(FragmentIdentity.from_json(f) for f in e.get("fragments") or ()),
-        source_version=e.get("source_version"),
+        source_version=e.get("source_version", default_source_version),
     )
 
 
@@ -695,7 +708,8 @@ def committed_segments(root: Root, name: str, version: Optional[int] = None) -> 
     """The segments of a committed index version."""
     st = storage_of(root)
     doc = read_manifest(st, name, version)
-    return [handle_from_json(st, name, doc["column"], e) for e in doc["segments"]]
+    return [handle_from_json(st, name, doc["column"], e, doc.get("source_version"))
+            for e in doc["segments"]]
 
 
 def uncommitted_segments(root: Root) -> List[str]:

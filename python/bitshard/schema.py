@@ -128,6 +128,14 @@ class MemoryRecord(Struct, tag_field="kind", tag="memory", forbid_unknown_fields
     physical_rows: U32
 
 
+class UnrecordedRecord(Struct, tag_field="kind", tag="unrecorded", forbid_unknown_fields=True):
+    """A fragment whose identity was never recorded (its segment was written
+    before manifest format 2 and then merged with recorded ones): compared
+    at ``source_version`` like a format 1 segment."""
+
+    source_version: SourceVersion
+
+
 class FragmentEntry(Struct, forbid_unknown_fields=True):
     """One fragment of a segment entry (manifest format 2): its id, physical
     rows, and identity at the version the segment was read."""
@@ -135,7 +143,7 @@ class FragmentEntry(Struct, forbid_unknown_fields=True):
     id: U32
     rows: U32
     identity: Fingerprint
-    record: Union[LanceRecord, ParquetRecord, MemoryRecord]
+    record: Union[LanceRecord, ParquetRecord, MemoryRecord, UnrecordedRecord]
 
 
 class SegmentEntry(Struct):

@@ -104,8 +104,9 @@ class Searcher:
     Made by :meth:`bitshard.Dataset.searcher`. The index version, the source's
     deleted rows and the rows a ``filter`` allows are read when the searcher is
     made; a searcher keeps answering from that snapshot (make a new one, after
-    ``ds.refresh()``, to see later commits). Fragments no segment covers are
-    scanned exactly unless ``fast_search``; their vectors are read on the first
+    ``ds.refresh()``, to see later commits). Fragments no segment covers, and
+    stale ones (their data changed since they were encoded), are scanned
+    exactly unless ``fast_search``; their vectors are read on the first
     search and held by the searcher.
 
     Safe to share between threads; each call allocates its own output.

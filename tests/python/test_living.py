@@ -334,3 +334,61 @@ def test_parquet_file_sorting_first_renumbers_nothing(tmp_path):
     later = bitshard.dataset(uri)
     assert later.source.fragment_paths() == {1: "c.parquet", 2: "a.parquet", 3: "0.parquet"}
     assert _stale(later) == {}
+
+
+def test_delta_commit_onto_a_format_1_index_keeps_its_version(tmp_path):
+    import lance
+
+    uri, x = _indexed_lance(tmp_path)
+    ds = bitshard.dataset(uri)
+    _as_format_1(ds)
+    extra = clustered(PER, D, seed=15) + 10
+    lance.write_dataset(pa.table({"id": pa.array(np.arange(N, N + PER), pa.int64()),
+                                  "vec": _fsl(extra)}), uri, mode="append")
+    ds = bitshard.dataset(uri)
+    seg = idx.committed_segments(ds.storage, "vec_idx")[0]
+    h = ds.create_index_uncommitted("vec", ivf_centroids=idx.open_handle(seg).ivf_model(),
+                                    rq_rotation=idx.open_handle(seg).rotation(),
+                                    fragment_ids=[4])
+    ds.commit_existing_index_segments("vec_idx", "vec", [h])
+    doc = idx.read_manifest(ds.storage, "vec_idx")
+    assert doc["format_version"] == 2 and doc["source_version"] == 2
+    old, new = doc["segments"]
+    assert "fragments" not in old and old["source_version"] == 1
+    assert [f["id"] for f in new["fragments"]] == [4] and new["source_version"] == 2
+    fresh = bitshard.dataset(uri)
+    assert _stale(fresh) == {}
+    rows, dists = _top(fresh, extra[3], k=1, fast_search=True)
+    assert rows == [_rowid(4, 3)]
+    # A merge keeps the format 1 fragments comparable at their version.
+    fresh.optimize_indices()
+    (entry,) = idx.read_manifest(fresh.storage, "vec_idx")["segments"]
+    assert [f["record"] for f in entry["fragments"][:4]] == \
+        [{"kind": "unrecorded", "source_version": 1}] * 4
+    assert [f["rows"] for f in entry["fragments"]] == [PER] * 5
+    assert entry["fragments"][4] == new["fragments"][0]
+    assert _stale(bitshard.dataset(uri)) == {}
+    changed = bitshard.dataset(_overlay(uri, 1, [2], np.zeros((1, D), np.float32) + 60))
+    assert _stale(changed) == {1: "overlay"}
+
+
+def test_parquet_format_1_index(tmp_path):
+    x = clustered(N, D, seed=16)
+    uri = _parquet_dir(tmp_path, x, [f"p{i}.parquet" for i in range(4)])
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", num_partitions=4, num_bits=4)
+    _as_format_1(ds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _stale(bitshard.dataset(uri)) == {}  # the same listing: current
+        rows, _ = _top(bitshard.dataset(uri), x[PER + 1], k=1)
+    assert rows == [_rowid(1, 1)]
+    pq.write_table(pa.table({"vec": _fsl(x[PER:2 * PER])}), os.path.join(uri, "p9.parquet"))
+    ds = bitshard.dataset(uri)
+    token = idx.read_manifest(ds.storage, "vec_idx")["source_version"]
+    why = (f"unverified: the parquet files changed since the index was built (version {token}) "
+           f"and it recorded no fragment identities")
+    assert _stale(ds) == {f: why for f in range(4)}
+    with pytest.warns(UserWarning, match=r"4 fragment\(s\) \[0, 1, 2, 3\] cannot be verified"):
+        rows, dists = _top(ds, x[PER + 1], k=2)
+    assert sorted(rows) == [_rowid(1, 1), _rowid(4, 1)] and dists == [0.0, 0.0]
