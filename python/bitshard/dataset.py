@@ -403,19 +403,74 @@ class Dataset:
                    source_version=self.source.version)
         return self
 
-    def optimize_indices(self, name: Optional[str] = None) -> "Dataset":
-        """Merge each index's committed segments into one (same merge path)."""
-        names = [name] if name else idx.list_index_names(self.storage)
+    def optimize_indices(self, name: Optional[str] = None, *,
+                         index_names: Optional[Sequence[str]] = None,
+                         num_indices_to_merge: Optional[int] = None,
+                         retrain: bool = False) -> "Dataset":
+        """Bring each index up to date with the source; pylance's arguments.
+
+        Rows a compaction moved are remapped to their new addresses (their
+        codes are reused: no vector of theirs is read or encoded again),
+        deleted rows are dropped, stale fragments and rows no segment covers
+        (appended fragments, rows whose compaction history is gone) are read
+        and encoded with the committed artifacts, and the result replaces
+        the index in one commit (docs/usage.md, "Living datasets").
+
+        Args:
+            name: one index (the older spelling of ``index_names=[name]``);
+                given alone, it also merges every segment of the index into
+                one, as this method always did.
+            index_names: the indexes to optimize (default: all).
+            num_indices_to_merge: as pylance's: ``None`` or 0 writes the new
+                rows as a new delta segment (remapped segments replace the
+                ones they come from); ``N >= 1`` merges the new rows and the
+                latest N kept segments into one.
+            retrain: train new centroids (same count) on the current data
+                and encode every row again with them (same rotation);
+                ``num_indices_to_merge`` is ignored and the index becomes
+                one segment.
+
+        Returns:
+            self. ``self.last_optimize_stats`` maps each index name to what
+            was done: ``rows_remapped``, ``rows_encoded``, ``rows_read``
+            (vectors read from the source: the encoded rows only),
+            ``rows_dropped``, ``compactions`` (Lance versions followed),
+            ``lost_fragments`` / ``stale_fragments`` (fragment -> reason),
+            ``history_gone``, ``segments_before`` / ``segments_after``,
+            ``version``, ``committed``, ``seconds``.
+
+        Raises:
+            CommitConflictError: another writer committed the index while
+                this ran; nothing changed and the call can be repeated.
+        """
+        from .upkeep import optimize_index  # noqa: PLC0415
+
+        if name is not None and index_names is not None:
+            raise InvalidInputError("give name or index_names, not both")
+        merge_all = name is not None and num_indices_to_merge is None and not retrain
+        if name is not None:
+            index_names = [name]
+        if isinstance(index_names, str):
+            index_names = [index_names]
+        if num_indices_to_merge is not None:
+            if isinstance(num_indices_to_merge, bool) or not isinstance(
+                    num_indices_to_merge, (int, np.integer)) or num_indices_to_merge < 0:
+                raise InvalidInputError(f"num_indices_to_merge must be an integer >= 0 or "
+                                        f"None, got {num_indices_to_merge!r}")
+        if not isinstance(retrain, bool):
+            raise InvalidInputError(f"retrain must be True or False, got {retrain!r}")
+        names = list(index_names) if index_names is not None else \
+            idx.list_index_names(self.storage)
+        self.last_optimize_stats: Dict[str, Any] = {}
         for n in names:
-            doc = idx.read_manifest(self.storage, n)
-            segs = idx.committed_segments(self.storage, n, doc["version"])
-            if len(segs) <= 1:
-                continue
-            merged = idx.merge_segments(segs, self.storage)
-            self._indexes.invalidate()  # our own commit: see it next search
-            idx.commit(self.storage, n, doc["column"], [merged], mode="replace",
-                       source_version=self.source.version, expected_version=doc["version"])
+            self.last_optimize_stats[n] = optimize_index(self, n, num_indices_to_merge,
+                                                         retrain, merge_all=merge_all)
         return self
+
+    @property
+    def optimize(self) -> "_Optimizer":
+        """pylance's spelling: ``ds.optimize.optimize_indices(...)``."""
+        return _Optimizer(self)
 
     # --------------------------------------------------------- description
 
@@ -584,3 +639,13 @@ class Dataset:
             num_threads=num_threads))
 
 
+class _Optimizer:
+    """``Dataset.optimize``: the upkeep methods under pylance's names."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self._ds = ds
+
+    def optimize_indices(self, **kwargs: Any) -> Dataset:
+        """:meth:`Dataset.optimize_indices` (keyword arguments only, as in
+        pylance)."""
+        return self._ds.optimize_indices(**kwargs)

@@ -1,0 +1,418 @@
+"""``optimize_indices``: the index follows the data (docs/usage.md, "Living
+datasets").
+
+For each index, against the source at the version it is pinned to:
+
+1. Segments whose fragments are all still in the source, unchanged, are
+   kept as they are (rows deleted since are skipped at search time).
+2. Segments with a fragment that a compaction moved, that was deleted, or
+   whose data changed (stale) are *remapped* (``bs_segment_remap``): their
+   codes are written under the rows' new addresses (bitshard.compaction
+   rebuilds the map from the Lance history), deleted rows and stale
+   fragments' rows are dropped. No vector of a remapped row is read.
+3. Live rows no segment covers after that (appended fragments, the rows of
+   stale fragments, rows of a new fragment that came from nowhere indexed,
+   rows whose history is gone) are read and encoded with the committed
+   artifacts, row by row: a fragment that mixes remapped and uncovered rows
+   gets both in one segment.
+4. ``num_indices_to_merge`` decides how many of the kept segments are merged
+   with the new ones (pylance's meaning); ``retrain=True`` trains new
+   centroids and rebuilds everything.
+
+The result is committed as a replace at the version read
+(``expected_version``): a writer that committed meanwhile wins and the
+upkeep raises CommitConflictError saying it can be rerun.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _native
+from . import index as idx
+from .artifacts import METRICS, IvfModel, Rotation
+from .compaction import DROP, History, compaction_history
+from .errors import CommitConflictError, InvalidInputError
+from .index import OpenSegment, SegmentHandle
+
+__all__ = ["optimize_index"]
+
+_SHIFT = np.uint64(32)
+_MASK = np.uint64(0xFFFFFFFF)
+#: Rows read and encoded per batch for uncovered rows.
+BATCH = 65536
+
+
+def _rowids(fid: int, offsets: np.ndarray) -> np.ndarray:
+    return (np.uint64(fid) << _SHIFT) | offsets.astype(np.uint64)
+
+
+def _record_fn(source: Any, column: str) -> Any:
+    """The identity record of a Lance ``FragmentMetadata`` for ``column``."""
+    try:
+        from . import identity  # noqa: PLC0415
+    except ImportError:  # without fragment identities: rows and data files
+        return lambda meta: {"rows": int(meta.physical_rows),
+                             "files": [str(f.path) for f in meta.files]}
+    fields = identity.lance_field_ids(source.dataset.lance_schema, column)
+    return lambda meta: identity.lance_record(meta, fields)
+
+
+def _current_record(source: Any, fid: int, column: str) -> Optional[Dict[str, Any]]:
+    try:
+        return source.fragment_identity(fid, column)
+    except Exception:  # noqa: BLE001 - no identity: the fragment is not comparable
+        return None
+
+
+class _Plan:
+    """What one upkeep does to one index."""
+
+    def __init__(self) -> None:
+        self.kept: List[SegmentHandle] = []        # untouched, in manifest order
+        self.affected: List[Tuple[SegmentHandle, OpenSegment]] = []
+        self.maps: List[np.ndarray] = []           # per affected segment
+        self.stale: Dict[int, str] = {}            # fragment -> reason
+        self.lost: Dict[int, str] = {}
+        self.history: Optional[History] = None
+
+
+def _segment_map(o: OpenSegment, source_frags: Dict[int, Any], stale: Dict[int, str],
+                 hist: Optional[History], live: Any) -> np.ndarray:
+    """An affected segment's row map: current fragments keep their rows
+    (deleted ones dropped), moved fragments follow the history, stale and
+    lost ones are dropped."""
+    parts = []
+    for fid, rows in o.native.fragments():
+        fid, rows = int(fid), int(rows)
+        if fid in source_frags and fid not in stale:
+            m = np.full(rows, DROP, dtype=np.uint64)
+            offs = live(fid)
+            m[offs.astype(np.int64)] = _rowids(fid, offs)
+        elif hist is not None and fid in hist.moves and fid not in source_frags:
+            m = hist.moves[fid].copy()
+            if m.size != rows:  # the fragment had other rows when indexed
+                m = np.full(rows, DROP, dtype=np.uint64)
+        else:
+            m = np.full(rows, DROP, dtype=np.uint64)
+        parts.append(m)
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
+
+def optimize_index(ds: Any, name: str, num_indices_to_merge: Optional[int], retrain: bool,
+                   merge_all: bool = False) -> Dict[str, Any]:
+    """Run the upkeep of index ``name`` of Dataset ``ds``; returns its stats
+    (see :meth:`bitshard.Dataset.optimize_indices`)."""
+    t0 = time.perf_counter()
+    st = ds.storage
+    source = ds.source
+    doc = idx.read_manifest(st, name)
+    base_version = doc["version"]
+    column = doc["column"]
+    handles = idx.committed_segments(st, name, base_version)
+    stats: Dict[str, Any] = {
+        "name": name, "base_version": base_version, "version": base_version,
+        "committed": False, "segments_before": len(handles), "segments_after": len(handles),
+        "rows_remapped": 0, "rows_encoded": 0, "rows_read": 0, "rows_dropped": 0,
+        "stale_fragments": {}, "lost_fragments": {}, "compactions": [],
+        "history_gone": None, "retrained": bool(retrain),
+    }
+    if not handles:
+        return stats
+    opened = [idx.open_handle(h, st) for h in handles]
+    ivf: IvfModel = opened[0].ivf_model()
+    rot: Rotation = opened[0].rotation()
+    source_frags = {f.id: f for f in source.fragments()}
+    tmp = tempfile.mkdtemp(prefix="bitshard-upkeep-")
+    try:
+        if retrain:
+            out = _retrain(ds, name, column, ivf, rot, source_frags, stats)
+        else:
+            out = _upkeep(ds, name, column, handles, opened, ivf, rot, source_frags,
+                          num_indices_to_merge, merge_all, tmp, stats)
+        if out is None:
+            stats["seconds"] = time.perf_counter() - t0
+            return stats
+        ds._indexes.invalidate()  # our own commit: see it next search
+        try:
+            v = idx.commit(st, name, column, out, mode="replace",
+                           source_version=source.version, expected_version=base_version)
+        except CommitConflictError:
+            raise CommitConflictError(
+                f"optimize_indices lost a race on index {name!r}: another writer committed "
+                f"version {base_version + 1} after this upkeep read version {base_version}; "
+                f"nothing was changed, run optimize_indices again") from None
+        stats.update(version=v, committed=True, segments_after=len(out),
+                     segments=[h.uuid for h in out])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def _retrain(ds: Any, name: str, column: str, ivf: IvfModel, rot: Rotation,
+             source_frags: Dict[int, Any], stats: Dict[str, Any]) -> List[SegmentHandle]:
+    """New centroids (same count, metric) trained on the current data, and
+    every fragment encoded again with them and the same rotation."""
+    from .dataset import train_ivf  # noqa: PLC0415
+
+    new_ivf = train_ivf(ds, column, ivf.num_partitions, ivf.metric)
+    frags = sorted(source_frags)
+    seg = idx.write_segment(ds.source, column, name, ds.storage, new_ivf, rot, frags,
+                            idx.new_uuid())
+    n = sum(source_frags[f].num_rows for f in frags)
+    stats.update(rows_encoded=n, rows_read=n)
+    return [seg]
+
+
+def _upkeep(ds: Any, name: str, column: str, handles: List[SegmentHandle],
+            opened: List[OpenSegment], ivf: IvfModel, rot: Rotation,
+            source_frags: Dict[int, Any], n_merge: Optional[int], merge_all: bool, tmp: str,
+            stats: Dict[str, Any]) -> Optional[List[SegmentHandle]]:
+    source = ds.source
+    live_cache: Dict[int, np.ndarray] = {}
+
+    def live(fid: int) -> np.ndarray:
+        if fid not in live_cache:
+            live_cache[fid] = np.asarray(source.live_offsets(fid), dtype=np.uint32)
+        return live_cache[fid]
+
+    # ---- which fragments changed
+    stale: Dict[int, str] = _stale_fragments(source, column, handles, source_frags)
+    gone = {f for h in handles for f in h.fragment_ids if f not in source_frags}
+    hist: Optional[History] = None
+    if gone and source.kind == "lance":
+        hist = _history(ds, handles, gone, column, stats)
+    affected = [i for i, h in enumerate(handles)
+                if any(f in gone or f in stale for f in h.fragment_ids)]
+    kept = [i for i in range(len(handles)) if i not in set(affected)]
+    stats["stale_fragments"] = dict(stale)
+    # ---- the remap inputs: affected segments with their maps
+    covered_by_kept = {f for i in kept for f in handles[i].fragment_ids}
+    maps = [_segment_map(opened[i], source_frags, stale, hist, live) for i in affected]
+    for m in maps:  # rows moved into a fragment a kept segment covers stay there
+        hit = (m != DROP) & np.isin(m >> _SHIFT, np.array(sorted(covered_by_kept), np.uint64))
+        m[hit] = DROP
+    # ---- the fragments the new segments cover, and the rows to encode
+    mapped: Dict[int, List[np.ndarray]] = {}
+    for m in maps:
+        t = m[m != DROP]
+        for fid in np.unique(t >> _SHIFT):
+            mapped.setdefault(int(fid), []).append(t[(t >> _SHIFT) == fid] & _MASK)
+    # Current rows deleted since the compaction are not live: drop them.
+    for m in maps:
+        keep = m != DROP
+        for fid in np.unique(m[keep] >> _SHIFT):
+            fid = int(fid)
+            sel = keep & ((m >> _SHIFT) == np.uint64(fid))
+            ok = np.isin((m[sel] & _MASK).astype(np.uint32), live(fid))
+            m[np.flatnonzero(sel)[~ok]] = DROP
+    remap_frags = sorted(f for f in source_frags if f in mapped)
+    remap_frags += sorted(f for h_i in affected for f in handles[h_i].fragment_ids
+                          if f in source_frags and f not in mapped and f not in stale
+                          and f not in remap_frags)
+    delta_frags = sorted(f for f in source_frags
+                         if f not in covered_by_kept and f not in remap_frags)
+    encode: Dict[int, np.ndarray] = {}
+    targets = np.sort(np.concatenate([m[m != DROP] for m in maps])) if maps \
+        else np.zeros(0, np.uint64)
+    for f in remap_frags + delta_frags:
+        lo, hi = np.searchsorted(targets, [np.uint64(f) << _SHIFT,
+                                           (np.uint64(f) << _SHIFT) | _MASK], side="left")
+        have = (targets[lo:hi] & _MASK).astype(np.uint32)
+        want = np.setdiff1d(live(f), have, assume_unique=True)
+        if want.size:
+            encode[f] = want
+    n_remapped = int(sum(int((m != DROP).sum()) for m in maps))
+    stats["rows_remapped"] = n_remapped
+    stats["rows_dropped"] = int(sum(int((m == DROP).sum()) for m in maps))
+    # ---- the merge plan (pylance's num_indices_to_merge)
+    if merge_all:
+        n_keep_merge = len(kept)
+    elif n_merge is None or n_merge == 0:
+        n_keep_merge = 0
+    else:
+        n_keep_merge = min(int(n_merge), len(kept))
+    nothing_new = not affected and not encode
+    if nothing_new and (n_keep_merge < 2 if not merge_all else len(kept) < 2):
+        return None  # nothing changed, nothing to merge
+    merged_kept = kept[len(kept) - n_keep_merge:] if n_keep_merge else []
+    stay = [handles[i] for i in kept if i not in merged_kept]
+    # ---- encode the uncovered rows (the only vectors read)
+    e_frags = remap_frags + delta_frags
+    e_seg: Optional[OpenSegment] = None
+    if encode:
+        e_seg = _encode_rows(source, column, ivf, rot, e_frags, source_frags, encode, tmp,
+                             stats)
+    # ---- remap: affected (+ encoded rows) (+ merged kept segments)
+    inputs: List[Any] = [opened[i].native for i in affected]
+    in_maps: List[np.ndarray] = list(maps)
+    e_map = None
+    if e_seg is not None:
+        e_map = _identity_map(e_seg, encode)
+    outputs: List[SegmentHandle] = []
+    if n_keep_merge == 0 and not merge_all:
+        # The remapped fragments in one segment, the wholly new ones in a delta.
+        if remap_frags:
+            ins, ms = list(inputs), list(in_maps)
+            if e_seg is not None:
+                ins.append(e_seg.native)
+                ms.append(_only(e_map, remap_frags))
+            outputs.append(_remap(ds, name, ins, ms, remap_frags, source_frags))
+        if delta_frags and e_seg is not None and any(f in encode for f in delta_frags):
+            dfr = [f for f in delta_frags if f in encode]
+            outputs.append(_remap(ds, name, [e_seg.native], [_only(e_map, dfr)], dfr,
+                                  source_frags))
+    else:
+        frags = list(e_frags)
+        for i in merged_kept:
+            inputs.append(opened[i].native)
+            in_maps.append(_segment_map(opened[i], source_frags, {}, None, live))
+            frags += list(handles[i].fragment_ids)
+        if e_seg is not None:
+            inputs.append(e_seg.native)
+            in_maps.append(e_map)
+        if inputs:
+            outputs.append(_remap(ds, name, inputs, in_maps, frags, source_frags))
+    return stay + outputs
+
+
+def _only(m: np.ndarray, frags: Sequence[int]) -> np.ndarray:
+    """m with every entry outside ``frags`` dropped."""
+    out = m.copy()
+    keep = np.isin(out >> _SHIFT, np.array(list(frags), dtype=np.uint64)) & (out != DROP)
+    out[~keep] = DROP
+    return out
+
+
+def _identity_map(o: OpenSegment, encoded: Dict[int, np.ndarray]) -> np.ndarray:
+    """The map of a segment onto itself, for the rows it encoded."""
+    parts = []
+    for fid, rows in o.native.fragments():
+        m = np.full(int(rows), DROP, dtype=np.uint64)
+        offs = encoded.get(int(fid))
+        if offs is not None:
+            m[offs.astype(np.int64)] = _rowids(int(fid), offs)
+        parts.append(m)
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
+
+def _remap(ds: Any, name: str, inputs: List[Any], maps: List[np.ndarray], frags: List[int],
+           source_frags: Dict[int, Any]) -> SegmentHandle:
+    """One remap call writing a segment over ``frags`` (current fragments),
+    in fragment id order (as a build over them writes)."""
+    frags = sorted(frags)
+    ids = np.array(frags, dtype=np.uint64)
+    nrows = np.array([source_frags[f].physical_rows for f in frags], dtype=np.uint64)
+    uuid = idx.new_uuid()
+    maps = [np.ascontiguousarray(m, dtype=np.uint64) for m in maps]
+    return idx._write_native(ds.storage, uuid, name, lambda path: _native.remap(
+        inputs, maps, ids, nrows, bytes.fromhex(uuid), path))
+
+
+def _encode_rows(source: Any, column: str, ivf: IvfModel, rot: Rotation, frags: List[int],
+                 source_frags: Dict[int, Any], encode: Dict[int, np.ndarray], tmp: str,
+                 stats: Dict[str, Any]) -> OpenSegment:
+    """A local temporary segment over ``frags`` holding only the rows in
+    ``encode`` (read from the source, encoded with the committed artifacts)."""
+    ids = np.array(frags, dtype=np.uint64)
+    rows = np.array([source_frags[f].physical_rows for f in frags], dtype=np.uint64)
+    uuid = idx.new_uuid()
+    dim = ivf.dimension
+    b = _native.Builder(dim, rot.num_bits, METRICS[ivf.metric],
+                        0 if rot.rotation_type == "fast" else 1, rot.seed, ivf.centroids,
+                        ivf.num_partitions, column, bytes.fromhex(uuid), ids, rows)
+    b.set_threads(max(1, min(os.cpu_count() or 1, 256)))
+    pos = {f: i for i, f in enumerate(frags)}
+    n = 0
+    resid = 0.0
+    for f in frags:
+        offs = encode.get(f)
+        if offs is None:
+            continue
+        for s in range(0, offs.size, BATCH):
+            o = offs[s:s + BATCH]
+            x = np.ascontiguousarray(source.take(column, _rowids(f, o)), dtype=np.float32)
+            b.add(x, x.shape[0], dim, pos[f], np.ascontiguousarray(o, dtype=np.uint32))
+            resid += float(_residual_norms(x, ivf).sum())
+            n += x.shape[0]
+    path = os.path.join(tmp, f"{uuid}.bsseg")
+    b.write(path)
+    stats["rows_encoded"] += n
+    stats["rows_read"] += n
+    stats["new_residual_sum"] = stats.get("new_residual_sum", 0.0) + resid
+    return OpenSegment(path)
+
+
+def _residual_norms(x: np.ndarray, ivf: IvfModel) -> np.ndarray:
+    """Each row's distance to its nearest centroid (after normalising, for
+    cosine): the norm of the residual the code encodes."""
+    c = ivf.centroids.astype(np.float64)
+    y = x.astype(np.float64)
+    if ivf.metric == "cosine":
+        n = np.linalg.norm(y, axis=1, keepdims=True)
+        y = np.divide(y, n, out=np.zeros_like(y), where=n > 0)
+    d2 = (y * y).sum(1)[:, None] - 2.0 * y @ c.T + (c * c).sum(1)[None, :]
+    return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+
+
+def _stale_fragments(source: Any, column: str, handles: List[SegmentHandle],
+                     source_frags: Dict[int, Any]) -> Dict[int, str]:
+    """Fragments still in the source whose data changed since they were
+    encoded: their rows are encoded again, never remapped."""
+    out: Dict[int, str] = {}
+    for h in handles:
+        idents = {i.id: i for i in getattr(h, "identities", ())}
+        for f in h.fragment_ids:
+            if f not in source_frags:
+                continue
+            rec = idents.get(f)
+            if rec is None:
+                continue
+            cur = _current_record(source, f, column)
+            if cur is None:
+                continue
+            from .identity import difference  # noqa: PLC0415
+
+            why = difference(rec.record_dict, cur)
+            if why is not None:
+                out[f] = why
+    return out
+
+
+def _history(ds: Any, handles: List[SegmentHandle], gone: set, column: str,
+             stats: Dict[str, Any]) -> History:
+    """The compaction history of the fragments no longer in the source."""
+    source = ds.source
+    versions = [h.source_version for h in handles
+                if any(f in gone for f in h.fragment_ids)
+                and isinstance(getattr(h, "source_version", None), int)]
+    doc_version = idx.read_manifest(ds.storage, handles[0].name).get("source_version")
+    since = min(versions) if versions else doc_version
+    indexed: Dict[int, Optional[Dict[str, Any]]] = {}
+    for h in handles:
+        idents = {i.id: i for i in getattr(h, "identities", ())}
+        for f in h.fragment_ids:
+            if f in gone:
+                rec = idents.get(f)
+                indexed[f] = None if rec is None else rec.record_dict
+    if not isinstance(since, int):
+        raise InvalidInputError(f"index {handles[0].name!r} records no Lance source version: "
+                                f"its moved rows cannot be followed")
+    hist = compaction_history(source.dataset, since, indexed, _record_fn(source, column),
+                              getattr(source, "_storage_options", None))
+    stats["compactions"] = list(hist.compactions)
+    stats["history_gone"] = hist.gone
+    lost = dict(hist.lost)
+    for f in gone:
+        if f not in hist.moves and f not in lost and hist.gone is not None:
+            lost[f] = hist.gone
+    stats["lost_fragments"] = lost
+    stats["rows_dropped_after_compaction"] = hist.dropped_rows
+    return hist
