@@ -290,6 +290,14 @@ BS_API const float *bs_segment_centroids(const bs_segment *seg);
 BS_API void bs_segment_fragment(const bs_segment *seg, uint32_t i,
                                 uint64_t *id, uint64_t *rows);
 
+/* The sum over the segment's rows of |r|, the norm of the residual each
+ * code encodes (sqrt of the stored norm2: the distance from the row,
+ * normalised for cosine, to its centroid), in double, in storage order.
+ * Divided by num_rows it is the rows' mean residual norm, which bitshard
+ * reports to show how far new rows drift from the trained centroids.
+ * seg NULL gives 0. */
+BS_API double bs_segment_residual_sum(const bs_segment *seg);
+
 /* BS_OK when a and b share dim, bits, metric, rotation, centroids and
  * column; otherwise BS_ERR_ARTIFACT_MISMATCH naming the first artifact that
  * differs and both values.

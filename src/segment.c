@@ -525,6 +525,16 @@ uint64_t bs_segment_rowid(const bs_segment *seg, uint32_t ordinal) {
     return (seg->frag_ids[lo] << 32) | (ordinal - seg->prefix[lo]);
 }
 
+double bs_segment_residual_sum(const bs_segment *seg) {
+    if (seg == NULL) return 0.0;
+    double sum = 0.0;
+    for (uint32_t p = 0; p < seg->info.num_partitions; p++) {
+        const bs_partition_view *v = &seg->parts[p];
+        for (uint32_t j = 0; j < v->count; j++) sum += sqrt((double)v->norm2[j]);
+    }
+    return sum;
+}
+
 bs_status bs_segment_check_compatible(const bs_segment *a,
                                       const bs_segment *b, bs_error *err) {
     bs_error_clear(err);

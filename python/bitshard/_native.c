@@ -555,8 +555,14 @@ static PyObject *Segment_centroids(SegmentObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Segment_residual_sum(SegmentObject *self, PyObject *unused) {
+    return PyFloat_FromDouble(bs_segment_residual_sum(self->seg));
+}
+
 static PyMethodDef Segment_methods[] = {
     {"info", (PyCFunction)Segment_info, METH_NOARGS, "header fields as a dict"},
+    {"residual_sum", (PyCFunction)Segment_residual_sum, METH_NOARGS,
+     "sum of the rows' residual norms (sqrt of norm2)"},
     {"fragments", (PyCFunction)Segment_fragments, METH_NOARGS,
      "[(fragment_id, physical_rows)] in table order"},
     {"centroids", (PyCFunction)Segment_centroids, METH_VARARGS,

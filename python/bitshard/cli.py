@@ -307,6 +307,12 @@ def _cmd_describe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         if d.get("missing_fragments"):
             print(f"  fragments no longer in the source (never returned; run "
                   f"optimize_indices): {d['missing_fragments']}")
+        dr = d.get("drift")
+        if dr is not None and dr["ratio"] is not None:
+            print(f"  drift: {dr['new_rows']} row(s) encoded by upkeep since training, mean "
+                  f"residual {dr['new_mean_residual']:.4g} vs {dr['indexed_mean_residual']:.4g} "
+                  f"for the {dr['indexed_rows']} indexed row(s) (x{dr['ratio']:.3f}; retrain "
+                  f"with optimize_indices(retrain=True) when it grows)")
     return 0
 
 

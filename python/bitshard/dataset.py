@@ -27,6 +27,7 @@ from .errors import InvalidInputError
 from . import index as idx
 from .index import SegmentHandle
 from .indexview import IndexView
+from .upkeep import drift_report
 from .searcher import SearchOptions, Searcher
 from .sources import Source, open_source
 from .storage import Storage, is_object_uri, join_uri
@@ -417,9 +418,10 @@ class Dataset:
         the index in one commit (docs/usage.md, "Living datasets").
 
         Args:
-            name: one index (the older spelling of ``index_names=[name]``);
-                given alone, it also merges every segment of the index into
-                one, as this method always did.
+            name: the older spelling, kept as it was: given alone, it only
+                merges every committed segment of index ``name`` into one
+                (nothing remapped, encoded or dropped); with other arguments
+                it is ``index_names=[name]``.
             index_names: the indexes to optimize (default: all).
             num_indices_to_merge: as pylance's: ``None`` or 0 writes the new
                 rows as a new delta segment (remapped segments replace the
@@ -459,12 +461,28 @@ class Dataset:
                                         f"None, got {num_indices_to_merge!r}")
         if not isinstance(retrain, bool):
             raise InvalidInputError(f"retrain must be True or False, got {retrain!r}")
+        if merge_all:
+            return self._merge_all(name)
         names = list(index_names) if index_names is not None else \
             idx.list_index_names(self.storage)
         self.last_optimize_stats: Dict[str, Any] = {}
         for n in names:
             self.last_optimize_stats[n] = optimize_index(self, n, num_indices_to_merge,
-                                                         retrain, merge_all=merge_all)
+                                                         retrain)
+        return self
+
+    def _merge_all(self, name: str) -> "Dataset":
+        """``optimize_indices(name)``: merge the committed segments of index
+        ``name`` into one (same merge path), as this method did before it
+        took pylance's arguments."""
+        doc = idx.read_manifest(self.storage, name)
+        segs = idx.committed_segments(self.storage, name, doc["version"])
+        if len(segs) <= 1:
+            return self
+        merged = idx.merge_segments(segs, self.storage)
+        self._indexes.invalidate()  # our own commit: see it next search
+        idx.commit(self.storage, name, doc["column"], [merged], mode="replace",
+                   source_version=self.source.version, expected_version=doc["version"])
         return self
 
     @property
@@ -498,7 +516,13 @@ class Dataset:
         a reason starting ``"unverified"`` is a fragment of an index that
         recorded no identities and whose build version cannot be compared),
         and the covered ones no longer in the source (``missing_fragments``:
-        compacted away or deleted; their rows are never returned)."""
+        compacted away or deleted; their rows are never returned; run
+        ``optimize_indices``), and ``drift``: after an ``optimize_indices``,
+        the rows it encoded since the centroids were last applied to every
+        row (``new_rows``) and their mean residual norm (distance to their
+        centroid, ``new_mean_residual``) against the indexed rows'
+        (``indexed_rows``, ``indexed_mean_residual``), and ``ratio`` = new /
+        indexed (well above 1: time to retrain); None before any upkeep."""
         all_frags = [f.id for f in self.source.fragments()]
         out = []
         for n in idx.list_index_names(self.storage):
@@ -521,6 +545,7 @@ class Dataset:
                 "uncovered_fragments": [f for f in all_frags if f not in covered],
                 "stale_fragments": [{"id": f, "reason": r} for f, r in sorted(stale.items())],
                 "missing_fragments": identity.missing_fragments(self.source, segs),
+                "drift": drift_report(doc.get("drift")),
             })
         return out
 

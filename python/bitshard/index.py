@@ -580,6 +580,7 @@ def commit(
     source_version: Any = None,
     expected_version: Optional[int] = None,
     source: Any = None,
+    drift: Optional[Dict[str, Any]] = None,
 ) -> int:
     """Commit segments as index ``name``; returns the new manifest version.
 
@@ -587,6 +588,9 @@ def commit(
     a resumed build does) gets those of ``source`` when it is given: the
     caller's source must then be pinned to the version the segment was read
     at (a resumed build's is).
+
+    ``drift`` (written by ``optimize_indices``, bitshard.upkeep) is stored
+    in the manifest; an append without one keeps the previous version's.
 
     ``mode="append"`` adds the segments to the latest version (a delta
     commit: their fragments must not overlap what is there); ``"replace"``
@@ -605,11 +609,12 @@ def commit(
     # below and the manifest that names it (see Storage.commit_lock).
     with st.commit_lock(exclusive=False):
         return _commit_locked(st, name, column, segments, mode, source_version,
-                              expected_version)
+                              expected_version, drift)
 
 
 def _commit_locked(st: Storage, name: str, column: str, segments: Sequence[SegmentHandle],
-                   mode: str, source_version: Any, expected_version: Optional[int]) -> int:
+                   mode: str, source_version: Any, expected_version: Optional[int],
+                   drift: Optional[Dict[str, Any]] = None) -> int:
     root_s = st.root
     for h in segments:
         names.check_uuid(h.uuid, "segment handle uuid", InvalidInputError)
@@ -667,6 +672,10 @@ def _commit_locked(st: Storage, name: str, column: str, segments: Sequence[Segme
             rotation_fingerprint=h0.rotation_fingerprint,
             ivf_fingerprint=h0.ivf_fingerprint,
         )
+    if drift is None and prev is not None:
+        drift = prev.get("drift")
+    if drift is not None:
+        doc["drift"] = drift
     doc["checksum"] = _checksum(doc)
     data = json.dumps(doc, sort_keys=True, indent=1).encode()
     try:

@@ -164,6 +164,17 @@ class SegmentEntry(Struct):
     source_version: SourceVersion = None
 
 
+class Drift(Struct, forbid_unknown_fields=True):
+    """How far rows encoded by upkeep lie from the centroids, against the
+    rows indexed when the centroids were last applied to everything (written
+    by ``optimize_indices``; sums of residual norms, see bitshard.upkeep)."""
+
+    indexed_rows: U64
+    indexed_residual_sum: Annotated[float, Meta(ge=0, le=1e300)]
+    new_rows: U64
+    new_residual_sum: Annotated[float, Meta(ge=0, le=1e300)]
+
+
 class Manifest(Struct):
     """A manifest version (``indices/<name>/v<NNNNNNNN>.json``)."""
 
@@ -181,6 +192,7 @@ class Manifest(Struct):
     dimension: Optional[Dimension] = None
     rotation_fingerprint: Optional[Fingerprint] = None
     ivf_fingerprint: Optional[Fingerprint] = None
+    drift: Optional[Drift] = None
 
 
 # ----------------------------------------------------------- build states

@@ -105,8 +105,8 @@ def _segment_map(o: OpenSegment, source_frags: Dict[int, Any], stale: Dict[int, 
     return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
 
 
-def optimize_index(ds: Any, name: str, num_indices_to_merge: Optional[int], retrain: bool,
-                   merge_all: bool = False) -> Dict[str, Any]:
+def optimize_index(ds: Any, name: str, num_indices_to_merge: Optional[int],
+                   retrain: bool) -> Dict[str, Any]:
     """Run the upkeep of index ``name`` of Dataset ``ds``; returns its stats
     (see :meth:`bitshard.Dataset.optimize_indices`)."""
     t0 = time.perf_counter()
@@ -135,14 +135,16 @@ def optimize_index(ds: Any, name: str, num_indices_to_merge: Optional[int], retr
             out = _retrain(ds, name, column, ivf, rot, source_frags, stats)
         else:
             out = _upkeep(ds, name, column, handles, opened, ivf, rot, source_frags,
-                          num_indices_to_merge, merge_all, tmp, stats)
+                          num_indices_to_merge, tmp, stats)
         if out is None:
             stats["seconds"] = time.perf_counter() - t0
             return stats
+        drift = _drift(doc, opened, out, st, retrain, stats)
         ds._indexes.invalidate()  # our own commit: see it next search
         try:
             v = idx.commit(st, name, column, out, mode="replace",
-                           source_version=source.version, expected_version=base_version)
+                           source_version=source.version, expected_version=base_version,
+                           drift=drift)
         except CommitConflictError:
             raise CommitConflictError(
                 f"optimize_indices lost a race on index {name!r}: another writer committed "
@@ -154,6 +156,41 @@ def optimize_index(ds: Any, name: str, num_indices_to_merge: Optional[int], retr
         shutil.rmtree(tmp, ignore_errors=True)
     stats["seconds"] = time.perf_counter() - t0
     return stats
+
+
+def _drift(doc: Dict[str, Any], opened: List[OpenSegment], out: List[SegmentHandle], st: Any,
+           retrain: bool, stats: Dict[str, Any]) -> Dict[str, Any]:
+    """The manifest's drift record after this upkeep: the rows encoded by
+    upkeeps since the centroids were last applied to every row, and those
+    indexed rows, each with the sum of their residual norms (the rows' mean
+    distance to their centroid; bitshard.upkeep docs)."""
+    if retrain:
+        segs = [idx.open_handle(h, st) for h in out]
+        return {"indexed_rows": sum(int(o.info["num_rows"]) for o in segs),
+                "indexed_residual_sum": sum(o.native.residual_sum() for o in segs),
+                "new_rows": 0, "new_residual_sum": 0.0}
+    prev = doc.get("drift")
+    if prev is None:
+        prev = {"indexed_rows": sum(int(o.info["num_rows"]) for o in opened),
+                "indexed_residual_sum": sum(o.native.residual_sum() for o in opened),
+                "new_rows": 0, "new_residual_sum": 0.0}
+    return dict(prev, new_rows=prev["new_rows"] + stats["rows_encoded"],
+                new_residual_sum=prev["new_residual_sum"] + stats.get("new_residual_sum", 0.0))
+
+
+def drift_report(record: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """A manifest's drift record as describe_indices reports it: rows and
+    mean residual norm of the indexed and of the newly encoded rows, and
+    their ratio (new / indexed; None without new rows). None when no
+    upkeep has run since the index was built."""
+    if record is None:
+        return None
+    ir, nr = int(record["indexed_rows"]), int(record["new_rows"])
+    im = record["indexed_residual_sum"] / ir if ir else None
+    nm = record["new_residual_sum"] / nr if nr else None
+    return {"indexed_rows": ir, "indexed_mean_residual": im, "new_rows": nr,
+            "new_mean_residual": nm,
+            "ratio": nm / im if (nm is not None and im) else None}
 
 
 def _retrain(ds: Any, name: str, column: str, ivf: IvfModel, rot: Rotation,
@@ -173,7 +210,7 @@ def _retrain(ds: Any, name: str, column: str, ivf: IvfModel, rot: Rotation,
 
 def _upkeep(ds: Any, name: str, column: str, handles: List[SegmentHandle],
             opened: List[OpenSegment], ivf: IvfModel, rot: Rotation,
-            source_frags: Dict[int, Any], n_merge: Optional[int], merge_all: bool, tmp: str,
+            source_frags: Dict[int, Any], n_merge: Optional[int], tmp: str,
             stats: Dict[str, Any]) -> Optional[List[SegmentHandle]]:
     source = ds.source
     live_cache: Dict[int, np.ndarray] = {}
@@ -233,14 +270,12 @@ def _upkeep(ds: Any, name: str, column: str, handles: List[SegmentHandle],
     stats["rows_remapped"] = n_remapped
     stats["rows_dropped"] = int(sum(int((m == DROP).sum()) for m in maps))
     # ---- the merge plan (pylance's num_indices_to_merge)
-    if merge_all:
-        n_keep_merge = len(kept)
-    elif n_merge is None or n_merge == 0:
+    if n_merge is None or n_merge == 0:
         n_keep_merge = 0
     else:
         n_keep_merge = min(int(n_merge), len(kept))
     nothing_new = not affected and not encode
-    if nothing_new and (n_keep_merge < 2 if not merge_all else len(kept) < 2):
+    if nothing_new and n_keep_merge < 2:
         return None  # nothing changed, nothing to merge
     merged_kept = kept[len(kept) - n_keep_merge:] if n_keep_merge else []
     stay = [handles[i] for i in kept if i not in merged_kept]
@@ -257,7 +292,7 @@ def _upkeep(ds: Any, name: str, column: str, handles: List[SegmentHandle],
     if e_seg is not None:
         e_map = _identity_map(e_seg, encode)
     outputs: List[SegmentHandle] = []
-    if n_keep_merge == 0 and not merge_all:
+    if n_keep_merge == 0:
         # The remapped fragments in one segment, the wholly new ones in a delta.
         if remap_frags:
             ins, ms = list(inputs), list(in_maps)
@@ -331,7 +366,6 @@ def _encode_rows(source: Any, column: str, ivf: IvfModel, rot: Rotation, frags: 
     b.set_threads(max(1, min(os.cpu_count() or 1, 256)))
     pos = {f: i for i, f in enumerate(frags)}
     n = 0
-    resid = 0.0
     for f in frags:
         offs = encode.get(f)
         if offs is None:
@@ -340,26 +374,14 @@ def _encode_rows(source: Any, column: str, ivf: IvfModel, rot: Rotation, frags: 
             o = offs[s:s + BATCH]
             x = np.ascontiguousarray(source.take(column, _rowids(f, o)), dtype=np.float32)
             b.add(x, x.shape[0], dim, pos[f], np.ascontiguousarray(o, dtype=np.uint32))
-            resid += float(_residual_norms(x, ivf).sum())
             n += x.shape[0]
     path = os.path.join(tmp, f"{uuid}.bsseg")
     b.write(path)
     stats["rows_encoded"] += n
     stats["rows_read"] += n
-    stats["new_residual_sum"] = stats.get("new_residual_sum", 0.0) + resid
-    return OpenSegment(path)
-
-
-def _residual_norms(x: np.ndarray, ivf: IvfModel) -> np.ndarray:
-    """Each row's distance to its nearest centroid (after normalising, for
-    cosine): the norm of the residual the code encodes."""
-    c = ivf.centroids.astype(np.float64)
-    y = x.astype(np.float64)
-    if ivf.metric == "cosine":
-        n = np.linalg.norm(y, axis=1, keepdims=True)
-        y = np.divide(y, n, out=np.zeros_like(y), where=n > 0)
-    d2 = (y * y).sum(1)[:, None] - 2.0 * y @ c.T + (c * c).sum(1)[None, :]
-    return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+    out = OpenSegment(path)
+    stats["new_residual_sum"] = out.native.residual_sum()
+    return out
 
 
 def _stale_fragments(source: Any, column: str, handles: List[SegmentHandle],
