@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _native
+from . import _native, identity
 from . import index as idx
 from .artifacts import METRICS, IvfModel, Rotation
 from .compaction import DROP, History, compaction_history
@@ -54,12 +54,8 @@ def _rowids(fid: int, offsets: np.ndarray) -> np.ndarray:
 
 
 def _record_fn(source: Any, column: str) -> Any:
-    """The identity record of a Lance ``FragmentMetadata`` for ``column``."""
-    try:
-        from . import identity  # noqa: PLC0415
-    except ImportError:  # without fragment identities: rows and data files
-        return lambda meta: {"rows": int(meta.physical_rows),
-                             "files": [str(f.path) for f in meta.files]}
+    """The identity record of a Lance ``FragmentMetadata`` for ``column``
+    (bitshard.identity), with the column's field ids at the pinned version."""
     fields = identity.lance_field_ids(source.dataset.lance_schema, column)
     return lambda meta: identity.lance_record(meta, fields)
 
@@ -142,9 +138,11 @@ def optimize_index(ds: Any, name: str, num_indices_to_merge: Optional[int],
         drift = _drift(doc, opened, out, st, retrain, stats)
         ds._indexes.invalidate()  # our own commit: see it next search
         try:
+            # New segments get their fragments' identities at the version
+            # read (remapped rows landed in fragments checked unchanged).
             v = idx.commit(st, name, column, out, mode="replace",
                            source_version=source.version, expected_version=base_version,
-                           drift=drift)
+                           drift=drift, source=source)
         except CommitConflictError:
             raise CommitConflictError(
                 f"optimize_indices lost a race on index {name!r}: another writer committed "
@@ -390,7 +388,7 @@ def _stale_fragments(source: Any, column: str, handles: List[SegmentHandle],
     encoded: their rows are encoded again, never remapped."""
     out: Dict[int, str] = {}
     for h in handles:
-        idents = {i.id: i for i in getattr(h, "identities", ())}
+        idents = {i.id: i for i in h.identities}
         for f in h.fragment_ids:
             if f not in source_frags:
                 continue
@@ -400,9 +398,7 @@ def _stale_fragments(source: Any, column: str, handles: List[SegmentHandle],
             cur = _current_record(source, f, column)
             if cur is None:
                 continue
-            from .identity import difference  # noqa: PLC0415
-
-            why = difference(rec.record_dict, cur)
+            why = identity.difference(rec.record_dict, cur)
             if why is not None:
                 out[f] = why
     return out
@@ -413,13 +409,12 @@ def _history(ds: Any, handles: List[SegmentHandle], gone: set, column: str,
     """The compaction history of the fragments no longer in the source."""
     source = ds.source
     versions = [h.source_version for h in handles
-                if any(f in gone for f in h.fragment_ids)
-                and isinstance(getattr(h, "source_version", None), int)]
+                if any(f in gone for f in h.fragment_ids) and isinstance(h.source_version, int)]
     doc_version = idx.read_manifest(ds.storage, handles[0].name).get("source_version")
     since = min(versions) if versions else doc_version
     indexed: Dict[int, Optional[Dict[str, Any]]] = {}
     for h in handles:
-        idents = {i.id: i for i in getattr(h, "identities", ())}
+        idents = {i.id: i for i in h.identities}
         for f in h.fragment_ids:
             if f in gone:
                 rec = idents.get(f)

@@ -315,3 +315,63 @@ def test_drift_of_new_rows_is_reported_until_retrain(tmp_path, capsys):
     ds.optimize_indices(retrain=True)
     dr = ds.describe_indices()[0]["drift"]
     assert (dr["indexed_rows"], dr["new_rows"], dr["ratio"]) == (1400, 0, None)
+
+
+def _replace_vectors(uri, shift):
+    """pylance's in-place column replacement: same fragment ids and row
+    counts, new vector values (row i's vector + shift)."""
+    x = None
+    t = lance.dataset(uri).to_table(columns=["id", "vec"])
+    old = {int(i): np.asarray(v, np.float32) for i, v in
+           zip(t.column("id").to_pylist(), t.column("vec").to_pylist())}
+    lance.dataset(uri).drop_columns(["vec"])
+
+    @lance.batch_udf()
+    def new_vec(batch):
+        ids = batch.column("id").to_numpy()
+        v = np.stack([old[int(i)] + shift for i in ids]).astype(np.float32)
+        return pa.record_batch([pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), D)],
+                               names=["vec"])
+
+    lance.dataset(uri).add_columns(new_vec, read_columns=["id"])
+
+
+def test_a_stale_fragment_that_was_compacted_is_encoded_not_laundered(tmp_path, reads):
+    # The vector column is replaced in place (fragment ids and row counts
+    # kept), then the dataset is compacted: the index's codes describe the
+    # old vectors, so the compaction's rows must be encoded again from the
+    # new ones, never remapped as if current.
+    uri, x = _data(tmp_path, n=1200, rows_per_fragment=300)
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", "IVF_RQ", num_partitions=4, num_bits=4)
+    _replace_vectors(uri, 0.5)
+    lance.dataset(uri).delete("id % 10 = 4")
+    lance.dataset(uri).optimize.compact_files(target_rows_per_fragment=600)
+    ds = bitshard.dataset(uri)
+    reads["rows"] = 0
+    ds.optimize_indices()
+    st = ds.last_optimize_stats[NAME]
+    assert st["rows_remapped"] == 0 and st["rows_encoded"] == reads["rows"] == 1080
+    assert sorted(st["lost_fragments"]) == [0, 1, 2, 3]
+    assert set(st["lost_fragments"].values()) == {"it changed before the compaction at version 6"}
+    fresh, same = _fresh(uri, tmp_path, ds)
+    assert same and _answers(ds) == _answers(fresh)
+    # A row's new vector is found at distance 0, its old one is not.
+    got = ds.search("vec", x[7] + 0.5, k=1, nprobes=4)
+    assert got.column("_distance")[0].as_py() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_a_stale_fragment_is_re_encoded_into_a_delta(tmp_path, reads):
+    uri, x = _data(tmp_path, n=900, rows_per_fragment=300)
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", "IVF_RQ", num_partitions=4, num_bits=2)
+    _replace_vectors(uri, 1.0)
+    ds = bitshard.dataset(uri)
+    reads["rows"] = 0
+    ds.optimize_indices()
+    st = ds.last_optimize_stats[NAME]
+    assert st["stale_fragments"] == {0: "column fields changed", 1: "column fields changed",
+                                     2: "column fields changed"}
+    assert st["rows_encoded"] == reads["rows"] == 900 and st["rows_remapped"] == 0
+    fresh, same = _fresh(uri, tmp_path, ds)
+    assert same and _answers(ds) == _answers(fresh)
