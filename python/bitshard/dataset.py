@@ -461,7 +461,7 @@ class Dataset:
                                         f"None, got {num_indices_to_merge!r}")
         if not isinstance(retrain, bool):
             raise InvalidInputError(f"retrain must be True or False, got {retrain!r}")
-        if merge_all:
+        if merge_all and name is not None:
             return self._merge_all(name)
         names = list(index_names) if index_names is not None else \
             idx.list_index_names(self.storage)

@@ -127,6 +127,7 @@ def optimize_index(ds: Any, name: str, num_indices_to_merge: Optional[int],
     source_frags = {f.id: f for f in source.fragments()}
     tmp = tempfile.mkdtemp(prefix="bitshard-upkeep-")
     try:
+        out: Optional[List[SegmentHandle]]
         if retrain:
             out = _retrain(ds, name, column, ivf, rot, source_frags, stats)
         else:
@@ -286,9 +287,7 @@ def _upkeep(ds: Any, name: str, column: str, handles: List[SegmentHandle],
     # ---- remap: affected (+ encoded rows) (+ merged kept segments)
     inputs: List[Any] = [opened[i].native for i in affected]
     in_maps: List[np.ndarray] = list(maps)
-    e_map = None
-    if e_seg is not None:
-        e_map = _identity_map(e_seg, encode)
+    e_map = _identity_map(e_seg, encode) if e_seg is not None else np.zeros(0, np.uint64)
     outputs: List[SegmentHandle] = []
     if n_keep_merge == 0:
         # The remapped fragments in one segment, the wholly new ones in a delta.

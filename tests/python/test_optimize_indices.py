@@ -375,3 +375,22 @@ def test_a_stale_fragment_is_re_encoded_into_a_delta(tmp_path, reads):
     assert st["rows_encoded"] == reads["rows"] == 900 and st["rows_remapped"] == 0
     fresh, same = _fresh(uri, tmp_path, ds)
     assert same and _answers(ds) == _answers(fresh)
+
+
+def test_a_manifest_with_a_bad_drift_record_is_refused(tmp_path):
+    import json
+
+    from bitshard.errors import CorruptIndexError
+
+    uri, x = _data(tmp_path, n=600, rows_per_fragment=300)
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", "IVF_RQ", num_partitions=2, num_bits=1)
+    path = os.path.join(ds.index_root, "indices", NAME, "v00000001.json")
+    doc = json.load(open(path))
+    doc["drift"] = {"indexed_rows": 600, "indexed_residual_sum": 1.0, "new_rows": -1,
+                    "new_residual_sum": 0.0}
+    doc["checksum"] = idx._checksum(doc)
+    json.dump(doc, open(path, "w"))
+    with pytest.raises(CorruptIndexError, match=r"bad field: Expected `int` >= 0 - at "
+                                                r"`\$.drift.new_rows`"):
+        idx.read_manifest(ds.storage, NAME)
