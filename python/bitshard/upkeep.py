@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -58,25 +58,6 @@ def _record_fn(source: Any, column: str) -> Any:
     (bitshard.identity), with the column's field ids at the pinned version."""
     fields = identity.lance_field_ids(source.dataset.lance_schema, column)
     return lambda meta: identity.lance_record(meta, fields)
-
-
-def _current_record(source: Any, fid: int, column: str) -> Optional[Dict[str, Any]]:
-    try:
-        return source.fragment_identity(fid, column)
-    except Exception:  # noqa: BLE001 - no identity: the fragment is not comparable
-        return None
-
-
-class _Plan:
-    """What one upkeep does to one index."""
-
-    def __init__(self) -> None:
-        self.kept: List[SegmentHandle] = []        # untouched, in manifest order
-        self.affected: List[Tuple[SegmentHandle, OpenSegment]] = []
-        self.maps: List[np.ndarray] = []           # per affected segment
-        self.stale: Dict[int, str] = {}            # fragment -> reason
-        self.lost: Dict[int, str] = {}
-        self.history: Optional[History] = None
 
 
 def _segment_map(o: OpenSegment, source_frags: Dict[int, Any], stale: Dict[int, str],
@@ -131,7 +112,7 @@ def optimize_index(ds: Any, name: str, num_indices_to_merge: Optional[int],
         if retrain:
             out = _retrain(ds, name, column, ivf, rot, source_frags, stats)
         else:
-            out = _upkeep(ds, name, column, handles, opened, ivf, rot, source_frags,
+            out = _upkeep(ds, doc, name, column, handles, opened, ivf, rot, source_frags,
                           num_indices_to_merge, tmp, stats)
         if out is None:
             stats["seconds"] = time.perf_counter() - t0
@@ -207,7 +188,8 @@ def _retrain(ds: Any, name: str, column: str, ivf: IvfModel, rot: Rotation,
     return [seg]
 
 
-def _upkeep(ds: Any, name: str, column: str, handles: List[SegmentHandle],
+def _upkeep(ds: Any, doc: Dict[str, Any], name: str, column: str,
+            handles: List[SegmentHandle],
             opened: List[OpenSegment], ivf: IvfModel, rot: Rotation,
             source_frags: Dict[int, Any], n_merge: Optional[int], tmp: str,
             stats: Dict[str, Any]) -> Optional[List[SegmentHandle]]:
@@ -220,7 +202,8 @@ def _upkeep(ds: Any, name: str, column: str, handles: List[SegmentHandle],
         return live_cache[fid]
 
     # ---- which fragments changed
-    stale: Dict[int, str] = _stale_fragments(source, column, handles, source_frags)
+    # The same check the search makes when it opens the index version.
+    stale: Dict[int, str] = identity.stale_fragments(source, doc, handles)
     gone = {f for h in handles for f in h.fragment_ids if f not in source_frags}
     hist: Optional[History] = None
     if gone and source.kind == "lance":
@@ -378,28 +361,6 @@ def _encode_rows(source: Any, column: str, ivf: IvfModel, rot: Rotation, frags: 
     stats["rows_read"] += n
     out = OpenSegment(path)
     stats["new_residual_sum"] = out.native.residual_sum()
-    return out
-
-
-def _stale_fragments(source: Any, column: str, handles: List[SegmentHandle],
-                     source_frags: Dict[int, Any]) -> Dict[int, str]:
-    """Fragments still in the source whose data changed since they were
-    encoded: their rows are encoded again, never remapped."""
-    out: Dict[int, str] = {}
-    for h in handles:
-        idents = {i.id: i for i in h.identities}
-        for f in h.fragment_ids:
-            if f not in source_frags:
-                continue
-            rec = idents.get(f)
-            if rec is None:
-                continue
-            cur = _current_record(source, f, column)
-            if cur is None:
-                continue
-            why = identity.difference(rec.record_dict, cur)
-            if why is not None:
-                out[f] = why
     return out
 
 
