@@ -8,6 +8,7 @@
     bitshard search URI --column vec (--query-file q.npy | --query-row N) [--k 10]
                    [--nprobes 20] [--refine-factor R] [--format table|json|csv]
     bitshard describe URI [--json]
+    bitshard optimize URI [--name N ...] [--num-indices-to-merge N] [--retrain] [--json]
     bitshard verify URI [--strict]
     bitshard cleanup URI [--older-than SECONDS] [--dry-run]
 
@@ -162,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=_cmd_describe)
 
+    o = sub.add_parser("optimize", help="bring indexes up to date after appends, deletes and "
+                                        "compaction (optimize_indices)",
+                       description="Remap rows a compaction moved (no vector read), drop "
+                                   "deleted rows, encode the rows no segment covers with the "
+                                   "committed artifacts, and commit (Dataset.optimize_indices). "
+                                   "Run it before cleanup_old_versions.")
+    common(o)
+    o.add_argument("--name", action="append", default=None,
+                   help="optimize only this index (repeatable; default: all)")
+    o.add_argument("--num-indices-to-merge", type=_non_negative_int, default=None, metavar="N",
+                   help="merge the new rows with the latest N segments (default: a new delta)")
+    o.add_argument("--retrain", action="store_true",
+                   help="train new centroids on the current data and encode every row again")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=_cmd_optimize)
+
     v = sub.add_parser("verify", help="re-read every committed segment; exit 1 listing faults")
     common(v)
     v.add_argument("--name", default=None, help="verify only this index")
@@ -313,6 +330,30 @@ def _cmd_describe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                   f"residual {dr['new_mean_residual']:.4g} vs {dr['indexed_mean_residual']:.4g} "
                   f"for the {dr['indexed_rows']} indexed row(s) (x{dr['ratio']:.3f}; retrain "
                   f"with optimize_indices(retrain=True) when it grows)")
+    return 0
+
+
+def _cmd_optimize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import bitshard  # noqa: PLC0415
+
+    ds = bitshard.dataset(args.uri, index_uri=args.index_uri,
+                          storage_options=_storage_options(args))
+    ds.optimize_indices(index_names=args.name, num_indices_to_merge=args.num_indices_to_merge,
+                        retrain=args.retrain)
+    stats = ds.last_optimize_stats
+    if args.json:
+        print(json.dumps(stats, indent=1, default=str))
+        return 0
+    for name, st in stats.items():
+        if not st["committed"]:
+            print(f"index {name!r} version {st['version']}: nothing to do")
+            continue
+        print(f"index {name!r} version {st['base_version']} -> {st['version']}: "
+              f"{st['rows_remapped']} row(s) remapped, {st['rows_encoded']} encoded "
+              f"({st['rows_read']} read from the source), {st['rows_dropped']} dropped; "
+              f"{st['segments_after']} segment(s)")
+        if st["history_gone"]:
+            print(f"  {st['history_gone']}: those rows were encoded again")
     return 0
 
 

@@ -394,3 +394,24 @@ def test_a_manifest_with_a_bad_drift_record_is_refused(tmp_path):
     with pytest.raises(CorruptIndexError, match=r"bad field: Expected `int` >= 0 - at "
                                                 r"`\$.drift.new_rows`"):
         idx.read_manifest(ds.storage, NAME)
+
+
+def test_the_optimize_command(tmp_path, capsys):
+    from bitshard.cli import main as cli_main
+
+    uri, x = _data(tmp_path, n=1200, rows_per_fragment=300)
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", "IVF_RQ", num_partitions=4, num_bits=1)
+    lance.dataset(uri).delete("id % 4 = 0")
+    lance.dataset(uri).optimize.compact_files(target_rows_per_fragment=1000)
+    assert cli_main(["optimize", uri]) == 0
+    assert capsys.readouterr().out == (
+        "index 'vec_idx' version 1 -> 2: 900 row(s) remapped, 0 encoded (0 read from the "
+        "source), 300 dropped; 1 segment(s)\n")
+    assert cli_main(["optimize", uri, "--name", NAME]) == 0
+    assert capsys.readouterr().out == "index 'vec_idx' version 2: nothing to do\n"
+    with pytest.raises(SystemExit) as e:
+        cli_main(["optimize", uri, "--num-indices-to-merge", "-1"])
+    assert e.value.code == 2
+    assert "argument --num-indices-to-merge: expected an integer >= 0, got -1" in \
+        capsys.readouterr().err
