@@ -360,8 +360,9 @@ def test_delta_commit_onto_a_format_1_index_keeps_its_version(tmp_path):
     assert _stale(fresh) == {}
     rows, dists = _top(fresh, extra[3], k=1, fast_search=True)
     assert rows == [_rowid(4, 3)]
-    # A merge keeps the format 1 fragments comparable at their version.
-    fresh.optimize_indices()
+    # A merge keeps the format 1 fragments comparable at their version
+    # (optimize_indices("name"): the merge-only spelling).
+    fresh.optimize_indices("vec_idx")
     (entry,) = idx.read_manifest(fresh.storage, "vec_idx")["segments"]
     assert [f["record"] for f in entry["fragments"][:4]] == \
         [{"kind": "unrecorded", "source_version": 1}] * 4
