@@ -28,7 +28,7 @@ from . import index as idx
 from .index import SegmentHandle
 from .indexview import IndexView
 from .upkeep import drift_report
-from .searcher import SearchOptions, Searcher
+from .searcher import DEFAULT_EXACT_CACHE_BYTES, SearchOptions, Searcher
 from .sources import Source, open_source
 from .storage import Storage, is_object_uri, join_uri
 
@@ -49,6 +49,7 @@ def dataset(
     index_uri: Optional[Union[str, os.PathLike]] = None,
     fragment_size: Optional[int] = None,
     storage_options: Optional[Dict[str, Any]] = None,
+    exact_cache_bytes: int = DEFAULT_EXACT_CACHE_BYTES,
 ) -> "Dataset":
     """Open a source of vectors for indexing and search.
 
@@ -68,12 +69,17 @@ def dataset(
             Without them the environment (``AWS_ENDPOINT_URL``,
             ``AWS_ACCESS_KEY_ID``, ...) and the AWS default chain apply. They
             travel with the pickled Dataset to workers.
+        exact_cache_bytes: bytes of vectors (plus 8 bytes of row id a row)
+            of the rows no segment covers that searches keep in memory, per
+            index; the rest are read from the source on every search
+            (default 256 MiB; 0 caches nothing). See :attr:`Dataset.exact_cache_bytes`.
 
     Returns:
         A :class:`Dataset`.
     """
     src = open_source(x, fragment_size=fragment_size) if fragment_size else open_source(x)
-    return Dataset(src, index_uri=index_uri, storage_options=storage_options)
+    return Dataset(src, index_uri=index_uri, storage_options=storage_options,
+                   exact_cache_bytes=exact_cache_bytes)
 
 
 def train_ivf(
@@ -178,7 +184,9 @@ class Dataset:
     last_build_stats: Dict[str, Any]
 
     def __init__(self, source: Source, index_uri: Optional[Union[str, os.PathLike]] = None,
-                 storage_options: Optional[Dict[str, Any]] = None) -> None:
+                 storage_options: Optional[Dict[str, Any]] = None,
+                 exact_cache_bytes: int = DEFAULT_EXACT_CACHE_BYTES) -> None:
+        exact_cache_bytes = validate.integer("exact_cache_bytes", exact_cache_bytes, 0)
         self.source = source
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
         if index_uri is not None:
@@ -210,12 +218,28 @@ class Dataset:
         # The committed indexes this object searches, pinned at first use
         # until it commits or refresh() is called (see bitshard.indexview).
         self._indexes = IndexView(self.storage, self.source, self.index_root)
+        self._indexes.set_exact_cache_bytes(exact_cache_bytes)
+
+    @property
+    def exact_cache_bytes(self) -> int:
+        """Bytes of vectors (plus 8 bytes of row id a row) of the rows no
+        segment covers that this Dataset's searches keep in memory, per
+        index; the rest are streamed from the source on every search.
+        Settable (an integer >= 0); a new value applies to searchers made
+        after it. ``search``/``searcher`` take ``exact_cache_bytes=`` to give
+        one searcher its own cache instead."""
+        return self._indexes.exact_cache_bytes
+
+    @exact_cache_bytes.setter
+    def exact_cache_bytes(self, value: int) -> None:
+        self._indexes.set_exact_cache_bytes(validate.integer("exact_cache_bytes", value, 0))
 
     # -------------------------------------------------------------- pickling
 
     def __getstate__(self) -> Dict[str, Any]:
         return {"source": self.source, "index_root": self.index_root,
-                "storage_options": self.storage_options}
+                "storage_options": self.storage_options,
+                "exact_cache_bytes": self.exact_cache_bytes}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.source = state["source"]
@@ -224,6 +248,8 @@ class Dataset:
         self.storage = Storage.for_uri(self.index_root, self.storage_options)
         self._tmp = None
         self._indexes = IndexView(self.storage, self.source, self.index_root)
+        self._indexes.set_exact_cache_bytes(
+            state.get("exact_cache_bytes", DEFAULT_EXACT_CACHE_BYTES))
 
     def __repr__(self) -> str:
         return f"bitshard.Dataset({self.source.kind}, uri={self.source.uri!r}, index_root={self.index_root!r})"
@@ -573,6 +599,7 @@ class Dataset:
         eps0: float = DEFAULT_EPS0,
         num_threads: Optional[int] = None,
         with_stats: bool = False,
+        exact_cache_bytes: Optional[int] = None,
     ) -> pa.Table:
         """Nearest neighbours of ``q`` through the committed index.
 
@@ -595,6 +622,10 @@ class Dataset:
             eps0: width of the error bound in standard deviations.
             num_threads: threads for a batch of queries (default: all cores).
             with_stats: record scan counts in ``self.last_search_stats``.
+            exact_cache_bytes: ``None`` (default): rows no segment covers
+                are cached up to :attr:`exact_cache_bytes` of this Dataset,
+                shared by its searches of the index; an integer >= 0: a
+                cache of that many bytes for this search's settings alone.
 
         Returns:
             pyarrow Table with ``_rowid`` (uint64), ``_distance`` (float32),
@@ -604,7 +635,7 @@ class Dataset:
         s = self._indexes.searcher(column, SearchOptions(
             k=k, nprobes=nprobes, refine_factor=refine_factor, index=index,
             fragment_ids=fragment_ids, filter=filter, fast_search=fast_search, eps0=eps0,
-            num_threads=num_threads))
+            num_threads=num_threads, exact_cache_bytes=exact_cache_bytes))
         before = s.stats if with_stats else None
         q_arr = np.asarray(q)
         hits = s.search_lists(q_arr)
@@ -640,6 +671,7 @@ class Dataset:
         fast_search: bool = False,
         eps0: float = DEFAULT_EPS0,
         num_threads: Optional[int] = None,
+        exact_cache_bytes: Optional[int] = None,
     ) -> Searcher:
         """A prepared search: the settings of :meth:`search`, fixed, for many
         queries.
@@ -661,7 +693,7 @@ class Dataset:
         return Searcher(self._indexes, column, SearchOptions(
             k=k, nprobes=nprobes, refine_factor=refine_factor, index=index,
             fragment_ids=fragment_ids, filter=filter, fast_search=fast_search, eps0=eps0,
-            num_threads=num_threads))
+            num_threads=num_threads, exact_cache_bytes=exact_cache_bytes))
 
 
 class _Optimizer:

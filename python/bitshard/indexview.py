@@ -17,11 +17,14 @@ were made for, so the pin is all there is to invalidate:
   query), the segment mask, the rows deleted since the build
   (:meth:`IndexView.plan`);
 - the prepared searchers behind ``Dataset.search``, per settings
-  (:meth:`IndexView.searcher`).
+  (:meth:`IndexView.searcher`);
+- the cache of the rows an index searches exactly, one per index, shared by
+  its searchers (:meth:`IndexView.exact_rows`).
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -34,7 +37,8 @@ from . import index as idx
 from .codespace import CodeSpace
 from .errors import CorruptIndexError, IndexNotFoundError, InvalidInputError
 from .index import OpenSegment, SegmentHandle
-from .searcher import SearchOptions, Searcher
+from .searcher import (DEFAULT_EXACT_CACHE_BYTES, ExactPart, SearchOptions, Searcher,
+                       UncoveredRowsWarning, _ExactRows)
 from .sources import Source
 from .storage import Storage
 
@@ -89,6 +93,23 @@ class SearchPlan:
         """The fragments searched exactly: uncovered and stale, sorted."""
         return sorted(set(self.uncovered) | set(self.stale))
 
+    def exact_parts(self) -> List[ExactPart]:
+        """The rows searched exactly instead of from codes, in fragment order:
+        (fragment id, sorted uint32 offsets or None for every live row)."""
+        return [(f, None) for f in self.exact]
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by this function's
+    caller point at the first frame outside the bitshard package."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and \
+            str(frame.f_globals.get("__name__", "")).startswith("bitshard"):
+        frame = frame.f_back
+        level += 1
+    return level
+
 
 class IndexView:
     """The committed indexes of one Dataset as its searches see them."""
@@ -105,6 +126,11 @@ class IndexView:
         self._plans: Dict[Tuple[str, int, Any], SearchPlan] = {}
         self._deleted: Dict[Tuple[Any, int], np.ndarray] = {}
         self._prepared: Dict[Any, Searcher] = {}
+        #: Bytes of vectors of exactly-searched rows kept per index (the
+        #: Dataset's ``exact_cache_bytes``).
+        self.exact_cache_bytes = DEFAULT_EXACT_CACHE_BYTES
+        self._exact: Dict[str, Tuple[Any, _ExactRows]] = {}
+        self._warned: Set[Tuple[str, int, Any]] = set()
 
     def invalidate(self) -> None:
         """Read the committed versions again at the next search (after a
@@ -225,6 +251,45 @@ class IndexView:
         if not parts:
             return None
         return np.ascontiguousarray(np.sort(np.concatenate(parts)), dtype=np.uint64)
+
+    def set_exact_cache_bytes(self, value: int) -> None:
+        """Change the cache size of the exact search (checked by the caller);
+        caches already made keep theirs until their searchers are dropped."""
+        self.exact_cache_bytes = value
+        self._exact.clear()
+        self._prepared.clear()
+
+    def exact_rows(self, index: OpenIndex, plan: SearchPlan, column: str, dim: int,
+                   parts: List[ExactPart], cache_bytes: Optional[int]) -> _ExactRows:
+        """The rows of ``parts`` for an exact search of ``index``: with
+        ``cache_bytes`` None, the one cache of the index's plan kept here for
+        all its searchers (``parts`` are some of the plan's), else a cache of
+        ``cache_bytes`` over ``parts`` for one searcher. Warns once per index
+        version and source version that rows are searched exactly."""
+        key = (index.name, index.version, self.source.version)
+        every = plan.exact_parts()
+        if key not in self._warned:
+            self._warned.add(key)
+            rows = sum(self.source.fragment(f).num_rows if o is None else int(o.size)
+                       for f, o in every)
+            nf, ns = len(every), len(plan.stale)
+            stale = f", {ns} of them stale (describe_indices says why)" if ns else ""
+            warnings.warn(
+                f"index {index.name!r} does not cover {rows} rows in {nf} "
+                f"fragment{'' if nf == 1 else 's'} of the source (version "
+                f"{self.source.version}){stale}: they are searched exactly, read from the "
+                f"source on every search beyond exact_cache_bytes="
+                f"{self.exact_cache_bytes if cache_bytes is None else cache_bytes}; "
+                f"ds.optimize_indices() indexes them", UncoveredRowsWarning,
+                stacklevel=_user_stacklevel())
+        if cache_bytes is not None:
+            return _ExactRows(self.source, column, parts, dim, cache_bytes)
+        full = key + (column, self.exact_cache_bytes)
+        found = self._exact.get(index.name)
+        if found is None or found[0] != full:
+            found = (full, _ExactRows(self.source, column, every, dim, self.exact_cache_bytes))
+            self._exact[index.name] = found
+        return found[1]
 
     def searcher(self, column: str, options: SearchOptions) -> Searcher:
         """A searcher of these settings, reused across calls while the index

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -24,17 +25,34 @@ from . import _native
 from .artifacts import METRICS
 from . import validate
 from .errors import InvalidInputError
-from .sources import Source
+from .sources import DEFAULT_BATCH_SIZE, Source, make_rowids
 
 if TYPE_CHECKING:
     from .indexview import IndexView, OpenIndex, SearchPlan
 
-__all__ = ["Searcher", "SearchOptions", "NO_ROW"]
+__all__ = ["Searcher", "SearchOptions", "NO_ROW", "DEFAULT_EXACT_CACHE_BYTES",
+           "EXACT_BATCH_BYTES", "ExactPart", "UncoveredRowsWarning"]
 
 #: Row id that pads a result with fewer than k rows (its distance is +inf).
 NO_ROW = np.uint64(np.iinfo(np.uint64).max)
 
+#: Default of ``exact_cache_bytes``: bytes of raw vectors (plus 8 bytes of
+#: row id a row) of the rows searched exactly that a Dataset keeps in memory
+#: per index; the rest is streamed from the source on every search.
+DEFAULT_EXACT_CACHE_BYTES = 256 << 20
+#: Bytes of vectors read from the source per streamed batch of the exact scan
+#: (at least one row, at most the sources' default batch of 65536 rows).
+EXACT_BATCH_BYTES = 4 << 20
+
 _Hits = Tuple[np.ndarray, np.ndarray]  # (rowids uint64, distances float32)
+#: Rows searched exactly: a fragment id and the sorted uint32 offsets of the
+#: rows of it searched exactly, or None for every live row of it.
+ExactPart = Tuple[int, Optional[np.ndarray]]
+
+
+class UncoveredRowsWarning(UserWarning):
+    """Some rows of the source are searched exactly (read from the source for
+    every search) because no segment of the index covers them."""
 
 
 def _refuse_query(a: np.ndarray, i: int, j: int, which: str) -> None:
@@ -62,15 +80,20 @@ class SearchOptions:
     fast_search: bool
     eps0: Any
     num_threads: Any
+    #: None: the Dataset's cache (shared by its searchers); an integer: a
+    #: cache of that many bytes owned by this searcher.
+    exact_cache_bytes: Any = None
 
     def checked(self) -> "SearchOptions":
         """These settings checked by their rules (validate.search_settings)
         and normalised: integers as ``int``, fragment_ids as a list."""
         s = validate.search_settings(self.k, self.nprobes, self.refine_factor, self.eps0,
                                      self.num_threads, self.fragment_ids)
+        cache = (None if self.exact_cache_bytes is None
+                 else validate.integer("exact_cache_bytes", self.exact_cache_bytes, 0))
         return dataclasses.replace(
             self, k=s.k, nprobes=s.nprobes, refine_factor=s.refine_factor, eps0=s.eps0,
-            num_threads=s.num_threads, fragment_ids=s.fragment_ids)
+            num_threads=s.num_threads, fragment_ids=s.fragment_ids, exact_cache_bytes=cache)
 
     def cache_key(self) -> Optional[Tuple[Any, ...]]:
         """A hashable key of checked settings, to reuse a prepared searcher;
@@ -81,7 +104,8 @@ class SearchOptions:
         try:
             key = (self.index, self.k, self.nprobes, self.refine_factor,
                    None if self.fragment_ids is None else tuple(self.fragment_ids),
-                   bool(self.fast_search), self.eps0, self.num_threads)
+                   bool(self.fast_search), self.eps0, self.num_threads,
+                   self.exact_cache_bytes)
             hash(key)
         except (TypeError, ValueError):
             return None
@@ -104,10 +128,14 @@ class Searcher:
     Made by :meth:`bitshard.Dataset.searcher`. The index version, the source's
     deleted rows and the rows a ``filter`` allows are read when the searcher is
     made; a searcher keeps answering from that snapshot (make a new one, after
-    ``ds.refresh()``, to see later commits). Fragments no segment covers, and
-    stale ones (their data changed since they were encoded), are scanned
-    exactly unless ``fast_search``; their vectors are read on the first
-    search and held by the searcher.
+    ``ds.refresh()``, to see later commits). Rows no segment covers, and rows
+    of stale fragments (their data changed since they were encoded), are
+    searched exactly unless ``fast_search``: on the first search as many of
+    their vectors as ``exact_cache_bytes`` allows are read into a cache (the
+    Dataset's, shared by its searchers of the same index, unless this
+    searcher was given its own size), and the rest are streamed from the
+    source in batches of at most :data:`EXACT_BATCH_BYTES` on every search
+    (once for a whole batch of queries).
 
     Safe to share between threads; each call allocates its own output.
     """
@@ -130,19 +158,26 @@ class Searcher:
         #: The index searched and its committed version.
         self.index_name = index.name
         self.index_version = int(index.doc.get("version", 0))
-        wanted, mask, allowed_frags, uncovered = self._fragments(index, plan, options)
+        wanted, mask, allowed_frags, parts = self._fragments(index, plan, options)
         allowed_rows = None
         if options.filter is not None:
             allowed_rows = np.ascontiguousarray(
                 np.sort(self.source.filter_rowids(options.filter, sorted(wanted))),
                 dtype=np.uint64)
         self._allowed_rows = allowed_rows
-        self._uncovered = list(uncovered)
-        self._exact: Optional[_ExactScan] = None
         self.metric: str = index.doc.get("metric", "l2")
         self._mcode = METRICS[self.metric]
         self.num_bits = int(index.doc.get("num_bits", 1))
         self.dim = self.source.vector_dim(column)
+        #: The rows searched exactly (None: none), their fragments, and which
+        #: of the cached rows this searcher's fragments and filter allow
+        #: (computed on the first search; None there means all of them).
+        self._exact: Optional[_ExactRows] = None
+        self._exact_frags = {f for f, _ in parts}
+        self._exact_sel: Optional[Tuple[Optional[np.ndarray]]] = None
+        if parts:
+            self._exact = view.exact_rows(index, plan, column, self.dim, parts,
+                                          options.exact_cache_bytes)
         self._native = index.native if index.native is not None and mask.any() else None
         self._params = options.native_params(mask, allowed_rows, allowed_frags, plan.denied)
         # How many candidates the C search can return: k (extra bits), k * r
@@ -160,24 +195,23 @@ class Searcher:
 
     @staticmethod
     def _fragments(index: "OpenIndex", plan: "SearchPlan", options: SearchOptions
-                   ) -> Tuple[Set[int], np.ndarray, Optional[np.ndarray], List[int]]:
+                   ) -> Tuple[Set[int], np.ndarray, Optional[np.ndarray], List[ExactPart]]:
         """The fragments searched: (their ids, the segment mask, the fragment
-        allow-list for the C search, those scanned exactly)."""
+        allow-list for the C search, the rows searched exactly)."""
         # Stale fragments (data changed since encoded) are never answered
         # from codes: scanned exactly like uncovered ones, or skipped by
         # fast_search.
+        parts = [] if options.fast_search else plan.exact_parts()
         if options.fragment_ids is None:
-            uncovered = [] if options.fast_search else plan.exact
-            return plan.source_fragments, plan.segment_mask, plan.allowed_fragments, uncovered
+            return plan.source_fragments, plan.segment_mask, plan.allowed_fragments, parts
         wanted = set(options.fragment_ids)
         unknown = wanted - plan.source_fragments
         if unknown:
             raise InvalidInputError(f"fragment {min(unknown)} is not in the source")
         mask = np.array([any(f in wanted and f in plan.covered for f in h.fragment_ids)
                          for h in index.handles], dtype=np.uint8)
-        uncovered = [] if options.fast_search else sorted(wanted - plan.covered)
-        return wanted, mask, np.array(sorted(wanted - set(plan.stale)), dtype=np.uint64), \
-            uncovered
+        parts = [p for p in parts if p[0] in wanted]
+        return wanted, mask, np.array(sorted(wanted - set(plan.stale)), dtype=np.uint64), parts
 
     # ------------------------------------------------------------- results
 
@@ -219,7 +253,7 @@ class Searcher:
             out_d[rows.size:] = np.inf
             return out_r, out_d
         if (a.ndim == 2 and self._native is not None and self.num_bits > 1
-                and self.refine_factor is None and not self._uncovered):
+                and self.refine_factor is None and self._exact is None):
             # The scan's answer is final (the k best estimates, in order):
             # the C batch writes it straight into the output.
             Q = self._check(a)
@@ -264,11 +298,63 @@ class Searcher:
                 _refuse_query(a, bad[0], bad[1], f"query {bad[0]}")
         return a
 
-    def _exact_scan(self) -> Optional["_ExactScan"]:
-        if self._uncovered and self._exact is None:
-            self._exact = _ExactScan(self.source, self.column, self._uncovered,
-                                     self._allowed_rows, self._mcode, self.dim)
-        return self._exact
+    def _exact_selection(self, exact: "_ExactRows") -> Optional[np.ndarray]:
+        """Positions of the cached rows this searcher searches (its fragments
+        and filter), or None for all of them; computed once, after the fill."""
+        if self._exact_sel is None:
+            rows = exact.rows
+            keep = None
+            if any(f not in self._exact_frags for f, _ in exact.parts):
+                keep = np.isin(rows >> np.uint64(32),
+                               np.array(sorted(self._exact_frags), dtype=np.uint64))
+            if self._allowed_rows is not None:
+                allowed = np.isin(rows, self._allowed_rows)
+                keep = allowed if keep is None else keep & allowed
+            sel = None
+            if keep is not None and not keep.all():
+                sel = np.flatnonzero(keep).astype(np.int32 if rows.size < 2**31 else np.int64)
+            self._exact_sel = (sel,)
+        return self._exact_sel[0]
+
+    def _exact_hits(self, Q: np.ndarray) -> List[_Hits]:
+        """The k nearest rows of the exact search for each float32 query of
+        ``Q`` (nq, d), each sorted by (distance, row id): the cached rows,
+        then the rest streamed from the source once for all the queries.
+        Every distance depends on its row alone and the top k is taken in
+        (distance, row id) order, so the answer is the same however the rows
+        are split between cache and stream."""
+        exact = self._exact
+        assert exact is not None
+        exact.fill()
+        k, nq = self.k, Q.shape[0]
+        best: List[_Hits] = [(np.empty(0, np.uint64), np.empty(0, np.float32))] * nq
+        n = exact.rows.size
+        if n:
+            sel = self._exact_selection(exact)
+            rows = exact.rows if sel is None else exact.rows[sel]
+            if rows.size:
+                d = np.empty(n, dtype=np.float32)
+                for qi in range(nq):
+                    _native.exact_distances(self._mcode, Q[qi], exact.vecs, n, self.dim, d)
+                    dq = d if sel is None else d[sel]
+                    order = np.lexsort((rows, dq))[:k]
+                    best[qi] = (rows[order], dq[order])
+        for rid, vecs in exact.stream(self._exact_frags):
+            if self._allowed_rows is not None:
+                keep = np.isin(rid, self._allowed_rows)
+                if not keep.any():
+                    continue
+                rid, vecs = rid[keep], vecs[keep]
+            vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+            m = rid.size
+            d = np.empty(m, dtype=np.float32)
+            for qi in range(nq):
+                _native.exact_distances(self._mcode, Q[qi], vecs, m, self.dim, d)
+                r = np.concatenate([best[qi][0], rid])
+                dd = np.concatenate([best[qi][1], d])
+                order = np.lexsort((r, dd))[:k]
+                best[qi] = (r[order], dd[order])
+        return best
 
     def _one(self, q: np.ndarray) -> _Hits:
         """One float32 query of shape (d,): the hot path."""
@@ -303,11 +389,10 @@ class Searcher:
                 self._exact_reads += reads
             else:
                 # already the k best estimates in (estimate, row id) order
-                if self._exact_scan() is None:
+                if self._exact is None:
                     return rows, dists
-        exact = self._exact_scan()
-        if exact is not None:
-            er, ed = exact.search(q, self.k)
+        if self._exact is not None:
+            er, ed = self._exact_hits(q[None, :])[0]
             rows = np.concatenate([rows, er])
             dists = np.concatenate([dists, ed])
         order = np.lexsort((rows, dists))[: self.k]
@@ -366,12 +451,12 @@ class Searcher:
                 per_query, reads = _rerank_gated(self.source, self.column, Q, per_query, lbs,
                                                  self._mcode, self.dim, self.k)
                 self._exact_reads += reads
-        exact = self._exact_scan()
+        exact = self._exact_hits(Q) if self._exact is not None and nq else None
         out = []
         for qi in range(nq):
             rows, dists = per_query[qi]
             if exact is not None:
-                er, ed = exact.search(Q[qi], self.k)
+                er, ed = exact[qi]
                 rows = np.concatenate([rows, er])
                 dists = np.concatenate([dists, ed])
             order = np.lexsort((rows, dists))[: self.k]
@@ -454,32 +539,87 @@ def _rerank_all(source: Source, column: str, Q: np.ndarray,
     return out
 
 
-class _ExactScan:
-    """Exact search over fragments that no segment covers (their vectors held
-    in memory by the searcher, read once)."""
+class _ExactRows:
+    """The rows of an index's plan searched exactly (uncovered rows): as many
+    as ``cache_bytes`` allows held in memory, in part order, the rest
+    streamed from the source on each search.
 
-    def __init__(self, source: Source, column: str, fragments: List[int],
-                 allowed_rows: Optional[np.ndarray], metric: int, dim: int) -> None:
-        rows, vecs = [], []
-        for b in source.iter_batches(column, fragment_ids=fragments):
-            rid = (np.uint64(b.fragment_id) << np.uint64(32)) | b.offsets.astype(np.uint64)
-            v = b.vectors
-            if allowed_rows is not None:
-                keep = np.isin(rid, allowed_rows)
-                rid, v = rid[keep], v[keep]
-            rows.append(rid)
-            vecs.append(v)
-        self.rows = np.concatenate(rows) if rows else np.empty(0, np.uint64)
-        self.vecs = np.ascontiguousarray(
-            np.concatenate(vecs) if vecs else np.empty((0, dim), np.float32), dtype=np.float32)
-        self.metric = metric
+    The cache is filled on the first search (one pass that stops once the
+    budget is spent) and then only read, so searchers on several threads can
+    share it. A part the budget ends in is cached up to some offset; the
+    stream of its rest reads the fragment again and skips the cached rows.
+    """
+
+    def __init__(self, source: Source, column: str, parts: List[ExactPart], dim: int,
+                 cache_bytes: int) -> None:
+        self.source = source
+        self.column = column
+        self.parts = list(parts)
         self.dim = dim
+        self.cache_bytes = cache_bytes
+        self.batch_rows = max(1, min(DEFAULT_BATCH_SIZE, EXACT_BATCH_BYTES // (4 * dim)))
+        #: Rows of the parts by the fragments' metadata (live rows, or the
+        #: offsets listed).
+        self.num_rows = sum(source.fragment(f).num_rows if offs is None else int(offs.size)
+                            for f, offs in self.parts)
+        self.rows = np.empty(0, np.uint64)
+        self.vecs = np.empty((0, dim), np.float32)
+        #: What the cache does not hold: (fragment, offsets or None, first
+        #: offset not cached).
+        self.rest: List[Tuple[int, Optional[np.ndarray], int]] = [(f, o, 0) for f, o in parts]
+        self._lock = threading.Lock()
+        self._filled = False
 
-    def search(self, q: np.ndarray, k: int) -> _Hits:
-        n = self.rows.size
-        if n == 0:
-            return self.rows, np.empty(0, np.float32)
-        d = np.empty(n, dtype=np.float32)
-        _native.exact_distances(self.metric, q, self.vecs, n, self.dim, d)
-        order = np.lexsort((self.rows, d))[:k]
-        return self.rows[order], d[order]
+    def fill(self) -> None:
+        """Read the first rows into the cache, up to ``cache_bytes`` (once)."""
+        if self._filled:
+            return
+        with self._lock:
+            if self._filled:
+                return
+            row_bytes = 4 * self.dim + 8
+            cap = min(self.num_rows, self.cache_bytes // row_bytes)
+            rows = np.empty(cap, np.uint64)
+            vecs = np.empty((cap, self.dim), np.float32)
+            n = 0
+            rest: List[Tuple[int, Optional[np.ndarray], int]] = []
+            for fid, offs in self.parts:
+                if n >= cap:
+                    rest.append((fid, offs, 0))
+                    continue
+                for rid, v, o in self._read(fid, offs, 0):
+                    m = min(rid.size, cap - n)
+                    rows[n:n + m] = rid[:m]
+                    vecs[n:n + m] = v[:m]
+                    n += m
+                    if m < rid.size:
+                        rest.append((fid, offs, int(o[m])))
+                        break
+            # Views, not copies: a copy would hold the budget twice for a moment.
+            self.rows, self.vecs, self.rest = rows[:n], vecs[:n], rest
+            self._filled = True
+
+    def stream(self, fragments: Set[int]) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """(row ids, float32 vectors) of the rows not cached whose fragment is
+        in ``fragments``, read from the source in batches of
+        ``batch_rows``."""
+        for fid, offs, start in self.rest:
+            if fid in fragments:
+                for rid, v, _ in self._read(fid, offs, start):
+                    yield rid, v
+
+    def _read(self, fid: int, offs: Optional[np.ndarray], start: int
+              ) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(row ids, vectors, offsets) of a part's live rows from offset ``start``."""
+        for b in self.source.iter_batches(self.column, fragment_ids=[fid],
+                                          batch_size=self.batch_rows):
+            o, v = b.offsets, b.vectors
+            keep = o >= start if start else None
+            if offs is not None:
+                listed = np.isin(o, offs)
+                keep = listed if keep is None else keep & listed
+            if keep is not None:
+                if not keep.any():
+                    continue
+                o, v = o[keep], v[keep]
+            yield make_rowids(fid, o), v, o
