@@ -27,7 +27,7 @@ from .errors import (
 )
 from .artifacts import IvfModel, Rotation, build_rq_model, build_rq_rotation
 from .dataset import Dataset, dataset, train_ivf
-from .searcher import NO_ROW, Searcher
+from .searcher import NO_ROW, Searcher, UncoveredRowsWarning
 from .index import SegmentHandle
 from .distributed import build_index
 from .maintenance import cleanup
@@ -57,6 +57,7 @@ __all__ = [
     "SegmentHandle",
     "Searcher",
     "StorageError",
+    "UncoveredRowsWarning",
     "UnsupportedCpuError",
     "UnsupportedVersionError",
     "build_index",

@@ -629,8 +629,13 @@ class Dataset:
 
         Returns:
             pyarrow Table with ``_rowid`` (uint64), ``_distance`` (float32),
-            the requested columns, and ``query_index`` for a batch; rows sorted
-            by (query_index, _distance, _rowid).
+            ``query_index`` for a batch, and the requested columns; rows
+            sorted by (query_index, _distance, row address). ``_rowid`` is
+            Lance's ``_rowid`` of the row: its row address
+            ``(fragment << 32) | offset`` (bitshard's row id), or, for a
+            Lance dataset with stable row ids, its stable row id, with the
+            address in an extra ``_rowaddr`` column after ``_distance``
+            (docs/sources.md, "Stable row ids").
         """
         s = self._indexes.searcher(column, SearchOptions(
             k=k, nprobes=nprobes, refine_factor=refine_factor, index=index,
@@ -647,6 +652,11 @@ class Dataset:
         table = pa.Table.from_arrays([pa.array(rowids, type=pa.uint64()),
                                       pa.array(dists, type=pa.float32())],
                                      names=["_rowid", "_distance"])
+        if self.source.stable_row_ids:
+            table = pa.Table.from_arrays(
+                [pa.array(self.source.lance_row_ids(rowids), type=pa.uint64()),
+                 table.column("_distance"), table.column("_rowid")],
+                names=["_rowid", "_distance", "_rowaddr"])
         if q_arr.ndim == 2:
             qi = np.repeat(np.arange(len(hits), dtype=np.int32), [r.size for r, _ in hits])
             table = table.append_column("query_index", pa.array(qi))
