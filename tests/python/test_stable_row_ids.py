@@ -171,3 +171,27 @@ def test_take_on_stable_row_ids_goes_by_row_id_not_by_position(stable, monkeypat
     t = ds.search("vec", x[7], k=10, nprobes=16, refine_factor=2, columns=["id"])
     assert t.column("_rowid").to_pylist()[0] == 7 and t.column("_distance")[0].as_py() == 0.0
     assert t.column("id").to_pylist() == t.column("_rowid").to_pylist()
+
+
+def test_optimize_indices_after_compaction_keeps_the_stable_ids(stable):
+    """After compact_files, ds.optimize_indices() maps the segments to the new
+    addresses: nothing is searched exactly any more, and the answers carry
+    the stable ids they carried before the compaction."""
+    uri, x = stable
+    lance.write_dataset(_table(x[N:], N), uri, mode="append")
+    lance.dataset(uri).delete("id % 10 = 3")
+    lance.dataset(uri).optimize.compact_files(target_rows_per_fragment=100_000)
+    probes = np.array([5, 2501, N + 7])
+    ds = bitshard.dataset(uri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncoveredRowsWarning)
+        ds.search("vec", x[probes], k=1, nprobes=16)
+    ds.optimize_indices()
+    ds = bitshard.dataset(uri)
+    (d,) = ds.describe_indices()
+    assert d["uncovered_fragments"] == [] and d["stale_fragments"] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncoveredRowsWarning)
+        t = ds.search("vec", x[probes], k=1, nprobes=16)
+    assert t.column("_rowid").to_pylist() == probes.tolist()
+    _check_ids(uri, t)
