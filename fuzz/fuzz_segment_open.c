@@ -1,6 +1,8 @@
 /* libFuzzer target for the segment reader: any bytes must either be refused
  * with a status or open into a segment whose every view can be read in
- * full. Each input is tried twice: as given, and "resealed" with every
+ * full, before and after bs_segment_verify (the partitions of a format 3
+ * file are checked only by verify or a search: their bounds must hold
+ * without it). Each input is tried twice: as given, and "resealed" with every
  * checksum and fingerprint recomputed, because random bytes almost never
  * pass a checksum and a crafted file can carry valid ones: memory safety
  * must rest on the structural checks behind them. tests/c/test_fuzz_corpus.c
@@ -33,8 +35,10 @@ static uint64_t bs_fuzz_touch_segment(const bs_segment *seg) {
         sink += (uint64_t)(c[i] != 0.0f);
     for (uint32_t f = 0; f < info.num_fragments; f++) {
         uint64_t id = 0, rows = 0;
+        uint8_t ident[16];
         bs_segment_fragment(seg, f, &id, &rows);
-        sink += id ^ rows;
+        bs_segment_fragment_identity(seg, f, ident);
+        sink += id ^ rows ^ ident[0] ^ ident[15];
     }
     const uint32_t D = info.padded_dim;
     const size_t eb = bs_ext_bytes(D, info.num_bits);
@@ -44,13 +48,14 @@ static uint64_t bs_fuzz_touch_segment(const bs_segment *seg) {
     for (uint32_t p = 0; p < info.num_partitions; p++) {
         bs_partition_view v;
         bs_segment_partition(seg, p, &v);
-        size_t block_bytes =
-            bs_fastscan_num_blocks(v.count) * bs_fastscan_block_bytes(D);
+        size_t block_bytes = bs_fastscan_num_blocks(v.count) * v.stride;
         for (size_t i = 0; i < block_bytes; i++) sink += v.blocks[i];
         for (uint32_t i = 0; i < v.count; i++) {
-            sink += (uint64_t)(v.norm2[i] + v.s1[i] + v.s_full[i] > 0.0f);
+            sink += (uint64_t)(bs_pv_norm2(&v, i) + bs_pv_s1(&v, i) + bs_pv_corr(&v, i) +
+                                   bs_pv_s_full(&v, i) >
+                               0.0f);
             sink += bs_segment_rowid(seg, v.ordinals[i]);
-            bs_fastscan_unpack_one(v.blocks, i, D, code);
+            bs_fastscan_unpack_one(bs_pv_block(&v, i / 32), i % 32, D, code);
             sink += code[0];
             if (eb) sink += v.ext[(size_t)i * eb] + v.ext[(size_t)i * eb + eb - 1];
         }
@@ -83,12 +88,23 @@ static void bs_fuzz_reseal(uint8_t *b, size_t n) {
     uint32_t k = bs_load_u32(b + BS_HDR_NUM_PARTITIONS);
     uint32_t dim = bs_load_u32(b + BS_HDR_DIM);
     uint64_t dir = bs_load_u64(b + BS_HDR_DIRECTORY);
-    if (bs_fuzz_inside(dir, (uint64_t)k * BS_SEG_DIR_ENTRY, n)) {
+    /* Format 2 (read version <= 2): one checksum per 32-byte entry;
+     * format 3: the stage-1 and extra regions of a 64-byte entry. */
+    const int v2 = bs_load_u32(b + BS_HDR_READ_VERSION) <= 2;
+    const uint32_t entry = v2 ? BS_SEG_V2_DIR_ENTRY : BS_SEG_DIR_ENTRY;
+    if (bs_fuzz_inside(dir, (uint64_t)k * entry, n)) {
         for (uint32_t p = 0; p < k; p++) {
-            size_t e = (size_t)dir + (size_t)p * BS_SEG_DIR_ENTRY;
-            bs_fuzz_put_sum(b, n, e + BS_DIR_CHECKSUM,
-                            bs_load_u64(b + e + BS_DIR_OFFSET),
-                            bs_load_u64(b + e + BS_DIR_SIZE));
+            size_t e = (size_t)dir + (size_t)p * entry;
+            uint64_t off = bs_load_u64(b + e + BS_DIR_OFFSET);
+            uint64_t size = bs_load_u64(b + e + BS_DIR_SIZE);
+            if (v2) {
+                bs_fuzz_put_sum(b, n, e + BS_DIR2_CHECKSUM, off, size);
+                continue;
+            }
+            uint64_t s1 = bs_load_u64(b + e + BS_DIR_STAGE1_SIZE);
+            bs_fuzz_put_sum(b, n, e + BS_DIR_STAGE1_CHECKSUM, off, s1);
+            if (s1 <= size && off <= UINT64_MAX - s1)
+                bs_fuzz_put_sum(b, n, e + BS_DIR_EXTRA_CHECKSUM, off + s1, size - s1);
         }
     }
     uint64_t art = bs_load_u64(b + BS_HDR_ARTIFACTS);
@@ -125,6 +141,9 @@ static void bs_fuzz_open_one(const uint8_t *data, size_t size, int reseal) {
     bs_status st = bs_segment_open(buf, size, &seg, &err);
     if (st == BS_OK) {
         volatile uint64_t sink = bs_fuzz_touch_segment(seg);
+        bs_status vst = bs_segment_verify(seg, &err);
+        if (vst != BS_OK && (err.code != vst || err.message[0] == '\0')) abort();
+        sink += bs_fuzz_touch_segment(seg);
         (void)sink;
     } else if (seg != NULL || err.code != st || err.message[0] == '\0') {
         /* A refusal leaves no handle and always says why. */

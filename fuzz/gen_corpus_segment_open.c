@@ -3,7 +3,11 @@
  * a merged one, an empty one, and truncated and byte-flipped copies. Run it
  * again after a format change (see docs/format.md, "Fuzzing"):
  *   gen_corpus_segment_open fuzz/corpus/segment_open
- * Deterministic: the same library writes the same files. */
+ * Deterministic: the same library writes the same files. The *_v2_* files
+ * of the corpus are not written here: they are the format 2 seeds this
+ * program wrote before format 3 (kept to test reading and upgrading format
+ * 2; valid_v2_<name> must upgrade to valid_<name>, tests/c/test_fuzz_corpus.c),
+ * so the valid_ builds below must keep their data and zero identities. */
 #define _POSIX_C_SOURCE 200809L
 
 #include <stdint.h>

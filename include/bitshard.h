@@ -245,6 +245,16 @@ BS_API bs_status bs_builder_add(bs_segment_builder *b, const float *x,
  * one, each thread calls the BLAS itself, which should then run
  * single-threaded (see bs_kmeans_train_mt). */
 BS_API void bs_builder_set_threads(bs_segment_builder *b, uint32_t num_threads);
+/* Records a 16-byte identity fingerprint for the fragment fragment_id in
+ * the segment's fragment table (default all zero: not recorded). The
+ * library stores and copies it (merge concatenates the tables) and never
+ * interprets it.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (b or fp NULL, fragment_id not
+ * one of the spec's fragments). */
+BS_API bs_status bs_builder_set_fragment_identity(bs_segment_builder *b,
+                                                  uint64_t fragment_id,
+                                                  const uint8_t fp[16],
+                                                  bs_error *err);
 /* Writes the segment to path (via path.tmp + rename).
  * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (b or path NULL);
  * BS_ERR_NO_MEMORY; BS_ERR_IO (open, write, close, sync or rename
@@ -255,9 +265,14 @@ BS_API void bs_builder_free(bs_segment_builder *b);
 
 typedef struct bs_segment bs_segment;
 
-/* Validates the whole buffer (structure, bounds, every checksum) and keeps
- * pointers into it: data must stay alive and unchanged until
- * bs_segment_free. Never trusts a length or offset from the bytes.
+/* Opens a segment and keeps pointers into data: data must stay alive and
+ * unchanged until bs_segment_free. Never trusts a length or offset from
+ * the bytes. A format 3 file: validates the header, artifacts, fragment
+ * table and directory (structure, bounds, their checksums), not the
+ * partitions, which are checked the first time a search touches them
+ * (docs/format.md, "Validation"); bs_segment_verify checks everything. A
+ * format 2 file: validates the whole buffer and converts it to the format
+ * 3 layout in memory (format_version still reports 2).
  * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (out or data NULL, data not
  * 64-byte aligned); BS_ERR_CORRUPT (anything wrong in the bytes, naming the
  * section, reserved flag bits set); BS_ERR_UNSUPPORTED_VERSION (a read
@@ -266,6 +281,13 @@ typedef struct bs_segment bs_segment;
 BS_API bs_status bs_segment_open(const void *data, size_t len,
                                  bs_segment **out, bs_error *err);
 BS_API void bs_segment_free(bs_segment *seg);
+/* Checks what bs_segment_open leaves to first use: every partition (its
+ * two region checksums, ordinals, factors, padding) and that no ordinal is
+ * in two partitions. Used before a merge, by `bitshard verify` and the
+ * reader's fuzz target.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (seg NULL); BS_ERR_CORRUPT
+ * naming the partition and what is wrong; BS_ERR_NO_MEMORY. */
+BS_API bs_status bs_segment_verify(const bs_segment *seg, bs_error *err);
 
 typedef struct bs_segment_info {
     uint32_t format_version;
@@ -289,6 +311,10 @@ BS_API void bs_segment_get_info(const bs_segment *seg, bs_segment_info *out);
 BS_API const float *bs_segment_centroids(const bs_segment *seg);
 BS_API void bs_segment_fragment(const bs_segment *seg, uint32_t i,
                                 uint64_t *id, uint64_t *rows);
+/* The 16-byte identity fingerprint of fragment table entry i (all zero:
+ * not recorded, and for every entry of a format 2 file). */
+BS_API void bs_segment_fragment_identity(const bs_segment *seg, uint32_t i,
+                                         uint8_t out[16]);
 
 /* The sum over the segment's rows of |r|, the norm of the residual each
  * code encodes (sqrt of the stored norm2: the distance from the row,

@@ -36,6 +36,8 @@ struct bs_segment_builder {
     uint8_t uuid[16];
     float *centroids; /* k * dim */
     float *pc;        /* k * D: rotated centroids */
+    float *pm;        /* D: the rotated mean of the centroids (corr) */
+    uint8_t *frag_identity; /* nf * 16 */
     bs_rotation *rot;
     bs_fingerprint rot_fp, ivf_fp;
     uint32_t nf;
@@ -115,6 +117,8 @@ void bs_builder_free(bs_segment_builder *b) {
     free(b->column);
     free(b->centroids);
     free(b->pc);
+    free(b->pm);
+    free(b->frag_identity);
     free(b->frag_ids);
     free(b->frag_rows);
     free(b->prefix);
@@ -165,12 +169,15 @@ bs_status bs_builder_create(const bs_segment_spec *spec,
     b->column = bs_alloc((size_t)b->column_len + 1, 1);
     b->centroids = bs_alloc(ncent, sizeof(float));
     b->pc = bs_alloc2(b->k, b->D, sizeof(float));
+    b->pm = bs_alloc(b->D, sizeof(float));
+    b->frag_identity = bs_zalloc(nf1, 16);
     b->frag_ids = bs_alloc(nf1, sizeof(uint64_t));
     b->frag_rows = bs_alloc(nf1, sizeof(uint64_t));
     b->prefix = bs_alloc(nf1, sizeof(uint64_t));
     b->seen = bs_zalloc(nf1, sizeof(uint8_t *));
     b->parts = bs_zalloc(b->k, sizeof *b->parts);
-    if (!b->column || !b->centroids || !b->pc || !b->frag_ids ||
+    if (!b->column || !b->centroids || !b->pc || !b->pm || !b->frag_identity ||
+        !b->frag_ids ||
         !b->frag_rows || !b->prefix || !b->seen || !b->parts) {
         bs_builder_free(b);
         return NOMEM();
@@ -184,6 +191,8 @@ bs_status bs_builder_create(const bs_segment_spec *spec,
         b->prefix[i + 1] = b->prefix[i] + spec->fragment_rows[i];
     }
     st = rotate_rows(b, b->centroids, b->k, b->pc, err);
+    if (st == BS_OK)
+        st = bs_centroid_mean_rotated(b->rot, b->centroids, b->k, b->dim, b->pm, err);
     if (st != BS_OK) {
         bs_builder_free(b);
         return st;
@@ -339,6 +348,22 @@ static bs_status encode_chunk(chunk_job *j, uint32_t nw, bs_error *err) {
     return first_failure(j, nw, err);
 }
 
+bs_status bs_builder_set_fragment_identity(bs_segment_builder *b,
+                                           uint64_t fragment_id,
+                                           const uint8_t fp[16], bs_error *err) {
+    bs_error_clear(err);
+    if (b == NULL) return INVALID("builder is NULL");
+    if (fp == NULL) return INVALID("fp is NULL");
+    for (uint32_t i = 0; i < b->nf; i++) {
+        if (b->frag_ids[i] == fragment_id) {
+            memcpy(b->frag_identity + (size_t)i * 16, fp, 16);
+            return BS_OK;
+        }
+    }
+    return INVALID("fragment_id %llu is not one of the segment's %u fragments",
+                   (ull)fragment_id, b->nf);
+}
+
 void bs_builder_set_threads(bs_segment_builder *b, uint32_t num_threads) {
     if (b == NULL) return;
     b->threads = num_threads < 1 ? 1 : num_threads > BS_MAX_THREADS ? BS_MAX_THREADS
@@ -447,13 +472,43 @@ bs_status bs_builder_add(bs_segment_builder *b, const float *x, size_t n,
     return st;
 }
 
-static void store_floats(uint8_t *dst, const bs_factors *f,
-                         const uint64_t *order, uint32_t n, size_t field) {
-    for (uint32_t i = 0; i < n; i++) {
-        const bs_factors *fi = &f[order[i] & 0xFFFFFFFFu];
-        const uint8_t *src = (const uint8_t *)fi + field;
-        memcpy(dst + (size_t)i * 4, src, 4);
-    }
+/* The buffers one partition is assembled in, for up to n rows. */
+typedef struct write_bufs {
+    uint8_t *block, *codes, *ext;
+    float *norm2, *s1, *corr, *s_full, *dir;
+    uint32_t *ord;
+    uint64_t *order;
+} write_bufs;
+
+static void write_bufs_free(write_bufs *w) {
+    free(w->block);
+    free(w->codes);
+    free(w->ext);
+    free(w->norm2);
+    free(w->s1);
+    free(w->corr);
+    free(w->s_full);
+    free(w->dir);
+    free(w->ord);
+    free(w->order);
+}
+
+static int write_bufs_alloc(write_bufs *w, uint32_t n, uint64_t block_size,
+                            uint32_t D, size_t cb, size_t eb) {
+    memset(w, 0, sizeof *w);
+    if (block_size > SIZE_MAX) return 0;
+    w->block = bs_alloc((size_t)block_size, 1);
+    w->codes = bs_alloc(n, cb);
+    w->ext = bs_alloc(n, eb ? eb : 1);
+    w->norm2 = bs_alloc(n, sizeof(float));
+    w->s1 = bs_alloc(n, sizeof(float));
+    w->corr = bs_alloc(n, sizeof(float));
+    w->s_full = bs_alloc(n, sizeof(float));
+    w->dir = bs_alloc(D, sizeof(float));
+    w->ord = bs_alloc(n, sizeof(uint32_t));
+    w->order = bs_alloc(n, sizeof(uint64_t));
+    return w->block && w->codes && w->ext && w->norm2 && w->s1 && w->corr &&
+           w->s_full && w->dir && w->ord && w->order;
 }
 
 bs_status bs_builder_write(bs_segment_builder *b, const char *path,
@@ -468,15 +523,10 @@ bs_status bs_builder_write(bs_segment_builder *b, const char *path,
     for (uint32_t p = 0; p < b->k; p++)
         if (b->parts[p].count > max_count) max_count = b->parts[p].count;
     bs_part_layout L;
-    if (!bs_part_layout_compute(max_count, D, B, &L) || L.size > SIZE_MAX)
-        return NOMEM();
-    uint8_t *buf = bs_alloc((size_t)L.size, 1);
-    uint8_t *codes = bs_alloc(max_count, cb);
-    uint64_t *order = bs_alloc(max_count, sizeof *order);
-    if (!buf || !codes || !order) {
-        free(buf);
-        free(codes);
-        free(order);
+    if (!bs_part_layout_compute(max_count, D, B, &L)) return NOMEM();
+    write_bufs wb;
+    if (!write_bufs_alloc(&wb, max_count, L.size, D, cb, eb)) {
+        write_bufs_free(&wb);
         return NOMEM();
     }
 
@@ -497,6 +547,7 @@ bs_status bs_builder_write(bs_segment_builder *b, const char *path,
     prm.centroids = b->centroids;
     prm.fragment_ids = b->frag_ids;
     prm.fragment_rows = b->frag_rows;
+    prm.fragment_identity = b->frag_identity;
     prm.num_fragments = b->nf;
 
     bs_seg_writer w;
@@ -507,35 +558,33 @@ bs_status bs_builder_write(bs_segment_builder *b, const char *path,
         /* Ordinals are unique, so (ordinal, index) keys sort by ordinal
          * alone and the result does not depend on the order of add(). */
         for (uint32_t i = 0; i < n; i++)
-            order[i] = ((uint64_t)pt->ord[i] << 32) | i;
-        qsort(order, n, sizeof *order, cmp_u64);
+            wb.order[i] = ((uint64_t)pt->ord[i] << 32) | i;
+        qsort(wb.order, n, sizeof *wb.order, cmp_u64);
+        /* corr comes from the stored code and the artifacts only, as a
+         * version 2 upgrade computes it (docs/format.md, "The factors"). */
+        bs_corr_direction(b->metric, b->pm, b->pc + (size_t)p * D, D, wb.dir);
+        for (uint32_t i = 0; i < n; i++) {
+            size_t src = (size_t)(wb.order[i] & 0xFFFFFFFFu);
+            uint8_t *code = wb.codes + (size_t)i * cb;
+            memcpy(code, pt->codes + src * cb, cb);
+            wb.ord[i] = (uint32_t)(wb.order[i] >> 32);
+            if (eb) memcpy(wb.ext + (size_t)i * eb, pt->ext + src * eb, eb);
+            wb.norm2[i] = pt->f[src].norm2;
+            wb.s1[i] = pt->f[src].s1;
+            wb.s_full[i] = pt->f[src].s_full;
+            wb.corr[i] = bs_corr_from_code(code, wb.dir, D);
+        }
         bs_part_layout pl;
         bs_part_layout_compute(n, D, B, &pl);
-        memset(buf, 0, (size_t)pl.size);
-        for (uint32_t i = 0; i < n; i++) {
-            size_t src = (size_t)(order[i] & 0xFFFFFFFFu);
-            memcpy(codes + (size_t)i * cb, pt->codes + src * cb, cb);
-            uint32_t o = (uint32_t)(order[i] >> 32);
-            memcpy(buf + pl.ordinals + (size_t)i * 4, &o, 4);
-            if (eb)
-                memcpy(buf + pl.ext + (size_t)i * eb, pt->ext + src * eb, eb);
-        }
-        if (n) bs_fastscan_pack(codes, n, D, buf + pl.blocks);
-        store_floats(buf + pl.norm2, pt->f, order, n,
-                     offsetof(bs_factors, norm2));
-        store_floats(buf + pl.s1, pt->f, order, n, offsetof(bs_factors, s1));
-        if (B > 1) {
-            store_floats(buf + pl.s_full, pt->f, order, n,
-                         offsetof(bs_factors, s_full));
-        }
-        st = bs_seg_writer_partition(&w, n, buf, pl.size, err);
+        bs_part_rows rows = {wb.codes, wb.norm2, wb.s1, wb.corr, wb.ord,
+                             eb ? wb.ext : NULL, B > 1 ? wb.s_full : NULL};
+        bs_part_fill(wb.block, &pl, n, D, B, &rows);
+        st = bs_seg_writer_partition(&w, n, wb.block, &pl, err);
     }
     if (st == BS_OK)
         st = bs_seg_writer_finish(&w, err);
     else
         bs_seg_writer_abort(&w);
-    free(buf);
-    free(codes);
-    free(order);
+    write_bufs_free(&wb);
     return st;
 }

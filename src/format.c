@@ -31,6 +31,24 @@ int bs_part_layout_compute(uint64_t count, uint32_t D, uint32_t B,
                            bs_part_layout *out) {
     memset(out, 0, sizeof *out);
     uint64_t pos = 0;
+    out->nblocks = count / 32 + (count % 32 != 0);
+    out->stride = bs_fastscan_block_bytes(D) + BS_SEG_BLOCK_FACTORS;
+    uint64_t blocks;
+    if (!place_array(&pos, out->nblocks, out->stride, &blocks)) return 0;
+    if (!place_array(&pos, count, 4, &out->ordinals)) return 0;
+    if (!bs_align64_ok(pos, &out->stage1_size)) return 0;
+    pos = out->stage1_size;
+    if (B > 1) {
+        if (!place_array(&pos, count, bs_ext_bytes(D, B), &out->ext)) return 0;
+        if (!place_array(&pos, count, 4, &out->s_full)) return 0;
+    }
+    return bs_align64_ok(pos, &out->size);
+}
+
+int bs_part_layout_v2_compute(uint64_t count, uint32_t D, uint32_t B,
+                              bs_part_layout_v2 *out) {
+    memset(out, 0, sizeof *out);
+    uint64_t pos = 0;
     uint64_t nblocks = count / 32 + (count % 32 != 0);
     if (!place_array(&pos, nblocks, bs_fastscan_block_bytes(D), &out->blocks))
         return 0;
@@ -42,6 +60,60 @@ int bs_part_layout_compute(uint64_t count, uint32_t D, uint32_t B,
         if (!place_array(&pos, count, 4, &out->s_full)) return 0;
     }
     return bs_align64_ok(pos, &out->size);
+}
+
+void bs_part_fill(uint8_t *buf, const bs_part_layout *L, uint32_t count,
+                  uint32_t D, uint32_t B, const bs_part_rows *r) {
+    memset(buf, 0, (size_t)L->size);
+    const size_t cb = bs_code_bytes(D), code_block = bs_fastscan_block_bytes(D);
+    for (uint64_t j = 0; j < L->nblocks; j++) {
+        uint8_t *blk = buf + j * L->stride;
+        size_t first = (size_t)j * 32;
+        size_t n = count - first < 32 ? count - first : 32;
+        bs_fastscan_pack(r->codes + first * cb, n, D, blk);
+        memcpy(blk + code_block, r->norm2 + first, n * 4);
+        memcpy(blk + code_block + 128, r->s1 + first, n * 4);
+        memcpy(blk + code_block + 256, r->corr + first, n * 4);
+    }
+    memcpy(buf + L->ordinals, r->ordinals, (size_t)count * 4);
+    if (B > 1) {
+        memcpy(buf + L->ext, r->ext, (size_t)count * bs_ext_bytes(D, B));
+        memcpy(buf + L->s_full, r->s_full, (size_t)count * 4);
+    }
+}
+
+float bs_corr_from_code(const uint8_t *code, const float *dir, uint32_t D) {
+    double acc = 0.0;
+    for (uint32_t i = 0; i < D; i++) {
+        double y = ((code[i >> 3] >> (i & 7)) & 1) ? 0.5 : -0.5;
+        acc += y * (double)dir[i];
+    }
+    return (float)acc;
+}
+
+void bs_corr_direction(bs_metric metric, const float *pm, const float *pc,
+                       uint32_t D, float *dir) {
+    if (metric == BS_METRIC_L2) {
+        for (uint32_t i = 0; i < D; i++) dir[i] = pm[i] - pc[i];
+    } else {
+        memcpy(dir, pm, (size_t)D * sizeof(float));
+    }
+}
+
+bs_status bs_centroid_mean_rotated(const bs_rotation *rot,
+                                   const float *centroids, uint32_t k,
+                                   uint32_t dim, float *out, bs_error *err) {
+    float *m = bs_alloc(dim, sizeof(float));
+    if (m == NULL) return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    for (uint32_t j = 0; j < dim; j++) {
+        double acc = 0.0;
+        for (uint32_t p = 0; p < k; p++)
+            acc += (double)centroids[(size_t)p * dim + j];
+        m[j] = (float)(acc / (double)k);
+    }
+    bs_status st = bs_rotation_apply(rot, m, 1, dim, out, err);
+    free(m);
+    return st;
 }
 
 /* ------------------------------------------------------------ helpers */
@@ -159,6 +231,16 @@ static bs_status io_fail(bs_error *err, const char *what, const char *path,
 static bs_status write_bytes(bs_seg_writer *w, const void *p, uint64_t n,
                              bs_error *err) {
     if (n == 0) return BS_OK;
+    if (w->mem != NULL) {
+        if (n > w->mem_cap - w->pos)
+            return bs_fail(err, BS_ERR_INTERNAL,
+                           "segment writer: %llu bytes past the %llu planned",
+                           (unsigned long long)(w->pos + n - w->mem_cap),
+                           (unsigned long long)w->mem_cap);
+        memcpy(w->mem + w->pos, p, (size_t)n);
+        w->pos += n;
+        return BS_OK;
+    }
     if (fwrite(p, 1, (size_t)n, w->f) != (size_t)n)
         return io_fail(err, "cannot write", w->tmp_path, errno ? errno : EIO);
     w->pos += n;
@@ -194,6 +276,9 @@ static char *str_concat(const char *a, const char *b) {
     return s;
 }
 
+static bs_status writer_open(bs_seg_writer *w, const char *path,
+                             const bs_seg_params *p, bs_error *err);
+
 void bs_seg_writer_abort(bs_seg_writer *w) {
     if (w->f != NULL) {
         fclose(w->f);
@@ -204,12 +289,32 @@ void bs_seg_writer_abort(bs_seg_writer *w) {
     BS_FREE(w->tmp_path);
     BS_FREE(w->header);
     BS_FREE(w->directory);
+    BS_FREE(w->mem);
     memset(w, 0, sizeof *w);
 }
 
 bs_status bs_seg_writer_open(bs_seg_writer *w, const char *path,
                              const bs_seg_params *p, bs_error *err) {
     memset(w, 0, sizeof *w);
+    return writer_open(w, path, p, err);
+}
+
+bs_status bs_seg_writer_open_memory(bs_seg_writer *w, uint64_t capacity,
+                                    const bs_seg_params *p, bs_error *err) {
+    memset(w, 0, sizeof *w);
+    void *mem = NULL;
+    if (capacity > SIZE_MAX ||
+        posix_memalign(&mem, BS_SEG_ALIGN, capacity ? (size_t)capacity : 1) != 0)
+        return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory (%llu bytes)",
+                       (unsigned long long)capacity);
+    w->mem = mem;
+    w->mem_cap = capacity;
+    return writer_open(w, NULL, p, err);
+}
+
+/* path NULL: memory mode, into w->mem (already allocated by the caller). */
+static bs_status writer_open(bs_seg_writer *w, const char *path,
+                             const bs_seg_params *p, bs_error *err) {
     bs_status st;
     uint64_t cent_raw, art_size, frag_raw, frag_size, dir_raw;
     if (__builtin_mul_overflow((uint64_t)p->num_partitions, (uint64_t)p->dim,
@@ -226,8 +331,8 @@ bs_status bs_seg_writer_open(bs_seg_writer *w, const char *path,
     w->header_size = bs_seg_header_size(p->column_len);
     bs_align64_ok(dir_raw, &w->directory_size);
 
-    w->path = str_concat(path, "");
-    w->tmp_path = str_concat(path, ".tmp");
+    w->path = str_concat(path ? path : "", "");
+    w->tmp_path = str_concat(path ? path : "", ".tmp");
     w->header = bs_zalloc((size_t)w->header_size, 1);
     w->directory = bs_zalloc((size_t)w->directory_size, 1);
     uint8_t *frags = bs_zalloc((size_t)frag_size, 1);
@@ -239,6 +344,8 @@ bs_status bs_seg_writer_open(bs_seg_writer *w, const char *path,
 
     uint8_t *h = w->header;
     memcpy(h + BS_HDR_MAGIC, BS_SEG_MAGIC, BS_SEG_MAGIC_LEN);
+    /* Version 3 moved the factors into the stage-1 blocks: every file
+     * needs a version 3 reader. */
     bs_store_u32(h + BS_HDR_READ_VERSION, BS_SEG_VERSION);
     bs_store_u32(h + BS_HDR_WRITE_VERSION, BS_SEG_VERSION);
     bs_store_u32(h + BS_HDR_HEADER_SIZE, (uint32_t)w->header_size);
@@ -258,17 +365,22 @@ bs_status bs_seg_writer_open(bs_seg_writer *w, const char *path,
     memcpy(h + BS_HDR_COLUMN, p->column, p->column_len);
 
     for (uint32_t i = 0; i < p->num_fragments; i++) {
-        bs_store_u64(frags + (size_t)i * 16, p->fragment_ids[i]);
-        bs_store_u64(frags + (size_t)i * 16 + 8, p->fragment_rows[i]);
+        uint8_t *e = frags + (size_t)i * BS_SEG_FRAGMENT_ENTRY;
+        bs_store_u64(e + BS_FRAG_ID, p->fragment_ids[i]);
+        bs_store_u64(e + BS_FRAG_ROWS, p->fragment_rows[i]);
+        if (p->fragment_identity)
+            memcpy(e + BS_FRAG_IDENTITY, p->fragment_identity + (size_t)i * 16, 16);
     }
 
-    w->f = fopen(w->tmp_path, "wb");
-    if (w->f == NULL) {
-        int e = errno;
-        free(frags);
-        st = io_fail(err, "cannot open for writing", w->tmp_path, e);
-        bs_seg_writer_abort(w);
-        return st;
+    if (path != NULL) {
+        w->f = fopen(w->tmp_path, "wb");
+        if (w->f == NULL) {
+            int e = errno;
+            free(frags);
+            st = io_fail(err, "cannot open for writing", w->tmp_path, e);
+            bs_seg_writer_abort(w);
+            return st;
+        }
     }
 
     uint64_t art_sum = 0, frag_sum = 0;
@@ -299,9 +411,10 @@ bs_status bs_seg_writer_open(bs_seg_writer *w, const char *path,
 }
 
 bs_status bs_seg_writer_partition(bs_seg_writer *w, uint32_t count,
-                                  const uint8_t *block, uint64_t size,
-                                  bs_error *err) {
-    if (w->f == NULL || w->next_partition >= w->num_partitions)
+                                  const uint8_t *block,
+                                  const bs_part_layout *L, bs_error *err) {
+    const uint64_t size = L->size, s1 = L->stage1_size;
+    if ((w->f == NULL && w->mem == NULL) || w->next_partition >= w->num_partitions)
         return bs_fail(err, BS_ERR_INTERNAL,
                        "segment writer: partition %u out of sequence",
                        w->next_partition);
@@ -310,8 +423,11 @@ bs_status bs_seg_writer_partition(bs_seg_writer *w, uint32_t count,
     bs_store_u64(e + BS_DIR_SIZE, size);
     bs_store_u32(e + BS_DIR_COUNT, count);
     bs_store_u32(e + BS_DIR_RESERVED, 0);
-    bs_store_u64(e + BS_DIR_CHECKSUM,
-                 bs_hash64(block, (size_t)size, BS_SEG_CHECKSUM_SEED));
+    bs_store_u64(e + BS_DIR_STAGE1_SIZE, s1);
+    bs_store_u64(e + BS_DIR_STAGE1_CHECKSUM,
+                 bs_hash64(block, (size_t)s1, BS_SEG_CHECKSUM_SEED));
+    bs_store_u64(e + BS_DIR_EXTRA_CHECKSUM,
+                 bs_hash64(block + s1, (size_t)(size - s1), BS_SEG_CHECKSUM_SEED));
     BS_TRY(write_bytes(w, block, size, err));
     w->next_partition++;
     w->num_rows += count;
@@ -348,15 +464,8 @@ static bs_status sync_parent_dir(const char *path, bs_error *err) {
     return st;
 }
 
-bs_status bs_seg_writer_finish(bs_seg_writer *w, bs_error *err) {
-    bs_status st = BS_OK;
-    if (w->f == NULL || w->next_partition != w->num_partitions) {
-        st = bs_fail(err, BS_ERR_INTERNAL,
-                     "segment writer: %u of %u partitions written",
-                     w->next_partition, w->num_partitions);
-        bs_seg_writer_abort(w);
-        return st;
-    }
+/* The header's last fields and checksums, once every partition is in. */
+static void complete_header(bs_seg_writer *w) {
     uint8_t *h = w->header;
     bs_store_u64(h + BS_HDR_NUM_ROWS, w->num_rows);
     bs_store_u64(h + BS_HDR_FILE_SIZE, w->pos);
@@ -366,6 +475,41 @@ bs_status bs_seg_writer_finish(bs_seg_writer *w, bs_error *err) {
     bs_store_u64(h + w->header_size - 8,
                  bs_hash64(h, (size_t)w->header_size - 8,
                            BS_SEG_CHECKSUM_SEED));
+}
+
+bs_status bs_seg_writer_finish_memory(bs_seg_writer *w, uint8_t **out,
+                                      uint64_t *len, bs_error *err) {
+    bs_status st = BS_OK;
+    if (w->mem == NULL || w->next_partition != w->num_partitions ||
+        w->pos != w->mem_cap) {
+        st = bs_fail(err, BS_ERR_INTERNAL,
+                     "segment writer: %u of %u partitions, %llu of %llu bytes",
+                     w->next_partition, w->num_partitions,
+                     (unsigned long long)w->pos, (unsigned long long)w->mem_cap);
+        bs_seg_writer_abort(w);
+        return st;
+    }
+    complete_header(w);
+    memcpy(w->mem, w->header, (size_t)w->header_size);
+    memcpy(w->mem + w->directory_offset, w->directory, (size_t)w->directory_size);
+    *out = w->mem;
+    *len = w->pos;
+    w->mem = NULL;
+    bs_seg_writer_abort(w);
+    return BS_OK;
+}
+
+bs_status bs_seg_writer_finish(bs_seg_writer *w, bs_error *err) {
+    bs_status st = BS_OK;
+    if (w->f == NULL || w->next_partition != w->num_partitions) {
+        st = bs_fail(err, BS_ERR_INTERNAL,
+                     "segment writer: %u of %u partitions written",
+                     w->next_partition, w->num_partitions);
+        bs_seg_writer_abort(w);
+        return st;
+    }
+    complete_header(w);
+    uint8_t *h = w->header;
     if (fseek(w->f, 0, SEEK_SET) != 0 ||
         fwrite(h, 1, (size_t)w->header_size, w->f) != w->header_size ||
         fseek(w->f, (long)w->directory_offset, SEEK_SET) != 0 ||

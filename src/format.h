@@ -20,16 +20,26 @@
 #define BS_SEG_MAGIC "BSHRDSEG"
 #define BS_SEG_MAGIC_LEN 8
 /* The format version this code writes, and the newest read version it
- * understands. */
-#define BS_SEG_VERSION 2u
+ * understands. Version 2 files are still read: converted to the version 3
+ * layout in memory at open (segment.c). */
+#define BS_SEG_VERSION 3u
+#define BS_SEG_VERSION_2 2u
 #define BS_SEG_ALIGN 64u
 /* Fixed header fields end here; the column name follows. */
 #define BS_SEG_HEADER_FIXED 200u
 #define BS_SEG_MAX_COLUMN 1024u
-#define BS_SEG_FRAGMENT_ENTRY 16u
-#define BS_SEG_DIR_ENTRY 32u
-/* Flags defined by version 1: none. Every bit is reserved. */
+#define BS_SEG_FRAGMENT_ENTRY 32u
+#define BS_SEG_DIR_ENTRY 64u
+/* Version 2's entries: fragment (id, rows), directory (offset, size,
+ * count, reserved, checksum). */
+#define BS_SEG_V2_FRAGMENT_ENTRY 16u
+#define BS_SEG_V2_DIR_ENTRY 32u
+/* Bit 0 is reserved for "external centroids" (a later reader defines it);
+ * no flag is known to this reader, so a file with any bit set is refused. */
+#define BS_SEG_FLAG_EXTERNAL_CENTROIDS 1u
 #define BS_SEG_FLAGS_KNOWN 0u
+/* Bytes of a stage-1 block's factors: norm2[32], s1[32], corr[32] (f32). */
+#define BS_SEG_BLOCK_FACTORS 384u
 /* Seed of bs_hash64 for every checksum in the file. */
 #define BS_SEG_CHECKSUM_SEED 0u
 /* Fragment ids must fit in 32 bits: row ids are (id << 32) | offset. */
@@ -64,13 +74,26 @@ enum {
     BS_HDR_COLUMN = BS_SEG_HEADER_FIXED
 };
 
-/* Byte offsets inside one 32-byte directory entry. */
+/* Byte offsets inside one 64-byte directory entry (version 3); version
+ * 2's 32-byte entry shares the first four fields and keeps its one
+ * checksum at BS_DIR2_CHECKSUM. */
 enum {
     BS_DIR_OFFSET = 0,
     BS_DIR_SIZE = 8,
     BS_DIR_COUNT = 16,
     BS_DIR_RESERVED = 20,
-    BS_DIR_CHECKSUM = 24
+    BS_DIR_STAGE1_SIZE = 24,
+    BS_DIR_STAGE1_CHECKSUM = 32,
+    BS_DIR_EXTRA_CHECKSUM = 40,
+    BS_DIR_RESERVED2 = 48, /* 16 bytes, zero */
+    BS_DIR2_CHECKSUM = 24
+};
+
+/* Byte offsets inside one 32-byte fragment table entry (version 3). */
+enum {
+    BS_FRAG_ID = 0,
+    BS_FRAG_ROWS = 8,
+    BS_FRAG_IDENTITY = 16 /* 16 bytes; all zero = not recorded */
 };
 
 /* ------------------------------------------------ little-endian access */
@@ -117,17 +140,66 @@ static inline uint64_t bs_seg_header_size(uint32_t column_len) {
     return s;
 }
 
-/* Where each array of a partition block lives, relative to the block's
- * start, and the block's padded size. Arrays absent for B == 1 have
- * offset 0 and are not stored. */
+/* A version 3 partition block, relative to its start. The stage-1 region
+ * is nblocks blocks of `stride` bytes (4D bytes of FastScan codes, then
+ * norm2[32], s1[32], corr[32]), then the ordinals; the extra region
+ * (B > 1 only) is ext then s_full. Both regions are padded to 64. Arrays
+ * absent for B == 1 have offset 0 and are not stored. */
 typedef struct bs_part_layout {
-    uint64_t blocks, norm2, s1, ordinals, ext, s_full;
-    uint64_t size; /* padded to 64 */
+    uint64_t nblocks;
+    uint64_t stride;      /* 4 * D + BS_SEG_BLOCK_FACTORS */
+    uint64_t ordinals;
+    uint64_t stage1_size; /* padded to 64 */
+    uint64_t ext, s_full; /* from the block start, inside the extra region */
+    uint64_t size;        /* padded to 64; stage1_size when B == 1 */
 } bs_part_layout;
 
 /* 0 when the sizes overflow 64 bits. */
 int bs_part_layout_compute(uint64_t count, uint32_t D, uint32_t B,
                            bs_part_layout *out);
+
+/* A version 2 partition block: every array at the next multiple of 64. */
+typedef struct bs_part_layout_v2 {
+    uint64_t blocks, norm2, s1, ordinals, ext, s_full;
+    uint64_t size; /* padded to 64 */
+} bs_part_layout_v2;
+
+int bs_part_layout_v2_compute(uint64_t count, uint32_t D, uint32_t B,
+                              bs_part_layout_v2 *out);
+
+/* One partition's rows in ordinal order, as the writers hold them before
+ * laying them out: row-major 1-bit codes (count * D/8 bytes), factors,
+ * ordinals, extra codes (count * bs_ext_bytes; NULL when B == 1) and
+ * s_full (NULL when B == 1). */
+typedef struct bs_part_rows {
+    const uint8_t *codes;
+    const float *norm2, *s1, *corr;
+    const uint32_t *ordinals;
+    const uint8_t *ext;
+    const float *s_full;
+} bs_part_rows;
+
+/* Lays count rows out as a version 3 block into buf (L.size bytes, L from
+ * bs_part_layout_compute(count, D, B)), padding zeroed. */
+void bs_part_fill(uint8_t *buf, const bs_part_layout *L, uint32_t count,
+                  uint32_t D, uint32_t B, const bs_part_rows *rows);
+
+/* The stored corr factor of a row (docs/format.md, "The factors"): with
+ * y1 = b - 1/2 from its row-major 1-bit code, sum over i = 0..D-1 in order
+ * of (double)y1_i * (double)dir[i], rounded to float. dir is Pm - Pc (l2)
+ * or Pm (dot, cosine): see bs_corr_direction. */
+float bs_corr_from_code(const uint8_t *code, const float *dir, uint32_t D);
+
+/* dir[i] = pm[i] - pc[i] in float for l2, pm[i] for dot and cosine. */
+void bs_corr_direction(bs_metric metric, const float *pm, const float *pc,
+                       uint32_t D, float *dir);
+
+/* Pm: the mean of the k centroids (each coordinate summed in double over
+ * p = 0..k-1 in order, divided by k in double, rounded to float), padded
+ * to D and rotated with rot (bs_rotation_apply); out has D floats. */
+bs_status bs_centroid_mean_rotated(const bs_rotation *rot,
+                                   const float *centroids, uint32_t k,
+                                   uint32_t dim, float *out, bs_error *err);
 
 /* ------------------------------------------------------------- writing */
 
@@ -149,6 +221,8 @@ typedef struct bs_seg_params {
     const float *centroids; /* num_partitions * dim */
     const uint64_t *fragment_ids;
     const uint64_t *fragment_rows;
+    /* 16 bytes per fragment, or NULL: every identity all zero. */
+    const uint8_t *fragment_identity;
     uint32_t num_fragments;
 } bs_seg_params;
 
@@ -168,6 +242,10 @@ typedef struct bs_seg_writer {
     uint32_t num_partitions;
     uint32_t next_partition;
     uint64_t num_rows;
+    /* Memory mode (bs_seg_writer_open_memory): the file is assembled in
+     * mem (64-byte aligned, mem_cap bytes) instead of written. */
+    uint8_t *mem;
+    uint64_t mem_cap;
 } bs_seg_writer;
 
 /* Opens path + ".tmp" and writes the header placeholder, the artifacts, the
@@ -175,11 +253,19 @@ typedef struct bs_seg_writer {
  * on disk. */
 bs_status bs_seg_writer_open(bs_seg_writer *w, const char *path,
                              const bs_seg_params *p, bs_error *err);
-/* Appends the next partition: block holds layout.size bytes laid out by
- * bs_part_layout_compute(count, ...), padding zeroed. */
+/* The same file assembled in memory: capacity is its exact size (the
+ * caller knows every count); finish_memory hands the 64-byte aligned
+ * buffer over (free() it). Used to convert a version 2 file at open. */
+bs_status bs_seg_writer_open_memory(bs_seg_writer *w, uint64_t capacity,
+                                    const bs_seg_params *p, bs_error *err);
+bs_status bs_seg_writer_finish_memory(bs_seg_writer *w, uint8_t **out,
+                                      uint64_t *len, bs_error *err);
+/* Appends the next partition: block holds L.size bytes laid out by
+ * bs_part_fill (L = bs_part_layout_compute(count, ...)); the directory
+ * entry gets both region checksums. */
 bs_status bs_seg_writer_partition(bs_seg_writer *w, uint32_t count,
-                                  const uint8_t *block, uint64_t size,
-                                  bs_error *err);
+                                  const uint8_t *block,
+                                  const bs_part_layout *L, bs_error *err);
 /* After the last partition: completes header and directory, fsyncs and
  * renames the file into place. The writer is closed either way. */
 bs_status bs_seg_writer_finish(bs_seg_writer *w, bs_error *err);

@@ -28,8 +28,8 @@ static int cmp_owner(const void *a, const void *b) {
 /* Checks fragment disjointness and fills the output fragment table and
  * each input's ordinal base. */
 static bs_status plan_fragments(const bs_segment *const *in, size_t n,
-                                uint64_t *ids, uint64_t *rows, uint64_t *base,
-                                bs_error *err) {
+                                uint64_t *ids, uint64_t *rows, uint8_t *ident,
+                                uint64_t *base, bs_error *err) {
     size_t total_f = 0;
     uint64_t total_rows = 0;
     for (size_t i = 0; i < n; i++) {
@@ -38,6 +38,7 @@ static bs_status plan_fragments(const bs_segment *const *in, size_t n,
         base[i] = total_rows;
         for (uint32_t f = 0; f < info.num_fragments; f++) {
             bs_segment_fragment(in[i], f, &ids[total_f], &rows[total_f]);
+            bs_segment_fragment_identity(in[i], f, ident + total_f * 16);
             total_rows += rows[total_f];
             total_f++;
         }
@@ -96,6 +97,15 @@ static bs_status check_merge_args(const bs_segment *const *inputs, size_t n,
             return bs_fail(err, sub.code, "cannot merge segment %zu: %s", i,
                            sub.message);
     }
+    /* The output's checksums would vouch for whatever the inputs hold:
+     * every input is checked whole first (partitions are otherwise checked
+     * only when a search touches them). */
+    for (size_t i = 0; i < n; i++) {
+        bs_error sub;
+        bs_status st = bs_segment_verify(inputs[i], &sub);
+        if (st != BS_OK)
+            return bs_fail(err, st, "cannot merge segment %zu: %s", i, sub.message);
+    }
     return BS_OK;
 }
 
@@ -118,12 +128,14 @@ typedef struct merge_state {
     bs_segment_info info; /* of inputs[0]; the others are compatible */
     uint64_t num_fragments;
     uint64_t *ids, *rows; /* output fragment table */
+    uint8_t *ident;       /* its identities, 16 bytes each */
     uint64_t *base;       /* per input: ordinal of its first row in the output */
     bs_repack rp;         /* one partition block, as the writer takes it */
 } merge_state;
 
 static void merge_state_free(merge_state *m) {
     bs_repack_free(&m->rp);
+    BS_FREE(m->ident);
     BS_FREE(m->ids);
     BS_FREE(m->rows);
     BS_FREE(m->base);
@@ -147,10 +159,11 @@ static bs_status merge_plan(merge_state *m, bs_error *err) {
     m->num_fragments = total_f;
     m->ids = bs_alloc((size_t)total_f, sizeof *m->ids);
     m->rows = bs_alloc((size_t)total_f, sizeof *m->rows);
+    m->ident = bs_zalloc((size_t)total_f + 1, 16);
     m->base = bs_alloc(m->n, sizeof *m->base);
-    if (!m->ids || !m->rows || !m->base)
+    if (!m->ids || !m->rows || !m->ident || !m->base)
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-    return plan_fragments(m->in, m->n, m->ids, m->rows, m->base, err);
+    return plan_fragments(m->in, m->n, m->ids, m->rows, m->ident, m->base, err);
 }
 
 /* Buffers for the largest output partition. */
@@ -173,6 +186,7 @@ static bs_status merge_open(const merge_state *m, const uint8_t uuid[16],
     bs_seg_params prm;
     bs_repack_params(m->in[0], uuid, m->ids, m->rows,
                      (uint32_t)m->num_fragments, &prm);
+    prm.fragment_identity = m->ident;
     return bs_seg_writer_open(w, path, &prm, err);
 }
 

@@ -84,6 +84,14 @@ static bs_status check_args(const bs_remap_input *in, size_t n,
             return bs_fail(err, sub.code, "cannot remap segment %zu: %s", i,
                            sub.message);
     }
+    /* As merge: every input is checked whole before its rows are vouched
+     * for by the output's checksums. */
+    for (size_t i = 0; i < n; i++) {
+        bs_error sub;
+        bs_status st = bs_segment_verify(in[i].segment, &sub);
+        if (st != BS_OK)
+            return bs_fail(err, st, "cannot remap segment %zu: %s", i, sub.message);
+    }
     return BS_OK;
 }
 

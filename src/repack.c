@@ -17,9 +17,13 @@ bs_status bs_repack_init(bs_repack *r, uint32_t D, uint32_t B,
         L.size > SIZE_MAX)
         return bs_fail(err, BS_ERR_NO_MEMORY, "partition too large (%llu rows)",
                        (unsigned long long)max_count);
+    r->max_count = (size_t)max_count;
     r->buf = bs_alloc((size_t)L.size, 1);
     r->codes = bs_alloc((size_t)max_count, bs_code_bytes(D));
-    if (!r->buf || !r->codes) {
+    r->ext = bs_alloc((size_t)max_count, B > 1 ? bs_ext_bytes(D, B) : 1);
+    r->f = bs_alloc2(4, (size_t)max_count, sizeof(float));
+    r->ord = bs_alloc((size_t)max_count, sizeof(uint32_t));
+    if (!r->buf || !r->codes || !r->ext || !r->f || !r->ord) {
         bs_repack_free(r);
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
     }
@@ -28,7 +32,6 @@ bs_status bs_repack_init(bs_repack *r, uint32_t D, uint32_t B,
 
 void bs_repack_begin(bs_repack *r, uint32_t count) {
     bs_part_layout_compute(count, r->D, r->B, &r->pl);
-    memset(r->buf, 0, (size_t)r->pl.size);
     r->count = count;
     r->at = 0;
 }
@@ -36,30 +39,33 @@ void bs_repack_begin(bs_repack *r, uint32_t count) {
 void bs_repack_put(bs_repack *r, const bs_partition_view *v, size_t j,
                    uint32_t ordinal) {
     const size_t cb = bs_code_bytes(r->D), eb = bs_ext_bytes(r->D, r->B);
-    const size_t at = r->at++;
-    uint8_t *buf = r->buf;
-    const bs_part_layout *pl = &r->pl;
-    bs_fastscan_unpack_one(v->blocks, j, r->D, r->codes + at * cb);
-    memcpy(buf + pl->ordinals + at * 4, &ordinal, 4);
-    memcpy(buf + pl->norm2 + at * 4, &v->norm2[j], 4);
-    memcpy(buf + pl->s1 + at * 4, &v->s1[j], 4);
-    if (r->B > 1) {
-        memcpy(buf + pl->ext + at * eb, v->ext + j * eb, eb);
-        memcpy(buf + pl->s_full + at * 4, &v->s_full[j], 4);
-    }
+    const size_t at = r->at++, mc = r->max_count;
+    bs_fastscan_unpack_one(bs_pv_block(v, j / 32), j % 32, r->D, r->codes + at * cb);
+    r->ord[at] = ordinal;
+    r->f[at] = bs_pv_norm2(v, j);
+    r->f[mc + at] = bs_pv_s1(v, j);
+    r->f[2 * mc + at] = bs_pv_corr(v, j);
+    r->f[3 * mc + at] = bs_pv_s_full(v, j);
+    if (r->B > 1) memcpy(r->ext + at * eb, v->ext + j * eb, eb);
 }
 
 bs_status bs_repack_write(bs_repack *r, bs_seg_writer *w, bs_error *err) {
     if (r->at != r->count)
         return bs_fail(err, BS_ERR_INTERNAL,
                        "partition assembly: %u of %u rows put", r->at, r->count);
-    if (r->count) bs_fastscan_pack(r->codes, r->count, r->D, r->buf + r->pl.blocks);
-    return bs_seg_writer_partition(w, r->count, r->buf, r->pl.size, err);
+    const size_t mc = r->max_count;
+    const bs_part_rows rows = {r->codes, r->f, r->f + mc, r->f + 2 * mc, r->ord,
+                               r->B > 1 ? r->ext : NULL, r->B > 1 ? r->f + 3 * mc : NULL};
+    bs_part_fill(r->buf, &r->pl, r->count, r->D, r->B, &rows);
+    return bs_seg_writer_partition(w, r->count, r->buf, &r->pl, err);
 }
 
 void bs_repack_free(bs_repack *r) {
     BS_FREE(r->buf);
     BS_FREE(r->codes);
+    BS_FREE(r->ext);
+    BS_FREE(r->f);
+    BS_FREE(r->ord);
 }
 
 void bs_repack_params(const bs_segment *seg, const uint8_t uuid[16],

@@ -1,7 +1,8 @@
 /* Assembling one output partition block from rows of opened segments,
  * without re-encoding: the 1-bit codes are unpacked from their FastScan
- * blocks and repacked for the new row count, every other per-row array is
- * copied. Shared by merge and remap, which differ only in which rows go
+ * blocks and repacked with their factors for the new row count, every other
+ * per-row array (corr included: it depends on the row's code and the shared
+ * centroids only) is copied. Shared by merge and remap, which differ only in which rows go
  * where; the block goes to the one segment writer (format.c). Internal. */
 #ifndef BS_REPACK_H
 #define BS_REPACK_H
@@ -13,6 +14,10 @@ typedef struct bs_repack {
     uint32_t D, B;
     uint8_t *buf;    /* one block of the largest output partition */
     uint8_t *codes;  /* that partition's 1-bit codes, row-major */
+    uint8_t *ext;    /* its extra codes, row-major (B > 1) */
+    float *f;        /* its norm2, s1, corr, s_full: 4 arrays of max_count */
+    uint32_t *ord;   /* its ordinals */
+    size_t max_count;
     bs_part_layout pl;
     uint32_t count;  /* rows of the partition being assembled */
     uint32_t at;     /* rows put so far */
@@ -33,7 +38,8 @@ void bs_repack_free(bs_repack *r);
 
 /* Writer parameters for an output in the code space of seg (dimension,
  * bits, metric, rotation, centroids, column, fingerprints) with a new uuid
- * and fragment table. The pointers are borrowed. */
+ * and fragment table (identities not recorded: the caller may set
+ * out->fragment_identity). The pointers are borrowed. */
 void bs_repack_params(const bs_segment *seg, const uint8_t uuid[16],
                       const uint64_t *fragment_ids,
                       const uint64_t *fragment_rows, uint32_t num_fragments,

@@ -21,12 +21,14 @@
  * codes see it.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "alloc.h"
 #include "bounds.h"
 #include "dot.h"
 #include "error.h"
+#include "format.h"
 #include "probe.h"
 #include "rabitq.h"
 #include "scratch.h"
@@ -463,6 +465,22 @@ static bs_bound_params probe_tables(const query_ctx *x, uint32_t pi) {
     return bp;
 }
 
+/* Partition p of segment seg is checked the first time a search touches
+ * it (docs/format.md, "Validation"); a corrupt one fails the search with
+ * the segment named. */
+static bs_status touch_partition(const bs_segment *seg, uint32_t p, bs_error *err) {
+    bs_error sub;
+    bs_status st = bs_segment_check_partition(seg, p, &sub);
+    if (st == BS_OK) return BS_OK;
+    bs_segment_info info;
+    bs_segment_get_info(seg, &info);
+    bs_fingerprint u;
+    memcpy(u.bytes, info.uuid, 16);
+    char hex[33];
+    bs_seg_fingerprint_hex(&u, hex);
+    return bs_fail(err, st, "segment %s: %s", hex, sub.message);
+}
+
 /* Stage 1 over probe pi's partition in segment si: every code's lower
  * bound, and the codes that may still enter the top k admitted as
  * candidates (docs/rabitq.md, "The staged scan", step 4). */
@@ -471,6 +489,7 @@ static bs_status scan_partition(query_ctx *x, uint32_t pi, size_t si,
     const bs_searcher *s = x->s;
     bs_candidates *c = x->c;
     bs_partition_view v;
+    BS_TRY(touch_partition(s->segs[si], c->probe.probes[pi], err));
     bs_segment_partition(s->segs[si], c->probe.probes[pi], &v);
     x->stats.partitions_probed++;
     if (v.count == 0) return BS_OK;
@@ -478,16 +497,22 @@ static bs_status scan_partition(query_ctx *x, uint32_t pi, size_t si,
     if (!bs_grow((void **)&c->sums, &c->cap_sums, nblocks * 32, sizeof(uint32_t)) ||
         !bs_grow((void **)&c->lb_mask, &c->cap_lb_mask, nblocks, sizeof(uint32_t)))
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
-    s->kernel(v.blocks, nblocks, c->lut_tables, s->padded_dim, c->sums);
     x->stats.codes_scanned += v.count;
-    /* One vector pass: every code's estimate and lower bound, written over
-     * the sums, and a bit per code whose bound is not above the threshold
-     * as the partition starts. Then the few with the bit set, in order. */
+    /* One pass per block (a block's codes and factors are adjacent): the
+     * kernel's sums, then every code's estimate and lower bound, written
+     * over the sums, and a bit per code whose bound is not above the
+     * threshold as the partition starts. Then the few with the bit set, in
+     * order. */
     float *lbs = (float *)c->sums;
     const size_t k = x->k;
     size_t nheap = x->nheap;
-    s->bounds(c->sums, v.norm2, v.s1, v.count, bp, nheap == k ? c->heap[0] : INFINITY, lbs,
-              c->lb_mask);
+    const float threshold0 = nheap == k ? c->heap[0] : INFINITY;
+    for (size_t j = 0; j < nblocks; j++) {
+        const size_t n = v.count - 32 * j < 32 ? v.count - 32 * j : 32;
+        s->kernel(bs_pv_block(&v, j), 1, c->lut_tables, s->padded_dim, c->sums + 32 * j);
+        s->bounds(c->sums + 32 * j, bs_pv_norm2_block(&v, j), bs_pv_s1_block(&v, j), n, bp,
+                  threshold0, lbs + 32 * j, c->lb_mask + j);
+    }
     /* The threshold only falls while the partition is scanned, so a code
      * whose bit is clear could not pass the exact test below; a set bit
      * (the threshold may have fallen since) only lets it reach that test. */
@@ -505,8 +530,9 @@ static bs_status scan_partition(query_ctx *x, uint32_t pi, size_t si,
                 rowid = bs_segment_rowid(s->segs[si], v.ordinals[i]);
                 if (!rowid_allowed(x->params, rowid)) continue;
             }
-            float f1 = bs_f1_from(v.norm2[i], v.s1[i], bp->quarter_d, bp->inv_sqrt_dm1);
-            float bound = bp->ferr * f1 + bp->lerr * fabsf(v.s1[i]);
+            const float n2 = bs_pv_norm2(&v, i), s1 = bs_pv_s1(&v, i);
+            float f1 = bs_f1_from(n2, s1, bp->quarter_d, bp->inv_sqrt_dm1);
+            float bound = bp->ferr * f1 + bp->lerr * fabsf(s1);
             float est = lb + bound;
             float ub = est + bound;
             bs_heap_push_bounded(c->heap, &nheap, k, ub);
@@ -568,7 +594,7 @@ static inline void prefetch_extra(const query_ctx *x, const bs_cand *cd, size_t 
     const uint8_t *e = av.ext + (size_t)cd->index * ext_bytes;
     for (size_t off = 0; off < ext_bytes; off += 64) prefetch_read(e + off);
     prefetch_read(e + ext_bytes - 1);
-    prefetch_read(av.s_full + cd->index);
+    prefetch_read(&av.s_full[cd->index]);
 }
 
 /* The full B-bit code's estimate of candidate cd (docs/rabitq.md, "The
@@ -589,7 +615,7 @@ static inline float full_estimate(query_ctx *x, const bs_cand *cd) {
         nibble_tables(qp, D, tab);
         c->nibble_ready[cd->probe] = 1;
     }
-    const uint8_t *block = v.blocks + (size_t)(cd->index / 32) * bs_fastscan_block_bytes(D);
+    const uint8_t *block = bs_pv_block(&v, cd->index / 32);
     const uint8_t *ext = v.ext + (size_t)cd->index * ext_bytes;
     float ip_e = 0.0f;
     if (B == 9)
@@ -599,8 +625,9 @@ static inline float full_estimate(query_ctx *x, const bs_cand *cd) {
             ip_e += (float)(1u << j) * plane_dot(ext + j * plane_bytes, D, tab);
     float ip_u = top * fastscan_code_dot(block, cd->index % 32, D, tab) + ip_e;
     float ip_y = ip_u - half_levels * t->qsum;
-    float s_full = v.s_full[cd->index];
-    if (s->metric == BS_METRIC_L2) return v.norm2[cd->index] + t->qnorm2 - 2.0f * s_full * ip_y;
+    float s_full = v.s_full[cd->index]; /* B > 1 here */
+    if (s->metric == BS_METRIC_L2)
+        return bs_pv_norm2(&v, cd->index) + t->qnorm2 - 2.0f * s_full * ip_y;
     return 1.0f - (s_full * ip_y + t->ip_cq);
 }
 
@@ -649,6 +676,32 @@ static void keep_top_estimates(query_ctx *x) {
     c->ncands = m;
 }
 
+static int cmp_rowid(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Position of the first of a[0..n) whose row id an earlier one has, or n.
+ * Short answers compare pairs; longer ones sort a copy of the row ids
+ * first and search only when it holds a repeat (a crafted file). */
+static size_t first_repeated_rowid(const bs_cand *a, size_t n) {
+    if (n > 32) {
+        uint64_t *ids = bs_alloc(n, sizeof *ids);
+        if (ids != NULL) {
+            for (size_t i = 0; i < n; i++) ids[i] = a[i].rowid;
+            qsort(ids, n, sizeof *ids, cmp_rowid);
+            int repeat = 0;
+            for (size_t i = 1; i < n && !repeat; i++) repeat = ids[i] == ids[i - 1];
+            free(ids);
+            if (!repeat) return n;
+        }
+    }
+    for (size_t i = 1; i < n; i++)
+        for (size_t j = 0; j < i; j++)
+            if (a[j].rowid == a[i].rowid) return i;
+    return n;
+}
+
 /* The answer into c's result arrays, in the order bitshard.h documents. */
 static bs_status emit(query_ctx *x, bs_error *err) {
     bs_candidates *c = x->c;
@@ -666,6 +719,16 @@ static bs_status emit(query_ctx *x, bs_error *err) {
         nout = x->k;
     }
     bs_sort_best(c->cands, c->ncands, nout, by_lb);
+    /* A row id twice in the answer needs an ordinal in two partitions,
+     * which only a crafted file has (bs_segment_verify refuses it; a
+     * search does not read the whole file): the worse-ranked copy goes,
+     * and the rest are ranked again. */
+    for (size_t dup; nout > 1 && (dup = first_repeated_rowid(c->cands, nout)) < nout;) {
+        memmove(&c->cands[dup], &c->cands[dup + 1], (c->ncands - dup - 1) * sizeof *c->cands);
+        c->ncands--;
+        if (nout > c->ncands) nout = c->ncands;
+        bs_sort_best(c->cands, c->ncands, nout, by_lb);
+    }
     /* estimates and lower_bounds share cap_out: resized alongside. The
      * result is empty (size 0) until all three succeed, so a failure here
      * leaves no stale rows behind. */

@@ -1,9 +1,14 @@
-/* Opening a segment: every byte of the buffer is validated before a single
- * pointer into it is handed out (docs/format.md, "Validation"), so search
- * and merge can read the views without further checks. */
+/* Opening a segment (docs/format.md, "Validation"). A version 3 file is
+ * opened from its header, artifacts, fragment table and directory alone;
+ * each partition is checked the first time something asks for it
+ * (bs_segment_check_partition), and bs_segment_verify checks everything,
+ * including the rules that need the whole file. A version 2 file is
+ * validated whole, as version 2 readers did, and converted to the version
+ * 3 layout in memory: everything past the open sees version 3. */
 #include "segment.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -12,18 +17,46 @@
 #include "format.h"
 #include "hash.h"
 
+/* One directory entry, checked for structure at open. base points at the
+ * partition's own bytes, so a later reader can attach partitions fetched
+ * one by one instead of one buffer. */
+typedef struct seg_part {
+    const uint8_t *base;
+    uint64_t size, stage1_size;
+    uint64_t stage1_sum, extra_sum;
+    uint32_t count;
+} seg_part;
+
+/* Partition states: unchecked, checked and good, checked and corrupt. */
+enum { PART_UNCHECKED = 0, PART_GOOD = 1, PART_CORRUPT = 2 };
+
+/* A version 2 partition, validated whole at open, before conversion. */
+typedef struct v2_view {
+    uint32_t count;
+    const uint8_t *blocks;
+    const float *norm2, *s1, *s_full;
+    const uint32_t *ordinals;
+    const uint8_t *ext;
+} v2_view;
+
 struct bs_segment {
     const uint8_t *data;
     size_t len;
+    uint8_t *owned; /* the converted bytes of a version 2 file, or NULL */
+    uint32_t layout; /* 2 or 3: the layout of data */
     bs_segment_info info;
     char *column;
     const float *centroids;
     uint64_t *frag_ids;
     uint64_t *frag_rows;
+    uint8_t *frag_identity; /* 16 bytes per fragment */
     /* prefix[i] = rows of fragments before i; prefix[num_fragments] is the
      * number of ordinals. */
     uint64_t *prefix;
-    bs_partition_view *parts;
+    seg_part *parts;
+    _Atomic unsigned char *state; /* per partition, PART_* */
+    int unique_checked; /* no ordinal in two partitions: known */
+    v2_view *v2; /* version 2 only, during open */
 };
 
 #define CORRUPT(...) bs_fail(err, BS_ERR_CORRUPT, __VA_ARGS__)
@@ -102,6 +135,9 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
         return CORRUPT("write version %u is older than read version %u",
                        write_version, read_version);
     info->format_version = write_version;
+    /* A read version of 2 (or 1) promises version 2's layout whatever
+     * wrote the file; 3 is this reader's own. */
+    s->layout = read_version <= BS_SEG_VERSION_2 ? 2 : 3;
 
     uint64_t min_header = bs_seg_header_size(1);
     uint64_t max_header = bs_seg_header_size(BS_SEG_MAX_COLUMN);
@@ -153,7 +189,7 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
                        info->padded_dim, info->dim, bs_padded_dim(info->dim));
     if (info->num_bits < 1 || info->num_bits > 9)
         return CORRUPT("num_bits %u is out of range 1..9", info->num_bits);
-    if (info->format_version < 2)
+    if (info->format_version < BS_SEG_VERSION_2)
         return bs_fail(err, BS_ERR_UNSUPPORTED_VERSION,
                        "segment written by format version %u; this reader reads "
                        "format 2 (no stored error factors, 9-bit codes as bytes): "
@@ -232,20 +268,27 @@ static bs_status parse_fragments(bs_segment *s, bs_error *err) {
     uint32_t nf = s->info.num_fragments;
     uint64_t off = bs_load_u64(h + BS_HDR_ARTIFACTS) +
                    bs_load_u64(h + BS_HDR_ARTIFACTS + 8);
+    const uint32_t entry = s->layout == 2 ? BS_SEG_V2_FRAGMENT_ENTRY
+                                          : BS_SEG_FRAGMENT_ENTRY;
     uint64_t size;
-    bs_align64_ok((uint64_t)nf * BS_SEG_FRAGMENT_ENTRY, &size);
+    bs_align64_ok((uint64_t)nf * entry, &size);
     BS_TRY(check_section(s, BS_HDR_FRAGMENTS, off, size, "fragment table",
                          err));
 
     s->frag_ids = bs_alloc((size_t)nf + 1, sizeof(uint64_t));
     s->frag_rows = bs_alloc((size_t)nf + 1, sizeof(uint64_t));
     s->prefix = bs_alloc((size_t)nf + 1, sizeof(uint64_t));
-    if (!s->frag_ids || !s->frag_rows || !s->prefix)
+    s->frag_identity = bs_zalloc((size_t)nf + 1, 16);
+    if (!s->frag_ids || !s->frag_rows || !s->prefix || !s->frag_identity)
         return NOMEM();
     s->prefix[0] = 0;
     for (uint32_t i = 0; i < nf; i++) {
-        const uint8_t *e = h + off + (size_t)i * BS_SEG_FRAGMENT_ENTRY;
-        uint64_t id = bs_load_u64(e), rows = bs_load_u64(e + 8);
+        const uint8_t *e = h + off + (size_t)i * entry;
+        uint64_t id = bs_load_u64(e + BS_FRAG_ID);
+        uint64_t rows = bs_load_u64(e + BS_FRAG_ROWS);
+        /* Any 16 bytes are a valid identity (zero: not recorded). */
+        if (s->layout == 3)
+            memcpy(s->frag_identity + (size_t)i * 16, e + BS_FRAG_IDENTITY, 16);
         if (id > BS_SEG_MAX_FRAGMENT_ID)
             return CORRUPT("fragment %u has id %llu, which does not fit in "
                            "32 bits",
@@ -277,6 +320,38 @@ static bs_status parse_fragments(bs_segment *s, bs_error *err) {
     return BS_OK;
 }
 
+/* The view of partition p from its directory entry. */
+static void part_view(const bs_segment *s, uint32_t p, bs_partition_view *v) {
+    const seg_part *sp = &s->parts[p];
+    const uint32_t D = s->info.padded_dim, B = s->info.num_bits;
+    bs_part_layout L;
+    bs_part_layout_compute(sp->count, D, B, &L); /* checked at open */
+    v->count = sp->count;
+    v->padded_dim = D;
+    v->stride = (size_t)L.stride;
+    v->blocks = sp->base;
+    /* Every offset is a multiple of 64 from a 64-aligned buffer, so these
+     * casts give aligned arrays. */
+    v->ordinals = (const uint32_t *)(const void *)(sp->base + L.ordinals);
+    if (B > 1) {
+        v->ext = sp->base + L.ext;
+        v->s_full = (const float *)(const void *)(sp->base + L.s_full);
+    } else {
+        v->ext = NULL;
+        v->s_full = NULL;
+    }
+}
+
+static int bits_zero(const float *f, size_t n) {
+    uint32_t acc = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, &f[i], 4);
+        acc |= b;
+    }
+    return acc == 0;
+}
+
 /* Per-vector values that a valid writer cannot have produced would turn
  * into wrong distances, so they are refused like a bad checksum. */
 static bs_status check_partition_values(const bs_segment *s, uint32_t p,
@@ -292,9 +367,22 @@ static bs_status check_partition_values(const bs_segment *s, uint32_t p,
             return CORRUPT("partition %u row %u: ordinals are not strictly "
                            "increasing",
                            p, i);
-        if (!isfinite(v->norm2[i]) || !(v->norm2[i] >= 0) ||
-            !isfinite(v->s1[i]) || !isfinite(v->s_full[i]))
+        float n2 = bs_pv_norm2(v, i);
+        if (!isfinite(n2) || !(n2 >= 0) || !isfinite(bs_pv_s1(v, i)) ||
+            !isfinite(bs_pv_corr(v, i)) || !isfinite(bs_pv_s_full(v, i)))
             return CORRUPT("partition %u row %u: invalid factors", p, i);
+    }
+    /* The factor slots past count in the last block are zero, like the
+     * codes: a kernel computes bounds for them along with the real rows. */
+    uint32_t used = v->count % 32;
+    if (used != 0) {
+        size_t last = v->count / 32;
+        if (!bits_zero(bs_pv_norm2_block(v, last) + used, 32 - used) ||
+            !bits_zero(bs_pv_s1_block(v, last) + used, 32 - used) ||
+            !bits_zero(bs_pv_corr_block(v, last) + used, 32 - used))
+            return CORRUPT("partition %u: factor slots past row %u are not "
+                           "zero",
+                           p, v->count);
     }
     return BS_OK;
 }
@@ -303,13 +391,11 @@ static bs_status check_partition_values(const bs_segment *s, uint32_t p,
  * kernel scans them along with the real rows, so they must be the same in
  * every file. */
 static bs_status check_block_padding(const bs_segment *s, uint32_t p,
-                                     const bs_partition_view *v,
+                                     uint32_t count, const uint8_t *last,
                                      bs_error *err) {
-    if (v->count % 32 == 0) return BS_OK;
+    if (count % 32 == 0) return BS_OK;
     const uint32_t D = s->info.padded_dim;
-    const uint8_t *last =
-        v->blocks + (size_t)(v->count / 32) * bs_fastscan_block_bytes(D);
-    const uint32_t used = v->count % 32;
+    const uint32_t used = count % 32;
     for (uint32_t g = 0; g < D / 4; g++) {
         for (uint32_t j = 0; j < 16; j++) {
             uint8_t byte = last[(size_t)g * 16 + j];
@@ -319,15 +405,29 @@ static bs_status check_block_padding(const bs_segment *s, uint32_t p,
             if (byte & mask)
                 return CORRUPT("partition %u: FastScan padding past row %u "
                                "is not zero",
-                               p, v->count);
+                               p, count);
         }
     }
     return BS_OK;
 }
 
+/* Ordinals of partition p, whatever the layout of s. */
+static const uint32_t *ordinals_of(const bs_segment *s, uint32_t p,
+                                   uint32_t *count) {
+    if (s->v2 != NULL) {
+        *count = s->v2[p].count;
+        return s->v2[p].ordinals;
+    }
+    bs_partition_view v;
+    part_view(s, p, &v);
+    *count = v.count;
+    return v.ordinals;
+}
+
 /* Every ordinal in at most one partition: a bitmap when the fragments are
  * densely indexed, else a sorted copy, so memory stays within the size of
- * the ordinals themselves whatever the fragment table claims. */
+ * the ordinals themselves whatever the fragment table claims. Needs every
+ * partition checked (ordinals in range). */
 static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
     uint64_t total = s->prefix[s->info.num_fragments];
     uint64_t n = s->info.num_rows;
@@ -337,9 +437,10 @@ static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
         uint8_t *seen = bs_zalloc((size_t)bitmap_bytes, 1);
         if (seen == NULL) return NOMEM();
         for (uint32_t p = 0; p < s->info.num_partitions; p++) {
-            const bs_partition_view *v = &s->parts[p];
-            for (uint32_t i = 0; i < v->count; i++) {
-                uint32_t o = v->ordinals[i];
+            uint32_t cnt;
+            const uint32_t *ord = ordinals_of(s, p, &cnt);
+            for (uint32_t i = 0; i < cnt; i++) {
+                uint32_t o = ord[i];
                 if (seen[o >> 3] & (1u << (o & 7))) {
                     free(seen);
                     return CORRUPT("ordinal %u appears in more than one "
@@ -356,9 +457,10 @@ static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
     if (all == NULL) return NOMEM();
     size_t k = 0;
     for (uint32_t p = 0; p < s->info.num_partitions; p++) {
-        memcpy(all + k, s->parts[p].ordinals,
-               (size_t)s->parts[p].count * sizeof(uint32_t));
-        k += s->parts[p].count;
+        uint32_t cnt;
+        const uint32_t *ord = ordinals_of(s, p, &cnt);
+        memcpy(all + k, ord, (size_t)cnt * sizeof(uint32_t));
+        k += cnt;
     }
     qsort(all, (size_t)n, sizeof(uint32_t), cmp_u32);
     for (size_t i = 1; i < (size_t)n; i++) {
@@ -372,7 +474,26 @@ static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
     return BS_OK;
 }
 
-static bs_status parse_partitions(bs_segment *s, bs_error *err) {
+/* After the last partition: the row count, and the end of the file (only a
+ * newer writer may leave bytes after the last partition, an extension an
+ * older reader ignores). */
+static bs_status check_partitions_end(const bs_segment *s, uint64_t rows,
+                                      uint64_t pos, bs_error *err) {
+    const bs_segment_info *info = &s->info;
+    if (rows != info->num_rows)
+        return CORRUPT("partitions hold %llu rows, the header says %llu",
+                       (ull)rows, (ull)info->num_rows);
+    if (pos != s->len && (info->format_version <= BS_SEG_VERSION ||
+                          pos > s->len))
+        return CORRUPT("partitions end at offset %llu, the file at %zu",
+                       (ull)pos, s->len);
+    return BS_OK;
+}
+
+/* The directory's structure (version 3): entries contiguous, each of the
+ * size its count gives, inside the file, counts summing to num_rows. The
+ * partitions' bytes are not read. */
+static bs_status parse_directory(bs_segment *s, bs_error *err) {
     const uint8_t *h = s->data;
     const bs_segment_info *info = &s->info;
     uint32_t k = info->num_partitions;
@@ -385,11 +506,131 @@ static bs_status parse_partitions(bs_segment *s, bs_error *err) {
                          "partition directory", err));
 
     s->parts = bs_zalloc(k, sizeof *s->parts);
-    if (s->parts == NULL) return NOMEM();
+    s->state = bs_zalloc(k, sizeof *s->state);
+    if (s->parts == NULL || s->state == NULL) return NOMEM();
+    for (uint32_t p = 0; p < k; p++) atomic_init(&s->state[p], PART_UNCHECKED);
     uint64_t pos = dir_off + dir_size;
     uint64_t rows = 0;
     for (uint32_t p = 0; p < k; p++) {
         const uint8_t *e = h + dir_off + (size_t)p * BS_SEG_DIR_ENTRY;
+        uint64_t off = bs_load_u64(e + BS_DIR_OFFSET);
+        uint64_t size = bs_load_u64(e + BS_DIR_SIZE);
+        uint32_t count = bs_load_u32(e + BS_DIR_COUNT);
+        uint32_t reserved = bs_load_u32(e + BS_DIR_RESERVED);
+        uint64_t stage1 = bs_load_u64(e + BS_DIR_STAGE1_SIZE);
+        if (reserved != 0)
+            return CORRUPT("partition %u: reserved directory field is %u, "
+                           "not 0",
+                           p, reserved);
+        for (unsigned i = 0; i < 16; i++)
+            if (e[BS_DIR_RESERVED2 + i] != 0)
+                return CORRUPT("partition %u: reserved directory byte %u is "
+                               "not 0",
+                               p, BS_DIR_RESERVED2 + i);
+        if (off != pos)
+            return CORRUPT("partition %u at offset %llu, expected %llu", p,
+                           (ull)off, (ull)pos);
+        rows += count;
+        if (rows > info->num_rows)
+            return CORRUPT("partition %u: partitions hold more rows than "
+                           "the header's %llu",
+                           p, (ull)info->num_rows);
+        bs_part_layout L;
+        if (!bs_part_layout_compute(count, D, B, &L) || L.size != size)
+            return CORRUPT("partition %u is %llu bytes, %u rows need %llu", p,
+                           (ull)size, count, (ull)L.size);
+        if (stage1 != L.stage1_size)
+            return CORRUPT("partition %u: stage-1 region is %llu bytes, %u "
+                           "rows need %llu",
+                           p, (ull)stage1, count, (ull)L.stage1_size);
+        char what[48];
+        snprintf(what, sizeof what, "partition %u", p);
+        BS_TRY(need(s, off, size, what, err));
+        seg_part *sp = &s->parts[p];
+        sp->base = h + off;
+        sp->size = size;
+        sp->stage1_size = stage1;
+        sp->stage1_sum = bs_load_u64(e + BS_DIR_STAGE1_CHECKSUM);
+        sp->extra_sum = bs_load_u64(e + BS_DIR_EXTRA_CHECKSUM);
+        sp->count = count;
+        pos = off + size;
+    }
+    return check_partitions_end(s, rows, pos, err);
+}
+
+/* Both region checksums and the per-partition rules. */
+static bs_status check_partition_bytes(const bs_segment *s, uint32_t p,
+                                       bs_error *err) {
+    const seg_part *sp = &s->parts[p];
+    uint64_t got = bs_hash64(sp->base, (size_t)sp->stage1_size, BS_SEG_CHECKSUM_SEED);
+    if (got != sp->stage1_sum)
+        return CORRUPT("partition %u checksum mismatch (stage-1 region: "
+                       "stored %016llx, computed %016llx)",
+                       p, (ull)sp->stage1_sum, (ull)got);
+    got = bs_hash64(sp->base + sp->stage1_size, (size_t)(sp->size - sp->stage1_size),
+                    BS_SEG_CHECKSUM_SEED);
+    if (got != sp->extra_sum)
+        return CORRUPT("partition %u checksum mismatch (extra region: "
+                       "stored %016llx, computed %016llx)",
+                       p, (ull)sp->extra_sum, (ull)got);
+    bs_partition_view v;
+    part_view(s, p, &v);
+    BS_TRY(check_partition_values(s, p, &v, err));
+    if (v.count % 32 != 0)
+        BS_TRY(check_block_padding(s, p, v.count, bs_pv_block(&v, v.count / 32), err));
+    return BS_OK;
+}
+
+bs_status bs_segment_check_partition(const bs_segment *seg, uint32_t p,
+                                     bs_error *err) {
+    if (p >= seg->info.num_partitions)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "partition %u is out of range: the segment has %u", p,
+                       seg->info.num_partitions);
+    unsigned char st = atomic_load_explicit(&seg->state[p], memory_order_acquire);
+    if (st == PART_GOOD) return BS_OK;
+    /* Unchecked, or known bad: (re)check, which also writes the message. */
+    bs_status r = check_partition_bytes(seg, p, err);
+    if (r == BS_OK)
+        atomic_store_explicit(&seg->state[p], PART_GOOD, memory_order_release);
+    else if (r == BS_ERR_CORRUPT)
+        atomic_store_explicit(&seg->state[p], PART_CORRUPT, memory_order_release);
+    return r;
+}
+
+bs_status bs_segment_verify(const bs_segment *seg, bs_error *err) {
+    bs_error_clear(err);
+    if (seg == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "segment is NULL");
+    for (uint32_t p = 0; p < seg->info.num_partitions; p++)
+        BS_TRY(bs_segment_check_partition(seg, p, err));
+    if (seg->unique_checked) return BS_OK;
+    return check_unique_ordinals(seg, err);
+}
+
+/* ------------------------------------------------------------ version 2 */
+
+/* A version 2 file's partitions, validated whole as a version 2 reader
+ * did: every checksum and value, and no ordinal in two partitions. */
+static bs_status parse_partitions_v2(bs_segment *s, bs_error *err) {
+    const uint8_t *h = s->data;
+    const bs_segment_info *info = &s->info;
+    uint32_t k = info->num_partitions;
+    uint32_t D = info->padded_dim, B = info->num_bits;
+    uint64_t dir_off = bs_load_u64(h + BS_HDR_FRAGMENTS) +
+                       bs_load_u64(h + BS_HDR_FRAGMENTS + 8);
+    uint64_t dir_size;
+    bs_align64_ok((uint64_t)k * BS_SEG_V2_DIR_ENTRY, &dir_size);
+    BS_TRY(check_section(s, BS_HDR_DIRECTORY, dir_off, dir_size,
+                         "partition directory", err));
+
+    s->v2 = bs_zalloc(k, sizeof *s->v2);
+    if (s->v2 == NULL) return NOMEM();
+    uint64_t pos = dir_off + dir_size;
+    uint64_t rows = 0;
+    uint64_t total = s->prefix[info->num_fragments];
+    for (uint32_t p = 0; p < k; p++) {
+        const uint8_t *e = h + dir_off + (size_t)p * BS_SEG_V2_DIR_ENTRY;
         uint64_t off = bs_load_u64(e + BS_DIR_OFFSET);
         uint64_t size = bs_load_u64(e + BS_DIR_SIZE);
         uint32_t count = bs_load_u32(e + BS_DIR_COUNT);
@@ -406,45 +647,143 @@ static bs_status parse_partitions(bs_segment *s, bs_error *err) {
             return CORRUPT("partition %u: partitions hold more rows than "
                            "the header's %llu",
                            p, (ull)info->num_rows);
-        bs_part_layout L;
-        if (!bs_part_layout_compute(count, D, B, &L) || L.size != size)
+        bs_part_layout_v2 L;
+        if (!bs_part_layout_v2_compute(count, D, B, &L) || L.size != size)
             return CORRUPT("partition %u is %llu bytes, %u rows need %llu", p,
                            (ull)size, count, (ull)L.size);
         char what[48];
         snprintf(what, sizeof what, "partition %u", p);
         BS_TRY(need(s, off, size, what, err));
-        BS_TRY(verify_checksum(s, off, size, bs_load_u64(e + BS_DIR_CHECKSUM),
+        BS_TRY(verify_checksum(s, off, size, bs_load_u64(e + BS_DIR2_CHECKSUM),
                                what, err));
         const uint8_t *base = h + off;
-        bs_partition_view *v = &s->parts[p];
-        /* Every offset is a multiple of 64 from a 64-aligned buffer, so
-         * these casts give aligned arrays. */
+        v2_view *v = &s->v2[p];
         v->count = count;
         v->blocks = base + L.blocks;
         v->norm2 = (const float *)(const void *)(base + L.norm2);
         v->s1 = (const float *)(const void *)(base + L.s1);
         v->ordinals = (const uint32_t *)(const void *)(base + L.ordinals);
-        if (B > 1) {
-            v->ext = base + L.ext;
-            v->s_full = (const float *)(const void *)(base + L.s_full);
-        } else {
-            v->ext = NULL;
-            v->s_full = v->s1;
+        v->ext = B > 1 ? base + L.ext : NULL;
+        v->s_full = B > 1 ? (const float *)(const void *)(base + L.s_full) : v->s1;
+        for (uint32_t i = 0; i < count; i++) {
+            if (v->ordinals[i] >= total)
+                return CORRUPT("partition %u row %u: ordinal %u is past the "
+                               "%llu rows of the segment's fragments",
+                               p, i, v->ordinals[i], (ull)total);
+            if (i > 0 && v->ordinals[i] <= v->ordinals[i - 1])
+                return CORRUPT("partition %u row %u: ordinals are not "
+                               "strictly increasing",
+                               p, i);
+            if (!isfinite(v->norm2[i]) || !(v->norm2[i] >= 0) ||
+                !isfinite(v->s1[i]) || !isfinite(v->s_full[i]))
+                return CORRUPT("partition %u row %u: invalid factors", p, i);
         }
-        BS_TRY(check_partition_values(s, p, v, err));
-        BS_TRY(check_block_padding(s, p, v, err));
+        if (count % 32 != 0)
+            BS_TRY(check_block_padding(
+                s, p, count, v->blocks + (size_t)(count / 32) * bs_fastscan_block_bytes(D),
+                err));
         pos = off + size;
     }
-    if (rows != info->num_rows)
-        return CORRUPT("partitions hold %llu rows, the header says %llu",
-                       (ull)rows, (ull)info->num_rows);
-    /* Only a newer writer may leave bytes after the last partition (an
-     * extension an older reader ignores). */
-    if (pos != s->len && (info->format_version <= BS_SEG_VERSION ||
-                          pos > s->len))
-        return CORRUPT("partitions end at offset %llu, the file at %zu",
-                       (ull)pos, s->len);
+    BS_TRY(check_partitions_end(s, rows, pos, err));
     return check_unique_ordinals(s, err);
+}
+
+static bs_status open_parsed(const void *data, size_t len, bs_segment **out,
+                             bs_error *err);
+
+/* The version 3 bytes of a validated version 2 segment, in a 64-byte
+ * aligned buffer: the same header fields, artifacts and fragments (with
+ * no identity), each partition's rows laid out anew with corr computed
+ * from the stored 1-bit codes. Byte for byte the file a version 3 builder
+ * writes for the same rows (docs/format.md, "Versions"). */
+static bs_status convert_v2(const bs_segment *s, uint8_t **out, uint64_t *out_len,
+                            bs_error *err) {
+    const bs_segment_info *info = &s->info;
+    const uint32_t k = info->num_partitions, D = info->padded_dim, B = info->num_bits;
+    const size_t cb = bs_code_bytes(D);
+    uint64_t cap = bs_load_u32(s->data + BS_HDR_HEADER_SIZE), sz = 0;
+    uint32_t max_count = 0;
+    bs_align64_ok((uint64_t)k * info->dim * 4, &sz);
+    cap += sz;
+    bs_align64_ok((uint64_t)info->num_fragments * BS_SEG_FRAGMENT_ENTRY, &sz);
+    cap += sz;
+    bs_align64_ok((uint64_t)k * BS_SEG_DIR_ENTRY, &sz);
+    cap += sz;
+    for (uint32_t p = 0; p < k; p++) {
+        bs_part_layout L;
+        if (!bs_part_layout_compute(s->v2[p].count, D, B, &L) ||
+            __builtin_add_overflow(cap, L.size, &cap))
+            return NOMEM();
+        if (s->v2[p].count > max_count) max_count = s->v2[p].count;
+    }
+    bs_part_layout Lmax;
+    if (!bs_part_layout_compute(max_count, D, B, &Lmax) || Lmax.size > SIZE_MAX)
+        return NOMEM();
+
+    bs_rotation *rot = NULL;
+    BS_TRY(bs_rotation_create(info->rotation_kind, info->dim, info->rotation_seed, &rot, err));
+    float *pc = bs_alloc2(k, D, sizeof(float));
+    float *pm = bs_alloc(D, sizeof(float));
+    float *dir = bs_alloc(D, sizeof(float));
+    float *corr = bs_alloc((size_t)max_count + 1, sizeof(float));
+    uint8_t *codes = bs_alloc2((size_t)max_count + 1, cb, 1);
+    uint8_t *buf = bs_alloc((size_t)Lmax.size, 1);
+    bs_status st = BS_OK;
+    if (!pc || !pm || !dir || !corr || !codes || !buf) st = NOMEM();
+    if (st == BS_OK)
+        st = bs_rotation_apply(rot, s->centroids, k, info->dim, pc, err);
+    if (st == BS_OK)
+        st = bs_centroid_mean_rotated(rot, s->centroids, k, info->dim, pm, err);
+    bs_seg_writer w;
+    memset(&w, 0, sizeof w);
+    if (st == BS_OK) {
+        bs_seg_params prm;
+        memset(&prm, 0, sizeof prm);
+        prm.dim = info->dim;
+        prm.padded_dim = D;
+        prm.num_bits = B;
+        prm.metric = info->metric;
+        prm.rotation_kind = info->rotation_kind;
+        prm.rotation_seed = info->rotation_seed;
+        prm.num_partitions = k;
+        memcpy(prm.uuid, info->uuid, 16);
+        prm.rotation_fp = info->rotation_fingerprint;
+        prm.ivf_fp = info->ivf_fingerprint;
+        prm.column = s->column;
+        prm.column_len = (uint32_t)strlen(s->column);
+        prm.centroids = s->centroids;
+        prm.fragment_ids = s->frag_ids;
+        prm.fragment_rows = s->frag_rows;
+        prm.fragment_identity = NULL;
+        prm.num_fragments = info->num_fragments;
+        st = bs_seg_writer_open_memory(&w, cap, &prm, err);
+    }
+    for (uint32_t p = 0; p < k && st == BS_OK; p++) {
+        const v2_view *v = &s->v2[p];
+        bs_corr_direction(info->metric, pm, pc + (size_t)p * D, D, dir);
+        for (uint32_t i = 0; i < v->count; i++) {
+            bs_fastscan_unpack_one(v->blocks, i, D, codes + (size_t)i * cb);
+            corr[i] = bs_corr_from_code(codes + (size_t)i * cb, dir, D);
+        }
+        bs_part_layout L;
+        bs_part_layout_compute(v->count, D, B, &L);
+        bs_part_rows rows = {codes, v->norm2, v->s1, corr, v->ordinals, v->ext,
+                             B > 1 ? v->s_full : NULL};
+        bs_part_fill(buf, &L, v->count, D, B, &rows);
+        st = bs_seg_writer_partition(&w, v->count, buf, &L, err);
+    }
+    if (st == BS_OK)
+        st = bs_seg_writer_finish_memory(&w, out, out_len, err);
+    else
+        bs_seg_writer_abort(&w);
+    bs_rotation_free(rot);
+    free(pc);
+    free(pm);
+    free(dir);
+    free(corr);
+    free(codes);
+    free(buf);
+    return st;
 }
 
 bs_status bs_segment_open(const void *data, size_t len, bs_segment **out,
@@ -458,6 +797,11 @@ bs_status bs_segment_open(const void *data, size_t len, bs_segment **out,
     if ((uintptr_t)data % BS_SEG_ALIGN != 0)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "segment buffer must be 64-byte aligned");
+    return open_parsed(data, len, out, err);
+}
+
+static bs_status open_parsed(const void *data, size_t len, bs_segment **out,
+                             bs_error *err) {
     bs_segment *s = bs_zalloc(1, sizeof *s);
     if (s == NULL) return NOMEM();
     s->data = data;
@@ -465,7 +809,26 @@ bs_status bs_segment_open(const void *data, size_t len, bs_segment **out,
     bs_status st = parse_header(s, err);
     if (st == BS_OK) st = parse_artifacts(s, err);
     if (st == BS_OK) st = parse_fragments(s, err);
-    if (st == BS_OK) st = parse_partitions(s, err);
+    if (st == BS_OK && s->layout == 3) st = parse_directory(s, err);
+    if (st == BS_OK && s->layout == 2) {
+        uint8_t *image = NULL;
+        uint64_t image_len = 0;
+        st = parse_partitions_v2(s, err);
+        if (st == BS_OK) st = convert_v2(s, &image, &image_len, err);
+        bs_segment *s3 = NULL;
+        if (st == BS_OK) {
+            st = open_parsed(image, (size_t)image_len, &s3, err);
+            if (st != BS_OK) {
+                free(image);
+            } else {
+                s3->owned = image;
+                s3->info.format_version = s->info.format_version;
+                s3->unique_checked = 1;
+            }
+        }
+        bs_segment_free(s);
+        s = s3;
+    }
     if (st != BS_OK) {
         bs_segment_free(s);
         return st;
@@ -479,8 +842,12 @@ void bs_segment_free(bs_segment *seg) {
     free(seg->column);
     free(seg->frag_ids);
     free(seg->frag_rows);
+    free(seg->frag_identity);
     free(seg->prefix);
     free(seg->parts);
+    free((void *)seg->state);
+    free(seg->v2);
+    free(seg->owned);
     free(seg);
 }
 
@@ -499,13 +866,21 @@ void bs_segment_fragment(const bs_segment *seg, uint32_t i, uint64_t *id,
     if (rows) *rows = ok ? seg->frag_rows[i] : 0;
 }
 
+void bs_segment_fragment_identity(const bs_segment *seg, uint32_t i,
+                                  uint8_t out[16]) {
+    if (i < seg->info.num_fragments)
+        memcpy(out, seg->frag_identity + (size_t)i * 16, 16);
+    else
+        memset(out, 0, 16);
+}
+
 void bs_segment_partition(const bs_segment *seg, uint32_t p,
                           bs_partition_view *out) {
     if (p >= seg->info.num_partitions) {
         memset(out, 0, sizeof *out);
         return;
     }
-    *out = seg->parts[p];
+    part_view(seg, p, out);
 }
 
 uint64_t bs_segment_rowid(const bs_segment *seg, uint32_t ordinal) {
@@ -528,9 +903,13 @@ uint64_t bs_segment_rowid(const bs_segment *seg, uint32_t ordinal) {
 double bs_segment_residual_sum(const bs_segment *seg) {
     if (seg == NULL) return 0.0;
     double sum = 0.0;
+    /* Reads every partition's norm2 (within bounds whether or not the
+     * partition was checked; a caller that needs checked values verifies
+     * first, bs_segment_verify). */
     for (uint32_t p = 0; p < seg->info.num_partitions; p++) {
-        const bs_partition_view *v = &seg->parts[p];
-        for (uint32_t j = 0; j < v->count; j++) sum += sqrt((double)v->norm2[j]);
+        bs_partition_view v;
+        part_view(seg, p, &v);
+        for (uint32_t j = 0; j < v.count; j++) sum += sqrt((double)bs_pv_norm2(&v, j));
     }
     return sum;
 }

@@ -5,20 +5,60 @@
 #include "bitshard.h"
 #include "rabitq.h"
 
-/* Pointers into the segment's (validated) bytes. Arrays are aligned to
- * their element size when the segment buffer is 64-byte aligned (mmap). */
+/* Pointers into one partition's bytes (format version 3, docs/format.md):
+ * block j of the stage-1 region starts at blocks + j * stride and holds
+ * the FastScan codes of rows 32j..32j+31 (4 * D bytes), then their
+ * norm2[32], s1[32] and corr[32]. Arrays are aligned to their element size
+ * when the segment buffer is 64-byte aligned (mmap). The bytes are only
+ * trustworthy after bs_segment_check_partition (or bs_segment_verify). */
 typedef struct bs_partition_view {
     uint32_t count;
+    uint32_t padded_dim;       /* D */
+    size_t stride;             /* 4 * D + 384 */
     const uint8_t *blocks;     /* bs_fastscan_num_blocks(count) blocks */
-    const float *norm2;        /* count */
-    const float *s1;           /* count */
     const uint32_t *ordinals;  /* count: segment-local row ordinals */
     const uint8_t *ext;        /* count * bs_ext_bytes(D, B); NULL if B==1 */
-    const float *s_full;       /* count; == s1 when B == 1 */
+    const float *s_full;       /* count; NULL if B == 1 (s_full = s1) */
 } bs_partition_view;
 
+/* Block j's codes and its three factor arrays of 32. */
+static inline const uint8_t *bs_pv_block(const bs_partition_view *v, size_t j) {
+    return v->blocks + j * v->stride;
+}
+static inline const float *bs_pv_norm2_block(const bs_partition_view *v, size_t j) {
+    return (const float *)(const void *)(bs_pv_block(v, j) + (size_t)v->padded_dim * 4);
+}
+static inline const float *bs_pv_s1_block(const bs_partition_view *v, size_t j) {
+    return bs_pv_norm2_block(v, j) + 32;
+}
+static inline const float *bs_pv_corr_block(const bs_partition_view *v, size_t j) {
+    return bs_pv_norm2_block(v, j) + 64;
+}
+static inline float bs_pv_norm2(const bs_partition_view *v, size_t i) {
+    return bs_pv_norm2_block(v, i / 32)[i % 32];
+}
+static inline float bs_pv_s1(const bs_partition_view *v, size_t i) {
+    return bs_pv_s1_block(v, i / 32)[i % 32];
+}
+static inline float bs_pv_corr(const bs_partition_view *v, size_t i) {
+    return bs_pv_corr_block(v, i / 32)[i % 32];
+}
+static inline float bs_pv_s_full(const bs_partition_view *v, size_t i) {
+    return v->s_full ? v->s_full[i] : bs_pv_s1(v, i);
+}
+
+/* The view of partition p (zero count when p is out of range). Does not
+ * check the bytes: see bs_segment_check_partition. */
 void bs_segment_partition(const bs_segment *seg, uint32_t p,
                           bs_partition_view *out);
+
+/* Checks partition p the first time it is asked (its two checksums and
+ * the per-partition rules of docs/format.md, "Validation") and remembers
+ * the result; later calls cost one atomic load. Thread-safe: two threads
+ * racing on an unchecked partition both check it. BS_ERR_CORRUPT names
+ * the partition (not the segment: callers add that). */
+bs_status bs_segment_check_partition(const bs_segment *seg, uint32_t p,
+                                     bs_error *err);
 
 /* Row id of a segment-local ordinal: ordinals number the physical rows of
  * the segment's fragments in fragment-table order. */

@@ -28,9 +28,9 @@ from .errors import (
 from .artifacts import IvfModel, Rotation, build_rq_model, build_rq_rotation
 from .dataset import Dataset, dataset, train_ivf
 from .searcher import NO_ROW, Searcher, UncoveredRowsWarning
-from .index import SegmentHandle
+from .index import FormatUpgradeWarning, SegmentHandle
 from .distributed import build_index
-from .maintenance import cleanup
+from .maintenance import cleanup, upgrade_index
 from . import _native
 
 __version__ = "0.1.0"
@@ -48,6 +48,7 @@ __all__ = [
     "CommitConflictError",
     "CorruptIndexError",
     "Dataset",
+    "FormatUpgradeWarning",
     "IndexNotFoundError",
     "InvalidInputError",
     "IvfModel",
@@ -67,4 +68,5 @@ __all__ = [
     "dataset",
     "simd_level",
     "train_ivf",
+    "upgrade_index",
 ]

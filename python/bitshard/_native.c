@@ -472,7 +472,22 @@ static PyObject *Builder_set_threads(BuilderObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Builder_set_fragment_identity(BuilderObject *self, PyObject *args) {
+    PyObject *id_o, *fpo;
+    if (!PyArg_ParseTuple(args, "OO", &id_o, &fpo)) return NULL;
+    PyObject *m = self->module;
+    unsigned long long id;
+    if (int_arg(m, id_o, "fragment_id", 0, UINT64_MAX, &id) < 0) return NULL;
+    buf_arg b[] = {BUF("fingerprint", fpo, 'b', BUF_EXACT, 16)};
+    if (bufs_acquire(m, b, NBUFS(b)) < 0) return NULL;
+    bs_error err;
+    bs_status status = bs_builder_set_fragment_identity(self->b, id, b[0].view.buf, &err);
+    return finish(m, b, NBUFS(b), status, &err);
+}
+
 static PyMethodDef Builder_methods[] = {
+    {"set_fragment_identity", (PyCFunction)Builder_set_fragment_identity, METH_VARARGS,
+     "set_fragment_identity(fragment_id, fingerprint): record 16 identity bytes."},
     {"set_threads", (PyCFunction)Builder_set_threads, METH_VARARGS,
      "set_threads(n): threads for each later add (same segment for every n)."},
     {"add", (PyCFunction)Builder_add, METH_VARARGS,
@@ -542,6 +557,34 @@ static PyObject *Segment_fragments(SegmentObject *self, PyObject *unused) {
     return list;
 }
 
+static PyObject *Segment_fragment_identities(SegmentObject *self, PyObject *unused) {
+    bs_segment_info in;
+    bs_segment_get_info(self->seg, &in);
+    PyObject *list = PyList_New(in.num_fragments);
+    if (list == NULL) return NULL;
+    for (uint32_t i = 0; i < in.num_fragments; i++) {
+        uint8_t fp[16];
+        bs_segment_fragment_identity(self->seg, i, fp);
+        PyObject *t = PyBytes_FromStringAndSize((const char *)fp, 16);
+        if (t == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, t);
+    }
+    return list;
+}
+
+static PyObject *Segment_verify(SegmentObject *self, PyObject *unused) {
+    bs_error err;
+    bs_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = bs_segment_verify(self->seg, &err);
+    Py_END_ALLOW_THREADS
+    if (status != BS_OK) return raise_bs(self->module, &err);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Segment_centroids(SegmentObject *self, PyObject *args) {
     PyObject *outo;
     if (!PyArg_ParseTuple(args, "O", &outo)) return NULL;
@@ -563,6 +606,11 @@ static PyMethodDef Segment_methods[] = {
     {"info", (PyCFunction)Segment_info, METH_NOARGS, "header fields as a dict"},
     {"residual_sum", (PyCFunction)Segment_residual_sum, METH_NOARGS,
      "sum of the rows' residual norms (sqrt of norm2)"},
+    {"fragment_identities", (PyCFunction)Segment_fragment_identities, METH_NOARGS,
+     "fragment_identities() -> [16-byte identity per fragment table entry]"},
+    {"verify", (PyCFunction)Segment_verify, METH_NOARGS,
+     "verify(): check every partition and that no ordinal is in two; raises "
+     "CorruptIndexError"},
     {"fragments", (PyCFunction)Segment_fragments, METH_NOARGS,
      "[(fragment_id, physical_rows)] in table order"},
     {"centroids", (PyCFunction)Segment_centroids, METH_VARARGS,

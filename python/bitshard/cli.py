@@ -10,6 +10,7 @@
     bitshard describe URI [--json]
     bitshard optimize URI [--name N ...] [--num-indices-to-merge N] [--retrain] [--json]
     bitshard verify URI [--strict]
+    bitshard upgrade URI [--name N]
     bitshard cleanup URI [--older-than SECONDS] [--dry-run]
 
 Every command takes ``--index-uri`` (a directory or ``s3://bucket/prefix``)
@@ -185,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--strict", action="store_true",
                    help="also exit 1 unless every fragment is indexed and current")
     v.set_defaults(func=_cmd_verify)
+
+    u = sub.add_parser("upgrade", help="rewrite segments of an older format in the current "
+                                       "one (no re-encoding), committing a new index version")
+    common(u)
+    u.add_argument("--name", default=None, help="upgrade only this index")
+    u.set_defaults(func=_cmd_upgrade)
 
     c = sub.add_parser("cleanup", help="remove segment files no manifest references")
     common(c)
@@ -377,6 +384,19 @@ def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
               f"indexed and current)", file=sys.stderr)
         return 1
     print("verify: ok" if report.indexes else "verify: no committed indexes")
+    return 0
+
+
+def _cmd_upgrade(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .maintenance import upgrade_index  # noqa: PLC0415
+
+    done = upgrade_index(args.uri, index_uri=args.index_uri, name=args.name,
+                         storage_options=_storage_options(args))
+    for n, count in done.items():
+        print(f"index {n!r}: {count} segment(s) rewritten" if count else
+              f"index {n!r}: already current")
+    if not done:
+        print("upgrade: no committed indexes")
     return 0
 
 

@@ -497,10 +497,14 @@ def _source_identity(ds: Dataset) -> Dict[str, Any]:
 
 def _verify_segment(root: Storage, uuid: str, fragment_ids: Sequence[int], num_rows: int,
                     space: CodeSpace, name: str) -> Optional[SegmentHandle]:
-    """The handle of a finished segment if its file opens (the C reader
-    verifies every checksum) and it is what the build expects; else None."""
+    """The handle of a finished segment if its file opens and verifies whole
+    (every checksum, every partition: the open alone reads no partition) and
+    it is what the build expects; else None."""
     try:
-        h = OpenSegment.of(root, uuid).handle(root.root, name)
+        o = OpenSegment.of(root, uuid)
+        o.native.verify()
+        h = o.handle(root.root, name)
+        del o
     except (BitshardError, OSError) as e:
         log.warning("not reusing segment %s: %s", uuid, e)
         return None

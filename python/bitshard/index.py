@@ -200,6 +200,11 @@ class OpenSegment:
             self.size = len(self._map)
             try:
                 self.native = _native.Segment(self._map)
+                # The open reads no partition (format 3); a local cache
+                # file is verified whole, so that a damaged copy is
+                # replaced here rather than refused by a later search.
+                if storage.is_cached_copy(key):
+                    self.native.verify()
                 break
             except CorruptIndexError as e:
                 # A bad locally cached copy is dropped and fetched once more.
@@ -304,6 +309,7 @@ def _write_native(root: Root, uuid: str, name: str, write: Any) -> SegmentHandle
     with st.segment_target(key) as (target, upload):
         write(target)
         opened = OpenSegment(target)
+        opened.native.verify()  # the open alone reads no partition (format 3)
         handle = opened.handle(st.root, name)
         del opened
         if upload:
@@ -370,6 +376,46 @@ def write_segment(
             progress.update(vec.shape[0])
     handle = _write_native(root, uuid, name, builder.write)
     return dataclasses.replace(handle, identities=idents, source_version=source.version)
+
+
+#: The segment format version this library writes (docs/format.md).
+SEGMENT_FORMAT_VERSION = 3
+
+
+class FormatUpgradeWarning(UserWarning):
+    """An index holds segments of an older format (version 2): each is read
+    and checked whole when opened, and converted in memory. ``bitshard
+    upgrade`` (:func:`bitshard.upgrade_index`) rewrites them without
+    re-encoding."""
+
+
+def needs_upgrade(o: "OpenSegment") -> bool:
+    """True when the opened segment's file is of an older format than
+    :data:`SEGMENT_FORMAT_VERSION`."""
+    return int(o.info["format_version"]) < SEGMENT_FORMAT_VERSION
+
+
+def upgrade_segments(handles: Sequence[SegmentHandle], root: Root) -> List[SegmentHandle]:
+    """``handles`` with every segment of an older format rewritten as a new
+    segment of the current format (a one-input merge: the rows' codes and
+    factors are copied, nothing is re-encoded, and the file equals a build
+    of the same rows). Segments already current are returned as they are."""
+    out = []
+    for h in handles:
+        o = open_handle(h, root)
+        if needs_upgrade(o):
+            uuid = new_uuid(None)
+            native = o.native
+            new = _write_native(root, uuid, h.name,
+                                lambda path: _native.merge([native], bytes.fromhex(uuid), path))
+            # The same rows: the fragments' recorded identities carry over.
+            rows = {int(f): int(r) for f, r in native.fragments()}
+            out.append(dataclasses.replace(new, **merged_identities([h], new.fragment_ids,
+                                                                    rows)))
+        else:
+            out.append(h)
+        del o
+    return out
 
 
 def merge_segments(handles: Sequence[SegmentHandle], root: Root,

@@ -48,6 +48,11 @@ __all__ = ["IndexView", "OpenIndex", "SearchPlan"]
 MAX_PREPARED = 16
 
 
+#: (index root, index name) pairs already warned about old-format segments:
+#: the warning is given once per index and process.
+_warned_old_format: Set[Tuple[str, str]] = set()
+
+
 @dataclass(frozen=True)
 class OpenIndex:
     """One committed version of an index, opened for search."""
@@ -199,6 +204,15 @@ class IndexView:
             CodeSpace.of(real).require_same(
                 CodeSpace.of(h),
                 f"segment {h.uuid} on disk does not match index {name!r} (file vs manifest)")
+        old = [h.uuid for h, o in zip(handles, opened) if idx.needs_upgrade(o)]
+        if old and (self.index_root, name) not in _warned_old_format:
+            _warned_old_format.add((self.index_root, name))
+            warnings.warn(
+                f"index {name!r} has {len(old)} segment(s) of segment format 2 (first "
+                f"{old[0]}): each is read and checked whole at every open; `bitshard "
+                f"upgrade` (bitshard.upgrade_index) rewrites them as format "
+                f"{idx.SEGMENT_FORMAT_VERSION} without re-encoding",
+                idx.FormatUpgradeWarning, stacklevel=4)
         native = _native.Searcher([o.native for o in opened]) if opened else None
         self._open[name] = OpenIndex(name, version, doc, handles, native, opened)
         return self._open[name]

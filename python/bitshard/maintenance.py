@@ -29,7 +29,7 @@ from .errors import BitshardError, CorruptIndexError, IndexNotFoundError
 from .index import BUILDS_DIR, OpenSegment, SegmentHandle
 from .storage import Storage, is_object_uri, reclaim_upload_dirs
 
-__all__ = ["cleanup", "verify", "verify_report", "VerifyReport", "IndexSummary",
+__all__ = ["cleanup", "upgrade_index", "verify", "verify_report", "VerifyReport", "IndexSummary",
            "open_dataset", "referenced_uuids"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -431,6 +431,13 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
             except (BitshardError, OSError) as err:
                 faults.append(f"index {n!r}: {err}")
                 continue
+            # The open checks the header, artifacts, fragment table and
+            # directory; every partition and the whole-file rules are
+            # checked here.
+            try:
+                o.native.verify()
+            except BitshardError as err:
+                faults.append(f"index {n!r}: {path}: {err}")
             h = o.handle(root.root, n)
             space = CodeSpace.of(h)
             claims = idx.handle_from_json(root, n, doc["column"], e)
@@ -481,6 +488,54 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
     return VerifyReport(faults=faults, indexes=summary, notices=notices)
 
 
+def upgrade_index(uri: Any, *, index_uri: Optional[PathLike] = None,
+                  name: Optional[str] = None,
+                  storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, int]:
+    """Rewrite every segment of an older format (version 2) of the
+    committed indexes (or of ``name``) in the current format, and commit
+    the index with the new segments in their place.
+
+    Nothing is re-encoded: each old segment is opened (converted in memory)
+    and written again by a one-input merge under a new uuid, which gives
+    the file a build of the same rows would (docs/format.md, "Versions").
+    The answers of a search do not change. The old files stay until
+    ``cleanup`` removes them.
+
+    Args:
+        uri: the data (path/URI or :class:`Dataset`).
+        index_uri: the index root, when it is not the data's default.
+        name: upgrade only this index.
+        storage_options: connection settings of an object-store index root.
+
+    Returns:
+        ``{index name: segments rewritten}`` for every index looked at (0:
+        already current, no new version committed).
+
+    Raises:
+        IndexNotFoundError: ``name`` is given and no such index is committed.
+        CommitConflictError: another writer committed the index meanwhile.
+    """
+    ds = open_dataset(uri, index_uri, storage_options)
+    root = ds.storage
+    index_names = idx.list_index_names(root)
+    if name is not None:
+        if name not in index_names:
+            raise IndexNotFoundError(f"no index named {name!r}; have {index_names}")
+        index_names = [name]
+    done: Dict[str, int] = {}
+    for n in index_names:
+        doc = idx.read_manifest(root, n)
+        handles = idx.committed_segments(root, n, doc["version"])
+        new = idx.upgrade_segments(handles, root)
+        changed = sum(a.uuid != b.uuid for a, b in zip(handles, new))
+        done[n] = changed
+        if changed:
+            idx.commit(root, n, doc["column"], new, mode="replace",
+                       source_version=doc.get("source_version"),
+                       expected_version=doc["version"])
+    return done
+
+
 def verify(uri: Any, *, index_uri: Optional[PathLike] = None,
            name: Optional[str] = None,
            storage_options: Optional[Dict[str, Any]] = None) -> List[str]:
@@ -488,8 +543,9 @@ def verify(uri: Any, *, index_uri: Optional[PathLike] = None,
 
     Checks, for the latest manifest of each index (or of ``name``): every
     manifest version passes its checksum and holds the version its file
-    name says (``vNNNNNNNN.json``); every segment file exists and
-    opens (the C reader verifies every checksum and bound); the manifest's
+    name says (``vNNNNNNNN.json``); every segment file exists, opens and
+    verifies whole (the C reader checks every checksum and bound, every
+    partition, and that no row is in two partitions); the manifest's
     claims (fragments, rows, bits, metric, dimension, fingerprints, column)
     match the file; all segments share one code space; no fragment is in two
     segments; a fragment still in the source whose identity is current has

@@ -24,7 +24,7 @@ import numpy as np
 from . import _native
 from .artifacts import METRICS
 from . import validate
-from .errors import InvalidInputError
+from .errors import CorruptIndexError, InvalidInputError
 from .sources import DEFAULT_BATCH_SIZE, Source, make_rowids
 
 if TYPE_CHECKING:
@@ -179,6 +179,9 @@ class Searcher:
             self._exact = view.exact_rows(index, plan, column, self.dim, parts,
                                           options.exact_cache_bytes)
         self._native = index.native if index.native is not None and mask.any() else None
+        #: Segment uuid -> file, to name the file of a partition the C search
+        #: found damaged (partitions are checked when a search first touches them).
+        self._segment_paths = {bytes(o.info["uuid"]).hex(): o.path for o in index.opened}
         self._params = options.native_params(mask, allowed_rows, allowed_frags, plan.denied)
         # How many candidates the C search can return: k (extra bits), k * r
         # (rerank), or every code that passed stage 1 (gated 1-bit rerank,
@@ -261,8 +264,11 @@ class Searcher:
             out_r = np.full((nq, self.k), NO_ROW, dtype=np.uint64)
             out_d = np.full((nq, self.k), np.inf, dtype=np.float32)
             counts = np.empty(nq, dtype=np.uint64)
-            self._native.search_batch_into(Q, nq, self._threads(), self._params, out_r, out_d,
-                                           None, counts, self._stats)
+            try:
+                self._native.search_batch_into(Q, nq, self._threads(), self._params, out_r,
+                                               out_d, None, counts, self._stats)
+            except CorruptIndexError as err:
+                raise self._named(err) from None
             return out_r, out_d
         hits = self.search_lists(a)
         out_r = np.full((len(hits), self.k), NO_ROW, dtype=np.uint64)
@@ -356,6 +362,14 @@ class Searcher:
                 best[qi] = (r[order], dd[order])
         return best
 
+    def _named(self, err: CorruptIndexError) -> CorruptIndexError:
+        """``err`` (the C search's "segment <uuid>: partition ..." refusal)
+        with the segment's file in front, as an open names it."""
+        msg = str(err)
+        uuid = msg[len("segment "):len("segment ") + 32] if msg.startswith("segment ") else ""
+        path = self._segment_paths.get(uuid)
+        return CorruptIndexError(f"{path}: {msg}" if path else msg)
+
     def _one(self, q: np.ndarray) -> _Hits:
         """One float32 query of shape (d,): the hot path."""
         if self._native is None:
@@ -369,7 +383,10 @@ class Searcher:
             r = np.empty(cap, np.uint64)
             e = np.empty(cap, np.float32)
             lb = np.empty(cap, np.float32) if gated else None
-            n = self._native.search(q, self._params, r, e, lb, self._stats)
+            try:
+                n = self._native.search(q, self._params, r, e, lb, self._stats)
+            except CorruptIndexError as err:
+                raise self._named(err) from None
             if n > cap:
                 # only the gated 1-bit rerank returns an open-ended list
                 self._cap = cap = 1 << (n - 1).bit_length()
@@ -416,8 +433,11 @@ class Searcher:
         e = np.empty((nq, cap), np.float32)
         lb = np.empty((nq, cap), np.float32) if gated else None
         counts = np.empty(nq, np.uint64)
-        native.search_batch_into(Q, nq, self._threads(), self._params, r, e, lb, counts,
-                                 self._stats)
+        try:
+            native.search_batch_into(Q, nq, self._threads(), self._params, r, e, lb, counts,
+                                     self._stats)
+        except CorruptIndexError as err:
+            raise self._named(err) from None
         n = counts.astype(np.int64)
         rows = [r[i, :min(n[i], cap)] for i in range(nq)]
         ests = [e[i, :min(n[i], cap)] for i in range(nq)]

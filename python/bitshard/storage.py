@@ -318,6 +318,12 @@ class Storage:
         """Drop a locally cached copy of ``key`` (True if there was one)."""
         return False
 
+    def is_cached_copy(self, key: str) -> bool:
+        """True when :meth:`open_segment` of ``key`` maps a local cache file
+        (which the reader then verifies whole: a damaged copy is evicted and
+        fetched again, rather than found later by a search)."""
+        return False
+
     @contextmanager
     def segment_target(self, key: str) -> Iterator[Tuple[str, bool]]:
         """Where the C writer should write the file of ``key``, as ``(path,
@@ -1080,6 +1086,9 @@ class ObjectStorage(Storage):
             return None
         root_id = hashlib.sha256(f"{self.root}".encode()).hexdigest()[:16]
         return os.path.join(os.path.expanduser(d), root_id, key.replace("/", "__"))
+
+    def is_cached_copy(self, key: str) -> bool:
+        return self._cache_path(key) is not None
 
     def evict(self, key: str) -> bool:
         p = self._cache_path(key)

@@ -141,6 +141,11 @@ static bs_status add_fragment(bs_segment_builder *b, const dataset *ds,
 
 /* Builds a segment over fragment table positions [f0, f1) of a layout
  * where fragment f holds rows[f] consecutive dataset rows. */
+/* The identity fingerprint the tests record for fragment id. */
+static void ident_of(uint64_t id, uint8_t fp[16]) {
+    for (int i = 0; i < 16; i++) fp[i] = (uint8_t)(id * 7 + (uint64_t)i * 13 + 1);
+}
+
 static bs_status build_range(const dataset *ds, uint32_t bits,
                              bs_metric metric, bs_rotation_kind kind,
                              const uint64_t *ids, const uint64_t *rows,
@@ -156,6 +161,11 @@ static bs_status build_range(const dataset *ds, uint32_t bits,
     /* 1 to 3 threads by batch size: the merge tests compare files built
      * with different counts byte for byte. */
     bs_builder_set_threads(b, (uint32_t)(batch % 3) + 1);
+    for (uint32_t f = f0; f < f1 && st == BS_OK; f++) {
+        uint8_t fp[16];
+        ident_of(ids[f], fp);
+        st = bs_builder_set_fragment_identity(b, ids[f], fp, err);
+    }
     uint64_t first = 0;
     for (uint32_t f = 0; f < f0; f++) first += rows[f];
     /* Adding later fragments first checks the file ignores add order. */
@@ -198,10 +208,18 @@ static void check_contents(const bs_segment *seg, const dataset *ds,
     for (uint32_t p = 0; p < info.num_partitions; p++) {
         bs_partition_view v;
         bs_segment_partition(seg, p, &v);
-        CHECK(((uintptr_t)v.norm2 & 3) == 0 && ((uintptr_t)v.ordinals & 3) == 0);
-        CHECK(((uintptr_t)v.blocks & 63) == 0);
+        CHECK(bs_segment_check_partition(seg, p, NULL) == BS_OK);
+        CHECK(((uintptr_t)bs_pv_norm2_block(&v, 0) & 63) == 0 &&
+              ((uintptr_t)v.ordinals & 3) == 0);
+        CHECK(((uintptr_t)v.blocks & 63) == 0 && v.stride % 64 == 0);
         CHECK((bits == 1) == (v.ext == NULL));
-        if (bits == 1) CHECK(v.s_full == v.s1);
+        if (bits == 1) CHECK(v.s_full == NULL);
+        /* corr of every row: from its stored code and the artifacts only
+         * (docs/format.md, "The factors"). */
+        float *pm = malloc(D * 4), *pcp = malloc(D * 4), *dirv = malloc(D * 4);
+        CHECK(bs_centroid_mean_rotated(rot, ds->centroids, ds->k, ds->d, pm, NULL) == BS_OK);
+        bs_rotation_apply(rot, ds->centroids + (size_t)p * ds->d, 1, ds->d, pcp, NULL);
+        bs_corr_direction(metric, pm, pcp, D, dirv);
         for (uint32_t i = 0; i < v.count; i++) {
             uint32_t o = v.ordinals[i];
             CHECK(o < total);
@@ -232,10 +250,11 @@ static void check_contents(const bs_segment *seg, const dataset *ds,
             bs_factors fac;
             bs_rabitq_encode(r, D, bits, code, bits > 1 ? ext : NULL, &fac,
                              scratch);
-            bs_fastscan_unpack_one(v.blocks, i, D, code2);
+            bs_fastscan_unpack_one(bs_pv_block(&v, i / 32), i % 32, D, code2);
             int same = memcmp(code, code2, D / 8) == 0 &&
-                       fac.norm2 == v.norm2[i] && fac.s1 == v.s1[i] &&
-                       fac.s_full == v.s_full[i];
+                       fac.norm2 == bs_pv_norm2(&v, i) && fac.s1 == bs_pv_s1(&v, i) &&
+                       fac.s_full == bs_pv_s_full(&v, i) &&
+                       bs_corr_from_code(code2, dirv, D) == bs_pv_corr(&v, i);
             if (bits > 1)
                 same = same && memcmp(ext, v.ext + (size_t)i *
                                                        bs_ext_bytes(D, bits),
@@ -245,10 +264,14 @@ static void check_contents(const bs_segment *seg, const dataset *ds,
         /* FastScan padding past count is zero. */
         if (v.count % 32) {
             for (uint32_t i = v.count; i < (v.count + 31) / 32 * 32; i++) {
-                bs_fastscan_unpack_one(v.blocks, i, D, code2);
+                bs_fastscan_unpack_one(bs_pv_block(&v, i / 32), i % 32, D, code2);
                 for (uint32_t j = 0; j < D / 8; j++) CHECK(code2[j] == 0);
+                CHECK(bs_pv_norm2(&v, i) == 0 && bs_pv_s1(&v, i) == 0 && bs_pv_corr(&v, i) == 0);
             }
         }
+        free(pm);
+        free(pcp);
+        free(dirv);
     }
     CHECK_MSG(mismatches == 0, "%d rows differ from direct encoding", mismatches);
     CHECK(found == info.num_rows);
@@ -285,7 +308,7 @@ static void test_roundtrip(uint32_t d, uint32_t bits, bs_metric metric,
     if (st == BS_OK) {
         bs_segment_info info;
         bs_segment_get_info(l.seg, &info);
-        CHECK(info.format_version == 2);
+        CHECK(info.format_version == 3);
         CHECK(info.dim == d);
         CHECK(info.padded_dim == bs_padded_dim(d));
         CHECK(info.num_bits == bits);
@@ -342,10 +365,13 @@ static void reseal(uint8_t *b, size_t len) {
     uint32_t k = bs_load_u32(b + BS_HDR_NUM_PARTITIONS);
     uint64_t dir = bs_load_u64(b + BS_HDR_DIRECTORY);
     for (uint32_t p = 0; p < k; p++) {
-        uint8_t *e = b + dir + (size_t)p * 32;
+        uint8_t *e = b + dir + (size_t)p * BS_SEG_DIR_ENTRY;
         uint64_t off = bs_load_u64(e), size = bs_load_u64(e + 8);
-        if (off + size <= len)
-            bs_store_u64(e + 24, bs_hash64(b + off, size, 0));
+        uint64_t s1 = bs_load_u64(e + BS_DIR_STAGE1_SIZE);
+        if (off + size <= len && s1 <= size) {
+            bs_store_u64(e + BS_DIR_STAGE1_CHECKSUM, bs_hash64(b + off, s1, 0));
+            bs_store_u64(e + BS_DIR_EXTRA_CHECKSUM, bs_hash64(b + off + s1, size - s1, 0));
+        }
     }
     for (unsigned field = BS_HDR_ARTIFACTS; field <= BS_HDR_DIRECTORY;
          field += 24) {
@@ -360,6 +386,10 @@ static bs_status open_bytes(const uint8_t *b, size_t len, bs_error *err) {
     uint8_t *c = aligned_copy(b, len);
     bs_segment *s = NULL;
     bs_status st = bs_segment_open(c, len, &s, err);
+    /* What the open leaves to first use (the partitions, no ordinal in two
+     * of them) is checked here too: these tests are about the rules, not
+     * about when they run (test_lazy_partitions is). */
+    if (st == BS_OK) st = bs_segment_verify(s, err);
     if (st == BS_OK) {
         /* A segment that opens must be fully usable. */
         bs_segment_info info;
@@ -397,7 +427,7 @@ static void expect_edit(const uint8_t *orig, size_t len, size_t newlen,
 }
 
 static uint8_t *dir_entry(uint8_t *b, uint32_t p) {
-    return b + bs_load_u64(b + BS_HDR_DIRECTORY) + (size_t)p * 32;
+    return b + bs_load_u64(b + BS_HDR_DIRECTORY) + (size_t)p * BS_SEG_DIR_ENTRY;
 }
 /* The first partition with at least two rows. */
 static uint32_t busy_partition(uint8_t *b) {
@@ -418,7 +448,7 @@ static void e_flags(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_FLAGS, 4); }
 static void e_metric(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_METRIC, 3); }
 static void e_bits(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_NUM_BITS, 10); }
 static void e_kind(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_ROTATION_KIND, 2); }
-static void e_read_version(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_READ_VERSION, 3); }
+static void e_read_version(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_READ_VERSION, 4); }
 /* What a format-1 writer left: both versions 1. */
 static void e_v1_writer(uint8_t *b, size_t n) {
     bs_store_u32(b + BS_HDR_READ_VERSION, 1);
@@ -440,7 +470,7 @@ static void e_centroid_nan(uint8_t *b, size_t n) {
 }
 static void e_dup_fragment(uint8_t *b, size_t n) {
     uint64_t off = bs_load_u64(b + BS_HDR_FRAGMENTS);
-    memcpy(b + off + 16, b + off, 8);
+    memcpy(b + off + BS_SEG_FRAGMENT_ENTRY, b + off, 8);
 }
 static void e_big_fragment_id(uint8_t *b, size_t n) {
     uint64_t off = bs_load_u64(b + BS_HDR_FRAGMENTS);
@@ -491,20 +521,50 @@ static void e_ordinal_dup_across(uint8_t *b, size_t n) {
         }
     }
 }
+/* Offset of row i's norm2 (s1: + 128, corr: + 256) in a block. */
+static size_t norm2_at(const uint8_t *b, const bs_part_layout *L, size_t i) {
+    return (i / 32) * L->stride + 4 * (size_t)bs_load_u32(b + BS_HDR_PADDED_DIM) + 4 * (i % 32);
+}
 static void e_factor_nan(uint8_t *b, size_t n) {
     uint8_t *base;
     bs_part_layout L;
     part_layout(b, busy_partition(b), &base, &L);
     float f = NAN;
-    memcpy(base + L.s1 + 4, &f, 4);
+    memcpy(base + norm2_at(b, &L, 1) + 128, &f, 4);
+}
+static void e_corr_inf(uint8_t *b, size_t n) {
+    uint8_t *base;
+    bs_part_layout L;
+    part_layout(b, busy_partition(b), &base, &L);
+    float f = INFINITY;
+    memcpy(base + norm2_at(b, &L, 1) + 256, &f, 4);
 }
 static void e_norm_negative(uint8_t *b, size_t n) {
     uint8_t *base;
     bs_part_layout L;
     part_layout(b, busy_partition(b), &base, &L);
     float f = -1.0f;
-    memcpy(base + L.norm2, &f, 4);
+    memcpy(base + norm2_at(b, &L, 0), &f, 4);
 }
+/* A factor slot past the last row of a partially filled block. */
+static void e_factor_padding(uint8_t *b, size_t n) {
+    uint32_t k = bs_load_u32(b + BS_HDR_NUM_PARTITIONS);
+    for (uint32_t p = 0; p < k; p++) {
+        uint32_t cnt = bs_load_u32(dir_entry(b, p) + 16);
+        if (cnt % 32 == 0) continue;
+        uint8_t *base;
+        bs_part_layout L;
+        part_layout(b, p, &base, &L);
+        float f = 1.0f;
+        memcpy(base + norm2_at(b, &L, cnt) + 256, &f, 4);
+        return;
+    }
+}
+static void e_stage1_size(uint8_t *b, size_t n) {
+    uint8_t *e = dir_entry(b, busy_partition(b));
+    bs_store_u64(e + BS_DIR_STAGE1_SIZE, bs_load_u64(e + BS_DIR_STAGE1_SIZE) + 64);
+}
+static void e_dir_reserved2(uint8_t *b, size_t n) { dir_entry(b, 0)[BS_DIR_RESERVED2 + 3] = 1; }
 static void e_count_plus(uint8_t *b, size_t n) {
     uint8_t *e = dir_entry(b, busy_partition(b));
     bs_store_u32(e + 16, bs_load_u32(e + 16) + 1);
@@ -520,7 +580,8 @@ static void e_block_padding(uint8_t *b, size_t n) {
         uint8_t *base;
         bs_part_layout L;
         part_layout(b, p, &base, &L);
-        base[L.blocks + (size_t)(cnt / 32) * 4 * D + 15] |= 0x80;
+        base[(size_t)(cnt / 32) * L.stride + 15] |= 0x80;
+        (void)D;
         return;
     }
 }
@@ -557,7 +618,7 @@ static void e_write_older(uint8_t *b, size_t n) { bs_store_u32(b + BS_HDR_WRITE_
 static void e_trailing_known(uint8_t *b, size_t n) { bs_store_u64(b + BS_HDR_FILE_SIZE, n); }
 static void e_trailing_newer(uint8_t *b, size_t n) {
     bs_store_u64(b + BS_HDR_FILE_SIZE, n);
-    bs_store_u32(b + BS_HDR_WRITE_VERSION, 3);
+    bs_store_u32(b + BS_HDR_WRITE_VERSION, 4);
     memset(b + n - 64, 0x5a, 64);
 }
 static void e_nothing(uint8_t *b, size_t n) {}
@@ -577,13 +638,20 @@ static void test_corruption(void) {
     if (orig == NULL) return;
     CHECK(open_bytes(orig, len, &err) == BS_OK);
 
-    /* The worked example of docs/format.md. */
+    /* The worked examples of docs/format.md (format 3, and format 2's). */
     bs_part_layout ex;
     CHECK(bs_part_layout_compute(40, 128, 3, &ex));
-    CHECK(ex.blocks == 0 && ex.norm2 == 1024 && ex.s1 == 1216 && ex.ordinals == 1408 &&
-          ex.ext == 1600 && ex.s_full == 2880 && ex.size == 3072);
+    CHECK(ex.nblocks == 2 && ex.stride == 896 && ex.ordinals == 1792 &&
+          ex.stage1_size == 1984 && ex.ext == 1984 && ex.s_full == 3264 && ex.size == 3456);
+    CHECK(bs_part_layout_compute(40, 128, 1, &ex) && ex.size == 1984 && ex.stage1_size == 1984);
     CHECK(bs_part_layout_compute(0, 64, 1, &ex) && ex.size == 0);
     CHECK(!bs_part_layout_compute(UINT64_MAX / 8, 8192, 9, &ex));
+    bs_part_layout_v2 ex2;
+    CHECK(bs_part_layout_v2_compute(40, 128, 3, &ex2));
+    CHECK(ex2.blocks == 0 && ex2.norm2 == 1024 && ex2.s1 == 1216 && ex2.ordinals == 1408 &&
+          ex2.ext == 1600 && ex2.s_full == 2880 && ex2.size == 3072);
+    CHECK(bs_part_layout_v2_compute(0, 64, 1, &ex2) && ex2.size == 0);
+    CHECK(!bs_part_layout_v2_compute(UINT64_MAX / 8, 8192, 9, &ex2));
     CHECK(bs_seg_header_size(1) == 256 && bs_seg_header_size(1024) == 1280);
 
     /* Every truncation. */
@@ -626,11 +694,11 @@ static void test_corruption(void) {
     expect_edit(orig, len, len, e_bits, BS_ERR_CORRUPT, "num_bits 10");
     expect_edit(orig, len, len, e_kind, BS_ERR_CORRUPT, "rotation kind 2");
     expect_edit(orig, len, len, e_read_version, BS_ERR_UNSUPPORTED_VERSION,
-                "format version 3");
-    /* Format 2 dropped the stored error factors: every file needs a
-     * format-2 reader, and a format-1 file is refused with what to do. */
-    CHECK(bs_load_u32(orig + BS_HDR_READ_VERSION) == 2);
-    CHECK(bs_load_u32(orig + BS_HDR_WRITE_VERSION) == 2);
+                "format version 4");
+    /* Format 3 moved the factors into the stage-1 blocks: every file needs
+     * a format-3 reader, and a format-1 file is refused with what to do. */
+    CHECK(bs_load_u32(orig + BS_HDR_READ_VERSION) == 3);
+    CHECK(bs_load_u32(orig + BS_HDR_WRITE_VERSION) == 3);
     expect_edit(orig, len, len, e_v1_writer, BS_ERR_UNSUPPORTED_VERSION,
                 "format version 1");
     {
@@ -641,7 +709,7 @@ static void test_corruption(void) {
         uint8_t *orig9 = test_read_file(p9, &len9);
         CHECK(orig9 != NULL);
         if (orig9 != NULL) {
-            CHECK(bs_load_u32(orig9 + BS_HDR_READ_VERSION) == 2);
+            CHECK(bs_load_u32(orig9 + BS_HDR_READ_VERSION) == 3);
             expect_edit(orig9, len9, len9, e_nothing, BS_OK, "");
             expect_edit(orig9, len9, len9, e_v1_writer, BS_ERR_UNSUPPORTED_VERSION,
                         "rebuild the index");
@@ -671,6 +739,10 @@ static void test_corruption(void) {
                 "appears in more than one partition");
     expect_edit(orig, len, len, e_factor_nan, BS_ERR_CORRUPT, "invalid factors");
     expect_edit(orig, len, len, e_norm_negative, BS_ERR_CORRUPT, "invalid factors");
+    expect_edit(orig, len, len, e_corr_inf, BS_ERR_CORRUPT, "invalid factors");
+    expect_edit(orig, len, len, e_factor_padding, BS_ERR_CORRUPT, "factor slots past row");
+    expect_edit(orig, len, len, e_stage1_size, BS_ERR_CORRUPT, "stage-1 region is");
+    expect_edit(orig, len, len, e_dir_reserved2, BS_ERR_CORRUPT, "reserved directory byte 51");
     expect_edit(orig, len, len, e_count_plus, BS_ERR_CORRUPT, "partition ");
     expect_edit(orig, len, len, e_count_and_rows, BS_ERR_CORRUPT, "partition");
     expect_edit(orig, len, len, e_block_padding, BS_ERR_CORRUPT,
@@ -795,6 +867,16 @@ static void test_merge(uint32_t d, uint32_t bits, bs_metric metric,
         bs_segment_get_info(all.seg, &info);
         CHECK(info.num_rows == 900);
         CHECK(info.num_fragments == 7);
+        /* The identities travel with their fragments through the merges. */
+        for (uint32_t f = 0; f < 7; f++) {
+            uint8_t got[16], want[16];
+            bs_segment_fragment_identity(all.seg, f, got);
+            ident_of(ids[f], want);
+            CHECK_MSG(memcmp(got, want, 16) == 0, "fragment %u identity", f);
+        }
+        uint8_t none[16], zero[16] = {0};
+        bs_segment_fragment_identity(all.seg, 7, none);
+        CHECK(memcmp(none, zero, 16) == 0);
         check_contents(all.seg, &ds, ids, rows, 7, bits, metric, kind);
     }
 
@@ -1082,6 +1164,15 @@ static void test_builder_args(void) {
     /* That failure came after the offset was marked: it was unmarked. */
     CHECK(bs_builder_add(b, ds.x, 1, 0, &o10, &err) == BS_OK);
 
+    {
+        uint8_t fp[16] = {1};
+        CHECK(bs_builder_set_fragment_identity(b, 77, fp, &err) == BS_ERR_INVALID_ARGUMENT);
+        CHECK_MSG(strcmp(err.message, "fragment_id 77 is not one of the segment's 3 "
+                                      "fragments") == 0,
+                  "%s", err.message);
+        CHECK(bs_builder_set_fragment_identity(b, 1, NULL, &err) == BS_ERR_INVALID_ARGUMENT);
+        CHECK(bs_builder_set_fragment_identity(NULL, 1, fp, &err) == BS_ERR_INVALID_ARGUMENT);
+    }
     CHECK(bs_builder_write(b, "/nonexistent-dir/x/seg.bsseg", &err) == BS_ERR_IO);
     CHECK_MSG(strstr(err.message, "/nonexistent-dir/x/seg.bsseg.tmp") != NULL, "%s",
               err.message);
@@ -1202,8 +1293,8 @@ static void test_degenerate(void) {
             for (uint32_t i = 0; i < 2; i++) {
                 const bs_partition_view *v = i ? &v2 : &v0;
                 for (uint32_t j = 0; j < v->count; j++)
-                    CHECK_MSG(v->norm2[j] == 0.0f && v->s1[j] == 0.0f &&
-                                  v->s_full[j] == 0.0f,
+                    CHECK_MSG(bs_pv_norm2(v, j) == 0.0f && bs_pv_s1(v, j) == 0.0f &&
+                                  bs_pv_s_full(v, j) == 0.0f,
                               "kind %d bits %u partition %u row %u", kind,
                               bits, i ? 2 : 0, j);
             }
@@ -1247,7 +1338,8 @@ static void test_degenerate(void) {
             CHECK(part[1] == part[2]);
             bs_partition_view v;
             bs_segment_partition(l.seg, part[1], &v);
-            CHECK(fabsf(v.norm2[idx[1]] - v.norm2[idx[2]]) <= 1e-5f * v.norm2[idx[1]]);
+            CHECK(fabsf(bs_pv_norm2(&v, idx[1]) - bs_pv_norm2(&v, idx[2])) <=
+                  1e-5f * bs_pv_norm2(&v, idx[1]));
             /* The zero row is encoded against its centroid: |r| = |c|. */
             bs_segment_partition(l.seg, part[0], &v);
             double c2 = 0;
@@ -1255,7 +1347,7 @@ static void test_degenerate(void) {
                 double cj = ds.centroids[(size_t)part[0] * 64 + j];
                 c2 += cj * cj;
             }
-            CHECK(fabs(v.norm2[idx[0]] - c2) <= 1e-4 * c2);
+            CHECK(fabs(bs_pv_norm2(&v, idx[0]) - c2) <= 1e-4 * c2);
         }
         unload(&l);
     }
@@ -1299,6 +1391,114 @@ static void test_builder_threads(void) {
     free_data(&ds);
 }
 
+/* ----------------------------------------------- lazy partition checks */
+
+/* A format 3 segment opens without reading its partitions; a damaged
+ * partition is refused when a search first touches it, naming the
+ * segment and the partition, while searches that do not touch it go on;
+ * bs_segment_verify finds it, and the whole-file rule (no ordinal in two
+ * partitions) is verify's. */
+static void test_lazy_partitions(void) {
+    dataset ds = make_data(64, 4, 300, 4242);
+    uint64_t ids[1] = {3}, rows[1] = {300};
+    bs_error err;
+    const char *path = tpath("lazy.bsseg");
+    CHECK(build_range(&ds, 3, BS_METRIC_L2, BS_ROTATION_FAST, ids, rows, 0, 1, 64, 0,
+                      UUID_A, path, &err) == BS_OK);
+    size_t len = 0;
+    uint8_t *orig = test_read_file(path, &len);
+    if (orig == NULL) return;
+    for (int region = 0; region < 2; region++) {
+        uint8_t *b = aligned_copy(orig, len);
+        uint32_t p = busy_partition(b);
+        uint8_t *e = dir_entry(b, p);
+        uint64_t off = bs_load_u64(e), s1 = bs_load_u64(e + BS_DIR_STAGE1_SIZE);
+        b[off + (region ? s1 + 3 : 5)] ^= 0x40; /* a code byte, an extra-code byte */
+        bs_segment *seg = NULL;
+        CHECK_MSG(bs_segment_open(b, len, &seg, &err) == BS_OK, "%s", err.message);
+        if (seg == NULL) {
+            free(b);
+            continue;
+        }
+        bs_searcher *srch = NULL;
+        CHECK(bs_searcher_create((const bs_segment *const[]){seg}, 1, &srch, &err) == BS_OK);
+        bs_candidates *c = bs_candidates_new();
+        bs_search_params sp;
+        memset(&sp, 0, sizeof sp);
+        sp.k = 5;
+        sp.eps0 = 1.9f;
+        /* Probing only another partition's centroid: fine. */
+        uint32_t other = p == 0 ? 1 : 0;
+        sp.nprobes = 1;
+        CHECK_MSG(bs_search(srch, ds.centroids + (size_t)other * 64, &sp, c, NULL, &err) ==
+                      BS_OK,
+                  "%s", err.message);
+        /* Probing every partition touches p. */
+        sp.nprobes = 4;
+        char want[160];
+        snprintf(want, sizeof want,
+                 "segment 0102030405060708090a0b0c0d0e0f10: partition %u checksum mismatch "
+                 "(%s region: stored",
+                 p, region ? "extra" : "stage-1");
+        for (int again = 0; again < 2; again++) {
+            CHECK(bs_search(srch, ds.x, &sp, c, NULL, &err) == BS_ERR_CORRUPT);
+            CHECK_MSG(starts_with(err.message, want), "%s", err.message);
+        }
+        CHECK(bs_segment_verify(seg, &err) == BS_ERR_CORRUPT);
+        CHECK_MSG(starts_with(err.message, want + 42), "%s", err.message);
+        bs_candidates_free(c);
+        bs_searcher_free(srch);
+        bs_segment_free(seg);
+        free(b);
+    }
+    /* The same ordinal in two partitions, each partition valid on its own
+     * (resealed): searches work, verify refuses the file, and merge (which
+     * verifies its inputs) too. */
+    {
+        uint8_t *b = aligned_copy(orig, len);
+        e_ordinal_dup_across(b, len);
+        reseal(b, len);
+        bs_segment *seg = NULL;
+        CHECK_MSG(bs_segment_open(b, len, &seg, &err) == BS_OK, "%s", err.message);
+        if (seg != NULL) {
+            bs_segment_info info;
+            bs_segment_get_info(seg, &info);
+            for (uint32_t p = 0; p < info.num_partitions; p++)
+                CHECK(bs_segment_check_partition(seg, p, &err) == BS_OK);
+            bs_searcher *srch = NULL;
+            CHECK(bs_searcher_create((const bs_segment *const[]){seg}, 1, &srch, &err) ==
+                  BS_OK);
+            bs_candidates *c = bs_candidates_new();
+            bs_search_params sp;
+            memset(&sp, 0, sizeof sp);
+            sp.k = 300;
+            sp.nprobes = 4;
+            sp.eps0 = 1.9f;
+            CHECK(bs_search(srch, ds.x, &sp, c, NULL, &err) == BS_OK);
+            /* Each row id once: 300 rows, one ordinal stored twice. */
+            size_t n = bs_candidates_size(c);
+            const uint64_t *r = bs_candidates_rowids(c);
+            int repeats = 0;
+            for (size_t i = 0; i < n; i++)
+                for (size_t j = 0; j < i; j++) repeats += r[i] == r[j];
+            CHECK_MSG(repeats == 0 && n == 299, "%zu rows, %d repeated", n, repeats);
+            CHECK(bs_segment_verify(seg, &err) == BS_ERR_CORRUPT);
+            CHECK_MSG(strstr(err.message, "appears in more than one partition") != NULL, "%s",
+                      err.message);
+            CHECK(bs_segment_merge((const bs_segment *const[]){seg}, 1, UUID_A,
+                                   tpath("lazy_merged.bsseg"), &err) == BS_ERR_CORRUPT);
+            CHECK_MSG(starts_with(err.message, "cannot merge segment 0: ordinal "), "%s",
+                      err.message);
+            bs_candidates_free(c);
+            bs_searcher_free(srch);
+        }
+        bs_segment_free(seg);
+        free(b);
+    }
+    free(orig);
+    free_data(&ds);
+}
+
 int main(void) {
     snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_segment_%d", (int)getpid());
     char cmd[400];
@@ -1309,6 +1509,7 @@ int main(void) {
     test_builder_threads();
     test_degenerate();
     test_corruption();
+    test_lazy_partitions();
     test_mismatch();
     test_roundtrip(100, 1, BS_METRIC_L2, BS_ROTATION_FAST);
     test_roundtrip(100, 4, BS_METRIC_COSINE, BS_ROTATION_FAST);
