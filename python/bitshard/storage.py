@@ -1146,11 +1146,19 @@ class ObjectStorage(Storage):
         except FileNotFoundError:
             ok = False
         if not ok:
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            d = os.path.dirname(cached)
+            os.makedirs(d, exist_ok=True)
+            # A reader killed while downloading left its temp file: remove
+            # this key's whose reader is dead (a live one holds its lock).
+            stem = os.path.basename(cached) + "."
+            for n in os.listdir(d):
+                if n.startswith(stem) and n.endswith(".tmp"):
+                    remove_dead_temp(os.path.join(d, n))
             tmp = f"{cached}.{os.getpid()}.{uuid_mod.uuid4().hex[:8]}.tmp"
+            fd = _create_locked(tmp)
             try:
                 with self.fs.open_input_stream(self._fs_path(key)) as src, \
-                        open(tmp, "wb") as dst:
+                        os.fdopen(fd, "wb", closefd=False) as dst:
                     while True:
                         chunk = src.read(16 << 20)
                         if not chunk:
@@ -1161,10 +1169,8 @@ class ObjectStorage(Storage):
                         f"segment file {self.path(key)} changed while read")
                 os.replace(tmp, cached)
             finally:
-                try:
-                    os.remove(tmp)
-                except FileNotFoundError:
-                    pass
+                _unlink_quietly(tmp)
+                os.close(fd)
         with open(cached, "rb") as f:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # page-aligned
 

@@ -609,3 +609,33 @@ def test_optimize_indices_commits_to_a_legacy_named_index_on_s3(s3, data):
         assert idx.manifest_versions(st, "my idx") == [1, 2, 3]
         got = ds.search("vec", x[:4], k=5)
     assert got.column("_rowid").equals(want.column("_rowid"))
+
+
+def test_a_dead_readers_cache_temp_file_is_removed_by_the_next_download(s3, data, tmp_path):
+    """With cache_dir, a segment is downloaded to ``<cache file>.<pid>.<hex>.tmp``
+    first; a reader killed meanwhile left it forever. The next download of
+    that segment removes the dead readers' temp files (a live one is locked)."""
+    uri, x, ivf, rot = data
+    root = _s3_root(s3, "cache")
+    opts = dict(s3["options"], cache_dir=str(tmp_path / "cache"))
+    ds = bitshard.dataset(uri, index_uri=root, storage_options=opts)
+    a, b = _two_segment_index(ds, ivf, rot)
+    st = ds.storage
+    cached = st._cache_path(idx.segment_key(a.uuid))
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    dead = f"{cached}.4242.0badf00d.tmp"
+    with open(dead, "wb") as f:
+        f.write(b"partial")
+    live = f"{cached}.4343.00c0ffee.tmp"
+    fd = storage._create_locked(live)
+    try:
+        if os.path.exists(cached):
+            os.remove(cached)
+        assert len(bitshard.dataset(uri, index_uri=root, storage_options=opts)
+                   .search("vec", x[0], k=3)) == 3
+        assert os.path.exists(cached)
+        assert not os.path.exists(dead)
+        assert os.path.exists(live)
+    finally:
+        os.close(fd)
+        os.remove(live)
