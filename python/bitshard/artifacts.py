@@ -303,20 +303,44 @@ class IvfModel:
             raise CorruptIndexError(f"IVF model bytes hold bad values: {e}") from None
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write :meth:`to_bytes` to a file (atomically, via a temp file)."""
-        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(self.to_bytes())
-        os.replace(tmp, path)
+        """Write :meth:`to_bytes` to a file (atomically, via a temp file).
+
+        Raises:
+            MissingFileError, StorageError: the file cannot be written (names
+                it and the operating system's reason).
+        """
+        from .storage import backend_errors  # noqa: PLC0415 - storage imports numpy only
+
+        p = os.fspath(path)
+        tmp = f"{p}.tmp{os.getpid()}"
+        with backend_errors(p, "write"):
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(self.to_bytes())
+                os.replace(tmp, p)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "IvfModel":
-        """Read a file written by :meth:`save` (or a .npy array of centroids)."""
+        """Read a file written by :meth:`save` (or a .npy array of centroids).
+
+        Raises:
+            MissingFileError, StorageError: the file cannot be read (names it).
+            CorruptIndexError: its bytes are not an IVF model.
+        """
+        from .storage import backend_errors  # noqa: PLC0415
+
         p = os.fspath(path)
-        if p.endswith(".npy"):
-            return cls(np.load(p))
-        with open(p, "rb") as f:
-            return cls.from_bytes(f.read())
+        with backend_errors(p, "read"):
+            if p.endswith(".npy"):
+                return cls(np.load(p))
+            with open(p, "rb") as f:
+                return cls.from_bytes(f.read())
 
     def __reduce__(self) -> Any:
         return (IvfModel.from_bytes, (self.to_bytes(),))

@@ -194,8 +194,8 @@ def missing_segment(path: str) -> MissingFileError:
 
 
 @contextmanager
-def _backend_errors(path: str, verb: str, keep: Tuple[Type[BaseException], ...] = (),
-                    segment: bool = False) -> Iterator[None]:
+def backend_errors(path: str, verb: str, keep: Tuple[Type[BaseException], ...] = (),
+                   segment: bool = False) -> Iterator[None]:
     """Turn what a storage backend raises in the block into a BitshardError
     (:func:`backend_error`; :func:`missing_segment` for a segment file when
     ``segment``). BitshardErrors and the ``keep`` classes (a contract such
@@ -536,7 +536,7 @@ class LocalStorage(Storage):
 
     def list(self, prefix: str) -> List[FileEntry]:
         d = self.path(prefix)
-        with _backend_errors(d, "list"):
+        with backend_errors(d, "list"):
             try:
                 check_resolved_inside(self.root, d)
                 names = os.listdir(d)
@@ -564,7 +564,7 @@ class LocalStorage(Storage):
 
     def read_bytes(self, key: str) -> bytes:
         path = self._read_path(key)
-        with _backend_errors(path, "read"):
+        with backend_errors(path, "read"):
             try:
                 with open(path, "rb") as f:
                     return f.read()
@@ -573,7 +573,7 @@ class LocalStorage(Storage):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self.path(key)
-        with _backend_errors(path, "write"):
+        with backend_errors(path, "write"):
             self._make_parent(path)
             self._write_path(key)
             # A fresh name, created exclusively and locked: nothing planted
@@ -603,7 +603,7 @@ class LocalStorage(Storage):
     def write_file(self, local_path: str, key: str) -> None:
         path = self.path(key)
         if os.path.abspath(local_path) != os.path.abspath(path):
-            with _backend_errors(path, "write"):
+            with backend_errors(path, "write"):
                 self._make_parent(path)
                 self._write_path(key)
                 try:
@@ -613,7 +613,7 @@ class LocalStorage(Storage):
 
     def delete(self, key: str) -> bool:
         path = self._write_path(key)
-        with _backend_errors(path, "delete"):
+        with backend_errors(path, "delete"):
             try:
                 mode = os.lstat(path).st_mode
             except FileNotFoundError:
@@ -630,7 +630,7 @@ class LocalStorage(Storage):
 
     def delete_temp(self, key: str) -> bool:
         path = self._write_path(key)
-        with _backend_errors(path, "delete"):
+        with backend_errors(path, "delete"):
             try:
                 if not stat.S_ISREG(os.lstat(path).st_mode):
                     return False  # never a link or a directory
@@ -643,12 +643,12 @@ class LocalStorage(Storage):
 
     def mtime(self, key: str) -> float:
         path = self._read_path(key)
-        with _backend_errors(path, "read the modification time of"):
+        with backend_errors(path, "read the modification time of"):
             return os.path.getmtime(path)
 
     def create_exclusive(self, key: str, data: bytes) -> None:
         final = self.path(key)
-        with _backend_errors(final, "create", keep=(FileExistsError,)):
+        with backend_errors(final, "create", keep=(FileExistsError,)):
             self._make_parent(final)
             self._write_path(key)
             if os.path.isdir(final):  # not a version another writer committed
@@ -663,7 +663,7 @@ class LocalStorage(Storage):
 
     def open_segment(self, key: str) -> Any:
         path = self.path(key)
-        with _backend_errors(path, "read", segment=True):
+        with backend_errors(path, "read", segment=True):
             try:
                 check_resolved_inside(self.root, path)
                 f = open(path, "rb")
@@ -678,7 +678,7 @@ class LocalStorage(Storage):
     def segment_target(self, key: str) -> Iterator[Tuple[str, bool]]:
         path = self.path(key)
         tmp = path + ".tmp"
-        with _backend_errors(path, "write"):
+        with backend_errors(path, "write"):
             self._make_parent(path)
             self._write_path(key)
             # The C writer opens "<path>.tmp" with fopen ("wb": it truncates
@@ -725,7 +725,7 @@ class LocalStorage(Storage):
         # Only the taking of the lock is translated: the block's own errors
         # pass through the yield as they are.
         fcntl = _fcntl()
-        with _backend_errors(self.root, "lock"):
+        with backend_errors(self.root, "lock"):
             if not exclusive:
                 os.makedirs(self.root, exist_ok=True)  # a first commit creates it anyway
             try:
@@ -941,7 +941,7 @@ class ObjectStorage(Storage):
         from pyarrow import fs as pafs  # noqa: PLC0415
 
         sel = pafs.FileSelector(self._fs_path(prefix), allow_not_found=True, recursive=False)
-        with _backend_errors(self.path(prefix), "list"):
+        with backend_errors(self.path(prefix), "list"):
             try:
                 infos = self.fs.get_file_info(sel)
             except FileNotFoundError:
@@ -957,20 +957,20 @@ class ObjectStorage(Storage):
         return sorted(out)
 
     def read_bytes(self, key: str) -> bytes:
-        with _backend_errors(self.path(key), "read"):
+        with backend_errors(self.path(key), "read"):
             with self.fs.open_input_stream(self._fs_path(key)) as f:
                 return f.read()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         # A PUT replaces an object whole: readers see the old or the new one.
-        with _backend_errors(self.path(key), "write"):
+        with backend_errors(self.path(key), "write"):
             with self.fs.open_output_stream(self._fs_path(key)) as f:
                 f.write(data)
 
     def write_file(self, local_path: str, key: str) -> None:
         # Multipart for large files; the object appears only when complete.
         try:
-            with _backend_errors(self.path(key), "upload"):
+            with backend_errors(self.path(key), "upload"):
                 with open(local_path, "rb") as src, \
                         self.fs.open_output_stream(self._fs_path(key)) as dst:
                     while True:
@@ -987,12 +987,12 @@ class ObjectStorage(Storage):
     def delete(self, key: str) -> bool:
         if not self.exists(key):
             return False
-        with _backend_errors(self.path(key), "delete"):
+        with backend_errors(self.path(key), "delete"):
             self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
         return True
 
     def _info(self, key: str) -> Any:
-        with _backend_errors(self.path(key), "read the metadata of"):
+        with backend_errors(self.path(key), "read the metadata of"):
             return self.fs.get_file_info(self._fs_path(key))
 
     def exists(self, key: str) -> bool:
@@ -1062,7 +1062,7 @@ class ObjectStorage(Storage):
         _PROBED[pk] = True
 
     def create_exclusive(self, key: str, data: bytes) -> None:
-        with _backend_errors(self.path(key), "create", keep=(FileExistsError,)):
+        with backend_errors(self.path(key), "create", keep=(FileExistsError,)):
             self._create_exclusive(key, data)
 
     def _create_exclusive(self, key: str, data: bytes) -> None:
@@ -1108,7 +1108,7 @@ class ObjectStorage(Storage):
         path = self.path(key)
         # A segment removed at any step (listed, then gone: NoSuchKey from
         # any call) is missing_segment; other backend errors StorageError.
-        with _backend_errors(path, "read", segment=True):
+        with backend_errors(path, "read", segment=True):
             return self._open_segment(key, path)
 
     def _open_segment(self, key: str, path: str) -> Any:
@@ -1176,7 +1176,7 @@ class ObjectStorage(Storage):
 
     @contextmanager
     def segment_target(self, key: str) -> Iterator[Tuple[str, bool]]:
-        with _backend_errors(self.path(key), "write"):
+        with backend_errors(self.path(key), "write"):
             d, fd = make_upload_dir()
         try:
             yield os.path.join(d, key.rsplit("/", 1)[-1]), True
@@ -1195,7 +1195,7 @@ class ObjectStorage(Storage):
         from a dead one, so the age is the only guard, as for segments."""
         out: List[str] = []
         base = self.object_key(prefix).rstrip("/") + "/"
-        with _backend_errors(self.path(prefix), "list the multipart uploads of"):
+        with backend_errors(self.path(prefix), "list the multipart uploads of"):
             kw: Dict[str, Any] = {"Bucket": self.bucket, "Prefix": base}
             while True:
                 page = self.client.list_multipart_uploads(**kw)

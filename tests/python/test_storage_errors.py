@@ -639,3 +639,30 @@ def test_a_dead_readers_cache_temp_file_is_removed_by_the_next_download(s3, data
     finally:
         os.close(fd)
         os.remove(live)
+
+
+def test_ivf_model_files_give_named_errors(data, tmp_path):
+    """IvfModel.save / IvfModel.load on a path that cannot be written or read
+    raised the operating system's bare error."""
+    uri, x, ivf, rot = data
+    missing = str(tmp_path / "nope.ivf")
+    with pytest.raises(MissingFileError) as e:
+        bitshard.IvfModel.load(missing)
+    assert str(e.value) == (f"cannot read {missing}: it does not exist (FileNotFoundError: "
+                            f"[Errno 2] No such file or directory: '{missing}')")
+    with pytest.raises(MissingFileError, match=f"^cannot read {tmp_path}/c.npy: it does not "):
+        bitshard.IvfModel.load(str(tmp_path / "c.npy"))
+    with pytest.raises(StorageError) as e:
+        bitshard.IvfModel.load(str(tmp_path))
+    assert str(e.value).startswith(f"cannot read {tmp_path}: the storage backend failed "
+                                   f"(IsADirectoryError: ")
+    target = str(tmp_path / "no-dir" / "m.ivf")
+    with pytest.raises(MissingFileError, match=f"^cannot write {target}: it does not exist"):
+        ivf.save(target)
+    blocker = tmp_path / "taken"
+    blocker.mkdir()
+    with pytest.raises(StorageError, match=f"^cannot write {blocker}: the storage backend"):
+        ivf.save(str(blocker))
+    assert sorted(os.listdir(tmp_path)) == ["taken"]      # no temp file left
+    ivf.save(str(tmp_path / "ok.ivf"))
+    assert bitshard.IvfModel.load(str(tmp_path / "ok.ivf")) == ivf
