@@ -1186,6 +1186,23 @@ class ObjectStorage(Storage):
             shutil.rmtree(d, ignore_errors=True)
             os.close(fd)  # after the directory is gone: reclaimers skip it until then
 
+    def _upload_is_stale(self, u: Dict[str, Any], older_than_seconds: float) -> bool:
+        """An incomplete upload is stale when it was started and its newest
+        part was uploaded at least ``older_than_seconds`` ago (a live writer
+        keeps adding parts; some stores, moto's server among them, report a
+        fixed start time, so the parts' times are the better clock)."""
+        now = time.time()
+        times = [u["Initiated"]] if u.get("Initiated") is not None else []
+        try:
+            parts = self.client.list_parts(Bucket=self.bucket, Key=u["Key"],
+                                           UploadId=u["UploadId"])
+        except Exception as e:  # noqa: BLE001 - NoSuchUpload: it finished meanwhile
+            if _backend_kind(e) == "missing":
+                return False
+            raise
+        times += [p["LastModified"] for p in parts.get("Parts", []) if p.get("LastModified")]
+        return all(now - t.timestamp() >= older_than_seconds for t in times)
+
     def abort_stale_uploads(self, prefix: str, older_than_seconds: float,
                             dry_run: bool = False) -> List[str]:
         """Abort the incomplete multipart uploads of segment files under
@@ -1203,9 +1220,7 @@ class ObjectStorage(Storage):
                     name = u["Key"][len(base):]
                     if "/" in name or _parse_segment_name(name) is None:
                         continue
-                    started = u.get("Initiated")
-                    age = time.time() - started.timestamp() if started is not None else None
-                    if age is not None and age < older_than_seconds:
+                    if not self._upload_is_stale(u, older_than_seconds):
                         continue
                     if not dry_run:
                         try:
