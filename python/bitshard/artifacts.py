@@ -369,9 +369,12 @@ def as_ivf_model(ivf_centroids: Any, metric: str) -> IvfModel:
         try:
             model = IvfModel.load(ivf_centroids)
         except OSError as e:
+            # the operating system's reason (MissingFileError and StorageError
+            # keep the error they translate in ``backend_error``)
+            orig = getattr(e, "backend_error", e)
             raise InvalidInputError(
                 f"ivf_centroids: cannot read {os.fspath(ivf_centroids)!r}: "
-                f"{e.strerror or e}") from None
+                f"{getattr(orig, 'strerror', None) or orig}") from None
         except ValueError as e:  # np.load of a file that is not an array
             if isinstance(e, InvalidInputError):
                 raise

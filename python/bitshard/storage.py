@@ -168,6 +168,12 @@ def backend_error(path: str, verb: str, e: BaseException) -> BitshardError:
     MissingFileError (also a FileNotFoundError) when it is not there,
     StorageError (also an OSError) otherwise; the message names the path,
     the operation and the backend's own message."""
+    err = _backend_error(path, verb, e)
+    err.backend_error = e  # type: ignore[attr-defined]  # the original, for callers' own wording
+    return err
+
+
+def _backend_error(path: str, verb: str, e: BaseException) -> BitshardError:
     kind = _backend_kind(e)
     detail = f"{type(e).__name__}: {e}"
     if any(w in str(e) for w in ("NO_SUCH_UPLOAD", "NoSuchUpload")):
