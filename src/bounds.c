@@ -11,9 +11,9 @@
 
 #include "rabitq.h"
 
-static inline float lower_bound_one(uint32_t sum, float norm2, float s1,
+static inline float lower_bound_one(uint32_t sum, float norm2, float s1, float corr,
                                     const bs_bound_params *p) {
-    float ip_y = p->delta * (float)sum + p->offset - p->half_qsum;
+    float ip_y = ((p->delta * (float)sum + p->offset) - p->half_qsum) + corr;
     float est = p->base * norm2 + p->qterm - p->scale * s1 * ip_y;
     float f1 = bs_f1_from(norm2, s1, p->quarter_d, p->inv_sqrt_dm1);
     float bound = p->ferr * f1 + p->lerr * fabsf(s1);
@@ -21,12 +21,13 @@ static inline float lower_bound_one(uint32_t sum, float norm2, float s1,
 }
 
 void bs_lower_bounds_ref(const uint32_t *sums, const float *norm2, const float *s1,
-                         size_t n, const bs_bound_params *p, float *out) {
-    for (size_t i = 0; i < n; i++) out[i] = lower_bound_one(sums[i], norm2[i], s1[i], p);
+                         const float *corr, size_t n, const bs_bound_params *p, float *out) {
+    for (size_t i = 0; i < n; i++)
+        out[i] = lower_bound_one(sums[i], norm2[i], s1[i], corr[i], p);
 }
 
 void bs_lower_bounds_sse2(const uint32_t *sums, const float *norm2, const float *s1,
-                          size_t n, const bs_bound_params *p, float *out) {
+                          const float *corr, size_t n, const bs_bound_params *p, float *out) {
     size_t i = 0;
 #if defined(__SSE2__)
     const __m128 delta = _mm_set1_ps(p->delta), offset = _mm_set1_ps(p->offset);
@@ -40,7 +41,8 @@ void bs_lower_bounds_sse2(const uint32_t *sums, const float *norm2, const float 
         /* sums < 2^31: the signed conversion is the unsigned one */
         __m128 sum = _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)(const void *)(sums + i)));
         __m128 nr = _mm_loadu_ps(norm2 + i), s = _mm_loadu_ps(s1 + i);
-        __m128 ip_y = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(delta, sum), offset), half_qsum);
+        __m128 ip_y = _mm_add_ps(_mm_sub_ps(_mm_add_ps(_mm_mul_ps(delta, sum), offset), half_qsum),
+                                 _mm_loadu_ps(corr + i));
         __m128 est = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(base, nr), qterm),
                                 _mm_mul_ps(_mm_mul_ps(scale, s), ip_y));
         /* bs_f1_from: t > 0 ? t : 0 is max(t, 0) for every t, NaN and -0
@@ -51,20 +53,20 @@ void bs_lower_bounds_sse2(const uint32_t *sums, const float *norm2, const float 
         _mm_storeu_ps(out + i, _mm_sub_ps(est, bound));
     }
 #endif
-    for (; i < n; i++) out[i] = lower_bound_one(sums[i], norm2[i], s1[i], p);
+    for (; i < n; i++) out[i] = lower_bound_one(sums[i], norm2[i], s1[i], corr[i], p);
 }
 
-void bs_lower_bounds(const uint32_t *sums, const float *norm2, const float *s1, size_t n,
-                     const bs_bound_params *p, float *out) {
-    bs_lower_bounds_sse2(sums, norm2, s1, n, p, out);
+void bs_lower_bounds(const uint32_t *sums, const float *norm2, const float *s1,
+                     const float *corr, size_t n, const bs_bound_params *p, float *out) {
+    bs_lower_bounds_sse2(sums, norm2, s1, corr, n, p, out);
 }
 
 void bs_lower_bounds_mask_ref(const uint32_t *sums, const float *norm2, const float *s1,
-                              size_t n, const bs_bound_params *p, float threshold, float *out,
-                              uint32_t *mask) {
+                              const float *corr, size_t n, const bs_bound_params *p,
+                              float threshold, float *out, uint32_t *mask) {
     memset(mask, 0, (n + 31) / 32 * sizeof *mask);
     for (size_t i = 0; i < n; i++) {
-        out[i] = lower_bound_one(sums[i], norm2[i], s1[i], p);
+        out[i] = lower_bound_one(sums[i], norm2[i], s1[i], corr[i], p);
         mask[i / 32] |= (uint32_t)!(out[i] > threshold) << (i % 32);
     }
 }
@@ -72,11 +74,11 @@ void bs_lower_bounds_mask_ref(const uint32_t *sums, const float *norm2, const fl
 /* bs_lower_bounds_sse2's lanes, and cmpngtps for the mask: not greater
  * (NaN included) is the reference's !(lb > threshold). */
 void bs_lower_bounds_mask_sse2(const uint32_t *sums, const float *norm2, const float *s1,
-                               size_t n, const bs_bound_params *p, float threshold,
-                               float *out, uint32_t *mask) {
+                               const float *corr, size_t n, const bs_bound_params *p,
+                               float threshold, float *out, uint32_t *mask) {
 #if defined(__SSE2__)
     const size_t whole = n / 32 * 32;
-    bs_lower_bounds_sse2(sums, norm2, s1, whole, p, out);
+    bs_lower_bounds_sse2(sums, norm2, s1, corr, whole, p, out);
     const __m128 thr = _mm_set1_ps(threshold);
     for (size_t w = 0; w < whole / 32; w++) {
         uint32_t m = 0;
@@ -86,10 +88,10 @@ void bs_lower_bounds_mask_sse2(const uint32_t *sums, const float *norm2, const f
                  << (4 * j);
         mask[w] = m;
     }
-    bs_lower_bounds_mask_ref(sums + whole, norm2 + whole, s1 + whole, n - whole, p, threshold,
-                             out + whole, mask + whole / 32);
+    bs_lower_bounds_mask_ref(sums + whole, norm2 + whole, s1 + whole, corr + whole, n - whole, p,
+                             threshold, out + whole, mask + whole / 32);
 #else
-    bs_lower_bounds_mask_ref(sums, norm2, s1, n, p, threshold, out, mask);
+    bs_lower_bounds_mask_ref(sums, norm2, s1, corr, n, p, threshold, out, mask);
 #endif
 }
 

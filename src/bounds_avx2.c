@@ -16,11 +16,12 @@ typedef struct bs_bounds8 {
     __m256 delta, offset, half_qsum, base, qterm, scale, ferr, lerr, qd, isd, zero, abs_mask;
 } bs_bounds8;
 
-static inline __m256 bs_lb8(const bs_bounds8 *c, __m256i sums, __m256 nr, __m256 s) {
+static inline __m256 bs_lb8(const bs_bounds8 *c, __m256i sums, __m256 nr, __m256 s,
+                            __m256 corr) {
     /* sums < 2^31: the signed conversion is the unsigned one */
     const __m256 sum = _mm256_cvtepi32_ps(sums);
-    const __m256 ip_y =
-        _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(c->delta, sum), c->offset), c->half_qsum);
+    const __m256 ip_y = _mm256_add_ps(
+        _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(c->delta, sum), c->offset), c->half_qsum), corr);
     const __m256 est = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(c->base, nr), c->qterm),
                                      _mm256_mul_ps(_mm256_mul_ps(c->scale, s), ip_y));
     /* bs_f1_from: maxps(t, 0) is t > 0 ? t : 0 for every t, NaN and -0 too */
@@ -36,8 +37,8 @@ static inline __m256 bs_lb8(const bs_bounds8 *c, __m256i sums, __m256 nr, __m256
  * n. The mask: not greater, unordered true, i.e. !(lb > threshold) with
  * NaN passing. */
 void bs_lower_bounds_mask_avx2(const uint32_t *sums, const float *norm2, const float *s1,
-                               size_t n, const bs_bound_params *p, float threshold,
-                               float *out, uint32_t *mask) {
+                               const float *corr, size_t n, const bs_bound_params *p,
+                               float threshold, float *out, uint32_t *mask) {
     const bs_bounds8 c = {_mm256_set1_ps(p->delta),     _mm256_set1_ps(p->offset),
                           _mm256_set1_ps(p->half_qsum), _mm256_set1_ps(p->base),
                           _mm256_set1_ps(p->qterm),     _mm256_set1_ps(p->scale),
@@ -55,7 +56,7 @@ void bs_lower_bounds_mask_avx2(const uint32_t *sums, const float *norm2, const f
             if (i + 8 <= n) {
                 const __m256 lb = bs_lb8(
                     &c, _mm256_loadu_si256((const __m256i *)(const void *)(sums + i)),
-                    _mm256_loadu_ps(norm2 + i), _mm256_loadu_ps(s1 + i));
+                    _mm256_loadu_ps(norm2 + i), _mm256_loadu_ps(s1 + i), _mm256_loadu_ps(corr + i));
                 _mm256_storeu_ps(out + i, lb);
                 m |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(lb, thr, _CMP_NGT_UQ)) << (8 * j);
             } else {
@@ -64,7 +65,8 @@ void bs_lower_bounds_mask_avx2(const uint32_t *sums, const float *norm2, const f
                                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
                 const __m256 lb = bs_lb8(
                     &c, _mm256_maskload_epi32((const int *)(const void *)(sums + i), live),
-                    _mm256_maskload_ps(norm2 + i, live), _mm256_maskload_ps(s1 + i, live));
+                    _mm256_maskload_ps(norm2 + i, live), _mm256_maskload_ps(s1 + i, live),
+                    _mm256_maskload_ps(corr + i, live));
                 _mm256_maskstore_ps(out + i, live, lb);
                 const uint32_t pass =
                     (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(lb, thr, _CMP_NGT_UQ));

@@ -14,8 +14,8 @@
 /* Sixteen codes at a time; the last few through masked loads and stores,
  * which touch nothing past n. */
 void bs_lower_bounds_mask_avx512(const uint32_t *sums, const float *norm2, const float *s1,
-                                 size_t n, const bs_bound_params *p, float threshold,
-                                 float *out, uint32_t *mask) {
+                                 const float *corr, size_t n, const bs_bound_params *p,
+                                 float threshold, float *out, uint32_t *mask) {
     const __m512 delta = _mm512_set1_ps(p->delta), offset = _mm512_set1_ps(p->offset);
     const __m512 half_qsum = _mm512_set1_ps(p->half_qsum), base = _mm512_set1_ps(p->base);
     const __m512 qterm = _mm512_set1_ps(p->qterm), scale = _mm512_set1_ps(p->scale);
@@ -35,8 +35,9 @@ void bs_lower_bounds_mask_avx512(const uint32_t *sums, const float *norm2, const
             const __m512 sum = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(live, sums + i));
             const __m512 nr = _mm512_maskz_loadu_ps(live, norm2 + i);
             const __m512 s = _mm512_maskz_loadu_ps(live, s1 + i);
-            const __m512 ip_y =
-                _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(delta, sum), offset), half_qsum);
+            const __m512 ip_y = _mm512_add_ps(
+                _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(delta, sum), offset), half_qsum),
+                _mm512_maskz_loadu_ps(live, corr + i));
             const __m512 est = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(base, nr), qterm),
                                              _mm512_mul_ps(_mm512_mul_ps(scale, s), ip_y));
             /* bs_f1_from: maxps(t, 0) is t > 0 ? t : 0 for every t, NaN and -0 too */

@@ -48,6 +48,7 @@ struct bs_searcher {
     bs_rotation *rot;
     const float *centroids; /* num_partitions * dim, owned by segs[0] */
     float *rot_centroids;   /* num_partitions * D: P c */
+    float *rot_mean;        /* D: P m, m the centroids' mean (stage 1's table origin) */
     bs_simd_level level;
     bs_fastscan_fn kernel;
     bs_bounds_fn bounds;
@@ -84,7 +85,7 @@ struct bs_candidates {
      * then q' of each probe */
     float *query_rows;
     size_t cap_query_rows;
-    uint8_t *lut_tables; /* one probe's D/4 tables of 16 (bs_query_lut) */
+    uint8_t *lut_tables; /* the query's D/4 tables of 16 (bs_query_lut) */
     size_t cap_lut;
     bs_probe_scratch probe;
     probe_terms *terms; /* per probe */
@@ -109,6 +110,13 @@ typedef struct query_ctx {
      * estimates (and ties): they are looked up after stage 2. */
     int late_rowids;
     size_t nheap;    /* entries in c->heap */
+    /* Stage 1's one table, of qt = Pq - Pm, shared by every probe
+     * (docs/rabitq.md, "The estimator"), and 0.5 * sum_i qt_i. */
+    bs_query_lut lut;
+    float half_qtsum;
+    /* dot and cosine: q' = Pq for every probe, so |q'|^2 and sum_i q'_i
+     * are the query's. */
+    float pq_norm2, pq_sum;
     bs_search_stats stats;
 } query_ctx;
 
@@ -243,7 +251,8 @@ bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
     s->bounds = bs_lower_bounds_kernel(level);
     bs_dot_kernels_get(level, &s->dots);
     s->rot_centroids = bs_alloc2(s->num_partitions, s->padded_dim, sizeof(float));
-    if (s->segs == NULL || s->rot_centroids == NULL) {
+    s->rot_mean = bs_alloc(s->padded_dim, sizeof(float));
+    if (s->segs == NULL || s->rot_centroids == NULL || s->rot_mean == NULL) {
         bs_searcher_free(s);
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
     }
@@ -253,6 +262,10 @@ bs_status bs_searcher_create(const bs_segment *const *segs, size_t n,
     if (st == BS_OK)
         st = bs_rotation_apply(s->rot, s->centroids, s->num_partitions, s->dim,
                                s->rot_centroids, err);
+    /* Pm exactly as the writers computed it for corr (format.c) */
+    if (st == BS_OK)
+        st = bs_centroid_mean_rotated(s->rot, s->centroids, s->num_partitions, s->dim,
+                                      s->rot_mean, err);
     if (st == BS_OK)
         st = bs_probe_index_init(&s->probe, s->centroids, s->num_partitions, s->dim,
                                  s->metric, &s->dots, err);
@@ -268,6 +281,7 @@ void bs_searcher_free(bs_searcher *s) {
     if (s == NULL) return;
     bs_rotation_free(s->rot);
     free(s->rot_centroids);
+    free(s->rot_mean);
     bs_probe_index_free(&s->probe);
     free((void *)s->segs);
     free(s);
@@ -377,8 +391,8 @@ static void query_ctx_init(query_ctx *x, const bs_searcher *s,
     c->ncands = 0;
 }
 
-/* Row r of c->query_rows: 0 the normalised query, 1 Pq, 2 + pi q' of probe
- * pi. */
+/* Row r of c->query_rows: 0 the normalised query, 1 Pq, 2 qt = Pq - Pm,
+ * 3 + pi q' of probe pi (l2 only: for dot and cosine q' is Pq). */
 static inline float *query_row(const query_ctx *x, size_t r) {
     return x->c->query_rows + r * x->s->padded_dim;
 }
@@ -387,7 +401,7 @@ static inline float *query_row(const query_ctx *x, size_t r) {
 static bs_status reserve_scratch(query_ctx *x, bs_error *err) {
     bs_candidates *c = x->c;
     const size_t D = x->s->padded_dim, nprobe = x->nprobe;
-    if (!bs_grow((void **)&c->query_rows, &c->cap_query_rows, (nprobe + 2) * D,
+    if (!bs_grow((void **)&c->query_rows, &c->cap_query_rows, (nprobe + 3) * D,
                  sizeof(float)) ||
         !bs_grow((void **)&c->lut_tables, &c->cap_lut, D * 4, 1) ||
         !bs_grow((void **)&c->heap, &c->cap_heap, x->k, sizeof(float)) ||
@@ -413,36 +427,53 @@ static bs_status prepare_query(query_ctx *x, const float *q_in, bs_error *err) {
     }
     BS_TRY(bs_rotation_apply(s->rot, q, 1, dim, query_row(x, 1), err));
     bs_choose_probes(&s->probe, &x->c->probe, q, x->nprobe);
+    const uint32_t D = s->padded_dim;
+    const float *pq = query_row(x, 1);
+    float *qt = query_row(x, 2);
+    float unused;
+    /* dot and cosine: |q'|^2 and sum(q') of q' = Pq, once (row 2 is a
+     * scratch copy until qt overwrites it) */
+    if (s->metric != BS_METRIC_L2) s->dots.residual(pq, NULL, D, qt, &x->pq_norm2, &x->pq_sum);
+    /* One table for every probe, of qt: each code's stored corr turns
+     * <y1, qt> into <y1, q'> of its own partition. */
+    s->dots.residual(pq, s->rot_mean, D, qt, &unused, &x->half_qtsum);
+    x->half_qtsum *= 0.5f;
+    x->lut.tables = x->c->lut_tables;
+    bs_query_lut_build_simd(qt, D, s->level, &x->lut);
     return BS_OK;
 }
 
-/* q' of probe pi (row 2 + pi) and its terms. */
+/* q' of probe pi: its own row for l2, Pq for dot and cosine. */
+static inline const float *probe_query(const query_ctx *x, uint32_t pi) {
+    return query_row(x, x->s->metric == BS_METRIC_L2 ? 3 + (size_t)pi : 1);
+}
+
+/* Probe pi's terms, and for l2 its q' (row 3 + pi): stage 1 needs |q'|,
+ * stage 2 q' and sum(q'). */
 static void probe_prepare(query_ctx *x, uint32_t pi) {
     const bs_searcher *s = x->s;
     const uint32_t D = s->padded_dim, dim = s->dim;
     const uint32_t p = x->c->probe.probes[pi];
-    const float *pq = query_row(x, 1);
-    float *qp = query_row(x, 2 + (size_t)pi);
     probe_terms *t = &x->c->terms[pi];
     t->ip_cq = 0.0f;
-    const float *pc = NULL; /* dot and cosine: q' = Pq */
-    if (s->metric == BS_METRIC_L2)
-        pc = s->rot_centroids + (size_t)p * D;
-    else
+    if (s->metric == BS_METRIC_L2) {
+        /* q', |q'|^2 = bs_dot(q', q') and sum(q') = bs_sum(q') in one pass */
+        s->dots.residual(query_row(x, 1), s->rot_centroids + (size_t)p * D, D,
+                         query_row(x, 3 + (size_t)pi), &t->qnorm2, &t->qsum);
+    } else {
         t->ip_cq = bs_dot(query_row(x, 0), s->centroids + (size_t)p * dim, dim);
-    /* q', |q'|^2 = bs_dot(q', q') and sum(q') = bs_sum(q') in one pass */
-    s->dots.residual(pq, pc, D, qp, &t->qnorm2, &t->qsum);
+        t->qnorm2 = x->pq_norm2;
+        t->qsum = x->pq_sum;
+    }
 }
 
-/* Probe pi's lookup tables (into c->lut_tables) and stage 1's estimate and
- * bound parameters (docs/rabitq.md, "The error bound"). */
+/* Stage 1's estimate and bound parameters for probe pi (docs/rabitq.md,
+ * "The error bound"): the query's one table, the probe's own terms. */
 static bs_bound_params probe_tables(const query_ctx *x, uint32_t pi) {
     const bs_searcher *s = x->s;
     const uint32_t D = s->padded_dim;
     const probe_terms *t = &x->c->terms[pi];
-    bs_query_lut lut;
-    lut.tables = x->c->lut_tables;
-    bs_query_lut_build_simd(query_row(x, 2 + (size_t)pi), D, s->level, &lut);
+    const bs_query_lut lut = x->lut;
     const float eps0 = x->params->eps0;
     /* LUT rounding errors are independent and uniform in +-delta/2 per
      * group: their sum has sd delta * sqrt(groups / 12). Widen the bound
@@ -454,7 +485,7 @@ static bs_bound_params probe_tables(const query_ctx *x, uint32_t pi) {
     const float scale = l2 ? 2.0f : 1.0f;
     const bs_bound_params bp = {lut.delta,
                                 lut.offset,
-                                0.5f * t->qsum,
+                                x->half_qtsum,
                                 l2 ? 1.0f : 0.0f,
                                 qterm,
                                 scale,
@@ -510,8 +541,8 @@ static bs_status scan_partition(query_ctx *x, uint32_t pi, size_t si,
     for (size_t j = 0; j < nblocks; j++) {
         const size_t n = v.count - 32 * j < 32 ? v.count - 32 * j : 32;
         s->kernel(bs_pv_block(&v, j), 1, c->lut_tables, s->padded_dim, c->sums + 32 * j);
-        s->bounds(c->sums + 32 * j, bs_pv_norm2_block(&v, j), bs_pv_s1_block(&v, j), n, bp,
-                  threshold0, lbs + 32 * j, c->lb_mask + j);
+        s->bounds(c->sums + 32 * j, bs_pv_norm2_block(&v, j), bs_pv_s1_block(&v, j),
+                  bs_pv_corr_block(&v, j), n, bp, threshold0, lbs + 32 * j, c->lb_mask + j);
     }
     /* The threshold only falls while the partition is scanned, so a code
      * whose bit is clear could not pass the exact test below; a set bit
@@ -609,11 +640,13 @@ static inline float full_estimate(query_ctx *x, const bs_cand *cd) {
     bs_partition_view v;
     cand_partition(x, cd, &v);
     const probe_terms *t = &c->terms[cd->probe];
-    const float *qp = query_row(x, 2 + (size_t)cd->probe);
-    float *tab = c->nibble_tabs + (size_t)cd->probe * ((size_t)D * 4);
-    if (!c->nibble_ready[cd->probe]) {
+    const float *qp = probe_query(x, cd->probe);
+    /* dot and cosine: every probe's q' is Pq, so one set of tables */
+    const size_t slot = s->metric == BS_METRIC_L2 ? cd->probe : 0;
+    float *tab = c->nibble_tabs + slot * ((size_t)D * 4);
+    if (!c->nibble_ready[slot]) {
         nibble_tables(qp, D, tab);
-        c->nibble_ready[cd->probe] = 1;
+        c->nibble_ready[slot] = 1;
     }
     const uint8_t *block = bs_pv_block(&v, cd->index / 32);
     const uint8_t *ext = v.ext + (size_t)cd->index * ext_bytes;

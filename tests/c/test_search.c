@@ -208,6 +208,17 @@ static void test_bits(uint32_t bits) {
     run(one, 1, &p, &r_scalar);
     unsetenv("BITSHARD_SIMD");
     CHECK_MSG(same(&r_full, &r_scalar), "bits %u: scalar and SIMD kernels disagree", bits);
+    /* And each SIMD level this CPU has, named explicitly: stage 1's one
+     * table per query and its corr terms are the same floats for all. */
+    static const bs_simd_level simd_ids[2] = {BS_SIMD_AVX2, BS_SIMD_AVX512};
+    for (int l = 0; l < 2; l++) {
+        if (!bs_simd_supported(simd_ids[l])) continue;
+        setenv("BITSHARD_SIMD", l == 0 ? "avx2" : "avx512", 1);
+        run(one, 1, &p, &r_scalar);
+        unsetenv("BITSHARD_SIMD");
+        CHECK_MSG(same(&r_full, &r_scalar), "bits %u: scalar and %s kernels disagree", bits,
+                  l == 0 ? "avx2" : "avx512");
+    }
     /* Output order: (lower bound, row id) for the gated 1-bit rerank,
      * (estimate, row id) otherwise; multi-bit returns k. */
     for (int qi = 0; qi < NQ; qi++) {
@@ -397,8 +408,8 @@ static void test_exact_distances_sse2(void) {
 }
 
 /* Same bits from the vector stage-1 bounds as from the reference, on
- * random factors and on the awkward ones: zero, -0, denormal, huge, inf and
- * NaN factors, s1 of either sign, r parallel to y1 (t < 0 before the
+ * random factors (corr included) and on the awkward ones: zero, -0,
+ * denormal, huge, inf and NaN factors, s1 of either sign, r parallel to y1 (t < 0 before the
  * clamp), sums up to 2^31 - 1, every tail length, and in place. */
 static int same_or_both_nan(float a, float b) {
     return (isnan(a) && isnan(b)) || memcmp(&a, &b, sizeof a) == 0;
@@ -408,7 +419,7 @@ static void test_lower_bounds_kernel(void) {
     uint64_t st = 99;
     enum { M = 67 };
     uint32_t sums[M], inplace[M];
-    float norm2[M], s1[M], a[M], b[M];
+    float norm2[M], s1[M], corr[M], a[M], b[M];
     const float odd[] = {0.0f, -0.0f, 1e-42f, 3e38f, INFINITY, -INFINITY, NAN, 1.0f, -1.0f};
     int bad = 0, bad_mask = 0, mask_cases = 0;
     for (int round = 0; round < 400; round++) {
@@ -422,7 +433,9 @@ static void test_lower_bounds_kernel(void) {
             sums[i] = r % 5 == 0 ? 0x7fffffffu - (uint32_t)(r % 3) : (uint32_t)(r % 70000);
             norm2[i] = (float)fabs(test_rand_normal(&st)) * 20.0f;
             s1[i] = (float)test_rand_normal(&st) * 3.0f;
+            corr[i] = (float)test_rand_normal(&st) * 5.0f;
             if (round >= 200) { /* adversarial factors */
+                if (r % 17 == 0) corr[i] = odd[(r >> 24) % 9];
                 if (r % 7 == 0) norm2[i] = odd[(r >> 8) % 9];
                 if (r % 11 == 0) s1[i] = odd[(r >> 16) % 9];
                 /* t = D/4 s1^2 - |r|^2 at or below zero */
@@ -430,10 +443,10 @@ static void test_lower_bounds_kernel(void) {
             }
         }
         size_t n = (size_t)round % (M + 1);
-        bs_lower_bounds_ref(sums, norm2, s1, n, &p, a);
-        bs_lower_bounds_sse2(sums, norm2, s1, n, &p, b);
+        bs_lower_bounds_ref(sums, norm2, s1, corr, n, &p, a);
+        bs_lower_bounds_sse2(sums, norm2, s1, corr, n, &p, b);
         memcpy(inplace, sums, sizeof sums);
-        bs_lower_bounds(inplace, norm2, s1, n, &p, (float *)(void *)inplace);
+        bs_lower_bounds(inplace, norm2, s1, corr, n, &p, (float *)(void *)inplace);
         for (size_t i = 0; i < n; i++) {
             float c;
             memcpy(&c, &inplace[i], sizeof c);
@@ -454,7 +467,7 @@ static void test_lower_bounds_kernel(void) {
                 uint32_t mask[(M + 31) / 32 + 1];
                 memset(mask, 0xA5, sizeof mask);
                 memcpy(inplace, sums, sizeof sums);
-                fn(inplace, norm2, s1, n, &p, thr, (float *)(void *)inplace, mask);
+                fn(inplace, norm2, s1, corr, n, &p, thr, (float *)(void *)inplace, mask);
                 for (size_t i = 0; i < n; i++) {
                     float c;
                     memcpy(&c, &inplace[i], sizeof c);
