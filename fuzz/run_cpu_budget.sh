@@ -22,7 +22,8 @@ while kill -0 "$pid" 2>/dev/null; do
 done
 wait "$pid"
 rc=$?
-crashes=$(find "$out/artifacts_$t" -type f | wc -l)
+# slow-unit-* files are libFuzzer notes about slow inputs, not failures.
+crashes=$(find "$out/artifacts_$t" -type f ! -name "slow-unit-*" | wc -l)
 echo "$t: cpu ${cpu}s wall $(( $(date +%s) - start ))s rc $rc" \
      "corpus $(find "$out/corpus_$t" -type f | wc -l) files" \
      "$(du -sb "$out/corpus_$t" | cut -f1) bytes, crash artifacts $crashes"
