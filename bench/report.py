@@ -136,6 +136,13 @@ def summarize(rows: List[dict], profiles: Optional[List[dict]] = None) -> Tuple[
         some = next(r for r in rows if r.get("dataset") == ds)
         d, n = some.get("dim"), some.get("rows")
         lines.append("")
+        if n is None:
+            # the set could not be prepared (a missing package, a download):
+            # its failure row says why, and the other sets still get a summary
+            notes = "; ".join(some.get("notes") or []) or "no rows"
+            lines.append(f"== {ds}: not measured: {notes} ==")
+            heads.append({"dataset": ds, "dim": d, "rows": n})
+            continue
         lines.append(f"== {ds}: {n:,} x {d}, {some.get('partitions')} partitions, "
                      f"{some.get('queries')} queries, k=10 ==")
         builds = _build_rows(rows, ds)

@@ -107,6 +107,16 @@ def test_median_of_runs():
     assert cli._median([]) is None
 
 
+def test_a_dataset_that_failed_to_prepare_is_summarized_with_its_reason():
+    # Its only row is the failure row bench/cli.py writes (no rows, no dim):
+    # the summary used to raise TypeError formatting None and lose every set.
+    rows = [{"system": "-", "family": None, "dataset": "wordnet", "recall_at_10": None,
+             "notes": ["dataset failed: RuntimeError: wordnet needs torch"]}]
+    text, heads = report.summarize(rows)
+    assert "== wordnet: not measured: dataset failed: RuntimeError: wordnet needs torch ==" in text
+    assert heads == [{"dataset": "wordnet", "dim": None, "rows": None}]
+
+
 def test_real_is_the_default_and_expands_to_the_three_sets():
     assert cli.parse_args([]).dataset == ["wordnet", "fashion-mnist", "gcide"]
     assert cli.parse_args(["--synthetic"]).dataset == ["synthetic-128", "synthetic-768"]
