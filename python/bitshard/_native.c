@@ -16,6 +16,7 @@
 
 #include <limits.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -652,6 +653,11 @@ typedef struct {
     PyObject *segments; /* tuple: keeps every Segment alive */
     bs_candidates *cand; /* scratch of search(), while busy is 0 */
     int busy;
+    /* scratch of search_batch_into()'s workers, kept across calls, while
+     * batch_busy is 0 */
+    bs_candidates **batch_cand;
+    unsigned num_batch_cand;
+    int batch_busy;
     uint32_t dim;        /* of a query */
     PyObject *module;
 } SearcherObject;
@@ -693,6 +699,8 @@ static int Searcher_init(SearcherObject *self, PyObject *args, PyObject *kw) {
 static void Searcher_dealloc(SearcherObject *self) {
     bs_searcher_free(self->s);
     bs_candidates_free(self->cand);
+    for (unsigned i = 0; i < self->num_batch_cand; i++) bs_candidates_free(self->batch_cand[i]);
+    PyMem_Free(self->batch_cand);
     Py_XDECREF(self->segments);
     dealloc_object((PyObject *)self, self->module);
 }
@@ -848,12 +856,12 @@ done:
 
 /* ----------------------------------------------------- batched search */
 
+/* What every worker of a batch reads, written before the workers start. */
 typedef struct {
     const bs_searcher *s;
     const float *Q;
     size_t nq;
     uint32_t dim;
-    bs_search_params params;
     /* query i's first min(n_i, cap) candidates go to out_*[i * cap ...]
      * (out_lb may be NULL), n_i to out_counts[i] */
     uint64_t *out_rowids;
@@ -861,70 +869,118 @@ typedef struct {
     float *out_lb;
     uint64_t *out_counts;
     size_t cap;
-    size_t next; /* guarded by lock */
-    pthread_mutex_t lock;
-    bs_status status;
-    bs_error err;
-    bs_search_stats stats;
+    /* The next query to take, and a flag set by a worker that failed so the
+     * others stop taking queries: on a cache line of their own, since every
+     * worker writes them once per query while the fields above are read
+     * throughout each search. */
+    _Alignas(64) atomic_size_t next;
+    atomic_int failed;
+    char pad_[64 - sizeof(atomic_size_t) - sizeof(atomic_int)];
 } batch_job;
 
-static void *batch_worker(void *arg) {
-    batch_job *job = arg;
-    bs_candidates *c = bs_candidates_new();
-    bs_search_stats local;
-    memset(&local, 0, sizeof local);
-    bs_status status = c ? BS_OK : BS_ERR_NO_MEMORY;
+/* One worker's own state, a cache line apart from the others': its copy of
+ * the search parameters (bs_search reads them for every candidate), its
+ * scratch, counts and the first error it met. */
+typedef struct {
+    _Alignas(64) batch_job *job;
+    bs_search_params params;
+    bs_candidates *c;
+    bs_search_stats stats;
+    size_t failed_at; /* the query whose search failed (nq: none) */
+    bs_status status;
     bs_error err;
-    err.code = BS_OK;
-    err.message[0] = '\0';
+} batch_worker;
+
+static void *batch_run(void *arg) {
+    batch_worker *w = arg;
+    batch_job *job = w->job;
+    memset(&w->stats, 0, sizeof w->stats);
+    w->failed_at = job->nq;
+    w->status = BS_OK;
+    w->err.code = BS_OK;
+    w->err.message[0] = '\0';
     for (;;) {
-        size_t qi;
-        pthread_mutex_lock(&job->lock);
-        qi = job->status == BS_OK && status == BS_OK ? job->next++ : job->nq;
-        pthread_mutex_unlock(&job->lock);
+        if (atomic_load_explicit(&job->failed, memory_order_relaxed)) break;
+        size_t qi = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
         if (qi >= job->nq) break;
         bs_search_stats st;
-        status = bs_search(job->s, job->Q + qi * job->dim, &job->params, c, &st, &err);
-        if (status != BS_OK) break;
-        stats_add(&local, &st);
+        bs_status status =
+            bs_search(job->s, job->Q + qi * job->dim, &w->params, w->c, &st, &w->err);
+        if (status != BS_OK) {
+            w->status = status;
+            w->failed_at = qi;
+            atomic_store_explicit(&job->failed, 1, memory_order_relaxed);
+            break;
+        }
+        stats_add(&w->stats, &st);
         size_t at = qi * job->cap;
-        job->out_counts[qi] = copy_candidates(c, job->cap, job->out_rowids + at,
+        job->out_counts[qi] = copy_candidates(w->c, job->cap, job->out_rowids + at,
                                               job->out_est + at,
                                               job->out_lb ? job->out_lb + at : NULL);
     }
-    bs_candidates_free(c);
-    pthread_mutex_lock(&job->lock);
-    if (status != BS_OK && job->status == BS_OK) {
-        job->status = status;
-        job->err = err;
-        if (status == BS_ERR_NO_MEMORY)
-            snprintf(job->err.message, BS_ERROR_MESSAGE_MAX, "out of memory");
-        job->err.code = status;
-    }
-    stats_add(&job->stats, &local);
-    pthread_mutex_unlock(&job->lock);
     return NULL;
 }
 
-/* Runs a prepared job on up to nthreads threads (never more than queries)
- * with the GIL released; a thread that cannot start leaves its share to
- * the others, or to this thread. */
-static void run_batch(batch_job *job, unsigned nthreads) {
-    job->status = BS_OK;
-    pthread_mutex_init(&job->lock, NULL);
+/* Runs a prepared job on workers[0 .. n) with the GIL released: worker 0 on
+ * the calling thread, the others on threads started for the call (one
+ * fewer thread to start and to wake than workers, and the caller does not
+ * sit idle in a join). A worker whose thread cannot start runs on the
+ * caller after worker 0; queries go to whichever worker is free, and every
+ * query's answer is its own, so the split changes no answer. */
+static void run_batch(batch_worker *workers, unsigned n) {
+    pthread_t tids[256];
+    unsigned char started[256];
     Py_BEGIN_ALLOW_THREADS
-    if (nthreads == 1 || job->nq < 2) {
-        batch_worker(job);
-    } else {
-        pthread_t tids[256];
-        unsigned started = 0;
-        for (; started < nthreads && started < job->nq; started++)
-            if (pthread_create(&tids[started], NULL, batch_worker, job) != 0) break;
-        if (started == 0) batch_worker(job);
-        for (unsigned i = 0; i < started; i++) pthread_join(tids[i], NULL);
+    for (unsigned i = 1; i < n; i++)
+        started[i] = pthread_create(&tids[i], NULL, batch_run, &workers[i]) == 0;
+    batch_run(&workers[0]);
+    for (unsigned i = 1; i < n; i++) {
+        if (started[i])
+            pthread_join(tids[i], NULL);
+        else
+            batch_run(&workers[i]);
     }
     Py_END_ALLOW_THREADS
-    pthread_mutex_destroy(&job->lock);
+}
+
+/* Gives back what batch_scratch returned. Called with the GIL held. */
+static void batch_scratch_release(SearcherObject *self, bs_candidates **arr, unsigned n,
+                                  int own) {
+    if (!own) {
+        self->batch_busy = 0;
+        return;
+    }
+    for (unsigned i = 0; i < n; i++) bs_candidates_free(arr[i]);
+    PyMem_Free(arr);
+}
+
+/* The scratch of n batch workers: the searcher's own (kept across calls so
+ * that a thread's buffers are not grown again for every batch) unless
+ * another batch holds it, in which case new scratch for this call (*own
+ * set, freed by batch_scratch_release). Called with the GIL held. */
+static bs_candidates **batch_scratch(SearcherObject *self, unsigned n, int *own) {
+    bs_candidates **arr;
+    *own = self->batch_busy;
+    if (!*own && n > self->num_batch_cand) {
+        arr = PyMem_Realloc(self->batch_cand, n * sizeof *arr);
+        if (arr == NULL) return NULL;
+        for (unsigned i = self->num_batch_cand; i < n; i++) arr[i] = NULL;
+        self->batch_cand = arr;
+        self->num_batch_cand = n;
+    }
+    if (*own) {
+        arr = PyMem_Calloc(n, sizeof *arr);
+        if (arr == NULL) return NULL;
+    } else {
+        arr = self->batch_cand;
+    }
+    for (unsigned i = 0; i < n; i++)
+        if (arr[i] == NULL && (arr[i] = bs_candidates_new()) == NULL) {
+            batch_scratch_release(self, arr, n, *own);
+            return NULL;
+        }
+    if (!*own) self->batch_busy = 1;
+    return arr;
 }
 
 /* search_batch_into(Q, nq, num_threads, params, out_rowids, out_estimates,
@@ -970,24 +1026,59 @@ static PyObject *Searcher_search_batch_into(SearcherObject *self, PyObject *args
     if (check_len(m, &est->view, cap * nq, 0, "out_estimates") < 0 ||
         (lb->held && check_len(m, &lb->view, cap * nq, 0, "out_lower_bounds") < 0))
         goto done;
+    /* Never more workers than queries: a worker without a query would cost
+     * a thread start and its scratch. */
+    unsigned nw = nthreads < nq ? (unsigned)nthreads : (unsigned)(nq ? nq : 1);
     batch_job job;
     memset(&job, 0, sizeof job);
     job.s = self->s;
     job.Q = Q->view.buf;
     job.nq = nq;
     job.dim = self->dim;
-    job.params = p;
     job.out_rowids = rowids->view.buf;
     job.out_est = est->view.buf;
     job.out_lb = buf_ptr(lb);
     job.out_counts = counts->view.buf;
     job.cap = cap;
-    run_batch(&job, (unsigned)nthreads);
-    if (job.status != BS_OK) {
-        raise_bs(m, &job.err);
+    atomic_init(&job.next, 0);
+    atomic_init(&job.failed, 0);
+    int own;
+    bs_candidates **scratch = batch_scratch(self, nw, &own);
+    /* aligned: each worker's state starts a cache line of its own */
+    batch_worker *workers = scratch ? aligned_alloc(64, nw * sizeof *workers) : NULL;
+    if (workers == NULL) {
+        if (scratch) batch_scratch_release(self, scratch, nw, own);
+        PyErr_NoMemory();
         goto done;
     }
-    stats_add_u64(stats, &job.stats);
+    memset(workers, 0, nw * sizeof *workers);
+    for (unsigned i = 0; i < nw; i++) {
+        workers[i].job = &job;
+        workers[i].params = p;
+        workers[i].c = scratch[i];
+    }
+    run_batch(workers, nw);
+    batch_scratch_release(self, scratch, nw, own);
+    /* The error of the earliest query that failed, so that a batch with
+     * several bad queries names the same one however the queries were
+     * shared out. */
+    bs_search_stats total;
+    memset(&total, 0, sizeof total);
+    const batch_worker *bad = NULL;
+    for (unsigned i = 0; i < nw; i++) {
+        stats_add(&total, &workers[i].stats);
+        if (workers[i].status != BS_OK && (bad == NULL || workers[i].failed_at < bad->failed_at))
+            bad = &workers[i];
+    }
+    if (bad != NULL) {
+        bs_error err = bad->err;
+        err.code = bad->status;
+        free(workers);
+        raise_bs(m, &err);
+        goto done;
+    }
+    free(workers);
+    stats_add_u64(stats, &total);
     result = Py_NewRef(Py_None);
 done:
     bufs_release(b, NBUFS(b));

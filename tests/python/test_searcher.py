@@ -214,3 +214,24 @@ def test_batch_candidate_lists_longer_than_the_arrays():
     # the scan's counts (exact reads differ: a batch reads ahead in steps)
     scan = ("partitions_probed", "codes_scanned", "codes_stage2", "candidates")
     assert [batch.stats[key] for key in scan] == [one.stats[key] // 2 for key in scan]
+
+
+@pytest.mark.parametrize("column,refine", [("vec", None), ("vec", 3), ("vec9", None)])
+def test_batch_answers_and_counts_are_the_same_at_every_thread_count(indexed, column, refine):
+    """A batch is shared out query by query to whichever worker is free (the
+    calling thread and num_threads - 1 started ones): the answers, and the
+    scan's counts, are those of one thread, also with more threads than
+    queries."""
+    uri, x = indexed
+    ds = bitshard.dataset(uri)
+    Q = _queries(x, 37, seed=5)
+    scan = ("partitions_probed", "codes_scanned", "codes_stage2", "candidates")
+    base = ds.searcher(column, k=10, nprobes=5, refine_factor=refine, num_threads=1)
+    want_r, want_d = base.search(Q)
+    for threads in (2, 3, 8, 64):
+        s = ds.searcher(column, k=10, nprobes=5, refine_factor=refine, num_threads=threads)
+        for _ in range(2):  # the second call reuses the workers' scratch
+            r, d = s.search(Q)
+            np.testing.assert_array_equal(r, want_r)
+            np.testing.assert_array_equal(d, want_d)
+        assert [s.stats[key] for key in scan] == [2 * base.stats[key] for key in scan]
