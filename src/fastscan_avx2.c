@@ -164,10 +164,32 @@ void bs_fastscan_avx2(const uint8_t *blocks, size_t nblocks,
 
 /* ------------------------------------------------------ lookup tables */
 
+/* Eight groups of four floats at xg, transposed in lane: loads r0..r3 hold
+ * groups (g, g+1), (g+2, g+3), (g+4, g+5), (g+6, g+7), and coordinate i of
+ * groups g, g+2, g+4, g+6 ends in lane 0 of *ci, of g+1, g+3, g+5, g+7 in
+ * lane 1. Both table passes read the groups this way. */
+static inline void transpose_groups8(const float *xg, __m256 *c0, __m256 *c1,
+                                     __m256 *c2, __m256 *c3) {
+    const __m256 r0 = _mm256_loadu_ps(xg), r1 = _mm256_loadu_ps(xg + 8);
+    const __m256 r2 = _mm256_loadu_ps(xg + 16), r3 = _mm256_loadu_ps(xg + 24);
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpacklo_ps(r2, r3);
+    const __m256 t2 = _mm256_unpackhi_ps(r0, r1), t3 = _mm256_unpackhi_ps(r2, r3);
+    *c0 = _mm256_shuffle_ps(t0, t1, 0x44);
+    *c1 = _mm256_shuffle_ps(t0, t1, 0xEE);
+    *c2 = _mm256_shuffle_ps(t2, t3, 0x44);
+    *c3 = _mm256_shuffle_ps(t2, t3, 0xEE);
+}
+
+/* (min(c0, 0) + min(c1, 0)) + (min(c2, 0) + min(c3, 0)), the reference's
+ * order: each group's smallest table entry. */
+static inline __m256 sum_min0(__m256 c0, __m256 c1, __m256 c2, __m256 c3) {
+    const __m256 zero = _mm256_setzero_ps();
+    return _mm256_add_ps(_mm256_add_ps(_mm256_min_ps(c0, zero), _mm256_min_ps(c1, zero)),
+                         _mm256_add_ps(_mm256_min_ps(c2, zero), _mm256_min_ps(c3, zero)));
+}
+
 /* The first pass of bs_query_lut_build (rabitq.h), eight groups at a time.
- * Loads r0..r3 hold groups (g, g+1), (g+2, g+3), (g+4, g+5), (g+6, g+7);
- * the in-lane 4x4 transpose leaves coordinate i of groups g, g+2, g+4, g+6
- * in lane 0 of ci and of g+1, g+3, g+5, g+7 in lane 1. Per lane the float
+ * After transpose_groups8, per lane the float
  * sums are the reference's expressions in its order (minps(x, 0) is
  * x < 0 ? x : 0 for finite x, ties returning the 0; andnot of -0 is
  * fabsf); the double sums then run one group at a time in increasing g,
@@ -175,21 +197,14 @@ void bs_fastscan_avx2(const uint8_t *blocks, size_t nblocks,
  * depend on the order. */
 void bs_lut_sums_avx2(const float *x, uint32_t groups, bs_lut_sums *acc) {
     static const int ORDER[8] = {0, 4, 1, 5, 2, 6, 3, 7};
-    const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 vmax = _mm256_set1_ps(acc->range_max);
     double offset = acc->offset, abs_total = acc->abs_total;
     uint32_t g = 0;
     for (; g + 8 <= groups; g += 8) {
-        const float *xg = x + 4 * g;
-        const __m256 r0 = _mm256_loadu_ps(xg), r1 = _mm256_loadu_ps(xg + 8);
-        const __m256 r2 = _mm256_loadu_ps(xg + 16), r3 = _mm256_loadu_ps(xg + 24);
-        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpacklo_ps(r2, r3);
-        const __m256 t2 = _mm256_unpackhi_ps(r0, r1), t3 = _mm256_unpackhi_ps(r2, r3);
-        const __m256 c0 = _mm256_shuffle_ps(t0, t1, 0x44), c1 = _mm256_shuffle_ps(t0, t1, 0xEE);
-        const __m256 c2 = _mm256_shuffle_ps(t2, t3, 0x44), c3 = _mm256_shuffle_ps(t2, t3, 0xEE);
-        const __m256 lo = _mm256_add_ps(
-            _mm256_add_ps(_mm256_min_ps(c0, zero), _mm256_min_ps(c1, zero)),
-            _mm256_add_ps(_mm256_min_ps(c2, zero), _mm256_min_ps(c3, zero)));
+        __m256 c0, c1, c2, c3;
+        transpose_groups8(x + 4 * g, &c0, &c1, &c2, &c3);
+        const __m256 lo = sum_min0(c0, c1, c2, c3);
         const __m256 range = _mm256_add_ps(
             _mm256_add_ps(_mm256_andnot_ps(sign, c0), _mm256_andnot_ps(sign, c1)),
             _mm256_add_ps(_mm256_andnot_ps(sign, c2), _mm256_andnot_ps(sign, c3)));
@@ -213,7 +228,7 @@ void bs_lut_sums_avx2(const float *x, uint32_t groups, bs_lut_sums *acc) {
 }
 
 /* The table fill, eight groups at a time, in bs_lut_fill_sse2's scheme:
- * after the in-lane 4x4 transpose of bs_lut_sums_avx2, register ci holds
+ * after transpose_groups8, register ci holds
  * coordinate i of groups g, g+2, g+4, g+6 (lane 0) and g+1, g+3, g+5, g+7
  * (lane 1), so each entry m = i + 4k of eight groups is the reference's
  * ((a_i + bk_k) - lo) * inv + 0.5 on whole registers, with a = (0, x0, x1,
@@ -231,16 +246,9 @@ void bs_lut_fill_avx2(const float *x, uint32_t groups, float inv, uint8_t *table
     const __m256 v255 = _mm256_set1_ps(255.0f), zero = _mm256_setzero_ps();
     size_t g = 0; /* size_t: no zero extension in the address arithmetic */
     for (; g + 8 <= groups; g += 8) {
-        const float *xg = x + 4 * g;
-        const __m256 r0 = _mm256_loadu_ps(xg), r1 = _mm256_loadu_ps(xg + 8);
-        const __m256 r2 = _mm256_loadu_ps(xg + 16), r3 = _mm256_loadu_ps(xg + 24);
-        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpacklo_ps(r2, r3);
-        const __m256 t2 = _mm256_unpackhi_ps(r0, r1), t3 = _mm256_unpackhi_ps(r2, r3);
-        const __m256 c0 = _mm256_shuffle_ps(t0, t1, 0x44), c1 = _mm256_shuffle_ps(t0, t1, 0xEE);
-        const __m256 c2 = _mm256_shuffle_ps(t2, t3, 0x44), c3 = _mm256_shuffle_ps(t2, t3, 0xEE);
-        const __m256 lo = _mm256_add_ps(
-            _mm256_add_ps(_mm256_min_ps(c0, zero), _mm256_min_ps(c1, zero)),
-            _mm256_add_ps(_mm256_min_ps(c2, zero), _mm256_min_ps(c3, zero)));
+        __m256 c0, c1, c2, c3;
+        transpose_groups8(x + 4 * g, &c0, &c1, &c2, &c3);
+        const __m256 lo = sum_min0(c0, c1, c2, c3);
         const __m256 a[4] = {zero, c0, c1, _mm256_add_ps(c0, c1)};
         const __m256 bk[4] = {zero, c2, c3, _mm256_add_ps(c2, c3)};
         /* bm[k]: entries 4k..4k+3, packed as soon as they exist (sixteen

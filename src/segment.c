@@ -490,6 +490,20 @@ static bs_status check_partitions_end(const bs_segment *s, uint64_t rows,
     return BS_OK;
 }
 
+/* The partition directory of entry_size-byte entries (the entry size is
+ * what differs between versions 2 and 3): it starts where the fragment
+ * table ends and holds one entry per partition, padded to 64 bytes;
+ * check_section holds the header's directory field to that and verifies
+ * the section's checksum. */
+static bs_status locate_directory(const bs_segment *s, uint64_t entry_size,
+                                  uint64_t *dir_off, uint64_t *dir_size,
+                                  bs_error *err) {
+    const uint8_t *h = s->data;
+    *dir_off = bs_load_u64(h + BS_HDR_FRAGMENTS) + bs_load_u64(h + BS_HDR_FRAGMENTS + 8);
+    bs_align64_ok((uint64_t)s->info.num_partitions * entry_size, dir_size);
+    return check_section(s, BS_HDR_DIRECTORY, *dir_off, *dir_size, "partition directory", err);
+}
+
 /* The directory's structure (version 3): entries contiguous, each of the
  * size its count gives, inside the file, counts summing to num_rows. The
  * partitions' bytes are not read. */
@@ -498,12 +512,8 @@ static bs_status parse_directory(bs_segment *s, bs_error *err) {
     const bs_segment_info *info = &s->info;
     uint32_t k = info->num_partitions;
     uint32_t D = info->padded_dim, B = info->num_bits;
-    uint64_t dir_off = bs_load_u64(h + BS_HDR_FRAGMENTS) +
-                       bs_load_u64(h + BS_HDR_FRAGMENTS + 8);
-    uint64_t dir_size;
-    bs_align64_ok((uint64_t)k * BS_SEG_DIR_ENTRY, &dir_size);
-    BS_TRY(check_section(s, BS_HDR_DIRECTORY, dir_off, dir_size,
-                         "partition directory", err));
+    uint64_t dir_off, dir_size;
+    BS_TRY(locate_directory(s, BS_SEG_DIR_ENTRY, &dir_off, &dir_size, err));
 
     s->parts = bs_zalloc(k, sizeof *s->parts);
     s->state = bs_zalloc(k, sizeof *s->state);
@@ -617,12 +627,8 @@ static bs_status parse_partitions_v2(bs_segment *s, bs_error *err) {
     const bs_segment_info *info = &s->info;
     uint32_t k = info->num_partitions;
     uint32_t D = info->padded_dim, B = info->num_bits;
-    uint64_t dir_off = bs_load_u64(h + BS_HDR_FRAGMENTS) +
-                       bs_load_u64(h + BS_HDR_FRAGMENTS + 8);
-    uint64_t dir_size;
-    bs_align64_ok((uint64_t)k * BS_SEG_V2_DIR_ENTRY, &dir_size);
-    BS_TRY(check_section(s, BS_HDR_DIRECTORY, dir_off, dir_size,
-                         "partition directory", err));
+    uint64_t dir_off, dir_size;
+    BS_TRY(locate_directory(s, BS_SEG_V2_DIR_ENTRY, &dir_off, &dir_size, err));
 
     s->v2 = bs_zalloc(k, sizeof *s->v2);
     if (s->v2 == NULL) return NOMEM();
