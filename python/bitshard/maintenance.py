@@ -377,6 +377,18 @@ def _build_segments(st: Storage, now: float, older_than_seconds: float, dry_run:
     return protected
 
 
+def _selected_indexes(root: Any, name: Optional[str]) -> List[str]:
+    """The committed index names a maintenance call looks at: all of them, or
+    just ``name``, which must be one (IndexNotFoundError naming the ones there
+    are)."""
+    index_names = idx.list_index_names(root)
+    if name is None:
+        return index_names
+    if name not in index_names:
+        raise IndexNotFoundError(f"no index named {name!r}; have {index_names}")
+    return [name]
+
+
 def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
                   name: Optional[str] = None,
                   storage_options: Optional[Dict[str, Any]] = None) -> VerifyReport:
@@ -384,11 +396,7 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
     index checked (see :class:`VerifyReport`). Same arguments and checks."""
     ds = open_dataset(uri, index_uri, storage_options)
     root = ds.storage
-    index_names = idx.list_index_names(root)
-    if name is not None:
-        if name not in index_names:
-            raise IndexNotFoundError(f"no index named {name!r}; have {index_names}")
-        index_names = [name]
+    index_names = _selected_indexes(root, name)
     source_frags = {f.id: f for f in ds.source.fragments()}
     faults: List[str] = []
     notices: List[str] = []
@@ -517,11 +525,7 @@ def upgrade_index(uri: Any, *, index_uri: Optional[PathLike] = None,
     """
     ds = open_dataset(uri, index_uri, storage_options)
     root = ds.storage
-    index_names = idx.list_index_names(root)
-    if name is not None:
-        if name not in index_names:
-            raise IndexNotFoundError(f"no index named {name!r}; have {index_names}")
-        index_names = [name]
+    index_names = _selected_indexes(root, name)
     done: Dict[str, int] = {}
     for n in index_names:
         doc = idx.read_manifest(root, n)
