@@ -525,27 +525,17 @@ static void e_ordinal_dup_across(uint8_t *b, size_t n) {
 static size_t norm2_at(const uint8_t *b, const bs_part_layout *L, size_t i) {
     return (i / 32) * L->stride + 4 * (size_t)bs_load_u32(b + BS_HDR_PADDED_DIM) + 4 * (i % 32);
 }
-static void e_factor_nan(uint8_t *b, size_t n) {
+/* Writes f over row i's factor at byte delta from its norm2 (0 norm2, 128
+ * s1, 256 corr) in the busiest partition. */
+static void set_factor(uint8_t *b, size_t i, size_t delta, float f) {
     uint8_t *base;
     bs_part_layout L;
     part_layout(b, busy_partition(b), &base, &L);
-    float f = NAN;
-    memcpy(base + norm2_at(b, &L, 1) + 128, &f, 4);
+    memcpy(base + norm2_at(b, &L, i) + delta, &f, 4);
 }
-static void e_corr_inf(uint8_t *b, size_t n) {
-    uint8_t *base;
-    bs_part_layout L;
-    part_layout(b, busy_partition(b), &base, &L);
-    float f = INFINITY;
-    memcpy(base + norm2_at(b, &L, 1) + 256, &f, 4);
-}
-static void e_norm_negative(uint8_t *b, size_t n) {
-    uint8_t *base;
-    bs_part_layout L;
-    part_layout(b, busy_partition(b), &base, &L);
-    float f = -1.0f;
-    memcpy(base + norm2_at(b, &L, 0), &f, 4);
-}
+static void e_factor_nan(uint8_t *b, size_t n) { set_factor(b, 1, 128, NAN); }
+static void e_corr_inf(uint8_t *b, size_t n) { set_factor(b, 1, 256, INFINITY); }
+static void e_norm_negative(uint8_t *b, size_t n) { set_factor(b, 0, 0, -1.0f); }
 /* A factor slot past the last row of a partially filled block. */
 static void e_factor_padding(uint8_t *b, size_t n) {
     uint32_t k = bs_load_u32(b + BS_HDR_NUM_PARTITIONS);
