@@ -24,6 +24,17 @@ def _manifest(ds, name="vec_idx", version=None):
         return json.load(f)
 
 
+def _write_as_version_2(ds, doc):
+    """doc, an edited manifest of vec_idx, committed as its version 2 with a
+    valid checksum (so that only the edit can be refused); its path."""
+    doc["version"] = 2
+    doc["checksum"] = idx._checksum(doc)
+    path = os.path.join(ds.index_root, "indices", "vec_idx", "v00000002.json")
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    return path
+
+
 def test_fingerprint_is_pinned():
     # The fingerprint is a format: a change here breaks every manifest.
     rec = {"kind": "parquet", "path": "a/b.parquet", "size": 123, "mtime_ns": 456}
@@ -114,11 +125,7 @@ def test_v2_identity_not_matching_its_record_is_refused(small_lance):
     ds.create_index("vec", num_partitions=8)
     doc = _manifest(ds)
     doc["segments"][0]["fragments"][1]["record"]["physical_rows"] = 1499
-    doc["version"] = 2
-    doc["checksum"] = idx._checksum(doc)
-    path = os.path.join(ds.index_root, "indices", "vec_idx", "v00000002.json")
-    with open(path, "w") as f:
-        json.dump(doc, f)
+    path = _write_as_version_2(ds, doc)
     fp = identity.fingerprint(doc["segments"][0]["fragments"][1]["record"])
     with pytest.raises(CorruptIndexError) as e:
         idx.read_manifest(ds.storage, "vec_idx")
@@ -133,11 +140,7 @@ def test_v1_manifest_with_fragments_is_refused(small_lance):
     ds.create_index("vec", num_partitions=8)
     doc = _manifest(ds)
     doc["format_version"] = 1
-    doc["version"] = 2
-    doc["checksum"] = idx._checksum(doc)
-    path = os.path.join(ds.index_root, "indices", "vec_idx", "v00000002.json")
-    with open(path, "w") as f:
-        json.dump(doc, f)
+    path = _write_as_version_2(ds, doc)
     with pytest.raises(CorruptIndexError) as e:
         idx.read_manifest(ds.storage, "vec_idx")
     assert str(e.value) == (f"manifest {path}: segments[0].fragments is a format 2 field, "
@@ -150,11 +153,7 @@ def test_unknown_record_kind_is_refused(small_lance):
     ds.create_index("vec", num_partitions=8)
     doc = _manifest(ds)
     doc["segments"][0]["fragments"][0]["record"]["kind"] = "zip"
-    doc["version"] = 2
-    doc["checksum"] = idx._checksum(doc)
-    path = os.path.join(ds.index_root, "indices", "vec_idx", "v00000002.json")
-    with open(path, "w") as f:
-        json.dump(doc, f)
+    path = _write_as_version_2(ds, doc)
     with pytest.raises(CorruptIndexError) as e:
         idx.read_manifest(ds.storage, "vec_idx")
     assert str(e.value) == (f"manifest {path}: bad field: Invalid value 'zip' - at "
@@ -168,11 +167,7 @@ def test_identities_of_other_fragments_than_the_file_are_refused(small_lance):
     doc = _manifest(ds)
     frags = doc["segments"][0]["fragments"]
     frags[0], frags[1] = frags[1], frags[0]
-    doc["version"] = 2
-    doc["checksum"] = idx._checksum(doc)
-    path = os.path.join(ds.index_root, "indices", "vec_idx", "v00000002.json")
-    with open(path, "w") as f:
-        json.dump(doc, f)
+    path = _write_as_version_2(ds, doc)
     seg = idx.segment_path(ds.index_root, doc["segments"][0]["uuid"])
     with pytest.raises(CorruptIndexError) as e:
         bitshard.dataset(uri).search("vec", x[0], k=1)
