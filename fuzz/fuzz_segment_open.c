@@ -5,7 +5,12 @@
  * without it). Each input is tried twice: as given, and "resealed" with every
  * checksum and fingerprint recomputed, because random bytes almost never
  * pass a checksum and a crafted file can carry valid ones: memory safety
- * must rest on the structural checks behind them. tests/c/test_fuzz_corpus.c
+ * must rest on the structural checks behind them. Each opened input is also
+ * opened from its prefix (bs_segment_prefix_size, bs_segment_open_prefix)
+ * with every partition attached from its own buffer of exactly its range:
+ * the prefix open must accept what the whole open accepts, and an attach
+ * must refuse exactly the partitions the whole open's check refuses.
+ * tests/c/test_fuzz_corpus.c
  * replays the saved corpus through this same function without libFuzzer. */
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L
@@ -25,7 +30,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 /* Reads every byte a caller of the views may read, so that ASan sees any
  * view that points outside the buffer. Returns a checksum-like sink. */
-static uint64_t bs_fuzz_touch_segment(const bs_segment *seg) {
+static uint64_t bs_fuzz_touch_segment(const bs_segment *seg, int all_present) {
     uint64_t sink = 0;
     bs_segment_info info;
     bs_segment_get_info(seg, &info);
@@ -63,7 +68,7 @@ static uint64_t bs_fuzz_touch_segment(const bs_segment *seg) {
     }
     free(code);
     /* An opened segment is internally consistent. */
-    if (rows_seen != info.num_rows) abort();
+    if (all_present && rows_seen != info.num_rows) abort();
     bs_error err;
     if (bs_segment_check_compatible(seg, seg, &err) != BS_OK) abort();
     return sink;
@@ -129,6 +134,81 @@ static void bs_fuzz_reseal(uint8_t *b, size_t n) {
         bs_fuzz_put_sum(b, n, hs - 8, 0, hs - 8);
 }
 
+static uint8_t *bs_fuzz_aligned_copy(const uint8_t *src, size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, n ? n : 1) != 0) return NULL;
+    if (n) memcpy(p, src, n);
+    return p;
+}
+
+/* The prefix open of the file's bytes; whole is the whole open of the same
+ * bytes, or NULL when it refused them. */
+static void bs_fuzz_open_prefix(const uint8_t *file, size_t size, const bs_segment *whole) {
+    bs_error err;
+    uint64_t need = 0;
+    size_t have = size < 256 ? size : 256;
+    bs_status st = BS_OK;
+    /* As a ranged reader does: the smallest header, the header, the prefix. */
+    for (int i = 0; i < 3; i++) {
+        st = bs_segment_prefix_size(file, have, &need, &err);
+        if (st != BS_OK || need <= have || need > size) break;
+        have = (size_t)need;
+    }
+    if (st != BS_OK) {
+        if (err.code != st || err.message[0] == '\0' || whole != NULL) abort();
+        return;
+    }
+    if (need > size) {
+        if (whole != NULL) abort(); /* the whole open read past the end? */
+        return;
+    }
+    uint8_t *pre = bs_fuzz_aligned_copy(file, (size_t)need);
+    if (pre == NULL) return;
+    bs_segment *seg = NULL;
+    st = bs_segment_open_prefix(pre, (size_t)need, size, &seg, &err);
+    if ((st == BS_OK) != (whole != NULL)) abort();
+    if (st != BS_OK) {
+        if (seg != NULL || err.code != st || err.message[0] == '\0') abort();
+        free(pre);
+        return;
+    }
+    volatile uint64_t sink = bs_fuzz_touch_segment(seg, 0);
+    bs_segment_info info;
+    bs_segment_get_info(seg, &info);
+    uint8_t **parts = calloc(info.num_partitions ? info.num_partitions : 1, sizeof *parts);
+    int all = parts != NULL;
+    for (uint32_t p = 0; parts != NULL && p < info.num_partitions; p++) {
+        if (bs_segment_partition_attached(seg, p)) continue; /* format 2: whole */
+        uint64_t off = 0, len = 0;
+        if (bs_segment_partition_range(seg, p, &off, &len, &err) != BS_OK) abort();
+        if (off > size || len > size - off || off % 64 != 0) abort();
+        parts[p] = bs_fuzz_aligned_copy(file + off, (size_t)len);
+        if (parts[p] == NULL) {
+            all = 0;
+            continue;
+        }
+        bs_error werr;
+        st = bs_segment_attach(seg, p, parts[p], (size_t)len, &err);
+        if (st != bs_segment_check_partition(whole, p, &werr)) abort();
+        if (st != BS_OK) {
+            if (err.code != st || err.message[0] == '\0') abort();
+            free(parts[p]);
+            parts[p] = NULL;
+            all = 0;
+        }
+    }
+    sink += bs_fuzz_touch_segment(seg, all);
+    (void)sink;
+    if (all) {
+        bs_error werr;
+        if (bs_segment_verify(seg, &err) != bs_segment_verify(whole, &werr)) abort();
+    }
+    bs_segment_free(seg);
+    for (uint32_t p = 0; parts != NULL && p < info.num_partitions; p++) free(parts[p]);
+    free(parts);
+    free(pre);
+}
+
 static void bs_fuzz_open_one(const uint8_t *data, size_t size, int reseal) {
     /* Exactly `size` bytes at a 64-byte boundary: the reader requires the
      * alignment, and ASan then flags a read even one byte past the end. */
@@ -140,14 +220,17 @@ static void bs_fuzz_open_one(const uint8_t *data, size_t size, int reseal) {
     bs_error err;
     bs_status st = bs_segment_open(buf, size, &seg, &err);
     if (st == BS_OK) {
-        volatile uint64_t sink = bs_fuzz_touch_segment(seg);
+        volatile uint64_t sink = bs_fuzz_touch_segment(seg, 1);
+        bs_fuzz_open_prefix(buf, size, seg);
         bs_status vst = bs_segment_verify(seg, &err);
         if (vst != BS_OK && (err.code != vst || err.message[0] == '\0')) abort();
-        sink += bs_fuzz_touch_segment(seg);
+        sink += bs_fuzz_touch_segment(seg, 1);
         (void)sink;
     } else if (seg != NULL || err.code != st || err.message[0] == '\0') {
         /* A refusal leaves no handle and always says why. */
         abort();
+    } else {
+        bs_fuzz_open_prefix(buf, size, NULL);
     }
     bs_segment_free(seg);
     free(buf);

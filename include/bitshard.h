@@ -289,6 +289,65 @@ BS_API void bs_segment_free(bs_segment *seg);
  * naming the partition and what is wrong; BS_ERR_NO_MEMORY. */
 BS_API bs_status bs_segment_verify(const bs_segment *seg, bs_error *err);
 
+/* Opening a segment from its prefix, for object stores (docs/format.md,
+ * "Opening from a prefix"): the header, artifacts, fragment table and
+ * directory are one contiguous range from offset 0; each partition's
+ * bytes are one range after it, fetched and attached when a search needs
+ * them.
+ *
+ * Given the first len bytes of a segment file, sets *out to the bytes to
+ * read from offset 0: the whole prefix once len covers the header (whose
+ * checksum is then checked), else the header's size (or the smallest
+ * header): read that much and ask again. A format 2 file's prefix is the
+ * whole file (it is converted whole at open).
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (out NULL); BS_ERR_CORRUPT (bad
+ * magic, header size or checksum, a directory past the file's end);
+ * BS_ERR_UNSUPPORTED_VERSION (a newer read version). */
+BS_API bs_status bs_segment_prefix_size(const void *data, size_t len, uint64_t *out,
+                                        bs_error *err);
+/* Opens a segment of file_size bytes from its first len bytes (at least
+ * the prefix bs_segment_prefix_size names; 64-byte aligned, kept until
+ * bs_segment_free), validated as bs_segment_open validates them. Every
+ * partition starts absent: a search that probes it fails with
+ * BS_ERR_INVALID_ARGUMENT "segment <uuid>: partition <p> is not
+ * attached ..."; bs_segment_verify fails the same way until every
+ * partition is attached. bs_segment_partition_range names a partition's
+ * bytes and bs_segment_attach hands them over, one partition at a time,
+ * so a reader can hold any subset. len == file_size is a whole open.
+ * Returns: as bs_segment_open; BS_ERR_INVALID_ARGUMENT also for len >
+ * file_size; BS_ERR_CORRUPT for a prefix that is too short or a format 2
+ * file given in part. */
+BS_API bs_status bs_segment_open_prefix(const void *data, size_t len, uint64_t file_size,
+                                        bs_segment **out, bs_error *err);
+/* The byte range [*offset, *offset + *size) of partition p in the file (a
+ * multiple of 64 at a multiple of 64; partition p + 1 starts where p ends;
+ * size 0 for an empty partition).
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (NULL argument, p out of range). */
+BS_API bs_status bs_segment_partition_range(const bs_segment *seg, uint32_t p,
+                                            uint64_t *offset, uint64_t *size,
+                                            bs_error *err);
+/* 1 when partition p's bytes can be read (always, for a whole open). */
+BS_API int bs_segment_partition_attached(const bs_segment *seg, uint32_t p);
+/* Attaches the len bytes of partition p of a prefix-opened segment (the
+ * file's bytes of its range; 64-byte aligned; kept until detached or
+ * bs_segment_free), after checking them as a search's first touch does:
+ * both region checksums, ordinals, factors and padding. Thread-safe
+ * against searches of other partitions and against other attaches; a
+ * partition is attached at most once at a time.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (NULL argument, a segment opened
+ * whole, p out of range, len not the partition's size, unaligned bytes,
+ * already attached); BS_ERR_CORRUPT "segment <uuid>: partition <p> ..."
+ * (the partition stays absent). */
+BS_API bs_status bs_segment_attach(bs_segment *seg, uint32_t p, const void *data,
+                                   size_t len, bs_error *err);
+/* Makes partition p of a prefix-opened segment absent again, so that the
+ * caller may free its bytes. The caller guarantees that no search is using
+ * the partition (bitshard's Python side pins the partitions of a running
+ * search).
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (NULL, opened whole, p out of
+ * range, not attached). */
+BS_API bs_status bs_segment_detach(bs_segment *seg, uint32_t p, bs_error *err);
+
 typedef struct bs_segment_info {
     uint32_t format_version;
     uint32_t dim;
@@ -451,6 +510,18 @@ BS_API const float *bs_candidates_lower_bounds(const bs_candidates *c);
 BS_API bs_status bs_search(const bs_searcher *s, const float *q,
                            const bs_search_params *params, bs_candidates *c,
                            bs_search_stats *stats, bs_error *err);
+
+/* The partitions bs_search would probe for q with this nprobes (capped at
+ * num_partitions), in scan order, written to out (at least min(nprobes,
+ * num_partitions) entries); *n_out receives their number. The same for
+ * every segment of the searcher (they share the centroids): a two-phase
+ * search fetches and attaches these partitions (bs_segment_attach), then
+ * calls bs_search. q is checked as bs_search checks it.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (a NULL argument, nprobes 0);
+ * BS_ERR_INVALID_DATA (a value of q that is not accepted); BS_ERR_NO_MEMORY. */
+BS_API bs_status bs_search_probes(const bs_searcher *s, const float *q, uint32_t nprobes,
+                                  bs_candidates *c, uint32_t *out, uint32_t *n_out,
+                                  bs_error *err);
 
 /* One step of the gated rerank. Candidates come in (lower bound, row id)
  * order with their exact distances d; heap holds the k best exact distances

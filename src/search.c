@@ -377,6 +377,42 @@ static bs_status check_search_args(const bs_searcher *s, const float *q_in,
     return BS_OK;
 }
 
+/* q (dim floats) as the probes and the rotation see it: normalised to unit
+ * length for cosine (an all-zero query stays zero), else copied. */
+static void normalized_query(const bs_searcher *s, const float *q_in, float *q) {
+    const uint32_t dim = s->dim;
+    memcpy(q, q_in, dim * sizeof(float));
+    if (s->metric == BS_METRIC_COSINE) {
+        float n2 = bs_dot(q, q, dim);
+        if (n2 > 0.0f) {
+            float inv = 1.0f / sqrtf(n2);
+            for (uint32_t i = 0; i < dim; i++) q[i] *= inv;
+        }
+    }
+}
+
+bs_status bs_search_probes(const bs_searcher *s, const float *q, uint32_t nprobes,
+                           bs_candidates *c, uint32_t *out, uint32_t *n_out,
+                           bs_error *err) {
+    bs_error_clear(err);
+    if (out == NULL || n_out == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "NULL argument");
+    /* The checks of bs_search that concern the probes (k and eps0 do not). */
+    bs_search_params p;
+    memset(&p, 0, sizeof p);
+    p.k = 1;
+    p.nprobes = nprobes;
+    BS_TRY(check_search_args(s, q, &p, c, err));
+    const uint32_t n = nprobes < s->num_partitions ? nprobes : s->num_partitions;
+    if (!bs_grow((void **)&c->query_rows, &c->cap_query_rows, s->padded_dim,
+                 sizeof(float)))
+        return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    normalized_query(s, q, c->query_rows);
+    BS_TRY(bs_searcher_probes(s, c, c->query_rows, n, 0, out, err));
+    *n_out = n;
+    return BS_OK;
+}
+
 static void query_ctx_init(query_ctx *x, const bs_searcher *s,
                            const bs_search_params *params, bs_candidates *c) {
     memset(x, 0, sizeof *x);
@@ -417,14 +453,7 @@ static bs_status prepare_query(query_ctx *x, const float *q_in, bs_error *err) {
     const bs_searcher *s = x->s;
     const uint32_t dim = s->dim;
     float *q = query_row(x, 0);
-    memcpy(q, q_in, dim * sizeof(float));
-    if (s->metric == BS_METRIC_COSINE) {
-        float n2 = bs_dot(q, q, dim);
-        if (n2 > 0.0f) {
-            float inv = 1.0f / sqrtf(n2);
-            for (uint32_t i = 0; i < dim; i++) q[i] *= inv;
-        }
-    }
+    normalized_query(s, q_in, q);
     BS_TRY(bs_rotation_apply(s->rot, q, 1, dim, query_row(x, 1), err));
     bs_choose_probes(&s->probe, &x->c->probe, q, x->nprobe);
     const uint32_t D = s->padded_dim;

@@ -18,17 +18,23 @@
 #include "hash.h"
 
 /* One directory entry, checked for structure at open. base points at the
- * partition's own bytes, so a later reader can attach partitions fetched
- * one by one instead of one buffer. */
+ * partition's own bytes: into the file's buffer for a whole-file open, or
+ * at the bytes a caller attached (bs_segment_attach) for a segment opened
+ * from its prefix; NULL while the partition is absent. */
 typedef struct seg_part {
     const uint8_t *base;
-    uint64_t size, stage1_size;
+    uint64_t offset, size, stage1_size;
     uint64_t stage1_sum, extra_sum;
     uint32_t count;
 } seg_part;
 
-/* Partition states: unchecked, checked and good, checked and corrupt. */
-enum { PART_UNCHECKED = 0, PART_GOOD = 1, PART_CORRUPT = 2 };
+/* Partition states: unchecked, checked and good, checked and corrupt;
+ * and, for a segment opened from its prefix, absent (no bytes attached)
+ * and being attached (one bs_segment_attach owns the entry). A search
+ * reads base only after it saw GOOD with acquire order, and attach
+ * publishes base with the release store of GOOD. */
+enum { PART_UNCHECKED = 0, PART_GOOD = 1, PART_CORRUPT = 2, PART_ABSENT = 3,
+       PART_ATTACHING = 4 };
 
 /* A version 2 partition, validated whole at open, before conversion. */
 typedef struct v2_view {
@@ -41,7 +47,9 @@ typedef struct v2_view {
 
 struct bs_segment {
     const uint8_t *data;
-    size_t len;
+    size_t len;   /* bytes of the file */
+    size_t avail; /* bytes at data: len, or the prefix of a prefix open */
+    int from_prefix; /* partitions come by bs_segment_attach */
     uint8_t *owned; /* the converted bytes of a version 2 file, or NULL */
     uint32_t layout; /* 2 or 3: the layout of data */
     bs_segment_info info;
@@ -64,13 +72,26 @@ struct bs_segment {
 
 typedef unsigned long long ull;
 
-/* The n bytes at offset off lie inside the buffer. */
+/* The n bytes at offset off lie inside the file. */
 static bs_status need(const bs_segment *s, uint64_t off, uint64_t n,
                       const char *what, bs_error *err) {
     if (off > s->len || n > s->len - off)
         return CORRUPT("file truncated: %s needs %llu bytes at offset %llu, "
                        "file has %zu",
                        what, (ull)n, (ull)off, s->len);
+    return BS_OK;
+}
+
+/* The n bytes at offset off are in the buffer, to be read: inside the file,
+ * and for a prefix open inside the prefix the caller gave. */
+static bs_status need_read(const bs_segment *s, uint64_t off, uint64_t n,
+                           const char *what, bs_error *err) {
+    BS_TRY(need(s, off, n, what, err));
+    if (off > s->avail || n > s->avail - off)
+        return CORRUPT("prefix too short: %s needs %llu bytes at offset %llu, "
+                       "the prefix has %zu (bs_segment_prefix_size says how "
+                       "many to read)",
+                       what, (ull)n, (ull)off, s->avail);
     return BS_OK;
 }
 
@@ -101,7 +122,7 @@ static bs_status check_section(const bs_segment *s, unsigned field,
     if (size != expect_size)
         return CORRUPT("%s section is %llu bytes, expected %llu", what,
                        (ull)size, (ull)expect_size);
-    BS_TRY(need(s, off, size, what, err));
+    BS_TRY(need_read(s, off, size, what, err));
     return verify_checksum(s, off, size, sum, what, err);
 }
 
@@ -119,7 +140,7 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
     const uint8_t *h = s->data;
     bs_segment_info *info = &s->info;
 
-    BS_TRY(need(s, 0, 16, "magic and versions", err));
+    BS_TRY(need_read(s, 0, 16, "magic and versions", err));
     if (memcmp(h, BS_SEG_MAGIC, BS_SEG_MAGIC_LEN) != 0)
         return CORRUPT("bad magic at offset 0: not a bitshard segment");
     uint32_t read_version = bs_load_u32(h + BS_HDR_READ_VERSION);
@@ -141,14 +162,14 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
 
     uint64_t min_header = bs_seg_header_size(1);
     uint64_t max_header = bs_seg_header_size(BS_SEG_MAX_COLUMN);
-    BS_TRY(need(s, 0, min_header, "header", err));
+    BS_TRY(need_read(s, 0, min_header, "header", err));
     uint32_t header_size = bs_load_u32(h + BS_HDR_HEADER_SIZE);
     if (header_size < min_header || header_size > max_header ||
         header_size % BS_SEG_ALIGN != 0)
         return CORRUPT("header size %u is invalid (a multiple of 64 in "
                        "%llu..%llu)",
                        header_size, (ull)min_header, (ull)max_header);
-    BS_TRY(need(s, 0, header_size, "header", err));
+    BS_TRY(need_read(s, 0, header_size, "header", err));
     BS_TRY(verify_checksum(s, 0, header_size - 8,
                            bs_load_u64(h + header_size - 8), "header", err));
 
@@ -318,6 +339,13 @@ static bs_status parse_fragments(bs_segment *s, bs_error *err) {
         free(sorted);
     }
     return BS_OK;
+}
+
+/* Partition p has bytes to read: not a prefix-opened segment's absent or
+ * half-attached partition (acquire: pairs with attach's release). */
+static int partition_present(const bs_segment *s, uint32_t p) {
+    unsigned char st = atomic_load_explicit(&s->state[p], memory_order_acquire);
+    return st != PART_ABSENT && st != PART_ATTACHING;
 }
 
 /* The view of partition p from its directory entry. */
@@ -518,7 +546,8 @@ static bs_status parse_directory(bs_segment *s, bs_error *err) {
     s->parts = bs_zalloc(k, sizeof *s->parts);
     s->state = bs_zalloc(k, sizeof *s->state);
     if (s->parts == NULL || s->state == NULL) return NOMEM();
-    for (uint32_t p = 0; p < k; p++) atomic_init(&s->state[p], PART_UNCHECKED);
+    for (uint32_t p = 0; p < k; p++)
+        atomic_init(&s->state[p], s->from_prefix ? PART_ABSENT : PART_UNCHECKED);
     uint64_t pos = dir_off + dir_size;
     uint64_t rows = 0;
     for (uint32_t p = 0; p < k; p++) {
@@ -557,7 +586,8 @@ static bs_status parse_directory(bs_segment *s, bs_error *err) {
         snprintf(what, sizeof what, "partition %u", p);
         BS_TRY(need(s, off, size, what, err));
         seg_part *sp = &s->parts[p];
-        sp->base = h + off;
+        sp->base = s->from_prefix ? NULL : h + off;
+        sp->offset = off;
         sp->size = size;
         sp->stage1_size = stage1;
         sp->stage1_sum = bs_load_u64(e + BS_DIR_STAGE1_CHECKSUM);
@@ -599,6 +629,12 @@ bs_status bs_segment_check_partition(const bs_segment *seg, uint32_t p,
                        seg->info.num_partitions);
     unsigned char st = atomic_load_explicit(&seg->state[p], memory_order_acquire);
     if (st == PART_GOOD) return BS_OK;
+    if (st == PART_ABSENT || st == PART_ATTACHING)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "partition %u is not attached (the segment was opened "
+                       "from its prefix: attach the partition's bytes before "
+                       "a search probes it)",
+                       p);
     /* Unchecked, or known bad: (re)check, which also writes the message. */
     bs_status r = check_partition_bytes(seg, p, err);
     if (r == BS_OK)
@@ -659,7 +695,7 @@ static bs_status parse_partitions_v2(bs_segment *s, bs_error *err) {
                            (ull)size, count, (ull)L.size);
         char what[48];
         snprintf(what, sizeof what, "partition %u", p);
-        BS_TRY(need(s, off, size, what, err));
+        BS_TRY(need_read(s, off, size, what, err));
         BS_TRY(verify_checksum(s, off, size, bs_load_u64(e + BS_DIR2_CHECKSUM),
                                what, err));
         const uint8_t *base = h + off;
@@ -694,8 +730,8 @@ static bs_status parse_partitions_v2(bs_segment *s, bs_error *err) {
     return check_unique_ordinals(s, err);
 }
 
-static bs_status open_parsed(const void *data, size_t len, bs_segment **out,
-                             bs_error *err);
+static bs_status open_parsed(const void *data, size_t len, size_t avail,
+                             int from_prefix, bs_segment **out, bs_error *err);
 
 /* The version 3 bytes of a validated version 2 segment, in a 64-byte
  * aligned buffer: the same header fields, artifacts and fragments (with
@@ -803,19 +839,193 @@ bs_status bs_segment_open(const void *data, size_t len, bs_segment **out,
     if ((uintptr_t)data % BS_SEG_ALIGN != 0)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "segment buffer must be 64-byte aligned");
-    return open_parsed(data, len, out, err);
+    return open_parsed(data, len, len, 0, out, err);
 }
 
-static bs_status open_parsed(const void *data, size_t len, bs_segment **out,
-                             bs_error *err) {
+/* ------------------------------------------------- opening from a prefix */
+
+bs_status bs_segment_prefix_size(const void *data, size_t len, uint64_t *out,
+                                 bs_error *err) {
+    bs_error_clear(err);
+    if (out == NULL || (data == NULL && len > 0))
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "out or data is NULL");
+    const uint8_t *h = data;
+    const uint64_t min_header = bs_seg_header_size(1);
+    const uint64_t max_header = bs_seg_header_size(BS_SEG_MAX_COLUMN);
+    if (len < min_header) {
+        *out = min_header;
+        return BS_OK;
+    }
+    if (memcmp(h, BS_SEG_MAGIC, BS_SEG_MAGIC_LEN) != 0)
+        return CORRUPT("bad magic at offset 0: not a bitshard segment");
+    uint32_t read_version = bs_load_u32(h + BS_HDR_READ_VERSION);
+    if (read_version > BS_SEG_VERSION)
+        return bs_fail(err, BS_ERR_UNSUPPORTED_VERSION,
+                       "segment needs a reader of format version %u; this "
+                       "reader knows version %u",
+                       read_version, BS_SEG_VERSION);
+    uint32_t header_size = bs_load_u32(h + BS_HDR_HEADER_SIZE);
+    if (header_size < min_header || header_size > max_header ||
+        header_size % BS_SEG_ALIGN != 0)
+        return CORRUPT("header size %u is invalid (a multiple of 64 in "
+                       "%llu..%llu)",
+                       header_size, (ull)min_header, (ull)max_header);
+    if (len < header_size) {
+        *out = header_size;
+        return BS_OK;
+    }
+    /* The offsets below are the writer's only once the header checksum
+     * holds; bs_segment_open_prefix checks them all against the layout. */
+    uint64_t sum = bs_hash64(h, header_size - 8u, BS_SEG_CHECKSUM_SEED);
+    if (sum != bs_load_u64(h + header_size - 8))
+        return CORRUPT("header checksum mismatch (stored %016llx, computed "
+                       "%016llx)",
+                       (ull)bs_load_u64(h + header_size - 8), (ull)sum);
+    uint64_t file_size = bs_load_u64(h + BS_HDR_FILE_SIZE);
+    uint64_t end;
+    if (read_version <= BS_SEG_VERSION_2) {
+        /* A format 2 file is validated and converted whole. */
+        end = file_size;
+    } else if (__builtin_add_overflow(bs_load_u64(h + BS_HDR_DIRECTORY),
+                                      bs_load_u64(h + BS_HDR_DIRECTORY + 8), &end) ||
+               end > file_size) {
+        return CORRUPT("directory ends past the segment's %llu bytes",
+                       (ull)file_size);
+    }
+    *out = end < header_size ? header_size : end;
+    return BS_OK;
+}
+
+bs_status bs_segment_open_prefix(const void *data, size_t len, uint64_t file_size,
+                                 bs_segment **out, bs_error *err) {
+    bs_error_clear(err);
+    if (out == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "out is NULL");
+    *out = NULL;
+    if (data == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "data is NULL");
+    if ((uintptr_t)data % BS_SEG_ALIGN != 0)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "segment buffer must be 64-byte aligned");
+    if (file_size > SIZE_MAX)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "file size %llu does not fit in memory addresses",
+                       (ull)file_size);
+    if (len > file_size)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "prefix of %zu bytes is longer than the file's %llu", len,
+                       (ull)file_size);
+    return open_parsed(data, (size_t)file_size, len, 1, out, err);
+}
+
+bs_status bs_segment_partition_range(const bs_segment *seg, uint32_t p,
+                                     uint64_t *offset, uint64_t *size,
+                                     bs_error *err) {
+    bs_error_clear(err);
+    if (seg == NULL || offset == NULL || size == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "segment or output is NULL");
+    if (p >= seg->info.num_partitions)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "partition %u is out of range: the segment has %u", p,
+                       seg->info.num_partitions);
+    *offset = seg->parts[p].offset;
+    *size = seg->parts[p].size;
+    return BS_OK;
+}
+
+int bs_segment_partition_attached(const bs_segment *seg, uint32_t p) {
+    return seg != NULL && p < seg->info.num_partitions && partition_present(seg, p);
+}
+
+/* "segment <uuid hex>: " before a message about one of its partitions. */
+static bs_status fail_in_segment(const bs_segment *seg, bs_status st, const char *msg,
+                                 bs_error *err) {
+    bs_fingerprint u;
+    memcpy(u.bytes, seg->info.uuid, 16);
+    char hex[33];
+    bs_seg_fingerprint_hex(&u, hex);
+    return bs_fail(err, st, "segment %s: %s", hex, msg);
+}
+
+bs_status bs_segment_attach(bs_segment *seg, uint32_t p, const void *data, size_t len,
+                            bs_error *err) {
+    bs_error_clear(err);
+    if (seg == NULL || (data == NULL && len > 0))
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "segment or data is NULL");
+    if (!seg->from_prefix)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "the segment was opened whole: its partitions are in "
+                       "its buffer, nothing to attach");
+    if (p >= seg->info.num_partitions)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "partition %u is out of range: the segment has %u", p,
+                       seg->info.num_partitions);
+    seg_part *sp = &seg->parts[p];
+    if (len != sp->size)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "partition %u is %llu bytes, %zu given", p, (ull)sp->size, len);
+    /* Aligned like the file's buffer, so the arrays in it are too (a zero
+     * length partition has no bytes to read; any pointer will do). */
+    static const uint8_t empty[BS_SEG_ALIGN] __attribute__((aligned(BS_SEG_ALIGN)));
+    if (len == 0) data = empty;
+    if ((uintptr_t)data % BS_SEG_ALIGN != 0)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "partition %u: bytes must be 64-byte aligned", p);
+    unsigned char expect = PART_ABSENT;
+    if (!atomic_compare_exchange_strong(&seg->state[p], &expect, PART_ATTACHING))
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "partition %u is already attached (or being attached)", p);
+    sp->base = data;
+    bs_error sub;
+    bs_error_clear(&sub);
+    bs_status st = check_partition_bytes(seg, p, &sub);
+    if (st != BS_OK) {
+        sp->base = NULL;
+        atomic_store_explicit(&seg->state[p], PART_ABSENT, memory_order_release);
+        return fail_in_segment(seg, st, sub.message, err);
+    }
+    atomic_store_explicit(&seg->state[p], PART_GOOD, memory_order_release);
+    return BS_OK;
+}
+
+bs_status bs_segment_detach(bs_segment *seg, uint32_t p, bs_error *err) {
+    bs_error_clear(err);
+    if (seg == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "segment is NULL");
+    if (!seg->from_prefix)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "the segment was opened whole: nothing to detach");
+    if (p >= seg->info.num_partitions)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "partition %u is out of range: the segment has %u", p,
+                       seg->info.num_partitions);
+    unsigned char expect = PART_GOOD;
+    if (!atomic_compare_exchange_strong(&seg->state[p], &expect, PART_ATTACHING))
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "partition %u is not attached", p);
+    seg->parts[p].base = NULL;
+    atomic_store_explicit(&seg->state[p], PART_ABSENT, memory_order_release);
+    return BS_OK;
+}
+
+static bs_status open_parsed(const void *data, size_t len, size_t avail,
+                             int from_prefix, bs_segment **out, bs_error *err) {
     bs_segment *s = bs_zalloc(1, sizeof *s);
     if (s == NULL) return NOMEM();
     s->data = data;
     s->len = len;
+    s->avail = avail;
+    s->from_prefix = from_prefix;
     bs_status st = parse_header(s, err);
     if (st == BS_OK) st = parse_artifacts(s, err);
     if (st == BS_OK) st = parse_fragments(s, err);
     if (st == BS_OK && s->layout == 3) st = parse_directory(s, err);
+    /* A format 2 file is converted whole: with all its bytes given, a
+     * prefix open is a whole open. */
+    if (st == BS_OK && s->layout == 2 && avail < len)
+        st = bs_fail(err, BS_ERR_CORRUPT,
+                     "a format 2 segment cannot be opened from a prefix (%zu of "
+                     "its %zu bytes): read it whole",
+                     avail, len);
     if (st == BS_OK && s->layout == 2) {
         uint8_t *image = NULL;
         uint64_t image_len = 0;
@@ -823,7 +1033,7 @@ static bs_status open_parsed(const void *data, size_t len, bs_segment **out,
         if (st == BS_OK) st = convert_v2(s, &image, &image_len, err);
         bs_segment *s3 = NULL;
         if (st == BS_OK) {
-            st = open_parsed(image, (size_t)image_len, &s3, err);
+            st = open_parsed(image, (size_t)image_len, (size_t)image_len, 0, &s3, err);
             if (st != BS_OK) {
                 free(image);
             } else {
@@ -882,7 +1092,7 @@ void bs_segment_fragment_identity(const bs_segment *seg, uint32_t i,
 
 void bs_segment_partition(const bs_segment *seg, uint32_t p,
                           bs_partition_view *out) {
-    if (p >= seg->info.num_partitions) {
+    if (p >= seg->info.num_partitions || !partition_present(seg, p)) {
         memset(out, 0, sizeof *out);
         return;
     }
@@ -913,6 +1123,7 @@ double bs_segment_residual_sum(const bs_segment *seg) {
      * partition was checked; a caller that needs checked values verifies
      * first, bs_segment_verify). */
     for (uint32_t p = 0; p < seg->info.num_partitions; p++) {
+        if (!partition_present(seg, p)) return NAN;
         bs_partition_view v;
         part_view(seg, p, &v);
         for (uint32_t j = 0; j < v.count; j++) sum += sqrt((double)bs_pv_norm2(&v, j));

@@ -503,27 +503,116 @@ typedef struct {
     bs_segment *seg;
     Py_buffer buf; /* held until dealloc: the segment points into it */
     int has_buf;
+    /* A prefix open: one buffer per partition, held while attached. */
+    Py_buffer *parts;
+    unsigned char *has_part;
+    uint32_t num_partitions;
     PyObject *module;
 } SegmentObject;
 
+/* Segment(data): the whole file. Segment(prefix, file_size): the file's
+ * prefix (bs_segment_open_prefix); partitions come by attach(). */
 static int Segment_init(SegmentObject *self, PyObject *args, PyObject *kw) {
-    PyObject *bo;
-    if (!PyArg_ParseTuple(args, "O", &bo)) return -1;
+    PyObject *bo, *sizeo = NULL;
+    if (!PyArg_ParseTuple(args, "O|O", &bo, &sizeo)) return -1;
+    unsigned long long file_size = 0;
+    if (sizeo != NULL && int_arg(self->module, sizeo, "file_size", 0, SIZE_MAX, &file_size) < 0)
+        return -1;
     /* Held past this call (until dealloc), so not through a buf_arg table. */
     if (get_buf(bo, &self->buf, 'b', 0, "data") < 0) return -1;
     self->has_buf = 1;
     bs_error err;
     bs_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = bs_segment_open(self->buf.buf, (size_t)self->buf.len, &self->seg, &err);
+    if (sizeo == NULL)
+        status = bs_segment_open(self->buf.buf, (size_t)self->buf.len, &self->seg, &err);
+    else
+        status = bs_segment_open_prefix(self->buf.buf, (size_t)self->buf.len, file_size,
+                                        &self->seg, &err);
     Py_END_ALLOW_THREADS
+    if (status == BS_OK && sizeo != NULL) {
+        bs_segment_info in;
+        bs_segment_get_info(self->seg, &in);
+        self->num_partitions = in.num_partitions;
+        self->parts = PyMem_Calloc(in.num_partitions, sizeof *self->parts);
+        self->has_part = PyMem_Calloc(in.num_partitions, 1);
+        if (self->parts == NULL || self->has_part == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
     return init_result(self->module, status, &err);
 }
 
 static void Segment_dealloc(SegmentObject *self) {
     bs_segment_free(self->seg);
+    for (uint32_t p = 0; self->has_part != NULL && p < self->num_partitions; p++)
+        if (self->has_part[p]) PyBuffer_Release(&self->parts[p]);
+    PyMem_Free(self->parts);
+    PyMem_Free(self->has_part);
     if (self->has_buf) PyBuffer_Release(&self->buf);
     dealloc_object((PyObject *)self, self->module);
+}
+
+/* partition_range(p) -> (offset, size) of partition p's bytes in the file. */
+static PyObject *Segment_partition_range(SegmentObject *self, PyObject *args) {
+    PyObject *po;
+    uint32_t p;
+    if (!PyArg_ParseTuple(args, "O", &po) || u32_arg(self->module, po, "partition", 0, &p) < 0)
+        return NULL;
+    uint64_t off = 0, size = 0;
+    bs_error err;
+    if (bs_segment_partition_range(self->seg, p, &off, &size, &err) != BS_OK)
+        return raise_bs(self->module, &err);
+    return Py_BuildValue("(KK)", (unsigned long long)off, (unsigned long long)size);
+}
+
+static PyObject *Segment_attached(SegmentObject *self, PyObject *args) {
+    PyObject *po;
+    uint32_t p;
+    if (!PyArg_ParseTuple(args, "O", &po) || u32_arg(self->module, po, "partition", 0, &p) < 0)
+        return NULL;
+    return PyBool_FromLong(bs_segment_partition_attached(self->seg, p));
+}
+
+/* attach(p, data): checks and attaches partition p's bytes (64-byte
+ * aligned), holding data until detach or dealloc. */
+static PyObject *Segment_attach(SegmentObject *self, PyObject *args) {
+    PyObject *po, *bo;
+    uint32_t p;
+    if (!PyArg_ParseTuple(args, "OO", &po, &bo) ||
+        u32_arg(self->module, po, "partition", 0, &p) < 0)
+        return NULL;
+    Py_buffer view;
+    if (get_buf(bo, &view, 'b', 0, "data") < 0) return NULL;
+    bs_error err;
+    bs_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = bs_segment_attach(self->seg, p, view.buf, (size_t)view.len, &err);
+    Py_END_ALLOW_THREADS
+    if (status != BS_OK) {
+        PyBuffer_Release(&view);
+        return raise_bs(self->module, &err);
+    }
+    /* attach succeeds only on a prefix open (parts allocated) and only
+     * for an absent partition (no buffer held). */
+    self->parts[p] = view;
+    self->has_part[p] = 1;
+    Py_RETURN_NONE;
+}
+
+/* detach(p): partition p absent again, its buffer released. The caller
+ * guarantees that no search is using it. */
+static PyObject *Segment_detach(SegmentObject *self, PyObject *args) {
+    PyObject *po;
+    uint32_t p;
+    if (!PyArg_ParseTuple(args, "O", &po) || u32_arg(self->module, po, "partition", 0, &p) < 0)
+        return NULL;
+    bs_error err;
+    if (bs_segment_detach(self->seg, p, &err) != BS_OK) return raise_bs(self->module, &err);
+    if (self->has_part[p]) PyBuffer_Release(&self->parts[p]);
+    self->has_part[p] = 0;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Segment_info(SegmentObject *self, PyObject *unused) {
@@ -616,6 +705,14 @@ static PyMethodDef Segment_methods[] = {
      "[(fragment_id, physical_rows)] in table order"},
     {"centroids", (PyCFunction)Segment_centroids, METH_VARARGS,
      "centroids(out): copy num_partitions x dim float32 into out"},
+    {"partition_range", (PyCFunction)Segment_partition_range, METH_VARARGS,
+     "partition_range(p) -> (offset, size) of partition p's bytes in the file"},
+    {"attached", (PyCFunction)Segment_attached, METH_VARARGS,
+     "attached(p) -> whether partition p's bytes can be read"},
+    {"attach", (PyCFunction)Segment_attach, METH_VARARGS,
+     "attach(p, data): check and attach partition p's bytes (prefix open only)"},
+    {"detach", (PyCFunction)Segment_detach, METH_VARARGS,
+     "detach(p): make partition p absent again (no search may be using it)"},
     {NULL, NULL, 0, NULL}};
 
 static int segments_from_seq(PyObject *module, PyObject *seq, const bs_segment ***out,
@@ -1085,7 +1182,48 @@ done:
     return result;
 }
 
+/* probes(Q, nq, nprobes, out) -> n: the n = min(nprobes, num_partitions)
+ * partitions bs_search probes for each of the nq queries, into out
+ * (uint32, nq * n). */
+static PyObject *Searcher_probes(SearcherObject *self, PyObject *args) {
+    PyObject *qo, *nq_o, *np_o, *outo;
+    if (!PyArg_ParseTuple(args, "OOOO", &qo, &nq_o, &np_o, &outo)) return NULL;
+    PyObject *m = self->module;
+    size_t nq;
+    uint32_t nprobes;
+    if (count_arg(m, nq_o, "nq", &nq) < 0 || u32_arg(m, np_o, "nprobes", 1, &nprobes) < 0)
+        return NULL;
+    bs_segment_info in;
+    bs_segment_get_info(((SegmentObject *)PyTuple_GET_ITEM(self->segments, 0))->seg, &in);
+    uint32_t n = nprobes < in.num_partitions ? nprobes : in.num_partitions;
+    buf_arg b[] = {BUF("Q", qo, 'f', 0, items_of(nq, self->dim)),
+                   BUF("out", outo, 'u', BUF_WRITABLE, items_of(nq, n))};
+    if (bufs_acquire(m, b, NBUFS(b)) < 0) return NULL;
+    bs_candidates *c = bs_candidates_new();
+    if (c == NULL) {
+        bufs_release(b, NBUFS(b));
+        return PyErr_NoMemory();
+    }
+    bs_error err;
+    bs_status status = BS_OK;
+    const float *Q = b[0].view.buf;
+    uint32_t *out = b[1].view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0; i < nq && status == BS_OK; i++) {
+        uint32_t got = 0;
+        status = bs_search_probes(self->s, Q + i * self->dim, nprobes, c, out + i * n, &got,
+                                  &err);
+    }
+    Py_END_ALLOW_THREADS
+    bs_candidates_free(c);
+    bufs_release(b, NBUFS(b));
+    if (status != BS_OK) return raise_bs(m, &err);
+    return PyLong_FromUnsignedLong(n);
+}
+
 static PyMethodDef Searcher_methods[] = {
+    {"probes", (PyCFunction)Searcher_probes, METH_VARARGS,
+     "probes(Q, nq, nprobes, out) -> n: the partitions each query probes (out: uint32 nq x n)"},
     {"search", (PyCFunction)Searcher_search, METH_VARARGS,
      "search(q, params, out_rowids, out_estimates, out_lower_bounds, stats) -> number of "
      "candidates"},
@@ -1381,12 +1519,27 @@ static PyObject *fn_version(PyObject *module, PyObject *unused) {
     return PyLong_FromUnsignedLong(bs_version_number());
 }
 
+static PyObject *fn_segment_prefix_size(PyObject *m, PyObject *args) {
+    PyObject *bo;
+    if (!PyArg_ParseTuple(args, "O", &bo)) return NULL;
+    buf_arg b[] = {BUF("data", bo, 'b', 0, 0)};
+    if (bufs_acquire(m, b, NBUFS(b)) < 0) return NULL;
+    uint64_t need = 0;
+    bs_error err;
+    bs_status status = bs_segment_prefix_size(b[0].view.buf, (size_t)b[0].view.len, &need, &err);
+    bufs_release(b, NBUFS(b));
+    if (status != BS_OK) return raise_bs(m, &err);
+    return PyLong_FromUnsignedLongLong(need);
+}
+
 static PyMethodDef native_methods[] = {
     {"kmeans_train", fn_kmeans_train, METH_VARARGS,
      "kmeans_train(x, n, d, k, metric, max_iters, seed, out, threads=1)"},
     {"ivf_fingerprint", fn_ivf_fingerprint, METH_VARARGS,
      "ivf_fingerprint(centroids, k, d, metric) -> 16 bytes"},
     {"hash64", fn_hash64, METH_VARARGS, "hash64(data, seed=0) -> int"},
+    {"segment_prefix_size", fn_segment_prefix_size, METH_VARARGS,
+     "segment_prefix_size(first_bytes) -> bytes to read from offset 0 (see bitshard.h)"},
     {"padded_dim", fn_padded_dim, METH_VARARGS, "padded_dim(dim) -> int"},
     {"merge", fn_merge, METH_VARARGS, "merge(segments, uuid, path)"},
     {"remap", fn_remap, METH_VARARGS,
