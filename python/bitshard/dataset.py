@@ -50,6 +50,7 @@ def dataset(
     fragment_size: Optional[int] = None,
     storage_options: Optional[Dict[str, Any]] = None,
     exact_cache_bytes: int = DEFAULT_EXACT_CACHE_BYTES,
+    partition_cache_bytes: Optional[int] = None,
 ) -> "Dataset":
     """Open a source of vectors for indexing and search.
 
@@ -73,13 +74,18 @@ def dataset(
             of the rows no segment covers that searches keep in memory, per
             index; the rest are read from the source on every search
             (default 256 MiB; 0 caches nothing). See :attr:`Dataset.exact_cache_bytes`.
+        partition_cache_bytes: bytes of index partitions fetched by range
+            from an object store that searches keep in memory (default: the
+            ``partition_cache_bytes`` storage option, else 512 MiB). See
+            :attr:`Dataset.partition_cache_bytes`.
 
     Returns:
         A :class:`Dataset`.
     """
     src = open_source(x, fragment_size=fragment_size) if fragment_size else open_source(x)
     return Dataset(src, index_uri=index_uri, storage_options=storage_options,
-                   exact_cache_bytes=exact_cache_bytes)
+                   exact_cache_bytes=exact_cache_bytes,
+                   partition_cache_bytes=partition_cache_bytes)
 
 
 def train_ivf(
@@ -185,8 +191,11 @@ class Dataset:
 
     def __init__(self, source: Source, index_uri: Optional[Union[str, os.PathLike]] = None,
                  storage_options: Optional[Dict[str, Any]] = None,
-                 exact_cache_bytes: int = DEFAULT_EXACT_CACHE_BYTES) -> None:
+                 exact_cache_bytes: int = DEFAULT_EXACT_CACHE_BYTES,
+                 partition_cache_bytes: Optional[int] = None) -> None:
         exact_cache_bytes = validate.integer("exact_cache_bytes", exact_cache_bytes, 0)
+        partition_cache_bytes = validate.optional_integer(
+            "partition_cache_bytes", partition_cache_bytes, 0)
         self.source = source
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
         if index_uri is not None:
@@ -219,6 +228,25 @@ class Dataset:
         # until it commits or refresh() is called (see bitshard.indexview).
         self._indexes = IndexView(self.storage, self.source, self.index_root)
         self._indexes.set_exact_cache_bytes(exact_cache_bytes)
+        self._partition_cache_bytes = partition_cache_bytes
+        if partition_cache_bytes is not None:
+            self._indexes.partition_cache.set_max_bytes(partition_cache_bytes)
+
+    @property
+    def partition_cache_bytes(self) -> int:
+        """Bytes of index partitions read by range from an object store
+        (no ``cache_dir``) that this Dataset's searches keep in memory,
+        least recently used dropped first; partitions a running search
+        probes are held until it ends, even past the bound. Settable (an
+        integer >= 0, applied at once). Default: the ``partition_cache_bytes``
+        storage option or ``BITSHARD_PARTITION_CACHE_BYTES``, else 512 MiB."""
+        return self._indexes.partition_cache.max_bytes
+
+    @partition_cache_bytes.setter
+    def partition_cache_bytes(self, value: int) -> None:
+        value = validate.integer("partition_cache_bytes", value, 0)
+        self._partition_cache_bytes = value
+        self._indexes.partition_cache.set_max_bytes(value)
 
     @property
     def exact_cache_bytes(self) -> int:
@@ -239,7 +267,8 @@ class Dataset:
     def __getstate__(self) -> Dict[str, Any]:
         return {"source": self.source, "index_root": self.index_root,
                 "storage_options": self.storage_options,
-                "exact_cache_bytes": self.exact_cache_bytes}
+                "exact_cache_bytes": self.exact_cache_bytes,
+                "partition_cache_bytes": self._partition_cache_bytes}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.source = state["source"]
@@ -250,6 +279,9 @@ class Dataset:
         self._indexes = IndexView(self.storage, self.source, self.index_root)
         self._indexes.set_exact_cache_bytes(
             state.get("exact_cache_bytes", DEFAULT_EXACT_CACHE_BYTES))
+        self._partition_cache_bytes = state.get("partition_cache_bytes")
+        if self._partition_cache_bytes is not None:
+            self._indexes.partition_cache.set_max_bytes(self._partition_cache_bytes)
 
     def __repr__(self) -> str:
         return f"bitshard.Dataset({self.source.kind}, uri={self.source.uri!r}, index_root={self.index_root!r})"

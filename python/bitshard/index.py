@@ -51,6 +51,7 @@ from . import identity, names, schema
 from .identity import FragmentIdentity
 from .names import BUILDS_DIR, INDICES_DIR, SEGMENT_SUFFIX, SEGMENTS_DIR
 from .storage import LocalStorage, Storage, is_object_uri, join_uri
+from .ranged import RangedSegment
 
 MANIFEST_FORMAT = "bitshard-manifest"
 #: The manifest format written. Format 2 adds, per segment entry, the
@@ -187,14 +188,28 @@ class OpenSegment:
 
     ``OpenSegment(path)`` opens a local path or an object-store URI;
     ``OpenSegment(path, storage=st, key=k)`` opens key ``k`` of ``st``.
+    With ``ranged=True`` on a storage that reads by range (an object store
+    without a ``cache_dir``), only the segment's prefix is read
+    (:class:`bitshard.ranged.RangedSegment`, kept in :attr:`ranged`): its
+    partitions are attached when a search probes them, so such a segment
+    serves search only (not verify, merge or remap).
     """
 
     def __init__(self, path: str, *, storage: Optional[Storage] = None,
-                 key: Optional[str] = None) -> None:
+                 key: Optional[str] = None, ranged: bool = False) -> None:
         path = os.fspath(path)
         if storage is None or key is None:
             storage, key = _file_storage(path)
         self.path = path
+        self.ranged: Optional[RangedSegment] = None
+        if ranged and storage.ranged_reads:
+            self.ranged = RangedSegment(storage, key, path)
+            self._map = None
+            self.size = self.ranged.size
+            self.native = self.ranged.native
+            self.info = self.native.info()
+            self.fragments = [fid for fid, _ in self.native.fragments()]
+            return
         for attempt in (0, 1):
             self._map = storage.open_segment(key)
             self.size = len(self._map)
@@ -215,11 +230,12 @@ class OpenSegment:
         self.fragments = [fid for fid, _ in self.native.fragments()]
 
     @classmethod
-    def of(cls, root: Root, uuid: str) -> "OpenSegment":
-        """Segment ``uuid`` under index root ``root``."""
+    def of(cls, root: Root, uuid: str, ranged: bool = False) -> "OpenSegment":
+        """Segment ``uuid`` under index root ``root`` (``ranged``: see the
+        class)."""
         st = storage_of(root)
         key = segment_key(uuid)
-        return cls(st.path(key), storage=st, key=key)
+        return cls(st.path(key), storage=st, key=key, ranged=ranged)
 
     def handle(self, root: str, name: str) -> SegmentHandle:
         """The handle describing this file."""
@@ -254,19 +270,21 @@ class OpenSegment:
 
 
 def open_handle(h: SegmentHandle, root: Optional[Root] = None,
-                claimed_by: str = "its handle") -> OpenSegment:
+                claimed_by: str = "its handle", ranged: bool = False) -> OpenSegment:
     """Open a handle's file, through ``root``'s storage when it is the
     handle's index root (so that storage's options are used), and check
     that the file is the segment the handle describes: its own uuid,
     fragment list and row count (see :func:`check_file_identity`).
-    ``claimed_by`` names the source of the handle in the message."""
+    ``claimed_by`` names the source of the handle in the message;
+    ``ranged``: open for search only, reading partitions by range where the
+    storage can (see :class:`OpenSegment`)."""
     o = None
     if root is not None:
         st = storage_of(root)
         if st.root == h.index_root:
-            o = OpenSegment.of(st, h.uuid)
+            o = OpenSegment.of(st, h.uuid, ranged=ranged)
     if o is None:
-        o = OpenSegment(h.path)
+        o = OpenSegment(h.path, ranged=ranged)
     check_file_identity(h, o, claimed_by)
     return o
 

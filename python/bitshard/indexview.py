@@ -40,6 +40,7 @@ from .index import OpenSegment, SegmentHandle
 from .searcher import (DEFAULT_EXACT_CACHE_BYTES, ExactPart, SearchOptions, Searcher,
                        UncoveredRowsWarning, _ExactRows)
 from .sources import Source
+from .ranged import DEFAULT_PARTITION_CACHE_BYTES, PartitionCache, RangedIndex
 from .storage import Storage
 
 __all__ = ["IndexView", "OpenIndex", "SearchPlan"]
@@ -67,6 +68,9 @@ class OpenIndex:
     native: Any
     #: The opened files, held while the C searcher points into them.
     opened: List[OpenSegment]
+    #: Segments read by range (an object store without a cache_dir): the
+    #: two-phase search fetches the partitions it probes (bitshard.ranged).
+    ranged: Optional[RangedIndex] = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,12 @@ class IndexView:
         self.exact_cache_bytes = DEFAULT_EXACT_CACHE_BYTES
         self._exact: Dict[str, Tuple[Any, _ExactRows]] = {}
         self._warned: Set[Tuple[str, int, Any]] = set()
+        #: Partitions fetched by range for this Dataset's searches, bounded
+        #: by partition_cache_bytes (the Dataset's argument, else the storage
+        #: option, else the default).
+        self.partition_cache = PartitionCache(
+            storage.partition_cache_bytes if storage.partition_cache_bytes is not None
+            else DEFAULT_PARTITION_CACHE_BYTES)
 
     def invalidate(self) -> None:
         """Read the committed versions again at the next search (after a
@@ -195,7 +205,8 @@ class IndexView:
         doc = idx.read_manifest(self.storage, name, version)
         handles = idx.committed_segments(self.storage, name, version)
         mpath = self.storage.path(idx._manifest_key(name, version))
-        opened = [idx.open_handle(h, self.storage, f"manifest {mpath}") for h in handles]
+        opened = [idx.open_handle(h, self.storage, f"manifest {mpath}", ranged=True)
+                  for h in handles]
         # The manifest's claims are checked against the files: a segment
         # swapped on disk for one from another code space is refused here
         # (and the C searcher checks the files against each other).
@@ -214,7 +225,14 @@ class IndexView:
                 f"{idx.SEGMENT_FORMAT_VERSION} without re-encoding",
                 idx.FormatUpgradeWarning, stacklevel=4)
         native = _native.Searcher([o.native for o in opened]) if opened else None
-        self._open[name] = OpenIndex(name, version, doc, handles, native, opened)
+        ranged = None
+        if native is not None and any(o.ranged is not None for o in opened):
+            ranged = RangedIndex(native, [o.ranged for o in opened], self.partition_cache)
+        if found is not None and found.ranged is not None:
+            # The older version's partitions make room (those a running
+            # search holds stay until it ends and are dropped in LRU order).
+            self.partition_cache.forget([s for s in found.ranged.segments if s is not None])
+        self._open[name] = OpenIndex(name, version, doc, handles, native, opened, ranged)
         return self._open[name]
 
     def plan(self, index: OpenIndex) -> SearchPlan:

@@ -13,6 +13,7 @@ answer turned into a pyarrow Table.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -179,6 +180,10 @@ class Searcher:
             self._exact = view.exact_rows(index, plan, column, self.dim, parts,
                                           options.exact_cache_bytes)
         self._native = index.native if index.native is not None and mask.any() else None
+        #: Segments read by range: each C search first attaches the
+        #: partitions it probes (bitshard.ranged); None when none is.
+        self._ranged = index.ranged if self._native is not None else None
+        self._mask = mask
         #: Segment uuid -> file, to name the file of a partition the C search
         #: found damaged (partitions are checked when a search first touches them).
         self._segment_paths = {bytes(o.info["uuid"]).hex(): o.path for o in index.opened}
@@ -265,8 +270,9 @@ class Searcher:
             out_d = np.full((nq, self.k), np.inf, dtype=np.float32)
             counts = np.empty(nq, dtype=np.uint64)
             try:
-                self._native.search_batch_into(Q, nq, self._threads(), self._params, out_r,
-                                               out_d, None, counts, self._stats)
+                with self._attached(Q):
+                    self._native.search_batch_into(Q, nq, self._threads(), self._params,
+                                                   out_r, out_d, None, counts, self._stats)
             except CorruptIndexError as err:
                 raise self._named(err) from None
             return out_r, out_d
@@ -366,7 +372,9 @@ class Searcher:
         """``err`` (the C search's "segment <uuid>: partition ..." refusal)
         with the segment's file in front, as an open names it."""
         msg = str(err)
-        uuid = msg[len("segment "):len("segment ") + 32] if msg.startswith("segment ") else ""
+        if not msg.startswith("segment "):
+            return err  # already names its file (a partition fetched by range)
+        uuid = msg[len("segment "):len("segment ") + 32]
         path = self._segment_paths.get(uuid)
         return CorruptIndexError(f"{path}: {msg}" if path else msg)
 
@@ -384,16 +392,17 @@ class Searcher:
             e = np.empty(cap, np.float32)
             lb = np.empty(cap, np.float32) if gated else None
             try:
-                n = self._native.search(q, self._params, r, e, lb, self._stats)
+                with self._attached(q):
+                    n = self._native.search(q, self._params, r, e, lb, self._stats)
+                    if n > cap:
+                        # only the gated 1-bit rerank returns an open-ended list
+                        self._cap = cap = 1 << (n - 1).bit_length()
+                        r = np.empty(cap, np.uint64)
+                        e = np.empty(cap, np.float32)
+                        lb = np.empty(cap, np.float32) if gated else None
+                        self._native.search(q, self._params, r, e, lb, None)
             except CorruptIndexError as err:
                 raise self._named(err) from None
-            if n > cap:
-                # only the gated 1-bit rerank returns an open-ended list
-                self._cap = cap = 1 << (n - 1).bit_length()
-                r = np.empty(cap, np.uint64)
-                e = np.empty(cap, np.float32)
-                lb = np.empty(cap, np.float32) if gated else None
-                self._native.search(q, self._params, r, e, lb, None)
             rows, dists = r[:n], e[:n]
             if self.refine_factor is not None:
                 rows, dists = _rerank_all(self.source, self.column, q[None, :],
@@ -420,10 +429,24 @@ class Searcher:
         starts at most 256)."""
         return int(self._num_threads or os.cpu_count() or 1)  # cpu_count is slow
 
+    def _attached(self, Q: np.ndarray) -> Any:
+        """A context in which every partition the queries ``Q`` probe is
+        attached to the ranged segments searched (a no-op without any)."""
+        if self._ranged is None:
+            return contextlib.nullcontext()
+        return self._ranged.attached(Q, self.nprobes, self._mask)
+
     def _scan_batch(self, native: Any, Q: np.ndarray, gated: bool
                     ) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
         """The C scan of a batch: per query its candidates' row ids, estimates
-        and (gated 1-bit rerank) lower bounds, each list complete. The arrays
+        and (gated 1-bit rerank) lower bounds, each list complete (the
+        partitions the batch probes attached for the whole of it)."""
+        with self._attached(Q):
+            return self._scan_batch_attached(native, Q, gated)
+
+    def _scan_batch_attached(self, native: Any, Q: np.ndarray, gated: bool
+                             ) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
+        """:meth:`_scan_batch` once its partitions are attached. The arrays
         hold ``self._batch_cap`` candidates a query; the few queries with more
         (only the gated rerank's lists are open-ended) are scanned again into
         arrays long enough, their counts not added twice."""

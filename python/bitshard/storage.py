@@ -75,6 +75,10 @@ STORAGE_OPTION_KEYS: Dict[str, Tuple[str, ...]] = {
     # bitshard's own: keep downloaded segments in this directory (see
     # ObjectStorage.open_segment); also the BITSHARD_CACHE_DIR variable.
     "cache_dir": ("cache_dir",),
+    # bitshard's own: bytes of fetched partitions a Dataset keeps in memory
+    # when segments are read by range (bitshard.ranged); also the
+    # BITSHARD_PARTITION_CACHE_BYTES variable.
+    "partition_cache_bytes": ("partition_cache_bytes",),
 }
 _ALIASES = {alias: key for key, names in STORAGE_OPTION_KEYS.items() for alias in names}
 _OBJECT_SCHEMES = ("s3",)
@@ -318,6 +322,20 @@ class Storage:
 
         Raises CorruptIndexError if the file is missing or empty.
         """
+        raise NotImplementedError
+
+    #: Segments are read by range (see ObjectStorage.ranged_reads).
+    ranged_reads = False
+    #: The ``partition_cache_bytes`` storage option (ObjectStorage).
+    partition_cache_bytes: Optional[int] = None
+
+    def segment_size(self, key: str) -> int:
+        """Bytes of segment ``key`` (backends with :attr:`ranged_reads`)."""
+        raise NotImplementedError
+
+    def read_range(self, key: str, offset: int, size: int) -> np.ndarray:
+        """Bytes ``[offset, offset + size)`` of ``key``, 64-byte aligned
+        (backends with :attr:`ranged_reads`)."""
         raise NotImplementedError
 
     def evict(self, key: str) -> bool:
@@ -789,6 +807,19 @@ def _registry_lookup(uri: str) -> Dict[str, str]:
         return dict(_REGISTRY[best]) if best is not None else {}
 
 
+def _byte_count(name: str, value: Optional[str]) -> Optional[int]:
+    """A storage option's byte count (a non-negative integer), or None."""
+    if value is None or value == "":
+        return None
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}")
+    return n
+
+
 def _aligned_empty(size: int) -> np.ndarray:
     """A uint8 array of ``size`` bytes whose data starts on a 64-byte boundary."""
     raw = np.empty(size + SEGMENT_ALIGN, dtype=np.uint8)
@@ -851,6 +882,9 @@ class ObjectStorage(Storage):
             "virtual": str(opts.get("virtual_hosted_style_request", "")).lower()
             in ("1", "true", "yes"),
             "cache_dir": opts.get("cache_dir") or env.get("BITSHARD_CACHE_DIR") or None,
+            "partition_cache_bytes": _byte_count(
+                "partition_cache_bytes", opts.get("partition_cache_bytes")
+                or env.get("BITSHARD_PARTITION_CACHE_BYTES")),
         }
         if endpoint and "://" not in endpoint:
             allow_http = str(opts.get("allow_http", "")).lower() in ("1", "true", "yes")
@@ -1085,6 +1119,61 @@ class ObjectStorage(Storage):
             got = None
         if got != bytes(data):
             raise FileExistsError(self.path(key))
+
+    @property
+    def ranged_reads(self) -> bool:  # type: ignore[override]
+        """Segments are opened from their prefix and their partitions read
+        by range when a search probes them (bitshard.ranged): on an object
+        store without a ``cache_dir`` (with one, whole files are cached on
+        disk and mapped)."""
+        return not self._settings["cache_dir"]
+
+    @property
+    def partition_cache_bytes(self) -> Optional[int]:  # type: ignore[override]
+        """The ``partition_cache_bytes`` option (or environment variable), or
+        None when not given."""
+        return self._settings["partition_cache_bytes"]
+
+    def segment_size(self, key: str) -> int:
+        """Bytes of segment ``key`` (one HEAD request); MissingFileError
+        (:func:`missing_segment`) when it is not there."""
+        from pyarrow import fs as pafs  # noqa: PLC0415
+
+        path = self.path(key)
+        with backend_errors(path, "read", segment=True):
+            info = self.fs.get_file_info(self._fs_path(key))
+        if info.type != pafs.FileType.File:
+            raise missing_segment(path)
+        return int(info.size or 0)
+
+    def read_range(self, key: str, offset: int, size: int) -> np.ndarray:
+        """Bytes ``[offset, offset + size)`` of object ``key`` (one ranged GET)
+        in a read-only, 64-byte aligned uint8 array. Thread-safe (the boto3
+        client is). A short answer (the object changed) is CorruptIndexError."""
+        buf = _aligned_empty(size)
+        if size == 0:
+            return buf
+        path = self.path(key)
+        with backend_errors(path, "read", segment=True):
+            resp = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key),
+                                          Range=f"bytes={offset}-{offset + size - 1}")
+            body = resp["Body"]
+            view = buf.data
+            got = 0
+            try:
+                while got < size:
+                    chunk = body.read(min(size - got, 8 << 20))
+                    if not chunk:
+                        break
+                    view[got:got + len(chunk)] = chunk
+                    got += len(chunk)
+            finally:
+                body.close()
+        if got != size:
+            raise CorruptIndexError(f"segment file {path} changed while read ({got} of {size} "
+                                    f"bytes at offset {offset})")
+        buf.flags.writeable = False
+        return buf
 
     def _cache_path(self, key: str) -> Optional[str]:
         d = self._settings["cache_dir"]
