@@ -79,6 +79,9 @@ STORAGE_OPTION_KEYS: Dict[str, Tuple[str, ...]] = {
     # when segments are read by range (bitshard.ranged); also the
     # BITSHARD_PARTITION_CACHE_BYTES variable.
     "partition_cache_bytes": ("partition_cache_bytes",),
+    # bitshard's own: the most bytes of segment files cache_dir holds (least
+    # recently used removed first); also BITSHARD_CACHE_DIR_MAX_BYTES.
+    "cache_dir_max_bytes": ("cache_dir_max_bytes",),
 }
 _ALIASES = {alias: key for key, names in STORAGE_OPTION_KEYS.items() for alias in names}
 _OBJECT_SCHEMES = ("s3",)
@@ -807,6 +810,49 @@ def _registry_lookup(uri: str) -> Dict[str, str]:
         return dict(_REGISTRY[best]) if best is not None else {}
 
 
+def _evict_cache_files(cache_dir: str, room: int, keep: str) -> List[str]:
+    """Remove segment files of ``cache_dir`` (every root's), least recently
+    used first (oldest modification time), until the rest take at most
+    ``room`` bytes; ``keep`` is never removed. Removal is an unlink only: a
+    reader that mapped a removed file keeps reading its bytes (no SIGBUS).
+    Temp files of downloads in progress are not counted or removed. Returns
+    the paths removed."""
+    files: List[Tuple[int, str, int]] = []
+    try:
+        roots = os.listdir(cache_dir)
+    except FileNotFoundError:
+        return []
+    for r in roots:
+        d = os.path.join(cache_dir, r)
+        try:
+            names = os.listdir(d)
+        except (NotADirectoryError, FileNotFoundError):
+            continue
+        for name in names:
+            if name.endswith(".tmp") or not name.endswith(".bsseg"):
+                continue
+            p = os.path.join(d, name)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime_ns, p, st.st_size))
+    total = sum(f[2] for f in files)
+    removed = []
+    for _, p, n in sorted(files):
+        if total <= room:
+            break
+        if p == keep:
+            continue
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+        total -= n
+        removed.append(p)
+    return removed
+
+
 def _byte_count(name: str, value: Optional[str]) -> Optional[int]:
     """A storage option's byte count (a non-negative integer), or None."""
     if value is None or value == "":
@@ -885,6 +931,9 @@ class ObjectStorage(Storage):
             "partition_cache_bytes": _byte_count(
                 "partition_cache_bytes", opts.get("partition_cache_bytes")
                 or env.get("BITSHARD_PARTITION_CACHE_BYTES")),
+            "cache_dir_max_bytes": _byte_count(
+                "cache_dir_max_bytes", opts.get("cache_dir_max_bytes")
+                or env.get("BITSHARD_CACHE_DIR_MAX_BYTES")),
         }
         if endpoint and "://" not in endpoint:
             allow_http = str(opts.get("allow_http", "")).lower() in ("1", "true", "yes")
@@ -1216,8 +1265,10 @@ class ObjectStorage(Storage):
         if size == 0:
             raise CorruptIndexError(f"segment file is empty: {path}")
         cached = self._cache_path(key)
-        if cached is not None:
+        bound = self._settings["cache_dir_max_bytes"]
+        if cached is not None and (bound is None or size <= bound):
             return self._open_cached(key, cached, size)
+        # No cache_dir, or a segment larger than the whole cache: in memory.
         buf = _aligned_empty(size)
         view = buf.data  # a writable memoryview of the aligned bytes
         got = 0
@@ -1235,38 +1286,68 @@ class ObjectStorage(Storage):
 
     def _open_cached(self, key: str, cached: str, size: int) -> Any:
         """Map the cache file of ``key``, downloading it first if absent or of
-        another size (segments are immutable: a uuid names one content)."""
+        another size (segments are immutable: a uuid names one content).
+
+        The file is opened, then mapped through that descriptor, so that a
+        concurrent eviction (an unlink) cannot come between: a mapping keeps
+        its file's bytes after the unlink. Cache files are never truncated
+        or rewritten in place (a new copy is renamed over the name), so a
+        reader holding a mapping never sees its bytes change or vanish
+        (no SIGBUS). With ``cache_dir_max_bytes``, a download first removes
+        the least recently used cache files (by modification time, which
+        each open refreshes) until the new one fits."""
+        m = self._map_cached(cached, size)
+        if m is not None:
+            return m
+        bound = self._settings["cache_dir_max_bytes"]
+        if bound is not None:
+            _evict_cache_files(os.path.expanduser(self._settings["cache_dir"]), bound - size,
+                               keep=cached)
+        d = os.path.dirname(cached)
+        os.makedirs(d, exist_ok=True)
+        # A reader killed while downloading left its temp file: remove
+        # this key's whose reader is dead (a live one holds its lock).
+        stem = os.path.basename(cached) + "."
+        for n in os.listdir(d):
+            if n.startswith(stem) and n.endswith(".tmp"):
+                remove_dead_temp(os.path.join(d, n))
+        tmp = f"{cached}.{os.getpid()}.{uuid_mod.uuid4().hex[:8]}.tmp"
+        fd = _create_locked(tmp)
         try:
-            ok = os.path.getsize(cached) == size
+            with self.fs.open_input_stream(self._fs_path(key)) as src, \
+                    os.fdopen(fd, "wb", closefd=False) as dst:
+                while True:
+                    chunk = src.read(16 << 20)
+                    if not chunk:
+                        break
+                    dst.write(chunk)
+            if os.fstat(fd).st_size != size:
+                raise CorruptIndexError(
+                    f"segment file {self.path(key)} changed while read")
+            # Mapped before the rename: an eviction right after it cannot
+            # take the bytes from under this reader.
+            m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # page-aligned
+            os.replace(tmp, cached)
+        finally:
+            _unlink_quietly(tmp)
+            os.close(fd)
+        return m
+
+    @staticmethod
+    def _map_cached(cached: str, size: int) -> Optional[mmap.mmap]:
+        """The mapping of cache file ``cached`` when it exists with ``size``
+        bytes (its modification time set to now: recently used), else None."""
+        try:
+            f = open(cached, "rb")
         except FileNotFoundError:
-            ok = False
-        if not ok:
-            d = os.path.dirname(cached)
-            os.makedirs(d, exist_ok=True)
-            # A reader killed while downloading left its temp file: remove
-            # this key's whose reader is dead (a live one holds its lock).
-            stem = os.path.basename(cached) + "."
-            for n in os.listdir(d):
-                if n.startswith(stem) and n.endswith(".tmp"):
-                    remove_dead_temp(os.path.join(d, n))
-            tmp = f"{cached}.{os.getpid()}.{uuid_mod.uuid4().hex[:8]}.tmp"
-            fd = _create_locked(tmp)
+            return None
+        with f:
+            if os.fstat(f.fileno()).st_size != size:
+                return None
             try:
-                with self.fs.open_input_stream(self._fs_path(key)) as src, \
-                        os.fdopen(fd, "wb", closefd=False) as dst:
-                    while True:
-                        chunk = src.read(16 << 20)
-                        if not chunk:
-                            break
-                        dst.write(chunk)
-                if os.path.getsize(tmp) != size:
-                    raise CorruptIndexError(
-                        f"segment file {self.path(key)} changed while read")
-                os.replace(tmp, cached)
-            finally:
-                _unlink_quietly(tmp)
-                os.close(fd)
-        with open(cached, "rb") as f:
+                os.utime(f.fileno())
+            except OSError:
+                pass  # a read-only cache still serves; only its LRU order suffers
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # page-aligned
 
     @contextmanager

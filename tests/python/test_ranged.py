@@ -287,3 +287,45 @@ def test_prefix_size_native():
     with pytest.raises(CorruptIndexError, match="^bad magic at offset 0: not a bitshard segment$"):
         _native.segment_prefix_size(b"X" * 300)
     assert _native.segment_prefix_size(b"BSHRDSEG") == 256
+
+
+def test_disk_cache_bound_evicts_by_unlink_under_live_mappings(s3, lance_data, tmp_path):
+    """cache_dir_max_bytes: a download removes the least recently used cache
+    files first; a reader still mapping a removed file reads all its bytes
+    (an unlink never truncates: no SIGBUS)."""
+    x, ivf = lance_data
+    uri = write_lance(tmp_path / "v.lance", x, 500)
+    rot = bitshard.build_rq_rotation(dimension=D, num_bits=4, seed=7)
+    root = _root()
+    ds = bitshard.dataset(uri, index_uri=root, storage_options=s3["options"])
+    frags = [f.id for f in ds.source.fragments()]
+    segs = [ds.create_index_uncommitted("vec", "IVF_RQ", name="idx", ivf_centroids=ivf,
+                                        rq_rotation=rot, fragment_ids=part)
+            for part in (frags[:2], frags[2:4], frags[4:])]
+    ds.commit_existing_index_segments("idx", "vec", segs)
+    loc = tmp_path / "loc"
+    lds = bitshard.dataset(uri, index_uri=loc)
+    lds.commit_existing_index_segments(
+        "idx", "vec", [lds.create_index_uncommitted(
+            "vec", "IVF_RQ", name="idx", ivf_centroids=ivf, rq_rotation=rot, fragment_ids=part,
+            index_uuid=s.uuid) for part, s in zip((frags[:2], frags[2:4], frags[4:]), segs)])
+    sizes = [s.size_bytes for s in segs]
+    cache = tmp_path / "cache"
+    bound = sum(sizes) - 1  # the three do not fit: the third download removes the first
+    opts = dict(s3["options"], cache_dir=str(cache), cache_dir_max_bytes=str(bound))
+    remote = bitshard.dataset(uri, index_uri=root, storage_options=opts)
+    opened = remote._indexes.open("idx")
+    assert opened.ranged is None  # with a cache_dir: whole files, mapped
+    on_disk = sorted(p.name for p in cache.rglob("*.bsseg"))
+    names = [f"segments__{s.uuid}.bsseg" for s in segs]
+    assert on_disk == sorted(names[1:])  # the first one's file was removed ...
+    assert sum(p.stat().st_size for p in cache.rglob("*.bsseg")) <= bound
+    for o in opened.opened:  # ... while its mapping is live: every byte reads
+        o.native.verify()
+    Q = x[::41][:30] + 0.1
+    _same(remote.search("vec", Q, k=10, nprobes=K), lds.search("vec", Q, k=10, nprobes=K))
+    # A segment larger than the whole bound is read into memory, not cached.
+    small = dict(s3["options"], cache_dir=str(tmp_path / "c2"), cache_dir_max_bytes="1")
+    tiny = bitshard.dataset(uri, index_uri=root, storage_options=small)
+    _same(tiny.search("vec", Q, k=10, nprobes=8), lds.search("vec", Q, k=10, nprobes=8))
+    assert not list((tmp_path / "c2").rglob("*.bsseg"))
