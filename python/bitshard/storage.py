@@ -1445,7 +1445,10 @@ def make_upload_dir() -> Tuple[str, int]:
     fcntl = _fcntl()
     while True:
         d = tempfile.mkdtemp(prefix=UPLOAD_DIR_PREFIX)
-        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            continue  # another process's reclaimer removed it before we held it
         if fcntl is None:
             return d, fd
         try:
