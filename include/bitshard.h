@@ -380,7 +380,8 @@ BS_API void bs_segment_fragment_identity(const bs_segment *seg, uint32_t i,
  * normalised for cosine, to its centroid), in double, in storage order.
  * Divided by num_rows it is the rows' mean residual norm, which bitshard
  * reports to show how far new rows drift from the trained centroids.
- * seg NULL gives 0. */
+ * seg NULL gives 0; a segment opened from its prefix with a partition not
+ * attached gives NaN (its rows cannot be read). */
 BS_API double bs_segment_residual_sum(const bs_segment *seg);
 
 /* BS_OK when a and b share dim, bits, metric, rotation, centroids and
