@@ -5,7 +5,11 @@
  * without it). Each input is tried twice: as given, and "resealed" with every
  * checksum and fingerprint recomputed, because random bytes almost never
  * pass a checksum and a crafted file can carry valid ones: memory safety
- * must rest on the structural checks behind them. Each opened input is also
+ * must rest on the structural checks behind them. Both are tried again with
+ * centroids given by the caller (bs_segment_open_with_centroids, the
+ * reader of files with external centroids, header flags bit 0): resealing
+ * then writes the given centroids' fingerprint into a flagged header, so
+ * that the open gets past the fingerprint check. Each opened input is also
  * opened from its prefix (bs_segment_prefix_size, bs_segment_open_prefix)
  * with every partition attached from its own buffer of exactly its range:
  * the prefix open must accept what the whole open accepts, and an attach
@@ -22,6 +26,7 @@
 
 #include "bitshard.h"
 #include "format.h"
+#include "fuzz_given_centroids.h"
 #include "hash.h"
 #include "rabitq.h"
 #include "segment.h"
@@ -86,9 +91,26 @@ static void bs_fuzz_put_sum(uint8_t *b, size_t n, size_t at, uint64_t off,
                                        BS_SEG_CHECKSUM_SEED));
 }
 
+/* The caller's centroids for the header's k x dim (bs_fuzz_given_value),
+ * or NULL when the header is too short or asks for more than
+ * BS_FUZZ_MAX_GIVEN floats. */
+static float *bs_fuzz_given(const uint8_t *b, size_t n, size_t *count) {
+    *count = 0;
+    if (n < BS_HDR_IVF_FP + 16) return NULL;
+    uint64_t c = (uint64_t)bs_load_u32(b + BS_HDR_NUM_PARTITIONS) *
+                 bs_load_u32(b + BS_HDR_DIM);
+    if (c == 0 || c > BS_FUZZ_MAX_GIVEN) return NULL;
+    float *g = malloc((size_t)c * sizeof *g);
+    if (g == NULL) return NULL;
+    for (size_t i = 0; i < (size_t)c; i++) g[i] = bs_fuzz_given_value(i);
+    *count = (size_t)c;
+    return g;
+}
+
 /* Rewrites every checksum and fingerprint the bytes imply, as far as their
- * offsets lie inside the buffer; the offsets themselves stay untrusted. */
-static void bs_fuzz_reseal(uint8_t *b, size_t n) {
+ * offsets lie inside the buffer; the offsets themselves stay untrusted. A
+ * header flagged for external centroids gets the fingerprint of `given`. */
+static void bs_fuzz_reseal(uint8_t *b, size_t n, const float *given) {
     if (n < BS_SEG_HEADER_FIXED + 8) return;
     uint32_t k = bs_load_u32(b + BS_HDR_NUM_PARTITIONS);
     uint32_t dim = bs_load_u32(b + BS_HDR_DIM);
@@ -121,6 +143,11 @@ static void bs_fuzz_reseal(uint8_t *b, size_t n) {
             (bs_metric)bs_load_u32(b + BS_HDR_METRIC));
         memcpy(b + BS_HDR_IVF_FP, fp.bytes, 16);
     }
+    if (given != NULL && (bs_load_u32(b + BS_HDR_FLAGS) & BS_SEG_FLAG_EXTERNAL_CENTROIDS)) {
+        bs_fingerprint fp = bs_ivf_fingerprint(given, k, dim,
+                                               (bs_metric)bs_load_u32(b + BS_HDR_METRIC));
+        memcpy(b + BS_HDR_IVF_FP, fp.bytes, 16);
+    }
     bs_fingerprint rfp = bs_rotation_fingerprint_params(
         (bs_rotation_kind)bs_load_u32(b + BS_HDR_ROTATION_KIND), dim,
         bs_load_u32(b + BS_HDR_PADDED_DIM),
@@ -141,9 +168,10 @@ static uint8_t *bs_fuzz_aligned_copy(const uint8_t *src, size_t n) {
     return p;
 }
 
-/* The prefix open of the file's bytes; whole is the whole open of the same
- * bytes, or NULL when it refused them. */
-static void bs_fuzz_open_prefix(const uint8_t *file, size_t size, const bs_segment *whole) {
+/* The prefix open of the file's bytes with the same given centroids;
+ * whole is the whole open of the same bytes, or NULL when it refused them. */
+static void bs_fuzz_open_prefix(const uint8_t *file, size_t size, const bs_segment *whole,
+                                const float *given, size_t ngiven) {
     bs_error err;
     uint64_t need = 0;
     size_t have = size < 256 ? size : 256;
@@ -165,7 +193,8 @@ static void bs_fuzz_open_prefix(const uint8_t *file, size_t size, const bs_segme
     uint8_t *pre = bs_fuzz_aligned_copy(file, (size_t)need);
     if (pre == NULL) return;
     bs_segment *seg = NULL;
-    st = bs_segment_open_prefix(pre, (size_t)need, size, &seg, &err);
+    st = bs_segment_open_prefix_with_centroids(pre, (size_t)need, size, given, ngiven, &seg,
+                                               &err);
     if ((st == BS_OK) != (whole != NULL)) abort();
     if (st != BS_OK) {
         if (seg != NULL || err.code != st || err.message[0] == '\0') abort();
@@ -209,19 +238,22 @@ static void bs_fuzz_open_prefix(const uint8_t *file, size_t size, const bs_segme
     free(pre);
 }
 
-static void bs_fuzz_open_one(const uint8_t *data, size_t size, int reseal) {
+static void bs_fuzz_open_one(const uint8_t *data, size_t size, int reseal,
+                             int with_centroids) {
     /* Exactly `size` bytes at a 64-byte boundary: the reader requires the
      * alignment, and ASan then flags a read even one byte past the end. */
     void *buf = NULL;
     if (posix_memalign(&buf, 64, size ? size : 1) != 0) return;
     if (size) memcpy(buf, data, size);
-    if (reseal) bs_fuzz_reseal(buf, size);
+    size_t ngiven = 0;
+    float *given = with_centroids ? bs_fuzz_given(buf, size, &ngiven) : NULL;
+    if (reseal) bs_fuzz_reseal(buf, size, given);
     bs_segment *seg = NULL;
     bs_error err;
-    bs_status st = bs_segment_open(buf, size, &seg, &err);
+    bs_status st = bs_segment_open_with_centroids(buf, size, given, ngiven, &seg, &err);
     if (st == BS_OK) {
         volatile uint64_t sink = bs_fuzz_touch_segment(seg, 1);
-        bs_fuzz_open_prefix(buf, size, seg);
+        bs_fuzz_open_prefix(buf, size, seg, given, ngiven);
         bs_status vst = bs_segment_verify(seg, &err);
         if (vst != BS_OK && (err.code != vst || err.message[0] == '\0')) abort();
         sink += bs_fuzz_touch_segment(seg, 1);
@@ -230,14 +262,17 @@ static void bs_fuzz_open_one(const uint8_t *data, size_t size, int reseal) {
         /* A refusal leaves no handle and always says why. */
         abort();
     } else {
-        bs_fuzz_open_prefix(buf, size, NULL);
+        bs_fuzz_open_prefix(buf, size, NULL, given, ngiven);
     }
     bs_segment_free(seg);
+    free(given);
     free(buf);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    bs_fuzz_open_one(data, size, 0);
-    bs_fuzz_open_one(data, size, 1);
+    for (int given = 0; given < 2; given++) {
+        bs_fuzz_open_one(data, size, 0, given);
+        bs_fuzz_open_one(data, size, 1, given);
+    }
     return 0;
 }

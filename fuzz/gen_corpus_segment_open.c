@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "bitshard.h"
+#include "fuzz_given_centroids.h"
 
 static const char *g_out;
 
@@ -62,13 +63,16 @@ static void die(const char *what, const bs_error *err) {
     exit(1);
 }
 
-/* Builds a segment of nf fragments (ids[i], rows[i]), adding every row. */
-static void build(const char *name, uint32_t dim, uint32_t bits, bs_metric m,
-                  bs_rotation_kind kind, uint32_t k, const uint64_t *ids,
-                  const uint64_t *rows, uint32_t nf, uint64_t seed) {
+/* Builds a segment of nf fragments (ids[i], rows[i]), adding every row.
+ * external: written with external centroids, which are then the fuzz
+ * target's given ones (bs_fuzz_given_value), not random. */
+static void build_ext(const char *name, uint32_t dim, uint32_t bits, bs_metric m,
+                      bs_rotation_kind kind, uint32_t k, const uint64_t *ids,
+                      const uint64_t *rows, uint32_t nf, uint64_t seed, int external) {
     uint64_t s = seed;
     float *cent = malloc((size_t)k * dim * sizeof(float));
-    for (size_t i = 0; i < (size_t)k * dim; i++) cent[i] = 4.0f * rndf(&s);
+    for (size_t i = 0; i < (size_t)k * dim; i++)
+        cent[i] = external ? bs_fuzz_given_value(i) : 4.0f * rndf(&s);
     uint8_t uuid[16];
     for (int i = 0; i < 16; i++) uuid[i] = (uint8_t)rnd(&s);
     bs_segment_spec spec = {dim, bits, m, kind, 7, cent, k, "vec", uuid,
@@ -76,6 +80,8 @@ static void build(const char *name, uint32_t dim, uint32_t bits, bs_metric m,
     bs_segment_builder *b = NULL;
     bs_error err;
     if (bs_builder_create(&spec, &b, &err) != BS_OK) die("create", &err);
+    if (bs_builder_set_write_flags(b, external ? BS_WRITE_EXTERNAL_CENTROIDS : 0, &err) != BS_OK)
+        die("flags", &err);
     for (uint32_t f = 0; f < nf; f++) {
         for (uint64_t o = 0; o < rows[f]; o++) {
             float *x = malloc(dim * sizeof(float));
@@ -91,6 +97,12 @@ static void build(const char *name, uint32_t dim, uint32_t bits, bs_metric m,
     if (bs_builder_write(b, path, &err) != BS_OK) die("write", &err);
     bs_builder_free(b);
     free(cent);
+}
+
+static void build(const char *name, uint32_t dim, uint32_t bits, bs_metric m,
+                  bs_rotation_kind kind, uint32_t k, const uint64_t *ids,
+                  const uint64_t *rows, uint32_t nf, uint64_t seed) {
+    build_ext(name, dim, bits, m, kind, k, ids, rows, nf, seed, 0);
 }
 
 /* Truncated and byte-flipped copies of one valid file. */
@@ -174,6 +186,11 @@ int main(int argc, char **argv) {
         remove(pa);
         remove(pb);
     }
+    /* External centroids (header flags bit 0): ext_* seeds open with the
+     * fuzz target's given centroids (tests/c/test_fuzz_corpus.c). */
+    build_ext("ext_l2_b2_fast", 8, 2, BS_METRIC_L2, BS_ROTATION_FAST, 3, ids_a, rows_a, 2, 6, 1);
+    build_ext("ext_cos_b1_matrix", 70, 1, BS_METRIC_COSINE, BS_ROTATION_MATRIX, 2, ids_b, rows_b,
+              1, 7, 1);
     damage("l2_b1_fast");
     damage("cos_b3_matrix");
     damage("dot_b9_fast");

@@ -261,6 +261,21 @@ BS_API bs_status bs_builder_set_fragment_identity(bs_segment_builder *b,
  * failed); BS_ERR_INTERNAL. */
 BS_API bs_status bs_builder_write(bs_segment_builder *b, const char *path,
                                   bs_error *err);
+
+/* Write option of bs_builder_set_write_flags, bs_segment_merge_flags and
+ * bs_segment_remap_flags: leave the centroids out of the file (header
+ * flags bit 0, an empty artifacts section; docs/format.md, "External
+ * centroids"). The segments of one index then share one copy, kept by the
+ * caller and matched by the IVF fingerprint, which the header still holds:
+ * open such a file with bs_segment_open_with_centroids. Without it a
+ * writer stores the centroids (a self-contained file), whatever its inputs
+ * did. */
+#define BS_WRITE_EXTERNAL_CENTROIDS 1u
+
+/* Write options (BS_WRITE_*) of later bs_builder_write calls; default 0.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (b NULL, an unknown bit). */
+BS_API bs_status bs_builder_set_write_flags(bs_segment_builder *b,
+                                            uint32_t flags, bs_error *err);
 BS_API void bs_builder_free(bs_segment_builder *b);
 
 typedef struct bs_segment bs_segment;
@@ -280,6 +295,23 @@ typedef struct bs_segment bs_segment;
  * BS_ERR_NO_MEMORY. */
 BS_API bs_status bs_segment_open(const void *data, size_t len,
                                  bs_segment **out, bs_error *err);
+/* bs_segment_open with the index's centroids (num_floats = num_partitions
+ * * dim floats, row-major), which must stay alive and unchanged until
+ * bs_segment_free: a file written with BS_WRITE_EXTERNAL_CENTROIDS takes
+ * them as its own (the segment keeps the pointer; many segments may share
+ * one array). Their IVF fingerprint (over the header's k, dim and metric)
+ * must equal the header's, for any file: centroids that do not match are
+ * refused even when the file stores its own. centroids NULL is
+ * bs_segment_open. bs_segment_open of a file with external centroids is
+ * BS_ERR_INVALID_ARGUMENT naming the fingerprint it needs.
+ * Returns: as bs_segment_open, and BS_ERR_ARTIFACT_MISMATCH (the
+ * centroids' count or fingerprint differs from the header's, naming both
+ * fingerprints); BS_ERR_INVALID_ARGUMENT (external centroids not given). */
+BS_API bs_status bs_segment_open_with_centroids(const void *data, size_t len,
+                                                const float *centroids,
+                                                size_t num_floats,
+                                                bs_segment **out,
+                                                bs_error *err);
 BS_API void bs_segment_free(bs_segment *seg);
 /* Checks what bs_segment_open leaves to first use: every partition (its
  * two region checksums, ordinals, factors, padding) and that no ordinal is
@@ -319,6 +351,15 @@ BS_API bs_status bs_segment_prefix_size(const void *data, size_t len, uint64_t *
  * file given in part. */
 BS_API bs_status bs_segment_open_prefix(const void *data, size_t len, uint64_t file_size,
                                         bs_segment **out, bs_error *err);
+/* bs_segment_open_prefix with the index's centroids, as
+ * bs_segment_open_with_centroids (a file with external centroids needs
+ * them; the prefix then holds no centroids).
+ * Returns: as bs_segment_open_prefix and bs_segment_open_with_centroids. */
+BS_API bs_status bs_segment_open_prefix_with_centroids(const void *data, size_t len,
+                                                       uint64_t file_size,
+                                                       const float *centroids,
+                                                       size_t num_floats,
+                                                       bs_segment **out, bs_error *err);
 /* The byte range [*offset, *offset + *size) of partition p in the file (a
  * multiple of 64 at a multiple of 64; partition p + 1 starts where p ends;
  * size 0 for an empty partition).
@@ -363,10 +404,14 @@ typedef struct bs_segment_info {
     bs_fingerprint rotation_fingerprint;
     bs_fingerprint ivf_fingerprint;
     const char *column;        /* NUL-terminated copy owned by the segment */
+    /* 1: the file does not store its centroids (header flags bit 0); they
+     * were given to bs_segment_open_with_centroids. */
+    uint32_t external_centroids;
 } bs_segment_info;
 
 BS_API void bs_segment_get_info(const bs_segment *seg, bs_segment_info *out);
-/* num_partitions * dim floats, owned by the segment. */
+/* num_partitions * dim floats, owned by the segment (or, for a file with
+ * external centroids, the caller's array given at open). */
 BS_API const float *bs_segment_centroids(const bs_segment *seg);
 BS_API void bs_segment_fragment(const bs_segment *seg, uint32_t i,
                                 uint64_t *id, uint64_t *rows);
@@ -403,6 +448,14 @@ BS_API bs_status bs_segment_check_compatible(const bs_segment *a,
 BS_API bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
                                   const uint8_t uuid[16], const char *path,
                                   bs_error *err);
+/* bs_segment_merge with write options (BS_WRITE_*): 0 writes the centroids
+ * into the output (a merge of one input with external centroids exports a
+ * self-contained copy), BS_WRITE_EXTERNAL_CENTROIDS leaves them out.
+ * Returns: as bs_segment_merge; BS_ERR_INVALID_ARGUMENT (an unknown bit). */
+BS_API bs_status bs_segment_merge_flags(const bs_segment *const *inputs,
+                                        size_t n, const uint8_t uuid[16],
+                                        const char *path, uint32_t flags,
+                                        bs_error *err);
 
 /* A row map entry: the row is left out of the remapped segment. */
 #define BS_REMAP_DROP UINT64_MAX
@@ -439,6 +492,15 @@ BS_API bs_status bs_segment_remap(const bs_remap_input *inputs, size_t n,
                                   uint32_t num_fragments,
                                   const uint8_t uuid[16], const char *path,
                                   bs_error *err);
+/* bs_segment_remap with write options (BS_WRITE_*), as bs_segment_merge_flags.
+ * Returns: as bs_segment_remap; BS_ERR_INVALID_ARGUMENT (an unknown bit). */
+BS_API bs_status bs_segment_remap_flags(const bs_remap_input *inputs, size_t n,
+                                        const uint64_t *fragment_ids,
+                                        const uint64_t *fragment_rows,
+                                        uint32_t num_fragments,
+                                        const uint8_t uuid[16],
+                                        const char *path, uint32_t flags,
+                                        bs_error *err);
 
 /* ---------------------------------------------------------------- search */
 

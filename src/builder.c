@@ -45,6 +45,7 @@ struct bs_segment_builder {
     uint8_t **seen; /* per fragment, a bitmap of added offsets (lazy) */
     bs_build_part *parts;
     uint32_t threads; /* workers per add() chunk, >= 1 */
+    uint32_t write_flags; /* BS_WRITE_* of bs_builder_write */
 };
 
 typedef unsigned long long ull;
@@ -364,6 +365,15 @@ bs_status bs_builder_set_fragment_identity(bs_segment_builder *b,
                    (ull)fragment_id, b->nf);
 }
 
+bs_status bs_builder_set_write_flags(bs_segment_builder *b, uint32_t flags,
+                                     bs_error *err) {
+    bs_error_clear(err);
+    if (b == NULL) return INVALID("builder is NULL");
+    BS_TRY(bs_check_write_flags(flags, err));
+    b->write_flags = flags;
+    return BS_OK;
+}
+
 void bs_builder_set_threads(bs_segment_builder *b, uint32_t num_threads) {
     if (b == NULL) return;
     b->threads = num_threads < 1 ? 1 : num_threads > BS_MAX_THREADS ? BS_MAX_THREADS
@@ -545,6 +555,7 @@ bs_status bs_builder_write(bs_segment_builder *b, const char *path,
     prm.column = b->column;
     prm.column_len = b->column_len;
     prm.centroids = b->centroids;
+    prm.flags = b->write_flags;
     prm.fragment_ids = b->frag_ids;
     prm.fragment_rows = b->frag_rows;
     prm.fragment_identity = b->frag_identity;

@@ -324,6 +324,12 @@ static bs_status writer_open(bs_seg_writer *w, const char *path,
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "centroids too large: %u x %u", p->num_partitions,
                        p->dim);
+    if (p->flags & ~BS_SEG_FLAGS_KNOWN)
+        return bs_fail(err, BS_ERR_INTERNAL, "segment writer: unknown flags 0x%x",
+                       p->flags & ~BS_SEG_FLAGS_KNOWN);
+    /* External centroids: an empty artifacts section (its checksum is
+     * XXH64 of no bytes); the header's IVF fingerprint names them. */
+    if (p->flags & BS_SEG_FLAG_EXTERNAL_CENTROIDS) cent_raw = art_size = 0;
     frag_raw = (uint64_t)p->num_fragments * BS_SEG_FRAGMENT_ENTRY;
     bs_align64_ok(frag_raw, &frag_size);
     dir_raw = (uint64_t)p->num_partitions * BS_SEG_DIR_ENTRY;
@@ -349,7 +355,7 @@ static bs_status writer_open(bs_seg_writer *w, const char *path,
     bs_store_u32(h + BS_HDR_READ_VERSION, BS_SEG_VERSION);
     bs_store_u32(h + BS_HDR_WRITE_VERSION, BS_SEG_VERSION);
     bs_store_u32(h + BS_HDR_HEADER_SIZE, (uint32_t)w->header_size);
-    bs_store_u32(h + BS_HDR_FLAGS, 0);
+    bs_store_u32(h + BS_HDR_FLAGS, p->flags);
     bs_store_u32(h + BS_HDR_DIM, p->dim);
     bs_store_u32(h + BS_HDR_PADDED_DIM, p->padded_dim);
     bs_store_u32(h + BS_HDR_NUM_BITS, p->num_bits);
@@ -542,4 +548,12 @@ bs_status bs_seg_writer_finish(bs_seg_writer *w, bs_error *err) {
     st = sync_parent_dir(w->path, err);
     bs_seg_writer_abort(w);
     return st;
+}
+
+bs_status bs_check_write_flags(uint32_t flags, bs_error *err) {
+    if (flags & ~(uint32_t)BS_WRITE_EXTERNAL_CENTROIDS)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "write flags 0x%x has unknown bits 0x%x", flags,
+                       flags & ~(uint32_t)BS_WRITE_EXTERNAL_CENTROIDS);
+    return BS_OK;
 }

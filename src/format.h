@@ -34,10 +34,13 @@
  * count, reserved, checksum). */
 #define BS_SEG_V2_FRAGMENT_ENTRY 16u
 #define BS_SEG_V2_DIR_ENTRY 32u
-/* Bit 0 is reserved for "external centroids" (a later reader defines it);
- * no flag is known to this reader, so a file with any bit set is refused. */
+/* Bit 0, "external centroids": the artifacts section is empty and the
+ * reader takes the centroids from its caller, matched by the header's IVF
+ * fingerprint (segments of one index share them). It was reserved in
+ * version 3 from the start, so defining it needs no version bump: a reader
+ * that does not know it refuses the file. Other bits stay reserved. */
 #define BS_SEG_FLAG_EXTERNAL_CENTROIDS 1u
-#define BS_SEG_FLAGS_KNOWN 0u
+#define BS_SEG_FLAGS_KNOWN BS_SEG_FLAG_EXTERNAL_CENTROIDS
 /* Bytes of a stage-1 block's factors: norm2[32], s1[32], corr[32] (f32). */
 #define BS_SEG_BLOCK_FACTORS 384u
 /* Seed of bs_hash64 for every checksum in the file. */
@@ -219,6 +222,9 @@ typedef struct bs_seg_params {
     const char *column;
     uint32_t column_len;
     const float *centroids; /* num_partitions * dim */
+    /* BS_SEG_FLAG_EXTERNAL_CENTROIDS: the centroids are not written (an
+     * empty artifacts section); they are still needed for ivf_fp. */
+    uint32_t flags;
     const uint64_t *fragment_ids;
     const uint64_t *fragment_rows;
     /* 16 bytes per fragment, or NULL: every identity all zero. */
@@ -280,6 +286,11 @@ void bs_seg_writer_abort(bs_seg_writer *w);
  * otherwise (shared by the builder and remap). */
 bs_status bs_seg_check_fragment_table(const uint64_t *ids, const uint64_t *rows,
                                       uint32_t n, bs_error *err);
+
+/* BS_OK for write options made of known BS_WRITE_* bits;
+ * BS_ERR_INVALID_ARGUMENT naming the others. BS_WRITE_EXTERNAL_CENTROIDS
+ * is BS_SEG_FLAG_EXTERNAL_CENTROIDS: the option is the header bit. */
+bs_status bs_check_write_flags(uint32_t flags, bs_error *err);
 
 /* 1 when s[0..len) is valid UTF-8 without NUL bytes. */
 int bs_seg_utf8_valid(const uint8_t *s, size_t len);

@@ -182,11 +182,13 @@ static bs_status merge_buffers(merge_state *m, bs_error *err) {
 /* The output's header: inputs[0]'s code space, the new uuid, the merged
  * fragment table. */
 static bs_status merge_open(const merge_state *m, const uint8_t uuid[16],
-                            const char *path, bs_seg_writer *w, bs_error *err) {
+                            const char *path, uint32_t flags, bs_seg_writer *w,
+                            bs_error *err) {
     bs_seg_params prm;
     bs_repack_params(m->in[0], uuid, m->ids, m->rows,
                      (uint32_t)m->num_fragments, &prm);
     prm.fragment_identity = m->ident;
+    prm.flags = flags;
     return bs_seg_writer_open(w, path, &prm, err);
 }
 
@@ -210,7 +212,14 @@ static bs_status merge_partition(merge_state *m, uint32_t p, bs_seg_writer *w,
 bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
                            const uint8_t uuid[16], const char *path,
                            bs_error *err) {
+    return bs_segment_merge_flags(inputs, n, uuid, path, 0, err);
+}
+
+bs_status bs_segment_merge_flags(const bs_segment *const *inputs, size_t n,
+                                 const uint8_t uuid[16], const char *path,
+                                 uint32_t flags, bs_error *err) {
     bs_error_clear(err);
+    BS_TRY(bs_check_write_flags(flags, err));
     BS_TRY(check_merge_args(inputs, n, uuid, path, err));
     merge_state m;
     memset(&m, 0, sizeof m);
@@ -220,7 +229,7 @@ bs_status bs_segment_merge(const bs_segment *const *inputs, size_t n,
     memset(&w, 0, sizeof w);
     bs_status st = merge_plan(&m, err);
     if (st == BS_OK) st = merge_buffers(&m, err);
-    if (st == BS_OK) st = merge_open(&m, uuid, path, &w, err);
+    if (st == BS_OK) st = merge_open(&m, uuid, path, flags, &w, err);
     for (uint32_t p = 0; p < m.info.num_partitions && st == BS_OK; p++)
         st = merge_partition(&m, p, &w, err);
     if (st == BS_OK)

@@ -55,6 +55,9 @@ struct bs_segment {
     bs_segment_info info;
     char *column;
     const float *centroids;
+    /* The caller's centroids (bs_segment_open_with_centroids), or NULL. */
+    const float *given;
+    size_t given_floats;
     uint64_t *frag_ids;
     uint64_t *frag_rows;
     uint8_t *frag_identity; /* 16 bytes per fragment */
@@ -188,6 +191,11 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
     if (flags & ~BS_SEG_FLAGS_KNOWN)
         return CORRUPT("reserved flag bits 0x%x are set",
                        flags & ~BS_SEG_FLAGS_KNOWN);
+    /* Version 2 had no flags: its readers refused every bit. */
+    if (flags != 0 && s->layout == 2)
+        return CORRUPT("flag bits 0x%x are set in a version %u file", flags,
+                       read_version);
+    info->external_centroids = (flags & BS_SEG_FLAG_EXTERNAL_CENTROIDS) ? 1u : 0u;
     info->dim = bs_load_u32(h + BS_HDR_DIM);
     info->padded_dim = bs_load_u32(h + BS_HDR_PADDED_DIM);
     info->num_bits = bs_load_u32(h + BS_HDR_NUM_BITS);
@@ -258,6 +266,31 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
     return BS_OK;
 }
 
+/* The caller's centroids against the header: their count, then their
+ * fingerprint (over the header's k, dim and metric). Both are the caller's
+ * mistake (the wrong index's centroids), not corruption. */
+static bs_status check_given_centroids(const bs_segment *s, bs_error *err) {
+    const bs_segment_info *info = &s->info;
+    char want[33], got[33];
+    bs_seg_fingerprint_hex(&info->ivf_fingerprint, want);
+    size_t n = (size_t)info->num_partitions * info->dim;
+    if (s->given_floats != n)
+        return bs_fail(err, BS_ERR_ARTIFACT_MISMATCH,
+                       "centroids given hold %zu floats, the segment's are %u x "
+                       "%u (IVF fingerprint %s)",
+                       s->given_floats, info->num_partitions, info->dim, want);
+    bs_fingerprint fp = bs_ivf_fingerprint(s->given, info->num_partitions,
+                                           info->dim, info->metric);
+    if (memcmp(fp.bytes, info->ivf_fingerprint.bytes, 16) != 0) {
+        bs_seg_fingerprint_hex(&fp, got);
+        return bs_fail(err, BS_ERR_ARTIFACT_MISMATCH,
+                       "centroids given do not match the segment's: IVF "
+                       "fingerprint %s given, %s in the segment",
+                       got, want);
+    }
+    return BS_OK;
+}
+
 static bs_status parse_artifacts(bs_segment *s, bs_error *err) {
     const bs_segment_info *info = &s->info;
     uint64_t raw, size;
@@ -268,19 +301,40 @@ static bs_status parse_artifacts(bs_segment *s, bs_error *err) {
         return CORRUPT("centroids of %u x %u floats overflow",
                        info->num_partitions, info->dim);
     uint32_t header_size = bs_load_u32(s->data + BS_HDR_HEADER_SIZE);
-    BS_TRY(check_section(s, BS_HDR_ARTIFACTS, header_size, size, "artifacts",
-                         err));
-    s->centroids = (const float *)(const void *)(s->data + header_size);
+    if (info->external_centroids) {
+        /* An empty section (its checksum that of no bytes); the centroids
+         * are the caller's, checked against the header's fingerprint. */
+        BS_TRY(check_section(s, BS_HDR_ARTIFACTS, header_size, 0, "artifacts",
+                             err));
+        if (s->given == NULL) {
+            char want[33];
+            bs_seg_fingerprint_hex(&info->ivf_fingerprint, want);
+            return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                           "segment has external centroids (IVF fingerprint "
+                           "%s): open it with its index's centroids "
+                           "(bs_segment_open_with_centroids)",
+                           want);
+        }
+        BS_TRY(check_given_centroids(s, err));
+        s->centroids = s->given;
+    } else {
+        BS_TRY(check_section(s, BS_HDR_ARTIFACTS, header_size, size,
+                             "artifacts", err));
+        s->centroids = (const float *)(const void *)(s->data + header_size);
+    }
     size_t n = (size_t)info->num_partitions * info->dim;
     for (size_t i = 0; i < n; i++)
         if (!isfinite(s->centroids[i]))
             return CORRUPT("centroid %zu has a non-finite value at "
                            "dimension %zu",
                            i / info->dim, i % info->dim);
+    if (info->external_centroids) return BS_OK; /* fingerprint checked */
     bs_fingerprint fp = bs_ivf_fingerprint(s->centroids, info->num_partitions,
                                            info->dim, info->metric);
     if (memcmp(fp.bytes, info->ivf_fingerprint.bytes, 16) != 0)
         return CORRUPT("IVF fingerprint does not match the stored centroids");
+    /* Centroids given for a file that stores its own must be the same. */
+    if (s->given != NULL) BS_TRY(check_given_centroids(s, err));
     return BS_OK;
 }
 
@@ -731,7 +785,9 @@ static bs_status parse_partitions_v2(bs_segment *s, bs_error *err) {
 }
 
 static bs_status open_parsed(const void *data, size_t len, size_t avail,
-                             int from_prefix, bs_segment **out, bs_error *err);
+                             int from_prefix, const float *given,
+                             size_t given_floats, bs_segment **out,
+                             bs_error *err);
 
 /* The version 3 bytes of a validated version 2 segment, in a 64-byte
  * aligned buffer: the same header fields, artifacts and fragments (with
@@ -830,6 +886,13 @@ static bs_status convert_v2(const bs_segment *s, uint8_t **out, uint64_t *out_le
 
 bs_status bs_segment_open(const void *data, size_t len, bs_segment **out,
                           bs_error *err) {
+    return bs_segment_open_with_centroids(data, len, NULL, 0, out, err);
+}
+
+bs_status bs_segment_open_with_centroids(const void *data, size_t len,
+                                         const float *centroids,
+                                         size_t num_floats, bs_segment **out,
+                                         bs_error *err) {
     bs_error_clear(err);
     if (out == NULL)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "out is NULL");
@@ -839,7 +902,7 @@ bs_status bs_segment_open(const void *data, size_t len, bs_segment **out,
     if ((uintptr_t)data % BS_SEG_ALIGN != 0)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "segment buffer must be 64-byte aligned");
-    return open_parsed(data, len, len, 0, out, err);
+    return open_parsed(data, len, len, 0, centroids, num_floats, out, err);
 }
 
 /* ------------------------------------------------- opening from a prefix */
@@ -898,6 +961,15 @@ bs_status bs_segment_prefix_size(const void *data, size_t len, uint64_t *out,
 
 bs_status bs_segment_open_prefix(const void *data, size_t len, uint64_t file_size,
                                  bs_segment **out, bs_error *err) {
+    return bs_segment_open_prefix_with_centroids(data, len, file_size, NULL, 0, out,
+                                                 err);
+}
+
+bs_status bs_segment_open_prefix_with_centroids(const void *data, size_t len,
+                                                uint64_t file_size,
+                                                const float *centroids,
+                                                size_t num_floats, bs_segment **out,
+                                                bs_error *err) {
     bs_error_clear(err);
     if (out == NULL)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "out is NULL");
@@ -915,7 +987,8 @@ bs_status bs_segment_open_prefix(const void *data, size_t len, uint64_t file_siz
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "prefix of %zu bytes is longer than the file's %llu", len,
                        (ull)file_size);
-    return open_parsed(data, (size_t)file_size, len, 1, out, err);
+    return open_parsed(data, (size_t)file_size, len, 1, centroids, num_floats, out,
+                       err);
 }
 
 bs_status bs_segment_partition_range(const bs_segment *seg, uint32_t p,
@@ -1008,13 +1081,17 @@ bs_status bs_segment_detach(bs_segment *seg, uint32_t p, bs_error *err) {
 }
 
 static bs_status open_parsed(const void *data, size_t len, size_t avail,
-                             int from_prefix, bs_segment **out, bs_error *err) {
+                             int from_prefix, const float *given,
+                             size_t given_floats, bs_segment **out,
+                             bs_error *err) {
     bs_segment *s = bs_zalloc(1, sizeof *s);
     if (s == NULL) return NOMEM();
     s->data = data;
     s->len = len;
     s->avail = avail;
     s->from_prefix = from_prefix;
+    s->given = given;
+    s->given_floats = given_floats;
     bs_status st = parse_header(s, err);
     if (st == BS_OK) st = parse_artifacts(s, err);
     if (st == BS_OK) st = parse_fragments(s, err);
@@ -1033,7 +1110,8 @@ static bs_status open_parsed(const void *data, size_t len, size_t avail,
         if (st == BS_OK) st = convert_v2(s, &image, &image_len, err);
         bs_segment *s3 = NULL;
         if (st == BS_OK) {
-            st = open_parsed(image, (size_t)image_len, (size_t)image_len, 0, &s3, err);
+            st = open_parsed(image, (size_t)image_len, (size_t)image_len, 0, given,
+                             given_floats, &s3, err);
             if (st != BS_OK) {
                 free(image);
             } else {

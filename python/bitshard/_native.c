@@ -453,9 +453,14 @@ static PyObject *Builder_add(BuilderObject *self, PyObject *args) {
 
 static PyObject *Builder_write(BuilderObject *self, PyObject *args) {
     const char *path;
-    if (!PyArg_ParseTuple(args, "s", &path)) return NULL;
+    PyObject *flags_o = NULL;
+    if (!PyArg_ParseTuple(args, "s|O", &path, &flags_o)) return NULL;
+    uint32_t flags = 0;
+    if (flags_o != NULL && u32_arg(self->module, flags_o, "flags", 0, &flags) < 0)
+        return NULL;
     bs_error err;
-    bs_status status;
+    bs_status status = bs_builder_set_write_flags(self->b, flags, &err);
+    if (status != BS_OK) return raise_bs(self->module, &err);
     Py_BEGIN_ALLOW_THREADS
     status = bs_builder_write(self->b, path, &err);
     Py_END_ALLOW_THREADS
@@ -493,7 +498,8 @@ static PyMethodDef Builder_methods[] = {
      "set_threads(n): threads for each later add (same segment for every n)."},
     {"add", (PyCFunction)Builder_add, METH_VARARGS,
      "add(x, n, dim, fragment_index, offsets): encode n float32 rows."},
-    {"write", (PyCFunction)Builder_write, METH_VARARGS, "write(path): write the segment."},
+    {"write", (PyCFunction)Builder_write, METH_VARARGS,
+     "write(path, flags=0): write the segment (flags: WRITE_EXTERNAL_CENTROIDS)."},
     {NULL, NULL, 0, NULL}};
 
 /* --------------------------------------------------------------- Segment */
@@ -507,28 +513,44 @@ typedef struct {
     Py_buffer *parts;
     unsigned char *has_part;
     uint32_t num_partitions;
+    /* The index's centroids (external centroids), held like buf. */
+    Py_buffer cent;
+    int has_cent;
     PyObject *module;
 } SegmentObject;
 
 /* Segment(data): the whole file. Segment(prefix, file_size): the file's
- * prefix (bs_segment_open_prefix); partitions come by attach(). */
+ * prefix (bs_segment_open_prefix); partitions come by attach().
+ * centroids=: the index's, for a file with external centroids. */
 static int Segment_init(SegmentObject *self, PyObject *args, PyObject *kw) {
-    PyObject *bo, *sizeo = NULL;
-    if (!PyArg_ParseTuple(args, "O|O", &bo, &sizeo)) return -1;
+    static char *kwlist[] = {"data", "file_size", "centroids", NULL};
+    PyObject *bo, *sizeo = NULL, *co = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO", kwlist, &bo, &sizeo, &co)) return -1;
+    if (sizeo == Py_None) sizeo = NULL;
     unsigned long long file_size = 0;
     if (sizeo != NULL && int_arg(self->module, sizeo, "file_size", 0, SIZE_MAX, &file_size) < 0)
         return -1;
     /* Held past this call (until dealloc), so not through a buf_arg table. */
     if (get_buf(bo, &self->buf, 'b', 0, "data") < 0) return -1;
     self->has_buf = 1;
+    const float *cent = NULL;
+    size_t ncent = 0;
+    if (co != Py_None) {
+        if (get_buf(co, &self->cent, 'f', 0, "centroids") < 0) return -1;
+        self->has_cent = 1;
+        cent = self->cent.buf;
+        ncent = buf_items(&self->cent);
+    }
     bs_error err;
     bs_status status;
     Py_BEGIN_ALLOW_THREADS
     if (sizeo == NULL)
-        status = bs_segment_open(self->buf.buf, (size_t)self->buf.len, &self->seg, &err);
+        status = bs_segment_open_with_centroids(self->buf.buf, (size_t)self->buf.len, cent,
+                                                ncent, &self->seg, &err);
     else
-        status = bs_segment_open_prefix(self->buf.buf, (size_t)self->buf.len, file_size,
-                                        &self->seg, &err);
+        status = bs_segment_open_prefix_with_centroids(self->buf.buf, (size_t)self->buf.len,
+                                                       file_size, cent, ncent, &self->seg,
+                                                       &err);
     Py_END_ALLOW_THREADS
     if (status == BS_OK && sizeo != NULL) {
         bs_segment_info in;
@@ -551,6 +573,7 @@ static void Segment_dealloc(SegmentObject *self) {
     PyMem_Free(self->parts);
     PyMem_Free(self->has_part);
     if (self->has_buf) PyBuffer_Release(&self->buf);
+    if (self->has_cent) PyBuffer_Release(&self->cent);
     dealloc_object((PyObject *)self, self->module);
 }
 
@@ -619,14 +642,15 @@ static PyObject *Segment_info(SegmentObject *self, PyObject *unused) {
     bs_segment_info in;
     bs_segment_get_info(self->seg, &in);
     return Py_BuildValue(
-        "{s:I,s:I,s:I,s:I,s:i,s:i,s:K,s:I,s:I,s:K,s:y#,s:N,s:N,s:s}", "format_version",
+        "{s:I,s:I,s:I,s:I,s:i,s:i,s:K,s:I,s:I,s:K,s:y#,s:N,s:N,s:s,s:O}", "format_version",
         in.format_version, "dim", in.dim, "padded_dim", in.padded_dim, "num_bits",
         in.num_bits, "metric", (int)in.metric, "rotation_kind", (int)in.rotation_kind,
         "rotation_seed", (unsigned long long)in.rotation_seed, "num_partitions",
         in.num_partitions, "num_fragments", in.num_fragments, "num_rows",
         (unsigned long long)in.num_rows, "uuid", (const char *)in.uuid, (Py_ssize_t)16,
         "rotation_fingerprint", fingerprint_bytes(in.rotation_fingerprint),
-        "ivf_fingerprint", fingerprint_bytes(in.ivf_fingerprint), "column", in.column);
+        "ivf_fingerprint", fingerprint_bytes(in.ivf_fingerprint), "column", in.column,
+        "external_centroids", in.external_centroids ? Py_True : Py_False);
 }
 
 static PyObject *Segment_fragments(SegmentObject *self, PyObject *unused) {
@@ -1348,9 +1372,11 @@ static PyObject *fn_padded_dim(PyObject *module, PyObject *args) {
 }
 
 static PyObject *fn_merge(PyObject *module, PyObject *args) {
-    PyObject *seq, *uuido;
+    PyObject *seq, *uuido, *flags_o = NULL;
     const char *path;
-    if (!PyArg_ParseTuple(args, "OOs", &seq, &uuido, &path)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOs|O", &seq, &uuido, &path, &flags_o)) return NULL;
+    uint32_t flags = 0;
+    if (flags_o != NULL && u32_arg(module, flags_o, "flags", 0, &flags) < 0) return NULL;
     buf_arg b[] = {BUF("uuid", uuido, 'b', BUF_EXACT, 16)};
     if (bufs_acquire(module, b, NBUFS(b)) < 0) return NULL;
     const bs_segment **arr;
@@ -1362,7 +1388,7 @@ static PyObject *fn_merge(PyObject *module, PyObject *args) {
     bs_error err;
     bs_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = bs_segment_merge(arr, (size_t)n, b[0].view.buf, path, &err);
+    status = bs_segment_merge_flags(arr, (size_t)n, b[0].view.buf, path, flags, &err);
     Py_END_ALLOW_THREADS
     PyMem_Free(arr);
     return finish(module, b, NBUFS(b), status, &err);
@@ -1372,10 +1398,13 @@ static PyObject *fn_merge(PyObject *module, PyObject *args) {
  * is a uint64 array, one new row id (or 2^64 - 1: dropped) per ordinal of
  * segments[i]; the library checks every entry. */
 static PyObject *fn_remap(PyObject *module, PyObject *args) {
-    PyObject *seq, *maps_o, *fido, *frowo, *uuido;
+    PyObject *seq, *maps_o, *fido, *frowo, *uuido, *flags_o = NULL;
     const char *path;
-    if (!PyArg_ParseTuple(args, "OOOOOs", &seq, &maps_o, &fido, &frowo, &uuido, &path))
+    if (!PyArg_ParseTuple(args, "OOOOOs|O", &seq, &maps_o, &fido, &frowo, &uuido, &path,
+                          &flags_o))
         return NULL;
+    uint32_t flags = 0;
+    if (flags_o != NULL && u32_arg(module, flags_o, "flags", 0, &flags) < 0) return NULL;
     const bs_segment **arr;
     Py_ssize_t n;
     if (segments_from_seq(module, seq, &arr, &n) < 0) return NULL;
@@ -1428,8 +1457,8 @@ static PyObject *fn_remap(PyObject *module, PyObject *args) {
     bs_error err;
     bs_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = bs_segment_remap(in, (size_t)n, b[1].view.buf, b[2].view.buf, (uint32_t)nf,
-                              b[0].view.buf, path, &err);
+    status = bs_segment_remap_flags(in, (size_t)n, b[1].view.buf, b[2].view.buf,
+                                    (uint32_t)nf, b[0].view.buf, path, flags, &err);
     Py_END_ALLOW_THREADS
     result = finish(module, b, NBUFS(b), status, &err);
 done:
@@ -1541,9 +1570,9 @@ static PyMethodDef native_methods[] = {
     {"segment_prefix_size", fn_segment_prefix_size, METH_VARARGS,
      "segment_prefix_size(first_bytes) -> bytes to read from offset 0 (see bitshard.h)"},
     {"padded_dim", fn_padded_dim, METH_VARARGS, "padded_dim(dim) -> int"},
-    {"merge", fn_merge, METH_VARARGS, "merge(segments, uuid, path)"},
+    {"merge", fn_merge, METH_VARARGS, "merge(segments, uuid, path, flags=0)"},
     {"remap", fn_remap, METH_VARARGS,
-     "remap(segments, maps, fragment_ids, fragment_rows, uuid, path)"},
+     "remap(segments, maps, fragment_ids, fragment_rows, uuid, path, flags=0)"},
     {"exact_distances", fn_exact_distances, METH_VARARGS,
      "exact_distances(metric, q, x, n, dim, out)"},
     {"simd_level", fn_simd_level, METH_NOARGS, "the kernel level in use"},
@@ -1582,6 +1611,9 @@ static int native_exec(PyObject *module) {
     /* Python refuses what the C library would refuse only when first used. */
     if (PyModule_AddIntConstant(module, "ROTATION_MATRIX_MAX_DIM",
                                 (long)BS_ROTATION_MATRIX_MAX_DIM) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(module, "WRITE_EXTERNAL_CENTROIDS",
+                                (long)BS_WRITE_EXTERNAL_CENTROIDS) < 0)
         return -1;
     PyType_Spec *specs[NUM_TYPES] = {&Rotation_spec, &Builder_spec, &Segment_spec,
                                      &Searcher_spec};

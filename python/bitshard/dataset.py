@@ -325,6 +325,7 @@ class Dataset:
         batch_size: int = 65536,
         progress: Any = None,
         num_threads: Optional[int] = None,
+        external_centroids: bool = False,
         **kwargs: Any,
     ) -> SegmentHandle:
         """Encode some fragments into one segment; commit nothing.
@@ -344,6 +345,10 @@ class Dataset:
             num_threads: threads that encode each batch (default: all
                 cores; a distributed worker uses 1, one task per core). The
                 segment is the same, byte for byte, for every count.
+            external_centroids: leave the centroids out of the file; they are
+                stored once under the index root (``artifacts/<ivf
+                fingerprint>.ivf``) and shared by the index's segments
+                (docs/format.md, "External centroids").
 
         Returns:
             A picklable :class:`SegmentHandle`.
@@ -362,13 +367,14 @@ class Dataset:
             fragment_ids = validate.fragment_ids(fragment_ids)
         batch_size = validate.positive_integer("batch_size", batch_size)
         num_threads = validate.thread_count(num_threads)
+        external_centroids = validate.boolean("external_centroids", external_centroids)
         ivf, rot = self._resolve_artifacts(column, ivf_centroids, rq_rotation, num_bits, metric)
         if fragment_ids is None:
             fragment_ids = [f.id for f in self.source.fragments()]
         return idx.write_segment(
             self.source, column, name, self.storage, ivf, rot, fragment_ids,
             idx.new_uuid(index_uuid), batch_size=batch_size, progress=progress,
-            num_threads=num_threads,
+            num_threads=num_threads, external_centroids=external_centroids,
         )
 
     def merge_existing_index_segments(

@@ -5,6 +5,8 @@ directory or an object-store prefix such as ``s3://bucket/prefix``)::
 
     segments/<uuid>.bsseg                 immutable segment files
     indices/<name>/v<NNNNNNNN>.json       manifest versions of index <name>
+    artifacts/<ivf fingerprint>.ivf       centroids shared by segments written
+                                          with external centroids
 
 A segment is written before anything refers to it; a commit creates the next
 manifest version with an exclusive create (locally ``os.link`` of a finished
@@ -182,6 +184,100 @@ def _file_storage(path: str) -> Tuple[Storage, str]:
     return LocalStorage(os.path.dirname(real)), os.path.basename(real)
 
 
+#: Shared centroids already read, by (index root, IVF fingerprint): the
+#: segments of one index opened in one process share one array (and one
+#: read of ``artifacts/<fp>.ivf``). A few entries: an array is k x d floats.
+_SHARED_CENTROIDS: Dict[Tuple[str, str], np.ndarray] = {}
+_SHARED_CENTROIDS_MAX = 8
+_FLAGS_OFFSET, _IVF_FP_OFFSET = 20, 112  # header fields (docs/format.md)
+
+
+def external_centroids_fingerprint(data: Any) -> Optional[str]:
+    """The IVF fingerprint (32 hex digits) a segment's bytes name when their
+    header's flags bit 0 (external centroids) is set, else None. Reads two
+    header fields only; the C reader validates the header afterwards (a
+    corrupt header is refused there whatever this returned)."""
+    mv = memoryview(data).cast("B")
+    if len(mv) < _IVF_FP_OFFSET + 16:
+        return None
+    if not int.from_bytes(mv[_FLAGS_OFFSET:_FLAGS_OFFSET + 4], "little") & 1:
+        return None
+    return bytes(mv[_IVF_FP_OFFSET:_IVF_FP_OFFSET + 16]).hex()
+
+
+def _segments_root(storage: Storage, key: str) -> Tuple[Storage, str]:
+    """The index root holding segment ``key`` of ``storage``: ``storage``
+    itself for a ``segments/...`` key, else (a file opened by its path) the
+    parent of the ``segments`` directory holding it."""
+    if key.startswith(SEGMENTS_DIR + "/"):
+        return storage, key
+    root = storage.root.rstrip("/")
+    parent, _, last = root.rpartition("/")
+    if last == SEGMENTS_DIR and parent:
+        return Storage.for_uri(parent), f"{SEGMENTS_DIR}/{key}"
+    return storage, key
+
+
+def shared_centroids(storage: Storage, fingerprint: str) -> np.ndarray:
+    """The centroids ``artifacts/<fingerprint>.ivf`` of index root
+    ``storage`` holds, as a read-only float32 (k, d) array (cached per root
+    and fingerprint). MissingFileError naming the file when it is absent;
+    CorruptIndexError when its bytes are bad or hold another model."""
+    cache_key = (storage.root, fingerprint)
+    got = _SHARED_CENTROIDS.get(cache_key)
+    if got is not None:
+        return got
+    key = names.ivf_artifact_key(fingerprint)
+    try:
+        model = IvfModel.from_bytes(storage.read_bytes(key))
+    except CorruptIndexError as e:
+        raise type(e)(f"shared centroids {storage.path(key)}: {e}") from None
+    if model.fingerprint != fingerprint:
+        raise CorruptIndexError(
+            f"shared centroids {storage.path(key)} hold IVF model {model.fingerprint}, "
+            f"not {fingerprint}")
+    if len(_SHARED_CENTROIDS) >= _SHARED_CENTROIDS_MAX:
+        _SHARED_CENTROIDS.pop(next(iter(_SHARED_CENTROIDS)))
+    _SHARED_CENTROIDS[cache_key] = model.centroids
+    return model.centroids
+
+
+def store_shared_centroids(root: Root, ivf: IvfModel) -> str:
+    """Write ``ivf`` to ``artifacts/<fingerprint>.ivf`` under ``root`` unless
+    it is there already (the name is the content's fingerprint, so an
+    existing file is the same model; a concurrent writer writes the same
+    bytes). Returns the key. Called before any segment naming it is written."""
+    st = storage_of(root)
+    key = names.ivf_artifact_key(ivf.fingerprint)
+    if not st.exists(key):
+        st.write_bytes(key, ivf.to_bytes())
+    return key
+
+
+def _centroids_for(buf: Any, storage: Storage, key: str, given: Any,
+                   open_alone: Any) -> Any:
+    """The centroids to open segment bytes ``buf`` (a whole file or its
+    prefix) with: ``given`` when not None; else, for a file with external
+    centroids, its index root's shared ones; else None. When those cannot
+    be read, ``open_alone()`` (the open without them) runs first, so that a
+    header the reader refuses is reported as such (CorruptIndexError), not
+    as a missing or bad artifacts file."""
+    if given is not None:
+        return given
+    fp = external_centroids_fingerprint(buf)
+    if fp is None:
+        return None
+    root_st, _ = _segments_root(storage, key)
+    try:
+        return shared_centroids(root_st, fp)
+    except CorruptIndexError as missing:
+        try:
+            open_alone()
+        except InvalidInputError:
+            raise missing from None
+        raise
+
+
 class OpenSegment:
     """A segment file mapped (local) or downloaded (object store) into a
     64-byte aligned buffer and validated by the C reader.
@@ -192,18 +288,30 @@ class OpenSegment:
     without a ``cache_dir``), only the segment's prefix is read
     (:class:`bitshard.ranged.RangedSegment`, kept in :attr:`ranged`): its
     partitions are attached when a search probes them, so such a segment
-    serves search only (not verify, merge or remap).
+    serves search only (not verify, merge or remap). A file written with
+    external centroids (docs/format.md) takes them from ``centroids`` (a
+    float32 (k, d) array or an IvfModel) when given, else from
+    ``artifacts/<its IVF fingerprint>.ivf`` of its index root (the parent of
+    its ``segments/`` directory).
     """
 
     def __init__(self, path: str, *, storage: Optional[Storage] = None,
-                 key: Optional[str] = None, ranged: bool = False) -> None:
+                 key: Optional[str] = None, ranged: bool = False,
+                 centroids: Any = None) -> None:
         path = os.fspath(path)
         if storage is None or key is None:
             storage, key = _file_storage(path)
         self.path = path
+        if isinstance(centroids, IvfModel):
+            centroids = centroids.centroids
         self.ranged: Optional[RangedSegment] = None
         if ranged and storage.ranged_reads:
-            self.ranged = RangedSegment(storage, key, path)
+            st_, key_, given = storage, key, centroids
+            self.ranged = RangedSegment(
+                storage, key, path,
+                centroids_for=lambda buf, size: _centroids_for(
+                    buf, st_, key_, given,
+                    lambda: _native.Segment(buf, size)))
             self._map = None
             self.size = self.ranged.size
             self.native = self.ranged.native
@@ -214,7 +322,10 @@ class OpenSegment:
             self._map = storage.open_segment(key)
             self.size = len(self._map)
             try:
-                self.native = _native.Segment(self._map)
+                buf = self._map
+                cents = _centroids_for(buf, storage, key, centroids,
+                                       lambda: _native.Segment(buf))
+                self.native = _native.Segment(self._map, centroids=cents)
                 # The open reads no partition (format 3); a local cache
                 # file is verified whole, so that a damaged copy is
                 # replaced here rather than refused by a later search.
@@ -316,17 +427,20 @@ def check_file_identity(h: SegmentHandle, o: OpenSegment, claimed_by: str) -> No
 # ------------------------------------------------------------------ building
 
 
-def _write_native(root: Root, uuid: str, name: str, write: Any) -> SegmentHandle:
+def _write_native(root: Root, uuid: str, name: str, write: Any,
+                  centroids: Any = None) -> SegmentHandle:
     """Run ``write(path)`` (a C writer) for segment ``uuid`` and put the file
     in place: local roots are written in place; object stores get a local temp
-    file, verified, uploaded whole, then removed."""
+    file, verified, uploaded whole, then removed. ``centroids``: the index's,
+    to open a file written with external centroids (the temp file of an
+    object-store root is not under the root)."""
     st = storage_of(root)
     key = segment_key(uuid)
     # The target's temp file (or upload directory) is held as a live
     # writer's until the block ends: cleanup leaves it (Storage.segment_target).
     with st.segment_target(key) as (target, upload):
         write(target)
-        opened = OpenSegment(target)
+        opened = OpenSegment(target, centroids=centroids)
         opened.native.verify()  # the open alone reads no partition (format 3)
         handle = opened.handle(st.root, name)
         del opened
@@ -347,12 +461,15 @@ def write_segment(
     batch_size: int = 65536,
     progress: Any = None,
     num_threads: int = 1,
+    external_centroids: bool = False,
 ) -> SegmentHandle:
     """Encode the given fragments of ``source`` into one segment file.
 
     Streams the fragments batch by batch: memory is bounded by a batch plus
     the encoded segment, never by the raw vectors. ``num_threads`` threads
     encode each batch; the file is the same, byte for byte, for any count.
+    ``external_centroids``: leave the centroids out of the file; they are
+    stored once under the root (``artifacts/<ivf fingerprint>.ivf``) first.
     """
     frags = {f.id: f for f in source.fragments()}
     missing = [f for f in fragment_ids if f not in frags]
@@ -392,7 +509,13 @@ def write_segment(
                     np.ascontiguousarray(batch.offsets, dtype=np.uint32))
         if progress is not None:
             progress.update(vec.shape[0])
-    handle = _write_native(root, uuid, name, builder.write)
+    if external_centroids:
+        store_shared_centroids(root, ivf)
+        handle = _write_native(
+            root, uuid, name, lambda p: builder.write(p, _native.WRITE_EXTERNAL_CENTROIDS),
+            ivf.centroids)
+    else:
+        handle = _write_native(root, uuid, name, builder.write)
     return dataclasses.replace(handle, identities=idents, source_version=source.version)
 
 
@@ -436,10 +559,30 @@ def upgrade_segments(handles: Sequence[SegmentHandle], root: Root) -> List[Segme
     return out
 
 
+def write_flags(natives: Sequence[Any], root: Root,
+                external_centroids: Optional[bool] = None) -> Tuple[int, Any]:
+    """The C write flags and the centroids to open the result with, for a
+    merge or remap of ``natives`` (opened ``_native.Segment``) into ``root``.
+    ``external_centroids`` None keeps the inputs' choice (external when any
+    input's are); True stores the centroids under the root first."""
+    info = natives[0].info()
+    ext = any(bool(n.info()["external_centroids"]) for n in natives) \
+        if external_centroids is None else bool(external_centroids)
+    if not ext:
+        return 0, None
+    cents = np.empty((info["num_partitions"], info["dim"]), dtype=np.float32)
+    natives[0].centroids(cents)
+    store_shared_centroids(root, IvfModel(cents, METRIC_NAMES[info["metric"]]))
+    return _native.WRITE_EXTERNAL_CENTROIDS, cents
+
+
 def merge_segments(handles: Sequence[SegmentHandle], root: Root,
-                   uuid: Optional[str] = None) -> SegmentHandle:
+                   uuid: Optional[str] = None,
+                   external_centroids: Optional[bool] = None) -> SegmentHandle:
     """Merge segments (same artifacts, disjoint fragments) into a new one.
 
+    ``external_centroids``: write the result without its centroids (True),
+    with them (False), or external when any input's are (None).
     Raises ArtifactMismatchError naming the artifact that differs.
     """
     if not handles:
@@ -448,8 +591,12 @@ def merge_segments(handles: Sequence[SegmentHandle], root: Root,
     uuid = new_uuid(uuid)
     natives = [o.native for o in opened]
     rows = {int(f): int(r) for o in opened for f, r in o.native.fragments()}
+    flags, cents = write_flags(natives, root, external_centroids)
+    # Flags only when set: a self-contained merge is the call it always was.
+    extra = (flags,) if flags else ()
     merged = _write_native(root, uuid, handles[0].name,
-                           lambda path: _native.merge(natives, bytes.fromhex(uuid), path))
+                           lambda path: _native.merge(natives, bytes.fromhex(uuid), path, *extra),
+                           cents)
     return dataclasses.replace(merged, **merged_identities(handles, merged.fragment_ids, rows))
 
 

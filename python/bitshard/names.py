@@ -53,6 +53,7 @@ __all__ = [
     "manifest_key",
     "build_state_key",
     "build_ivf_key",
+    "ivf_artifact_key",
     "check_key",
     "local_path",
     "check_resolved_inside",
@@ -61,6 +62,9 @@ __all__ = [
 SEGMENTS_DIR = "segments"
 INDICES_DIR = "indices"
 BUILDS_DIR = "builds"
+#: Shared artifacts: ``artifacts/<ivf fingerprint>.ivf``, the centroids of
+#: segments written with external centroids (docs/format.md).
+ARTIFACTS_DIR = "artifacts"
 SEGMENT_SUFFIX = ".bsseg"
 
 #: A segment uuid: the 16 bytes of the segment's header uuid, as hex.
@@ -240,6 +244,16 @@ def build_state_key(name: str) -> str:
 def build_ivf_key(name: str) -> str:
     """``builds/<name>.ivf``: the IVF model of a build of index ``name``."""
     return f"{BUILDS_DIR}/{check_index_name(name, 'index name')}.ivf"
+
+
+def ivf_artifact_key(fingerprint: str) -> str:
+    """``artifacts/<fingerprint>.ivf``: the IVF model (``IvfModel.to_bytes``)
+    shared by the segments whose header names that IVF fingerprint (32
+    lowercase hex digits; CorruptIndexError otherwise: it comes from a file)."""
+    if not is_uuid(fingerprint):
+        raise CorruptIndexError(
+            f"IVF fingerprint must be 32 lowercase hex digits, got {fingerprint!r}")
+    return f"{ARTIFACTS_DIR}/{fingerprint}.ivf"
 
 
 def check_key(key: str) -> str:

@@ -33,7 +33,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -83,9 +83,12 @@ class RangedSegment:
     ``path`` names the file in messages.
     """
 
-    def __init__(self, storage: Storage, key: str, path: str) -> None:
+    def __init__(self, storage: Storage, key: str, path: str,
+                 centroids_for: Optional[Callable[[Any, int], Any]] = None) -> None:
         """Read the prefix of ``key`` and open it with the C reader
-        (CorruptIndexError naming ``path`` if it is refused)."""
+        (CorruptIndexError naming ``path`` if it is refused).
+        ``centroids_for(prefix, file_size)``: the centroids to open it with
+        (a file with external centroids needs them), or None."""
         self.storage = storage
         self.key = key
         self.path = path
@@ -95,7 +98,8 @@ class RangedSegment:
         #: Bytes of the prefix read at open.
         self.prefix_bytes = len(prefix)
         try:
-            self.native = _native.Segment(prefix, self.size)
+            cents = centroids_for(prefix, self.size) if centroids_for is not None else None
+            self.native = _native.Segment(prefix, self.size, centroids=cents)
         except CorruptIndexError as e:
             raise type(e)(f"{path}: {e}") from None
         info = self.native.info()

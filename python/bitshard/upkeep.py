@@ -327,8 +327,11 @@ def _remap(ds: Any, name: str, inputs: List[Any], maps: List[np.ndarray], frags:
     nrows = np.array([source_frags[f].physical_rows for f in frags], dtype=np.uint64)
     uuid = idx.new_uuid()
     maps = [np.ascontiguousarray(m, dtype=np.uint64) for m in maps]
+    # The index's choice of external centroids carries over (index.write_flags).
+    flags, cents = idx.write_flags(inputs, ds.storage)
+    extra = (flags,) if flags else ()
     return idx._write_native(ds.storage, uuid, name, lambda path: _native.remap(
-        inputs, maps, ids, nrows, bytes.fromhex(uuid), path))
+        inputs, maps, ids, nrows, bytes.fromhex(uuid), path, *extra), cents)
 
 
 def _encode_rows(source: Any, column: str, ivf: IvfModel, rot: Rotation, frags: List[int],

@@ -117,6 +117,13 @@ def positive_integer(name: str, value: Any, upper: Optional[int] = None) -> int:
     return v
 
 
+def boolean(name: str, value: Any) -> bool:
+    """``value`` if it is True or False, else InvalidInputError naming it."""
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def non_negative_number(name: str, value: Any) -> float:
     """A real number >= 0 (an age in seconds)."""
     if isinstance(value, bool) or not isinstance(

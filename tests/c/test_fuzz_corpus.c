@@ -3,7 +3,9 @@
  * regression suite. Files named valid_* must open and verify; trunc_* and
  * flip_* must be refused by the open or, for a format 3 partition, by
  * bs_segment_verify. valid_v2_X (format 2, written before format 3) must
- * upgrade to valid_X byte for byte. The corpus is located through
+ * upgrade to valid_X byte for byte. ext_* files (external centroids) are
+ * refused alone and open and verify with the fuzz target's given centroids.
+ * The corpus is located through
  * BS_SOURCE_DIR (set by CMake). */
 #define _POSIX_C_SOURCE 200809L
 
@@ -32,6 +34,29 @@ static void replay(const char *name, const uint8_t *data, size_t len, void *ctx)
     if (st == BS_OK) st = bs_segment_verify(seg, &err);
     if (starts(name, "valid_")) {
         CHECK_MSG(st == BS_OK, "%s: %s", name, err.message);
+        c->valid++;
+    } else if (starts(name, "ext_")) {
+        /* External centroids: refused alone, opened with the given ones. */
+        CHECK_MSG(st == BS_ERR_INVALID_ARGUMENT, "%s opened alone with %s", name,
+                  bs_status_name(st));
+        bs_segment_info info;
+        size_t n = 0;
+        float *given = NULL;
+        if (len >= 128) {
+            n = (size_t)bs_load_u32(data + 44) * bs_load_u32(data + 24);
+            given = malloc((n ? n : 1) * sizeof *given);
+            for (size_t i = 0; given && i < n; i++) given[i] = bs_fuzz_given_value(i);
+        }
+        bs_segment *ext = NULL;
+        st = bs_segment_open_with_centroids(data, len, given, n, &ext, &err);
+        if (st == BS_OK) st = bs_segment_verify(ext, &err);
+        CHECK_MSG(st == BS_OK, "%s: %s", name, err.message);
+        if (ext) {
+            bs_segment_get_info(ext, &info);
+            CHECK(info.external_centroids == 1);
+        }
+        bs_segment_free(ext);
+        free(given);
         c->valid++;
     } else if (starts(name, "trunc_") || starts(name, "flip_")) {
         CHECK_MSG(st == BS_ERR_CORRUPT || st == BS_ERR_UNSUPPORTED_VERSION,
