@@ -10,7 +10,8 @@
    the driver never ships vectors;
 3. merge the segments as a tree (groups of :data:`MERGE_FAN_IN`), the merges
    themselves running as worker tasks;
-4. commit the final segment with ``commit_existing_index_segments(replace=True)``.
+4. commit the final segment with ``commit_existing_index_segments(replace=True)``
+   (several segments when one file would exceed ``max_segment_bytes``).
 
 Workers are Ray tasks, processes of a local ``ProcessPoolExecutor`` (spawn
 start method) or, for debugging, the driver itself. A task whose worker dies
@@ -56,7 +57,7 @@ from .progress import Progress
 from .storage import Storage
 
 __all__ = ["build_index", "BuildStats", "cleanup", "verify", "ray_session", "EXECUTORS",
-           "MERGE_FAN_IN"]
+           "MERGE_FAN_IN", "DEFAULT_MAX_SEGMENT_BYTES", "segment_size_bound"]
 
 log = logging.getLogger("bitshard.distributed")
 
@@ -66,6 +67,10 @@ EXECUTORS = ("ray", "processes", "serial")
 MERGE_FAN_IN = 8
 #: Encode tasks planned per worker when ``fragments_per_task`` is not given.
 TASKS_PER_WORKER = 4
+#: The default bound on one segment file's bytes (``max_segment_bytes``):
+#: 16 GiB, so that no worker writes, holds as a temp file or uploads more
+#: (S3 takes 5 GB in one PUT; a larger file goes up in parts).
+DEFAULT_MAX_SEGMENT_BYTES = 16 << 30
 #: Test hook: when set to a file path, the first worker task that finds the
 #: file absent creates it and dies (``os._exit(1)``; with a ``sigkill:``
 #: prefix it SIGKILLs itself) right after writing its segment. The driver
@@ -145,6 +150,7 @@ def _run_task(spec: Dict[str, Any], shared: Any) -> SegmentHandle:
             spec["column"], "IVF_RQ", name=spec["name"], ivf_centroids=ivf,
             rq_rotation=Rotation.from_bytes(spec["rotation"]),
             fragment_ids=spec["fragment_ids"], metric=spec["metric"], num_threads=threads,
+            external_centroids=bool(spec.get("external_centroids", False)),
         )
     elif spec["kind"] == "merge":
         inputs = list(spec["inputs"])
@@ -476,6 +482,70 @@ def _merge_plan_size(n: int, fan_in: int) -> int:
     return merges
 
 
+def segment_size_bound(num_rows: int, num_partitions: int, dimension: int, num_bits: int,
+                       num_fragments: int, column_len: int = 1024,
+                       external_centroids: bool = False) -> int:
+    """An upper bound on the bytes of a segment file of ``num_rows`` rows
+    (docs/format.md, "Layout"): the header, the centroids (none when
+    external), the fragment table, the directory, and per row ``D/8 + 12``
+    bytes of code and factors plus 4 of ordinal (``(B-1) D/8 + 4`` more when B > 1),
+    plus at most one partial 32-row block and 64-byte paddings in each
+    partition that holds a row. A merge of segments is never larger than the
+    sum of their sizes (its blocks and paddings only fill up), which is how
+    the merge tree keeps to ``max_segment_bytes``."""
+    a64 = lambda x: -(-int(x) // 64) * 64  # noqa: E731
+    D = a64(dimension)
+    per_row = D // 8 + 12 + 4 + ((num_bits - 1) * D // 8 + 4 if num_bits > 1 else 0)
+    per_part = 4 * D + 384 + 63 + (126 if num_bits > 1 else 0)
+    fixed = (a64(200 + column_len + 8) + (0 if external_centroids else
+                                          a64(num_partitions * dimension * 4))
+             + a64(num_fragments * 32) + a64(num_partitions * 64))
+    return fixed + num_rows * per_row + min(num_partitions, num_rows) * per_part
+
+
+def bound_tasks(tasks: List[List[int]], rows_of: Dict[int, int],
+                size_of: Callable[[int, int], int], max_bytes: int) -> List[List[int]]:
+    """``tasks`` with every task whose segment could exceed ``max_bytes``
+    (``size_of(rows, fragments)``, an upper bound) cut into consecutive
+    parts that cannot; a fragment is never split. InvalidInputError naming
+    the fragment when one alone could exceed it."""
+    out: List[List[int]] = []
+    for t in tasks:
+        cur: List[int] = []
+        rows = 0
+        for f in t:
+            alone = size_of(rows_of[f], 1)
+            if alone > max_bytes:
+                raise InvalidInputError(
+                    f"max_segment_bytes is {max_bytes}, but fragment {f} alone ({rows_of[f]} "
+                    f"rows) may take up to {alone} bytes and a task never splits a fragment")
+            if cur and size_of(rows + rows_of[f], len(cur) + 1) > max_bytes:
+                out.append(cur)
+                cur, rows = [], 0
+            cur.append(f)
+            rows += rows_of[f]
+        out.append(cur)
+    return out
+
+
+def merge_groups(sizes: Sequence[int], fan_in: int, max_bytes: int) -> List[List[int]]:
+    """One level of the merge tree: consecutive groups of at most ``fan_in``
+    segment indexes whose sizes sum to at most ``max_bytes`` (a segment
+    already at the bound stays alone)."""
+    groups: List[List[int]] = []
+    cur: List[int] = []
+    acc = 0
+    for i, size in enumerate(sizes):
+        if cur and (len(cur) == fan_in or acc + size > max_bytes):
+            groups.append(cur)
+            cur, acc = [], 0
+        cur.append(i)
+        acc += size
+    if cur:
+        groups.append(cur)
+    return groups
+
+
 # =========================================================================
 # build_index: an orchestrator over named phases
 # =========================================================================
@@ -538,7 +608,12 @@ class BuildStats:
     rotation_fingerprint: Optional[str] = None  #: the rotation's fingerprint
     tasks: Optional[int] = None                 #: encode tasks in the plan
     merges: Optional[int] = None                #: merge tasks in the plan
-    final_segment: Optional[str] = None         #: uuid of the committed segment
+    #: uuid of the committed segment; None when the index is several
+    final_segment: Optional[str] = None
+    #: uuids of the committed segments, in fragment order
+    final_segments: List[str] = field(default_factory=list)
+    max_segment_bytes: Optional[int] = None     #: the bound on one segment file
+    shared_centroids: Optional[bool] = None     #: segments written with external centroids
     version: Optional[int] = None               #: the committed manifest version
     num_rows: Optional[int] = None              #: rows in the committed segment
     num_partitions: Optional[int] = None        #: IVF partitions
@@ -567,12 +642,16 @@ class _BuildOptions:
     max_retries: int
     fragments_per_task: Optional[int]
     num_partitions: Optional[int]
+    max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES
+    shared_centroids: Optional[bool] = None   #: None: when the bound splits the index
 
 
 def _check_arguments(index_type: str, metric: str, sample_rate: int, max_iters: int,
                      max_retries: int, fragments_per_task: Optional[int],
                      num_partitions: Optional[int], executor: Optional[str],
-                     num_workers: Optional[int]) -> _BuildOptions:
+                     num_workers: Optional[int],
+                     max_segment_bytes: Optional[int] = DEFAULT_MAX_SEGMENT_BYTES,
+                     shared_centroids: Optional[bool] = None) -> _BuildOptions:
     """Phase 1a: the checks that need no data; InvalidInputError naming the
     argument and its value."""
     if str(index_type).upper() != "IVF_RQ":
@@ -585,11 +664,16 @@ def _check_arguments(index_type: str, metric: str, sample_rate: int, max_iters: 
     fragments_per_task = validate.optional_integer("fragments_per_task", fragments_per_task)
     if num_partitions is not None:
         num_partitions = validate.num_partitions(num_partitions)
+    max_segment_bytes = DEFAULT_MAX_SEGMENT_BYTES if max_segment_bytes is None \
+        else validate.integer("max_segment_bytes", max_segment_bytes, minimum=1)
+    if shared_centroids is not None:
+        shared_centroids = validate.boolean("shared_centroids", shared_centroids)
     executor = _choose_executor(executor)
     workers = _resolve_workers(executor, num_workers)
     return _BuildOptions(metric=metric, executor=executor, workers=workers,
                          sample_rate=sample_rate, max_iters=max_iters, max_retries=max_retries,
-                         fragments_per_task=fragments_per_task, num_partitions=num_partitions)
+                         fragments_per_task=fragments_per_task, num_partitions=num_partitions,
+                         max_segment_bytes=max_segment_bytes, shared_centroids=shared_centroids)
 
 
 @dataclass
@@ -615,6 +699,8 @@ class _BuildJob:
     ivf: Optional[IvfModel] = None
     rot: Optional[Rotation] = None
     _space: Optional[CodeSpace] = None
+    #: segments written with external centroids (set by the artifacts phase)
+    external: bool = False
 
     @property
     def storage(self) -> Storage:
@@ -641,6 +727,21 @@ class _BuildJob:
         self._space = CodeSpace(dimension=self.dim, column=self.column, metric=self.opts.metric,
                                 num_bits=rot.num_bits, rotation_fingerprint=rot.fingerprint,
                                 ivf_fingerprint=ivf.fingerprint)
+        shared = self.opts.shared_centroids
+        if shared is None:
+            # Shared when the whole index could not be one file.
+            shared = self.size_bound(sum(self.rows_of.values()), len(self.frags), False) \
+                > self.opts.max_segment_bytes
+        self.external = bool(shared)
+        self.stats.shared_centroids = self.external
+        self.stats.max_segment_bytes = self.opts.max_segment_bytes
+
+    def size_bound(self, rows: int, fragments: int, external: Optional[bool] = None) -> int:
+        """segment_size_bound for a segment of this build."""
+        assert self.ivf is not None and self.rot is not None
+        return segment_size_bound(rows, self.ivf.num_partitions, self.dim, self.rot.num_bits,
+                                  fragments, len(self.column.encode()),
+                                  self.external if external is None else external)
 
 
 def _open_job(ds: Dataset, column: str, name: Optional[str], opts: _BuildOptions,
@@ -668,6 +769,8 @@ def _open_job(ds: Dataset, column: str, name: Optional[str], opts: _BuildOptions
         "seed": None if seed is None else int(seed),
         "ivf_centroids": None if user_ivf is None else user_ivf.fingerprint,
         "rq_rotation": None if rq_rotation is None else rq_rotation.to_bytes().hex(),
+        "max_segment_bytes": int(opts.max_segment_bytes),
+        "shared_centroids": opts.shared_centroids,
     }
     return _BuildJob(
         ds=ds, name=name, column=column, opts=opts, prog=prog, dim=dim, frags=frags,
@@ -737,7 +840,9 @@ def _new_state(job: _BuildJob) -> Tuple[BuildState, IvfModel, Rotation]:
         rot = build_rq_rotation(job.dim,
                                 DEFAULT_NUM_BITS if job.num_bits is None else int(job.num_bits),
                                 dtype=source.vector_dtype(column).name, seed=job.seed)
-    tasks = plan_tasks(job.frags, opts.workers, opts.fragments_per_task)
+    job.use_artifacts(ivf, rot)
+    tasks = bound_tasks(plan_tasks(job.frags, opts.workers, opts.fragments_per_task),
+                        job.rows_of, job.size_bound, opts.max_segment_bytes)
     state = BuildState.create(job.storage, job.name, job.params, job.ident, ivf, rot, tasks,
                               job.rows_of)
     return state, ivf, rot
@@ -757,6 +862,9 @@ def _artifacts(job: _BuildJob, workers: _Workers) -> BuildState:
         raise
     job.stats.seconds["artifacts"] = time.perf_counter() - t0
     job.use_artifacts(ivf, rot)
+    if job.external:
+        # Before any segment that names them is written.
+        idx.store_shared_centroids(job.storage, ivf)
     return state
 
 
@@ -798,7 +906,7 @@ def _encode(job: _BuildJob, state: BuildState, workers: _Workers) -> List[Segmen
                 "fragment_ids": list(t["fragment_ids"]), "metric": job.opts.metric,
                 "ivf_key": state.ivf_key, "ivf_fingerprint": job.ivf.fingerprint,
                 "rotation": job.rot.to_bytes(), "crash_marker": job.crash_marker,
-                "driver_pid": os.getpid(),
+                "driver_pid": os.getpid(), "external_centroids": job.external,
             } for t in todo]
 
             def encoded(i: int, h: SegmentHandle) -> None:
@@ -823,10 +931,13 @@ def _encode(job: _BuildJob, state: BuildState, workers: _Workers) -> List[Segmen
 def _merge_level(job: _BuildJob, state: BuildState, workers: _Workers,
                  level: List[SegmentHandle], recorded: Dict[Tuple[str, ...], str],
                  mbar: Any) -> List[SegmentHandle]:
-    """One level of the merge tree: each consecutive group of
-    :data:`MERGE_FAN_IN` segments becomes one (a group of one passes through;
-    a merge the state recorded is reused if it verifies)."""
-    groups = [level[i:i + MERGE_FAN_IN] for i in range(0, len(level), MERGE_FAN_IN)]
+    """One level of the merge tree: each consecutive group of at most
+    :data:`MERGE_FAN_IN` segments whose sizes sum to at most
+    ``max_segment_bytes`` becomes one (a group of one passes through; a
+    merge the state recorded is reused if it verifies)."""
+    groups = [[level[i] for i in g] for g in
+              merge_groups([h.size_bytes for h in level], MERGE_FAN_IN,
+                           job.opts.max_segment_bytes)]
     nxt: List[Optional[SegmentHandle]] = [None] * len(groups)
     specs, slots = [], []
     for gi, g in enumerate(groups):
@@ -865,32 +976,42 @@ def _merge_level(job: _BuildJob, state: BuildState, workers: _Workers,
 
 
 def _merge_tree(job: _BuildJob, state: BuildState, workers: _Workers,
-                level: List[SegmentHandle]) -> SegmentHandle:
-    """Phase 4: merge the task segments as a tree, level by level, into one."""
+                level: List[SegmentHandle]) -> List[SegmentHandle]:
+    """Phase 4: merge the task segments as a tree, level by level, into one,
+    or into several when merging more would exceed ``max_segment_bytes``
+    (a level that merges nothing ends the tree)."""
     t0 = time.perf_counter()
     recorded = state.recorded_merges()
     mbar = job.prog.bar("merge", _merge_plan_size(len(level), MERGE_FAN_IN), "merge",
                         unit="merge")
+    merges = 0
     try:
         while len(level) > 1:
-            level = _merge_level(job, state, workers, level, recorded, mbar)
+            nxt = _merge_level(job, state, workers, level, recorded, mbar)
+            if len(nxt) == len(level):
+                break
+            olds = {x.uuid for x in level}
+            merges += sum(1 for h in nxt if h.uuid not in olds)  # a lone one passes
+            level = nxt
     finally:
         mbar.close()
+    job.stats.merges = merges
     job.stats.seconds["merge"] = time.perf_counter() - t0
-    return level[0]
+    return level
 
 
-def _commit_and_clean(job: _BuildJob, state: BuildState, final: SegmentHandle) -> None:
-    """Phase 5: commit ``final`` as the index's new version; then delete the
+def _commit_and_clean(job: _BuildJob, state: BuildState, finals: List[SegmentHandle]) -> None:
+    """Phase 5: commit ``finals`` as the index's new version; then delete the
     build's intermediate segments (no manifest references them) and its state."""
     t0 = time.perf_counter()
     st = job.storage
-    job.ds.commit_existing_index_segments(job.name, job.column, [final], replace=True)
+    job.ds.commit_existing_index_segments(job.name, job.column, finals, replace=True)
     version = idx.latest_version(st, job.name)
     if job.prog.callback is not None:
         job.prog.callback("commit", 1, 1)
     ours = state.segment_uuids()
-    ours.discard(final.uuid)
+    for f in finals:
+        ours.discard(f.uuid)
     try:
         referenced = referenced_uuids(st)
     except BitshardError as e:  # leave them for cleanup()
@@ -906,8 +1027,9 @@ def _commit_and_clean(job: _BuildJob, state: BuildState, final: SegmentHandle) -
     s = job.stats
     s.seconds["commit"] = time.perf_counter() - t0
     s.tasks = len(state.tasks)
-    s.merges = _merge_plan_size(len(state.tasks), MERGE_FAN_IN)
-    s.final_segment, s.version, s.num_rows = final.uuid, version, final.num_rows
+    s.final_segments = [f.uuid for f in finals]
+    s.final_segment = finals[0].uuid if len(finals) == 1 else None
+    s.version, s.num_rows = version, sum(f.num_rows for f in finals)
     s.num_partitions, s.num_bits = job.ivf.num_partitions, job.rot.num_bits
 
 
@@ -931,6 +1053,8 @@ def build_index(
     index_uri: Optional[PathLike] = None,
     max_retries: int = 3,
     storage_options: Optional[Dict[str, Any]] = None,
+    max_segment_bytes: Optional[int] = DEFAULT_MAX_SEGMENT_BYTES,
+    shared_centroids: Optional[bool] = None,
 ) -> Dataset:
     """Build and commit an IVF_RQ index on many workers, in one call.
 
@@ -974,6 +1098,19 @@ def build_index(
         max_retries: retries of a task whose worker process died.
         storage_options: connection settings of an object-store index root
             (see :func:`bitshard.dataset`); they travel to the workers.
+        max_segment_bytes: the most bytes one segment file may take (default
+            :data:`DEFAULT_MAX_SEGMENT_BYTES`, 16 GiB; ``None`` is the
+            default). Tasks are cut so that none can write more (a bound
+            from the rows, :func:`segment_size_bound`), and the merge tree
+            merges only segments whose sizes sum to at most it, so no worker
+            writes or uploads a larger file; when one file would exceed it
+            the index is committed as several segments, each holding every
+            partition of its fragments, searched together with the answers
+            of one. A fragment that alone could exceed it is refused.
+        shared_centroids: write the segments with external centroids, shared
+            under the index root (``artifacts/<ivf fingerprint>.ivf``;
+            docs/format.md); ``None`` (default) does when the index would not
+            fit one segment, so its segments pay for the centroids once.
 
     Returns:
         The :class:`Dataset`, with the index committed (a new manifest version
@@ -992,7 +1129,8 @@ def build_index(
     t_start = time.perf_counter()
     # 1. argument checks: first those that need no data, then against the source
     opts = _check_arguments(index_type, metric, sample_rate, max_iters, max_retries,
-                            fragments_per_task, num_partitions, executor, num_workers)
+                            fragments_per_task, num_partitions, executor, num_workers,
+                            max_segment_bytes, shared_centroids)
     prog = Progress(progress)
     ds = open_dataset(uri, index_uri, storage_options)
     job = _open_job(ds, column, name, opts, prog, num_bits, ivf_centroids, rq_rotation, seed)
@@ -1001,10 +1139,10 @@ def build_index(
     state = _artifacts(job, workers)
     try:
         leaves = _encode(job, state, workers)             # 3. a segment per task
-        final = _merge_tree(job, state, workers, leaves)  # 4. merged as a tree
+        finals = _merge_tree(job, state, workers, leaves)  # 4. merged as a tree
     finally:
         workers.close(job.stats)
-    _commit_and_clean(job, state, final)                  # 5. commit, delete the rest
+    _commit_and_clean(job, state, finals)                 # 5. commit, delete the rest
     job.stats.seconds["total"] = time.perf_counter() - t_start
     ds.last_build_stats = job.stats.as_dict()
     return ds

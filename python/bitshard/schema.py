@@ -210,6 +210,10 @@ class BuildParams(Struct):
     seed: Optional[int]
     ivf_centroids: Optional[Fingerprint]
     rq_rotation: Optional[Annotated[str, Meta(pattern=r"^([0-9a-f]{2})*\Z")]]
+    #: absent in states written before the size bound (never resumed by a
+    #: call that has it: the params differ)
+    max_segment_bytes: Optional[Annotated[int, Meta(ge=1)]] = None
+    shared_centroids: Optional[bool] = None
 
 
 class BuildSource(Struct):
