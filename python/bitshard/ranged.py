@@ -92,8 +92,8 @@ class RangedSegment:
         self.storage = storage
         self.key = key
         self.path = path
-        #: Bytes of the file.
-        self.size = storage.segment_size(key)
+        #: Bytes of the file; the handle its ranged reads go through.
+        self.size, self._handle = storage.open_ranged(key)
         prefix = self._read_prefix()
         #: Bytes of the prefix read at open.
         self.prefix_bytes = len(prefix)
@@ -110,7 +110,7 @@ class RangedSegment:
     def _read_prefix(self) -> np.ndarray:
         if self.size == 0:
             raise CorruptIndexError(f"segment file is empty: {self.path}")
-        buf = self.storage.read_range(self.key, 0, min(self.size, PREFIX_FIRST_READ))
+        buf = self.read(0, min(self.size, PREFIX_FIRST_READ))
         _count(1, len(buf))
         for _ in range(3):
             try:
@@ -123,7 +123,7 @@ class RangedSegment:
                 raise CorruptIndexError(
                     f"{self.path}: file truncated: the segment's header and directory need "
                     f"{need} bytes, the file has {self.size}")
-            more = self.storage.read_range(self.key, len(buf), need - len(buf))
+            more = self.read(len(buf), need - len(buf))
             _count(1, len(more))
             whole = _aligned_empty(need)
             whole[:len(buf)] = buf
@@ -131,6 +131,11 @@ class RangedSegment:
             whole.flags.writeable = False
             buf = whole
         raise CorruptIndexError(f"{self.path}: the segment's prefix size kept growing")
+
+    def read(self, offset: int, size: int) -> np.ndarray:
+        """Bytes ``[offset, offset + size)`` of the file (one ranged GET),
+        64-byte aligned. Thread-safe."""
+        return self.storage.read_range(self.key, offset, size, self._handle)
 
     def fetch_runs(self, parts: Sequence[int]) -> List[Tuple[int, int, List[int]]]:
         """The requests that fetch ``parts`` (sorted partition ids with bytes):
@@ -220,7 +225,7 @@ class PartitionCache:
 
         def get(job: Tuple[RangedSegment, int, int, List[int]]) -> np.ndarray:
             seg, off, size, _ = job
-            return seg.storage.read_range(seg.key, off, size)
+            return seg.read(off, size)
 
         if len(jobs) == 1:
             bufs = [get(jobs[0])]

@@ -332,11 +332,12 @@ class Storage:
     #: The ``partition_cache_bytes`` storage option (ObjectStorage).
     partition_cache_bytes: Optional[int] = None
 
-    def segment_size(self, key: str) -> int:
-        """Bytes of segment ``key`` (backends with :attr:`ranged_reads`)."""
+    def open_ranged(self, key: str) -> Tuple[int, Any]:
+        """``(size, handle)`` of segment ``key`` for :meth:`read_range`
+        (backends with :attr:`ranged_reads`)."""
         raise NotImplementedError
 
-    def read_range(self, key: str, offset: int, size: int) -> np.ndarray:
+    def read_range(self, key: str, offset: int, size: int, handle: Any = None) -> np.ndarray:
         """Bytes ``[offset, offset + size)`` of ``key``, 64-byte aligned
         (backends with :attr:`ranged_reads`)."""
         raise NotImplementedError
@@ -1183,44 +1184,33 @@ class ObjectStorage(Storage):
         None when not given."""
         return self._settings["partition_cache_bytes"]
 
-    def segment_size(self, key: str) -> int:
-        """Bytes of segment ``key`` (one HEAD request); MissingFileError
-        (:func:`missing_segment`) when it is not there."""
-        from pyarrow import fs as pafs  # noqa: PLC0415
-
+    def open_ranged(self, key: str) -> Tuple[int, Any]:
+        """``(size, handle)`` of segment ``key`` for :meth:`read_range`: one
+        HEAD request (pyarrow's random-access file, whose reads are ranged
+        GETs and thread-safe; no boto3 is loaded for search).
+        MissingFileError (:func:`missing_segment`) when it is not there."""
         path = self.path(key)
         with backend_errors(path, "read", segment=True):
-            info = self.fs.get_file_info(self._fs_path(key))
-        if info.type != pafs.FileType.File:
-            raise missing_segment(path)
-        return int(info.size or 0)
+            f = self.fs.open_input_file(self._fs_path(key))
+            return int(f.size()), f
 
-    def read_range(self, key: str, offset: int, size: int) -> np.ndarray:
-        """Bytes ``[offset, offset + size)`` of object ``key`` (one ranged GET)
-        in a read-only, 64-byte aligned uint8 array. Thread-safe (the boto3
-        client is). A short answer (the object changed) is CorruptIndexError."""
+    def read_range(self, key: str, offset: int, size: int, handle: Any = None) -> np.ndarray:
+        """Bytes ``[offset, offset + size)`` of object ``key`` (one ranged GET,
+        through ``handle`` from :meth:`open_ranged` when given) in a read-only,
+        64-byte aligned uint8 array. Thread-safe. A short answer (the object
+        changed) is CorruptIndexError."""
         buf = _aligned_empty(size)
         if size == 0:
             return buf
         path = self.path(key)
         with backend_errors(path, "read", segment=True):
-            resp = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key),
-                                          Range=f"bytes={offset}-{offset + size - 1}")
-            body = resp["Body"]
-            view = buf.data
-            got = 0
-            try:
-                while got < size:
-                    chunk = body.read(min(size - got, 8 << 20))
-                    if not chunk:
-                        break
-                    view[got:got + len(chunk)] = chunk
-                    got += len(chunk)
-            finally:
-                body.close()
+            f = handle if handle is not None else self.fs.open_input_file(self._fs_path(key))
+            data = f.read_at(size, offset)
+        got = len(data)
         if got != size:
             raise CorruptIndexError(f"segment file {path} changed while read ({got} of {size} "
                                     f"bytes at offset {offset})")
+        buf[:] = np.frombuffer(data, dtype=np.uint8)
         buf.flags.writeable = False
         return buf
 
