@@ -479,7 +479,11 @@ typedef struct bs_remap_input {
  * it and an offset below its rows, and no two entries (of any input) may
  * map to the same row id. Because every row is encoded on its own, the
  * output is byte for byte the segment a builder with the same artifacts,
- * uuid and fragment table writes for the same rows. Memory: one partition
+ * uuid, fragment table and identities writes for the same rows.
+ * fragment_identities is num_fragments * 16 bytes, entry i the identity
+ * fingerprint of output fragment i (as bs_builder_set_fragment_identity
+ * records), or NULL for all zero: the inputs' identities describe the old
+ * fragments, so none is carried over. Memory: one partition
  * block plus 4 bytes per input ordinal and one bit per output row.
  * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (no inputs, a NULL argument, a
  * map whose length is not the input's ordinal count, a row id outside the
@@ -490,6 +494,7 @@ BS_API bs_status bs_segment_remap(const bs_remap_input *inputs, size_t n,
                                   const uint64_t *fragment_ids,
                                   const uint64_t *fragment_rows,
                                   uint32_t num_fragments,
+                                  const uint8_t *fragment_identities,
                                   const uint8_t uuid[16], const char *path,
                                   bs_error *err);
 /* bs_segment_remap with write options (BS_WRITE_*), as bs_segment_merge_flags.
@@ -498,6 +503,7 @@ BS_API bs_status bs_segment_remap_flags(const bs_remap_input *inputs, size_t n,
                                         const uint64_t *fragment_ids,
                                         const uint64_t *fragment_rows,
                                         uint32_t num_fragments,
+                                        const uint8_t *fragment_identities,
                                         const uint8_t uuid[16],
                                         const char *path, uint32_t flags,
                                         bs_error *err);

@@ -236,18 +236,21 @@ static bs_status remap_partition(remap_state *m, uint32_t p, bs_seg_writer *w,
 bs_status bs_segment_remap(const bs_remap_input *inputs, size_t n,
                            const uint64_t *fragment_ids,
                            const uint64_t *fragment_rows,
-                           uint32_t num_fragments, const uint8_t uuid[16],
-                           const char *path, bs_error *err) {
+                           uint32_t num_fragments,
+                           const uint8_t *fragment_identities,
+                           const uint8_t uuid[16], const char *path, bs_error *err) {
     return bs_segment_remap_flags(inputs, n, fragment_ids, fragment_rows,
-                                  num_fragments, uuid, path, 0, err);
+                                  num_fragments, fragment_identities, uuid, path, 0,
+                                  err);
 }
 
 bs_status bs_segment_remap_flags(const bs_remap_input *inputs, size_t n,
                                  const uint64_t *fragment_ids,
                                  const uint64_t *fragment_rows,
-                                 uint32_t num_fragments, const uint8_t uuid[16],
-                                 const char *path, uint32_t flags,
-                                 bs_error *err) {
+                                 uint32_t num_fragments,
+                                 const uint8_t *fragment_identities,
+                                 const uint8_t uuid[16], const char *path,
+                                 uint32_t flags, bs_error *err) {
     bs_error_clear(err);
     BS_TRY(bs_check_write_flags(flags, err));
     BS_TRY(check_args(inputs, n, uuid, path, err));
@@ -285,6 +288,9 @@ bs_status bs_segment_remap_flags(const bs_remap_input *inputs, size_t n,
         bs_repack_params(inputs[0].segment, uuid, fragment_ids, fragment_rows,
                          num_fragments, &prm);
         prm.flags = flags;
+        /* The new table's identities are the caller's (the library does
+         * not interpret them); NULL records zeros, as a builder told none. */
+        prm.fragment_identity = fragment_identities;
         st = bs_seg_writer_open(&w, path, &prm, err);
     }
     for (uint32_t p = 0; p < info.num_partitions && st == BS_OK; p++)

@@ -1394,14 +1394,16 @@ static PyObject *fn_merge(PyObject *module, PyObject *args) {
     return finish(module, b, NBUFS(b), status, &err);
 }
 
-/* remap(segments, maps, fragment_ids, fragment_rows, uuid, path): maps[i]
- * is a uint64 array, one new row id (or 2^64 - 1: dropped) per ordinal of
- * segments[i]; the library checks every entry. */
+/* remap(segments, maps, fragment_ids, fragment_rows, uuid, path, flags=0,
+ * identities=None): maps[i] is a uint64 array, one new row id (or
+ * 2^64 - 1: dropped) per ordinal of segments[i]; the library checks every
+ * entry. flags: BS_WRITE_*. identities: 16 bytes per fragment_ids entry,
+ * or None (zeros). */
 static PyObject *fn_remap(PyObject *module, PyObject *args) {
-    PyObject *seq, *maps_o, *fido, *frowo, *uuido, *flags_o = NULL;
+    PyObject *seq, *maps_o, *fido, *frowo, *uuido, *flags_o = NULL, *idento = Py_None;
     const char *path;
-    if (!PyArg_ParseTuple(args, "OOOOOs|O", &seq, &maps_o, &fido, &frowo, &uuido, &path,
-                          &flags_o))
+    if (!PyArg_ParseTuple(args, "OOOOOs|OO", &seq, &maps_o, &fido, &frowo, &uuido, &path,
+                          &flags_o, &idento))
         return NULL;
     uint32_t flags = 0;
     if (flags_o != NULL && u32_arg(module, flags_o, "flags", 0, &flags) < 0) return NULL;
@@ -1424,6 +1426,7 @@ static PyObject *fn_remap(PyObject *module, PyObject *args) {
         BUF("uuid", uuido, 'b', BUF_EXACT, 16),
         BUF("fragment_ids", fido, 'U', 0, 0),
         BUF("fragment_rows", frowo, 'U', 0, 0),
+        BUF("identities", idento, 'b', BUF_OPTIONAL, 0),
     };
     Py_buffer *views = PyMem_Calloc((size_t)(n ? n : 1), sizeof *views);
     bs_remap_input *in = PyMem_Calloc((size_t)(n ? n : 1), sizeof *in);
@@ -1450,7 +1453,8 @@ static PyObject *fn_remap(PyObject *module, PyObject *args) {
         bufs_release(b, NBUFS(b));
         goto done;
     }
-    if (check_len(module, &b[2].view, nf, 1, "fragment_rows") < 0) {
+    if (check_len(module, &b[2].view, nf, 1, "fragment_rows") < 0 ||
+        (b[3].held && check_len(module, &b[3].view, nf * 16, 1, "identities") < 0)) {
         bufs_release(b, NBUFS(b));
         goto done;
     }
@@ -1458,7 +1462,8 @@ static PyObject *fn_remap(PyObject *module, PyObject *args) {
     bs_status status;
     Py_BEGIN_ALLOW_THREADS
     status = bs_segment_remap_flags(in, (size_t)n, b[1].view.buf, b[2].view.buf,
-                                    (uint32_t)nf, b[0].view.buf, path, flags, &err);
+                                    (uint32_t)nf, buf_ptr(&b[3]), b[0].view.buf, path, flags,
+                                    &err);
     Py_END_ALLOW_THREADS
     result = finish(module, b, NBUFS(b), status, &err);
 done:
@@ -1572,7 +1577,8 @@ static PyMethodDef native_methods[] = {
     {"padded_dim", fn_padded_dim, METH_VARARGS, "padded_dim(dim) -> int"},
     {"merge", fn_merge, METH_VARARGS, "merge(segments, uuid, path, flags=0)"},
     {"remap", fn_remap, METH_VARARGS,
-     "remap(segments, maps, fragment_ids, fragment_rows, uuid, path, flags=0)"},
+     "remap(segments, maps, fragment_ids, fragment_rows, uuid, path, flags=0, "
+     "identities=None)"},
     {"exact_distances", fn_exact_distances, METH_VARARGS,
      "exact_distances(metric, q, x, n, dim, out)"},
     {"simd_level", fn_simd_level, METH_NOARGS, "the kernel level in use"},

@@ -225,14 +225,21 @@ def _legacy_version(doc: Dict[str, Any], h: Any) -> Any:
     return h.source_version if h.source_version is not None else doc.get("source_version")
 
 
-def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any]
-                    ) -> Dict[int, str]:
+def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any],
+                    opened: Optional[Sequence[Any]] = None) -> Dict[int, str]:
     """The fragments of ``source`` covered by ``handles`` (the segments of
     manifest ``doc``) whose codes must not be used: fragment id -> reason.
 
-    A segment with identities (manifest format 2) is compared fragment by
-    fragment with the source's current records (:func:`difference` gives the
-    reason). A segment without them (format 1) is compared with the records
+    ``opened``: the handles' open segment files (``OpenSegment``, same
+    order), when the caller has them. A fragment whose file records an
+    identity fingerprint (segment format 3 written since fingerprints are
+    recorded) is current when the fingerprint of its current record equals
+    it; otherwise the manifest's record, when there is one, names the
+    reason (:func:`difference`), else the reason is ``"identity changed"``.
+    A fragment without a fingerprint in its file falls back to the
+    manifest: a segment with identities (manifest format 2) is compared
+    fragment by fragment with the source's current records (:func:`difference`
+    gives the reason). A segment without them (format 1) is compared with the records
     at its recorded source version: the same version is current; a Lance
     version that can still be opened is compared fragment by fragment;
     otherwise every fragment is ``"unverified: ..."`` (the reason says why).
@@ -242,10 +249,26 @@ def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any]
     present = {f.id for f in source.fragments()}
     out: Dict[int, str] = {}
     legacy: Dict[str, Tuple[Any, List[int]]] = {}  # repr(version) -> (version, fragments)
-    for h in handles:
-        if len(h.identities) == len(h.fragment_ids) and h.identities:
+    for i, h in enumerate(handles):
+        fps: List[Optional[str]] = [None] * len(h.fragment_ids)
+        if opened is not None and len(opened[i].fragment_fingerprints) == len(fps):
+            fps = list(opened[i].fragment_fingerprints)
+        manifest = {x.id: x for x in h.identities} \
+            if len(h.identities) == len(h.fragment_ids) else {}
+        for f, fp in zip(h.fragment_ids, fps):
+            if fp is None or int(f) not in present:
+                continue
+            current = source.fragment_identity(int(f), column)
+            if fingerprint(current) != fp:
+                rec = manifest.get(int(f))
+                out[int(f)] = (difference(rec.record_dict, current) if rec is not None
+                               else None) or "identity changed"
+        if all(fp is not None for fp in fps) and fps:
+            continue  # every fragment was checked against its file
+        if manifest:
+            fp_of = dict(zip((int(f) for f in h.fragment_ids), fps))
             for ident in h.identities:
-                if ident.id not in present:
+                if ident.id not in present or fp_of.get(ident.id) is not None:
                     continue
                 rec = ident.record_dict
                 if rec.get("kind") == "unrecorded":  # merged from a format 1 segment
@@ -258,7 +281,7 @@ def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any]
         else:
             v = _legacy_version(doc, h)
             legacy.setdefault(repr(v), (v, []))[1].extend(
-                int(f) for f in h.fragment_ids if f in present)
+                int(f) for f, fp in zip(h.fragment_ids, fps) if f in present and fp is None)
     for v, frags in legacy.values():
         if frags:
             out.update(_legacy_check(source, column, v, frags))

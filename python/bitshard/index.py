@@ -278,6 +278,24 @@ def _centroids_for(buf: Any, storage: Storage, key: str, given: Any,
         raise
 
 
+#: A fragment table identity that records nothing (docs/format.md).
+ZERO_IDENTITY = bytes(16)
+
+
+def check_identity_fingerprints(h: SegmentHandle, o: "OpenSegment", what: str) -> None:
+    """CorruptIndexError unless every identity fingerprint the file ``o``
+    records equals the one of the same fragment in ``h.identities`` (the
+    manifest's record). Zero entries (not recorded) and a handle without
+    identities are not compared. ``what`` names the handle in the message."""
+    if len(h.identities) != len(o.fragments):
+        return
+    for ident, fp in zip(h.identities, o.fragment_fingerprints):
+        if fp is not None and fp != ident.fingerprint:
+            raise CorruptIndexError(
+                f"segment file {o.path} is not the segment {what} describes: fragment "
+                f"{ident.id}'s identity fingerprint is {ident.fingerprint} there, {fp} in the file")
+
+
 class OpenSegment:
     """A segment file mapped (local) or downloaded (object store) into a
     64-byte aligned buffer and validated by the C reader.
@@ -315,8 +333,7 @@ class OpenSegment:
             self._map = None
             self.size = self.ranged.size
             self.native = self.ranged.native
-            self.info = self.native.info()
-            self.fragments = [fid for fid, _ in self.native.fragments()]
+            self._read_table()
             return
         for attempt in (0, 1):
             self._map = storage.open_segment(key)
@@ -337,8 +354,18 @@ class OpenSegment:
                 if attempt == 0 and storage.evict(key):
                     continue
                 raise type(e)(f"{path}: {e}") from None
+        self._read_table()
+
+    def _read_table(self) -> None:
+        """The header's info and the fragment table (the open read both,
+        ranged or not)."""
         self.info = self.native.info()
         self.fragments = [fid for fid, _ in self.native.fragments()]
+        #: Each fragment's identity fingerprint recorded in the file, 32 hex
+        #: digits, or None (all zero: not recorded, e.g. a format 2 file).
+        self.fragment_fingerprints: List[Optional[str]] = [
+            None if fp == ZERO_IDENTITY else bytes(fp).hex()
+            for fp in self.native.fragment_identities()]
 
     @classmethod
     def of(cls, root: Root, uuid: str, ranged: bool = False) -> "OpenSegment":
@@ -422,6 +449,7 @@ def check_file_identity(h: SegmentHandle, o: OpenSegment, claimed_by: str) -> No
             raise CorruptIndexError(
                 f"segment file {o.path} is not the segment {claimed_by} describes: "
                 f"its fragment identities are of fragments {ids}, the file has {file_frags}")
+        check_identity_fingerprints(h, o, claimed_by)
 
 
 # ------------------------------------------------------------------ building
@@ -479,8 +507,9 @@ def write_segment(
         raise InvalidInputError("fragment_ids holds duplicates")
     ids = np.array(list(fragment_ids), dtype=np.uint64)
     rows = np.array([frags[f].physical_rows for f in fragment_ids], dtype=np.uint64)
-    # What the fragments are at the version read: recorded in the manifest
-    # so a reader can tell when they change (bitshard.identity).
+    # What the fragments are at the version read: recorded in the segment's
+    # fragment table (the fingerprint) and in the manifest (the record), so
+    # a reader can tell when they change (bitshard.identity).
     idents = identity.identities(source, fragment_ids, column)
     dim = ivf.dimension
     builder = _native.Builder(
@@ -497,6 +526,8 @@ def write_segment(
         rows,
     )
     builder.set_threads(max(1, min(int(num_threads), 256)))
+    for ident in idents:
+        builder.set_fragment_identity(ident.id, bytes.fromhex(ident.fingerprint))
     position = {int(f): i for i, f in enumerate(fragment_ids)}
     for batch in source.iter_batches(column, fragment_ids=list(fragment_ids), batch_size=batch_size):
         vec = batch.vectors
@@ -837,7 +868,8 @@ def _commit_locked(st: Storage, name: str, column: str, segments: Sequence[Segme
                 f"commit (cleanup's --older-than was shorter than the time from writing the "
                 f"segment to committing it); write it again")
         # Re-read the file: a handle is a claim, the file is the truth.
-        actual = OpenSegment.of(st, h.uuid).handle(root_s, name)
+        opened = OpenSegment.of(st, h.uuid)
+        actual = opened.handle(root_s, name)
         diff = CodeSpace.of(actual).first_difference(CodeSpace.of(h))
         if diff is not None:
             raise CorruptIndexError(f"segment {h.uuid} does not match its handle: "
@@ -846,6 +878,9 @@ def _commit_locked(st: Storage, name: str, column: str, segments: Sequence[Segme
             raise CorruptIndexError(
                 f"segment {h.uuid} does not match its handle: fragment_ids differ: "
                 f"{list(actual.fragment_ids)} vs {list(h.fragment_ids)} (file vs handle)")
+        # The records the manifest will hold are those the worker recorded.
+        check_identity_fingerprints(h, opened, "its handle")
+        del opened
     base = latest_version(st, name) if expected_version is None else expected_version
     existing: List[Dict[str, Any]] = []
     prev: Optional[Dict[str, Any]] = None

@@ -248,7 +248,8 @@ class IndexView:
             gone = covered - source_fragments
             # Fragments whose data changed since they were encoded: their
             # codes are never used; their rows are scanned exactly.
-            stale = identity.stale_fragments(self.source, index.doc, index.handles)
+            stale = identity.stale_fragments(self.source, index.doc, index.handles,
+                                             index.opened)
             message = identity.unverified_warning(index.name, stale)
             if message is not None:
                 warnings.warn(message, stacklevel=4)

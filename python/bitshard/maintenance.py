@@ -469,6 +469,10 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
                 for d in space.differences(CodeSpace.of(first)):
                     faults.append(f"{where}: {d.label} differs from segment {first.uuid}: "
                                   f"{d.ours!r} vs {d.theirs!r}")
+            try:  # the file's fingerprints are those of the manifest's records
+                idx.check_identity_fingerprints(claims, o, "the manifest")
+            except CorruptIndexError as err:
+                faults.append(f"index {n!r}: {err}")
             recorded = {i.id: i.rows for i in claims.identities}
             for fid, rows in o.native.fragments():
                 fid, rows = int(fid), int(rows)

@@ -26,6 +26,7 @@ upkeep raises CommitConflictError saying it can be rerun.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -203,7 +204,7 @@ def _upkeep(ds: Any, doc: Dict[str, Any], name: str, column: str,
 
     # ---- which fragments changed
     # The same check the search makes when it opens the index version.
-    stale: Dict[int, str] = identity.stale_fragments(source, doc, handles)
+    stale: Dict[int, str] = identity.stale_fragments(source, doc, handles, opened)
     gone = {f for h in handles for f in h.fragment_ids if f not in source_frags}
     hist: Optional[History] = None
     if gone and source.kind == "lance":
@@ -279,10 +280,10 @@ def _upkeep(ds: Any, doc: Dict[str, Any], name: str, column: str,
             if e_seg is not None:
                 ins.append(e_seg.native)
                 ms.append(_only(e_map, remap_frags))
-            outputs.append(_remap(ds, name, ins, ms, remap_frags, source_frags))
+            outputs.append(_remap(ds, name, column, ins, ms, remap_frags, source_frags))
         if delta_frags and e_seg is not None and any(f in encode for f in delta_frags):
             dfr = [f for f in delta_frags if f in encode]
-            outputs.append(_remap(ds, name, [e_seg.native], [_only(e_map, dfr)], dfr,
+            outputs.append(_remap(ds, name, column, [e_seg.native], [_only(e_map, dfr)], dfr,
                                   source_frags))
     else:
         frags = list(e_frags)
@@ -294,7 +295,7 @@ def _upkeep(ds: Any, doc: Dict[str, Any], name: str, column: str,
             inputs.append(e_seg.native)
             in_maps.append(e_map)
         if inputs:
-            outputs.append(_remap(ds, name, inputs, in_maps, frags, source_frags))
+            outputs.append(_remap(ds, name, column, inputs, in_maps, frags, source_frags))
     return stay + outputs
 
 
@@ -318,8 +319,8 @@ def _identity_map(o: OpenSegment, encoded: Dict[int, np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
 
 
-def _remap(ds: Any, name: str, inputs: List[Any], maps: List[np.ndarray], frags: List[int],
-           source_frags: Dict[int, Any]) -> SegmentHandle:
+def _remap(ds: Any, name: str, column: str, inputs: List[Any], maps: List[np.ndarray],
+           frags: List[int], source_frags: Dict[int, Any]) -> SegmentHandle:
     """One remap call writing a segment over ``frags`` (current fragments),
     in fragment id order (as a build over them writes)."""
     frags = sorted(frags)
@@ -329,9 +330,15 @@ def _remap(ds: Any, name: str, inputs: List[Any], maps: List[np.ndarray], frags:
     maps = [np.ascontiguousarray(m, dtype=np.uint64) for m in maps]
     # The index's choice of external centroids carries over (index.write_flags).
     flags, cents = idx.write_flags(inputs, ds.storage)
-    extra = (flags,) if flags else ()
-    return idx._write_native(ds.storage, uuid, name, lambda path: _native.remap(
-        inputs, maps, ids, nrows, bytes.fromhex(uuid), path, *extra), cents)
+    # The new fragments' identities at the version read, as a build over
+    # them records: rows were remapped only into fragments the compaction
+    # made and that are unchanged since (bitshard.compaction), so these are
+    # also their records when the compaction wrote them.
+    idents = identity.identities(ds.source, frags, column)
+    fps = b"".join(bytes.fromhex(i.fingerprint) for i in idents)
+    handle = idx._write_native(ds.storage, uuid, name, lambda path: _native.remap(
+        inputs, maps, ids, nrows, bytes.fromhex(uuid), path, flags, fps), cents)
+    return dataclasses.replace(handle, identities=idents, source_version=ds.source.version)
 
 
 def _encode_rows(source: Any, column: str, ivf: IvfModel, rot: Rotation, frags: List[int],

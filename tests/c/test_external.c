@@ -207,7 +207,7 @@ static void test_bits(uint32_t bits) {
     for (uint64_t i = 0; i < 300; i++) map[i] = i < 150 ? (3ull << 32) | i : (8ull << 32) | (i - 150);
     static const uint64_t ids[2] = {3, 8}, rows[2] = {150, 150};
     bs_remap_input ri = {se, map, 300};
-    CHECK(bs_segment_remap_flags(&ri, 1, ids, rows, 2, UUID, tpath("r1.bsseg"),
+    CHECK(bs_segment_remap_flags(&ri, 1, ids, rows, 2, NULL, UUID, tpath("r1.bsseg"),
                                  BS_WRITE_EXTERNAL_CENTROIDS, &err) == BS_OK);
     CHECK(test_files_equal(tpath("r1.bsseg"), ext));
 

@@ -162,10 +162,14 @@ static void build_old(const world *w, int f0, int f1, const char *path) {
 
 /* Over the new table: the rows never indexed (new) and/or every live row
  * (fresh). */
-static void build_new(const world *w, int with_old, const uint8_t *uuid, const char *path) {
+static void build_new(const world *w, int with_old, const uint8_t *uuid, const char *path,
+                      const uint8_t *ident) {
     bs_segment_spec s = spec_of(w, uuid, w->new_ids, w->new_rows, 3);
     bs_segment_builder *b = NULL;
     CHECK(bs_builder_create(&s, &b, NULL) == BS_OK);
+    /* ident: 3 * 16 bytes, the new fragments' identities, or NULL. */
+    for (int f = 0; ident && f < 3; f++)
+        CHECK(bs_builder_set_fragment_identity(b, w->new_ids[f], ident + f * 16, NULL) == BS_OK);
     if (with_old)
         for (int f = 0; f < NOLD; f++)
             for (uint64_t o = 0; o < OLD_ROWS[f]; o++) {
@@ -187,8 +191,8 @@ static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric)
     const char *fresh = tpath("fresh.bsseg"), *out = tpath("out.bsseg");
     build_old(&w, 0, 3, pa);
     build_old(&w, 3, 4, pb);
-    build_new(&w, 0, UUID_OLD, pc);
-    build_new(&w, 1, UUID_NEW, fresh);
+    build_new(&w, 0, UUID_OLD, pc, NULL);
+    build_new(&w, 1, UUID_NEW, fresh, NULL);
     loaded a, b, c;
     CHECK(load(pa, &a) == BS_OK);
     CHECK(load(pb, &b) == BS_OK);
@@ -207,29 +211,29 @@ static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric)
             map_c[k++] = f == 2 && o >= w.n21_old ? (w.new_ids[f] << 32) | o : BS_REMAP_DROP;
     bs_remap_input in[3] = {{a.seg, map_a, 250}, {b.seg, w.map[3], 60}, {c.seg, map_c, k}};
     bs_error err;
-    CHECK_MSG(bs_segment_remap(in, 3, w.new_ids, w.new_rows, 3, UUID_NEW, out, &err) == BS_OK,
+    CHECK_MSG(bs_segment_remap(in, 3, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, out, &err) == BS_OK,
               "%s", err.message);
     CHECK_MSG(files_equal(out, fresh), "remap != fresh build (d=%u bits=%u metric=%d)", d,
               bits, (int)metric);
     /* Input order does not matter. */
     bs_remap_input rev[3] = {in[2], in[0], in[1]};
-    CHECK(bs_segment_remap(rev, 3, w.new_ids, w.new_rows, 3, UUID_NEW, out, &err) == BS_OK);
+    CHECK(bs_segment_remap(rev, 3, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, out, &err) == BS_OK);
     CHECK(files_equal(out, fresh));
 
     /* The test can fail: two rows swapped give another file. */
     uint64_t t = map_a[1];
     map_a[1] = map_a[2];
     map_a[2] = t;
-    CHECK(bs_segment_remap(in, 3, w.new_ids, w.new_rows, 3, UUID_NEW, out, &err) == BS_OK);
+    CHECK(bs_segment_remap(in, 3, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, out, &err) == BS_OK);
     CHECK(!files_equal(out, fresh));
     map_a[2] = map_a[1];
     map_a[1] = t;
 
     /* ---- refusals: each names the input, ordinal and value */
     const char *bad = tpath("bad.bsseg");
-    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) == BS_OK);
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, bad, &err) == BS_OK);
     in[1].map_len = 59;
-    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, bad, &err) ==
           BS_ERR_INVALID_ARGUMENT);
     CHECK_MSG(strcmp(err.message, "input 1: row_map has 59 entries, the segment has 60 "
                                   "ordinals (the rows of its fragments)") == 0,
@@ -237,13 +241,13 @@ static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric)
     in[1].map_len = 60;
     uint64_t saved = map_a[1];
     map_a[1] = (8ull << 32) | 4;
-    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, bad, &err) ==
           BS_ERR_INVALID_ARGUMENT);
     CHECK_MSG(strcmp(err.message, "input 0 ordinal 1 maps to row id 34359738372: fragment 8 "
                                   "is not in the output fragment table") == 0,
               "%s", err.message);
     map_a[1] = (20ull << 32) | 150;
-    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, bad, &err) ==
           BS_ERR_INVALID_ARGUMENT);
     CHECK_MSG(strcmp(err.message, "input 0 ordinal 1 maps to row id 85899346070: offset 150 "
                                   "is out of range for fragment 20 (150 rows)") == 0,
@@ -252,7 +256,7 @@ static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric)
     /* Two rows onto one: B's first row onto A's first. */
     uint64_t saved_b = w.map[3][0];
     w.map[3][0] = map_a[0];
-    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, bad, &err) ==
           BS_ERR_INVALID_ARGUMENT);
     CHECK_MSG(strcmp(err.message, "input 0 ordinal 0 and input 1 ordinal 0 both map to row "
                                   "id 85899345920 (fragment 20 offset 0)") == 0,
@@ -261,33 +265,33 @@ static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric)
     /* Two rows of one input onto one. */
     saved = map_a[2];
     map_a[2] = map_a[1];
-    CHECK(bs_segment_remap(in, 1, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+    CHECK(bs_segment_remap(in, 1, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, bad, &err) ==
           BS_ERR_INVALID_ARGUMENT);
     CHECK_MSG(strcmp(err.message, "input 0 ordinal 1 and input 0 ordinal 2 both map to row "
                                   "id 85899345921 (fragment 20 offset 1)") == 0,
               "%s", err.message);
     map_a[2] = saved;
     uint64_t dup_ids[3] = {5, 20, 5};
-    CHECK(bs_segment_remap(in, 2, dup_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+    CHECK(bs_segment_remap(in, 2, dup_ids, w.new_rows, 3, NULL, UUID_NEW, bad, &err) ==
           BS_ERR_INVALID_ARGUMENT);
     CHECK_MSG(strcmp(err.message, "fragment id 5 appears more than once in fragment_ids") == 0,
               "%s", err.message);
-    CHECK(bs_segment_remap(NULL, 0, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+    CHECK(bs_segment_remap(NULL, 0, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, bad, &err) ==
           BS_ERR_INVALID_ARGUMENT);
     CHECK(strcmp(err.message, "remap needs at least one segment") == 0);
-    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, NULL, bad, &err) ==
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, NULL, NULL, bad, &err) ==
           BS_ERR_INVALID_ARGUMENT);
-    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, UUID_NEW, NULL, &err) ==
+    CHECK(bs_segment_remap(in, 2, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, NULL, &err) ==
           BS_ERR_INVALID_ARGUMENT);
     bs_remap_input nullmap[1] = {{a.seg, NULL, 250}};
-    CHECK(bs_segment_remap(nullmap, 1, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) ==
+    CHECK(bs_segment_remap(nullmap, 1, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, bad, &err) ==
           BS_ERR_INVALID_ARGUMENT);
     CHECK(strcmp(err.message, "input 0: row_map is NULL") == 0);
     /* Everything dropped: a valid segment of 0 rows. */
     uint64_t *drop = malloc(250 * sizeof(uint64_t));
     for (int i = 0; i < 250; i++) drop[i] = BS_REMAP_DROP;
     bs_remap_input none[1] = {{a.seg, drop, 250}};
-    CHECK(bs_segment_remap(none, 1, w.new_ids, w.new_rows, 3, UUID_NEW, bad, &err) == BS_OK);
+    CHECK(bs_segment_remap(none, 1, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, bad, &err) == BS_OK);
     loaded e;
     CHECK(load(bad, &e) == BS_OK);
     if (e.seg) {
@@ -306,6 +310,70 @@ static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric)
     free_world(&w);
 }
 
+/* With identities for the new table, the remap equals a build that
+ * recorded the same identities, and reports them; the inputs' identities
+ * (of the old fragments) are not carried over. */
+static void test_identities(void) {
+    world w = make_world(64, 2, BS_METRIC_L2, 77);
+    uint8_t ident[3 * 16], old_ident[16];
+    for (int i = 0; i < 3 * 16; i++) ident[i] = (uint8_t)(0xA0 + i);
+    memset(old_ident, 0x5C, sizeof old_ident);
+    const char *pb = tpath("ib.bsseg"), *fresh = tpath("ifresh.bsseg");
+    const char *plain = tpath("iplain.bsseg"), *out = tpath("iout.bsseg");
+    /* The old segment over fragment 9 only, with an identity of its own. */
+    {
+        bs_segment_spec s = spec_of(&w, UUID_OLD, OLD_IDS + 3, OLD_ROWS + 3, 1);
+        bs_segment_builder *b = NULL;
+        CHECK(bs_builder_create(&s, &b, NULL) == BS_OK);
+        CHECK(bs_builder_set_fragment_identity(b, OLD_IDS[3], old_ident, NULL) == BS_OK);
+        for (uint64_t o = 0; o < OLD_ROWS[3]; o++)
+            if (!deleted(3, o)) CHECK(add_row(b, &w, 0, o, w.first[3] + o) == BS_OK);
+        CHECK(bs_builder_write(b, pb, NULL) == BS_OK);
+        bs_builder_free(b);
+    }
+    /* The fresh builds hold fragment 9's moved rows only. */
+    {
+        bs_segment_spec s = spec_of(&w, UUID_NEW, w.new_ids, w.new_rows, 3);
+        for (int with = 0; with < 2; with++) {
+            bs_segment_builder *b = NULL;
+            CHECK(bs_builder_create(&s, &b, NULL) == BS_OK);
+            for (int f = 0; with && f < 3; f++)
+                CHECK(bs_builder_set_fragment_identity(b, w.new_ids[f], ident + f * 16, NULL) ==
+                      BS_OK);
+            for (uint64_t o = 0; o < OLD_ROWS[3]; o++) {
+                uint64_t v = w.map[3][o];
+                if (v == BS_REMAP_DROP) continue;
+                uint32_t pos = (v >> 32) == 5 ? 0 : (v >> 32) == 20 ? 1 : 2;
+                CHECK(add_row(b, &w, pos, v & 0xFFFFFFFFu, w.first[3] + o) == BS_OK);
+            }
+            CHECK(bs_builder_write(b, with ? fresh : plain, NULL) == BS_OK);
+            bs_builder_free(b);
+        }
+    }
+    loaded b;
+    CHECK(load(pb, &b) == BS_OK);
+    if (!b.seg) return;
+    bs_remap_input in[1] = {{b.seg, w.map[3], 60}};
+    bs_error err;
+    CHECK_MSG(bs_segment_remap(in, 1, w.new_ids, w.new_rows, 3, ident, UUID_NEW, out, &err) ==
+                  BS_OK, "%s", err.message);
+    CHECK(files_equal(out, fresh));
+    CHECK(!files_equal(out, plain));
+    loaded o;
+    CHECK(load(out, &o) == BS_OK);
+    for (uint32_t f = 0; o.seg && f < 3; f++) {
+        uint8_t got[16];
+        bs_segment_fragment_identity(o.seg, f, got);
+        CHECK_MSG(memcmp(got, ident + f * 16, 16) == 0, "fragment entry %u identity", f);
+    }
+    if (o.seg) unload(&o);
+    /* NULL: all zero, the old fragment's identity is not carried. */
+    CHECK(bs_segment_remap(in, 1, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, out, &err) == BS_OK);
+    CHECK(files_equal(out, plain));
+    unload(&b);
+    free_world(&w);
+}
+
 /* Segments of different code spaces are refused, naming the artifact. */
 static void test_mismatch(void) {
     world w1 = make_world(64, 2, BS_METRIC_L2, 5), w2 = make_world(64, 3, BS_METRIC_L2, 5);
@@ -317,7 +385,7 @@ static void test_mismatch(void) {
     CHECK(load(p2, &b) == BS_OK);
     bs_remap_input in[2] = {{a.seg, w1.map[3], 60}, {b.seg, w2.map[3], 60}};
     bs_error err;
-    CHECK(bs_segment_remap(in, 2, w1.new_ids, w1.new_rows, 3, UUID_NEW, tpath("m.bsseg"),
+    CHECK(bs_segment_remap(in, 2, w1.new_ids, w1.new_rows, 3, NULL, UUID_NEW, tpath("m.bsseg"),
                            &err) == BS_ERR_ARTIFACT_MISMATCH);
     CHECK_MSG(strncmp(err.message, "cannot remap segment 1: ", 24) == 0, "%s", err.message);
     unload(&a);
@@ -336,6 +404,7 @@ int main(void) {
     test_equals_fresh_build(64, 9, BS_METRIC_DOT);
     test_equals_fresh_build(130, 4, BS_METRIC_L2);
     test_mismatch();
+    test_identities();
     snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
     if (system(cmd) != 0) return 1;
     TEST_MAIN_END();

@@ -174,3 +174,100 @@ def test_identities_of_other_fragments_than_the_file_are_refused(small_lance):
     assert str(e.value) == (
         f"segment file {seg} is not the segment manifest {path} describes: its fragment "
         f"identities are of fragments [1, 0, 2, 3], the file has [0, 1, 2, 3]")
+
+
+# ------------------------------------------- fingerprints in segment files
+
+
+def test_segments_record_the_fingerprints_of_the_manifest_records(small_lance):
+    # Builds (here and by workers), merges and commits: the file's
+    # fragment table carries each fragment's fingerprint, the manifest its
+    # record; the two agree.
+    uri, x = small_lance
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", num_partitions=8)
+    built = bitshard.build_index(uri, "vec", name="b", num_partitions=8, executor="serial")
+    for d, name in ((ds, "vec_idx"), (built, "b")):
+        for e in _manifest(d, name)["segments"]:
+            o = idx.OpenSegment(idx.segment_path(d.index_root, e["uuid"]))
+            assert o.fragment_fingerprints == [f["identity"] for f in e["fragments"]]
+            assert o.fragment_fingerprints == [
+                identity.fingerprint(ds.source.fragment_identity(f, "vec"))
+                for f in e["fragment_ids"]]
+
+
+def test_a_manifest_record_the_file_contradicts_is_refused(small_lance):
+    # A record (and its fingerprint) rewritten consistently in the manifest
+    # still differs from the fingerprint the worker wrote in the file.
+    from bitshard.maintenance import verify_report
+
+    uri, x = small_lance
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", num_partitions=8)
+    doc = _manifest(ds)
+    e = doc["segments"][0]
+    old_fp = e["fragments"][1]["identity"]
+    e["fragments"][1]["record"]["files"][0]["size"] += 1
+    new_fp = identity.fingerprint(e["fragments"][1]["record"])
+    e["fragments"][1]["identity"] = new_fp
+    doc["version"] = 2
+    doc["checksum"] = idx._checksum(doc)
+    path = os.path.join(ds.index_root, "indices", "vec_idx", "v00000002.json")
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    seg = idx.segment_path(ds.index_root, e["uuid"])
+    with pytest.raises(CorruptIndexError) as err:
+        bitshard.dataset(uri).search("vec", x[0], k=1)
+    assert str(err.value) == (
+        f"segment file {seg} is not the segment manifest {path} describes: fragment 1's "
+        f"identity fingerprint is {new_fp} there, {old_fp} in the file")
+    assert verify_report(uri).faults == [
+        f"index 'vec_idx': segment file {seg} is not the segment the manifest describes: "
+        f"fragment 1's identity fingerprint is {new_fp} there, {old_fp} in the file"]
+
+
+def test_staleness_is_read_from_the_file_without_manifest_records(small_lance, tmp_path):
+    # A manifest entry without records (a format 2 manifest may leave them
+    # out) over a file that has fingerprints: the file decides, not the
+    # manifest's source version (which, gone, would make every fragment
+    # "unverified").
+    import lance
+
+    uri, x = small_lance
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", num_partitions=8)
+    doc = _manifest(ds)
+    for e in doc["segments"]:
+        e.pop("fragments")
+        e["source_version"] = 0  # never a Lance version: cannot be compared
+    doc["version"] = 2
+    doc["checksum"] = idx._checksum(doc)
+    with open(os.path.join(ds.index_root, "indices", "vec_idx", "v00000002.json"), "w") as f:
+        json.dump(doc, f)
+    ds = bitshard.dataset(uri)
+    (e,) = doc["segments"]
+    handles = idx.committed_segments(ds.storage, "vec_idx")
+    opened = [idx.open_handle(h, ds.storage) for h in handles]
+    assert identity.stale_fragments(ds.source, doc, handles, opened) == {}
+    # without the file: the manifest's fallback cannot verify anything
+    assert set(identity.stale_fragments(ds.source, doc, handles)) == set(e["fragment_ids"])
+    # Fragment 2's vectors replaced in place: the file's fingerprint no
+    # longer matches, and with no record to compare the reason is generic.
+    lds = lance.dataset(uri)
+    lds.drop_columns(["vec"])
+    new = (x * -1.0).astype(np.float32)
+
+    @lance.batch_udf(output_schema=pa.schema([pa.field("vec", pa.list_(pa.float32(),
+                                                                        x.shape[1]))]))
+    def udf(batch):
+        ids = batch.column("id").to_numpy()
+        return pa.record_batch([pa.FixedSizeListArray.from_arrays(
+            pa.array(new[ids].ravel()), x.shape[1])], names=["vec"])
+
+    lance.dataset(uri).add_columns(udf, read_columns=["id"])
+    ds = bitshard.dataset(uri)
+    opened = [idx.open_handle(h, ds.storage) for h in handles]
+    assert identity.stale_fragments(ds.source, doc, handles, opened) == \
+        {f: "identity changed" for f in e["fragment_ids"]}
+    rows = ds.search("vec", new[5], k=1).column("_rowid").to_pylist()
+    assert rows == [5]  # searched exactly: the new vector is found

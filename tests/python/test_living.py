@@ -194,12 +194,33 @@ def test_parquet_file_rewritten_with_the_same_rows_is_stale(tmp_path):
 # ---------------------------------------------------- format 1 (no records)
 
 
+def _zero_identities(path):
+    """Rewrite a segment file as it was before fingerprints were recorded:
+    the same rows, uuid and table, every fragment identity zero (a remap of
+    the file onto itself without identities)."""
+    from bitshard import _native
+
+    o = idx.OpenSegment(path)
+    frags = o.native.fragments()
+    ids = np.array([f for f, _ in frags], np.uint64)
+    rows = np.array([r for _, r in frags], np.uint64)
+    m = np.concatenate([(np.uint64(f) << np.uint64(32)) | np.arange(r, dtype=np.uint64)
+                        for f, r in frags])
+    tmp = path + ".zero"
+    _native.remap([o.native], [m], ids, rows, bytes(o.info["uuid"]), tmp)
+    del o
+    os.replace(tmp, path)
+
+
 def _as_format_1(ds, name="vec_idx"):
-    """Rewrite the latest manifest as format 1 wrote it (no identities)."""
+    """Rewrite the latest manifest as format 1 wrote it (no identities), and
+    its segments as they were then (no fingerprints in the files)."""
     v = idx.latest_version(ds.storage, name)
     path = os.path.join(ds.index_root, "indices", name, f"v{v:08d}.json")
     with open(path) as f:
         doc = json.load(f)
+    for e in doc["segments"]:
+        _zero_identities(idx.segment_path(ds.index_root, e["uuid"]))
     doc["format_version"] = 1
     for e in doc["segments"]:
         e.pop("fragments", None)

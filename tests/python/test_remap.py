@@ -47,6 +47,7 @@ def test_remap_equals_a_fresh_build_of_the_new_layout(tmp_path, bits):
     new = open_source(x[live], fragment_size=150)
     fresh = idx.write_segment(new, "vector", "idx", root, ivf, rot, [0, 1], "c" * 32)
     fresh_bytes = _read(fresh.path)
+    fresh_fps = idx.OpenSegment(fresh.path).native.fragment_identities()
     os.remove(fresh.path)
     # The old segments did encode the deleted rows (a numpy source has none),
     # so the map drops them, as a compaction's map does for deleted rows.
@@ -57,8 +58,20 @@ def test_remap_equals_a_fresh_build_of_the_new_layout(tmp_path, bits):
     out = str(tmp_path / "out.bsseg")
     ids = np.array([0, 1], np.uint64)
     rows = np.array([150, live.size - 150], np.uint64)
+    # The build records each fragment's identity fingerprint in the file;
+    # given the same ones, the remap writes the same bytes.
+    fps = b"".join(bytes.fromhex(i.fingerprint) for i in fresh.identities)
+    assert b"".join(fresh_fps) == fps and len(fps) == 32
     _native.remap(segs, [pos[:200], pos[200:]], ids, rows, bytes.fromhex("c" * 32), out)
+    assert _read(out) != fresh_bytes  # without them: zeros
+    assert idx.OpenSegment(out).native.fragment_identities() == [bytes(16)] * 2
+    _native.remap(segs, [pos[:200], pos[200:]], ids, rows, bytes.fromhex("c" * 32), out, 0, fps)
     assert _read(out) == fresh_bytes
+    assert idx.OpenSegment(out).native.fragment_identities() == \
+        [bytes.fromhex(i.fingerprint) for i in fresh.identities]
+    with pytest.raises(InvalidInputError, match="^identities holds 16 items, needs 32$"):
+        _native.remap(segs, [pos[:200], pos[200:]], ids, rows, bytes.fromhex("c" * 32), out,
+                      0, fps[:16])
     # Several maps onto one row are refused, naming both.
     bad = pos[200:].copy()
     bad[0] = pos[0]
