@@ -429,6 +429,7 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
         for fid, why in sorted(stale.items()):
             notices.append(f"index {n!r}: fragment {fid} is stale ({why}): searched exactly "
                            f"until re-indexed ({_REINDEX})")
+        moved, lost, compactions = _gone_fragments(ds, claimed, source_frags, faults, n)
         top: Dict[str, Any] = {k: doc.get(k) for k in (
             "metric", "num_bits", "dimension", "rotation_fingerprint", "ivf_fingerprint")}
         for e in entries:
@@ -482,7 +483,18 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
                 if fid in recorded and recorded[fid] != rows:
                     faults.append(f"{where}: the manifest records {recorded[fid]} rows for "
                                   f"fragment {fid}, the file has {rows}")
-                if fid not in source_frags:
+                if fid not in source_frags and fid in moved:
+                    # Rewritten by a compaction whose history is still there:
+                    # its codes can follow the rows (bitshard.upkeep).
+                    notices.append(f"{where}: fragment {fid} was rewritten by compact_files "
+                                   f"(version(s) {compactions}) and is remappable: "
+                                   f"optimize_indices moves its codes to the rows' new "
+                                   f"addresses without re-encoding them")
+                elif fid not in source_frags and fid in lost:
+                    notices.append(f"{where}: fragment {fid} is not in the source and cannot "
+                                   f"be remapped ({lost[fid]}); optimize_indices re-encodes "
+                                   f"its rows where they are now")
+                elif fid not in source_frags:
                     # Compacted away or deleted since the build: its rows are
                     # never returned; not a fault.
                     notices.append(f"{where}: fragment {fid} is not in the source (compacted "
@@ -498,6 +510,25 @@ def verify_report(uri: Any, *, index_uri: Optional[PathLike] = None,
             notices.append(f"index {n!r}: {len(uncovered)} fragment(s) not indexed (searched "
                            f"exactly): {shown}; {_REINDEX}")
     return VerifyReport(faults=faults, indexes=summary, notices=notices)
+
+
+def _gone_fragments(ds: Any, claimed: List[SegmentHandle], source_frags: Dict[int, Any],
+                    faults: List[str], name: str) -> Any:
+    """For the fragments an index covers that are no longer in the source:
+    those a compaction moved and ``optimize_indices`` can remap (a set),
+    those it cannot, with the reason (a dict), and the compactions' versions.
+    Only Lance has compactions; nothing is read but the Lance history."""
+    gone = set(idx.iter_fragments(claimed)) - set(source_frags)
+    if not gone or ds.source.kind != "lance":
+        return set(), {}, []
+    from .upkeep import follow_compactions  # noqa: PLC0415
+
+    try:
+        hist, lost = follow_compactions(ds, claimed, gone, claimed[0].column)
+    except (BitshardError, OSError) as err:
+        faults.append(f"index {name!r}: cannot follow the compaction history: {err}")
+        return set(), {}, []
+    return set(hist.moves), lost, list(hist.compactions)
 
 
 def upgrade_index(uri: Any, *, index_uri: Optional[PathLike] = None,

@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -377,6 +377,20 @@ def _encode_rows(source: Any, column: str, ivf: IvfModel, rot: Rotation, frags: 
 def _history(ds: Any, handles: List[SegmentHandle], gone: set, column: str,
              stats: Dict[str, Any]) -> History:
     """The compaction history of the fragments no longer in the source."""
+    hist, lost = follow_compactions(ds, handles, gone, column)
+    stats["compactions"] = list(hist.compactions)
+    stats["history_gone"] = hist.gone
+    stats["lost_fragments"] = lost
+    stats["rows_dropped_after_compaction"] = hist.dropped_rows
+    return hist
+
+
+def follow_compactions(ds: Any, handles: List[SegmentHandle], gone: set, column: str
+                       ) -> Tuple[History, Dict[int, str]]:
+    """The compaction history (bitshard.compaction) of fragments ``gone``
+    (covered by ``handles``, no longer in the Lance source), and the ones
+    among them whose rows cannot be remapped, with the reason. Reads no
+    vector. Used by optimize_indices and by verify's notices."""
     source = ds.source
     versions = [h.source_version for h in handles
                 if any(f in gone for f in h.fragment_ids) and isinstance(h.source_version, int)]
@@ -394,12 +408,8 @@ def _history(ds: Any, handles: List[SegmentHandle], gone: set, column: str,
                                 f"its moved rows cannot be followed")
     hist = compaction_history(source.dataset, since, indexed, _record_fn(source, column),
                               getattr(source, "_storage_options", None))
-    stats["compactions"] = list(hist.compactions)
-    stats["history_gone"] = hist.gone
     lost = dict(hist.lost)
     for f in gone:
         if f not in hist.moves and f not in lost and hist.gone is not None:
             lost[f] = hist.gone
-    stats["lost_fragments"] = lost
-    stats["rows_dropped_after_compaction"] = hist.dropped_rows
-    return hist
+    return hist, lost

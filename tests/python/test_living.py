@@ -306,9 +306,11 @@ def test_verify_after_compaction_and_changes(tmp_path):
     code, out, err = _cli("verify", uri)
     assert code == 0 and out.endswith("verify: ok\n"), (out, err)
     seg = idx.committed_segments(bitshard.dataset(uri).storage, "vec_idx")[0]
+    # A compaction moved fragment 0's rows and its history is there: remappable.
     assert out == (
-        f"NOTICE: index 'vec_idx' segment {seg.uuid} ({seg.path}): fragment 0 is not in the "
-        f"source (compacted or deleted since the build); run optimize_indices\n"
+        f"NOTICE: index 'vec_idx' segment {seg.uuid} ({seg.path}): fragment 0 was rewritten by "
+        f"compact_files (version(s) [4]) and is remappable: optimize_indices moves its codes "
+        f"to the rows' new addresses without re-encoding them\n"
         f"NOTICE: index 'vec_idx': 1 fragment(s) not indexed (searched exactly): [4]; run "
         f"optimize_indices, or rebuild the index\n"
         f"index 'vec_idx' version 1: 1 segment(s), {N} rows\n"
@@ -329,6 +331,38 @@ def test_verify_after_compaction_and_changes(tmp_path):
     assert rep2.notices == [
         "index 'vec_idx': fragment 3 is stale (overlay): searched exactly until re-indexed "
         "(run optimize_indices, or rebuild the index)"] + rep.notices
+
+
+def test_verify_tells_remappable_from_gone(tmp_path):
+    import lance
+
+    uri, x = _indexed_lance(tmp_path)
+    lance.dataset(uri).delete("id >= 600")  # all of fragment 3: it leaves the dataset
+    lance.dataset(uri).delete("id < 150")
+    lance.dataset(uri).optimize.compact_files(target_rows_per_fragment=PER,
+                                              materialize_deletions_threshold=0.5)
+    assert sorted(f.fragment_id for f in lance.dataset(uri).get_fragments()) == [1, 2, 4]
+    seg = idx.committed_segments(bitshard.dataset(uri).storage, "vec_idx")[0]
+    where = f"index 'vec_idx' segment {seg.uuid} ({seg.path})"
+    rep = verify_report(uri)
+    assert rep.faults == []
+    assert rep.notices[:2] == [
+        f"{where}: fragment 0 was rewritten by compact_files (version(s) [5]) and is "
+        f"remappable: optimize_indices moves its codes to the rows' new addresses without "
+        f"re-encoding them",
+        f"{where}: fragment 3 is not in the source (compacted or deleted since the build); "
+        f"run optimize_indices"]
+    # Once cleanup removed the history, fragment 0 can no longer be remapped.
+    lance.dataset(uri).cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
+    rep = verify_report(uri)
+    assert rep.faults == []
+    why = "the history after version 1 is gone (version 2 was removed by cleanup_old_versions)"
+    assert rep.notices[:2] == [
+        f"{where}: fragment {f} is not in the source and cannot be remapped ({why}); "
+        f"optimize_indices re-encodes its rows where they are now" for f in (0, 3)]
+    ds = bitshard.dataset(uri)
+    ds.optimize_indices()  # what verify said
+    assert ds.last_optimize_stats["vec_idx"]["lost_fragments"] == {0: why, 3: why}
 
 
 def test_verify_strict_passes_when_current(tmp_path):
