@@ -8,6 +8,7 @@ a race says so and can be rerun."""
 from __future__ import annotations
 
 import os
+import shutil
 from datetime import timedelta
 
 import numpy as np
@@ -415,3 +416,86 @@ def test_the_optimize_command(tmp_path, capsys):
     assert e.value.code == 2
     assert "argument --num-indices-to-merge: expected an integer >= 0, got -1" in \
         capsys.readouterr().err
+
+
+def test_parquet_appends_and_a_rewritten_file(tmp_path, monkeypatch):
+    # Parquet has no compaction: files appended (one whose name sorts first)
+    # are encoded into a delta, a file rewritten in place (same rows) is
+    # stale and re-encoded, the unchanged files keep their codes (remapped
+    # onto themselves, nothing read). The result equals a fresh build with
+    # the same artifacts over the same fragments, bytes and answers.
+    import pyarrow.parquet as pq
+
+    from bitshard.sources import ParquetSource
+
+    count = {"rows": 0}
+    take, batches = ParquetSource.take, ParquetSource.iter_batches
+
+    def counted_take(self, column, rowids):
+        out = take(self, column, rowids)
+        count["rows"] += len(out)
+        return out
+
+    def counted_batches(self, *a, **k):
+        for b in batches(self, *a, **k):
+            count["rows"] += len(b.vectors)
+            yield b
+
+    monkeypatch.setattr(ParquetSource, "take", counted_take)
+    monkeypatch.setattr(ParquetSource, "iter_batches", counted_batches)
+    x = clustered(1000, D, seed=5)
+    d = tmp_path / "pq"
+    d.mkdir()
+
+    def put(name, v):
+        pq.write_table(pa.table({"vec": pa.FixedSizeListArray.from_arrays(
+            pa.array(v.astype(np.float32).ravel()), D)}), d / name)
+
+    for i in range(3):
+        put(f"p{i}.parquet", x[i * 200:(i + 1) * 200])
+    uri = str(d)
+    bitshard.dataset(uri).create_index("vec", "IVF_RQ", num_partitions=4, num_bits=4)
+    put("a.parquet", x[600:800])  # sorts first
+    put("q.parquet", x[800:1000])
+    new = x[200:400] * -1.0
+    put("p1.parquet", new)
+    os.utime(d / "p1.parquet", ns=(1, 1))  # a different mtime, surely
+    ds = bitshard.dataset(uri)
+    assert ds.source.fragment_paths() == {0: "p0.parquet", 1: "p1.parquet", 2: "p2.parquet",
+                                          3: "a.parquet", 4: "q.parquet"}
+    count["rows"] = 0
+    ds.optimize_indices()
+    st = ds.last_optimize_stats[NAME]
+    assert st["stale_fragments"] == {1: "file changed"}
+    assert (st["rows_encoded"], st["rows_read"], st["rows_remapped"], st["rows_dropped"]) == \
+        (600, 600, 400, 200)
+    assert count["rows"] == 600  # the appended files and the rewritten one, nothing else
+    assert st["compactions"] == [] and st["lost_fragments"] == {} and st["committed"]
+    d0 = ds.describe_indices()[0]
+    assert d0["uncovered_fragments"] == [] and d0["stale_fragments"] == []
+    assert d0["num_rows"] == 1000
+    assert sorted(tuple(s["fragment_ids"]) for s in d0["segments"]) == [(0, 2), (1, 3, 4)]
+    # A fresh build with the same artifacts and segment layout: in a copy of
+    # the index root (its manifests carry the path -> fragment id map), the
+    # committed segment files written again from the source.
+    handles = idx.committed_segments(ds.storage, NAME)
+    o = idx.open_handle(handles[0], ds.storage)
+    fresh_root = str(tmp_path / "fresh")
+    shutil.copytree(ds.index_root, fresh_root)
+    for h in handles:
+        os.remove(idx.segment_path(fresh_root, h.uuid))
+    fresh = bitshard.dataset(uri, index_uri=fresh_root)
+    assert fresh.source.fragment_paths() == ds.source.fragment_paths()
+    for h in handles:
+        f = fresh.create_index_uncommitted("vec", ivf_centroids=o.ivf_model(),
+                                           rq_rotation=o.rotation(),
+                                           fragment_ids=list(h.fragment_ids), index_uuid=h.uuid)
+        with open(h.path, "rb") as x1, open(f.path, "rb") as x2:
+            assert x1.read() == x2.read()
+    q = np.concatenate([_queries(), new[[5, 17]]]).astype(np.float32)
+    a = ds.search("vec", q, k=10, nprobes=4)
+    b = fresh.search("vec", q, k=10, nprobes=4)
+    assert a.equals(b)
+    # the rewritten file's new vectors are found, from their new codes
+    top = a.column("_rowid").to_numpy()[a.column("query_index").to_numpy() >= 20]
+    assert top[0] == (1 << 32) | 5 and top[10] == (1 << 32) | 17
