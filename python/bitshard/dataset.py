@@ -701,7 +701,13 @@ class Dataset:
         if columns:
             extra = self.source.take_table(rowids, list(columns))
             for c in columns:
-                table = table.append_column(c, extra.column(c))
+                if c == "_rowid" and self.source.stable_row_ids and \
+                        self.source.schema.get_field_index(c) < 0:
+                    # Lance's _rowid (the stable id, as in the first column),
+                    # not the address take_table's pseudo-column gives.
+                    table = table.append_column(c, table.column(0))
+                else:
+                    table = table.append_column(c, extra.column(c))
         if before is not None:
             self.last_search_stats = {key: v - before[key] for key, v in s.stats.items()}
         return table

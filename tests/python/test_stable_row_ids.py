@@ -195,3 +195,21 @@ def test_optimize_indices_after_compaction_keeps_the_stable_ids(stable):
         t = ds.search("vec", x[probes], k=1, nprobes=16)
     assert t.column("_rowid").to_pylist() == probes.tolist()
     _check_ids(uri, t)
+
+
+def test_search_columns_rowid_gives_the_stable_id(stable):
+    # columns=["_rowid"] repeats Lance's _rowid (the stable id, as the first
+    # column), not the row address; through a compaction too.
+    uri, x = stable
+    lance.dataset(uri).delete("id < 500")
+    lance.dataset(uri).optimize.compact_files(target_rows_per_fragment=2000)
+    ds = bitshard.dataset(uri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncoveredRowsWarning)
+        t = ds.search("vec", x[[1234, 3001]], k=5, nprobes=16, columns=["_rowid", "id"])
+    assert t.column_names == ["_rowid", "_distance", "_rowaddr", "query_index", "_rowid", "id"]
+    assert t.column(4).to_pylist() == t.column(0).to_pylist()
+    assert t.column(4).to_pylist() == t.column("id").to_pylist()  # written in one go
+    assert t.column(4).to_pylist()[0] == 1234 and t.column(4).to_pylist()[5] == 3001
+    assert t.column(4).to_pylist() != t.column("_rowaddr").to_pylist()
+    assert t.column(4).type == pa.uint64()
