@@ -626,3 +626,36 @@ def test_memory_sources_pickle():
         src2 = pickle.loads(pickle.dumps(src))
         assert (src2.kind, src2.column, src2.fragments()) == (src.kind, src.column, src.fragments())
         np.testing.assert_array_equal(collect(src2)[1], collect(src)[1])
+
+
+def test_lance_sample_with_deletions_takes_by_address(tmp_path, monkeypatch):
+    # LanceDataset.take by position is slow on fragments with deletions:
+    # sample() maps live positions to offsets and takes by row address. The
+    # rows are those the positions name, checked against Lance's own scan of
+    # each fragment (independent of either take path).
+    ds = write_lance(tmp_path / "s.lance", n=3000, rows_per_file=500)
+    ds.delete("id % 3 = 1 OR (id >= 1000 AND id < 1400)")
+    src = open_source(str(tmp_path / "s.lance"))
+
+    def boom(*a, **k):
+        raise AssertionError("LanceDataset.take by position was used")
+
+    monkeypatch.setattr(type(src.dataset), "take", boom)
+    frags = [f for f in src.fragments() if f.num_rows > 0]
+    live_ids = {f.id: lance.dataset(str(tmp_path / "s.lance")).get_fragment(f.id)
+                .to_table(columns=["id"]).column("id").to_numpy() for f in frags}
+    total = sum(f.num_rows for f in frags)
+    assert total == 3000 - 1000 - 400 + len([i for i in range(1000, 1400) if i % 3 == 1])
+    for n, seed in ((1, 0), (50, 0), (700, 3), (total, 1)):
+        got = src.sample("vec", n, seed=seed)
+        rng = np.random.default_rng(seed)
+        picks = np.arange(total) if n == total else \
+            np.sort(rng.choice(total, size=n, replace=False, shuffle=False))
+        starts = np.cumsum([0] + [f.num_rows for f in frags])
+        which = np.searchsorted(starts, picks, side="right") - 1
+        want = [live_ids[frags[w].id][p - starts[w]] for w, p in zip(which, picks)]
+        assert row_index(got).tolist() == [int(i) for i in want]
+    # without deletions the position path is kept (one take for all fragments)
+    clean = open_source(write_lance(tmp_path / "c.lance", n=100, rows_per_file=30))
+    with pytest.raises(AssertionError, match="by position was used"):
+        clean.sample("vec", 10, seed=0)
