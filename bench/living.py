@@ -1,0 +1,375 @@
+"""A day in the life of a living dataset (issue 12): the index follows the
+data through appends, deletes and a compaction.
+
+    python -m bench.living [--rows 1000000] [--dim 64] [--out bench/results/living.json]
+
+One run, one process, in this order, on a synthetic clustered Lance dataset:
+
+1. ``build``: write ``--rows`` rows, ``create_index``;
+2. ``appends``: 20 commits of ``--rows / 200`` rows each (10% in all),
+   nothing re-indexed (the new rows are searched exactly);
+3. ``delete``: 5% of all rows (every 20th id);
+4. ``compact``: pylance's ``compact_files`` with
+   ``materialize_deletions_threshold=0.01`` (``--materialize-threshold``), so
+   every fragment with deletions is rewritten and every covered row moves;
+5. ``optimize``: ``ds.optimize_indices()``;
+6. ``fresh``: a fresh build over the compacted dataset with the index's own
+   rotation and centroids and the same segment layout (uuids, fragments).
+
+After each step: the step's wall time, the vectors bitshard read from the
+source during it (``LanceSource.take`` and ``iter_batches`` counted), the
+rows it encoded, the process's peak RSS during the step (VmHWM, reset before
+each step through ``/proc/self/clear_refs``), and a search at a fixed setting
+(k = 10, ``--nprobes``, no refine): recall@10 against exact neighbours of
+the live rows (the queries as one batch), single-thread QPS (median of 3
+runs, each at least 1 s of single queries in turn, prepared searcher), the
+search's peak RSS and the rows no segment covers. At the end it checks
+whether the optimized index's answers and segment bytes equal the fresh
+build's, and compares the upkeep's time with the fresh build's (which
+encodes every row again).
+
+The 1-minute load average is recorded before and after every step: on a
+shared machine QPS and times are not measurements, rows read / encoded,
+recall and the equality checks are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+K = 10
+APPEND_COMMITS = 20
+
+
+def loadavg() -> float:
+    """The 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes() -> int:
+    """Peak RSS since the last reset_peak, in bytes."""
+    return _status_kb("VmHWM") * 1024
+
+
+class Data:
+    """Clustered float32 vectors, row ``i`` has ``id = i``; all kept in
+    memory (for the exact neighbours)."""
+
+    def __init__(self, total: int, dim: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.centres = rng.normal(size=(max(16, int(np.sqrt(total) // 4)), dim)
+                                  ).astype(np.float32) * 3
+        self.x = np.empty((total, dim), dtype=np.float32)
+        for s in range(0, total, 100_000):
+            n = min(100_000, total - s)
+            lab = rng.integers(0, len(self.centres), n)
+            self.x[s:s + n] = self.centres[lab] + rng.normal(size=(n, dim)).astype(np.float32)
+        self.live = np.zeros(total, dtype=bool)
+        # Queries: near the data, not in it.
+        lab = rng.integers(0, len(self.centres), 1000)
+        self.queries_all = (self.centres[lab] + rng.normal(size=(1000, dim))
+                            ).astype(np.float32)
+
+    def table(self, lo: int, hi: int) -> pa.Table:
+        d = self.x.shape[1]
+        return pa.table({"id": pa.array(np.arange(lo, hi, dtype=np.int64)),
+                         "vec": pa.FixedSizeListArray.from_arrays(
+                             pa.array(self.x[lo:hi].ravel()), d)})
+
+
+def exact_neighbours(data: Data, q: np.ndarray, k: int = K) -> np.ndarray:
+    """Ids of the k nearest live rows (squared L2) of each query."""
+    ids = np.flatnonzero(data.live)
+    best_d = np.full((len(q), k), np.inf, dtype=np.float32)
+    best_i = np.full((len(q), k), -1, dtype=np.int64)
+    qn = (q * q).sum(1)[:, None]
+    for s in range(0, ids.size, 200_000):
+        blk = ids[s:s + 200_000]
+        xb = data.x[blk]
+        dist = qn - 2 * q @ xb.T + (xb * xb).sum(1)[None, :]
+        cand_d = np.concatenate([best_d, dist], axis=1)
+        cand_i = np.concatenate([best_i, np.broadcast_to(blk, dist.shape)], axis=1)
+        top = np.argpartition(cand_d, k - 1, axis=1)[:, :k]
+        best_d = np.take_along_axis(cand_d, top, 1)
+        best_i = np.take_along_axis(cand_i, top, 1)
+    return best_i
+
+
+class ReadCounter:
+    """Counts the vectors bitshard reads from a Lance source."""
+
+    def __init__(self) -> None:
+        from bitshard.sources import LanceSource
+
+        self.rows = 0
+        take, batches = LanceSource.take, LanceSource.iter_batches
+        counter = self
+
+        def counted_take(src: Any, column: Any, rowids: Any) -> np.ndarray:
+            out = take(src, column, rowids)
+            counter.rows += len(out)
+            return out
+
+        def counted_batches(src: Any, *a: Any, **k: Any) -> Any:
+            for b in batches(src, *a, **k):
+                counter.rows += len(b.vectors)
+                yield b
+
+        LanceSource.take = counted_take  # type: ignore[method-assign]
+        LanceSource.iter_batches = counted_batches  # type: ignore[method-assign]
+
+
+def search_report(ds: Any, data: Data, queries: np.ndarray, gt: np.ndarray, nprobes: int,
+                  counter: ReadCounter) -> Dict[str, Any]:
+    """Recall@10 and single-thread QPS (median of 3) at the fixed setting,
+    with the search's peak RSS and reads, and the uncovered rows."""
+    import warnings
+
+    from bitshard.searcher import UncoveredRowsWarning
+
+    d = ds.describe_indices()[0]
+    outside = set(d["uncovered_fragments"]) | {x["id"] for x in d["stale_fragments"]}
+    uncovered = sum(int(f.num_rows) for f in ds.source.fragments() if f.id in outside)
+    reset_peak()
+    before = counter.rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncoveredRowsWarning)
+        s = ds.searcher("vec", k=K, nprobes=nprobes, num_threads=1)
+        s.search(queries[0])  # the first call pays for the plan and caches
+        # The answers: one batch (rows no segment covers are then read once
+        # for the whole batch, beyond the cache).
+        rows, dists = s.search(queries)
+        runs = []
+        for _ in range(3):  # each run: single queries, in turn, for at least 1 s
+            n, t0 = 0, time.perf_counter()
+            while n == 0 or time.perf_counter() - t0 < 1.0:
+                s.search(queries[n % len(queries)])
+                n += 1
+            runs.append(n / (time.perf_counter() - t0))
+    peak = peak_bytes()
+    ids = ds.source.take_table(rows.ravel(), ["id"]).column("id").to_numpy().reshape(rows.shape)
+    hit = sum(len(set(ids[i].tolist()) & set(gt[i].tolist())) for i in range(len(queries)))
+    return {
+        "recall_at_10": hit / (K * len(queries)),
+        "qps_single_thread": statistics.median(runs),
+        "qps_runs": runs,
+        "search_peak_rss_bytes": peak,
+        "search_rows_read": counter.rows - before,
+        "uncovered_rows": uncovered,
+        "segments": len(d.get("segments", [])),
+        "_answers": (rows, dists),
+    }
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    import lance
+
+    import bitshard
+    from bitshard import index as idx
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench-living-")
+    uri = os.path.join(work, "living.lance")
+    shutil.rmtree(uri, ignore_errors=True)
+    per_append = max(1, args.rows // (10 * APPEND_COMMITS))
+    total = args.rows + per_append * APPEND_COMMITS
+    data = Data(total, args.dim, seed=args.seed)
+    queries = data.queries_all[:args.queries]
+    counter = ReadCounter()
+    steps: List[Dict[str, Any]] = []
+    out: Dict[str, Any] = {
+        "benchmark": "living", "rows": args.rows, "dim": args.dim,
+        "appended_rows": per_append * APPEND_COMMITS, "append_commits": APPEND_COMMITS,
+        "queries": len(queries), "k": K, "nprobes": args.nprobes,
+        "num_partitions": args.partitions, "num_bits": args.bits,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "peak_reset_works": reset_peak(), "steps": steps,
+    }
+
+    def step(name: str, fn: Any, ds_after: Any = None) -> Any:
+        la0 = loadavg()
+        reset_peak()
+        r0 = counter.rows
+        t0 = time.perf_counter()
+        result = fn()
+        secs = time.perf_counter() - t0
+        rec: Dict[str, Any] = {"step": name, "seconds": secs, "rows_read": counter.rows - r0,
+                               "peak_rss_bytes": peak_bytes()}
+        if isinstance(result, dict):
+            rec.update(result)
+        ds = ds_after() if ds_after else None
+        if ds is not None:
+            gt = exact_neighbours(data, queries)
+            rec["search"] = search_report(ds, data, queries, gt, args.nprobes, counter)
+        rec["loadavg_before_after"] = [la0, loadavg()]
+        steps.append(rec)
+        s = rec.get("search", {})
+        print(f"{name:9s} {secs:8.1f}s read {rec['rows_read']:>9,} "
+              f"encoded {rec.get('rows_encoded', 0):>9,} peak {rec['peak_rss_bytes'] >> 20} MiB"
+              + (f"  recall {s['recall_at_10']:.4f} qps {s['qps_single_thread']:.0f} "
+                 f"uncovered {s['uncovered_rows']}" if s else ""), flush=True)
+        return result
+
+    # 1. build
+    def build() -> Dict[str, Any]:
+        lance.write_dataset(data.table(0, args.rows), uri, max_rows_per_file=args.fragment_rows)
+        data.live[:args.rows] = True
+        ds = bitshard.dataset(uri)
+        ds.create_index("vec", "IVF_RQ", num_partitions=args.partitions, num_bits=args.bits)
+        return {"rows_encoded": args.rows}
+
+    step("build", build, lambda: bitshard.dataset(uri))
+
+    # 2. appends
+    def appends() -> Dict[str, Any]:
+        lo = args.rows
+        for _ in range(APPEND_COMMITS):
+            lance.write_dataset(data.table(lo, lo + per_append), uri, mode="append")
+            lo += per_append
+        data.live[args.rows:lo] = True
+        return {"rows_encoded": 0}
+
+    step("appends", appends, lambda: bitshard.dataset(uri))
+
+    # 3. delete 5%
+    def delete() -> Dict[str, Any]:
+        lance.dataset(uri).delete("id % 20 = 7")
+        data.live[np.arange(total) % 20 == 7] = False
+        return {"rows_encoded": 0, "rows_deleted": int((np.arange(total) % 20 == 7).sum())}
+
+    step("delete", delete, lambda: bitshard.dataset(uri))
+
+    # 4. compact
+    def compact() -> Dict[str, Any]:
+        m = lance.dataset(uri).optimize.compact_files(
+            target_rows_per_fragment=args.fragment_rows,
+            materialize_deletions_threshold=args.materialize_threshold)
+        return {"rows_encoded": 0, "compaction": str(m)}
+
+    step("compact", compact, lambda: bitshard.dataset(uri))
+
+    # 5. optimize_indices
+    holder: Dict[str, Any] = {}
+
+    def optimize() -> Dict[str, Any]:
+        ds = bitshard.dataset(uri)
+        ds.optimize_indices()
+        st = dict(ds.last_optimize_stats["vec_idx"])
+        holder["ds"] = ds
+        keep = ("rows_remapped", "rows_encoded", "rows_read", "rows_dropped", "compactions",
+                "segments_before", "segments_after", "history_gone")
+        return {"optimize_stats": {k: st.get(k) for k in keep},
+                "rows_encoded": int(st["rows_encoded"])}
+
+    step("optimize", optimize, lambda: bitshard.dataset(uri))
+
+    # 6. a fresh build with the same artifacts and layout
+    fresh_root = os.path.join(work, "fresh-index")
+    shutil.rmtree(fresh_root, ignore_errors=True)
+    same_bytes: Dict[str, bool] = {}
+
+    def fresh() -> Dict[str, Any]:
+        ds = bitshard.dataset(uri)
+        handles = idx.committed_segments(ds.storage, "vec_idx")
+        o = idx.open_handle(handles[0], ds.storage)
+        f = bitshard.dataset(uri, index_uri=fresh_root)
+        segs = []
+        n = 0
+        for h in handles:
+            s = f.create_index_uncommitted("vec", ivf_centroids=o.ivf_model(),
+                                           rq_rotation=o.rotation(),
+                                           fragment_ids=list(h.fragment_ids), index_uuid=h.uuid)
+            with open(h.path, "rb") as a, open(s.path, "rb") as b:
+                same_bytes[h.uuid] = a.read() == b.read()
+            segs.append(s)
+            n += s.num_rows
+        f.commit_existing_index_segments("vec_idx", "vec", segs)
+        return {"rows_encoded": n}
+
+    step("fresh", fresh, lambda: bitshard.dataset(uri, index_uri=fresh_root))
+
+    opt = steps[4]["search"].pop("_answers")
+    frs = steps[5]["search"].pop("_answers")
+    for s in steps:
+        s.get("search", {}).pop("_answers", None)
+    upkeep_s = steps[4]["seconds"]
+    fresh_s = steps[5]["seconds"]
+    out["checks"] = {
+        "optimize_rows_read": steps[4]["rows_read"],
+        "answers_identical_to_fresh": bool(np.array_equal(opt[0], frs[0])
+                                           and np.array_equal(opt[1], frs[1])),
+        "segment_bytes_identical_to_fresh": all(same_bytes.values()) and bool(same_bytes),
+        "upkeep_speedup_vs_fresh_encode": fresh_s / upkeep_s if upkeep_s else None,
+        "qps_optimized_over_fresh": (steps[4]["search"]["qps_single_thread"]
+                                     / steps[5]["search"]["qps_single_thread"]),
+        "recall_optimized_minus_fresh": (steps[4]["search"]["recall_at_10"]
+                                         - steps[5]["search"]["recall_at_10"]),
+    }
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.living", description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows built on (default 1M)")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--partitions", type=int, default=1024)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--nprobes", type=int, default=20)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--fragment-rows", type=int, default=100_000)
+    p.add_argument("--materialize-threshold", type=float, default=0.01,
+                   help="compact_files' materialize_deletions_threshold: the default 0.01 "
+                        "rewrites every fragment with 5%% deleted (pylance's own 0.1 would "
+                        "leave them, and move only the small appended fragments)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="kept when given (default: a temp dir)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "living.json"))
+    args = p.parse_args(argv)
+    t0 = time.time()
+    out = run(args)
+    out["started_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
+    out["wall_seconds"] = time.time() - t0
+    out["command"] = "python -m bench.living " + " ".join(argv if argv is not None
+                                                           else sys.argv[1:])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    print(json.dumps(out["checks"], indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
