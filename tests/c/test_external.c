@@ -24,13 +24,7 @@ static char g_dir[256];
 static float g_cent[K_ * D_], g_x[N_ * D_], g_q[D_];
 static const uint8_t UUID[16] = {7, 7, 7, 7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
 
-static const char *tpath(const char *name) {
-    static char buf[4][512];
-    static int slot = 0;
-    slot = (slot + 1) % 4;
-    snprintf(buf[slot], sizeof buf[slot], "%s/%s", g_dir, name);
-    return buf[slot];
-}
+#define tpath(name) test_path(g_dir, name)
 
 static void make_data(void) {
     uint64_t st = 99;
@@ -61,26 +55,6 @@ static bs_status build(uint32_t bits, uint32_t flags, const char *path, bs_error
     return st;
 }
 
-static int test_files_equal(const char *a, const char *b) {
-    size_t la = 0, lb = 0;
-    uint8_t *x = test_read_file(a, &la), *y = test_read_file(b, &lb);
-    int eq = x && y && la == lb && memcmp(x, y, la) == 0;
-    free(x);
-    free(y);
-    return eq;
-}
-
-static uint8_t *aligned_file(const char *path, size_t *len) {
-    uint8_t *raw = test_read_file(path, len);
-    void *p = NULL;
-    if (raw == NULL || posix_memalign(&p, 64, *len ? *len : 1) != 0) {
-        free(raw);
-        return NULL;
-    }
-    memcpy(p, raw, *len);
-    free(raw);
-    return p;
-}
 
 /* The answer (row ids and estimates, in order) of one search. */
 static size_t answer(const bs_segment *seg, uint64_t *ids, float *est) {
@@ -110,7 +84,7 @@ static void test_bits(uint32_t bits) {
     CHECK(build(bits, 0, self, &err) == BS_OK);
     CHECK(build(bits, BS_WRITE_EXTERNAL_CENTROIDS, ext, &err) == BS_OK);
     size_t ls = 0, le = 0;
-    uint8_t *bs = aligned_file(self, &ls), *be = aligned_file(ext, &le);
+    uint8_t *bs = test_read_file(self, &ls), *be = test_read_file(ext, &le);
     CHECK(bs && be);
     if (!bs || !be) return;
     /* The external file is the self-contained one without the centroids'

@@ -53,12 +53,6 @@ static uint8_t *build(uint32_t bits, bs_metric metric, size_t *len) {
     return buf;
 }
 
-static uint8_t *aligned_copy(const uint8_t *src, size_t n) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, n ? n : 1) != 0) return NULL;
-    if (n) memcpy(p, src, n);
-    return p;
-}
 
 /* The candidates of every query, flattened, for a bitwise comparison. */
 typedef struct {
@@ -123,7 +117,7 @@ static void attach_probed(bs_segment *seg, const uint8_t *file, parts *pp, uint3
             if (bs_segment_partition_attached(seg, p)) continue;
             uint64_t off = 0, size = 0;
             CHECK(bs_segment_partition_range(seg, p, &off, &size, &err) == BS_OK);
-            pp->bytes[p] = aligned_copy(file + off, (size_t)size);
+            pp->bytes[p] = test_aligned_copy(file + off, (size_t)size);
             CHECK_MSG(bs_segment_attach(seg, p, pp->bytes[p], (size_t)size, &err) == BS_OK,
                       "%s", err.message);
         }
@@ -150,7 +144,7 @@ static bs_segment *open_prefix(const uint8_t *file, size_t len, uint8_t **prefix
     CHECK(need < len);
     uint64_t again = 0;
     CHECK(bs_segment_prefix_size(file, len, &again, &err) == BS_OK && again == need);
-    uint8_t *prefix = aligned_copy(file, (size_t)need);
+    uint8_t *prefix = test_aligned_copy(file, (size_t)need);
     bs_segment *seg = NULL;
     CHECK_MSG(bs_segment_open_prefix(prefix, (size_t)need, len, &seg, &err) == BS_OK, "%s",
               err.message);
@@ -234,7 +228,7 @@ static void test_same_answers(uint32_t bits, bs_metric metric) {
     for (uint32_t p = 0; p < K; p++) {
         if (bs_segment_partition_attached(seg, p)) continue;
         CHECK(bs_segment_partition_range(seg, p, &off, &size, &err) == BS_OK);
-        pp.bytes[p] = aligned_copy(file + off, (size_t)size);
+        pp.bytes[p] = test_aligned_copy(file + off, (size_t)size);
         CHECK(bs_segment_attach(seg, p, pp.bytes[p], (size_t)size, &err) == BS_OK);
     }
     CHECK_MSG(bs_segment_verify(seg, &err) == BS_OK, "%s", err.message);
@@ -271,7 +265,7 @@ static void test_refusals(void) {
         }
     }
     CHECK(bs_segment_partition_range(seg, p, &off, &size, &err) == BS_OK);
-    uint8_t *bytes = aligned_copy(file + off, (size_t)size);
+    uint8_t *bytes = test_aligned_copy(file + off, (size_t)size);
     bytes[100] ^= 1;
     char want[200];
     snprintf(want, sizeof want,

@@ -16,22 +16,8 @@
 
 static char g_dir[256];
 
-static const char *tpath(const char *name) {
-    static char buf[8][512];
-    static int slot = 0;
-    slot = (slot + 1) % 8;
-    snprintf(buf[slot], sizeof buf[slot], "%s/%s", g_dir, name);
-    return buf[slot];
-}
+#define tpath(name) test_path(g_dir, name)
 
-static int files_equal(const char *a, const char *b) {
-    size_t la = 0, lb = 0;
-    uint8_t *x = test_read_file(a, &la), *y = test_read_file(b, &lb);
-    int eq = x && y && la == lb && memcmp(x, y, la) == 0;
-    free(x);
-    free(y);
-    return eq;
-}
 
 typedef struct loaded {
     uint8_t *data;
@@ -213,19 +199,19 @@ static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric)
     bs_error err;
     CHECK_MSG(bs_segment_remap(in, 3, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, out, &err) == BS_OK,
               "%s", err.message);
-    CHECK_MSG(files_equal(out, fresh), "remap != fresh build (d=%u bits=%u metric=%d)", d,
+    CHECK_MSG(test_files_equal(out, fresh), "remap != fresh build (d=%u bits=%u metric=%d)", d,
               bits, (int)metric);
     /* Input order does not matter. */
     bs_remap_input rev[3] = {in[2], in[0], in[1]};
     CHECK(bs_segment_remap(rev, 3, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, out, &err) == BS_OK);
-    CHECK(files_equal(out, fresh));
+    CHECK(test_files_equal(out, fresh));
 
     /* The test can fail: two rows swapped give another file. */
     uint64_t t = map_a[1];
     map_a[1] = map_a[2];
     map_a[2] = t;
     CHECK(bs_segment_remap(in, 3, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, out, &err) == BS_OK);
-    CHECK(!files_equal(out, fresh));
+    CHECK(!test_files_equal(out, fresh));
     map_a[2] = map_a[1];
     map_a[1] = t;
 
@@ -357,8 +343,8 @@ static void test_identities(void) {
     bs_error err;
     CHECK_MSG(bs_segment_remap(in, 1, w.new_ids, w.new_rows, 3, ident, UUID_NEW, out, &err) ==
                   BS_OK, "%s", err.message);
-    CHECK(files_equal(out, fresh));
-    CHECK(!files_equal(out, plain));
+    CHECK(test_files_equal(out, fresh));
+    CHECK(!test_files_equal(out, plain));
     loaded o;
     CHECK(load(out, &o) == BS_OK);
     for (uint32_t f = 0; o.seg && f < 3; f++) {
@@ -369,7 +355,7 @@ static void test_identities(void) {
     if (o.seg) unload(&o);
     /* NULL: all zero, the old fragment's identity is not carried. */
     CHECK(bs_segment_remap(in, 1, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, out, &err) == BS_OK);
-    CHECK(files_equal(out, plain));
+    CHECK(test_files_equal(out, plain));
     unload(&b);
     free_world(&w);
 }

@@ -20,39 +20,10 @@
 
 static char g_dir[256];
 
-static const char *tpath(const char *name) {
-    static char buf[8][512];
-    static int slot = 0;
-    slot = (slot + 1) % 8;
-    snprintf(buf[slot], sizeof buf[slot], "%s/%s", g_dir, name);
-    return buf[slot];
-}
+#define tpath(name) test_path(g_dir, name)
 
 /* ------------------------------------------------------------ helpers */
 
-/* An exactly sized 64-byte-aligned copy: ASan then catches any read past
- * len, which a rounded-up allocation would hide. */
-static uint8_t *aligned_copy(const uint8_t *src, size_t len) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, len ? len : 1) != 0) return NULL;
-    if (len) memcpy(p, src, len);
-    return p;
-}
-
-static int files_equal(const char *a, const char *b) {
-    size_t la = 0, lb = 0;
-    uint8_t *x = test_read_file(a, &la), *y = test_read_file(b, &lb);
-    int eq = x && y && la == lb && memcmp(x, y, la) == 0;
-    if (x && y && !eq) {
-        size_t i = 0;
-        while (i < la && i < lb && x[i] == y[i]) i++;
-        fprintf(stderr, "  %s (%zu bytes) and %s (%zu bytes) differ at %zu\n",
-                a, la, b, lb, i);
-    }
-    free(x);
-    free(y);
-    return eq;
-}
 
 /* A loaded segment: the file bytes and the handle over them. */
 typedef struct loaded {
@@ -351,7 +322,7 @@ static void test_roundtrip(uint32_t d, uint32_t bits, bs_metric metric,
     st = build_range(&ds, bits, metric, kind, ids, rows, 0, 4, 1, 1, UUID_A,
                      path2, &err);
     CHECK_MSG(st == BS_OK, "%s", err.message);
-    CHECK_MSG(files_equal(path, path2), "d=%u bits=%u metric=%d kind=%d", d,
+    CHECK_MSG(test_files_equal(path, path2), "d=%u bits=%u metric=%d kind=%d", d,
               bits, (int)metric, (int)kind);
     free_data(&ds);
 }
@@ -383,7 +354,7 @@ static void reseal(uint8_t *b, size_t len) {
 }
 
 static bs_status open_bytes(const uint8_t *b, size_t len, bs_error *err) {
-    uint8_t *c = aligned_copy(b, len);
+    uint8_t *c = test_aligned_copy(b, len);
     bs_segment *s = NULL;
     bs_status st = bs_segment_open(c, len, &s, err);
     /* What the open leaves to first use (the partitions, no ordinal in two
@@ -828,10 +799,10 @@ static void test_merge(uint32_t d, uint32_t bits, bs_metric metric,
     const char *m2 = tpath("m2.bsseg"), *m3 = tpath("m3.bsseg");
     const bs_segment *in2[2] = {a.seg, b.seg};
     CHECK_MSG(bs_segment_merge(in2, 2, UUID_A, m2, &err) == BS_OK, "%s", err.message);
-    CHECK_MSG(files_equal(m2, pab), "merge(a,b) != build(a+b) d=%u bits=%u", d, bits);
+    CHECK_MSG(test_files_equal(m2, pab), "merge(a,b) != build(a+b) d=%u bits=%u", d, bits);
     const bs_segment *in3[3] = {a.seg, b.seg, c.seg};
     CHECK_MSG(bs_segment_merge(in3, 3, UUID_A, m3, &err) == BS_OK, "%s", err.message);
-    CHECK_MSG(files_equal(m3, pabc), "merge(a,b,c) != build(a+b+c) d=%u bits=%u", d,
+    CHECK_MSG(test_files_equal(m3, pabc), "merge(a,b,c) != build(a+b+c) d=%u bits=%u", d,
               bits);
 
     /* Associativity both ways. */
@@ -846,8 +817,8 @@ static void test_merge(uint32_t d, uint32_t bits, bs_metric metric,
                            UUID_A, l3, &err) == BS_OK);
     CHECK(bs_segment_merge((const bs_segment *const[]){a.seg, bc.seg}, 2,
                            UUID_A, r3, &err) == BS_OK);
-    CHECK(files_equal(l3, m3));
-    CHECK(files_equal(r3, m3));
+    CHECK(test_files_equal(l3, m3));
+    CHECK(test_files_equal(r3, m3));
 
     /* A merged segment reads back with every row. */
     loaded all;
@@ -874,7 +845,7 @@ static void test_merge(uint32_t d, uint32_t bits, bs_metric metric,
     const char *m1 = tpath("m1.bsseg");
     CHECK(bs_segment_merge((const bs_segment *const[]){all.seg}, 1, UUID_A, m1,
                            &err) == BS_OK);
-    CHECK(files_equal(m1, pabc));
+    CHECK(test_files_equal(m1, pabc));
 
     /* Overlapping fragments. */
     CHECK(bs_segment_merge((const bs_segment *const[]){a.seg, b.seg, a.seg}, 3,
@@ -886,7 +857,7 @@ static void test_merge(uint32_t d, uint32_t bits, bs_metric metric,
     CHECK_MSG(strcmp(err.message, "fragment 12 is in segments 0 and 1") == 0, "%s",
               err.message);
     /* Output file untouched by the refused merges. */
-    CHECK(files_equal(m1, pabc));
+    CHECK(test_files_equal(m1, pabc));
 
     CHECK(bs_segment_merge(in2, 2, UUID_A, "/nonexistent-dir/m.bsseg", &err) ==
           BS_ERR_IO);
@@ -1171,7 +1142,7 @@ static void test_builder_args(void) {
     CHECK(bs_builder_write(b, p1, &err) == BS_OK);
     /* Writing twice gives the same file. */
     CHECK(bs_builder_write(b, p2, &err) == BS_OK);
-    CHECK(files_equal(p1, p2));
+    CHECK(test_files_equal(p1, p2));
     loaded l;
     CHECK(load(p1, &l, &err) == BS_OK);
     if (l.seg) {
@@ -1374,7 +1345,7 @@ static void test_builder_threads(void) {
             CHECK(bs_builder_write(b, t ? p4 : p1, &err) == BS_OK);
             bs_builder_free(b);
         }
-        CHECK_MSG(files_equal(p1, p4), "4 threads changed the segment (bits %u)", bits);
+        CHECK_MSG(test_files_equal(p1, p4), "4 threads changed the segment (bits %u)", bits);
     }
     free(bad);
     free(offs);
@@ -1399,7 +1370,7 @@ static void test_lazy_partitions(void) {
     uint8_t *orig = test_read_file(path, &len);
     if (orig == NULL) return;
     for (int region = 0; region < 2; region++) {
-        uint8_t *b = aligned_copy(orig, len);
+        uint8_t *b = test_aligned_copy(orig, len);
         uint32_t p = busy_partition(b);
         uint8_t *e = dir_entry(b, p);
         uint64_t off = bs_load_u64(e), s1 = bs_load_u64(e + BS_DIR_STAGE1_SIZE);
@@ -1445,7 +1416,7 @@ static void test_lazy_partitions(void) {
      * (resealed): searches work, verify refuses the file, and merge (which
      * verifies its inputs) too. */
     {
-        uint8_t *b = aligned_copy(orig, len);
+        uint8_t *b = test_aligned_copy(orig, len);
         e_ordinal_dup_across(b, len);
         reseal(b, len);
         bs_segment *seg = NULL;

@@ -46,6 +46,36 @@ uint8_t *test_read_file(const char *path, size_t *len) {
     return p;
 }
 
+const char *test_path(const char *dir, const char *name) {
+    static char buf[8][512];
+    static int slot = 0;
+    slot = (slot + 1) % 8;
+    snprintf(buf[slot], sizeof buf[slot], "%s/%s", dir, name);
+    return buf[slot];
+}
+
+int test_files_equal(const char *a, const char *b) {
+    size_t la = 0, lb = 0;
+    uint8_t *x = test_read_file(a, &la), *y = test_read_file(b, &lb);
+    int eq = x && y && la == lb && memcmp(x, y, la) == 0;
+    if (x && y && !eq) {
+        size_t i = 0;
+        while (i < la && i < lb && x[i] == y[i]) i++;
+        fprintf(stderr, "  %s (%zu bytes) and %s (%zu bytes) differ at %zu\n",
+                a, la, b, lb, i);
+    }
+    free(x);
+    free(y);
+    return eq;
+}
+
+uint8_t *test_aligned_copy(const uint8_t *src, size_t len) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, len ? len : 1) != 0) return NULL;
+    if (len) memcpy(p, src, len);
+    return p;
+}
+
 bs_segment_spec test_segment_spec(uint32_t dim, uint32_t bits, bs_metric metric,
                                   uint64_t rotation_seed, const float *centroids,
                                   uint32_t num_partitions, const uint8_t *uuid,

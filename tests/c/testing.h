@@ -50,6 +50,18 @@ int test_replay_dir(const char *dir,
                     void (*each)(const char *name, const uint8_t *data, size_t len, void *ctx),
                     void *ctx);
 
+/* dir/name in one of 8 rotating static buffers (so a call can take a few
+ * paths at once). */
+const char *test_path(const char *dir, const char *name);
+
+/* 1 when both files can be read and hold the same bytes; when they differ,
+ * prints both sizes and the first differing offset. */
+int test_files_equal(const char *a, const char *b);
+
+/* An exactly sized 64-byte-aligned copy of src (free() it), or NULL: ASan
+ * then catches any read past len, which a rounded-up allocation would hide. */
+uint8_t *test_aligned_copy(const uint8_t *src, size_t len);
+
 /* A segment spec with the fields every test sets (the fast rotation, column
  * "vec"); the arrays are borrowed, not copied. */
 bs_segment_spec test_segment_spec(uint32_t dim, uint32_t bits, bs_metric metric,
