@@ -90,8 +90,13 @@ struct bs_candidates {
     bs_probe_scratch probe;
     probe_terms *terms; /* per probe */
     size_t cap_terms;
-    /* stage 2: per probe, D/4 float tables of 16 (nibble_tables), built
-     * when a survivor of that probe first needs them */
+    /* the partition view of probe pi in segment si at pi * num_segments
+     * + si, set when stage 1 scans it: stage 2 reads its candidates'
+     * partitions from here rather than working each view out again */
+    bs_partition_view *views;
+    size_t cap_views;
+    /* stage 2: per probe, D/4 float tables of 16 (the nibble tables of
+     * dot.h), built when a survivor of that probe first needs them */
     float *nibble_tabs;
     size_t cap_nibble_tabs;
     uint8_t *nibble_ready; /* per probe */
@@ -142,20 +147,6 @@ static int rowid_allowed(const bs_search_params *p, uint64_t rowid) {
         return 0;
     return p->allowed_rowids == NULL ||
            sorted_contains(p->allowed_rowids, p->num_allowed, rowid);
-}
-
-/* Stage 2 reads a handful of codes per probed partition. Rather than
- * walking bits, it sums 16-entry float tables per 4-dimension group: entry m
- * of group g is the sum of x over the bits of m. Built once per partition
- * that stage 2 reaches (4 * D floats). */
-static void nibble_tables(const float *x, uint32_t D, float *t) {
-    for (uint32_t g = 0; g < D / 4; g++) {
-        const float *q = x + 4 * g;
-        float *tg = t + 16 * g;
-        tg[0] = 0.0f;
-        for (uint32_t m = 1; m < 16; m++)
-            tg[m] = tg[m & (m - 1)] + q[__builtin_ctz(m)];
-    }
 }
 
 /* <b, x> for the 1-bit code of vector v of a FastScan block: group g's
@@ -304,6 +295,7 @@ void bs_candidates_free(bs_candidates *c) {
     free(c->lut_tables);
     bs_probe_scratch_free(&c->probe);
     free(c->terms);
+    free(c->views);
     free(c->nibble_tabs);
     free(c->nibble_ready);
     free(c);
@@ -437,7 +429,10 @@ static inline float *query_row(const query_ctx *x, size_t r) {
 static bs_status reserve_scratch(query_ctx *x, bs_error *err) {
     bs_candidates *c = x->c;
     const size_t D = x->s->padded_dim, nprobe = x->nprobe;
-    if (!bs_grow((void **)&c->query_rows, &c->cap_query_rows, (nprobe + 3) * D,
+    size_t nviews;
+    if (!bs_mul_ok(nprobe, x->s->num_segments, &nviews) ||
+        !bs_grow((void **)&c->views, &c->cap_views, nviews, sizeof(bs_partition_view)) ||
+        !bs_grow((void **)&c->query_rows, &c->cap_query_rows, (nprobe + 3) * D,
                  sizeof(float)) ||
         !bs_grow((void **)&c->lut_tables, &c->cap_lut, D * 4, 1) ||
         !bs_grow((void **)&c->heap, &c->cap_heap, x->k, sizeof(float)) ||
@@ -548,9 +543,10 @@ static bs_status scan_partition(query_ctx *x, uint32_t pi, size_t si,
                                 const bs_bound_params *bp, bs_error *err) {
     const bs_searcher *s = x->s;
     bs_candidates *c = x->c;
-    bs_partition_view v;
     BS_TRY(touch_partition(s->segs[si], c->probe.probes[pi], err));
-    bs_segment_partition(s->segs[si], c->probe.probes[pi], &v);
+    bs_partition_view *vp = &c->views[(size_t)pi * s->num_segments + si];
+    bs_segment_partition(s->segs[si], c->probe.probes[pi], vp);
+    const bs_partition_view v = *vp;
     x->stats.partitions_probed++;
     if (v.count == 0) return BS_OK;
     size_t nblocks = bs_fastscan_num_blocks(v.count);
@@ -639,22 +635,20 @@ static inline void resolve_rowid(const query_ctx *x, bs_cand *cd) {
     cd->rowid = bs_segment_rowid(x->s->segs[cd->seg], cd->ordinal);
 }
 
-/* The partition view of candidate cd's partition. */
-static inline void cand_partition(const query_ctx *x, const bs_cand *cd,
-                                  bs_partition_view *v) {
-    bs_segment_partition(x->s->segs[cd->seg], x->c->probe.probes[cd->probe], v);
+/* The partition view of candidate cd's partition (stage 1 set it). */
+static inline const bs_partition_view *cand_partition(const query_ctx *x, const bs_cand *cd) {
+    return &x->c->views[(size_t)cd->probe * x->s->num_segments + cd->seg];
 }
 
 /* Survivors sit here and there in the segment, so stage 2 waits on
  * memory, not arithmetic: fetch a candidate's extra code and factor a few
  * candidates ahead. */
 static inline void prefetch_extra(const query_ctx *x, const bs_cand *cd, size_t ext_bytes) {
-    bs_partition_view av;
-    cand_partition(x, cd, &av);
-    const uint8_t *e = av.ext + (size_t)cd->index * ext_bytes;
+    const bs_partition_view *av = cand_partition(x, cd);
+    const uint8_t *e = av->ext + (size_t)cd->index * ext_bytes;
     for (size_t off = 0; off < ext_bytes; off += 64) prefetch_read(e + off);
     prefetch_read(e + ext_bytes - 1);
-    prefetch_read(&av.s_full[cd->index]);
+    prefetch_read(&av->s_full[cd->index]);
 }
 
 /* The full B-bit code's estimate of candidate cd (docs/rabitq.md, "The
@@ -666,19 +660,18 @@ static inline float full_estimate(query_ctx *x, const bs_cand *cd) {
     const size_t plane_bytes = bs_code_bytes(D), ext_bytes = bs_ext_bytes(D, B);
     const float top = (float)(1u << (B - 1));
     const float half_levels = (float)((1u << B) - 1) * 0.5f;
-    bs_partition_view v;
-    cand_partition(x, cd, &v);
+    const bs_partition_view *v = cand_partition(x, cd);
     const probe_terms *t = &c->terms[cd->probe];
     const float *qp = probe_query(x, cd->probe);
     /* dot and cosine: every probe's q' is Pq, so one set of tables */
     const size_t slot = s->metric == BS_METRIC_L2 ? cd->probe : 0;
     float *tab = c->nibble_tabs + slot * ((size_t)D * 4);
     if (!c->nibble_ready[slot]) {
-        nibble_tables(qp, D, tab);
+        s->dots.nibble_tables(qp, D, tab); /* dot.h: 16 floats per group */
         c->nibble_ready[slot] = 1;
     }
-    const uint8_t *block = bs_pv_block(&v, cd->index / 32);
-    const uint8_t *ext = v.ext + (size_t)cd->index * ext_bytes;
+    const uint8_t *block = bs_pv_block(v, cd->index / 32);
+    const uint8_t *ext = v->ext + (size_t)cd->index * ext_bytes;
     float ip_e = 0.0f;
     if (B == 9)
         ip_e = s->dots.u8_dot(ext, qp, D);
@@ -687,9 +680,9 @@ static inline float full_estimate(query_ctx *x, const bs_cand *cd) {
             ip_e += (float)(1u << j) * plane_dot(ext + j * plane_bytes, D, tab);
     float ip_u = top * fastscan_code_dot(block, cd->index % 32, D, tab) + ip_e;
     float ip_y = ip_u - half_levels * t->qsum;
-    float s_full = v.s_full[cd->index]; /* B > 1 here */
+    float s_full = v->s_full[cd->index]; /* B > 1 here */
     if (s->metric == BS_METRIC_L2)
-        return bs_pv_norm2(&v, cd->index) + t->qnorm2 - 2.0f * s_full * ip_y;
+        return bs_pv_norm2(v, cd->index) + t->qnorm2 - 2.0f * s_full * ip_y;
     return 1.0f - (s_full * ip_y + t->ip_cq);
 }
 
