@@ -20,6 +20,21 @@ float bs_dot_ref(const float *a, const float *b, uint32_t n) {
     return combine8(acc, tail);
 }
 
+/* Stage 2 reads a handful of codes per probed partition. Rather than
+ * walking bits, it sums these tables per 4-dimension group. Each entry
+ * adds the set bits' values to the entry without its lowest bit, so entry
+ * m is ((+0 + x[top bit]) + ...) + x[lowest bit]: the order every variant
+ * keeps. */
+void bs_nibble_tables_ref(const float *x, uint32_t D, float *t) {
+    for (uint32_t g = 0; g < D / 4; g++) {
+        const float *q = x + 4 * g;
+        float *tg = t + 16 * g;
+        tg[0] = 0.0f;
+        for (uint32_t m = 1; m < 16; m++)
+            tg[m] = tg[m & (m - 1)] + q[__builtin_ctz(m)];
+    }
+}
+
 float bs_sum(const float *x, uint32_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     uint32_t i = 0;
@@ -173,12 +188,14 @@ void bs_dot_kernels_get(bs_simd_level level, bs_dot_kernels *out) {
         out->dot4 = bs_dot4_avx2;
         out->u8_dot = bs_u8_dot_avx2;
         out->residual = bs_residual_avx2;
+        out->nibble_tables = bs_nibble_tables_avx2;
         out->to_f16 = bs_to_f16_avx2;
         out->dot4_f16 = bs_dot4_f16_avx2;
     } else {
         out->dot4 = bs_dot4_sse2;
         out->u8_dot = bs_u8_dot_sse2;
         out->residual = bs_residual_sse2;
+        out->nibble_tables = bs_nibble_tables_ref;
         out->to_f16 = NULL;
         out->dot4_f16 = NULL;
     }

@@ -9,7 +9,10 @@
  *    bs_dot's eight.
  *  - sum: bs_dot's order with x_i in place of the products;
  *  - residual: out = a - b (or a copy of a), then its bs_dot with itself
- *    and its sum, each in its own order above, in one pass.
+ *    and its sum, each in its own order above, in one pass;
+ *  - nibble tables: entry m of group g is the sum of x[4g + j] over the
+ *    set bits j of m, added from the highest bit down to +0.0f
+ *    (bs_nibble_tables_ref).
  * No FMA anywhere (products are rounded, then added), so the scalar
  * reference, SSE2 and AVX2 give the same bits; test_dot checks it. */
 #ifndef BS_DOT_H
@@ -35,6 +38,9 @@ typedef struct bs_dot_kernels {
      * q' = Pq - Pc, |q'|^2 and sum(q'). out must not overlap a or b. */
     void (*residual)(const float *a, const float *b, uint32_t n, float *out, float *norm2,
                      float *sum);
+    /* Stage 2's tables of x (D floats): t[16 g + m] for group g < D / 4
+     * and m < 16, as bs_nibble_tables_ref. */
+    void (*nibble_tables)(const float *x, uint32_t D, float *t);
     void (*to_f16)(const float *x, size_t n, uint16_t *out);
     void (*dot4_f16)(const float *q, const uint16_t *const rows[4], uint32_t n, float out[4]);
 } bs_dot_kernels;
@@ -59,6 +65,8 @@ void bs_residual_avx2(const float *a, const float *b, uint32_t n, float *out, fl
 float bs_dot_ref(const float *a, const float *b, uint32_t n);
 void bs_dot4_ref(const float *q, const float *const rows[4], uint32_t n, float out[4]);
 float bs_u8_dot_ref(const uint8_t *e, const float *x, uint32_t D);
+void bs_nibble_tables_ref(const float *x, uint32_t D, float *t);
+void bs_nibble_tables_avx2(const float *x, uint32_t D, float *t);
 void bs_dot4_sse2(const float *q, const float *const rows[4], uint32_t n, float out[4]);
 float bs_u8_dot_sse2(const uint8_t *e, const float *x, uint32_t D);
 void bs_dot4_avx2(const float *q, const float *const rows[4], uint32_t n, float out[4]);

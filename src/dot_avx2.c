@@ -82,6 +82,32 @@ void bs_residual_avx2(const float *a, const float *b, uint32_t n, float *out, fl
     *sum = combine8(accs, ts);
 }
 
+/* bs_nibble_tables_ref with one group's sixteen entries in two registers
+ * (entries 0..7, then 8..15). Entry m takes x_j through a lane mask that
+ * is all ones where bit j of m is set, zeros elsewhere, so a clear bit
+ * adds +0.0f. That changes no bit: the running sum starts at +0.0f, and
+ * +0.0f + y is never -0.0f, nor is any later sum of it (a float sum is
+ * -0.0f only from two -0.0f), so x + +0.0f = x at every step. A set bit
+ * adds exactly what the reference adds, in its order (bit 3 first). */
+void bs_nibble_tables_avx2(const float *x, uint32_t D, float *t) {
+    const __m256 m0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+    const __m256 m1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+    const __m256 m2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
+    const __m256 zero = _mm256_setzero_ps();
+    for (uint32_t g = 0; g < D / 4; g++) {
+        const float *q = x + 4 * g;
+        const __m256 s2 = _mm256_and_ps(m2, _mm256_broadcast_ss(q + 2));
+        const __m256 s1 = _mm256_and_ps(m1, _mm256_broadcast_ss(q + 1));
+        const __m256 s0 = _mm256_and_ps(m0, _mm256_broadcast_ss(q));
+        __m256 lo = _mm256_add_ps(zero, s2);
+        __m256 hi = _mm256_add_ps(_mm256_add_ps(zero, _mm256_broadcast_ss(q + 3)), s2);
+        lo = _mm256_add_ps(_mm256_add_ps(lo, s1), s0);
+        hi = _mm256_add_ps(_mm256_add_ps(hi, s1), s0);
+        _mm256_storeu_ps(t + 16 * g, lo);
+        _mm256_storeu_ps(t + 16 * g + 8, hi);
+    }
+}
+
 /* The float16 pre-pass kernels: approximations, so FMA is welcome here. */
 void bs_to_f16_avx2(const float *x, size_t n, uint16_t *out) {
     size_t i = 0;
