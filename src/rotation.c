@@ -35,6 +35,7 @@
 #include "error.h"
 #include "hash.h"
 #include "rng.h"
+#include "rotation_fast.h"
 #include "vec.h"
 
 /* BS_ROTATION_MAX_DIM and BS_ROTATION_MATRIX_MAX_DIM: see bitshard.h. */
@@ -71,6 +72,7 @@ struct bs_rotation {
     uint32_t hadamard_size;
     uint32_t num_passes;
     float *diag;
+    bs_fast_row_fn row; /* the SSE2 or AVX2 version: the same bits */
     /* MATRIX: P transposed, D x D row-major: matrix_t[j * D + i] is P[i][j]
      * (y_i = sum_j P[i][j] x_j), so that a fixed j meets consecutive
      * outputs. */
@@ -184,6 +186,12 @@ static bs_status fast_build(bs_rotation *rot) {
     while (2 * W <= D) W *= 2;
     rot->hadamard_size = W;
     rot->num_passes = (W == D) ? BS_FAST_ROUNDS : 2 * BS_FAST_ROUNDS;
+    /* The level BITSHARD_SIMD and the CPU allow (an invalid BITSHARD_SIMD
+     * keeps the baseline here; the searcher reports it). */
+    bs_simd_level level = BS_SIMD_SCALAR;
+    bs_error ignored;
+    if (bs_simd_select(&level, &ignored) != BS_OK) level = BS_SIMD_SCALAR;
+    rot->row = level == BS_SIMD_SCALAR ? bs_fast_row_sse2 : bs_fast_row_avx2;
     rot->diag = bs_alloc2(rot->num_passes, D, sizeof(float));
     if (rot->diag == NULL) return BS_ERR_NO_MEMORY;
 
@@ -213,12 +221,11 @@ static bs_status fast_build(bs_rotation *rot) {
     return BS_OK;
 }
 
-/* One row in place: x holds D floats. */
-static void fast_apply_row(const bs_rotation *rot, float *restrict x) {
-    const uint32_t D = rot->padded_dim, W = rot->hadamard_size;
-    const float *d = rot->diag;
+/* One row in place: x holds D floats (rotation_fast.h). */
+void bs_fast_row_sse2(const float *diag, uint32_t D, uint32_t W, int rounds, float *x) {
+    const float *d = diag;
     if (W == D) {
-        for (int r = 0; r < BS_FAST_ROUNDS; r++, d += D) signed_fwht(x, d, W);
+        for (int r = 0; r < rounds; r++, d += D) signed_fwht(x, d, W);
         return;
     }
     /* D = W + m with 0 < m < W. The blocks [0, W) and [D - W, D) overlap in
@@ -227,7 +234,7 @@ static void fast_apply_row(const bs_rotation *rot, float *restrict x) {
      * dozens of rounds to share their energy. The butterfly between the
      * halves [0, D/2) and [D/2, D) mixes them directly in one O(D) pass. */
     const uint32_t half = D / 2, m = D - W;
-    for (int r = 0; r < BS_FAST_ROUNDS; r++) {
+    for (int r = 0; r < rounds; r++) {
         signed_fwht(x, d, W);
         mul_diag(x + W, d + W, m);
         d += D;
@@ -246,7 +253,7 @@ static void fast_apply(const bs_rotation *rot, const float *x, size_t n,
         memcpy(y, x + i * in_dim, (size_t)in_dim * sizeof(float));
         if (in_dim < D)
             memset(y + in_dim, 0, (size_t)(D - in_dim) * sizeof(float));
-        fast_apply_row(rot, y);
+        rot->row(rot->diag, D, rot->hadamard_size, BS_FAST_ROUNDS, y);
     }
 }
 

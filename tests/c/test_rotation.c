@@ -1,6 +1,7 @@
 /* bs_rotation: both kinds preserve norms and inner products, are
  * deterministic and pinned across machines, mix well, and reject bad
- * arguments with a message naming the bad value. */
+ * arguments with a message naming the bad value; the FAST row transform's
+ * AVX2 version gives the SSE2 reference's bits on adversarial rows. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -9,6 +10,7 @@
 
 #include "bitshard.h"
 #include "hash.h"
+#include "rotation_fast.h"
 #include "testing.h"
 
 static const uint32_t kDims[] = {1, 3, 7, 63, 64, 65, 100, 128, 384, 768, 1000, 1536};
@@ -436,7 +438,50 @@ static void test_threads(void) {
     }
 }
 
+/* kind 0: normal; 1: +-1e30 and +-1 (order-sensitive sums); 2: denormals,
+ * +-0.0f; 3: near FLT_MAX (sums overflow to inf, inf - inf is NaN). */
+static float adversarial(uint64_t *st, int kind) {
+    const double u = test_rand_uniform(st);
+    const float sign = test_rand_uniform(st) < 0.5 ? -1.0f : 1.0f;
+    switch (kind) {
+    case 1: return sign * (u < 0.5 ? 1e30f : 1.0f);
+    case 2: return u < 0.3 ? sign * 0.0f : sign * (float)(u * 1e-39);
+    case 3: return u < 0.5 ? sign * 3e38f : (float)test_rand_normal(st);
+    default: return (float)test_rand_normal(st);
+    }
+}
+
+static void test_fast_row_levels(void) {
+    if (!bs_simd_supported(BS_SIMD_AVX2)) return;
+    static const uint32_t dims[] = {64, 128, 192, 256, 384, 448, 768, 960, 1024, 1984, 4096};
+    uint64_t st = 99;
+    int bad = 0;
+    for (size_t t = 0; t < sizeof dims / sizeof dims[0]; t++) {
+        const uint32_t D = dims[t];
+        uint32_t W = 1;
+        while (2 * W <= D) W *= 2;
+        const int rounds = 4;
+        const size_t passes = (W == D) ? 4 : 8;
+        float *diag = malloc(passes * D * sizeof(float));
+        float *a = malloc(D * sizeof(float)), *b = malloc(D * sizeof(float));
+        for (int kind = 0; kind < 4; kind++) {
+            for (size_t i = 0; i < passes * D; i++)
+                diag[i] = kind == 3 ? adversarial(&st, 0) : adversarial(&st, kind);
+            for (uint32_t i = 0; i < D; i++) a[i] = adversarial(&st, kind);
+            memcpy(b, a, D * sizeof(float));
+            bs_fast_row_sse2(diag, D, W, rounds, a);
+            bs_fast_row_avx2(diag, D, W, rounds, b);
+            bad += memcmp(a, b, D * sizeof(float)) != 0;
+        }
+        free(diag);
+        free(a);
+        free(b);
+    }
+    CHECK_MSG(bad == 0, "fast row: %d AVX2 rows differ from SSE2", bad);
+}
+
 int main(void) {
+    test_fast_row_levels();
     test_bad_arguments();
     test_pinned_outputs();
     test_all_dims();
