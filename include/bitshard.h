@@ -544,6 +544,20 @@ typedef struct bs_search_params {
      * deleted from the source after their segment was built). */
     const uint64_t *denied_rowids;
     size_t num_denied;
+    /* A partition share (one actor of a distributed search, docs/serve.md):
+     * num_partitions flags; NULL scans every probed partition. The probes
+     * are still chosen among all partitions; only those flagged are read. */
+    const uint8_t *partition_mask;
+    /* Nonzero: answer as one share of a search whose shares together cover
+     * every probed partition. c then holds every code of the share whose
+     * lower bound is within the share's k-th smallest upper bound (a
+     * superset of the codes the whole search keeps), with row ids, lower
+     * bounds and estimates (the full code's for B > 1), in no particular
+     * order and with no repeat removed; bs_candidates_upper_bounds gives
+     * the share's k smallest upper bounds. The caller keeps the candidates
+     * within the k-th smallest upper bound over all shares and ranks them as
+     * bs_search would. */
+    int share;
 } bs_search_params;
 
 typedef struct bs_search_stats {
@@ -566,6 +580,11 @@ BS_API size_t bs_candidates_size(const bs_candidates *c);
 BS_API const uint64_t *bs_candidates_rowids(const bs_candidates *c);
 BS_API const float *bs_candidates_estimates(const bs_candidates *c);
 BS_API const float *bs_candidates_lower_bounds(const bs_candidates *c);
+/* After a search with share set: the share's smallest upper bounds over its
+ * scanned codes that the filters allow, ascending, min(k, such codes) of
+ * them, into *ubs (valid until the next search into c); returns their
+ * count. 0 after any other search. */
+BS_API size_t bs_candidates_upper_bounds(const bs_candidates *c, const float **ubs);
 
 /* One query q (dim floats). Fills c with the candidates that need exact
  * distances (1-bit or refine_factor > 0) or the final top k (multi-bit,

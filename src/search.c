@@ -77,6 +77,7 @@ struct bs_candidates {
     size_t cap_cands;
     float *heap; /* the k smallest upper bounds (stage 1), estimates (late row ids) */
     size_t cap_heap;
+    size_t num_ubs; /* a share's search: the heap, sorted, holds its upper bounds */
     uint32_t *sums; /* one partition's FastScan sums, then its lower bounds */
     size_t cap_sums;
     uint32_t *lb_mask; /* one bit per code of the partition: may pass the threshold */
@@ -307,6 +308,10 @@ const float *bs_candidates_estimates(const bs_candidates *c) { return c->estimat
 const float *bs_candidates_lower_bounds(const bs_candidates *c) {
     return c->lower_bounds;
 }
+size_t bs_candidates_upper_bounds(const bs_candidates *c, const float **ubs) {
+    if (ubs != NULL) *ubs = c != NULL ? c->heap : NULL;
+    return c != NULL ? c->num_ubs : 0;
+}
 
 /* ------------------------------------------------------- probe selection */
 
@@ -415,8 +420,10 @@ static void query_ctx_init(query_ctx *x, const bs_searcher *s,
     x->k = params->k;
     x->filtered = params->allowed_fragments != NULL || params->denied_rowids != NULL ||
                   params->allowed_rowids != NULL;
-    x->late_rowids = !x->filtered && s->num_bits > 1 && params->refine_factor == 0;
+    x->late_rowids = !x->filtered && s->num_bits > 1 && params->refine_factor == 0 &&
+                     !params->share;
     c->ncands = 0;
+    c->num_ubs = 0;
 }
 
 /* Row r of c->query_rows: 0 the normalised query, 1 Pq, 2 qt = Pq - Pm,
@@ -611,6 +618,8 @@ static bs_status scan_partition(query_ctx *x, uint32_t pi, size_t si,
 /* Stage 1 for probe pi: its terms and tables, then its partition in every
  * segment the mask selects. */
 static bs_status scan_probe(query_ctx *x, uint32_t pi, bs_error *err) {
+    const uint8_t *share = x->params->partition_mask;
+    if (share != NULL && !share[x->c->probe.probes[pi]]) return BS_OK;
     probe_prepare(x, pi);
     const bs_bound_params bp = probe_tables(x, pi);
     for (size_t si = 0; si < x->s->num_segments; si++) {
@@ -731,6 +740,34 @@ static void keep_top_estimates(query_ctx *x) {
     c->ncands = m;
 }
 
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* A share's answer (bs_search_params.share): its upper bounds sorted in
+ * the heap's place, every candidate as it is. Ranking and removing repeats
+ * wait for the caller, who holds every share's candidates. */
+static bs_status emit_share(query_ctx *x, bs_error *err) {
+    bs_candidates *c = x->c;
+    qsort(c->heap, x->nheap, sizeof *c->heap, cmp_float);
+    c->num_ubs = x->nheap;
+    c->size = 0;
+    const size_t n = c->ncands;
+    if (!bs_grow((void **)&c->rowids, &c->cap_out, n, sizeof(uint64_t)) ||
+        !bs_match_cap((void **)&c->estimates, c->cap_out, sizeof(float)) ||
+        !bs_match_cap((void **)&c->lower_bounds, c->cap_out, sizeof(float)))
+        return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        c->rowids[i] = c->cands[i].rowid;
+        c->estimates[i] = c->cands[i].est;
+        c->lower_bounds[i] = c->cands[i].lb;
+    }
+    c->size = n;
+    x->stats.candidates = n;
+    return BS_OK;
+}
+
 static int cmp_rowid(const void *a, const void *b) {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return (x > y) - (x < y);
@@ -816,7 +853,7 @@ bs_status bs_search(const bs_searcher *s, const float *q_in,
         for (size_t i = 0; i < c->ncands; i++) resolve_rowid(&x, &c->cands[i]);
     if (s->num_bits > 1) BS_TRY(refine_extra_bits(&x, err));
     if (x.late_rowids) keep_top_estimates(&x);
-    BS_TRY(emit(&x, err));
+    BS_TRY(params->share ? emit_share(&x, err) : emit(&x, err));
     if (stats) *stats = x.stats;
     return BS_OK;
 }

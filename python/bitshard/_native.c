@@ -15,6 +15,7 @@
 #include <Python.h>
 
 #include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -780,6 +781,7 @@ typedef struct {
     unsigned num_batch_cand;
     int batch_busy;
     uint32_t dim;        /* of a query */
+    uint32_t num_partitions;
     PyObject *module;
 } SearcherObject;
 
@@ -808,6 +810,7 @@ static int Searcher_init(SearcherObject *self, PyObject *args, PyObject *kw) {
         bs_segment_info in;
         bs_segment_get_info(((SegmentObject *)PyTuple_GET_ITEM(self->segments, 0))->seg, &in);
         self->dim = in.dim;
+        self->num_partitions = in.num_partitions;
     }
     self->cand = bs_candidates_new();
     if (self->cand == NULL) {
@@ -828,26 +831,32 @@ static void Searcher_dealloc(SearcherObject *self) {
 
 /* The settings search() and search_batch_into() share arrive as one tuple,
  * params = (k, nprobes, eps0, refine_factor, segment_mask, allowed_rowids,
- * allowed_fragments, denied_rowids): the Python side builds it once per
- * prepared search. */
-enum { NUM_FILTERS = 4 };
+ * allowed_fragments, denied_rowids[, partition_mask, share]): the Python
+ * side builds it once per prepared search. The last two make the search one
+ * partition share of a distributed search (bitshard.serve): a uint8 flag
+ * per partition or None, and a bool. */
+enum { NUM_FILTERS = 5 };
 
-/* The search parameters from params; filters receives the four filter
+/* The search parameters from params; filters receives the five filter
  * buffers (None leaves one out), to be taken with the call's other
  * buffers and then pointed at by set_filters. */
 static int parse_params(SearcherObject *self, PyObject *params, bs_search_params *p,
                         buf_arg *filters) {
     PyObject *m = self->module;
     PyObject *k, *nprobes, *eps0, *refine, *mask, *allowed, *frags, *denied;
+    PyObject *parts = Py_None, *share = Py_False;
     if (!PyTuple_Check(params)) {
         PyErr_Format(PyExc_TypeError, "params must be a tuple, got %.100s",
                      Py_TYPE(params)->tp_name);
         return -1;
     }
-    if (!PyArg_ParseTuple(params, "OOOOOOOO:params", &k, &nprobes, &eps0, &refine, &mask,
-                          &allowed, &frags, &denied))
+    if (!PyArg_ParseTuple(params, "OOOOOOOO|OO:params", &k, &nprobes, &eps0, &refine, &mask,
+                          &allowed, &frags, &denied, &parts, &share))
         return -1;
     memset(p, 0, sizeof *p);
+    int is_share = PyObject_IsTrue(share);
+    if (is_share < 0) return -1;
+    p->share = is_share;
     double e = PyFloat_AsDouble(eps0);
     if (e == -1.0 && PyErr_Occurred()) return -1;
     p->eps0 = (float)e;
@@ -860,6 +869,7 @@ static int parse_params(SearcherObject *self, PyObject *params, bs_search_params
         BUF("allowed_rowids", allowed, 'U', BUF_OPTIONAL, 0),
         BUF("allowed_fragments", frags, 'U', BUF_OPTIONAL, 0),
         BUF("denied_rowids", denied, 'U', BUF_OPTIONAL, 0),
+        BUF("partition_mask", parts, 'b', BUF_OPTIONAL | BUF_EXACT, self->num_partitions),
     };
     memcpy(filters, table, sizeof table);
     return 0;
@@ -874,6 +884,7 @@ static void set_filters(bs_search_params *p, const buf_arg *b) {
     p->num_allowed_fragments = b[2].held ? buf_items(&b[2].view) : 0;
     p->denied_rowids = buf_ptr(&b[3]);
     p->num_denied = b[3].held ? buf_items(&b[3].view) : 0;
+    p->partition_mask = buf_ptr(&b[4]);
 }
 
 static void stats_add(bs_search_stats *acc, const bs_search_stats *st) {
@@ -989,6 +1000,7 @@ typedef struct {
     float *out_est;
     float *out_lb;
     uint64_t *out_counts;
+    float *out_ub; /* a share's search: query i's k smallest upper bounds at i * k */
     size_t cap;
     /* The next query to take, and a flag set by a worker that failed so the
      * others stop taking queries: on a cache line of their own, since every
@@ -1038,6 +1050,15 @@ static void *batch_run(void *arg) {
         job->out_counts[qi] = copy_candidates(w->c, job->cap, job->out_rowids + at,
                                               job->out_est + at,
                                               job->out_lb ? job->out_lb + at : NULL);
+        if (job->out_ub != NULL) {
+            /* Fewer than k codes: the rest are +inf, which keeps the k-th
+             * smallest over all shares what one search's heap would give. */
+            const float *ub;
+            size_t m = bs_candidates_upper_bounds(w->c, &ub);
+            float *dst = job->out_ub + qi * (size_t)w->params.k;
+            memcpy(dst, ub, m * sizeof(float));
+            for (size_t i = m; i < w->params.k; i++) dst[i] = INFINITY;
+        }
     }
     return NULL;
 }
@@ -1105,7 +1126,7 @@ static bs_candidates **batch_scratch(SearcherObject *self, unsigned n, int *own)
 }
 
 /* search_batch_into(Q, nq, num_threads, params, out_rowids, out_estimates,
- *                   out_lower_bounds, out_counts, stats) -> None
+ *                   out_lower_bounds, out_counts, stats[, out_upper_bounds]) -> None
  *
  * nq queries on up to num_threads threads (at most 256), into caller
  * arrays: query i's first min(n_i, cap) candidates go to
@@ -1113,11 +1134,14 @@ static bs_candidates **batch_scratch(SearcherObject *self, unsigned n, int *own)
  * out_lower_bounds[i * cap ...] (cap = len(out_rowids) / nq), n_i to
  * out_counts[i]; stats (uint64[4] or None) accumulates the counts. A
  * caller whose n_i exceeded cap searches those queries again with longer
- * arrays. params: see parse_params. */
+ * arrays. params: see parse_params. out_upper_bounds (float32, nq * k, or
+ * None) receives a share's search's upper bounds: query i's k smallest at
+ * [i * k ...], ascending, +inf past the codes it scanned. */
 static PyObject *Searcher_search_batch_into(SearcherObject *self, PyObject *args) {
     PyObject *qo, *nq_o, *threads_o, *params, *rowso, *esto, *lbo, *countso, *statso;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOO", &qo, &nq_o, &threads_o, &params, &rowso, &esto,
-                          &lbo, &countso, &statso))
+    PyObject *ubo = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO|O", &qo, &nq_o, &threads_o, &params, &rowso, &esto,
+                          &lbo, &countso, &statso, &ubo))
         return NULL;
     PyObject *m = self->module;
     size_t nq;
@@ -1127,20 +1151,21 @@ static PyObject *Searcher_search_batch_into(SearcherObject *self, PyObject *args
         return NULL;
     if (nthreads > 256) nthreads = 256;
     bs_search_params p;
-    buf_arg b[NUM_FILTERS + 6];
+    buf_arg b[NUM_FILTERS + 7];
     if (parse_params(self, params, &p, b) < 0) return NULL;
-    const buf_arg rest[6] = {
+    const buf_arg rest[7] = {
         BUF("Q", qo, 'f', 0, items_of(nq, self->dim)),
         BUF("out_rowids", rowso, 'U', BUF_WRITABLE, 0),
         BUF("out_estimates", esto, 'f', BUF_WRITABLE, 0),
         BUF("out_lower_bounds", lbo, 'f', BUF_WRITABLE | BUF_OPTIONAL, 0),
         BUF("out_counts", countso, 'U', BUF_WRITABLE, nq),
         BUF("stats", statso, 'U', BUF_WRITABLE | BUF_OPTIONAL, 4),
+        BUF("out_upper_bounds", ubo, 'f', BUF_WRITABLE | BUF_OPTIONAL, items_of(nq, p.k)),
     };
     memcpy(b + NUM_FILTERS, rest, sizeof rest);
     if (bufs_acquire(m, b, NBUFS(b)) < 0) return NULL;
     buf_arg *Q = &b[NUM_FILTERS], *rowids = Q + 1, *est = Q + 2, *lb = Q + 3, *counts = Q + 4,
-            *stats = Q + 5;
+            *stats = Q + 5, *ubs = Q + 6;
     set_filters(&p, b);
     PyObject *result = NULL;
     size_t cap = nq ? buf_items(&rowids->view) / nq : 0;
@@ -1160,6 +1185,7 @@ static PyObject *Searcher_search_batch_into(SearcherObject *self, PyObject *args
     job.out_est = est->view.buf;
     job.out_lb = buf_ptr(lb);
     job.out_counts = counts->view.buf;
+    job.out_ub = buf_ptr(ubs);
     job.cap = cap;
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, 0);
@@ -1253,7 +1279,7 @@ static PyMethodDef Searcher_methods[] = {
      "candidates"},
     {"search_batch_into", (PyCFunction)Searcher_search_batch_into, METH_VARARGS,
      "search_batch_into(Q, nq, num_threads, params, out_rowids, out_estimates, "
-     "out_lower_bounds, out_counts, stats) -> None"},
+     "out_lower_bounds, out_counts, stats[, out_upper_bounds]) -> None"},
     {NULL, NULL, 0, NULL}};
 
 /* ------------------------------------------------------- type boilerplate */

@@ -1,7 +1,7 @@
 """Type stubs of the C extension (see _native.c). Buffers are numpy arrays or
 any C-contiguous buffer of the stated dtype; outputs are written in place."""
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 Buffer = Any  # a C-contiguous buffer (numpy array, bytes, mmap)
 
@@ -47,9 +47,14 @@ class Segment:
 
 #: The settings of a prepared search, shared by Searcher.search and
 #: Searcher.search_batch_into: (k, nprobes, eps0, refine_factor, segment_mask,
-#: allowed_rowids, allowed_fragments, denied_rowids); the four buffers may be None.
-SearchParams = Tuple[int, int, float, int, Optional[Buffer], Optional[Buffer],
-                     Optional[Buffer], Optional[Buffer]]
+#: allowed_rowids, allowed_fragments, denied_rowids[, partition_mask, share]);
+#: the buffers may be None. partition_mask and share make it one partition
+#: share of a distributed search (bitshard.serve).
+SearchParams = Union[
+    Tuple[int, int, float, int, Optional[Buffer], Optional[Buffer], Optional[Buffer],
+          Optional[Buffer]],
+    Tuple[int, int, float, int, Optional[Buffer], Optional[Buffer], Optional[Buffer],
+          Optional[Buffer], Optional[Buffer], bool]]
 
 class Searcher:
     def __init__(self, segments: Sequence[Segment]) -> None: ...
@@ -74,6 +79,7 @@ class Searcher:
         out_lower_bounds: Optional[Buffer],
         out_counts: Buffer,
         stats: Optional[Buffer],
+        out_upper_bounds: Optional[Buffer] = ...,
     ) -> None: ...
 
 def kmeans_train(

@@ -759,6 +759,123 @@ static void test_value_rule(void) {
     }
 }
 
+
+/* Partition shares (bs_search_params.partition_mask and share): three
+ * shares searched apart and merged the way bitshard.serve's front does
+ * (the k-th smallest upper bound over all shares, the candidates within it,
+ * ranked by (key, row id)) give the single search's answer bit for bit. */
+typedef struct {
+    uint64_t row;
+    float key, est, lb;
+} share_cand;
+
+static int share_cand_less(const void *a, const void *b) {
+    const share_cand *x = a, *y = b;
+    if (x->key != y->key) return x->key < y->key ? -1 : 1;
+    return (x->row > y->row) - (x->row < y->row);
+}
+
+static int float_cmp(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+static void check_shares(const bs_segment *const *segs, size_t nseg, bs_search_params p,
+                         uint32_t bits, const char *what, const char *simd) {
+    enum { NSHARE = 3, CAP = 8192 };
+    static results r_full;
+    run(segs, nseg, &p, &r_full);
+    bs_searcher *s = NULL;
+    bs_error err;
+    /* the shares on another kernel than the single search, when asked */
+    if (simd != NULL) setenv("BITSHARD_SIMD", simd, 1);
+    CHECK(bs_searcher_create(segs, nseg, &s, &err) == BS_OK);
+    if (simd != NULL) unsetenv("BITSHARD_SIMD");
+    bs_candidates *c = bs_candidates_new();
+    uint8_t masks[NSHARE][K];
+    for (int sh = 0; sh < NSHARE; sh++)
+        for (int part = 0; part < K; part++) masks[sh][part] = part % NSHARE == sh;
+    static share_cand all[CAP];
+    float ubs[NSHARE * 64];
+    const int by_lb = bits == 1 && p.refine_factor == 0;
+    for (int qi = 0; qi < NQ; qi++) {
+        size_t n = 0, nub = 0;
+        for (int sh = 0; sh < NSHARE; sh++) {
+            bs_search_params ps = p;
+            ps.partition_mask = masks[sh];
+            ps.share = 1;
+            CHECK(bs_search(s, g_q + qi * D, &ps, c, NULL, &err) == BS_OK);
+            const float *u;
+            size_t m = bs_candidates_upper_bounds(c, &u);
+            CHECK(m <= p.k);
+            for (size_t i = 1; i < m; i++) CHECK(u[i - 1] <= u[i]);
+            memcpy(ubs + nub, u, m * sizeof(float));
+            nub += m;
+            size_t nc = bs_candidates_size(c);
+            CHECK(n + nc <= CAP);
+            for (size_t i = 0; i < nc && n < CAP; i++, n++) {
+                all[n].row = bs_candidates_rowids(c)[i];
+                all[n].est = bs_candidates_estimates(c)[i];
+                all[n].lb = bs_candidates_lower_bounds(c)[i];
+                all[n].key = by_lb ? all[n].lb : all[n].est;
+            }
+        }
+        qsort(ubs, nub, sizeof(float), float_cmp);
+        const float t = nub >= p.k ? ubs[p.k - 1] : INFINITY;
+        size_t kept = 0;
+        for (size_t i = 0; i < n; i++)
+            if (all[i].lb <= t) all[kept++] = all[i];
+        qsort(all, kept, sizeof *all, share_cand_less);
+        size_t nout = kept;
+        if (p.refine_factor > 0 && nout > (size_t)p.k * p.refine_factor)
+            nout = (size_t)p.k * p.refine_factor;
+        else if (p.refine_factor == 0 && bits > 1 && nout > p.k)
+            nout = p.k;
+        CHECK_MSG(nout == r_full.n[qi], "%s bits %u query %d: %zu shared, %zu single", what,
+                  bits, qi, nout, r_full.n[qi]);
+        for (size_t i = 0; i < nout && i < r_full.n[qi]; i++) {
+            CHECK(all[i].row == r_full.rows[qi][i]);
+            CHECK(memcmp(&all[i].est, &r_full.est[qi][i], 4) == 0);
+            CHECK(memcmp(&all[i].lb, &r_full.lb[qi][i], 4) == 0);
+        }
+    }
+    /* any other search reports no upper bounds */
+    CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_OK);
+    CHECK(bs_candidates_upper_bounds(c, NULL) == 0);
+    bs_candidates_free(c);
+    bs_searcher_free(s);
+}
+
+static void test_partition_shares(uint32_t bits) {
+    opened full = build(0, NFRAG, bits, BS_METRIC_L2, "sh_full");
+    opened a = build(0, 1, bits, BS_METRIC_L2, "sh_a");
+    opened b = build(1, NFRAG, bits, BS_METRIC_L2, "sh_b");
+    const bs_segment *one[1] = {full.seg};
+    const bs_segment *ab[2] = {a.seg, b.seg};
+    bs_search_params p;
+    memset(&p, 0, sizeof p);
+    p.k = 10;
+    p.nprobes = 6;
+    p.eps0 = 1.9f;
+    check_shares(one, 1, p, bits, "one segment", NULL);
+    check_shares(ab, 2, p, bits, "two segments", NULL);
+    check_shares(ab, 2, p, bits, "scalar shares", "scalar");
+    if (bs_simd_supported(BS_SIMD_AVX2)) check_shares(ab, 2, p, bits, "avx2 shares", "avx2");
+    if (bs_simd_supported(BS_SIMD_AVX512))
+        check_shares(ab, 2, p, bits, "avx512 shares", "avx512");
+    p.refine_factor = 3;
+    check_shares(ab, 2, p, bits, "refine 3", NULL);
+    p.refine_factor = 0;
+    uint64_t deny[2] = {(uint64_t)1 << 32, ((uint64_t)1 << 32) | 7};
+    p.denied_rowids = deny;
+    p.num_denied = 2;
+    p.k = 25;
+    check_shares(ab, 2, p, bits, "denied rows", NULL);
+    release(&full);
+    release(&a);
+    release(&b);
+}
+
 int main(void) {
     snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_search_XXXXXX");
     if (mkdtemp(g_dir) == NULL) return 1;
@@ -767,6 +884,9 @@ int main(void) {
     CHECK(bs_kmeans_train(g_x, N, D, K, BS_METRIC_L2, 20, 1, g_cent, &err) == BS_OK);
     test_bits(1);
     test_bits(4);
+    test_partition_shares(1);
+    test_partition_shares(4);
+    test_partition_shares(9);
     test_errors();
     test_gate();
     test_lower_bounds_kernel();
