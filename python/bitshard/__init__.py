@@ -31,6 +31,7 @@ from .searcher import NO_ROW, Searcher, UncoveredRowsWarning
 from .index import FormatUpgradeWarning, SegmentHandle
 from .distributed import build_index
 from .maintenance import cleanup, upgrade_index
+from .service import Service, serve
 from . import _native
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = [
     "Rotation",
     "SegmentHandle",
     "Searcher",
+    "Service",
     "StorageError",
     "UncoveredRowsWarning",
     "UnsupportedCpuError",
@@ -66,6 +68,7 @@ __all__ = [
     "build_rq_rotation",
     "cleanup",
     "dataset",
+    "serve",
     "simd_level",
     "train_ivf",
     "upgrade_index",

@@ -7,6 +7,8 @@
                    [--index-uri DIR|s3://BUCKET/PREFIX] [--storage-option KEY=VALUE ...] [--json]
     bitshard search URI --column vec (--query-file q.npy | --query-row N) [--k 10]
                    [--nprobes 20] [--refine-factor R] [--format table|json|csv]
+    bitshard serve URI --column vec [--index N] [--num-actors N] [--num-cpus X]
+                   [--ray-address ADDR]      (queries as JSON lines on stdin)
     bitshard describe URI [--json]
     bitshard optimize URI [--name N ...] [--num-indices-to-merge N] [--retrain] [--json]
     bitshard verify URI [--strict]
@@ -159,6 +161,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("table", "json", "csv"), default="table")
     s.set_defaults(func=_cmd_search)
 
+    sv = sub.add_parser("serve", help="search through Ray actors that each hold a share of the "
+                                      "index's partitions (bitshard.serve)",
+                        description="Start a search service (docs/serve.md), then answer one "
+                                    "JSON request per line of stdin with one JSON line on "
+                                    "stdout, until end of input. A request is {\"q\": query or "
+                                    "list of queries, and any of \"k\", \"nprobes\", "
+                                    "\"refine_factor\", \"columns\", \"fragment_ids\", "
+                                    "\"filter\", \"fast_search\", \"eps0\"} (the keywords of "
+                                    "Dataset.search), or {\"refresh\": true}; the answer is "
+                                    "the result Table's columns, or {\"error\": message}. The "
+                                    "first line written says the service is ready.")
+    common(sv)
+    sv.add_argument("--column", required=True, help="the indexed vector column")
+    sv.add_argument("--index", default=None, help="index name, when the column has several")
+    sv.add_argument("--num-actors", type=_checked(lambda n: rules.integer("num_actors", n)),
+                    default=None, help="actors, one partition share each (default: one per "
+                                       "Ray node)")
+    sv.add_argument("--num-cpus", type=_number(float, "a number", 0.0), default=1.0,
+                    help="Ray CPUs each actor requests (default 1; fractions allowed)")
+    sv.add_argument("--ray-address", default=None,
+                    help="connect to this Ray cluster (default: start a local one)")
+    sv.set_defaults(func=_cmd_serve)
+
     d = sub.add_parser("describe", help="the committed indexes, their segments and artifacts")
     common(d)
     d.add_argument("--json", action="store_true")
@@ -293,6 +318,57 @@ def _cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         widths = [max(len(row[j]) for row in cells) for j in range(len(names))]
         for row in cells:
             out.write("  ".join(c.rjust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+    return 0
+
+
+#: The request keys of ``bitshard serve`` passed to Service.search.
+_SERVE_KEYS = ("k", "nprobes", "refine_factor", "columns", "fragment_ids", "filter",
+               "fast_search", "eps0")
+
+
+def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    from .errors import BitshardError  # noqa: PLC0415
+    from .service import _ray, serve  # noqa: PLC0415
+
+    if not args.num_cpus > 0:
+        parser.error(f"--num-cpus must be > 0, got {args.num_cpus}")
+    if args.ray_address is not None:
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=args.ray_address, log_to_driver=False)
+    svc = serve(args.uri, args.column, args.index, args.num_actors, index_uri=args.index_uri,
+                storage_options=_storage_options(args), num_cpus=args.num_cpus)
+    out = sys.stdout
+    try:
+        out.write(json.dumps({"ready": True, "index": svc.index_name,
+                              "version": svc.index_version, "actors": svc.num_actors}) + "\n")
+        out.flush()
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError(f"a request must be a JSON object, got {line.strip()[:80]}")
+                if req.get("refresh"):
+                    svc.refresh()
+                    answer: Any = {"refreshed": True, "version": svc.index_version}
+                else:
+                    unknown = sorted(set(req) - set(_SERVE_KEYS) - {"q"})
+                    if unknown or "q" not in req:
+                        raise ValueError(f"a request needs \"q\" and takes {list(_SERVE_KEYS)}; "
+                                         f"got {sorted(req)}")
+                    kw = {key: req[key] for key in _SERVE_KEYS if key in req}
+                    t = svc.search(np.asarray(req["q"], dtype=np.float32), **kw)
+                    answer = t.to_pydict()
+            except (BitshardError, ValueError, TypeError) as e:
+                answer = {"error": str(e)}
+            out.write(json.dumps(answer, default=str) + "\n")
+            out.flush()
+    finally:
+        svc.close()
     return 0
 
 

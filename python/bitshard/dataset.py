@@ -681,7 +681,16 @@ class Dataset:
             num_threads=num_threads, exact_cache_bytes=exact_cache_bytes))
         before = s.stats if with_stats else None
         q_arr = np.asarray(q)
-        hits = s.search_lists(q_arr)
+        table = self._hits_table(s.search_lists(q_arr), q_arr.ndim, columns)
+        if before is not None:
+            self.last_search_stats = {key: v - before[key] for key, v in s.stats.items()}
+        return table
+
+    def _hits_table(self, hits: List[Tuple[np.ndarray, np.ndarray]], ndim: int,
+                    columns: Optional[Sequence[str]]) -> pa.Table:
+        """The Table :meth:`search` returns for a searcher's ``hits`` (one
+        (rowids, distances) pair per query) of queries of ``ndim`` dimensions
+        (1: one query, 2: a batch); bitshard.serve's front builds the same."""
         if len(hits) == 1:
             rowids, dists = hits[0]
         else:
@@ -695,7 +704,7 @@ class Dataset:
                 [pa.array(self.source.lance_row_ids(rowids), type=pa.uint64()),
                  table.column("_distance"), table.column("_rowid")],
                 names=["_rowid", "_distance", "_rowaddr"])
-        if q_arr.ndim == 2:
+        if ndim == 2:
             qi = np.repeat(np.arange(len(hits), dtype=np.int32), [r.size for r, _ in hits])
             table = table.append_column("query_index", pa.array(qi))
         if columns:
@@ -708,8 +717,6 @@ class Dataset:
                     table = table.append_column(c, table.column(0))
                 else:
                     table = table.append_column(c, extra.column(c))
-        if before is not None:
-            self.last_search_stats = {key: v - before[key] for key, v in s.stats.items()}
         return table
 
     def searcher(

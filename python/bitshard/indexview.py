@@ -165,6 +165,13 @@ class IndexView:
             self._versions, self._broken = versions, broken
         return self._versions
 
+    def pin(self, versions: Dict[str, Tuple[int, str]]) -> None:
+        """Search these committed versions (index name -> (version, column),
+        as :meth:`versions` of another view returned them) until the next
+        :meth:`invalidate`: the actors of bitshard.serve answer for the
+        version their front pinned."""
+        self._versions, self._broken = dict(versions), {}
+
     def resolve(self, column: str, index: Optional[str]) -> str:
         """The index a search of ``column`` uses: ``index`` when given (it
         must exist), else the one index on the column."""

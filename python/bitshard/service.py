@@ -1,0 +1,517 @@
+"""Search fanned out on Ray: ``bitshard.serve(uri, column)`` (docs/serve.md).
+
+A service is a *front* (in the caller's process) and ``num_actors`` Ray
+actors. Actor ``i`` of ``n`` searches the partitions ``p`` with
+``p % n == i`` of every segment of the index (all segments share the
+centroids, so a query's probes fall in every segment). The answer is the
+one ``Dataset.search`` gives, bit for bit, because the front reproduces the
+single search's global threshold rather than merging local top-k lists:
+
+- each actor runs the C search as one *partition share*
+  (``bs_search_params.share``): it returns its k smallest upper bounds and
+  every code of its share whose lower bound is within its own k-th smallest
+  upper bound, with row ids, lower bounds and estimates (the full code's
+  for multi-bit indexes). Its threshold is never below the global one (it
+  saw fewer codes), so those codes are a superset of the ones one process
+  keeps;
+- the front takes the k-th smallest upper bound over all actors (one
+  process's threshold exactly: the k smallest of a union are among the
+  union of each part's k smallest), keeps the codes within it and ranks
+  them as the C search ranks (by (lower bound, row id) for the gated 1-bit
+  rerank, by (estimate, row id) otherwise, a repeated row id keeping its
+  better-ranked copy), then hands them to the same code as a single
+  ``Searcher``: the exact rerank from the data, the exact scan of stale and
+  uncovered fragments, the Table.
+
+One round trip per batch of queries: the second round of a two-round
+design (thresholds first, then the survivors under the global one) would
+cost a second Ray call per batch to save shipping and refining the few
+codes between the local and the global threshold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import pickle
+import threading
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+
+from . import validate
+from .dataset import DEFAULT_EPS0, Dataset, dataset
+from .errors import CorruptIndexError, InvalidInputError
+from .indexview import IndexView, OpenIndex
+from .searcher import SearchOptions, Searcher, _Hits, _refuse_query
+
+__all__ = ["serve", "Service", "DEFAULT_MAX_RESTARTS"]
+
+#: How many times Ray restarts a dead actor, and retries the calls it was
+#: running, before a search fails.
+DEFAULT_MAX_RESTARTS = 4
+#: Arrays of a batch up to this size are sent inline with each actor's call.
+_INLINE_BYTES = 64 << 10
+
+
+def _ray() -> Any:
+    try:
+        import ray  # noqa: PLC0415
+    except ImportError:
+        raise InvalidInputError("bitshard.serve needs Ray: pip install 'bitshard[ray]'") from None
+    return ray
+
+
+def share_mask(num_partitions: int, share: int, num_shares: int) -> np.ndarray:
+    """The partition flags (uint8, one per partition) of share ``share`` of
+    ``num_shares``: partition p belongs to share p % num_shares."""
+    return (np.arange(num_partitions) % num_shares == share).astype(np.uint8)
+
+
+class _FrontView(IndexView):
+    """The front's view of the indexes: a Dataset's own (the plan needs the
+    segments' fragment fingerprints, so the segments are opened as a
+    Dataset opens them: mapped, or their prefix read by range), but the
+    front never scans a partition: its actors do."""
+
+
+class _Remote:
+    """Stands for the C searcher in a front Searcher: the scan is the actors'."""
+
+
+def _merge_shares(k: int, ubs: List[np.ndarray], rows: List[np.ndarray],
+                  ests: List[np.ndarray], lbs: List[np.ndarray], by_lb: bool,
+                  limit: Optional[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One query's candidates from its shares' answers, as the single C search
+    returns them: the codes whose lower bound is within the k-th smallest of
+    every share's upper bounds (+inf padded, so fewer than k codes in all give
+    +inf), sorted by (lower bound or estimate, row id), a repeated row id
+    dropped after its first (better-ranked) copy, then the first ``limit``
+    (None: all). Returns (row ids, estimates, lower bounds)."""
+    ub = np.concatenate(ubs)
+    t = np.partition(ub, k - 1)[k - 1]
+    r = np.concatenate(rows)
+    e = np.concatenate(ests)
+    lb = np.concatenate(lbs)
+    keep = lb <= t
+    if not keep.all():
+        r, e, lb = r[keep], e[keep], lb[keep]
+    order = np.lexsort((r, lb if by_lb else e))
+    r, e, lb = r[order], e[order], lb[order]
+    _, first = np.unique(r, return_index=True)
+    if first.size < r.size:  # only a crafted file holds a row in two partitions
+        first.sort()
+        r, e, lb = r[first], e[first], lb[first]
+    if limit is not None:
+        r, e, lb = r[:limit], e[:limit], lb[:limit]
+    return r, e, lb
+
+
+class _FrontSearcher(Searcher):
+    """A Searcher whose scan is the actors' (see the module docstring); the
+    rest (query checks, rerank, exact scan of uncovered and stale rows, the
+    final order) is the single-process Searcher's own code."""
+
+    def __init__(self, view: IndexView, column: str, options: SearchOptions,
+                 service: "Service") -> None:
+        super().__init__(view, column, options)
+        self._service = service
+        #: The settings the actors search with: the filter is resolved here
+        #: once and sent as its allowed rows.
+        self._actor_options = {
+            "k": self.k, "nprobes": self.nprobes, "refine_factor": self.refine_factor,
+            "index": self.index_name, "fragment_ids": options.fragment_ids,
+            "fast_search": bool(options.fast_search), "eps0": self.eps0,
+            "num_threads": self._num_threads}
+        self._ranged = None  # the front attaches no partition
+        self._native = _Remote() if self._params[4].any() else None
+
+    def _one(self, q: np.ndarray) -> _Hits:
+        bad = validate.first_refused_value(q[None, :])
+        if bad is not None:
+            _refuse_query(q[None, :], 0, bad[1], "query")
+        return self._batch(q[None, :])[0]
+
+    def _scan_batch(self, native: Any, Q: np.ndarray, gated: bool
+                    ) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
+        answers = self._service._scan(Q, self._actor_options, self._allowed_rows)
+        if self.refine_factor is not None:
+            limit: Optional[int] = self.k * self.refine_factor
+        else:
+            limit = self.k if self.num_bits > 1 else None
+        nq = Q.shape[0]
+        rows, ests, lbs = [], [], []
+        splits = [np.cumsum(a[1])[:-1] for a in answers]
+        per = [(np.split(a[2], s), np.split(a[3], s), np.split(a[4], s))
+               for a, s in zip(answers, splits)]
+        for qi in range(nq):
+            r, e, lb = _merge_shares(self.k, [a[0][qi] for a in answers],
+                                     [p[0][qi] for p in per], [p[1][qi] for p in per],
+                                     [p[2][qi] for p in per], gated, limit)
+            rows.append(r)
+            ests.append(e)
+            lbs.append(lb)
+        return rows, ests, (lbs if gated else [])
+
+
+class _ShareActor:
+    """One partition share of the index (a Ray actor; see :func:`serve`)."""
+
+    def __init__(self, share: int, num_shares: int) -> None:
+        self.share, self.num_shares = share, num_shares
+        self._epoch = -1
+        self._ds: Optional[Dataset] = None
+        self._masks: Dict[str, np.ndarray] = {}
+        self._caps: Dict[Any, int] = {}
+
+    def pid(self) -> int:
+        """This actor's process id (the tests kill it)."""
+        return os.getpid()
+
+    def _load(self, epoch: int, state: Any) -> None:
+        blob = state[0]
+        if not isinstance(blob, bytes):  # an object ref (bytes: a test's in-process actor)
+            blob = _ray().get(blob)
+        ds, versions = pickle.loads(blob)
+        ds._indexes.pin(versions)
+        self._ds, self._epoch = ds, epoch
+        self._masks.clear()
+        self._caps.clear()
+
+    def scan(self, epoch: int, state: List[Any], column: str, options: Dict[str, Any],
+             allowed_rows: Optional[np.ndarray], Q: np.ndarray
+             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """This share's answer to the queries ``Q`` (nq, d) float32: (upper
+        bounds (nq, k), candidate counts (nq,), then the candidates' row ids,
+        estimates and lower bounds, query after query). ``state`` is ``[ref]``
+        of the pickled (Dataset, pinned versions) of service epoch ``epoch``,
+        loaded when this actor has another (first call, refresh, restart)."""
+        if epoch != self._epoch:
+            self._load(epoch, state)
+        assert self._ds is not None
+        view = self._ds._indexes
+        with warnings.catch_warnings():
+            # the front warns about uncovered rows; they are its to scan
+            warnings.simplefilter("ignore")
+            s = view.searcher(column, SearchOptions(filter=None, exact_cache_bytes=0,
+                                                    **options))
+        name = s.index_name
+        mask = self._masks.get(name)
+        opened = view.open(name)
+        if mask is None:
+            nparts = int(opened.opened[0].info["num_partitions"])
+            mask = self._masks[name] = share_mask(nparts, self.share, self.num_shares)
+        p = s._params
+        params = (p[0], p[1], p[2], p[3], p[4],
+                  allowed_rows if allowed_rows is not None else p[5], p[6], p[7], mask, True)
+        nq, k = Q.shape[0], s.k
+        key = (name, k)
+        cap = self._caps.get(key, max(256, 16 * k))
+        native = opened.native
+        threads = s._threads()
+        with self._attached(opened, s, mask, Q):
+            return self._search(s, native, params, Q, nq, k, cap, key, threads)
+
+    @staticmethod
+    def _attached(opened: OpenIndex, s: Searcher, mask: np.ndarray, Q: np.ndarray) -> Any:
+        """Segments read by range (an object store without a cache_dir):
+        the partitions of this share that the queries probe, attached for the
+        search (the rest of the probes are other actors'); a no-op for
+        segments opened whole."""
+        ranged = opened.ranged
+        if ranged is None:
+            return contextlib.nullcontext()
+        parts = [int(p) for p in ranged.probes(Q, s.nprobes) if mask[p]]
+        wants = [(seg, parts) for i, seg in enumerate(ranged.segments)
+                 if seg is not None and s._params[4][i]]
+        return ranged.cache.pinned(wants)
+
+    def _search(self, s: Searcher, native: Any, params: Tuple[Any, ...], Q: np.ndarray,
+                nq: int, k: int, cap: int, key: Any, threads: int
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        while True:
+            r = np.empty((nq, cap), np.uint64)
+            e = np.empty((nq, cap), np.float32)
+            lb = np.empty((nq, cap), np.float32)
+            counts = np.empty(nq, np.uint64)
+            ubs = np.empty((nq, k), np.float32)
+            try:
+                native.search_batch_into(Q, nq, threads, params, r, e, lb, counts, None, ubs)
+            except CorruptIndexError as err:
+                raise s._named(err) from None
+            most = int(counts.max()) if nq else 0
+            if most <= cap:
+                break
+            # a share's list is open-ended: scan again with room for all
+            cap = self._caps[key] = 1 << (most - 1).bit_length()
+        n = counts.astype(np.int64)
+        take = np.arange(cap)[None, :] < n[:, None]
+        return ubs, n, r[take], e[take], lb[take]
+
+    def memory(self) -> Dict[str, Any]:
+        """What this actor holds: resident bytes of its process, the bytes of
+        the segment files it has open (mapped or downloaded whole; for a segment
+        read by range, its prefix), the bytes of partitions fetched by range it
+        holds, and the Ray node it runs on."""
+        rss = 0
+        try:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            pass
+        opened = cached = 0
+        if self._ds is not None:
+            view = self._ds._indexes
+            for o in list(view._open.values()):
+                opened += sum(int(s.ranged.prefix_bytes if s.ranged is not None else s.size)
+                              for s in o.opened)
+            cached = int(view.partition_cache.stats()["bytes"])
+        return {"rss_bytes": rss, "segment_bytes": opened, "partition_cache_bytes": cached,
+                "node_id": _ray().get_runtime_context().get_node_id()}
+
+
+class Service:
+    """A search service: a front in this process and Ray actors holding the
+    partition shares of one index. Made by :func:`serve`; see docs/serve.md.
+
+    ``search`` takes the query arguments of :meth:`bitshard.Dataset.search`
+    and returns the same Table, bit for bit. The index version (and the
+    source version) are pinned when the service starts; :meth:`refresh`
+    moves to the newest committed ones. Safe to call from several threads.
+    """
+
+    def __init__(self, ds: Dataset, column: str, index: Optional[str], num_actors: int,
+                 num_cpus: float, num_threads: Optional[int], max_restarts: int,
+                 started_ray: bool, reopen: Any) -> None:
+        ray = _ray()
+        self.column = column
+        self.num_actors = num_actors
+        self._index_arg = index
+        self._reopen = reopen
+        self._started_ray = started_ray
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self._closed = False
+        self._threads = num_threads
+        self._pin(ds)
+        # Actor i goes to alive node i mod nodes, so that each node holds
+        # its share(s) of the index; soft, so that an actor whose node is
+        # gone is restarted elsewhere.
+        from ray.util.scheduling_strategies import (  # noqa: PLC0415
+            NodeAffinitySchedulingStrategy)
+
+        nodes = sorted(n["NodeID"] for n in ray.nodes()
+                       if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+        remote = ray.remote(_ShareActor)
+        self._actors = [remote.options(
+            num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=max_restarts,
+            scheduling_strategy=(NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)
+                                 if nodes else "SPREAD")).remote(i, num_actors)
+            for i in range(num_actors)]
+
+    def _pin(self, ds: Dataset) -> None:
+        """Pin ``ds``'s newest committed index versions and source version as
+        the service's state (a new epoch the actors load at their next call)."""
+        ray = _ray()
+        view = _FrontView(ds.storage, ds.source, ds.index_root)
+        view.set_exact_cache_bytes(ds.exact_cache_bytes)
+        versions = view.versions()
+        name = view.resolve(self.column, self._index_arg)
+        state = [ray.put(pickle.dumps((ds, versions)))]
+        with self._lock:
+            self._ds, self._view = ds, view
+            self._epoch += 1
+            self._state = state
+            self._searchers: Dict[Any, _FrontSearcher] = {}
+            #: The index searched and its pinned version.
+            self.index_name = name
+            self.index_version = versions[name][0]
+
+    def refresh(self) -> "Service":
+        """Move to the newest committed version of the index (and of the
+        source, reopened by its URI); searches already running finish on the
+        old one. Returns self."""
+        self._check_open()
+        self._pin(self._reopen())
+        return self
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidInputError("this bitshard service is closed")
+
+    def _scan(self, Q: np.ndarray, options: Dict[str, Any], allowed_rows: Optional[np.ndarray]
+              ) -> List[Tuple[np.ndarray, ...]]:
+        """Every actor's share answer to ``Q`` (see _ShareActor.scan). A call
+        whose actor died is retried by Ray on the restarted actor."""
+        ray = _ray()
+        with self._lock:
+            epoch, state = self._epoch, self._state
+        opts = dict(options)
+        if opts.get("num_threads") is None:
+            opts["num_threads"] = self._threads
+        # Large arrays go to the object store once for all actors; small
+        # ones travel inline with each call (a put costs more than copying).
+        def arg(v: Any) -> Any:
+            big = isinstance(v, np.ndarray) and v.nbytes > _INLINE_BYTES
+            return ray.put(v) if big and len(self._actors) > 1 else v
+
+        Q_arg, rows_arg = arg(Q), arg(allowed_rows)
+        futures = [a.scan.remote(epoch, state, self.column, opts, rows_arg, Q_arg)
+                   for a in self._actors]
+        return list(ray.get(futures))
+
+    def search(
+        self,
+        q: Any,
+        k: int = 10,
+        nprobes: int = 20,
+        refine_factor: Optional[int] = None,
+        columns: Optional[Sequence[str]] = None,
+        *,
+        fragment_ids: Optional[Sequence[int]] = None,
+        filter: Any = None,
+        fast_search: bool = False,
+        eps0: float = DEFAULT_EPS0,
+        num_threads: Optional[int] = None,
+        exact_cache_bytes: Optional[int] = None,
+    ) -> pa.Table:
+        """Nearest neighbours of ``q`` (one query (d,) or a batch (nq, d)):
+        the arguments and the Table of :meth:`bitshard.Dataset.search` (the
+        index is the service's). ``num_threads`` is each actor's thread count
+        for the batch (default: the service's)."""
+        self._check_open()
+        options = SearchOptions(
+            k=k, nprobes=nprobes, refine_factor=refine_factor, index=self.index_name,
+            fragment_ids=fragment_ids, filter=filter, fast_search=fast_search, eps0=eps0,
+            num_threads=num_threads, exact_cache_bytes=exact_cache_bytes).checked()
+        with self._lock:
+            ds, view, searchers = self._ds, self._view, self._searchers
+        key = options.cache_key()
+        s = searchers.get(key) if key is not None else None
+        if s is None:
+            s = _FrontSearcher(view, self.column, options, self)
+            if key is not None:
+                searchers[key] = s
+        q_arr = np.asarray(q)
+        return ds._hits_table(s.search_lists(q_arr), q_arr.ndim, columns)
+
+    def memory(self) -> List[Dict[str, Any]]:
+        """Per actor: ``rss_bytes`` (its process's resident memory),
+        ``segment_bytes`` (the segment files it has open),
+        ``partition_cache_bytes`` (partitions fetched by range it holds: its
+        share's only) and ``node_id`` (its Ray node)."""
+        self._check_open()
+        ray = _ray()
+        return list(ray.get([a.memory.remote() for a in self._actors]))
+
+    def actor_pids(self) -> List[int]:
+        """The process id of each actor (for monitoring and the tests)."""
+        ray = _ray()
+        return list(ray.get([a.pid.remote() for a in self._actors]))
+
+    def close(self) -> None:
+        """Stop the actors (and Ray, when :func:`serve` started it)."""
+        if self._closed:
+            return
+        self._closed = True
+        ray = _ray()
+        for a in self._actors:
+            ray.kill(a, no_restart=True)
+        self._actors = []
+        if self._started_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> "Service":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def serve(
+    uri: Union[str, os.PathLike, Dataset],
+    column: str,
+    index: Optional[str] = None,
+    num_actors: Optional[int] = None,
+    *,
+    index_uri: Optional[Union[str, os.PathLike]] = None,
+    storage_options: Optional[Dict[str, Any]] = None,
+    num_cpus: float = 1.0,
+    num_threads: Optional[int] = None,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+    exact_cache_bytes: Optional[int] = None,
+) -> Service:
+    """Serve searches of one index from Ray actors, each holding a share of
+    its partitions (docs/serve.md).
+
+    Uses the Ray cluster this process is connected to, or starts a local one
+    (stopped by :meth:`Service.close`).
+
+    Args:
+        uri: the dataset (what :func:`bitshard.dataset` opens, a path all
+            nodes can read), or a :class:`bitshard.Dataset`.
+        column: the indexed vector column.
+        index: the index name when the column has several.
+        num_actors: actors (partition shares); default one per alive Ray node.
+        index_uri, storage_options: as :func:`bitshard.dataset` (ignored when
+            ``uri`` is a Dataset).
+        num_cpus: Ray CPUs each actor requests (fractions allowed).
+        num_threads: threads each actor scans a batch with (default:
+            ``ceil(num_cpus)``); the answer does not depend on it.
+        max_restarts: how many times Ray restarts an actor that died (its
+            calls are retried on the restarted actor).
+        exact_cache_bytes: as :func:`bitshard.dataset`, for the rows the
+            front searches exactly (default: the Dataset's).
+
+    Returns:
+        A :class:`Service`; ``close()`` it (or use it as a context manager).
+    """
+    if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)) or \
+            not 0 < num_cpus < math.inf:
+        raise InvalidInputError(f"num_cpus must be a finite number > 0, got {num_cpus!r}")
+    num_cpus = float(num_cpus)
+    if num_actors is not None:
+        num_actors = validate.integer("num_actors", num_actors, 1)
+    max_restarts = validate.integer("max_restarts", max_restarts, 0)
+    if num_threads is not None:
+        num_threads = validate.thread_count(num_threads)
+    opts: Dict[str, Any] = {}
+    if exact_cache_bytes is not None:
+        opts["exact_cache_bytes"] = validate.integer("exact_cache_bytes", exact_cache_bytes, 0)
+    if isinstance(uri, Dataset):
+        ds = uri
+        if exact_cache_bytes is not None:
+            ds.exact_cache_bytes = opts["exact_cache_bytes"]
+        src_uri, root, sopts = ds.source.uri, ds.index_root, ds.storage_options
+
+        def reopen() -> Dataset:
+            if src_uri is None:  # an in-memory source: only the indexes move
+                ds.refresh()
+                return ds
+            return dataset(src_uri, index_uri=root, storage_options=sopts,
+                           exact_cache_bytes=ds.exact_cache_bytes)
+    else:
+        def reopen() -> Dataset:
+            return dataset(uri, index_uri=index_uri, storage_options=storage_options, **opts)
+        ds = reopen()
+    ray = _ray()
+    started = False
+    if not ray.is_initialized():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")
+            ray.init(include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        if num_actors is None:
+            num_actors = max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+        threads = num_threads if num_threads is not None else max(1, math.ceil(num_cpus))
+        return Service(ds, column, index, num_actors, num_cpus, threads, max_restarts,
+                       started, reopen)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
