@@ -1555,6 +1555,382 @@ static PyObject *fn_rerank_gate(PyObject *module, PyObject *args) {
     return r;
 }
 
+/* Candidates whose distances are computed together in rerank_gated: the
+ * gate is still applied one candidate at a time, so at most RERANK_CHUNK - 1
+ * distances past a query's stop are computed and not used (never read
+ * back), against one |q|^2 per chunk for cosine. */
+enum { RERANK_CHUNK = 8 };
+
+/* The gate over one query's candidates 0 .. n-1 (lower bounds lb, in
+ * order), candidate t's vector at vecs + idx[t] * dim: takes candidates in
+ * (distance into d[t], pushed on the max-heap of *hn <= k entries) until
+ * the first whose lower bound exceeds the k-th best distance; *stop is its
+ * index (n if none). Distances are computed RERANK_CHUNK at a time from
+ * rows gathered into chunk (RERANK_CHUNK * dim floats); *gathered counts
+ * the rows read. check: each row read is first checked against the
+ * accepted-values rule, and the first refused one ends the call with
+ * *refused set to its t (*refused is n otherwise). */
+static bs_status gate_rows(bs_metric metric, const float *q, uint32_t dim, const float *vecs,
+                           const uint64_t *idx, const float *lb, size_t n, uint32_t k,
+                           float *heap, uint32_t *hn, float *d, float *chunk, int check,
+                           size_t *stop, size_t *gathered, size_t *refused, bs_error *err) {
+    *stop = n;
+    *gathered = 0;
+    *refused = n;
+    for (size_t j = 0; j < n; j += RERANK_CHUNK) {
+        /* the gate's test first: a chunk the gate stops at its start is not
+         * computed */
+        if (*hn == k && lb[j] > heap[0]) {
+            *stop = j;
+            return BS_OK;
+        }
+        const size_t c = n - j < RERANK_CHUNK ? n - j : RERANK_CHUNK;
+        for (size_t t = 0; t < c; t++) {
+            const float *v = vecs + (size_t)idx[j + t] * dim;
+            float *row = chunk + t * dim;
+            memcpy(row, v, dim * sizeof(float));
+            if (check) {
+                /* the largest magnitude's bits: NaN and inf sort above
+                 * every finite value; no early exit, so it vectorises */
+                uint32_t most = 0;
+                for (uint32_t e = 0; e < dim; e++) {
+                    uint32_t bits;
+                    memcpy(&bits, row + e, sizeof bits);
+                    bits &= 0x7fffffffu;
+                    most = bits > most ? bits : most;
+                }
+                float lim = (float)BS_MAX_ABS_VALUE;
+                uint32_t lim_bits;
+                memcpy(&lim_bits, &lim, sizeof lim_bits);
+                if (most > lim_bits) {
+                    *refused = j + t;
+                    *stop = j;
+                    return BS_OK;
+                }
+            }
+        }
+        *gathered += c;
+        const bs_status st = bs_exact_distances(metric, q, chunk, c, dim, d + j, err);
+        if (st != BS_OK) return st;
+        const size_t took = bs_rerank_gate(lb + j, d + j, c, k, heap, hn);
+        if (took < c) {
+            *stop = j + took;
+            return BS_OK;
+        }
+    }
+    return BS_OK;
+}
+
+/* rerank_gated_array(metric, Q, dim, array, fragment_size, rowids,
+ *                    lower_bounds, counts, k, kept, dists)
+ *     -> (rows read, refused row id or None)
+ *
+ * The whole gated 1-bit rerank of a batch of nq queries (see
+ * Searcher._rerank_gated) when the source holds the column as one float32
+ * array (rows, dim), fragment f being rows [f * fragment_size, ...): query
+ * i's counts[i] candidates (rowids[i * cap ...], lower_bounds[i * cap ...],
+ * cap = len(rowids) / nq, in lower-bound order) are read straight from the
+ * array, each row checked against the accepted-values rule, and taken in
+ * until the gate stops; kept[i] receives how many were, dists[i * cap ...]
+ * their exact distances. The stop point does not depend on how the list is
+ * read, so this answers exactly like the rounds of rerank_gated. A row id
+ * outside the array, or a row with a refused value, stops the call and is
+ * returned (kept and dists are then partly written), for the caller to
+ * have the source refuse it by name. */
+static PyObject *fn_rerank_gated_array(PyObject *module, PyObject *args) {
+    PyObject *metric_o, *qo, *dim_o, *ao, *fs_o, *ro, *lbo, *co, *k_o, *ko, *dO;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOO", &metric_o, &qo, &dim_o, &ao, &fs_o, &ro, &lbo,
+                          &co, &k_o, &ko, &dO))
+        return NULL;
+    int metric;
+    uint32_t dim, k;
+    unsigned long long frag;
+    if (enum_arg(module, metric_o, "metric", &metric) < 0 ||
+        u32_arg(module, dim_o, "dim", 1, &dim) < 0 || u32_arg(module, k_o, "k", 1, &k) < 0 ||
+        int_arg(module, fs_o, "fragment_size", 1, UINT64_MAX >> 32, &frag) < 0)
+        return NULL;
+    buf_arg b[] = {
+        BUF("counts", co, 'U', 0, 0),
+        BUF("Q", qo, 'f', 0, 0),
+        BUF("array", ao, 'f', 0, 0),
+        BUF("rowids", ro, 'U', 0, 0),
+        BUF("lower_bounds", lbo, 'f', 0, 0),
+        BUF("kept", ko, 'U', BUF_WRITABLE, 0),
+        BUF("dists", dO, 'f', BUF_WRITABLE, 0),
+    };
+    if (bufs_acquire(module, b, NBUFS(b)) < 0) return NULL;
+    const size_t nq = buf_items(&b[0].view);
+    const size_t cap = nq ? buf_items(&b[3].view) / nq : 0;
+    const size_t nrows = buf_items(&b[2].view) / dim;
+    const uint64_t *counts = b[0].view.buf, *rowids = b[3].view.buf;
+    const float *Q = b[1].view.buf, *arr = b[2].view.buf, *lbs = b[4].view.buf;
+    uint64_t *kept = b[5].view.buf;
+    float *dists = b[6].view.buf;
+    PyObject *result = NULL;
+    float *chunk = NULL, *heap = NULL;
+    uint64_t *at = NULL;
+    if (check_len(module, &b[1].view, items_of(nq, dim), 1, "Q") < 0 ||
+        check_len(module, &b[3].view, items_of(nq, cap), 1, "rowids") < 0 ||
+        check_len(module, &b[4].view, items_of(nq, cap), 1, "lower_bounds") < 0 ||
+        check_len(module, &b[6].view, items_of(nq, cap), 1, "dists") < 0 ||
+        check_len(module, &b[5].view, nq, 1, "kept") < 0)
+        goto out;
+    for (size_t i = 0; i < nq; i++)
+        if (counts[i] > cap) {
+            PyErr_Format(invalid_input(module), "counts[%zu] = %llu is above %zu", i,
+                         (unsigned long long)counts[i], cap);
+            goto out;
+        }
+    chunk = PyMem_Malloc(items_of(RERANK_CHUNK, dim) * sizeof(float));
+    heap = PyMem_Malloc((size_t)k * sizeof(float));
+    at = PyMem_Malloc((cap ? cap : 1) * sizeof(uint64_t));
+    if (chunk == NULL || heap == NULL || at == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    bs_error err;
+    bs_status status = BS_OK;
+    size_t reads = 0;
+    uint64_t bad_row = 0;
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0; i < nq && status == BS_OK && !bad; i++) {
+        const size_t n = (size_t)counts[i];
+        const uint64_t *r = rowids + i * cap;
+        size_t valid = n; /* candidates before the first row id outside the array */
+        for (size_t t = 0; t < n; t++) {
+            const uint64_t off = r[t] & 0xffffffffu, p = (r[t] >> 32) * frag + off;
+            if (off >= frag || p >= nrows) {
+                valid = t;
+                break;
+            }
+            at[t] = p;
+        }
+        uint32_t hn = 0;
+        size_t stop, gathered, refused;
+        status = gate_rows((bs_metric)metric, Q + i * dim, dim, arr, at, lbs + i * cap, valid, k,
+                           heap, &hn, dists + i * cap, chunk, 1, &stop, &gathered, &refused,
+                           &err);
+        reads += gathered;
+        kept[i] = stop;
+        if (refused < valid) {
+            bad = 1;
+            bad_row = r[refused];
+        } else if (stop == valid && valid < n) {
+            bad = 1; /* the gate reached a row id outside the array */
+            bad_row = r[valid];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (status != BS_OK) {
+        raise_bs(module, &err);
+        goto out;
+    }
+    if (bad)
+        result = Py_BuildValue("(nK)", (Py_ssize_t)reads, (unsigned long long)bad_row);
+    else
+        result = Py_BuildValue("(nO)", (Py_ssize_t)reads, Py_None);
+out:
+    PyMem_Free(chunk);
+    PyMem_Free(heap);
+    PyMem_Free(at);
+    bufs_release(b, NBUFS(b));
+    return result;
+}
+
+/* rerank_gated(metric, Q, dim, vecs, index, lower_bounds, counts, pos, end,
+ *              k, heaps, heap_n, dists, done) -> None
+ *
+ * One round of the gated 1-bit rerank of a batch of nq queries (see
+ * Searcher._rerank_gated), so that the per-candidate loop runs here and
+ * not in Python. Each query i has its candidates in lower-bound order,
+ * lower_bounds[i * cap + j] (cap = len(lower_bounds) / nq), counts[i] of
+ * them; pos[i] are taken in so far, with their exact distances in
+ * dists[i * cap ...] and the k best of those in the max-heap
+ * heaps[i * k ...] of heap_n[i] entries. This round offers candidates
+ * pos[i] .. end[i] - 1 of every query with pos[i] < end[i], query after
+ * query: their vectors are vecs[index[t] * dim ...] for the t-th candidate
+ * offered. Each is taken in (its distance stored, pushed on the heap)
+ * until bs_rerank_gate stops at one whose lower bound exceeds the k-th best
+ * distance; pos[i] moves past the ones taken in, and done[i] is set when
+ * the gate stopped or no candidate is left. The answer is therefore the one
+ * of calling exact_distances and rerank_gate on each slice. */
+static PyObject *fn_rerank_gated(PyObject *module, PyObject *args) {
+    PyObject *metric_o, *qo, *dim_o, *vo, *io, *lbo, *co, *po, *eo, *k_o, *ho, *hno, *dO, *doneo;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOO", &metric_o, &qo, &dim_o, &vo, &io, &lbo, &co,
+                          &po, &eo, &k_o, &ho, &hno, &dO, &doneo))
+        return NULL;
+    int metric;
+    uint32_t dim, k;
+    if (enum_arg(module, metric_o, "metric", &metric) < 0 ||
+        u32_arg(module, dim_o, "dim", 1, &dim) < 0 || u32_arg(module, k_o, "k", 1, &k) < 0)
+        return NULL;
+    buf_arg b[] = {
+        BUF("counts", co, 'U', 0, 0),
+        BUF("Q", qo, 'f', 0, 0),
+        BUF("vecs", vo, 'f', 0, 0),
+        BUF("index", io, 'U', 0, 0),
+        BUF("lower_bounds", lbo, 'f', 0, 0),
+        BUF("pos", po, 'U', BUF_WRITABLE, 0),
+        BUF("end", eo, 'U', 0, 0),
+        BUF("heaps", ho, 'f', BUF_WRITABLE, 0),
+        BUF("heap_n", hno, 'U', BUF_WRITABLE, 0),
+        BUF("dists", dO, 'f', BUF_WRITABLE, 0),
+        BUF("done", doneo, 'b', BUF_WRITABLE, 0),
+    };
+    if (bufs_acquire(module, b, NBUFS(b)) < 0) return NULL;
+    const size_t nq = buf_items(&b[0].view);
+    const size_t cap = nq ? buf_items(&b[4].view) / nq : 0;
+    const size_t nvec = buf_items(&b[2].view) / dim, nindex = buf_items(&b[3].view);
+    const uint64_t *counts = b[0].view.buf, *index = b[3].view.buf, *end = b[6].view.buf;
+    uint64_t *pos = b[5].view.buf, *heap_n = b[8].view.buf;
+    const float *Q = b[1].view.buf, *vecs = b[2].view.buf, *lbs = b[4].view.buf;
+    float *heaps = b[7].view.buf, *dists = b[9].view.buf;
+    unsigned char *done = b[10].view.buf;
+    PyObject *result = NULL;
+    if (check_len(module, &b[1].view, items_of(nq, dim), 1, "Q") < 0 ||
+        check_len(module, &b[4].view, items_of(nq, cap), 1, "lower_bounds") < 0 ||
+        check_len(module, &b[9].view, items_of(nq, cap), 1, "dists") < 0 ||
+        check_len(module, &b[7].view, items_of(nq, k), 1, "heaps") < 0 ||
+        check_len(module, &b[5].view, nq, 1, "pos") < 0 ||
+        check_len(module, &b[6].view, nq, 1, "end") < 0 ||
+        check_len(module, &b[8].view, nq, 1, "heap_n") < 0 ||
+        check_len(module, &b[10].view, nq, 1, "done") < 0)
+        goto out;
+    /* Every index is checked before anything is written. */
+    size_t offered = 0;
+    for (size_t i = 0; i < nq; i++) {
+        if (counts[i] > cap || end[i] > counts[i] || pos[i] > end[i] || heap_n[i] > k) {
+            PyErr_Format(invalid_input(module),
+                         "query %zu: need pos <= end <= counts <= %zu and heap_n <= k (%u), "
+                         "got pos %llu, end %llu, counts %llu, heap_n %llu",
+                         i, cap, k, (unsigned long long)pos[i], (unsigned long long)end[i],
+                         (unsigned long long)counts[i], (unsigned long long)heap_n[i]);
+            goto out;
+        }
+        offered += (size_t)(end[i] - pos[i]);
+    }
+    if (offered != nindex) {
+        PyErr_Format(invalid_input(module), "index holds %zu items, the round offers %zu",
+                     nindex, offered);
+        goto out;
+    }
+    for (size_t t = 0; t < nindex; t++)
+        if (index[t] >= nvec) {
+            PyErr_Format(invalid_input(module), "index[%zu] = %llu is past the %zu vectors", t,
+                         (unsigned long long)index[t], nvec);
+            goto out;
+        }
+    float *chunk = PyMem_Malloc(items_of(RERANK_CHUNK, dim) * sizeof(float));
+    if (chunk == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    bs_error err;
+    bs_status status = BS_OK;
+    Py_BEGIN_ALLOW_THREADS
+    const uint64_t *idx = index;
+    for (size_t i = 0; i < nq && status == BS_OK; i++) {
+        const size_t a = (size_t)pos[i], n = (size_t)(end[i] - pos[i]);
+        if (n == 0) continue;
+        uint32_t hn = (uint32_t)heap_n[i];
+        size_t stop, gathered, refused;
+        status = gate_rows((bs_metric)metric, Q + i * dim, dim, vecs, idx, lbs + i * cap + a, n,
+                           k, heaps + (size_t)i * k, &hn, dists + i * cap + a, chunk, 0, &stop,
+                           &gathered, &refused, &err);
+        idx += n;
+        heap_n[i] = hn;
+        pos[i] = a + stop;
+        if (stop < n || pos[i] >= counts[i]) done[i] = 1;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(chunk);
+    if (status != BS_OK) {
+        raise_bs(module, &err);
+        goto out;
+    }
+    result = Py_NewRef(Py_None);
+out:
+    bufs_release(b, NBUFS(b));
+    return result;
+}
+
+/* A candidate of top_k: its distance, then its row id, decide its place. */
+typedef struct {
+    float d;
+    uint64_t row;
+} ranked;
+
+static int ranked_cmp(const void *pa, const void *pb) {
+    const ranked *a = pa, *b = pb;
+    if (a->d != b->d) return a->d < b->d ? -1 : 1;
+    return (a->row > b->row) - (a->row < b->row);
+}
+
+/* top_k(rowids, dists, counts, k, out_rowids, out_dists) -> None
+ *
+ * For each of nq = len(counts) queries, the k smallest (distance, row id)
+ * pairs among the first counts[i] of rowids[i * cap ...] and
+ * dists[i * cap ...] (cap = len(rowids) / nq), in increasing order, into
+ * out_rowids[i * k ...] and out_dists[i * k ...]; a query with fewer pads
+ * with the row id 2**64 - 1 and +inf. The order is numpy's
+ * lexsort((rowids, dists)) for finite distances, so this replaces a
+ * per-query sort in Python with one call per batch. */
+static PyObject *fn_top_k(PyObject *module, PyObject *args) {
+    PyObject *ro, *dO, *co, *k_o, *oro, *odo;
+    if (!PyArg_ParseTuple(args, "OOOOOO", &ro, &dO, &co, &k_o, &oro, &odo)) return NULL;
+    uint32_t k;
+    if (u32_arg(module, k_o, "k", 1, &k) < 0) return NULL;
+    buf_arg b[] = {
+        BUF("counts", co, 'U', 0, 0),
+        BUF("rowids", ro, 'U', 0, 0),
+        BUF("dists", dO, 'f', 0, 0),
+        BUF("out_rowids", oro, 'U', BUF_WRITABLE, 0),
+        BUF("out_dists", odo, 'f', BUF_WRITABLE, 0),
+    };
+    if (bufs_acquire(module, b, NBUFS(b)) < 0) return NULL;
+    const size_t nq = buf_items(&b[0].view);
+    const size_t cap = nq ? buf_items(&b[1].view) / nq : 0;
+    const uint64_t *counts = b[0].view.buf, *rows = b[1].view.buf;
+    const float *dists = b[2].view.buf;
+    uint64_t *out_r = b[3].view.buf;
+    float *out_d = b[4].view.buf;
+    PyObject *result = NULL;
+    ranked *tmp = NULL;
+    if (check_len(module, &b[1].view, items_of(nq, cap), 1, "rowids") < 0 ||
+        check_len(module, &b[2].view, items_of(nq, cap), 1, "dists") < 0 ||
+        check_len(module, &b[3].view, items_of(nq, k), 1, "out_rowids") < 0 ||
+        check_len(module, &b[4].view, items_of(nq, k), 1, "out_dists") < 0)
+        goto out;
+    for (size_t i = 0; i < nq; i++)
+        if (counts[i] > cap) {
+            PyErr_Format(invalid_input(module), "counts[%zu] = %llu is above %zu", i,
+                         (unsigned long long)counts[i], cap);
+            goto out;
+        }
+    tmp = PyMem_Malloc((cap ? cap : 1) * sizeof *tmp);
+    if (tmp == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0; i < nq; i++) {
+        const size_t n = (size_t)counts[i];
+        for (size_t j = 0; j < n; j++) tmp[j] = (ranked){dists[i * cap + j], rows[i * cap + j]};
+        qsort(tmp, n, sizeof *tmp, ranked_cmp);
+        for (size_t j = 0; j < k; j++) {
+            out_r[i * k + j] = j < n ? tmp[j].row : UINT64_MAX;
+            out_d[i * k + j] = j < n ? tmp[j].d : INFINITY;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+out:
+    PyMem_Free(tmp);
+    bufs_release(b, NBUFS(b));
+    return result;
+}
+
 /* The BLAS (OpenBLAS from scipy-openblas32) keeps its own process-wide
  * thread count; a worker process that runs one task per core sets it to 1
  * so that N workers do not start N x cores BLAS threads. */
@@ -1612,6 +1988,14 @@ static PyMethodDef native_methods[] = {
      "set_blas_threads(n): threads of the BLAS used by k-means and assignment"},
     {"rerank_gate", fn_rerank_gate, METH_VARARGS,
      "rerank_gate(lb, d, heap, heap_n, k) -> (stop, heap_n)"},
+    {"rerank_gated", fn_rerank_gated, METH_VARARGS,
+     "rerank_gated(metric, Q, dim, vecs, index, lower_bounds, counts, pos, end, k, heaps, "
+     "heap_n, dists, done) -> None"},
+    {"rerank_gated_array", fn_rerank_gated_array, METH_VARARGS,
+     "rerank_gated_array(metric, Q, dim, array, fragment_size, rowids, lower_bounds, counts, k, "
+     "kept, dists) -> (rows read, refused row id or None)"},
+    {"top_k", fn_top_k, METH_VARARGS,
+     "top_k(rowids, dists, counts, k, out_rowids, out_dists) -> None"},
     {"version", fn_version, METH_NOARGS, "the C library version number"},
     {NULL, NULL, 0, NULL}};
 

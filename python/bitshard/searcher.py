@@ -46,6 +46,8 @@ DEFAULT_EXACT_CACHE_BYTES = 256 << 20
 EXACT_BATCH_BYTES = 4 << 20
 
 _Hits = Tuple[np.ndarray, np.ndarray]  # (rowids uint64, distances float32)
+_SHIFT = np.uint64(32)  # row id = fragment id << 32 | offset
+_LOW = np.uint64(0xFFFFFFFF)
 #: Rows searched exactly: a fragment id and the sorted uint32 offsets of the
 #: rows of it searched exactly, or None for every live row of it.
 ExactPart = Tuple[int, Optional[np.ndarray]]
@@ -260,6 +262,15 @@ class Searcher:
             out_r[rows.size:] = NO_ROW
             out_d[rows.size:] = np.inf
             return out_r, out_d
+        if (a.ndim == 2 and self._native is not None and self.num_bits == 1
+                and self.refine_factor is None and self._exact is None):
+            # The gated rerank: the scan, each round of the rerank and the
+            # final top k are one C call each for the whole batch.
+            Q = self._check(a)
+            r, _, lb, n = self._scan_batch(self._native, Q, True)
+            assert lb is not None
+            rows, dists, _ = self._gated(Q, r, lb, n)
+            return rows, dists
         if (a.ndim == 2 and self._native is not None and self.num_bits > 1
                 and self.refine_factor is None and self._exact is None):
             # The scan's answer is final (the k best estimates, in order):
@@ -410,11 +421,11 @@ class Searcher:
                 rows, dists = _rerank_all(self.source, self.column, q[None, :],
                                           [(rows, dists)], self._mcode, self.dim)[0]
             elif lb is not None:
-                got, reads = _rerank_gated(self.source, self.column, q[None, :],
-                                           [(rows, dists)], [lb[:n]], self._mcode, self.dim,
-                                           self.k)
-                rows, dists = got[0]
-                self._exact_reads += reads
+                top_r, top_d, got = self._gated(q[None, :], r[None, :], lb[None, :],
+                                                np.array([n], dtype=np.uint64))
+                rows, dists = top_r[0, :got[0]], top_d[0, :got[0]]
+                if self._exact is None:
+                    return rows, dists  # already the k best, in order
             else:
                 # already the k best estimates in (estimate, row id) order
                 if self._exact is None:
@@ -451,19 +462,21 @@ class Searcher:
         return self._ranged.attached(Q, self.nprobes, self._mask)
 
     def _scan_batch(self, native: Any, Q: np.ndarray, gated: bool
-                    ) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
-        """The C scan of a batch: per query its candidates' row ids, estimates
-        and (gated 1-bit rerank) lower bounds, each list complete (the
-        partitions the batch probes attached for the whole of it)."""
+                    ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray]:
+        """The C scan of a batch: ``(rowids, estimates, lower_bounds, counts)``,
+        query i's candidates in the first ``counts[i]`` entries of row i of
+        each (nq, width) array (lower bounds only for the gated 1-bit rerank,
+        else None), the partitions the batch probes attached for the whole
+        of it."""
         with self._attached(Q):
             return self._scan_batch_attached(native, Q, gated)
 
     def _scan_batch_attached(self, native: Any, Q: np.ndarray, gated: bool
-                             ) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
+                             ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray]:
         """:meth:`_scan_batch` once its partitions are attached. The arrays
         hold ``self._batch_cap`` candidates a query; the few queries with more
-        (only the gated rerank's lists are open-ended) are scanned again into
-        arrays long enough, their counts not added twice."""
+        (only the gated rerank's lists are open-ended) are scanned again, their
+        counts not added twice, and the arrays widened to the longest list."""
         nq = Q.shape[0]
         cap = self._batch_cap
         r = np.empty((nq, cap), np.uint64)
@@ -475,39 +488,57 @@ class Searcher:
                                      self._stats)
         except CorruptIndexError as err:
             raise self._named(err) from None
-        n = counts.astype(np.int64)
-        rows = [r[i, :min(n[i], cap)] for i in range(nq)]
-        ests = [e[i, :min(n[i], cap)] for i in range(nq)]
-        lbs = [lb[i, :min(n[i], cap)] for i in range(nq)] if lb is not None else []
-        over = np.flatnonzero(n > cap)
+        over = np.flatnonzero(counts > cap)
         if over.size:
             Qo = np.ascontiguousarray(Q[over])
-            cap2 = int(n[over].max())
+            cap2 = int(counts[over].max())
             r2 = np.empty((over.size, cap2), np.uint64)
             e2 = np.empty((over.size, cap2), np.float32)
             lb2 = np.empty((over.size, cap2), np.float32) if gated else None
             native.search_batch_into(Qo, over.size, self._threads(), self._params, r2, e2, lb2,
                                      np.empty(over.size, np.uint64), None)
-            for j, qi in enumerate(over):
-                rows[qi], ests[qi] = r2[j, :n[qi]], e2[j, :n[qi]]
-                if lb2 is not None:
-                    lbs[qi] = lb2[j, :n[qi]]
-        return rows, ests, lbs
+
+            def wide(x: np.ndarray, x2: np.ndarray) -> np.ndarray:
+                w = np.empty((nq, cap2), x.dtype)
+                w[:, :cap] = x
+                w[over] = x2
+                return w
+
+            r, e = wide(r, r2), wide(e, e2)
+            if lb is not None and lb2 is not None:
+                lb = wide(lb, lb2)
+        return r, e, lb, counts
+
+    def _gated(self, Q: np.ndarray, r: np.ndarray, lb: np.ndarray, counts: np.ndarray
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The gated 1-bit rerank of scanned candidates (``_scan_batch``'s
+        arrays): ``(rowids, distances, found)``, the k best exact distances
+        of each query in (distance, row id) order, shape (nq, k), padded
+        with NO_ROW and inf past the ``found[i]`` rows found."""
+        kept, dists, reads = _rerank_gated(self.source, self.column, Q, r, lb, counts,
+                                           self._mcode, self.dim, self.k)
+        self._exact_reads += reads
+        nq = Q.shape[0]
+        out_r = np.empty((nq, self.k), np.uint64)
+        out_d = np.empty((nq, self.k), np.float32)
+        _native.top_k(r, dists, kept, self.k, out_r, out_d)
+        return out_r, out_d, np.minimum(kept, self.k).astype(np.int64)
 
     def _batch(self, Q: np.ndarray) -> List[_Hits]:
         nq = Q.shape[0]
         per_query: List[_Hits] = [(np.empty(0, np.uint64), np.empty(0, np.float32))] * nq
         if self._native is not None and nq:
             gated = self.num_bits == 1 and self.refine_factor is None
-            found, ests, lbs = self._scan_batch(self._native, Q, gated)
-            per_query = list(zip(found, ests))
+            r, e, lb, n = self._scan_batch(self._native, Q, gated)
+            if gated:
+                assert lb is not None
+                top_r, top_d, got = self._gated(Q, r, lb, n)
+                per_query = [(top_r[i, :got[i]], top_d[i, :got[i]]) for i in range(nq)]
+            else:
+                per_query = [(r[i, :n[i]], e[i, :n[i]]) for i in range(nq)]
             if self.refine_factor is not None:
                 per_query = _rerank_all(self.source, self.column, Q, per_query, self._mcode,
                                         self.dim)
-            elif gated:
-                per_query, reads = _rerank_gated(self.source, self.column, Q, per_query, lbs,
-                                                 self._mcode, self.dim, self.k)
-                self._exact_reads += reads
         exact = self._exact_hits(Q) if self._exact is not None and nq else None
         out = []
         for qi in range(nq):
@@ -521,58 +552,64 @@ class Searcher:
         return out
 
 
-def _rerank_gated(source: Source, column: str, Q: np.ndarray,
-                  per_query: List[_Hits], lbs: List[np.ndarray],
-                  metric: int, dim: int, k: int) -> Tuple[List[_Hits], int]:
+def _rerank_gated(source: Source, column: str, Q: np.ndarray, rows: np.ndarray,
+                  lbs: np.ndarray, counts: np.ndarray, metric: int, dim: int, k: int
+                  ) -> Tuple[np.ndarray, np.ndarray, int]:
     """Exact distances for 1-bit candidates, read in lower-bound order.
 
-    Candidate i is read only if fewer than k exact distances are known or its
-    lower bound is within the k-th best so far; the first candidate that fails
-    ends that query. The stop point depends only on the candidate list, so a
-    batch may read a few rows past it (to keep source reads few and large)
-    without changing the answer.
+    Query i's candidates are the first ``counts[i]`` of row i of ``rows``
+    (uint64 row ids) and ``lbs`` (float32 lower bounds), both (nq, width).
+    Candidate j is read only if fewer than k exact distances are known or
+    its lower bound is within the k-th best so far; the first candidate
+    that fails ends that query. The stop point depends only on the
+    candidate list, so a batch may read a few rows past it (to keep source
+    reads few and large) without changing the answer: each round reads the
+    next ``step`` candidates (2k, then doubling) of every query not yet
+    stopped, in one ``take`` of their distinct rows, and one C call
+    (``_native.rerank_gated``) computes their distances and applies the
+    gate. A source that holds the column as one float32 array
+    (``Source.float32_rows``) is read straight from it instead, the whole
+    rerank in one C call that reads each query's candidates up to its stop
+    (rounded up to 8) and checks each row against the accepted-values rule.
+
+    Returns ``(kept, dists, reads)``: query i's answer is among its first
+    ``kept[i]`` candidates, whose exact distances are ``dists[i, :kept[i]]``
+    (float32, (nq, width)); ``reads`` counts the rows read from the source
+    (through ``take``, a row offered to several queries of a round once;
+    from an array, once per query that reads it).
     """
-    nq = len(per_query)
-    done = [rows.size == 0 for rows, _ in per_query]
-    pos = [0] * nq
-    kept_rows: List[List[np.ndarray]] = [[] for _ in range(nq)]
-    kept_d: List[List[np.ndarray]] = [[] for _ in range(nq)]
-    heaps = np.zeros((nq, k), dtype=np.float32)  # max-heaps of the k best, per query
-    heap_n = [0] * nq
+    nq, width = rows.shape
+    counts = np.ascontiguousarray(counts, dtype=np.uint64)
+    pos = np.zeros(nq, np.uint64)
+    done = (counts == 0).view(np.uint8).copy()
+    heaps = np.empty((nq, k), np.float32)  # max-heaps of the k best, per query
+    heap_n = np.zeros(nq, np.uint64)
+    dists = np.empty((nq, width), np.float32)
+    direct = source.float32_rows(column)
+    if direct is not None and nq:
+        # Rows straight from the array, in one C call: the stop points are
+        # those of the rounds below. A row id outside the array or a refused
+        # value stops it, and the rounds below (take) refuse it by name.
+        read, refused = _native.rerank_gated_array(metric, Q, dim, direct[0], direct[1], rows,
+                                                   lbs, counts, k, pos, dists)
+        if refused is None:
+            return pos, dists, read
+        source.take(column, np.array([refused], dtype=np.uint64))
+        pos[:] = 0
+    cols = np.arange(width, dtype=np.uint64)
     step = 2 * k
     reads = 0
-    while not all(done):
-        want = []
-        for qi in range(nq):
-            if not done[qi]:
-                rows = per_query[qi][0]
-                want.append((qi, pos[qi], min(rows.size, pos[qi] + step)))
-        all_rows = np.concatenate([per_query[qi][0][a:b] for qi, a, b in want])
-        uniq, inverse = np.unique(all_rows, return_inverse=True)
+    while not done.all():
+        end = np.where(done.view(bool), pos, np.minimum(counts, pos + np.uint64(step)))
+        # this round's candidates, query after query, in list order
+        want = rows[(cols >= pos[:, None]) & (cols < end[:, None])]
+        uniq, inverse = np.unique(want, return_inverse=True)
         vecs = np.ascontiguousarray(source.take(column, uniq), dtype=np.float32)
         reads += uniq.size
-        at = 0
-        for qi, a, b in want:
-            n = b - a
-            sel = np.ascontiguousarray(vecs[inverse[at:at + n]])
-            at += n
-            d = np.empty(n, dtype=np.float32)
-            _native.exact_distances(metric, Q[qi], sel, n, dim, d)
-            stop, heap_n[qi] = _native.rerank_gate(
-                np.ascontiguousarray(lbs[qi][a:b]), d, heaps[qi], heap_n[qi], k)
-            kept_rows[qi].append(per_query[qi][0][a:a + stop])
-            kept_d[qi].append(d[:stop])
-            pos[qi] = a + stop
-            if stop < n or b >= per_query[qi][0].size:
-                done[qi] = True
+        _native.rerank_gated(metric, Q, dim, vecs, inverse.reshape(-1).astype(np.uint64), lbs,
+                             counts, pos, end, k, heaps, heap_n, dists, done)
         step *= 2
-    out = []
-    for qi in range(nq):
-        if kept_rows[qi]:
-            out.append((np.concatenate(kept_rows[qi]), np.concatenate(kept_d[qi])))
-        else:
-            out.append(per_query[qi])
-    return out, reads
+    return pos, dists, reads
 
 
 def _rerank_all(source: Source, column: str, Q: np.ndarray,

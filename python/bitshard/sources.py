@@ -522,6 +522,15 @@ class Source:
                 )
         return fids, offs
 
+    def float32_rows(self, column: Optional[str]) -> Optional[tuple[np.ndarray, int]]:
+        """``(array, fragment_size)`` when the column is held in memory as one
+        C-contiguous float32 array of shape (rows, d), fragment i being rows
+        ``[i * fragment_size, (i + 1) * fragment_size)``: the 1-bit rerank
+        then reads candidates' rows straight from it (checking each against
+        the accepted-values rule) instead of through :meth:`take`. None
+        here; a numpy source of float32 says so."""
+        return None
+
     def take(self, column: Optional[str], rowids: Any) -> np.ndarray:
         """Exact vectors for row ids, in the order given (duplicates allowed).
 
@@ -1477,6 +1486,13 @@ class NumpySource(_MemorySource):
         raw = self._array[self._positions(fids, offs)]
         vecs = _check_finite_f32(raw, col, _rows_locator(fids, offs))
         return np.ascontiguousarray(vecs[inverse.reshape(-1)])
+
+    def float32_rows(self, column):
+        self._resolve_column(column)
+        a = self._array
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            return None
+        return a.view(np.ndarray), self._fragment_size
 
     def _take_unique(self, uniq, fids, offs, columns):
         rows = self._to_arrow(self._array[self._positions(fids, offs)])

@@ -129,6 +129,30 @@ def _gate(p, **kw):
     return _native.rerank_gate(*a.values())
 
 
+def _gated(p, **kw):
+    a = dict(metric=0, Q=_f32(DIM), dim=DIM, vecs=_f32(DIM), index=_u64(1),
+             lower_bounds=_f32(4), counts=np.array([1], np.uint64), pos=_u64(1),
+             end=np.array([1], np.uint64), k=2, heaps=_f32(2), heap_n=_u64(1), dists=_f32(4),
+             done=np.zeros(1, np.uint8))
+    a.update(kw)
+    return _native.rerank_gated(*a.values())
+
+
+def _gated_array(p, **kw):
+    a = dict(metric=0, Q=_f32(DIM), dim=DIM, array=_f32(2 * DIM), fragment_size=2,
+             rowids=_u64(4), lower_bounds=_f32(4), counts=np.array([1], np.uint64), k=2,
+             kept=_u64(1), dists=_f32(4))
+    a.update(kw)
+    return _native.rerank_gated_array(*a.values())
+
+
+def _top_k(p, **kw):
+    a = dict(rowids=_u64(4), dists=_f32(4), counts=np.array([3], np.uint64), k=2,
+             out_rowids=_u64(2), out_dists=_f32(2))
+    a.update(kw)
+    return _native.top_k(*a.values())
+
+
 #: (call, argument, lowest, highest) for every integer argument of every binding.
 INTEGER_ARGS = [
     (_rotation, "kind", 0, INT), (_rotation, "dim", 0, U32), (_rotation, "seed", 0, U64),
@@ -149,6 +173,10 @@ INTEGER_ARGS = [
     (lambda p, **kw: _native.padded_dim(kw["dim"]), "dim", 0, U32),
     (_exact, "metric", 0, INT), (_exact, "n", 0, SIZE), (_exact, "dim", 0, U32),
     (_gate, "heap_n", 0, U32), (_gate, "k", 1, U32),
+    (_gated, "metric", 0, INT), (_gated, "dim", 1, U32), (_gated, "k", 1, U32),
+    (_gated_array, "metric", 0, INT), (_gated_array, "dim", 1, U32),
+    (_gated_array, "k", 1, U32), (_gated_array, "fragment_size", 1, U32),
+    (_top_k, "k", 1, U32),
     (lambda p, **kw: _native.set_blas_threads(kw["threads"]), "threads", 1, INT),
 ]
 
@@ -211,3 +239,33 @@ def test_short_buffers_are_refused_before_c_reads_them(parts):
         _search(parts, q=np.zeros(DIM))
     with pytest.raises(TypeError, match="^params must be a tuple, got list$"):
         _search(parts, params=[10, 2, 1.9, 0, None, None, None, None])
+
+
+def test_rerank_bindings_refuse_inconsistent_buffers_before_c_reads_them(parts):
+    """The 1-bit rerank's bindings check every length and index first; their
+    valid calls give the gate's answers."""
+    with pytest.raises(InvalidInputError, match="^index holds 2 items, the round offers 1$"):
+        _gated(parts, index=_u64(2))
+    with pytest.raises(InvalidInputError, match=r"^index\[0\] = 1 is past the 1 vectors$"):
+        _gated(parts, index=np.array([1], np.uint64))
+    with pytest.raises(InvalidInputError, match="^query 0: need pos <= end <= counts <= 4 "):
+        _gated(parts, end=np.array([2], np.uint64))
+    with pytest.raises(InvalidInputError, match="^heaps holds 1 items, needs 2$"):
+        _gated(parts, heaps=_f32(1))
+    with pytest.raises(InvalidInputError, match="^counts\\[0\\] = 5 is above 4$"):
+        _gated_array(parts, counts=np.array([5], np.uint64))
+    with pytest.raises(InvalidInputError, match="^out_dists holds 1 items, needs 2$"):
+        _top_k(parts, out_dists=_f32(1))
+    pos, done, dists = _u64(1), np.zeros(1, np.uint8), _f32(4)
+    q = np.arange(DIM, dtype=np.float32)
+    assert _gated(parts, Q=q, pos=pos, done=done, dists=dists) is None
+    assert pos[0] == 1 and done[0] == 1 and dists[0] == np.float32((q * q).sum())
+    # a row id past the array (fragment 1 row 0 is row 2 of 2) comes back
+    kept = _u64(1)
+    rows = np.array([1 << 32, 0, 0, 0], np.uint64)
+    assert _gated_array(parts, rowids=rows, kept=kept) == (0, 1 << 32)
+    assert _gated_array(parts, rowids=_u64(4), kept=kept) == (1, None) and kept[0] == 1
+    out_r, out_d = _u64(2), _f32(2)
+    _top_k(parts, rowids=np.array([7, 3, 5, 0], np.uint64),
+           dists=np.array([1, 0.5, 0.5, 9], np.float32), out_rowids=out_r, out_dists=out_d)
+    assert out_r.tolist() == [3, 5] and out_d.tolist() == [0.5, 0.5]

@@ -235,3 +235,37 @@ def test_batch_answers_and_counts_are_the_same_at_every_thread_count(indexed, co
             np.testing.assert_array_equal(r, want_r)
             np.testing.assert_array_equal(d, want_d)
         assert [s.stats[key] for key in scan] == [2 * base.stats[key] for key in scan]
+
+
+def test_gated_rerank_reads_a_float32_array_directly_with_the_same_answers(tmp_path):
+    """A numpy float32 source hands the 1-bit rerank its array (rows read in
+    C, each checked); a float64 copy goes through take. Both answer alike,
+    one query or a batch, and a refused value in a candidate's row is
+    refused by take's message."""
+    x = clustered(3000, 32, seed=6)
+    Q = x[:25] + np.float32(0.01)
+    answers = []
+    for arr in (x, x.astype(np.float64)):
+        ds = bitshard.dataset(arr, index_uri=str(tmp_path / f"i{arr.dtype}"), fragment_size=700)
+        ds.create_index("vector", "IVF_RQ", num_partitions=8, num_bits=1)
+        s = ds.searcher("vector", k=10, nprobes=3)
+        assert (s.source.float32_rows(None) is not None) == (arr.dtype == np.float32)
+        rows, dists = s.search(Q)
+        for i in (0, 7, 24):
+            r, d = s.search(Q[i])
+            np.testing.assert_array_equal(r, rows[i])
+            np.testing.assert_array_equal(d, dists[i])
+        answers.append((rows, dists))
+        assert s.stats["exact_reads"] > 0
+    np.testing.assert_array_equal(answers[0][0], answers[1][0])
+    np.testing.assert_array_equal(answers[0][1], answers[1][1])
+    bad = x.copy()
+    ds = bitshard.dataset(bad, index_uri=str(tmp_path / "bad"), fragment_size=700)
+    ds.create_index("vector", "IVF_RQ", num_partitions=8, num_bits=1)
+    s = ds.searcher("vector", k=10, nprobes=3)
+    first = int(s.search(x[1500])[0][0])
+    bad[(first >> 32) * 700 + (first & 0xFFFFFFFF), 5] = np.nan
+    with pytest.raises(InvalidInputError,
+                       match=rf"column 'vector' fragment {first >> 32} row {first & 0xFFFFFFFF}: "
+                             r"non-finite value at dimension 5 \(nan\)"):
+        s.search(x[1500])
