@@ -47,7 +47,7 @@ from . import validate
 from .dataset import DEFAULT_EPS0, Dataset, dataset
 from .errors import CorruptIndexError, InvalidInputError
 from .indexview import IndexView, OpenIndex
-from .searcher import SearchOptions, Searcher, _Hits, _refuse_query
+from .searcher import NO_ROW, SearchOptions, Searcher, _Hits, _refuse_query
 
 __all__ = ["serve", "Service", "DEFAULT_MAX_RESTARTS"]
 
@@ -137,7 +137,10 @@ class _FrontSearcher(Searcher):
         return self._batch(q[None, :])[0]
 
     def _scan_batch(self, native: Any, Q: np.ndarray, gated: bool
-                    ) -> Tuple[List[np.ndarray], List[np.ndarray], List[np.ndarray]]:
+                    ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray]:
+        """The actors' candidates merged per query into the arrays the local
+        scan returns (``Searcher._scan_batch``): query i's in the first
+        ``counts[i]`` entries of row i, padded past them."""
         answers = self._service._scan(Q, self._actor_options, self._allowed_rows)
         if self.refine_factor is not None:
             limit: Optional[int] = self.k * self.refine_factor
@@ -155,7 +158,18 @@ class _FrontSearcher(Searcher):
             rows.append(r)
             ests.append(e)
             lbs.append(lb)
-        return rows, ests, (lbs if gated else [])
+        counts = np.array([x.size for x in rows], dtype=np.uint64)
+        width = max(1, int(counts.max())) if nq else 1
+        r_arr = np.full((nq, width), NO_ROW, dtype=np.uint64)
+        e_arr = np.full((nq, width), np.inf, dtype=np.float32)
+        lb_arr = np.full((nq, width), np.inf, dtype=np.float32) if gated else None
+        for qi in range(nq):
+            n = rows[qi].size
+            r_arr[qi, :n] = rows[qi]
+            e_arr[qi, :n] = ests[qi]
+            if lb_arr is not None:
+                lb_arr[qi, :n] = lbs[qi]
+        return r_arr, e_arr, lb_arr, counts
 
 
 class _ShareActor:
