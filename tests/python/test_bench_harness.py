@@ -147,3 +147,27 @@ def test_a_set_cut_short_gets_its_own_name_or_fails_when_too_small(tmp_path):
     assert datasets._cut_short("/c/x", 51000, 51000, 1000, "gcide", "/c") == ("/c/x", {})
     with pytest.raises(RuntimeError, match="after 1500 of 51000 texts"):
         datasets._cut_short("/c/x", 1500, 51000, 1000, "gcide", "/c")
+
+
+def test_objstore_measure_only_refuses_missing_builds_and_other_parameters(tmp_path):
+    from bench import objstore
+
+    with pytest.raises(SystemExit) as e:
+        objstore.run([1000], 8, 4, 2, 4, 2, str(tmp_path), pylance=True, measure_only=True)
+    assert str(e.value) == (f"--measure-only: {tmp_path} has no data, index, pylance build for "
+                            f"1000 rows; make it first with --reuse --build-only")
+    state = {"params": {"dim": 8, "partitions": 4, "bits": 4},
+             "rows": {"1000": {"data": {}, "index": {"segment_bytes": 1}}}}
+    objstore._save_state(str(tmp_path), state)
+    with pytest.raises(SystemExit) as e:   # no pylance build kept
+        objstore.run([1000], 8, 4, 2, 4, 2, str(tmp_path), pylance=True, measure_only=True)
+    assert str(e.value).startswith(f"--measure-only: {tmp_path} has no pylance build for 1000")
+    with pytest.raises(SystemExit) as e:
+        objstore._load_state(str(tmp_path), {"dim": 8, "partitions": 8, "bits": 4}, True)
+    assert str(e.value) == (
+        f"{tmp_path}/objstore-state.json was built with {{'dim': 8, 'partitions': 4, 'bits': 4}}"
+        f", not {{'dim': 8, 'partitions': 8, 'bits': 4}}: use another --workdir, or leave out "
+        f"--reuse to build afresh")
+    assert objstore._load_state(str(tmp_path), state["params"], True) == state
+    assert objstore._load_state(str(tmp_path), state["params"], False) == {
+        "params": state["params"], "rows": {}}
