@@ -586,6 +586,45 @@ static bs_status locate_directory(const bs_segment *s, uint64_t entry_size,
     return check_section(s, BS_HDR_DIRECTORY, *dir_off, *dir_size, "partition directory", err);
 }
 
+/* One directory entry's fields that versions 2 and 3 share. */
+typedef struct {
+    uint64_t off, size;
+    uint32_t count;
+} dir_entry;
+
+/* The checks at the start of every directory entry, in either version:
+ * the reserved fields are zero (a version 3 entry has 16 more reserved
+ * bytes), the partition starts at pos, where the previous one ended, and
+ * the rows so far stay within the header's num_rows. */
+static bs_status read_directory_entry(const bs_segment *s, const uint8_t *e,
+                                      uint64_t entry_size, uint32_t p,
+                                      uint64_t pos, uint64_t *rows,
+                                      dir_entry *out, bs_error *err) {
+    out->off = bs_load_u64(e + BS_DIR_OFFSET);
+    out->size = bs_load_u64(e + BS_DIR_SIZE);
+    out->count = bs_load_u32(e + BS_DIR_COUNT);
+    uint32_t reserved = bs_load_u32(e + BS_DIR_RESERVED);
+    if (reserved != 0)
+        return CORRUPT("partition %u: reserved directory field is %u, "
+                       "not 0",
+                       p, reserved);
+    if (entry_size == BS_SEG_DIR_ENTRY)
+        for (unsigned i = 0; i < 16; i++)
+            if (e[BS_DIR_RESERVED2 + i] != 0)
+                return CORRUPT("partition %u: reserved directory byte %u is "
+                               "not 0",
+                               p, BS_DIR_RESERVED2 + i);
+    if (out->off != pos)
+        return CORRUPT("partition %u at offset %llu, expected %llu", p,
+                       (ull)out->off, (ull)pos);
+    *rows += out->count;
+    if (*rows > s->info.num_rows)
+        return CORRUPT("partition %u: partitions hold more rows than "
+                       "the header's %llu",
+                       p, (ull)s->info.num_rows);
+    return BS_OK;
+}
+
 /* The directory's structure (version 3): entries contiguous, each of the
  * size its count gives, inside the file, counts summing to num_rows. The
  * partitions' bytes are not read. */
@@ -606,28 +645,11 @@ static bs_status parse_directory(bs_segment *s, bs_error *err) {
     uint64_t rows = 0;
     for (uint32_t p = 0; p < k; p++) {
         const uint8_t *e = h + dir_off + (size_t)p * BS_SEG_DIR_ENTRY;
-        uint64_t off = bs_load_u64(e + BS_DIR_OFFSET);
-        uint64_t size = bs_load_u64(e + BS_DIR_SIZE);
-        uint32_t count = bs_load_u32(e + BS_DIR_COUNT);
-        uint32_t reserved = bs_load_u32(e + BS_DIR_RESERVED);
+        dir_entry de;
+        BS_TRY(read_directory_entry(s, e, BS_SEG_DIR_ENTRY, p, pos, &rows, &de, err));
+        uint64_t off = de.off, size = de.size;
+        uint32_t count = de.count;
         uint64_t stage1 = bs_load_u64(e + BS_DIR_STAGE1_SIZE);
-        if (reserved != 0)
-            return CORRUPT("partition %u: reserved directory field is %u, "
-                           "not 0",
-                           p, reserved);
-        for (unsigned i = 0; i < 16; i++)
-            if (e[BS_DIR_RESERVED2 + i] != 0)
-                return CORRUPT("partition %u: reserved directory byte %u is "
-                               "not 0",
-                               p, BS_DIR_RESERVED2 + i);
-        if (off != pos)
-            return CORRUPT("partition %u at offset %llu, expected %llu", p,
-                           (ull)off, (ull)pos);
-        rows += count;
-        if (rows > info->num_rows)
-            return CORRUPT("partition %u: partitions hold more rows than "
-                           "the header's %llu",
-                           p, (ull)info->num_rows);
         bs_part_layout L;
         if (!bs_part_layout_compute(count, D, B, &L) || L.size != size)
             return CORRUPT("partition %u is %llu bytes, %u rows need %llu", p,
@@ -727,22 +749,10 @@ static bs_status parse_partitions_v2(bs_segment *s, bs_error *err) {
     uint64_t total = s->prefix[info->num_fragments];
     for (uint32_t p = 0; p < k; p++) {
         const uint8_t *e = h + dir_off + (size_t)p * BS_SEG_V2_DIR_ENTRY;
-        uint64_t off = bs_load_u64(e + BS_DIR_OFFSET);
-        uint64_t size = bs_load_u64(e + BS_DIR_SIZE);
-        uint32_t count = bs_load_u32(e + BS_DIR_COUNT);
-        uint32_t reserved = bs_load_u32(e + BS_DIR_RESERVED);
-        if (reserved != 0)
-            return CORRUPT("partition %u: reserved directory field is %u, "
-                           "not 0",
-                           p, reserved);
-        if (off != pos)
-            return CORRUPT("partition %u at offset %llu, expected %llu", p,
-                           (ull)off, (ull)pos);
-        rows += count;
-        if (rows > info->num_rows)
-            return CORRUPT("partition %u: partitions hold more rows than "
-                           "the header's %llu",
-                           p, (ull)info->num_rows);
+        dir_entry de;
+        BS_TRY(read_directory_entry(s, e, BS_SEG_V2_DIR_ENTRY, p, pos, &rows, &de, err));
+        uint64_t off = de.off, size = de.size;
+        uint32_t count = de.count;
         bs_part_layout_v2 L;
         if (!bs_part_layout_v2_compute(count, D, B, &L) || L.size != size)
             return CORRUPT("partition %u is %llu bytes, %u rows need %llu", p,
