@@ -19,24 +19,6 @@ static char g_dir[256];
 #define tpath(name) test_path(g_dir, name)
 
 
-typedef struct loaded {
-    uint8_t *data;
-    size_t len;
-    bs_segment *seg;
-} loaded;
-
-static bs_status load(const char *path, loaded *out) {
-    out->seg = NULL;
-    out->data = test_read_file(path, &out->len);
-    if (out->data == NULL) return BS_ERR_IO;
-    return bs_segment_open(out->data, out->len, &out->seg, NULL);
-}
-
-static void unload(loaded *l) {
-    bs_segment_free(l->seg);
-    free(l->data);
-}
-
 static const uint8_t UUID_OLD[16] = {7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7};
 static const uint8_t UUID_NEW[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
 
@@ -179,10 +161,10 @@ static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric)
     build_old(&w, 3, 4, pb);
     build_new(&w, 0, UUID_OLD, pc, NULL);
     build_new(&w, 1, UUID_NEW, fresh, NULL);
-    loaded a, b, c;
-    CHECK(load(pa, &a) == BS_OK);
-    CHECK(load(pb, &b) == BS_OK);
-    CHECK(load(pc, &c) == BS_OK);
+    test_loaded a, b, c;
+    CHECK(test_load(pa, &a, NULL) == BS_OK);
+    CHECK(test_load(pb, &b, NULL) == BS_OK);
+    CHECK(test_load(pc, &c, NULL) == BS_OK);
     if (!a.seg || !b.seg || !c.seg) return;
     /* A's ordinals: fragments 3, 5, 7 in table order. */
     uint64_t *map_a = malloc(250 * sizeof(uint64_t));
@@ -278,21 +260,21 @@ static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric)
     for (int i = 0; i < 250; i++) drop[i] = BS_REMAP_DROP;
     bs_remap_input none[1] = {{a.seg, drop, 250}};
     CHECK(bs_segment_remap(none, 1, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, bad, &err) == BS_OK);
-    loaded e;
-    CHECK(load(bad, &e) == BS_OK);
+    test_loaded e;
+    CHECK(test_load(bad, &e, NULL) == BS_OK);
     if (e.seg) {
         bs_segment_info info;
         bs_segment_get_info(e.seg, &info);
         CHECK(info.num_rows == 0 && info.num_fragments == 3);
     }
-    unload(&e);
+    test_unload(&e);
     free(drop);
     CHECK(access(tpath("bad.bsseg.tmp"), F_OK) != 0);
     free(map_a);
     free(map_c);
-    unload(&a);
-    unload(&b);
-    unload(&c);
+    test_unload(&a);
+    test_unload(&b);
+    test_unload(&c);
     free_world(&w);
 }
 
@@ -336,8 +318,8 @@ static void test_identities(void) {
             bs_builder_free(b);
         }
     }
-    loaded b;
-    CHECK(load(pb, &b) == BS_OK);
+    test_loaded b;
+    CHECK(test_load(pb, &b, NULL) == BS_OK);
     if (!b.seg) return;
     bs_remap_input in[1] = {{b.seg, w.map[3], 60}};
     bs_error err;
@@ -345,18 +327,18 @@ static void test_identities(void) {
                   BS_OK, "%s", err.message);
     CHECK(test_files_equal(out, fresh));
     CHECK(!test_files_equal(out, plain));
-    loaded o;
-    CHECK(load(out, &o) == BS_OK);
+    test_loaded o;
+    CHECK(test_load(out, &o, NULL) == BS_OK);
     for (uint32_t f = 0; o.seg && f < 3; f++) {
         uint8_t got[16];
         bs_segment_fragment_identity(o.seg, f, got);
         CHECK_MSG(memcmp(got, ident + f * 16, 16) == 0, "fragment entry %u identity", f);
     }
-    if (o.seg) unload(&o);
+    if (o.seg) test_unload(&o);
     /* NULL: all zero, the old fragment's identity is not carried. */
     CHECK(bs_segment_remap(in, 1, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, out, &err) == BS_OK);
     CHECK(test_files_equal(out, plain));
-    unload(&b);
+    test_unload(&b);
     free_world(&w);
 }
 
@@ -366,16 +348,16 @@ static void test_mismatch(void) {
     const char *p1 = tpath("m1.bsseg"), *p2 = tpath("m2.bsseg");
     build_old(&w1, 3, 4, p1);
     build_old(&w2, 3, 4, p2);
-    loaded a, b;
-    CHECK(load(p1, &a) == BS_OK);
-    CHECK(load(p2, &b) == BS_OK);
+    test_loaded a, b;
+    CHECK(test_load(p1, &a, NULL) == BS_OK);
+    CHECK(test_load(p2, &b, NULL) == BS_OK);
     bs_remap_input in[2] = {{a.seg, w1.map[3], 60}, {b.seg, w2.map[3], 60}};
     bs_error err;
     CHECK(bs_segment_remap(in, 2, w1.new_ids, w1.new_rows, 3, NULL, UUID_NEW, tpath("m.bsseg"),
                            &err) == BS_ERR_ARTIFACT_MISMATCH);
     CHECK_MSG(strncmp(err.message, "cannot remap segment 1: ", 24) == 0, "%s", err.message);
-    unload(&a);
-    unload(&b);
+    test_unload(&a);
+    test_unload(&b);
     free_world(&w1);
     free_world(&w2);
 }

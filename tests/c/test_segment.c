@@ -25,27 +25,6 @@ static char g_dir[256];
 /* ------------------------------------------------------------ helpers */
 
 
-/* A loaded segment: the file bytes and the handle over them. */
-typedef struct loaded {
-    uint8_t *data;
-    size_t len;
-    bs_segment *seg;
-} loaded;
-
-static bs_status load(const char *path, loaded *out, bs_error *err) {
-    out->seg = NULL;
-    out->data = test_read_file(path, &out->len);
-    if (out->data == NULL) return BS_ERR_IO;
-    return bs_segment_open(out->data, out->len, &out->seg, err);
-}
-
-static void unload(loaded *l) {
-    bs_segment_free(l->seg);
-    free(l->data);
-    l->seg = NULL;
-    l->data = NULL;
-}
-
 /* Clustered data: k centres spread out, rows = centre + unit noise. The
  * true centres serve as the IVF centroids. */
 typedef struct dataset {
@@ -273,8 +252,8 @@ static void test_roundtrip(uint32_t d, uint32_t bits, bs_metric metric,
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     CHECK(access(tmp, F_OK) != 0);
 
-    loaded l;
-    st = load(path, &l, &err);
+    test_loaded l;
+    st = test_load(path, &l, &err);
     CHECK_MSG(st == BS_OK, "open: %s", err.message);
     if (st == BS_OK) {
         bs_segment_info info;
@@ -315,7 +294,7 @@ static void test_roundtrip(uint32_t d, uint32_t bits, bs_metric metric,
         CHECK(bs_segment_rowid(l.seg, 700) == UINT64_MAX);
         check_contents(l.seg, &ds, ids, rows, 4, bits, metric, kind);
     }
-    unload(&l);
+    test_unload(&l);
 
     /* Add order and batch sizes do not change a byte. */
     const char *path2 = tpath("rt2.bsseg");
@@ -790,10 +769,10 @@ static void test_merge(uint32_t d, uint32_t bits, bs_metric metric,
     CHECK(build_range(&ds, bits, metric, kind, ids, rows, 0, 7, 128, 0, UUID_A,
                       pabc, &err) == BS_OK);
 
-    loaded a, b, c;
-    CHECK(load(pa, &a, &err) == BS_OK);
-    CHECK(load(pb, &b, &err) == BS_OK);
-    CHECK(load(pc, &c, &err) == BS_OK);
+    test_loaded a, b, c;
+    CHECK(test_load(pa, &a, &err) == BS_OK);
+    CHECK(test_load(pb, &b, &err) == BS_OK);
+    CHECK(test_load(pc, &c, &err) == BS_OK);
     if (!a.seg || !b.seg || !c.seg) return;
 
     const char *m2 = tpath("m2.bsseg"), *m3 = tpath("m3.bsseg");
@@ -806,12 +785,12 @@ static void test_merge(uint32_t d, uint32_t bits, bs_metric metric,
               bits);
 
     /* Associativity both ways. */
-    loaded ab, bc;
-    CHECK(load(m2, &ab, &err) == BS_OK);
+    test_loaded ab, bc;
+    CHECK(test_load(m2, &ab, &err) == BS_OK);
     const char *mbc = tpath("mbc.bsseg");
     CHECK(bs_segment_merge((const bs_segment *const[]){b.seg, c.seg}, 2, UUID_B,
                            mbc, &err) == BS_OK);
-    CHECK(load(mbc, &bc, &err) == BS_OK);
+    CHECK(test_load(mbc, &bc, &err) == BS_OK);
     const char *l3 = tpath("left3.bsseg"), *r3 = tpath("right3.bsseg");
     CHECK(bs_segment_merge((const bs_segment *const[]){ab.seg, c.seg}, 2,
                            UUID_A, l3, &err) == BS_OK);
@@ -821,8 +800,8 @@ static void test_merge(uint32_t d, uint32_t bits, bs_metric metric,
     CHECK(test_files_equal(r3, m3));
 
     /* A merged segment reads back with every row. */
-    loaded all;
-    CHECK(load(m3, &all, &err) == BS_OK);
+    test_loaded all;
+    CHECK(test_load(m3, &all, &err) == BS_OK);
     if (all.seg) {
         bs_segment_info info;
         bs_segment_get_info(all.seg, &info);
@@ -867,12 +846,12 @@ static void test_merge(uint32_t d, uint32_t bits, bs_metric metric,
     CHECK(bs_segment_merge(in2, 2, NULL, m1, &err) == BS_ERR_INVALID_ARGUMENT);
     CHECK(bs_segment_merge(in2, 2, UUID_A, NULL, &err) == BS_ERR_INVALID_ARGUMENT);
 
-    unload(&a);
-    unload(&b);
-    unload(&c);
-    unload(&ab);
-    unload(&bc);
-    unload(&all);
+    test_unload(&a);
+    test_unload(&b);
+    test_unload(&c);
+    test_unload(&ab);
+    test_unload(&bc);
+    test_unload(&all);
     free_data(&ds);
 }
 
@@ -898,9 +877,9 @@ static void expect_mismatch(const dataset *ds, const bs_segment_spec *sa,
     const char *pa = tpath("mm_a.bsseg"), *pb = tpath("mm_b.bsseg");
     CHECK(build_small(ds, sa, pa, &err) == BS_OK);
     CHECK_MSG(build_small(dsb, sb, pb, &err) == BS_OK, "%s", err.message);
-    loaded a, b;
-    CHECK(load(pa, &a, &err) == BS_OK);
-    CHECK(load(pb, &b, &err) == BS_OK);
+    test_loaded a, b;
+    CHECK(test_load(pa, &a, &err) == BS_OK);
+    CHECK(test_load(pb, &b, &err) == BS_OK);
     if (a.seg && b.seg) {
         CHECK(bs_segment_check_compatible(a.seg, b.seg, &err) ==
               BS_ERR_ARTIFACT_MISMATCH);
@@ -914,8 +893,8 @@ static void expect_mismatch(const dataset *ds, const bs_segment_spec *sa,
         CHECK_MSG(starts_with(err.message, full), "'%s' does not start with '%s'",
                   err.message, full);
     }
-    unload(&a);
-    unload(&b);
+    test_unload(&a);
+    test_unload(&b);
 }
 
 static void test_mismatch(void) {
@@ -930,17 +909,17 @@ static void test_mismatch(void) {
     /* Compatible: no error. */
     CHECK(build_small(&ds, &a, pa, &err) == BS_OK);
     CHECK(build_small(&ds, &b, pb, &err) == BS_OK);
-    loaded la, lb;
-    CHECK(load(pa, &la, &err) == BS_OK);
-    CHECK(load(pb, &lb, &err) == BS_OK);
+    test_loaded la, lb;
+    CHECK(test_load(pa, &la, &err) == BS_OK);
+    CHECK(test_load(pb, &lb, &err) == BS_OK);
     CHECK(bs_segment_check_compatible(la.seg, lb.seg, &err) == BS_OK);
     bs_segment_info ia;
     bs_segment_get_info(la.seg, &ia);
     char rfa[33], ifa[33];
     bs_seg_fingerprint_hex(&ia.rotation_fingerprint, rfa);
     bs_seg_fingerprint_hex(&ia.ivf_fingerprint, ifa);
-    unload(&la);
-    unload(&lb);
+    test_unload(&la);
+    test_unload(&lb);
 
     bs_segment_spec s = b;
     s.dim = 100;
@@ -1143,14 +1122,14 @@ static void test_builder_args(void) {
     /* Writing twice gives the same file. */
     CHECK(bs_builder_write(b, p2, &err) == BS_OK);
     CHECK(test_files_equal(p1, p2));
-    loaded l;
-    CHECK(load(p1, &l, &err) == BS_OK);
+    test_loaded l;
+    CHECK(test_load(p1, &l, &err) == BS_OK);
     if (l.seg) {
         bs_segment_info info;
         bs_segment_get_info(l.seg, &info);
         CHECK(info.num_rows == 7);
     }
-    unload(&l);
+    test_unload(&l);
     bs_builder_free(b);
     bs_builder_free(NULL);
     free_data(&ds);
@@ -1174,8 +1153,8 @@ static void test_degenerate(void) {
         const char *p = tpath("empty.bsseg");
         CHECK(bs_builder_write(b, p, &err) == BS_OK);
         bs_builder_free(b);
-        loaded l;
-        CHECK_MSG(load(p, &l, &err) == BS_OK, "%s", err.message);
+        test_loaded l;
+        CHECK_MSG(test_load(p, &l, &err) == BS_OK, "%s", err.message);
         if (l.seg) {
             bs_segment_info info;
             bs_segment_get_info(l.seg, &info);
@@ -1209,7 +1188,7 @@ static void test_degenerate(void) {
             bs_candidates_free(c);
             bs_searcher_free(srch);
         }
-        unload(&l);
+        test_unload(&l);
     }
 
     /* One row in one partition; all-zero vectors; a row equal to its
@@ -1237,8 +1216,8 @@ static void test_degenerate(void) {
             const char *p = tpath("degen.bsseg");
             CHECK(bs_builder_write(b, p, &err) == BS_OK);
             bs_builder_free(b);
-            loaded l;
-            CHECK(load(p, &l, &err) == BS_OK);
+            test_loaded l;
+            CHECK(test_load(p, &l, &err) == BS_OK);
             if (!l.seg) continue;
             bs_partition_view v0, v1, v2, v3;
             bs_segment_partition(l.seg, 0, &v0);
@@ -1261,7 +1240,7 @@ static void test_degenerate(void) {
             }
             CHECK(v0.ordinals[0] == 0 && v0.ordinals[1] == 1);
             CHECK(v2.ordinals[0] == 2 && v2.ordinals[1] == 4);
-            unload(&l);
+            test_unload(&l);
         }
     }
 
@@ -1282,8 +1261,8 @@ static void test_degenerate(void) {
         const char *p = tpath("cos.bsseg");
         CHECK(bs_builder_write(b, p, &err) == BS_OK);
         bs_builder_free(b);
-        loaded l;
-        CHECK(load(p, &l, &err) == BS_OK);
+        test_loaded l;
+        CHECK(test_load(p, &l, &err) == BS_OK);
         if (l.seg) {
             /* Rows 1 and 2 point the same way: after normalisation they
              * are the same vector, so same partition, same code. */
@@ -1310,7 +1289,7 @@ static void test_degenerate(void) {
             }
             CHECK(fabs(bs_pv_norm2(&v, idx[0]) - c2) <= 1e-4 * c2);
         }
-        unload(&l);
+        test_unload(&l);
     }
     free_data(&ds);
 }

@@ -76,6 +76,20 @@ uint8_t *test_aligned_copy(const uint8_t *src, size_t len) {
     return p;
 }
 
+bs_status test_load(const char *path, test_loaded *out, bs_error *err) {
+    out->seg = NULL;
+    out->data = test_read_file(path, &out->len);
+    if (out->data == NULL) return BS_ERR_IO;
+    return bs_segment_open(out->data, out->len, &out->seg, err);
+}
+
+void test_unload(test_loaded *l) {
+    bs_segment_free(l->seg);
+    free(l->data);
+    l->seg = NULL;
+    l->data = NULL;
+}
+
 bs_segment_spec test_segment_spec(uint32_t dim, uint32_t bits, bs_metric metric,
                                   uint64_t rotation_seed, const float *centroids,
                                   uint32_t num_partitions, const uint8_t *uuid,

@@ -62,6 +62,21 @@ int test_files_equal(const char *a, const char *b);
  * then catches any read past len, which a rounded-up allocation would hide. */
 uint8_t *test_aligned_copy(const uint8_t *src, size_t len);
 
+/* A segment file read whole into a 64-byte aligned buffer and opened over
+ * it: the bytes must outlive the handle. */
+typedef struct test_loaded {
+    uint8_t *data;
+    size_t len;
+    bs_segment *seg;
+} test_loaded;
+
+/* Reads path and opens it (err may be NULL): BS_ERR_IO when the file cannot
+ * be read, else bs_segment_open's status. Release with test_unload, whatever
+ * the status. */
+bs_status test_load(const char *path, test_loaded *out, bs_error *err);
+/* Frees the handle and the bytes, and clears both. */
+void test_unload(test_loaded *l);
+
 /* A segment spec with the fields every test sets (the fast rotation, column
  * "vec"); the arrays are borrowed, not copied. */
 bs_segment_spec test_segment_spec(uint32_t dim, uint32_t bits, bs_metric metric,
