@@ -62,11 +62,7 @@ static size_t answer(const bs_segment *seg, uint64_t *ids, float *est) {
     bs_error err;
     const bs_segment *segs[1] = {seg};
     CHECK(bs_searcher_create(segs, 1, &s, &err) == BS_OK);
-    bs_search_params p;
-    memset(&p, 0, sizeof p);
-    p.k = 10;
-    p.nprobes = 3;
-    p.eps0 = 1.9f;
+    bs_search_params p = test_search_params(10, 3);
     bs_candidates *c = bs_candidates_new();
     CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_OK);
     size_t n = bs_candidates_size(c);

@@ -67,11 +67,8 @@ static void search_all(const bs_segment *const *segs, size_t n) {
     CHECK(bs_searcher_create(segs, n, &s, &err) == BS_OK);
     if (s == NULL) return;
     bs_candidates *c = bs_candidates_new();
-    bs_search_params p;
-    memset(&p, 0, sizeof p);
-    p.k = 10;
-    p.nprobes = K; /* every partition: the cosine rounds leave some empty */
-    p.eps0 = 1.9f;
+    /* every partition: the cosine rounds leave some empty */
+    bs_search_params p = test_search_params(10, K);
     for (uint32_t r = 0; r <= 2; r++) {
         p.refine_factor = r;
         CHECK(bs_search(s, g_x + r * D, &p, c, NULL, &err) == BS_OK);

@@ -181,11 +181,7 @@ static void test_same_answers(uint32_t bits, bs_metric metric) {
     CHECK(bs_segment_partition_range(seg, K, &o, &z, &err) == BS_ERR_INVALID_ARGUMENT);
     CHECK(strcmp(err.message, "partition 12 is out of range: the segment has 12") == 0);
 
-    bs_search_params sp;
-    memset(&sp, 0, sizeof sp);
-    sp.k = 10;
-    sp.nprobes = 3;
-    sp.eps0 = 1.9f;
+    bs_search_params sp = test_search_params(10, 3);
     results *r1 = calloc(1, sizeof *r1), *r2 = calloc(1, sizeof *r2);
     /* Nothing attached: the first probe is refused, naming segment and
      * partition. */

@@ -189,11 +189,7 @@ static void test_bits(uint32_t bits) {
     opened full = build(0, NFRAG, bits, BS_METRIC_L2, "full");
     opened a = build(0, 1, bits, BS_METRIC_L2, "a");
     opened b = build(1, NFRAG, bits, BS_METRIC_L2, "b");
-    bs_search_params p;
-    memset(&p, 0, sizeof p);
-    p.k = 10;
-    p.nprobes = 6;
-    p.eps0 = 1.9f;
+    bs_search_params p = test_search_params(10, 6);
     static results r_full, r_ab, r_ba, r_scalar;
     const bs_segment *one[1] = {full.seg};
     const bs_segment *ab[2] = {a.seg, b.seg};
@@ -249,10 +245,7 @@ static void test_bits(uint32_t bits) {
             CHECK(r_f.rows[qi][i] != deny[0]);
         }
     /* Segment mask: searching only segment b never returns fragment 0. */
-    memset(&p, 0, sizeof p);
-    p.k = 10;
-    p.nprobes = 6;
-    p.eps0 = 1.9f;
+    p = test_search_params(10, 6);
     uint8_t mask[2] = {0, 1};
     p.segment_mask = mask;
     run(ab, 2, &p, &r_f);
@@ -275,10 +268,7 @@ static void test_errors(void) {
     const bs_segment *one[1] = {full.seg};
     CHECK(bs_searcher_create(one, 1, &s, &err) == BS_OK);
     bs_candidates *c = bs_candidates_new();
-    bs_search_params p;
-    memset(&p, 0, sizeof p);
-    p.nprobes = 4;
-    p.eps0 = 1.9f;
+    bs_search_params p = test_search_params(0, 4);
     CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_ERR_INVALID_ARGUMENT);
     CHECK(strstr(err.message, "k must be >= 1, got 0") != NULL);
     p.k = 5;
@@ -597,11 +587,7 @@ static void test_ties_by_rowid(void) {
         bs_searcher *s = NULL;
         CHECK(bs_searcher_create((const bs_segment *const *)&seg, 1, &s, &err) == BS_OK);
         bs_candidates *c = bs_candidates_new();
-        bs_search_params p;
-        memset(&p, 0, sizeof p);
-        p.k = 5;
-        p.nprobes = 4;
-        p.eps0 = 1.9f;
+        bs_search_params p = test_search_params(5, 4);
         int bad = 0;
         for (int qi = 0; qi < NQ; qi++) {
             CHECK(bs_search(s, g_q + qi * D, &p, c, NULL, &err) == BS_OK);
@@ -661,11 +647,7 @@ static void test_empty_results(void) {
         CHECK(bs_searcher_create(both, 2, &s, &err) == BS_OK);
         bs_candidates *c = bs_candidates_new();
         for (uint32_t refine = 0; refine <= 2; refine += 2) {
-            bs_search_params p;
-            memset(&p, 0, sizeof p);
-            p.k = 10;
-            p.nprobes = 2;
-            p.eps0 = 1.9f;
+            bs_search_params p = test_search_params(10, 2);
             p.refine_factor = refine;
             const uint64_t nofrag[1] = {77};
             p.allowed_fragments = nofrag;
@@ -717,10 +699,7 @@ static void test_empty_results(void) {
             bs_candidates_free(fresh);
         }
         /* zero probes is refused, by search and by the probe choice */
-        bs_search_params p;
-        memset(&p, 0, sizeof p);
-        p.k = 1;
-        p.eps0 = 1.9f;
+        bs_search_params p = test_search_params(1, 0);
         CHECK(bs_search(s, g_q, &p, c, NULL, &err) == BS_ERR_INVALID_ARGUMENT);
         CHECK(strstr(err.message, "nprobes must be >= 1, got 0") != NULL);
         uint32_t probe;
@@ -852,11 +831,7 @@ static void test_partition_shares(uint32_t bits) {
     opened b = build(1, NFRAG, bits, BS_METRIC_L2, "sh_b");
     const bs_segment *one[1] = {full.seg};
     const bs_segment *ab[2] = {a.seg, b.seg};
-    bs_search_params p;
-    memset(&p, 0, sizeof p);
-    p.k = 10;
-    p.nprobes = 6;
-    p.eps0 = 1.9f;
+    bs_search_params p = test_search_params(10, 6);
     check_shares(one, 1, p, bits, "one segment", NULL);
     check_shares(ab, 2, p, bits, "two segments", NULL);
     check_shares(ab, 2, p, bits, "scalar shares", "scalar");

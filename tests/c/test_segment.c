@@ -1175,11 +1175,7 @@ static void test_degenerate(void) {
             bs_searcher *srch = NULL;
             CHECK(bs_searcher_create(in, 1, &srch, &err) == BS_OK);
             bs_candidates *c = bs_candidates_new();
-            bs_search_params sp;
-            memset(&sp, 0, sizeof sp);
-            sp.k = 1000;
-            sp.nprobes = 4;
-            sp.eps0 = 1.9f;
+            bs_search_params sp = test_search_params(1000, 4);
             for (int rep = 0; rep < 6 && srch; rep++) {
                 sp.refine_factor = (uint32_t)(rep % 3);
                 CHECK(bs_search(srch, ds.x, &sp, c, NULL, &err) == BS_OK);
@@ -1363,10 +1359,7 @@ static void test_lazy_partitions(void) {
         bs_searcher *srch = NULL;
         CHECK(bs_searcher_create((const bs_segment *const[]){seg}, 1, &srch, &err) == BS_OK);
         bs_candidates *c = bs_candidates_new();
-        bs_search_params sp;
-        memset(&sp, 0, sizeof sp);
-        sp.k = 5;
-        sp.eps0 = 1.9f;
+        bs_search_params sp = test_search_params(5, 0);
         /* Probing only another partition's centroid: fine. */
         uint32_t other = p == 0 ? 1 : 0;
         sp.nprobes = 1;
@@ -1409,11 +1402,7 @@ static void test_lazy_partitions(void) {
             CHECK(bs_searcher_create((const bs_segment *const[]){seg}, 1, &srch, &err) ==
                   BS_OK);
             bs_candidates *c = bs_candidates_new();
-            bs_search_params sp;
-            memset(&sp, 0, sizeof sp);
-            sp.k = 300;
-            sp.nprobes = 4;
-            sp.eps0 = 1.9f;
+            bs_search_params sp = test_search_params(300, 4);
             CHECK(bs_search(srch, ds.x, &sp, c, NULL, &err) == BS_OK);
             /* Each row id once: 300 rows, one ordinal stored twice. */
             size_t n = bs_candidates_size(c);

@@ -112,6 +112,15 @@ bs_segment_spec test_segment_spec(uint32_t dim, uint32_t bits, bs_metric metric,
     return spec;
 }
 
+bs_search_params test_search_params(uint32_t k, uint32_t nprobes) {
+    bs_search_params p;
+    memset(&p, 0, sizeof p);
+    p.k = k;
+    p.nprobes = nprobes;
+    p.eps0 = 1.9f;
+    return p;
+}
+
 int test_replay_dir(const char *dir,
                     void (*each)(const char *name, const uint8_t *data, size_t len, void *ctx),
                     void *ctx) {

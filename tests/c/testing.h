@@ -85,6 +85,10 @@ bs_segment_spec test_segment_spec(uint32_t dim, uint32_t bits, bs_metric metric,
                                   const uint64_t *fragment_ids,
                                   const uint64_t *fragment_rows, uint32_t num_fragments);
 
+/* Search parameters: k, nprobes, eps0 1.9 (the library's documented
+ * bound width) and every other field zero. */
+bs_search_params test_search_params(uint32_t k, uint32_t nprobes);
+
 #define TEST_MAIN_END()                                                        \
     do {                                                                       \
         if (bs_test_failures)                                                  \
