@@ -72,11 +72,7 @@ static bs_status run(const bs_segment *seg, const bs_search_params *p, results *
         if (st != BS_OK) break;
         size_t n = bs_candidates_size(c);
         CHECK(n <= N);
-        if (n > N) n = N;
-        out->n[qi] = n;
-        memcpy(out->rows[qi], bs_candidates_rowids(c), n * 8);
-        memcpy(out->est[qi], bs_candidates_estimates(c), n * 4);
-        memcpy(out->lb[qi], bs_candidates_lower_bounds(c), n * 4);
+        out->n[qi] = test_copy_candidates(c, N, out->rows[qi], out->est[qi], out->lb[qi]);
     }
     bs_candidates_free(c);
     bs_searcher_free(s);

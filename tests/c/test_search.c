@@ -113,11 +113,7 @@ static void run(const bs_segment *const *segs, size_t nseg, const bs_search_para
         CHECK(bs_search(s, g_q + qi * D, p, c, &st, &err) == BS_OK);
         size_t n = bs_candidates_size(c);
         CHECK(n <= 4096);
-        if (n > 4096) n = 4096;
-        out->n[qi] = n;
-        memcpy(out->rows[qi], bs_candidates_rowids(c), n * 8);
-        memcpy(out->est[qi], bs_candidates_estimates(c), n * 4);
-        memcpy(out->lb[qi], bs_candidates_lower_bounds(c), n * 4);
+        out->n[qi] = test_copy_candidates(c, 4096, out->rows[qi], out->est[qi], out->lb[qi]);
     }
     bs_candidates_free(c);
     bs_searcher_free(s);

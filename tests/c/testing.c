@@ -121,6 +121,16 @@ bs_search_params test_search_params(uint32_t k, uint32_t nprobes) {
     return p;
 }
 
+size_t test_copy_candidates(const bs_candidates *c, size_t cap, uint64_t *rows, float *est,
+                            float *lb) {
+    size_t n = bs_candidates_size(c);
+    if (n > cap) n = cap;
+    memcpy(rows, bs_candidates_rowids(c), n * sizeof *rows);
+    memcpy(est, bs_candidates_estimates(c), n * sizeof *est);
+    memcpy(lb, bs_candidates_lower_bounds(c), n * sizeof *lb);
+    return n;
+}
+
 int test_replay_dir(const char *dir,
                     void (*each)(const char *name, const uint8_t *data, size_t len, void *ctx),
                     void *ctx) {

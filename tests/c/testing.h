@@ -89,6 +89,11 @@ bs_segment_spec test_segment_spec(uint32_t dim, uint32_t bits, bs_metric metric,
  * bound width) and every other field zero. */
 bs_search_params test_search_params(uint32_t k, uint32_t nprobes);
 
+/* Copies the first min(bs_candidates_size(c), cap) candidates of c (row
+ * ids, estimates, lower bounds) into the arrays; returns how many. */
+size_t test_copy_candidates(const bs_candidates *c, size_t cap, uint64_t *rows, float *est,
+                            float *lb);
+
 #define TEST_MAIN_END()                                                        \
     do {                                                                       \
         if (bs_test_failures)                                                  \
