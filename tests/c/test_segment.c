@@ -486,19 +486,27 @@ static void set_factor(uint8_t *b, size_t i, size_t delta, float f) {
 static void e_factor_nan(uint8_t *b, size_t n) { set_factor(b, 1, 128, NAN); }
 static void e_corr_inf(uint8_t *b, size_t n) { set_factor(b, 1, 256, INFINITY); }
 static void e_norm_negative(uint8_t *b, size_t n) { set_factor(b, 0, 0, -1.0f); }
-/* A factor slot past the last row of a partially filled block. */
-static void e_factor_padding(uint8_t *b, size_t n) {
+/* The first partition whose last block is partly filled: its bytes and
+ * layout, and its row count (0, base and L unset, when every partition
+ * fills its blocks). */
+static uint32_t partial_partition(uint8_t *b, uint8_t **base, bs_part_layout *L) {
     uint32_t k = bs_load_u32(b + BS_HDR_NUM_PARTITIONS);
     for (uint32_t p = 0; p < k; p++) {
         uint32_t cnt = bs_load_u32(dir_entry(b, p) + 16);
         if (cnt % 32 == 0) continue;
-        uint8_t *base;
-        bs_part_layout L;
-        part_layout(b, p, &base, &L);
-        float f = 1.0f;
-        memcpy(base + norm2_at(b, &L, cnt) + 256, &f, 4);
-        return;
+        part_layout(b, p, base, L);
+        return cnt;
     }
+    return 0;
+}
+/* A factor slot past the last row of a partially filled block. */
+static void e_factor_padding(uint8_t *b, size_t n) {
+    uint8_t *base;
+    bs_part_layout L;
+    uint32_t cnt = partial_partition(b, &base, &L);
+    if (cnt == 0) return;
+    float f = 1.0f;
+    memcpy(base + norm2_at(b, &L, cnt) + 256, &f, 4);
 }
 static void e_stage1_size(uint8_t *b, size_t n) {
     uint8_t *e = dir_entry(b, busy_partition(b));
@@ -512,25 +520,18 @@ static void e_count_plus(uint8_t *b, size_t n) {
 static void e_block_padding(uint8_t *b, size_t n) {
     /* The last slot (31) of the last block of a partition that does not
      * fill it: high nibble of byte 15 of group 0. */
-    uint32_t k = bs_load_u32(b + BS_HDR_NUM_PARTITIONS);
-    uint32_t D = bs_load_u32(b + BS_HDR_PADDED_DIM);
-    for (uint32_t p = 0; p < k; p++) {
-        uint32_t cnt = bs_load_u32(dir_entry(b, p) + 16);
-        if (cnt % 32 == 0) continue;
-        uint8_t *base;
-        bs_part_layout L;
-        part_layout(b, p, &base, &L);
-        base[(size_t)(cnt / 32) * L.stride + 15] |= 0x80;
-        (void)D;
-        return;
-    }
-}
-static void e_count_and_rows(uint8_t *b, size_t n) {
-    e_count_plus(b, n);
-    bs_store_u64(b + BS_HDR_NUM_ROWS, bs_load_u64(b + BS_HDR_NUM_ROWS) + 1);
+    uint8_t *base;
+    bs_part_layout L;
+    uint32_t cnt = partial_partition(b, &base, &L);
+    if (cnt == 0) return;
+    base[(size_t)(cnt / 32) * L.stride + 15] |= 0x80;
 }
 static void e_num_rows(uint8_t *b, size_t n) {
     bs_store_u64(b + BS_HDR_NUM_ROWS, bs_load_u64(b + BS_HDR_NUM_ROWS) + 1);
+}
+static void e_count_and_rows(uint8_t *b, size_t n) {
+    e_count_plus(b, n);
+    e_num_rows(b, n);
 }
 static void e_dir_reserved(uint8_t *b, size_t n) { bs_store_u32(dir_entry(b, 0) + 20, 1); }
 static void e_part_offset(uint8_t *b, size_t n) {
