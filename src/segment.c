@@ -16,6 +16,7 @@
 #include "error.h"
 #include "format.h"
 #include "hash.h"
+#include "repack.h"
 
 /* One directory entry, checked for structure at open. base points at the
  * partition's own bytes: into the file's buffer for a whole-file open, or
@@ -845,25 +846,10 @@ static bs_status convert_v2(const bs_segment *s, uint8_t **out, uint64_t *out_le
     bs_seg_writer w;
     memset(&w, 0, sizeof w);
     if (st == BS_OK) {
+        /* The same code space, uuid and fragment table; no identities
+         * (version 2 recorded none). */
         bs_seg_params prm;
-        memset(&prm, 0, sizeof prm);
-        prm.dim = info->dim;
-        prm.padded_dim = D;
-        prm.num_bits = B;
-        prm.metric = info->metric;
-        prm.rotation_kind = info->rotation_kind;
-        prm.rotation_seed = info->rotation_seed;
-        prm.num_partitions = k;
-        memcpy(prm.uuid, info->uuid, 16);
-        prm.rotation_fp = info->rotation_fingerprint;
-        prm.ivf_fp = info->ivf_fingerprint;
-        prm.column = s->column;
-        prm.column_len = (uint32_t)strlen(s->column);
-        prm.centroids = s->centroids;
-        prm.fragment_ids = s->frag_ids;
-        prm.fragment_rows = s->frag_rows;
-        prm.fragment_identity = NULL;
-        prm.num_fragments = info->num_fragments;
+        bs_repack_params(s, info->uuid, s->frag_ids, s->frag_rows, info->num_fragments, &prm);
         st = bs_seg_writer_open_memory(&w, cap, &prm, err);
     }
     for (uint32_t p = 0; p < k && st == BS_OK; p++) {
