@@ -24,6 +24,16 @@ def _manifest(ds, name="vec_idx", version=None):
         return json.load(f)
 
 
+@pytest.fixture
+def indexed(small_lance):
+    """small_lance with its index vec_idx (8 partitions) committed:
+    (uri, vectors, dataset, the manifest as a dict)."""
+    uri, x = small_lance
+    ds = bitshard.dataset(uri)
+    ds.create_index("vec", num_partitions=8)
+    return uri, x, ds, _manifest(ds)
+
+
 def _write_as_version_2(ds, doc):
     """doc, an edited manifest of vec_idx, committed as its version 2 with a
     valid checksum (so that only the edit can be refused); its path."""
@@ -119,11 +129,8 @@ def test_handle_without_identities_gets_the_committing_sources(small_lance):
     assert entry["fragments"] == [i.to_json() for i in h.identities]
 
 
-def test_v2_identity_not_matching_its_record_is_refused(small_lance):
-    uri, x = small_lance
-    ds = bitshard.dataset(uri)
-    ds.create_index("vec", num_partitions=8)
-    doc = _manifest(ds)
+def test_v2_identity_not_matching_its_record_is_refused(indexed):
+    uri, x, ds, doc = indexed
     doc["segments"][0]["fragments"][1]["record"]["physical_rows"] = 1499
     path = _write_as_version_2(ds, doc)
     fp = identity.fingerprint(doc["segments"][0]["fragments"][1]["record"])
@@ -134,11 +141,8 @@ def test_v2_identity_not_matching_its_record_is_refused(small_lance):
         f"{doc['segments'][0]['fragments'][1]['identity']}, its record's fingerprint is {fp}")
 
 
-def test_v1_manifest_with_fragments_is_refused(small_lance):
-    uri, x = small_lance
-    ds = bitshard.dataset(uri)
-    ds.create_index("vec", num_partitions=8)
-    doc = _manifest(ds)
+def test_v1_manifest_with_fragments_is_refused(indexed):
+    uri, x, ds, doc = indexed
     doc["format_version"] = 1
     path = _write_as_version_2(ds, doc)
     with pytest.raises(CorruptIndexError) as e:
@@ -147,11 +151,8 @@ def test_v1_manifest_with_fragments_is_refused(small_lance):
                             f"the manifest says format 1")
 
 
-def test_unknown_record_kind_is_refused(small_lance):
-    uri, x = small_lance
-    ds = bitshard.dataset(uri)
-    ds.create_index("vec", num_partitions=8)
-    doc = _manifest(ds)
+def test_unknown_record_kind_is_refused(indexed):
+    uri, x, ds, doc = indexed
     doc["segments"][0]["fragments"][0]["record"]["kind"] = "zip"
     path = _write_as_version_2(ds, doc)
     with pytest.raises(CorruptIndexError) as e:
@@ -160,11 +161,8 @@ def test_unknown_record_kind_is_refused(small_lance):
                             f"`$.segments[0].fragments[0].record.kind`")
 
 
-def test_identities_of_other_fragments_than_the_file_are_refused(small_lance):
-    uri, x = small_lance
-    ds = bitshard.dataset(uri)
-    ds.create_index("vec", num_partitions=8)
-    doc = _manifest(ds)
+def test_identities_of_other_fragments_than_the_file_are_refused(indexed):
+    uri, x, ds, doc = indexed
     frags = doc["segments"][0]["fragments"]
     frags[0], frags[1] = frags[1], frags[0]
     path = _write_as_version_2(ds, doc)
@@ -179,13 +177,11 @@ def test_identities_of_other_fragments_than_the_file_are_refused(small_lance):
 # ------------------------------------------- fingerprints in segment files
 
 
-def test_segments_record_the_fingerprints_of_the_manifest_records(small_lance):
+def test_segments_record_the_fingerprints_of_the_manifest_records(indexed):
     # Builds (here and by workers), merges and commits: the file's
     # fragment table carries each fragment's fingerprint, the manifest its
     # record; the two agree.
-    uri, x = small_lance
-    ds = bitshard.dataset(uri)
-    ds.create_index("vec", num_partitions=8)
+    uri, x, ds, _ = indexed
     built = bitshard.build_index(uri, "vec", name="b", num_partitions=8, executor="serial")
     for d, name in ((ds, "vec_idx"), (built, "b")):
         for e in _manifest(d, name)["segments"]:
@@ -196,25 +192,18 @@ def test_segments_record_the_fingerprints_of_the_manifest_records(small_lance):
                 for f in e["fragment_ids"]]
 
 
-def test_a_manifest_record_the_file_contradicts_is_refused(small_lance):
+def test_a_manifest_record_the_file_contradicts_is_refused(indexed):
     # A record (and its fingerprint) rewritten consistently in the manifest
     # still differs from the fingerprint the worker wrote in the file.
     from bitshard.maintenance import verify_report
 
-    uri, x = small_lance
-    ds = bitshard.dataset(uri)
-    ds.create_index("vec", num_partitions=8)
-    doc = _manifest(ds)
+    uri, x, ds, doc = indexed
     e = doc["segments"][0]
     old_fp = e["fragments"][1]["identity"]
     e["fragments"][1]["record"]["files"][0]["size"] += 1
     new_fp = identity.fingerprint(e["fragments"][1]["record"])
     e["fragments"][1]["identity"] = new_fp
-    doc["version"] = 2
-    doc["checksum"] = idx._checksum(doc)
-    path = os.path.join(ds.index_root, "indices", "vec_idx", "v00000002.json")
-    with open(path, "w") as f:
-        json.dump(doc, f)
+    path = _write_as_version_2(ds, doc)
     seg = idx.segment_path(ds.index_root, e["uuid"])
     with pytest.raises(CorruptIndexError) as err:
         bitshard.dataset(uri).search("vec", x[0], k=1)
@@ -226,24 +215,18 @@ def test_a_manifest_record_the_file_contradicts_is_refused(small_lance):
         f"fragment 1's identity fingerprint is {new_fp} there, {old_fp} in the file"]
 
 
-def test_staleness_is_read_from_the_file_without_manifest_records(small_lance, tmp_path):
+def test_staleness_is_read_from_the_file_without_manifest_records(indexed, tmp_path):
     # A manifest entry without records (a format 2 manifest may leave them
     # out) over a file that has fingerprints: the file decides, not the
     # manifest's source version (which, gone, would make every fragment
     # "unverified").
     import lance
 
-    uri, x = small_lance
-    ds = bitshard.dataset(uri)
-    ds.create_index("vec", num_partitions=8)
-    doc = _manifest(ds)
+    uri, x, ds, doc = indexed
     for e in doc["segments"]:
         e.pop("fragments")
         e["source_version"] = 0  # never a Lance version: cannot be compared
-    doc["version"] = 2
-    doc["checksum"] = idx._checksum(doc)
-    with open(os.path.join(ds.index_root, "indices", "vec_idx", "v00000002.json"), "w") as f:
-        json.dump(doc, f)
+    _write_as_version_2(ds, doc)
     ds = bitshard.dataset(uri)
     (e,) = doc["segments"]
     handles = idx.committed_segments(ds.storage, "vec_idx")
