@@ -29,11 +29,11 @@ D = 16
 NAME = "vec_idx"
 
 
-@pytest.fixture
-def reads(monkeypatch):
-    """Counts the vectors read from any Lance source (take and iter_batches)."""
+def _count_reads(monkeypatch, source_class):
+    """Counts the vectors read from any source of source_class (take and
+    iter_batches) in the returned dict's "rows"."""
     count = {"rows": 0}
-    take, batches = LanceSource.take, LanceSource.iter_batches
+    take, batches = source_class.take, source_class.iter_batches
 
     def counted_take(self, column, rowids):
         out = take(self, column, rowids)
@@ -45,9 +45,15 @@ def reads(monkeypatch):
             count["rows"] += len(b.vectors)
             yield b
 
-    monkeypatch.setattr(LanceSource, "take", counted_take)
-    monkeypatch.setattr(LanceSource, "iter_batches", counted_batches)
+    monkeypatch.setattr(source_class, "take", counted_take)
+    monkeypatch.setattr(source_class, "iter_batches", counted_batches)
     return count
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts the vectors read from any Lance source (take and iter_batches)."""
+    return _count_reads(monkeypatch, LanceSource)
 
 
 def _data(tmp_path, n=3000, rows_per_fragment=300, seed=3):
@@ -428,21 +434,7 @@ def test_parquet_appends_and_a_rewritten_file(tmp_path, monkeypatch):
 
     from bitshard.sources import ParquetSource
 
-    count = {"rows": 0}
-    take, batches = ParquetSource.take, ParquetSource.iter_batches
-
-    def counted_take(self, column, rowids):
-        out = take(self, column, rowids)
-        count["rows"] += len(out)
-        return out
-
-    def counted_batches(self, *a, **k):
-        for b in batches(self, *a, **k):
-            count["rows"] += len(b.vectors)
-            yield b
-
-    monkeypatch.setattr(ParquetSource, "take", counted_take)
-    monkeypatch.setattr(ParquetSource, "iter_batches", counted_batches)
+    count = _count_reads(monkeypatch, ParquetSource)
     x = clustered(1000, D, seed=5)
     d = tmp_path / "pq"
     d.mkdir()
