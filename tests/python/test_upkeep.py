@@ -5,6 +5,7 @@ other kind, and verify on a manifest whose file name is not its version."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -109,6 +110,20 @@ def test_cleanup_refuses_a_tree_it_does_not_expect(tmp_path, damage, what):
     assert cli_main(["cleanup", root, "--older-than", "0"]) == 1
 
 
+@contextlib.contextmanager
+def _file_in_place_of(path: str):
+    """A small file where the directory ``path`` was, for the ``with``
+    block; the directory is put back after."""
+    os.rename(path, path + ".saved")
+    with open(path, "wb") as f:
+        f.write(b"x")
+    try:
+        yield
+    finally:
+        os.remove(path)
+        os.rename(path + ".saved", path)
+
+
 def test_a_file_or_directory_in_the_wrong_place_is_a_clear_error(tmp_path, capsys):
     ds, root, uuid = _index(tmp_path)
     seg = os.path.join(root, "segments", uuid + ".bsseg")
@@ -124,32 +139,24 @@ def test_a_file_or_directory_in_the_wrong_place_is_a_clear_error(tmp_path, capsy
     # A file in place of segments/ (was NotADirectoryError on search,
     # FileExistsError on the next write).
     segs = os.path.join(root, "segments")
-    os.rename(segs, segs + ".saved")
-    with open(segs, "wb") as f:
-        f.write(b"x")
-    with pytest.raises(CorruptIndexError, match=f"^{seg} cannot be read: {segs} is a file, "
-                                                f"where the index root needs a directory"):
-        bitshard.dataset(_x(), index_uri=root).search("vector", q, k=3)
-    with pytest.raises(CorruptIndexError, match=f"cannot be written: {segs} is a file, "
-                                                f"where the index root needs a directory"):
-        bitshard.dataset(_x(), index_uri=root).create_index(
-            "vector", "IVF_RQ", name="idx2", num_partitions=2, num_bits=1)
-    os.remove(segs)
-    os.rename(segs + ".saved", segs)
+    with _file_in_place_of(segs):
+        with pytest.raises(CorruptIndexError, match=f"^{seg} cannot be read: {segs} is a file, "
+                                                    f"where the index root needs a directory"):
+            bitshard.dataset(_x(), index_uri=root).search("vector", q, k=3)
+        with pytest.raises(CorruptIndexError, match=f"cannot be written: {segs} is a file, "
+                                                    f"where the index root needs a directory"):
+            bitshard.dataset(_x(), index_uri=root).create_index(
+                "vector", "IVF_RQ", name="idx2", num_partitions=2, num_bits=1)
     # A file in place of indices/ (search said "no index", a commit raised
     # NotADirectoryError).
     ind = os.path.join(root, "indices")
-    os.rename(ind, ind + ".saved")
-    with open(ind, "wb") as f:
-        f.write(b"x")
-    with pytest.raises(CorruptIndexError, match=f"^{ind} cannot be listed: it is a file, "
-                                                f"where the index root needs a directory"):
-        bitshard.dataset(_x(), index_uri=root).search("vector", q, k=3)
-    with pytest.raises(CorruptIndexError, match=f"cannot be (written|listed): {ind} is a file"):
-        bitshard.dataset(_x(), index_uri=root).create_index(
-            "vector", "IVF_RQ", name="idx2", num_partitions=2, num_bits=1)
-    os.remove(ind)
-    os.rename(ind + ".saved", ind)
+    with _file_in_place_of(ind):
+        with pytest.raises(CorruptIndexError, match=f"^{ind} cannot be listed: it is a file, "
+                                                    f"where the index root needs a directory"):
+            bitshard.dataset(_x(), index_uri=root).search("vector", q, k=3)
+        with pytest.raises(CorruptIndexError, match=f"cannot be (written|listed): {ind} is a file"):
+            bitshard.dataset(_x(), index_uri=root).create_index(
+                "vector", "IVF_RQ", name="idx2", num_partitions=2, num_bits=1)
     assert bitshard.dataset(_x(), index_uri=root).search("vector", q, k=3).num_rows == 3
 
 
