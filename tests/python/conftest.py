@@ -32,6 +32,21 @@ def write_lance(path, vectors: np.ndarray, rows_per_fragment: int, column: str =
     return str(path)
 
 
+def lance_with_artifacts(path, n: int, d: int, rows_per_fragment: int, num_partitions: int,
+                         seed: int, ivf_seed: int, rotation_seed: int):
+    """n x d clustered vectors (seed) in Lance fragments of rows_per_fragment
+    rows at path, IVF centroids trained on them and a 1-bit rotation:
+    (uri, vectors, ivf, rotation)."""
+    import bitshard
+
+    x = clustered(n, d, seed=seed)
+    uri = write_lance(path, x, rows_per_fragment)
+    ivf = bitshard.train_ivf(bitshard.dataset(uri), "vec", num_partitions=num_partitions,
+                             seed=ivf_seed)
+    rot = bitshard.build_rq_rotation(dimension=d, num_bits=1, seed=rotation_seed)
+    return uri, x, ivf, rot
+
+
 def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "l2") -> np.ndarray:
     """Exact top-k positions (nq, k) in float64."""
     b = base.astype(np.float64)

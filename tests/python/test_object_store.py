@@ -24,7 +24,7 @@ from bitshard import index as idx
 from bitshard.errors import CommitConflictError, CorruptIndexError, InvalidInputError
 from bitshard.storage import LocalStorage, ObjectStorage, Storage
 
-from conftest import clustered, write_lance
+from conftest import clustered, lance_with_artifacts, write_lance
 
 pytest.importorskip("moto", reason="moto[server] is not installed (pip install 'bitshard[test]')")
 boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
@@ -89,12 +89,8 @@ def _keys(s3, prefix):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """2000 x 32 vectors in 4 local Lance fragments, plus shared artifacts."""
-    x = clustered(2000, D, seed=5)
-    uri = write_lance(tmp_path_factory.mktemp("os") / "v.lance", x, 500)
-    ds = bitshard.dataset(uri)
-    ivf = bitshard.train_ivf(ds, "vec", num_partitions=16, seed=2)
-    rot = bitshard.build_rq_rotation(dimension=D, num_bits=1, seed=7)
-    return uri, x, ivf, rot
+    return lance_with_artifacts(tmp_path_factory.mktemp("os") / "v.lance", 2000, D, 500,
+                                num_partitions=16, seed=5, ivf_seed=2, rotation_seed=7)
 
 
 def _result(t):

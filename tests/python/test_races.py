@@ -20,7 +20,7 @@ from bitshard import index as idx
 from bitshard.errors import InvalidInputError
 from bitshard.storage import LocalStorage
 
-from conftest import clustered, write_lance
+from conftest import lance_with_artifacts
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "trials"))
 import race_trials  # noqa: E402
@@ -30,12 +30,8 @@ pytest.importorskip("lance")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    x = clustered(400, 16, seed=3)
-    uri = write_lance(tmp_path_factory.mktemp("races") / "v.lance", x, 100)
-    ds = bitshard.dataset(uri)
-    ivf = bitshard.train_ivf(ds, "vec", num_partitions=4, seed=1)
-    rot = bitshard.build_rq_rotation(dimension=16, num_bits=1, seed=2)
-    return uri, x, ivf, rot
+    return lance_with_artifacts(tmp_path_factory.mktemp("races") / "v.lance", 400, 16, 100,
+                                num_partitions=4, seed=3, ivf_seed=1, rotation_seed=2)
 
 
 def test_cleanup_waits_for_a_commit_between_its_check_and_its_manifest(

@@ -40,7 +40,7 @@ from bitshard.errors import (BitshardError, CorruptIndexError, MissingFileError,
                              StorageError)
 from bitshard.storage import LocalStorage, ObjectStorage
 
-from conftest import clustered, write_lance
+from conftest import lance_with_artifacts
 
 D = 16
 
@@ -48,12 +48,8 @@ D = 16
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """800 x 16 vectors in 4 Lance fragments, and shared artifacts."""
-    x = clustered(800, D, seed=9)
-    uri = write_lance(tmp_path_factory.mktemp("se") / "v.lance", x, 200)
-    ds = bitshard.dataset(uri)
-    ivf = bitshard.train_ivf(ds, "vec", num_partitions=4, seed=1)
-    rot = bitshard.build_rq_rotation(dimension=D, num_bits=1, seed=2)
-    return uri, x, ivf, rot
+    return lance_with_artifacts(tmp_path_factory.mktemp("se") / "v.lance", 800, D, 200,
+                                num_partitions=4, seed=9, ivf_seed=1, rotation_seed=2)
 
 
 def _two_segment_index(ds, ivf, rot, name="idx"):
