@@ -47,6 +47,18 @@ def lance_with_artifacts(path, n: int, d: int, rows_per_fragment: int, num_parti
     return uri, x, ivf, rot
 
 
+def run_threads(target, args) -> None:
+    """Calls target(a) for every a of args, each in a thread of its own, all
+    started before any is waited for; returns when all have ended."""
+    import threading
+
+    threads = [threading.Thread(target=target, args=(a,)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "l2") -> np.ndarray:
     """Exact top-k positions (nq, k) in float64."""
     b = base.astype(np.float64)

@@ -12,7 +12,8 @@ import pytest
 import bitshard
 from bitshard import ArtifactMismatchError, CommitConflictError, InvalidInputError
 
-from conftest import brute_force, clustered, recall, rowids_to_positions, write_lance
+from conftest import (brute_force, clustered, recall, rowids_to_positions, run_threads,
+                      write_lance)
 
 
 @pytest.fixture
@@ -229,11 +230,7 @@ def test_commit_race_one_wins(workflow):
         except CommitConflictError:
             outcomes.append("conflict")
 
-    threads = [threading.Thread(target=commit, args=(s,)) for s in segs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(commit, segs)
     assert sorted(outcomes) == ["conflict"] * 7 + ["ok"]
     assert ds.describe_indices()[0]["version"] == 1
 

@@ -24,7 +24,7 @@ from bitshard import index as idx
 from bitshard.errors import CommitConflictError, CorruptIndexError, InvalidInputError
 from bitshard.storage import LocalStorage, ObjectStorage, Storage
 
-from conftest import clustered, lance_with_artifacts, write_lance
+from conftest import clustered, lance_with_artifacts, run_threads, write_lance
 
 pytest.importorskip("moto", reason="moto[server] is not installed (pip install 'bitshard[test]')")
 boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
@@ -244,11 +244,7 @@ def test_commit_race_on_s3_one_wins(s3, data):
             except CommitConflictError:
                 outcomes.append("conflict")
 
-        threads = [threading.Thread(target=commit, args=(s,)) for s in segs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(commit, segs)
         winners = [o for o in outcomes if o != "conflict"]
         assert len(winners) == 1 and len(outcomes) == len(segs), outcomes
         doc = idx.read_manifest(ds.storage, "idx")

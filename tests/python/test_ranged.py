@@ -8,7 +8,6 @@ The S3 server is moto's, started by test_object_store's fixture.
 
 from __future__ import annotations
 
-import threading
 import uuid as uuid_mod
 
 import lance
@@ -21,7 +20,7 @@ from bitshard.errors import CorruptIndexError, InvalidInputError
 from bitshard.ranged import PartitionCache, RangedSegment
 from bitshard.storage import Storage
 
-from conftest import clustered, write_lance
+from conftest import clustered, run_threads, write_lance
 from test_object_store import BUCKET, s3  # noqa: F401  (the moto fixture)
 
 D = 32
@@ -248,11 +247,7 @@ def test_partition_cache_never_drops_a_pinned_partition(s3, lance_data, tmp_path
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(t,)) for t in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(run, range(3))
     assert not errors, errors
     assert remote._indexes.partition_cache.bytes <= 1
 
