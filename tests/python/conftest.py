@@ -59,6 +59,16 @@ def run_threads(target, args) -> None:
         t.join()
 
 
+def unreadable_build_state_message(state: str, reason: str, index: str) -> str:
+    """What cleanup raises when the build state file ``state`` of ``index``
+    cannot be read (``reason``: the reader's own message)."""
+    return (f"cleanup removes nothing: the build state {state} cannot be read ({reason}), "
+            f"so the uncommitted segments its build wrote cannot be told apart from orphans. "
+            f"If no build of index '{index}' runs, delete that file (a rerun of the build "
+            f"then starts afresh), or run cleanup with abandoned_builds=True "
+            f"(--abandoned-builds) to drop it when older than the age; then run cleanup again")
+
+
 def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "l2") -> np.ndarray:
     """Exact top-k positions (nq, k) in float64."""
     b = base.astype(np.float64)

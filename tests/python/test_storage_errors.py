@@ -40,7 +40,7 @@ from bitshard.errors import (BitshardError, CorruptIndexError, MissingFileError,
                              StorageError)
 from bitshard.storage import LocalStorage, ObjectStorage
 
-from conftest import lance_with_artifacts
+from conftest import lance_with_artifacts, unreadable_build_state_message
 
 D = 16
 
@@ -329,14 +329,9 @@ def test_unreadable_build_state_protects_every_uncommitted_segment(data, tmp_pat
         f.write('{"format": "bitshard-build", "format_version": 1, "segm')
     with pytest.raises(CorruptIndexError) as e:
         bitshard.cleanup(root, 0)
-    assert str(e.value) == (
-        f"cleanup removes nothing: the build state {state} cannot be read (build state "
-        f"{state} is not valid JSON: Unterminated string starting at: line 1 column 51 "
-        f"(char 50)), "
-        "so the uncommitted segments its build wrote cannot be told apart from orphans. If "
-        "no build of index 'b' runs, delete that file (a rerun of the build then starts "
-        "afresh), or run cleanup with abandoned_builds=True (--abandoned-builds) to drop it "
-        "when older than the age; then run cleanup again")
+    assert str(e.value) == unreadable_build_state_message(
+        state, f"build state {state} is not valid JSON: Unterminated string starting at: "
+               f"line 1 column 51 (char 50)", "b")
     assert os.path.exists(orphan.path)
     # the command line says the same and exits 1
     from bitshard.cli import main as cli_main
