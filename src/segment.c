@@ -880,15 +880,9 @@ static bs_status convert_v2(const bs_segment *s, uint8_t **out, uint64_t *out_le
     return st;
 }
 
-bs_status bs_segment_open(const void *data, size_t len, bs_segment **out,
-                          bs_error *err) {
-    return bs_segment_open_with_centroids(data, len, NULL, 0, out, err);
-}
-
-bs_status bs_segment_open_with_centroids(const void *data, size_t len,
-                                         const float *centroids,
-                                         size_t num_floats, bs_segment **out,
-                                         bs_error *err) {
+/* The arguments every open checks first: the error cleared, *out NULL
+ * until an open succeeds, the bytes given and 64-byte aligned. */
+static bs_status check_open_args(const void *data, bs_segment **out, bs_error *err) {
     bs_error_clear(err);
     if (out == NULL)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "out is NULL");
@@ -898,6 +892,19 @@ bs_status bs_segment_open_with_centroids(const void *data, size_t len,
     if ((uintptr_t)data % BS_SEG_ALIGN != 0)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "segment buffer must be 64-byte aligned");
+    return BS_OK;
+}
+
+bs_status bs_segment_open(const void *data, size_t len, bs_segment **out,
+                          bs_error *err) {
+    return bs_segment_open_with_centroids(data, len, NULL, 0, out, err);
+}
+
+bs_status bs_segment_open_with_centroids(const void *data, size_t len,
+                                         const float *centroids,
+                                         size_t num_floats, bs_segment **out,
+                                         bs_error *err) {
+    BS_TRY(check_open_args(data, out, err));
     return open_parsed(data, len, len, 0, centroids, num_floats, out, err);
 }
 
@@ -966,15 +973,7 @@ bs_status bs_segment_open_prefix_with_centroids(const void *data, size_t len,
                                                 const float *centroids,
                                                 size_t num_floats, bs_segment **out,
                                                 bs_error *err) {
-    bs_error_clear(err);
-    if (out == NULL)
-        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "out is NULL");
-    *out = NULL;
-    if (data == NULL)
-        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "data is NULL");
-    if ((uintptr_t)data % BS_SEG_ALIGN != 0)
-        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
-                       "segment buffer must be 64-byte aligned");
+    BS_TRY(check_open_args(data, out, err));
     if (file_size > SIZE_MAX)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "file size %llu does not fit in memory addresses",
