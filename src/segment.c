@@ -140,6 +140,29 @@ static int cmp_u32(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+/* A read version this reader knows (what a prefix open checks too). */
+static bs_status check_read_version(uint32_t read_version, bs_error *err) {
+    if (read_version > BS_SEG_VERSION)
+        return bs_fail(err, BS_ERR_UNSUPPORTED_VERSION,
+                       "segment needs a reader of format version %u; this "
+                       "reader knows version %u",
+                       read_version, BS_SEG_VERSION);
+    return BS_OK;
+}
+
+/* The header size field: a multiple of 64 between the headers of the
+ * shortest and the longest column name. */
+static bs_status check_header_size(uint32_t header_size, bs_error *err) {
+    const uint64_t min_header = bs_seg_header_size(1);
+    const uint64_t max_header = bs_seg_header_size(BS_SEG_MAX_COLUMN);
+    if (header_size < min_header || header_size > max_header ||
+        header_size % BS_SEG_ALIGN != 0)
+        return CORRUPT("header size %u is invalid (a multiple of 64 in "
+                       "%llu..%llu)",
+                       header_size, (ull)min_header, (ull)max_header);
+    return BS_OK;
+}
+
 static bs_status parse_header(bs_segment *s, bs_error *err) {
     const uint8_t *h = s->data;
     bs_segment_info *info = &s->info;
@@ -151,11 +174,7 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
     uint32_t write_version = bs_load_u32(h + BS_HDR_WRITE_VERSION);
     if (read_version == 0)
         return CORRUPT("read version 0 is invalid");
-    if (read_version > BS_SEG_VERSION)
-        return bs_fail(err, BS_ERR_UNSUPPORTED_VERSION,
-                       "segment needs a reader of format version %u; this "
-                       "reader knows version %u",
-                       read_version, BS_SEG_VERSION);
+    BS_TRY(check_read_version(read_version, err));
     if (write_version < read_version)
         return CORRUPT("write version %u is older than read version %u",
                        write_version, read_version);
@@ -164,15 +183,9 @@ static bs_status parse_header(bs_segment *s, bs_error *err) {
      * wrote the file; 3 is this reader's own. */
     s->layout = read_version <= BS_SEG_VERSION_2 ? 2 : 3;
 
-    uint64_t min_header = bs_seg_header_size(1);
-    uint64_t max_header = bs_seg_header_size(BS_SEG_MAX_COLUMN);
-    BS_TRY(need_read(s, 0, min_header, "header", err));
+    BS_TRY(need_read(s, 0, bs_seg_header_size(1), "header", err));
     uint32_t header_size = bs_load_u32(h + BS_HDR_HEADER_SIZE);
-    if (header_size < min_header || header_size > max_header ||
-        header_size % BS_SEG_ALIGN != 0)
-        return CORRUPT("header size %u is invalid (a multiple of 64 in "
-                       "%llu..%llu)",
-                       header_size, (ull)min_header, (ull)max_header);
+    BS_TRY(check_header_size(header_size, err));
     BS_TRY(need_read(s, 0, header_size, "header", err));
     BS_TRY(verify_checksum(s, 0, header_size - 8,
                            bs_load_u64(h + header_size - 8), "header", err));
@@ -917,7 +930,6 @@ bs_status bs_segment_prefix_size(const void *data, size_t len, uint64_t *out,
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "out or data is NULL");
     const uint8_t *h = data;
     const uint64_t min_header = bs_seg_header_size(1);
-    const uint64_t max_header = bs_seg_header_size(BS_SEG_MAX_COLUMN);
     if (len < min_header) {
         *out = min_header;
         return BS_OK;
@@ -925,17 +937,9 @@ bs_status bs_segment_prefix_size(const void *data, size_t len, uint64_t *out,
     if (memcmp(h, BS_SEG_MAGIC, BS_SEG_MAGIC_LEN) != 0)
         return CORRUPT("bad magic at offset 0: not a bitshard segment");
     uint32_t read_version = bs_load_u32(h + BS_HDR_READ_VERSION);
-    if (read_version > BS_SEG_VERSION)
-        return bs_fail(err, BS_ERR_UNSUPPORTED_VERSION,
-                       "segment needs a reader of format version %u; this "
-                       "reader knows version %u",
-                       read_version, BS_SEG_VERSION);
+    BS_TRY(check_read_version(read_version, err));
     uint32_t header_size = bs_load_u32(h + BS_HDR_HEADER_SIZE);
-    if (header_size < min_header || header_size > max_header ||
-        header_size % BS_SEG_ALIGN != 0)
-        return CORRUPT("header size %u is invalid (a multiple of 64 in "
-                       "%llu..%llu)",
-                       header_size, (ull)min_header, (ull)max_header);
+    BS_TRY(check_header_size(header_size, err));
     if (len < header_size) {
         *out = header_size;
         return BS_OK;
