@@ -711,12 +711,18 @@ static bs_status check_partition_bytes(const bs_segment *s, uint32_t p,
     return BS_OK;
 }
 
-bs_status bs_segment_check_partition(const bs_segment *seg, uint32_t p,
-                                     bs_error *err) {
+/* p names a partition of seg: checked by every call that takes one. */
+static bs_status check_partition_index(const bs_segment *seg, uint32_t p, bs_error *err) {
     if (p >= seg->info.num_partitions)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "partition %u is out of range: the segment has %u", p,
                        seg->info.num_partitions);
+    return BS_OK;
+}
+
+bs_status bs_segment_check_partition(const bs_segment *seg, uint32_t p,
+                                     bs_error *err) {
+    BS_TRY(check_partition_index(seg, p, err));
     unsigned char st = atomic_load_explicit(&seg->state[p], memory_order_acquire);
     if (st == PART_GOOD) return BS_OK;
     if (st == PART_ABSENT || st == PART_ATTACHING)
@@ -996,10 +1002,7 @@ bs_status bs_segment_partition_range(const bs_segment *seg, uint32_t p,
     bs_error_clear(err);
     if (seg == NULL || offset == NULL || size == NULL)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "segment or output is NULL");
-    if (p >= seg->info.num_partitions)
-        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
-                       "partition %u is out of range: the segment has %u", p,
-                       seg->info.num_partitions);
+    BS_TRY(check_partition_index(seg, p, err));
     *offset = seg->parts[p].offset;
     *size = seg->parts[p].size;
     return BS_OK;
@@ -1028,10 +1031,7 @@ bs_status bs_segment_attach(bs_segment *seg, uint32_t p, const void *data, size_
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "the segment was opened whole: its partitions are in "
                        "its buffer, nothing to attach");
-    if (p >= seg->info.num_partitions)
-        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
-                       "partition %u is out of range: the segment has %u", p,
-                       seg->info.num_partitions);
+    BS_TRY(check_partition_index(seg, p, err));
     seg_part *sp = &seg->parts[p];
     if (len != sp->size)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
@@ -1067,10 +1067,7 @@ bs_status bs_segment_detach(bs_segment *seg, uint32_t p, bs_error *err) {
     if (!seg->from_prefix)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
                        "the segment was opened whole: nothing to detach");
-    if (p >= seg->info.num_partitions)
-        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
-                       "partition %u is out of range: the segment has %u", p,
-                       seg->info.num_partitions);
+    BS_TRY(check_partition_index(seg, p, err));
     unsigned char expect = PART_GOOD;
     if (!atomic_compare_exchange_strong(&seg->state[p], &expect, PART_ATTACHING))
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "partition %u is not attached", p);
