@@ -155,7 +155,9 @@ class RangedSegment:
 class PartitionCache:
     """Fetched partitions of ranged segments, up to ``max_bytes`` not pinned
     by a running search (least recently used dropped first). Thread-safe:
-    fetches are made one at a time; the searches that follow run at once."""
+    searches fetch their partitions at the same time (the GETs run outside
+    the lock; a partition another search is fetching is waited for, never
+    fetched twice); only the attach and the accounting take the lock."""
 
     def __init__(self, max_bytes: int = DEFAULT_PARTITION_CACHE_BYTES,
                  max_requests: int = MAX_PARALLEL_REQUESTS) -> None:
@@ -167,6 +169,9 @@ class PartitionCache:
         #: (segment, partition) -> bytes, least recently used first.
         self._lru: "OrderedDict[Tuple[RangedSegment, int], int]" = OrderedDict()
         self._pins: Dict[Tuple[RangedSegment, int], int] = {}
+        #: Partitions being fetched (by the thread that registered them) ->
+        #: set when their fetch has ended, attached or not.
+        self._fetching: Dict[Tuple[RangedSegment, int], threading.Event] = {}
         #: Bytes attached now (pinned or not).
         self.bytes = 0
         self.counts = {"hits": 0, "misses": 0, "requests": 0, "fetched_bytes": 0,
@@ -190,69 +195,99 @@ class PartitionCache:
 
     def _acquire(self, wants: Sequence[Tuple[RangedSegment, Sequence[int]]]
                  ) -> List[Tuple[RangedSegment, int]]:
-        with self._lock:
-            keys: List[Tuple[RangedSegment, int]] = []
-            missing: List[Tuple[RangedSegment, List[int]]] = []
-            try:
+        keys: List[Tuple[RangedSegment, int]] = []
+        try:
+            # Pin every wanted partition at once (so none is dropped while
+            # the others are fetched); fetch the ones no one holds or
+            # fetches, outside the lock; wait for the ones another search is
+            # fetching. A fetch that failed leaves its partitions absent: the
+            # next pass fetches them itself (and meets its error itself).
+            with self._lock:
+                todo: List[Tuple[RangedSegment, int]] = []
                 for seg, parts in wants:
-                    absent = []
                     for p in sorted({int(x) for x in parts}):
                         if seg.ranges[p][1] == 0:
                             if not seg.native.attached(p):
                                 seg.native.attach(p, _aligned_empty(0))
                             continue  # no bytes: nothing to hold or drop
                         key = (seg, p)
+                        self._pins[key] = self._pins.get(key, 0) + 1
+                        keys.append(key)
+                        todo.append(key)
+            while todo:
+                mine: List[Tuple[RangedSegment, int]] = []
+                waited: List[Tuple[RangedSegment, int]] = []
+                waits: List[threading.Event] = []
+                with self._lock:
+                    for key in todo:
                         if key in self._lru:
                             self._lru.move_to_end(key)
                             self.counts["hits"] += 1
+                        elif key in self._fetching:
+                            waited.append(key)
+                            waits.append(self._fetching[key])
                         else:
-                            absent.append(p)
-                        self._pins[key] = self._pins.get(key, 0) + 1
-                        keys.append(key)
-                    if absent:
-                        missing.append((seg, absent))
-                if missing:
-                    self._fetch(missing)
+                            self._fetching[key] = threading.Event()
+                            mine.append(key)
+                if mine:
+                    self._fetch(mine)
+                for ev in waits:
+                    ev.wait()
+                todo = waited
+            with self._lock:
                 self._shrink()
-            except BaseException:
-                self._release(keys)
-                raise
-            return keys
+        except BaseException:
+            self._release(keys)
+            raise
+        return keys
 
-    def _fetch(self, missing: List[Tuple[RangedSegment, List[int]]]) -> None:
-        jobs = [(seg, off, size, ps) for seg, parts in missing
-                for off, size, ps in seg.fetch_runs(parts)]
+    def _fetch(self, mine: List[Tuple[RangedSegment, int]]) -> None:
+        """Fetch and attach ``mine`` (keys this thread registered in
+        ``_fetching``): the GETs outside the lock, in parallel; the attach
+        and the accounting under it. Whatever happens, the keys leave
+        ``_fetching`` and the searches waiting for them are woken."""
+        try:
+            by_seg: Dict[RangedSegment, List[int]] = {}
+            for seg, p in mine:
+                by_seg.setdefault(seg, []).append(p)
+            jobs = [(seg, off, size, ps) for seg, parts in by_seg.items()
+                    for off, size, ps in seg.fetch_runs(sorted(parts))]
 
-        def get(job: Tuple[RangedSegment, int, int, List[int]]) -> np.ndarray:
-            seg, off, size, _ = job
-            return seg.read(off, size)
+            def get(job: Tuple[RangedSegment, int, int, List[int]]) -> np.ndarray:
+                seg, off, size, _ = job
+                return seg.read(off, size)
 
-        if len(jobs) == 1:
-            bufs = [get(jobs[0])]
-        else:
-            with ThreadPoolExecutor(min(len(jobs), self.max_requests)) as pool:
-                bufs = list(pool.map(get, jobs))
-        self.counts["requests"] += len(jobs)
-        fetched = sum(len(b) for b in bufs)
-        self.counts["fetched_bytes"] += fetched
-        _count(len(jobs), fetched)
-        for (seg, off, size, ps), buf in zip(jobs, bufs):
-            for p in ps:
-                poff, psize = seg.ranges[p]
-                part = buf
-                if len(ps) > 1:
-                    # Its own buffer, so that dropping it frees its bytes.
-                    part = _aligned_empty(psize)
-                    part[:] = buf[poff - off:poff - off + psize]
-                    part.flags.writeable = False
-                assert part.ctypes.data % SEGMENT_ALIGN == 0
-                try:
-                    seg.native.attach(p, part)
-                except CorruptIndexError as e:
-                    raise CorruptIndexError(f"{seg.path}: {e}") from None
-                self._lru[(seg, p)] = psize
-                self.bytes += psize
-                self.counts["misses"] += 1
+            if len(jobs) == 1:
+                bufs = [get(jobs[0])]
+            else:
+                with ThreadPoolExecutor(min(len(jobs), self.max_requests)) as pool:
+                    bufs = list(pool.map(get, jobs))
+            fetched = sum(len(b) for b in bufs)
+            _count(len(jobs), fetched)
+            with self._lock:
+                self.counts["requests"] += len(jobs)
+                self.counts["fetched_bytes"] += fetched
+                for (seg, off, size, ps), buf in zip(jobs, bufs):
+                    for p in ps:
+                        poff, psize = seg.ranges[p]
+                        part = buf
+                        if len(ps) > 1:
+                            # Its own buffer, so that dropping it frees its bytes.
+                            part = _aligned_empty(psize)
+                            part[:] = buf[poff - off:poff - off + psize]
+                            part.flags.writeable = False
+                        assert part.ctypes.data % SEGMENT_ALIGN == 0
+                        try:
+                            seg.native.attach(p, part)
+                        except CorruptIndexError as e:
+                            raise CorruptIndexError(f"{seg.path}: {e}") from None
+                        self._lru[(seg, p)] = psize
+                        self.bytes += psize
+                        self.counts["misses"] += 1
+        finally:
+            with self._lock:
+                for key in mine:
+                    self._fetching.pop(key).set()
 
     def _release(self, keys: List[Tuple[RangedSegment, int]]) -> None:
         with self._lock:

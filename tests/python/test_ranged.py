@@ -8,6 +8,8 @@ The S3 server is moto's, started by test_object_store's fixture.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid as uuid_mod
 
 import lance
@@ -156,7 +158,7 @@ def test_first_query_reads_only_the_prefix_and_its_probes(s3, tmp_path):
     assert ranged.read_stats() == {"requests": 0, "bytes": 0}
 
 
-def test_corrupt_partition_is_named_when_fetched(s3, tmp_path):
+def test_corrupt_partition_is_named_when_fetched(s3, tmp_path, monkeypatch):
     x = clustered(1500, D, seed=8)
     uri = write_lance(tmp_path / "v.lance", x, 1500)
     ivf = bitshard.train_ivf(bitshard.dataset(uri), "vec", num_partitions=K, seed=1)
@@ -192,6 +194,33 @@ def test_corrupt_partition_is_named_when_fetched(s3, tmp_path):
     # The partition stays absent: asking again fetches and refuses again.
     with pytest.raises(CorruptIndexError, match=f"partition {p} checksum mismatch"):
         fresh.search("vec", q, k=5, nprobes=1)
+    # Two searches at once: the one that waited for the other's (refused)
+    # fetch fetches the partition again itself and is refused too.
+    cache = fresh._indexes.partition_cache
+    rseg = fresh._indexes.open("idx").ranged.segments[0]
+    read = RangedSegment.read
+    gets = []
+
+    def gated(self, offset, size):
+        gets.append(offset)
+        deadline = time.monotonic() + 30
+        while len(gets) == 1 and cache._pins.get((rseg, p), 0) < 2 and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+        return read(self, offset, size)
+
+    monkeypatch.setattr(RangedSegment, "read", gated)
+    errors = []
+
+    def run(_):
+        try:
+            fresh.search("vec", q, k=5, nprobes=1)
+        except CorruptIndexError as e:
+            errors.append(str(e))
+
+    run_threads(run, range(2))
+    assert len(errors) == 2 and all(f"partition {p} checksum mismatch" in e for e in errors)
+    assert gets == [off, off] and not cache._pins and not cache._fetching
 
 
 def test_partition_cache_keeps_its_bound(s3, lance_data, tmp_path):
@@ -250,6 +279,106 @@ def test_partition_cache_never_drops_a_pinned_partition(s3, lance_data, tmp_path
     run_threads(run, range(3))
     assert not errors, errors
     assert remote._indexes.partition_cache.bytes <= 1
+
+
+def _two_probes(remote, x, same):
+    """Two queries probing one partition each (nprobes=1) that has bytes in
+    both segments: different partitions, or the same one when ``same``."""
+    ranged_index = remote._indexes.open("idx").ranged
+    segs = ranged_index.segments
+    first = {}
+    for i in range(0, len(x), 3):
+        p = int(ranged_index.probes(x[i][None, :], 1)[0])
+        if not all(s.ranges[p][1] for s in segs):
+            continue
+        if same and p in first:
+            return [x[first[p]], x[i]], [p, p], segs
+        if not same and first and p not in first:
+            (i0, p0), = [(v, k) for k, v in first.items()][:1]
+            return [x[i0], x[i]], [p0, p], segs
+        first.setdefault(p, i)
+    raise AssertionError("no two such queries")
+
+
+def _in_threads(remote, Q):
+    """``remote.search`` of each query (k=5, nprobes=1), each in its own
+    thread, all at once; the Tables (an error in a thread fails the test)."""
+    got, errors = [None] * len(Q), []
+
+    def run(i):
+        try:
+            got[i] = remote.search("vec", Q[i], k=5, nprobes=1)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    run_threads(run, range(len(Q)))
+    assert not errors, errors
+    return got
+
+
+def test_searches_fetch_their_partitions_at_the_same_time(s3, lance_data, tmp_path,
+                                                          monkeypatch):
+    """Two searches in threads fetch their (different) partitions at once:
+    every GET of both waits at a barrier of all four (one partition in each
+    of 2 segments per search), which a fetch made under the cache's lock
+    would never reach. The answers, the bytes and GETs counted and the
+    cache's bound are those of fetches made one at a time."""
+    remote, local, uri = _pair(s3, lance_data, tmp_path, 4, partition_cache_bytes=1)
+    x, ivf = lance_data
+    Q, parts, segs = _two_probes(remote, x, same=False)
+    want = [local.search("vec", q, k=5, nprobes=1) for q in Q]
+    barrier = threading.Barrier(4, timeout=30)
+    read = RangedSegment.read
+
+    def gated(self, offset, size):
+        barrier.wait()
+        return read(self, offset, size)
+
+    monkeypatch.setattr(RangedSegment, "read", gated)
+    cache = remote._indexes.partition_cache
+    ranged.read_stats(reset=True)
+    for g, w in zip(_in_threads(remote, Q), want):
+        _same(g, w)
+    sizes = [s.ranges[p][1] for p in parts for s in segs]
+    assert ranged.read_stats() == {"requests": 4, "bytes": sum(sizes)}
+    st = cache.stats()
+    assert (st["requests"], st["fetched_bytes"], st["misses"], st["hits"]) == (4, sum(sizes), 4, 0)
+    assert cache.bytes <= 1 and not cache._pins and not cache._fetching
+
+
+def test_a_partition_two_searches_want_is_fetched_once(s3, lance_data, tmp_path, monkeypatch):
+    """The second search wanting a partition the first is fetching waits for
+    that fetch (one GET per segment in all) instead of fetching it again."""
+    remote, local, uri = _pair(s3, lance_data, tmp_path, 9)
+    x, ivf = lance_data
+    Q, parts, segs = _two_probes(remote, x, same=True)
+    want = [local.search("vec", q, k=5, nprobes=1) for q in Q]
+    cache = remote._indexes.partition_cache
+    read = RangedSegment.read
+    timed_out = []
+
+    def gated(self, offset, size):
+        # Hold the GET until the other search has pinned the partition too
+        # (it then finds it being fetched and waits).
+        deadline = time.monotonic() + 30
+        while cache._pins.get((self, parts[0]), 0) < 2:
+            if time.monotonic() > deadline:
+                timed_out.append(self)
+                break
+            time.sleep(0.01)
+        return read(self, offset, size)
+
+    monkeypatch.setattr(RangedSegment, "read", gated)
+    ranged.read_stats(reset=True)
+    got = _in_threads(remote, Q)
+    assert not timed_out
+    for g, w in zip(got, want):
+        _same(g, w)
+    assert ranged.read_stats() == {"requests": 2,
+                                   "bytes": sum(s.ranges[parts[0]][1] for s in segs)}
+    st = cache.stats()
+    assert (st["requests"], st["misses"], st["hits"]) == (2, 2, 2)
+    assert not cache._pins and not cache._fetching
 
 
 def test_partition_cache_bytes_option(s3, lance_data, tmp_path, monkeypatch):
