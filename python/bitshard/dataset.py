@@ -675,10 +675,7 @@ class Dataset:
             address in an extra ``_rowaddr`` column after ``_distance``
             (docs/sources.md, "Stable row ids").
         """
-        s = self._indexes.searcher(column, SearchOptions(
-            k=k, nprobes=nprobes, refine_factor=refine_factor, index=index,
-            fragment_ids=fragment_ids, filter=filter, fast_search=fast_search, eps0=eps0,
-            num_threads=num_threads, exact_cache_bytes=exact_cache_bytes))
+        s = self._indexes.searcher(column, SearchOptions.from_arguments(locals()))
         before = s.stats if with_stats else None
         q_arr = np.asarray(q)
         table = self._hits_table(s.search_lists(q_arr), q_arr.ndim, columns)
@@ -751,10 +748,7 @@ class Dataset:
         Returns:
             A :class:`bitshard.Searcher`.
         """
-        return Searcher(self._indexes, column, SearchOptions(
-            k=k, nprobes=nprobes, refine_factor=refine_factor, index=index,
-            fragment_ids=fragment_ids, filter=filter, fast_search=fast_search, eps0=eps0,
-            num_threads=num_threads, exact_cache_bytes=exact_cache_bytes))
+        return Searcher(self._indexes, column, SearchOptions.from_arguments(locals()))
 
 
 class _Optimizer:

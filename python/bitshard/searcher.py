@@ -87,6 +87,16 @@ class SearchOptions:
     #: cache of that many bytes owned by this searcher.
     exact_cache_bytes: Any = None
 
+    @classmethod
+    def from_arguments(cls, arguments: Dict[str, Any]) -> "SearchOptions":
+        """The settings of a call of ``Dataset.search``, ``Dataset.searcher``
+        or ``bitshard.serve``'s ``Service.search`` from its arguments
+        (``locals()`` at its start: every setting is a parameter; the other
+        names are ignored), not yet checked. All three build their settings
+        here and check them with :meth:`checked`, so they refuse the same
+        values with the same errors."""
+        return cls(**{name: arguments[name] for name in _OPTION_NAMES})
+
     def checked(self) -> "SearchOptions":
         """These settings checked by their rules (validate.search_settings)
         and normalised: integers as ``int``, fragment_ids as a list."""
@@ -123,6 +133,10 @@ class SearchOptions:
         # search caps it); so does one above the C parameter's range.
         return (self.k, min(self.nprobes, 2**32 - 1), self.eps0, self.refine_factor or 0,
                 segment_mask, allowed_rows, allowed_fragments, denied)
+
+
+#: The names of SearchOptions' fields (from_arguments reads them per call).
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SearchOptions))
 
 
 class Searcher:

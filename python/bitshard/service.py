@@ -38,6 +38,7 @@ import pickle
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -49,11 +50,16 @@ from .errors import CorruptIndexError, InvalidInputError
 from .indexview import IndexView, OpenIndex
 from .searcher import NO_ROW, SearchOptions, Searcher, _Hits, _refuse_query
 
-__all__ = ["serve", "Service", "DEFAULT_MAX_RESTARTS"]
+__all__ = ["serve", "Service", "DEFAULT_MAX_RESTARTS", "MAX_FRONT_SEARCHERS"]
 
 #: How many times Ray restarts a dead actor, and retries the calls it was
 #: running, before a search fails.
 DEFAULT_MAX_RESTARTS = 4
+#: Prepared searchers the front keeps, one per search settings (a filter's
+#: are not kept: it is resolved afresh on each search); the least recently
+#: used is dropped first. Each holds its plan (segments, fragments, deleted
+#: rows) and, with an ``exact_cache_bytes`` argument, a cache of that size.
+MAX_FRONT_SEARCHERS = 16
 #: Arrays of a batch up to this size are sent inline with each actor's call.
 _INLINE_BYTES = 64 << 10
 
@@ -340,7 +346,9 @@ class Service:
             self._ds, self._view = ds, view
             self._epoch += 1
             self._state = state
-            self._searchers: Dict[Any, _FrontSearcher] = {}
+            #: Prepared front searchers by settings, least recently used
+            #: first (at most MAX_FRONT_SEARCHERS).
+            self._searchers: "OrderedDict[Any, _FrontSearcher]" = OrderedDict()
             #: The index searched and its pinned version.
             self.index_name = name
             self.index_version = versions[name][0]
@@ -398,18 +406,21 @@ class Service:
         index is the service's). ``num_threads`` is each actor's thread count
         for the batch (default: the service's)."""
         self._check_open()
-        options = SearchOptions(
-            k=k, nprobes=nprobes, refine_factor=refine_factor, index=self.index_name,
-            fragment_ids=fragment_ids, filter=filter, fast_search=fast_search, eps0=eps0,
-            num_threads=num_threads, exact_cache_bytes=exact_cache_bytes).checked()
+        options = SearchOptions.from_arguments(dict(locals(), index=self.index_name)).checked()
+        key = options.cache_key()
         with self._lock:
             ds, view, searchers = self._ds, self._view, self._searchers
-        key = options.cache_key()
-        s = searchers.get(key) if key is not None else None
+            s = searchers.get(key) if key is not None else None
+            if s is not None:
+                searchers.move_to_end(key)
         if s is None:
             s = _FrontSearcher(view, self.column, options, self)
             if key is not None:
-                searchers[key] = s
+                with self._lock:
+                    if searchers is self._searchers:  # not refreshed meanwhile
+                        searchers[key] = s
+                        while len(searchers) > MAX_FRONT_SEARCHERS:
+                            searchers.popitem(last=False)
         q_arr = np.asarray(q)
         return ds._hits_table(s.search_lists(q_arr), q_arr.ndim, columns)
 

@@ -207,6 +207,20 @@ def test_serve_bad_arguments(local_data):
         assert str(e.value) == msg
 
 
+def test_service_search_takes_the_arguments_of_dataset_search():
+    """The same settings, defaults and kinds (the service has no ``column``
+    or ``index``: they are its own; no ``with_stats``), built and checked
+    by the one SearchOptions.from_arguments(...).checked()."""
+    import inspect
+
+    def params(f, drop):
+        return [(p.name, p.default, p.kind) for p in inspect.signature(f).parameters.values()
+                if p.name not in drop]
+
+    assert params(sv.Service.search, {"self"}) == params(
+        bitshard.Dataset.search, {"self", "column", "index", "with_stats"})
+
+
 # ------------------------------------------------------------------- on Ray
 
 ray = pytest.importorskip("ray")
@@ -304,6 +318,55 @@ def test_dead_actor_is_restarted_and_retried(s3_data):
             assert new[0] == pids[0] and new[1] != pids[1]
 
 
+def test_service_refuses_what_search_refuses(s3_data):
+    """Bad settings get Dataset.search's error (type and message), before
+    any actor is called."""
+    from bitshard.errors import BitshardError
+
+    uri, Q, root, opts = s3_data
+    ds = bitshard.dataset(uri, index_uri=root, storage_options=opts)
+    bad = [dict(k=0), dict(k=True), dict(k="3"), dict(nprobes=0), dict(nprobes=2.5),
+           dict(refine_factor=0), dict(eps0=-1.0), dict(eps0=float("nan")),
+           dict(num_threads=0), dict(fragment_ids=[-1]), dict(fragment_ids="0"),
+           dict(exact_cache_bytes=-1), dict(columns=["nope"])]
+    with bitshard.serve(uri, "vec", "b4", 1, index_uri=root, storage_options=opts,
+                        num_cpus=0.25) as svc, warnings.catch_warnings():
+        warnings.simplefilter("ignore", bitshard.UncoveredRowsWarning)
+        for kw in bad:
+            with pytest.raises(BitshardError) as want:
+                ds.search("vec", Q, index="b4", **kw)
+            with pytest.raises(BitshardError) as got:
+                svc.search(Q, **kw)
+            assert (type(got.value), str(got.value)) == (type(want.value), str(want.value)), kw
+
+
+def test_front_keeps_a_bounded_lru_of_searchers(s3_data, monkeypatch):
+    uri, Q, root, opts = s3_data
+    monkeypatch.setattr(sv, "MAX_FRONT_SEARCHERS", 3)
+    ds = bitshard.dataset(uri, index_uri=root, storage_options=opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bitshard.UncoveredRowsWarning)
+        with bitshard.serve(uri, "vec", "b4", 1, index_uri=root, storage_options=opts,
+                            num_cpus=0.25) as svc:
+            def ks():
+                return [key[1] for key in svc._searchers]   # key: (index, k, nprobes, ...)
+
+            for k in (1, 2, 3):
+                svc.search(Q[:2], k=k, nprobes=4)
+            assert ks() == [1, 2, 3]
+            two = list(svc._searchers.values())[1]
+            svc.search(Q[:2], k=2, nprobes=4)          # used again: the most recent
+            assert ks() == [1, 3, 2]
+            svc.search(Q[:2], k=4, nprobes=4)          # a fourth drops the least recent
+            assert ks() == [3, 2, 4]
+            assert svc._searchers[next(k for k in svc._searchers if k[1] == 2)] is two
+            svc.search(Q[:2], k=5, nprobes=4, filter="id % 2 = 0")   # a filter's: not kept
+            assert ks() == [3, 2, 4]
+            # made again after being dropped: the same answer
+            _same(svc.search(Q, k=1, nprobes=4), ds.search("vec", Q, index="b4", k=1, nprobes=4))
+            assert ks() == [2, 4, 1]
+
+
 def test_refresh_moves_to_the_new_version(s3_data, tmp_path):
     uri, Q, root, opts = s3_data
     with warnings.catch_warnings():
@@ -364,3 +427,39 @@ def test_serve_md_examples_run(cluster, tmp_path, monkeypatch, capsys):
         exec(compile(block, f"docs/serve.md block {i}", "exec"), env)
     assert env["table"].num_rows == 15 and "_distance" in capsys.readouterr().out
     assert ray.is_initialized()                   # the cluster was not the example's to stop
+
+
+def test_a_lost_node_s_actors_are_restarted_elsewhere_and_retried(s3_data, cluster):
+    """A whole node removed (its raylet and every process on it gone): the
+    actor it hosted is restarted on a node still alive, the batch retried,
+    the answers equal one process's. Last in this file: it leaves the
+    cluster two nodes."""
+    uri, Q, root, opts = s3_data
+    ds = bitshard.dataset(uri, index_uri=root, storage_options=opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bitshard.UncoveredRowsWarning)
+        want = {bits: ds.search("vec", Q, index=f"b{bits}", k=10, nprobes=6, filter="id % 3 = 0")
+                for bits in (1, 9)}
+        with bitshard.serve(uri, "vec", "b1", 3, index_uri=root, storage_options=opts,
+                            num_cpus=0.25) as svc1, \
+                bitshard.serve(uri, "vec", "b9", 3, index_uri=root, storage_options=opts,
+                               num_cpus=0.25) as svc9:
+            svcs = {1: svc1, 9: svc9}
+            for bits, svc in svcs.items():
+                _same(svc.search(Q, k=10, nprobes=6, filter="id % 3 = 0"), want[bits])
+            before = {bits: [m["node_id"] for m in svc.memory()] for bits, svc in svcs.items()}
+            head = cluster.head_node.node_id
+            assert len(set(before[1])) == 3 and set(before[1]) == set(before[9])
+            lost = next(n for n in cluster.list_all_nodes() if n.node_id != head)
+            assert lost.node_id in before[1]
+            cluster.remove_node(lost)
+            for bits, svc in svcs.items():
+                _same(svc.search(Q, k=10, nprobes=6, filter="id % 3 = 0"), want[bits])
+                after = [m["node_id"] for m in svc.memory()]
+                alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+                assert lost.node_id not in alive and set(after) <= alive
+                # only the lost node's actor moved
+                assert [a for a, b in zip(after, before[bits]) if b != lost.node_id] == \
+                    [b for b in before[bits] if b != lost.node_id]
+                _same(svc.search(Q[3], k=4, nprobes=16), ds.search(
+                    "vec", Q[3], index=f"b{bits}", k=4, nprobes=16))
