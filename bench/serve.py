@@ -2,9 +2,15 @@
 against one process, the bytes each actor holds, and what the distributed
 path adds to a query's latency.
 
-    python -m bench.serve [--rows 200000] [--dim 128] [--partitions 256] [--bits 4]
-                          [--queries 2000] [--batch 100] [--nprobes 16] [--k 10]
+    python -m bench.serve [--rows 1000000] [--dim 128] [--partitions 256] [--bits 4]
+                          [--queries 4000] [--batch 200] [--nprobes 16] [--k 10]
                           [--actors 1,2] [--loaded] [--out bench/results/serve.json]
+
+The defaults are the run to make on a quiet machine: at 10^6 x 128, 256
+partitions and nprobes 16 a query scans about 62,500 codes, so a batch of
+200 is tens of milliseconds of scan against about a millisecond of Ray round
+trip (``ray_round_ms``): the QPS measures the scan split over actors, not
+Ray. Smaller sets (the first run's 20,000 rows) measure Ray.
 
 One command: writes clustered vectors as a Lance dataset in a temporary
 directory, builds the index (process pool), then on a local Ray of 2 CPUs:
@@ -26,7 +32,8 @@ directory, builds the index (process pool), then on a local Ray of 2 CPUs:
 
 A machine shared with other jobs gives numbers of that load: ``--loaded``
 records that the run was such (``"loaded": true``), with the load average
-before and after.
+before and after; a load average above the core count before or after
+marks the run loaded too. ``seconds`` is the run's wall time.
 """
 
 from __future__ import annotations
@@ -79,12 +86,12 @@ def _median_ms(fn: Any, items: List[Any]) -> float:
 
 def main(argv: Any = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--partitions", type=int, default=256)
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--queries", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--queries", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=200)
     p.add_argument("--latency-queries", type=int, default=100)
     p.add_argument("--nprobes", type=int, default=16)
     p.add_argument("--k", type=int, default=10)
@@ -102,89 +109,94 @@ def main(argv: Any = None) -> int:
     from bitshard.searcher import SearchOptions
 
     load_before = os.getloadavg()
-    tmp = tempfile.mkdtemp(prefix="bench-serve-")
-    uri = os.path.join(tmp, "data.lance")
-    x = _write(uri, a.rows, a.dim)
-    t0 = time.perf_counter()
-    bitshard.build_index(uri, "vec", num_partitions=a.partitions, num_bits=a.bits,
-                         executor="processes", num_workers=2, progress=False)
-    build_s = time.perf_counter() - t0
-    rng = np.random.default_rng(1)
-    Q = (x[rng.integers(0, a.rows, a.queries)]
-         + 0.3 * rng.normal(size=(a.queries, a.dim))).astype(np.float32)
-    batches = [Q[i:i + a.batch] for i in range(0, a.queries, a.batch)]
-    singles = [Q[i] for i in range(min(a.latency_queries, a.queries))]
-    kw = dict(k=a.k, nprobes=a.nprobes)
+    started = time.perf_counter()
+    # removed at the end: 10^6 x 128 is 0.5 GB of data and 80 MB of index
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        uri = os.path.join(tmp, "data.lance")
+        x = _write(uri, a.rows, a.dim)
+        t0 = time.perf_counter()
+        bitshard.build_index(uri, "vec", num_partitions=a.partitions, num_bits=a.bits,
+                             executor="processes", num_workers=2, progress=False)
+        build_s = time.perf_counter() - t0
+        rng = np.random.default_rng(1)
+        Q = (x[rng.integers(0, a.rows, a.queries)]
+             + 0.3 * rng.normal(size=(a.queries, a.dim))).astype(np.float32)
+        batches = [Q[i:i + a.batch] for i in range(0, a.queries, a.batch)]
+        singles = [Q[i] for i in range(min(a.latency_queries, a.queries))]
+        kw = dict(k=a.k, nprobes=a.nprobes)
 
-    ds = bitshard.dataset(uri)
-    searcher = ds.searcher("vec", num_threads=1, **kw)
-    want = [ds.search("vec", b, num_threads=1, **kw) for b in batches]
-    out: Dict[str, Any] = {
-        "rows": a.rows, "dim": a.dim, "partitions": a.partitions, "bits": a.bits,
-        "queries": a.queries, "batch": a.batch, "k": a.k, "nprobes": a.nprobes,
-        "build_seconds": build_s, "loaded": bool(a.loaded),
-        "qps_single": _qps(lambda b: searcher.search(b), batches),
-        "latency_ms": {"single_process": _median_ms(lambda q: searcher.search(q), singles)},
-        "actors": {}}
+        ds = bitshard.dataset(uri)
+        searcher = ds.searcher("vec", num_threads=1, **kw)
+        want = [ds.search("vec", b, num_threads=1, **kw) for b in batches]
+        out: Dict[str, Any] = {
+            "rows": a.rows, "dim": a.dim, "partitions": a.partitions, "bits": a.bits,
+            "queries": a.queries, "batch": a.batch, "k": a.k, "nprobes": a.nprobes,
+            "build_seconds": build_s, "loaded": bool(a.loaded),
+            "qps_single": _qps(lambda b: searcher.search(b), batches),
+            "latency_ms": {"single_process": _median_ms(lambda q: searcher.search(q), singles)},
+            "actors": {}}
 
-    # The front's merge alone: shares in this process, no Ray.
-    view = sv._FrontView(ds.storage, ds.source, ds.index_root)
-    state = [pickle.dumps((ds, view.versions()))]
-    shipped = kept = 0
+        # The front's merge alone: shares in this process, no Ray.
+        view = sv._FrontView(ds.storage, ds.source, ds.index_root)
+        state = [pickle.dumps((ds, view.versions()))]
+        shipped = kept = 0
 
-    class _Local:
-        def __init__(self, n: int) -> None:
-            self.actors = [sv._ShareActor(i, n) for i in range(n)]
+        class _Local:
+            def __init__(self, n: int) -> None:
+                self.actors = [sv._ShareActor(i, n) for i in range(n)]
 
-        def _scan(self, Qb: np.ndarray, options: Dict[str, Any], allowed: Any) -> Any:
-            nonlocal shipped
-            res = [s.scan(1, state, "vec", dict(options, num_threads=1), allowed, Qb)
-                   for s in self.actors]
-            shipped += sum(int(r[1].sum()) for r in res)
-            return res
+            def _scan(self, Qb: np.ndarray, options: Dict[str, Any], allowed: Any) -> Any:
+                nonlocal shipped
+                res = [s.scan(1, state, "vec", dict(options, num_threads=1), allowed, Qb)
+                       for s in self.actors]
+                shipped += sum(int(r[1].sum()) for r in res)
+                return res
 
-    local = _Local(2)
-    front = sv._FrontSearcher(view, "vec", SearchOptions(
-        index=None, refine_factor=None, fragment_ids=None, filter=None, fast_search=False,
-        eps0=DEFAULT_EPS0, num_threads=1, **kw), local)
-    out["latency_ms"]["in_process_2_shares"] = _median_ms(lambda q: front.search_lists(q),
-                                                          singles)
-    shipped = 0
-    for b in batches:
-        kept += sum(r.size for r, _ in front.search_lists(b))
-    out["candidates_shipped_2_shares"] = shipped
-    out["answers_kept"] = kept
+        local = _Local(2)
+        front = sv._FrontSearcher(view, "vec", SearchOptions(
+            index=None, refine_factor=None, fragment_ids=None, filter=None, fast_search=False,
+            eps0=DEFAULT_EPS0, num_threads=1, **kw), local)
+        out["latency_ms"]["in_process_2_shares"] = _median_ms(lambda q: front.search_lists(q),
+                                                              singles)
+        shipped = 0
+        for b in batches:
+            kept += sum(r.size for r, _ in front.search_lists(b))
+        out["candidates_shipped_2_shares"] = shipped
+        out["answers_kept"] = kept
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        base = None
-        for n in [int(v) for v in a.actors.split(",")]:
-            with bitshard.serve(uri, "vec", num_actors=n, num_cpus=1) as svc:
-                got = [svc.search(b, num_threads=1, **kw) for b in batches]
-                assert all(g.equals(w) for g, w in zip(got, want)), "answers differ"
-                qps = _qps(lambda b: svc.search(b, num_threads=1, **kw), batches)
-                base = base or qps
-                lat = _median_ms(lambda q: svc.search(q, num_threads=1, **kw), singles)
-                ping = _median_ms(lambda _: ray.get([h.pid.remote() for h in svc._actors]),
-                                  singles)
-                mem = svc.memory()
-                out["actors"][str(n)] = {
-                    "qps": qps, "speedup": qps / base, "latency_ms": lat,
-                    "ray_round_ms": ping,
-                    "rss_bytes": [m["rss_bytes"] for m in mem],
-                    "segment_bytes": [m["segment_bytes"] for m in mem],
-                    "share_bytes": [m["segment_bytes"] // n for m in mem]}
-                print(f"{n} actor(s): {qps:.0f} QPS (x{qps / base:.2f}), one query "
-                      f"{lat:.2f} ms, a Ray round {ping:.2f} ms", flush=True)
-    finally:
-        ray.shutdown()
-    out["loadavg_before_after"] = [load_before[0], os.getloadavg()[0]]
-    print(f"one process: {out['qps_single']:.0f} QPS, one query "
-          f"{out['latency_ms']['single_process']:.2f} ms; 2 shares in process "
-          f"{out['latency_ms']['in_process_2_shares']:.2f} ms")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            base = None
+            for n in [int(v) for v in a.actors.split(",")]:
+                with bitshard.serve(uri, "vec", num_actors=n, num_cpus=1) as svc:
+                    got = [svc.search(b, num_threads=1, **kw) for b in batches]
+                    assert all(g.equals(w) for g, w in zip(got, want)), "answers differ"
+                    qps = _qps(lambda b: svc.search(b, num_threads=1, **kw), batches)
+                    base = base or qps
+                    lat = _median_ms(lambda q: svc.search(q, num_threads=1, **kw), singles)
+                    ping = _median_ms(lambda _: ray.get([h.pid.remote() for h in svc._actors]),
+                                      singles)
+                    mem = svc.memory()
+                    out["actors"][str(n)] = {
+                        "qps": qps, "speedup": qps / base, "latency_ms": lat,
+                        "ray_round_ms": ping,
+                        "rss_bytes": [m["rss_bytes"] for m in mem],
+                        "segment_bytes": [m["segment_bytes"] for m in mem],
+                        "share_bytes": [m["segment_bytes"] // n for m in mem]}
+                    print(f"{n} actor(s): {qps:.0f} QPS (x{qps / base:.2f}), one query "
+                          f"{lat:.2f} ms, a Ray round {ping:.2f} ms", flush=True)
+        finally:
+            ray.shutdown()
+        out["loadavg_before_after"] = [load_before[0], os.getloadavg()[0]]
+        out["loaded"] = bool(a.loaded) or max(out["loadavg_before_after"]) > (os.cpu_count() or 1)
+        out["seconds"] = time.perf_counter() - started
+        print(f"one process: {out['qps_single']:.0f} QPS, one query "
+              f"{out['latency_ms']['single_process']:.2f} ms; 2 shares in process "
+              f"{out['latency_ms']['in_process_2_shares']:.2f} ms; {out['seconds']:.0f} s in all"
+              + (" (LOADED machine: times are not meaningful)" if out["loaded"] else ""))
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
     return 0
 
 
