@@ -23,7 +23,7 @@ from .artifacts import (
     metric_code,
 )
 from . import identity, validate
-from .errors import InvalidInputError
+from .errors import BitshardError, InvalidInputError
 from . import index as idx
 from .index import SegmentHandle
 from .indexview import IndexView
@@ -578,7 +578,11 @@ class Dataset:
         covered ones whose data changed since they were encoded
         (``stale_fragments``: ``{"id", "reason"}`` each, searched exactly;
         a reason starting ``"unverified"`` is a fragment of an index that
-        recorded no identities and whose build version cannot be compared),
+        recorded no identities and whose build version cannot be compared;
+        judged as a search judges them: each segment file's identity
+        fingerprints against the source's current fragments, the
+        manifest's records naming the reason or standing in where a file
+        has none),
         and the covered ones no longer in the source (``missing_fragments``:
         compacted away or deleted; their rows are never returned; run
         ``optimize_indices``), and ``drift``: after an ``optimize_indices``,
@@ -594,7 +598,11 @@ class Dataset:
             segs = [idx.handle_from_json(self.storage, n, doc["column"], e)
                     for e in doc["segments"]]
             covered = set(idx.iter_fragments(segs))
-            stale = identity.stale_fragments(self.source, doc, segs)
+            # The files' fingerprints decide, as when a search opens the
+            # index (IndexView.plan): opened for search only, so an object
+            # store reads each file's prefix, not its partitions.
+            stale = identity.stale_fragments(self.source, doc, segs,
+                                             [self._open_for_identities(h) for h in segs])
             out.append({
                 "name": n,
                 "column": doc["column"],
@@ -612,6 +620,17 @@ class Dataset:
                 "drift": drift_report(doc.get("drift")),
             })
         return out
+
+    def _open_for_identities(self, h: SegmentHandle) -> Optional[idx.OpenSegment]:
+        """Segment ``h`` opened for its fragment fingerprints (for search
+        only: an object store reads the file's prefix, not its
+        partitions), or None when it cannot be opened or is not the file
+        the manifest describes: ``verify`` reports that; describe then
+        judges its fragments from the manifest."""
+        try:
+            return idx.open_handle(h, self.storage, ranged=True)
+        except (BitshardError, OSError):
+            return None
 
     # -------------------------------------------------------------- search
 

@@ -231,7 +231,8 @@ def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any],
     manifest ``doc``) whose codes must not be used: fragment id -> reason.
 
     ``opened``: the handles' open segment files (``OpenSegment``, same
-    order), when the caller has them. A fragment whose file records an
+    order; None for one that could not be opened), when the caller has
+    them. A fragment whose file records an
     identity fingerprint (segment format 3 written since fingerprints are
     recorded) is current when the fingerprint of its current record equals
     it; otherwise the manifest's record, when there is one, names the
@@ -251,7 +252,8 @@ def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any],
     legacy: Dict[str, Tuple[Any, List[int]]] = {}  # repr(version) -> (version, fragments)
     for i, h in enumerate(handles):
         fps: List[Optional[str]] = [None] * len(h.fragment_ids)
-        if opened is not None and len(opened[i].fragment_fingerprints) == len(fps):
+        if opened is not None and opened[i] is not None \
+                and len(opened[i].fragment_fingerprints) == len(fps):
             fps = list(opened[i].fragment_fingerprints)
         manifest = {x.id: x for x in h.identities} \
             if len(h.identities) == len(h.fragment_ids) else {}

@@ -234,6 +234,8 @@ def test_staleness_is_read_from_the_file_without_manifest_records(indexed, tmp_p
     assert identity.stale_fragments(ds.source, doc, handles, opened) == {}
     # without the file: the manifest's fallback cannot verify anything
     assert set(identity.stale_fragments(ds.source, doc, handles)) == set(e["fragment_ids"])
+    # describe_indices judges as the search does: from the file
+    assert ds.describe_indices()[0]["stale_fragments"] == []
     # Fragment 2's vectors replaced in place: the file's fingerprint no
     # longer matches, and with no record to compare the reason is generic.
     lds = lance.dataset(uri)
@@ -252,5 +254,7 @@ def test_staleness_is_read_from_the_file_without_manifest_records(indexed, tmp_p
     opened = [idx.open_handle(h, ds.storage) for h in handles]
     assert identity.stale_fragments(ds.source, doc, handles, opened) == \
         {f: "identity changed" for f in e["fragment_ids"]}
+    assert ds.describe_indices()[0]["stale_fragments"] == \
+        [{"id": f, "reason": "identity changed"} for f in e["fragment_ids"]]
     rows = ds.search("vec", new[5], k=1).column("_rowid").to_pylist()
     assert rows == [5]  # searched exactly: the new vector is found
