@@ -519,3 +519,95 @@ def test_optimize_indices_remaps_on_s3(s3, tmp_path):
     q = x[:12] + 0.1
     assert _result(ds.search("vec", q, k=10)) == _result(loc.search("vec", q, k=10))
     assert ds.describe_indices()[0]["uncovered_fragments"] == []
+
+
+def test_optimize_indices_on_s3_records_the_fingerprints_it_judges_by(s3, tmp_path):
+    # Issue 12 with the index root on S3: after a compaction and an append,
+    # optimize_indices writes a remapped segment and a delta whose files
+    # carry the fingerprints of the fragments as they are now (the same as
+    # the manifest's records), byte for byte a local fresh build's; when the
+    # vector column is then replaced in place, describe_indices judges the
+    # fragments stale from those file fingerprints, and the next upkeep
+    # encodes every live row again, recording the new fingerprints.
+    import lance
+    import pyarrow as pa
+
+    from bitshard import identity
+
+    x = clustered(1500, D, seed=23)
+    uri = write_lance(tmp_path / "f.lance", x, 300)
+    root = f"s3://{BUCKET}/{_prefix()}"
+    key_of = root[len(f"s3://{BUCKET}/"):]
+
+    def dataset():
+        return bitshard.dataset(uri, index_uri=root, storage_options=s3["options"])
+
+    def check_fingerprints(ds):
+        doc = idx.read_manifest(ds.storage, "idx")
+        for e, h in zip(doc["segments"], idx.committed_segments(ds.storage, "idx")):
+            o = idx.open_handle(h, ds.storage)
+            now = [identity.fingerprint(ds.source.fragment_identity(f, "vec"))
+                   for f in h.fragment_ids]
+            assert o.fragment_fingerprints == now
+            assert [f["identity"] for f in e["fragments"]] == now
+
+    ds = dataset()
+    ds.create_index("vec", "IVF_RQ", name="idx", num_partitions=4, num_bits=4)
+    lance.dataset(uri).delete("id % 9 = 2")
+    lance.dataset(uri).optimize.compact_files(target_rows_per_fragment=1000)
+    more = clustered(400, D, seed=24)
+    lance.write_dataset(pa.table({"id": pa.array(np.arange(1500, 1900)),
+                                  "vec": pa.FixedSizeListArray.from_arrays(
+                                      pa.array(more.ravel()), D)}), uri, mode="append")
+    ds = dataset()
+    ds.optimize_indices()
+    st = ds.last_optimize_stats["idx"]
+    live = sum(1 for i in range(1500) if i % 9 != 2)
+    assert (st["rows_remapped"], st["rows_read"], st["rows_encoded"]) == (live, 400, 400)
+    handles = idx.committed_segments(ds.storage, "idx")
+    assert len(handles) == 2  # the remapped segment and the appended rows' delta
+    check_fingerprints(ds)
+    (d,) = ds.describe_indices()
+    assert (d["stale_fragments"], d["uncovered_fragments"], d["missing_fragments"]) == ([], [], [])
+    # Byte for byte a local fresh build with the same artifacts and layout.
+    o = idx.open_handle(handles[0], ds.storage)
+    loc = bitshard.dataset(uri, index_uri=tmp_path / "fresh")
+    segs = []
+    for h in handles:
+        seg = loc.create_index_uncommitted("vec", ivf_centroids=o.ivf_model(),
+                                           rq_rotation=o.rotation(),
+                                           fragment_ids=list(h.fragment_ids), index_uuid=h.uuid)
+        remote = s3["client"].get_object(Bucket=BUCKET,
+                                         Key=f"{key_of}/segments/{h.uuid}.bsseg")["Body"].read()
+        assert remote == open(seg.path, "rb").read()
+        segs.append(seg)
+    loc.commit_existing_index_segments("idx", "vec", segs)
+    q = np.concatenate([x[:8], more[:8]]) + 0.1
+    assert _result(ds.search("vec", q, k=10)) == _result(loc.search("vec", q, k=10))
+
+    # The vector column replaced in place: every fragment is stale, judged
+    # from the files' fingerprints; the upkeep re-encodes all live rows.
+    new = (np.concatenate([x, more]) * -1.0).astype(np.float32)
+    lds = lance.dataset(uri)
+    lds.drop_columns(["vec"])
+
+    @lance.batch_udf(output_schema=pa.schema([pa.field("vec", pa.list_(pa.float32(), D))]))
+    def udf(batch):
+        ids = batch.column("id").to_numpy()
+        return pa.record_batch([pa.FixedSizeListArray.from_arrays(
+            pa.array(new[ids].ravel()), D)], names=["vec"])
+
+    lance.dataset(uri).add_columns(udf, read_columns=["id"])
+    ds = dataset()
+    frags = [f.id for f in ds.source.fragments()]
+    (d,) = ds.describe_indices()
+    assert d["stale_fragments"] == [{"id": f, "reason": "column fields changed"} for f in frags]
+    ds.optimize_indices()
+    st = ds.last_optimize_stats["idx"]
+    assert (st["rows_remapped"], st["rows_read"]) == (0, live + 400)
+    assert sorted(st["stale_fragments"]) == frags
+    check_fingerprints(ds)
+    (d,) = ds.describe_indices()
+    assert (d["stale_fragments"], d["uncovered_fragments"]) == ([], [])
+    t = ds.search("vec", new[333], k=1)
+    assert t.column("_distance").to_pylist()[0] == pytest.approx(0.0, abs=1e-4)
