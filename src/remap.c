@@ -17,6 +17,8 @@ typedef unsigned long long ull;
 
 #define INVALID(...) bs_fail(err, BS_ERR_INVALID_ARGUMENT, __VA_ARGS__)
 #define NOMEM() bs_fail(err, BS_ERR_NO_MEMORY, "out of memory")
+/* Map entries looked up ahead of their use in remap_partition. */
+#define PREFETCH_AHEAD 16
 /* A new ordinal meaning "dropped": ordinals are below 2^32 - 1. */
 #define DROPPED UINT32_MAX
 
@@ -42,6 +44,9 @@ typedef struct remap_state {
     uint32_t **newo;   /* per input, per ordinal: new ordinal or DROPPED */
     uint8_t *seen;     /* bitmap over output ordinals */
     src_row *rows;     /* one output partition */
+    src_row *tmp;      /* as rows: the merge of sorted runs */
+    size_t *run_end;   /* n: end of each input's run in rows */
+    bs_partition_view *views; /* n: the inputs' views of one partition */
     bs_repack rp;
 } remap_state;
 
@@ -63,6 +68,9 @@ static void remap_state_free(remap_state *m) {
     BS_FREE(m->prefix);
     BS_FREE(m->seen);
     BS_FREE(m->rows);
+    BS_FREE(m->tmp);
+    BS_FREE(m->run_end);
+    BS_FREE(m->views);
     bs_repack_free(&m->rp);
 }
 
@@ -196,7 +204,19 @@ static bs_status translate(remap_state *m, size_t i, bs_error *err) {
     return BS_OK;
 }
 
-/* Kept rows of partition p over all inputs. */
+/* Rows of partition p over all inputs, kept or not: a bound on the kept
+ * ones that needs no lookup in the maps. */
+static uint64_t input_count(const remap_state *m, uint32_t p) {
+    uint64_t c = 0;
+    for (size_t i = 0; i < m->n; i++) {
+        bs_partition_view v;
+        bs_segment_partition(m->in[i].segment, p, &v);
+        c += v.count;
+    }
+    return c;
+}
+
+/* Kept rows of partition p over all inputs (exact). */
 static uint64_t kept_count(const remap_state *m, uint32_t p) {
     uint64_t c = 0;
     for (size_t i = 0; i < m->n; i++) {
@@ -208,28 +228,78 @@ static uint64_t kept_count(const remap_state *m, uint32_t p) {
     return c;
 }
 
+static int run_sorted(const src_row *r, size_t lo, size_t hi) {
+    for (size_t k = lo + 1; k < hi; k++)
+        if (r[k - 1].ordinal > r[k].ordinal) return 0;
+    return 1;
+}
+
+/* m->rows[0, c) by ordinal. Each input's rows come in its partition order,
+ * and a remap keeps the order of rows within a fragment (a compaction does),
+ * so the runs are usually sorted already: they are then merged in linear
+ * time, one after the other (a few inputs); otherwise, or with many
+ * inputs, qsort. Ordinals are unique (checked), so the order is total and
+ * every way gives the same rows. */
+static void sort_rows(remap_state *m, size_t c) {
+    size_t runs = 0, lo = 0;
+    int sorted = 1;
+    for (size_t i = 0; i < m->n; i++) {
+        size_t hi = m->run_end[i];
+        if (hi > lo) {
+            runs++;
+            sorted = sorted && run_sorted(m->rows, lo, hi);
+        }
+        lo = hi;
+    }
+    if (!sorted || runs > 8) {
+        qsort(m->rows, c, sizeof *m->rows, cmp_src_row);
+        return;
+    }
+    /* Merge [0, done) with each next run, through tmp. */
+    size_t done = 0;
+    for (size_t i = 0; i < m->n; i++) {
+        size_t a = 0, b = done, end = m->run_end[i], k = 0;
+        if (end == done) continue;
+        if (done == 0 || m->rows[done - 1].ordinal < m->rows[done].ordinal) {
+            done = end; /* already in order after what came before */
+            continue;
+        }
+        while (a < done && b < end)
+            m->tmp[k++] = m->rows[a].ordinal < m->rows[b].ordinal ? m->rows[a++]
+                                                                  : m->rows[b++];
+        while (a < done) m->tmp[k++] = m->rows[a++];
+        while (b < end) m->tmp[k++] = m->rows[b++];
+        memcpy(m->rows, m->tmp, end * sizeof *m->rows);
+        done = end;
+    }
+}
+
 static bs_status remap_partition(remap_state *m, uint32_t p, bs_seg_writer *w,
                                  bs_error *err) {
     size_t c = 0;
-    bs_partition_view v;
     for (size_t i = 0; i < m->n; i++) {
-        bs_segment_partition(m->in[i].segment, p, &v);
-        for (size_t j = 0; j < v.count; j++) {
-            uint32_t o = m->newo[i][v.ordinals[j]];
+        const bs_partition_view *v = &m->views[i];
+        bs_segment_partition(m->in[i].segment, p, &m->views[i]);
+        const uint32_t *newo = m->newo[i];
+        for (size_t j = 0; j < v->count; j++) {
+            /* The ordinals of a partition are scattered over the map: its
+             * entries are fetched ahead, or each one waits on memory. */
+            if (j + PREFETCH_AHEAD < v->count)
+                __builtin_prefetch(&newo[v->ordinals[j + PREFETCH_AHEAD]]);
+            uint32_t o = newo[v->ordinals[j]];
             if (o == DROPPED) continue;
             m->rows[c].ordinal = o;
             m->rows[c].input = (uint32_t)i;
             m->rows[c].j = (uint32_t)j;
             c++;
         }
+        m->run_end[i] = c;
     }
-    /* Ordinals are unique (checked), so the order is total. */
-    qsort(m->rows, c, sizeof *m->rows, cmp_src_row);
+    sort_rows(m, c);
     bs_repack_begin(&m->rp, (uint32_t)c);
-    for (size_t r = 0; r < c; r++) {
-        bs_segment_partition(m->in[m->rows[r].input].segment, p, &v);
-        bs_repack_put(&m->rp, &v, m->rows[r].j, m->rows[r].ordinal);
-    }
+    for (size_t r = 0; r < c; r++)
+        bs_repack_put(&m->rp, &m->views[m->rows[r].input], m->rows[r].j,
+                      m->rows[r].ordinal);
     return bs_repack_write(&m->rp, w, err);
 }
 
@@ -271,14 +341,27 @@ bs_status bs_segment_remap_flags(const bs_remap_input *inputs, size_t n,
     for (size_t i = 0; i < n && st == BS_OK; i++) st = translate(&m, i, err);
     bs_segment_info info;
     bs_segment_get_info(inputs[0].segment, &info);
+    /* The buffers are sized by the largest partition's input rows (a bound
+     * on its kept rows); if that bound passes the row limit, by the exact
+     * kept counts, which cost a lookup per row. */
     uint64_t max_count = 0;
     for (uint32_t p = 0; p < info.num_partitions && st == BS_OK; p++) {
-        uint64_t c = kept_count(&m, p);
+        uint64_t c = input_count(&m, p);
         if (c > max_count) max_count = c;
+    }
+    if (st == BS_OK && max_count > BS_SEG_MAX_ROWS) {
+        max_count = 0;
+        for (uint32_t p = 0; p < info.num_partitions; p++) {
+            uint64_t c = kept_count(&m, p);
+            if (c > max_count) max_count = c;
+        }
     }
     if (st == BS_OK) {
         m.rows = bs_alloc((size_t)max_count, sizeof *m.rows);
-        st = m.rows ? BS_OK : NOMEM();
+        m.tmp = bs_alloc((size_t)max_count, sizeof *m.tmp);
+        m.run_end = bs_alloc(n, sizeof *m.run_end);
+        m.views = bs_alloc(n, sizeof *m.views);
+        st = (m.rows && m.tmp && m.run_end && m.views) ? BS_OK : NOMEM();
     }
     /* Unique ordinals below the table's <= 2^32 - 1 rows bound max_count. */
     if (st == BS_OK)
