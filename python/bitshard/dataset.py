@@ -503,7 +503,11 @@ class Dataset:
             ``rows_dropped``, ``compactions`` (Lance versions followed),
             ``lost_fragments`` / ``stale_fragments`` (fragment -> reason),
             ``history_gone``, ``segments_before`` / ``segments_after``,
-            ``version``, ``committed``, ``seconds``.
+            ``version``, ``committed``, ``seconds``, and its parts in
+            seconds: ``seconds_history`` (following the compactions),
+            ``seconds_encode`` (reading and encoding the uncovered rows),
+            ``seconds_write`` (writing the new segments),
+            ``seconds_commit``.
 
         Raises:
             CommitConflictError: another writer committed the index while

@@ -100,6 +100,8 @@ def optimize_index(ds: Any, name: str, num_indices_to_merge: Optional[int],
         "rows_remapped": 0, "rows_encoded": 0, "rows_read": 0, "rows_dropped": 0,
         "stale_fragments": {}, "lost_fragments": {}, "compactions": [],
         "history_gone": None, "retrained": bool(retrain),
+        "seconds_history": 0.0, "seconds_encode": 0.0, "seconds_write": 0.0,
+        "seconds_commit": 0.0,
     }
     if not handles:
         return stats
@@ -120,6 +122,7 @@ def optimize_index(ds: Any, name: str, num_indices_to_merge: Optional[int],
             return stats
         drift = _drift(doc, opened, out, st, retrain, stats)
         ds._indexes.invalidate()  # our own commit: see it next search
+        t_commit = time.perf_counter()
         try:
             # New segments get their fragments' identities at the version
             # read (remapped rows landed in fragments checked unchanged).
@@ -132,7 +135,8 @@ def optimize_index(ds: Any, name: str, num_indices_to_merge: Optional[int],
                 f"version {base_version + 1} after this upkeep read version {base_version}; "
                 f"nothing was changed, run optimize_indices again") from None
         stats.update(version=v, committed=True, segments_after=len(out),
-                     segments=[h.uuid for h in out])
+                     segments=[h.uuid for h in out],
+                     seconds_commit=time.perf_counter() - t_commit)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     stats["seconds"] = time.perf_counter() - t0
@@ -208,7 +212,9 @@ def _upkeep(ds: Any, doc: Dict[str, Any], name: str, column: str,
     gone = {f for h in handles for f in h.fragment_ids if f not in source_frags}
     hist: Optional[History] = None
     if gone and source.kind == "lance":
+        t_hist = time.perf_counter()
         hist = _history(ds, handles, gone, column, stats)
+        stats["seconds_history"] = time.perf_counter() - t_hist
     affected = [i for i, h in enumerate(handles)
                 if any(f in gone or f in stale for f in h.fragment_ids)]
     kept = [i for i in range(len(handles)) if i not in set(affected)]
@@ -216,39 +222,21 @@ def _upkeep(ds: Any, doc: Dict[str, Any], name: str, column: str,
     # ---- the remap inputs: affected segments with their maps
     covered_by_kept = {f for i in kept for f in handles[i].fragment_ids}
     maps = [_segment_map(opened[i], source_frags, stale, hist, live) for i in affected]
-    for m in maps:  # rows moved into a fragment a kept segment covers stay there
-        hit = (m != DROP) & np.isin(m >> _SHIFT, np.array(sorted(covered_by_kept), np.uint64))
-        m[hit] = DROP
+    if covered_by_kept:  # rows moved into a fragment a kept segment covers stay there
+        kept_ids = np.array(sorted(covered_by_kept), np.uint64)
+        for m in maps:
+            m[(m != DROP) & np.isin(m >> _SHIFT, kept_ids)] = DROP
     # ---- the fragments the new segments cover, and the rows to encode
-    mapped: Dict[int, List[np.ndarray]] = {}
+    mapped: set = set()
     for m in maps:
-        t = m[m != DROP]
-        for fid in np.unique(t >> _SHIFT):
-            mapped.setdefault(int(fid), []).append(t[(t >> _SHIFT) == fid] & _MASK)
-    # Current rows deleted since the compaction are not live: drop them.
-    for m in maps:
-        keep = m != DROP
-        for fid in np.unique(m[keep] >> _SHIFT):
-            fid = int(fid)
-            sel = keep & ((m >> _SHIFT) == np.uint64(fid))
-            ok = np.isin((m[sel] & _MASK).astype(np.uint32), live(fid))
-            m[np.flatnonzero(sel)[~ok]] = DROP
+        mapped.update(int(f) for f in np.unique(m[m != DROP] >> _SHIFT))
     remap_frags = sorted(f for f in source_frags if f in mapped)
     remap_frags += sorted(f for h_i in affected for f in handles[h_i].fragment_ids
                           if f in source_frags and f not in mapped and f not in stale
                           and f not in remap_frags)
     delta_frags = sorted(f for f in source_frags
                          if f not in covered_by_kept and f not in remap_frags)
-    encode: Dict[int, np.ndarray] = {}
-    targets = np.sort(np.concatenate([m[m != DROP] for m in maps])) if maps \
-        else np.zeros(0, np.uint64)
-    for f in remap_frags + delta_frags:
-        lo, hi = np.searchsorted(targets, [np.uint64(f) << _SHIFT,
-                                           (np.uint64(f) << _SHIFT) | _MASK], side="left")
-        have = (targets[lo:hi] & _MASK).astype(np.uint32)
-        want = np.setdiff1d(live(f), have, assume_unique=True)
-        if want.size:
-            encode[f] = want
+    encode = _rows_to_encode(maps, remap_frags + delta_frags, source_frags, live)
     n_remapped = int(sum(int((m != DROP).sum()) for m in maps))
     stats["rows_remapped"] = n_remapped
     stats["rows_dropped"] = int(sum(int((m == DROP).sum()) for m in maps))
@@ -266,25 +254,27 @@ def _upkeep(ds: Any, doc: Dict[str, Any], name: str, column: str,
     e_frags = remap_frags + delta_frags
     e_seg: Optional[OpenSegment] = None
     if encode:
+        t_enc = time.perf_counter()
         e_seg = _encode_rows(source, column, ivf, rot, e_frags, source_frags, encode, tmp,
-                             stats)
+                             stats, live)
+        stats["seconds_encode"] = time.perf_counter() - t_enc
     # ---- remap: affected (+ encoded rows) (+ merged kept segments)
     inputs: List[Any] = [opened[i].native for i in affected]
     in_maps: List[np.ndarray] = list(maps)
-    e_map = _identity_map(e_seg, encode) if e_seg is not None else np.zeros(0, np.uint64)
     outputs: List[SegmentHandle] = []
+    t_write = time.perf_counter()
     if n_keep_merge == 0:
         # The remapped fragments in one segment, the wholly new ones in a delta.
         if remap_frags:
             ins, ms = list(inputs), list(in_maps)
             if e_seg is not None:
                 ins.append(e_seg.native)
-                ms.append(_only(e_map, remap_frags))
+                ms.append(_identity_map(e_seg, encode, remap_frags))
             outputs.append(_remap(ds, name, column, ins, ms, remap_frags, source_frags))
         if delta_frags and e_seg is not None and any(f in encode for f in delta_frags):
             dfr = [f for f in delta_frags if f in encode]
-            outputs.append(_remap(ds, name, column, [e_seg.native], [_only(e_map, dfr)], dfr,
-                                  source_frags))
+            outputs.append(_remap(ds, name, column, [e_seg.native],
+                                  [_identity_map(e_seg, encode, dfr)], dfr, source_frags))
     else:
         frags = list(e_frags)
         for i in merged_kept:
@@ -293,30 +283,61 @@ def _upkeep(ds: Any, doc: Dict[str, Any], name: str, column: str,
             frags += list(handles[i].fragment_ids)
         if e_seg is not None:
             inputs.append(e_seg.native)
-            in_maps.append(e_map)
+            in_maps.append(_identity_map(e_seg, encode))
         if inputs:
             outputs.append(_remap(ds, name, column, inputs, in_maps, frags, source_frags))
+    stats["seconds_write"] = time.perf_counter() - t_write
     return stay + outputs
 
 
-def _only(m: np.ndarray, frags: Sequence[int]) -> np.ndarray:
-    """m with every entry outside ``frags`` dropped."""
-    out = m.copy()
-    keep = np.isin(out >> _SHIFT, np.array(list(frags), dtype=np.uint64)) & (out != DROP)
-    out[~keep] = DROP
+def _rows_to_encode(maps: List[np.ndarray], frags: List[int], source_frags: Dict[int, Any],
+                    live: Any) -> Dict[int, np.ndarray]:
+    """Drop from ``maps`` (in place) the targets that are not live rows of
+    ``frags`` (deleted since the compaction), and return, per fragment of
+    ``frags``, the sorted offsets of its live rows no map reaches: the
+    rows to encode. One ordinal space over ``frags`` (their physical rows
+    end to end) keeps this to a few passes over the maps."""
+    ids = np.array(sorted(frags), np.uint64)
+    phys = np.array([source_frags[int(f)].physical_rows for f in ids], np.int64)
+    start = np.zeros(ids.size + 1, np.int64)
+    np.cumsum(phys, out=start[1:])
+    is_live = np.zeros(int(start[-1]), bool)
+    for i, f in enumerate(ids):
+        is_live[start[i] + live(int(f)).astype(np.int64)] = True
+    reached = np.zeros(is_live.size, bool)
+    for m in maps:
+        sel = np.flatnonzero(m != DROP)
+        t = m[sel]
+        fid, off = t >> _SHIFT, (t & _MASK).astype(np.int64)
+        pos = np.minimum(np.searchsorted(ids, fid), max(ids.size - 1, 0))
+        ok = (ids[pos] == fid) & (off < phys[pos]) if ids.size else np.zeros(t.size, bool)
+        o = start[pos] + off
+        ok[ok] = is_live[o[ok]]
+        m[sel[~ok]] = DROP
+        reached[o[ok]] = True
+    want = is_live & ~reached
+    out: Dict[int, np.ndarray] = {}
+    for i, f in enumerate(ids):
+        w = np.flatnonzero(want[start[i]:start[i + 1]])
+        if w.size:
+            out[int(f)] = w.astype(np.uint32)
     return out
 
 
-def _identity_map(o: OpenSegment, encoded: Dict[int, np.ndarray]) -> np.ndarray:
-    """The map of a segment onto itself, for the rows it encoded."""
-    parts = []
+def _identity_map(o: OpenSegment, encoded: Dict[int, np.ndarray],
+                  only: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The map of a segment onto itself, for the rows it encoded (of the
+    fragments in ``only``, when given; the others' rows are dropped)."""
+    keep = None if only is None else {int(f) for f in only}
+    total = sum(int(rows) for _, rows in o.native.fragments())
+    m = np.full(total, DROP, dtype=np.uint64)
+    at = 0
     for fid, rows in o.native.fragments():
-        m = np.full(int(rows), DROP, dtype=np.uint64)
         offs = encoded.get(int(fid))
-        if offs is not None:
-            m[offs.astype(np.int64)] = _rowids(int(fid), offs)
-        parts.append(m)
-    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+        if offs is not None and (keep is None or int(fid) in keep):
+            m[at + offs.astype(np.int64)] = _rowids(int(fid), offs)
+        at += int(rows)
+    return m
 
 
 def _remap(ds: Any, name: str, column: str, inputs: List[Any], maps: List[np.ndarray],
@@ -343,9 +364,12 @@ def _remap(ds: Any, name: str, column: str, inputs: List[Any], maps: List[np.nda
 
 def _encode_rows(source: Any, column: str, ivf: IvfModel, rot: Rotation, frags: List[int],
                  source_frags: Dict[int, Any], encode: Dict[int, np.ndarray], tmp: str,
-                 stats: Dict[str, Any]) -> OpenSegment:
+                 stats: Dict[str, Any], live: Any = None) -> OpenSegment:
     """A local temporary segment over ``frags`` holding only the rows in
-    ``encode`` (read from the source, encoded with the committed artifacts)."""
+    ``encode`` (read from the source, encoded with the committed artifacts).
+    A fragment whose every live row is to be encoded (``live(f)``: its
+    live offsets; an appended fragment) is read by a scan, as a build
+    reads it, the others by row address."""
     ids = np.array(frags, dtype=np.uint64)
     rows = np.array([source_frags[f].physical_rows for f in frags], dtype=np.uint64)
     uuid = idx.new_uuid()
@@ -359,6 +383,14 @@ def _encode_rows(source: Any, column: str, ivf: IvfModel, rot: Rotation, frags: 
     for f in frags:
         offs = encode.get(f)
         if offs is None:
+            continue
+        if live is not None and offs.size == live(f).size:
+            # offs is a subset of the live rows: equal sizes, the same rows
+            for batch in source.iter_batches(column, fragment_ids=[f], batch_size=BATCH):
+                x = np.ascontiguousarray(batch.vectors, dtype=np.float32)
+                b.add(x, x.shape[0], dim, pos[f], np.ascontiguousarray(batch.offsets,
+                                                                       dtype=np.uint32))
+                n += x.shape[0]
             continue
         for s in range(0, offs.size, BATCH):
             o = offs[s:s + BATCH]
