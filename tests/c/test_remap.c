@@ -281,6 +281,38 @@ static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric)
 /* With identities for the new table, the remap equals a build that
  * recorded the same identities, and reports them; the inputs' identities
  * (of the old fragments) are not carried over. */
+/* Rows out of order within a partition (a map that reverses each
+ * fragment's offsets) are sorted by the general path, rows in order by the
+ * merge of sorted runs: reversing twice gives back the fresh build's
+ * bytes, reversing once does not. */
+static void test_reversed_order(void) {
+    world w = make_world(64, 4, BS_METRIC_L2, 77);
+    const char *fresh = tpath("rev_fresh.bsseg"), *once = tpath("rev_once.bsseg"),
+               *twice = tpath("rev_twice.bsseg");
+    build_new(&w, 1, UUID_NEW, fresh, NULL);
+    uint64_t total = w.new_rows[0] + w.new_rows[1] + w.new_rows[2], k = 0;
+    uint64_t *rev = malloc(total * sizeof *rev);
+    for (int f = 0; f < 3; f++)
+        for (uint64_t o = 0; o < w.new_rows[f]; o++)
+            rev[k++] = (w.new_ids[f] << 32) | (w.new_rows[f] - 1 - o);
+    test_loaded a, b;
+    CHECK(test_load(fresh, &a, NULL) == BS_OK);
+    bs_remap_input in = {a.seg, rev, total};
+    bs_error err;
+    CHECK_MSG(bs_segment_remap(&in, 1, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, once, &err) ==
+                  BS_OK, "%s", err.message);
+    CHECK(!test_files_equal(once, fresh));
+    CHECK(test_load(once, &b, NULL) == BS_OK);
+    in.segment = b.seg;
+    CHECK_MSG(bs_segment_remap(&in, 1, w.new_ids, w.new_rows, 3, NULL, UUID_NEW, twice, &err) ==
+                  BS_OK, "%s", err.message);
+    CHECK(test_files_equal(twice, fresh));
+    test_unload(&a);
+    test_unload(&b);
+    free(rev);
+    free_world(&w);
+}
+
 static void test_identities(void) {
     world w = make_world(64, 2, BS_METRIC_L2, 77);
     uint8_t ident[3 * 16], old_ident[16];
@@ -372,6 +404,7 @@ int main(void) {
     test_equals_fresh_build(64, 9, BS_METRIC_DOT);
     test_equals_fresh_build(130, 4, BS_METRIC_L2);
     test_mismatch();
+    test_reversed_order();
     test_identities();
     snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
     if (system(cmd) != 0) return 1;
