@@ -41,6 +41,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -192,6 +193,158 @@ def search_report(ds: Any, data: Data, queries: np.ndarray, gt: np.ndarray, npro
     }
 
 
+def ratio(a: float, b: float) -> Optional[float]:
+    """a / b, None when b is not positive."""
+    return a / b if b > 0 else None
+
+
+class EncodeSpy:
+    """While entered, records what ``optimize_indices`` encodes (the rows
+    no segment covers: fragment -> offsets) and the time it takes to read
+    and encode them (wall and CPU: the encoder runs on every core)."""
+
+    def __init__(self) -> None:
+        self.encode: Dict[int, np.ndarray] = {}
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+        self.rows = 0
+
+    def __enter__(self) -> "EncodeSpy":
+        from bitshard import upkeep
+
+        self._real = real = upkeep._encode_rows
+        spy = self
+
+        def encode_rows(source: Any, column: str, ivf: Any, rot: Any, frags: Any,
+                        source_frags: Any, encode: Dict[int, np.ndarray], *a: Any,
+                        **k: Any) -> Any:
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = real(source, column, ivf, rot, frags, source_frags, encode, *a, **k)
+            spy.seconds += time.perf_counter() - t0
+            spy.cpu_seconds += time.process_time() - c0
+            for f, o in encode.items():
+                spy.encode[int(f)] = np.asarray(o, np.uint32).copy()
+                spy.rows += int(o.size)
+            return out
+
+        upkeep._encode_rows = encode_rows  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from bitshard import upkeep
+
+        upkeep._encode_rows = self._real  # type: ignore[assignment]
+
+
+def reencode_covered(uri: str, encoded: Dict[int, np.ndarray]) -> Dict[str, Any]:
+    """Comparison (b): read and encode again exactly the rows the upkeep
+    remapped (every live row of the compacted dataset but those it encoded)
+    with the index's own rotation and centroids, by the upkeep's own encoder
+    (``bitshard.upkeep._encode_rows``: a fragment wholly re-encoded is
+    scanned, the others read by row address), into a temporary segment;
+    its wall and CPU time."""
+    import bitshard
+    from bitshard import index as idx
+    from bitshard import upkeep
+
+    ds = bitshard.dataset(uri)
+    o = idx.open_handle(idx.committed_segments(ds.storage, "vec_idx")[0], ds.storage)
+    ivf, rot = o.ivf_model(), o.rotation()
+    source = ds.source
+    source_frags = {f.id: f for f in source.fragments()}
+    covered: Dict[int, np.ndarray] = {}
+    for f in source_frags:
+        live = np.asarray(source.live_offsets(f), np.uint32)
+        rows = np.setdiff1d(live, encoded.get(f, np.zeros(0, np.uint32)), assume_unique=True)
+        if rows.size:
+            covered[f] = rows.astype(np.uint32)
+    frags = sorted(covered)
+    tmp = tempfile.mkdtemp(prefix="bench-living-reencode-")
+    stats: Dict[str, Any] = {"rows_encoded": 0, "rows_read": 0}
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        upkeep._encode_rows(source, "vec", ivf, rot, frags, source_frags, covered, tmp, stats,
+                            source.live_offsets)
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"rows": int(stats["rows_encoded"]), "seconds": secs, "cpu_seconds": cpu,
+            "loadavg_after": loadavg()}
+
+
+def memory_in_child(uri: str, queries_path: str, nprobes: int,
+                    cache_bytes: Optional[int]) -> Dict[str, Any]:
+    """The search's memory in a fresh process (``python -m bench.living
+    --memory-child``) holding only the dataset, the index and the queries:
+    see :func:`memory_child`."""
+    cmd = [sys.executable, "-m", "bench.living", "--memory-child", uri, queries_path,
+           str(nprobes), "default" if cache_bytes is None else str(cache_bytes)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(uri: str, queries_path: str, nprobes: int, cache: str) -> Dict[str, Any]:
+    """In this process: open the dataset and its index, load the queries
+    (RSS then: ``rss_index_open_bytes``), search them as one batch (the
+    cache of rows searched exactly is filled, the rest streamed) and then
+    20 of them one by one (each streams what the cache does not hold), and
+    report the peak RSS during the searches against the stated bound:
+    ``exact_cache_bytes`` plus four streamed batches
+    (``EXACT_BATCH_BYTES`` each; docs/usage.md, "Rows no segment covers")."""
+    import warnings
+
+    import bitshard
+    from bitshard.searcher import EXACT_BATCH_BYTES, UncoveredRowsWarning
+
+    rss_imports = _status_kb("VmRSS") * 1024
+    kw = {} if cache == "default" else {"exact_cache_bytes": int(cache)}
+    ds = bitshard.dataset(uri, **kw)
+    queries = np.load(queries_path)
+    d = ds.describe_indices()[0]
+    outside = set(d["uncovered_fragments"]) | {x["id"] for x in d["stale_fragments"]}
+    uncovered = sum(int(f.num_rows) for f in ds.source.fragments() if f.id in outside)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncoveredRowsWarning)
+        s = ds.searcher("vec", k=K, nprobes=nprobes, num_threads=1)
+        rss_open = _status_kb("VmRSS") * 1024
+        # The same searches without the rows searched exactly
+        # (fast_search): what the index side holds (its partitions paged
+        # in, the search's buffers), apart from the uncovered rows.
+        fast = ds.searcher("vec", k=K, nprobes=nprobes, num_threads=1, fast_search=True)
+        fast.search(queries)
+        for i in range(min(20, len(queries))):
+            fast.search(queries[i])
+        rss_index_searched = _status_kb("VmRSS") * 1024
+        # The source's reader started (one row of an uncovered fragment
+        # read): its runtime and buffers are a fixed cost of the first read
+        # from the source, whatever is read (about 45 MiB for a local Lance
+        # dataset), not memory held for the uncovered rows.
+        for _ in ds.source.iter_batches("vec", fragment_ids=sorted(outside)[:1], batch_size=1):
+            break
+        rss_reader = _status_kb("VmRSS") * 1024
+        reset_peak()
+        s.search(queries)
+        for i in range(min(20, len(queries))):
+            s.search(queries[i])
+    peak = peak_bytes()
+    rss_after = _status_kb("VmRSS") * 1024
+    cache_bytes = ds.exact_cache_bytes
+    row_bytes = 4 * queries.shape[1] + 8
+    bound = cache_bytes + 4 * EXACT_BATCH_BYTES
+    return {"exact_cache_bytes": cache_bytes, "uncovered_rows": uncovered,
+            "uncovered_bytes": uncovered * row_bytes,
+            "cached_bytes": min(cache_bytes // row_bytes, uncovered) * row_bytes,
+            "rss_after_imports_bytes": rss_imports, "rss_index_open_bytes": rss_open,
+            "rss_index_searched_bytes": rss_index_searched,
+            "rss_reader_started_bytes": rss_reader,
+            "peak_rss_search_bytes": peak, "rss_after_search_bytes": rss_after,
+            "search_growth_bytes": peak - rss_reader,
+            "bound_bytes": bound, "within_bound": peak - rss_reader <= bound}
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     import lance
 
@@ -220,10 +373,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         la0 = loadavg()
         reset_peak()
         r0 = counter.rows
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
         secs = time.perf_counter() - t0
-        rec: Dict[str, Any] = {"step": name, "seconds": secs, "rows_read": counter.rows - r0,
+        rec: Dict[str, Any] = {"step": name, "seconds": secs,
+                               "cpu_seconds": time.process_time() - c0,
+                               "rows_read": counter.rows - r0,
                                "peak_rss_bytes": peak_bytes()}
         if isinstance(result, dict):
             rec.update(result)
@@ -260,6 +415,24 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         return {"rows_encoded": 0}
 
     step("appends", appends, lambda: bitshard.dataset(uri))
+    # The search's memory with 10% of the rows uncovered, in a process that
+    # holds nothing else: the default cache, and one a quarter of the
+    # uncovered rows' size (the rest streamed).
+    qpath = os.path.join(work, "queries.npy")
+    np.save(qpath, queries)
+    row_bytes = 4 * args.dim + 8
+    uncovered_bytes = steps[-1]["search"]["uncovered_rows"] * row_bytes
+    out["memory_10pct_uncovered"] = [
+        memory_in_child(uri, qpath, args.nprobes, cache)
+        for cache in (None, max(row_bytes, uncovered_bytes // 4))]
+    for m in out["memory_10pct_uncovered"]:
+        print(f"memory    cache {m['exact_cache_bytes'] >> 20} MiB: index open "
+              f"{m['rss_index_open_bytes'] >> 20} MiB, index searched "
+              f"{m['rss_index_searched_bytes'] >> 20} MiB, reader started "
+              f"{m['rss_reader_started_bytes'] >> 20} MiB, exact search peak "
+              f"{m['peak_rss_search_bytes'] >> 20} MiB (+{m['search_growth_bytes'] >> 20} MiB; "
+              f"bound {m['bound_bytes'] >> 20} MiB: "
+              f"{'within' if m['within_bound'] else 'NOT within'})", flush=True)
 
     # 3. delete 5%
     def delete() -> Dict[str, Any]:
@@ -281,17 +454,27 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     # 5. optimize_indices
     holder: Dict[str, Any] = {}
 
+    encoded = EncodeSpy()
+
     def optimize() -> Dict[str, Any]:
         ds = bitshard.dataset(uri)
-        ds.optimize_indices()
+        with encoded:
+            ds.optimize_indices()
         st = dict(ds.last_optimize_stats["vec_idx"])
         holder["ds"] = ds
         keep = ("rows_remapped", "rows_encoded", "rows_read", "rows_dropped", "compactions",
-                "segments_before", "segments_after", "history_gone")
+                "segments_before", "segments_after", "history_gone", "seconds",
+                "seconds_history", "seconds_encode", "seconds_write", "seconds_commit")
         return {"optimize_stats": {k: st.get(k) for k in keep},
-                "rows_encoded": int(st["rows_encoded"])}
+                "rows_encoded": int(st["rows_encoded"]),
+                "encode_uncovered": {"seconds": encoded.seconds,
+                                     "cpu_seconds": encoded.cpu_seconds,
+                                     "rows": encoded.rows}}
 
     step("optimize", optimize, lambda: bitshard.dataset(uri))
+    reencode = reencode_covered(uri, encoded.encode)
+    print(f"re-encode {reencode['seconds']:8.1f}s the {reencode['rows']:,} remapped rows "
+          f"(cpu {reencode['cpu_seconds']:.1f}s)", flush=True)
 
     # 6. a fresh build with the same artifacts and layout
     fresh_root = os.path.join(work, "fresh-index")
@@ -322,18 +505,36 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     frs = steps[5]["search"].pop("_answers")
     for s in steps:
         s.get("search", {}).pop("_answers", None)
-    upkeep_s = steps[4]["seconds"]
-    fresh_s = steps[5]["seconds"]
+    opt_step, fresh_step = steps[4], steps[5]
+    upkeep_s, upkeep_cpu = opt_step["seconds"], opt_step["cpu_seconds"]
+    enc = opt_step["encode_uncovered"]
+    remap_s, remap_cpu = upkeep_s - enc["seconds"], upkeep_cpu - enc["cpu_seconds"]
+    out["reencode_covered"] = reencode
     out["checks"] = {
-        "optimize_rows_read": steps[4]["rows_read"],
+        "optimize_rows_read": opt_step["rows_read"],
         "answers_identical_to_fresh": bool(np.array_equal(opt[0], frs[0])
                                            and np.array_equal(opt[1], frs[1])),
         "segment_bytes_identical_to_fresh": all(same_bytes.values()) and bool(same_bytes),
-        "upkeep_speedup_vs_fresh_encode": fresh_s / upkeep_s if upkeep_s else None,
-        "qps_optimized_over_fresh": (steps[4]["search"]["qps_single_thread"]
-                                     / steps[5]["search"]["qps_single_thread"]),
-        "recall_optimized_minus_fresh": (steps[4]["search"]["recall_at_10"]
-                                         - steps[5]["search"]["recall_at_10"]),
+        # (a) the whole upkeep (remap + encoding the uncovered rows) against
+        # a fresh build of the compacted dataset with the same artifacts
+        "a_fresh_build_over_upkeep": ratio(fresh_step["seconds"], upkeep_s),
+        "a_fresh_build_over_upkeep_cpu": ratio(fresh_step["cpu_seconds"], upkeep_cpu),
+        # (b) the upkeep's work on the covered rows (all of it but reading
+        # and encoding the uncovered rows) against re-encoding exactly the
+        # rows it remapped, with the same artifacts, by the upkeep's own
+        # encoder: the issue's 10x target is judged on this one
+        "b_remapped_rows": int(opt_step["optimize_stats"]["rows_remapped"]),
+        "b_remap_seconds": remap_s,
+        "b_reencode_seconds": reencode["seconds"],
+        "b_reencode_over_remap": ratio(reencode["seconds"], remap_s),
+        "b_reencode_over_remap_cpu": ratio(reencode["cpu_seconds"], remap_cpu),
+        "b_target_10x_met": (ratio(reencode["seconds"], remap_s) or 0.0) >= 10.0,
+        "qps_optimized_over_fresh": (opt_step["search"]["qps_single_thread"]
+                                     / fresh_step["search"]["qps_single_thread"]),
+        "recall_optimized_minus_fresh": (opt_step["search"]["recall_at_10"]
+                                         - fresh_step["search"]["recall_at_10"]),
+        "memory_10pct_uncovered_within_bound": all(
+            m["within_bound"] for m in out["memory_10pct_uncovered"]),
     }
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
@@ -341,6 +542,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--memory-child"]:
+        uri, qpath, nprobes, cache = argv[1:5]
+        print(json.dumps(memory_child(uri, qpath, int(nprobes), cache)))
+        return 0
     p = argparse.ArgumentParser(prog="python -m bench.living", description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000, help="rows built on (default 1M)")
     p.add_argument("--dim", type=int, default=64)
@@ -361,8 +567,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = run(args)
     out["started_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
     out["wall_seconds"] = time.time() - t0
-    out["command"] = "python -m bench.living " + " ".join(argv if argv is not None
-                                                           else sys.argv[1:])
+    out["command"] = "python -m bench.living " + " ".join(argv)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1, default=str)
