@@ -236,7 +236,10 @@ def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any],
     identity fingerprint (segment format 3 written since fingerprints are
     recorded) is current when the fingerprint of its current record equals
     it; otherwise the manifest's record, when there is one, names the
-    reason (:func:`difference`), else the reason is ``"identity changed"``.
+    reason (:func:`difference`), else the fragment's record at the
+    segment's recorded Lance version does, when that version can still be
+    opened and that record's fingerprint is the file's; else the reason is
+    ``"identity changed"``.
     A fragment without a fingerprint in its file falls back to the
     manifest: a segment with identities (manifest format 2) is compared
     fragment by fragment with the source's current records (:func:`difference`
@@ -250,6 +253,9 @@ def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any],
     present = {f.id for f in source.fragments()}
     out: Dict[int, str] = {}
     legacy: Dict[str, Tuple[Any, List[int]]] = {}  # repr(version) -> (version, fragments)
+    # Fragments whose file fingerprint differs and that have no record in
+    # the manifest: repr(version) -> (version, {fragment: fingerprint}).
+    unnamed: Dict[str, Tuple[Any, Dict[int, str]]] = {}
     for i, h in enumerate(handles):
         fps: List[Optional[str]] = [None] * len(h.fragment_ids)
         if opened is not None and opened[i] is not None \
@@ -265,6 +271,9 @@ def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any],
                 rec = manifest.get(int(f))
                 out[int(f)] = (difference(rec.record_dict, current) if rec is not None
                                else None) or "identity changed"
+                if rec is None:
+                    v = _legacy_version(doc, h)
+                    unnamed.setdefault(repr(v), (v, {}))[1][int(f)] = fp
         if all(fp is not None for fp in fps) and fps:
             continue  # every fragment was checked against its file
         if manifest:
@@ -287,6 +296,35 @@ def stale_fragments(source: Any, doc: Dict[str, Any], handles: Sequence[Any],
     for v, frags in legacy.values():
         if frags:
             out.update(_legacy_check(source, column, v, frags))
+    for v, file_fps in unnamed.values():
+        out.update(_name_from_version(source, column, v, file_fps))
+    return out
+
+
+def _name_from_version(source: Any, column: str, version: Any, fps: Dict[int, str]
+                       ) -> Dict[int, str]:
+    """Reasons for stale fragments ``fps`` (id -> the file's fingerprint)
+    that the manifest has no record of: the difference between the
+    fragment's record at the segment's recorded Lance ``version`` and now,
+    when that version can still be opened and its record is the one the
+    file's fingerprint was made from; nothing otherwise (the reason stays
+    "identity changed")."""
+    if source.kind != "lance" or not isinstance(version, int) or version == source.version:
+        return {}
+    try:
+        old = source.at_version(version)
+        old_present = {f.id for f in old.fragments()}
+    except Exception:  # cleaned up, or unreadable: nothing to name it by
+        return {}
+    out: Dict[int, str] = {}
+    for f, fp in fps.items():
+        if f not in old_present:
+            continue
+        then = old.fragment_identity(f, column)
+        if fingerprint(then) == fp:
+            why = difference(then, source.fragment_identity(f, column))
+            if why is not None:
+                out[f] = why
     return out
 
 
