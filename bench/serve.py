@@ -164,7 +164,9 @@ def main(argv: Any = None) -> int:
         out["candidates_shipped_2_shares"] = shipped
         out["answers_kept"] = kept
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # a Ray of its own: without address="local", ray.init joins a cluster another
+        # process on this machine started (and refuses num_cpus)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             base = None
             for n in [int(v) for v in a.actors.split(",")]:
