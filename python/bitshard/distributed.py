@@ -295,16 +295,40 @@ class _PoolRunner:
             pool.shutdown(wait=True)
 
 
+def start_ray(ray: Any, num_cpus: Optional[int]) -> None:
+    """Connect this process to Ray: to the cluster ``RAY_ADDRESS`` names when
+    the variable is set (``num_cpus`` is then the cluster's business), else to
+    a new local Ray of ``num_cpus`` CPUs (all when None) that only this
+    process uses.
+
+    The local start passes ``address="local"``: without it, ``ray.init``
+    attaches to whatever cluster the newest ``ray start`` on this machine
+    recorded under the Ray temp directory, which may be another program's,
+    or dead (a crashed head leaves the record behind, and every later start
+    then fails), and refuses ``num_cpus`` when it does attach.
+    """
+    with warnings.catch_warnings():
+        # Ray starts its daemons with fork+exec, which is safe for Lance.
+        warnings.filterwarnings("ignore", message="lance is not fork-safe")
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     log_to_driver=False)
+
+
 @contextmanager
 def ray_session(num_workers: Optional[int] = None) -> Iterator[bool]:
     """Use the Ray cluster this process is connected to, or start a local one.
 
-    If ``ray.is_initialized()`` is false, starts a local Ray with
-    ``num_cpus=num_workers or os.cpu_count()`` (no dashboard, worker logs not
-    forwarded) and shuts it down when the block ends; otherwise uses the
-    existing connection (e.g. ``ray.init(address=...)``) and leaves it alone.
-    Wrap several :func:`build_index` calls in one session to pay Ray's
-    start-up once.
+    If ``ray.is_initialized()`` is false, connects to the cluster named by
+    the ``RAY_ADDRESS`` environment variable when it is set (as ``ray job
+    submit`` sets it), else starts a local Ray of its own with
+    ``num_cpus=num_workers or os.cpu_count()`` (see :func:`start_ray`), and
+    shuts it down when the block ends; otherwise uses the existing
+    connection (e.g. ``ray.init(address=...)``) and leaves it alone. Wrap
+    several :func:`build_index` calls in one session to pay Ray's start-up
+    once.
 
     Yields:
         True if this call started Ray (and will shut it down).
@@ -316,11 +340,7 @@ def ray_session(num_workers: Optional[int] = None) -> Iterator[bool]:
             "executor='ray' needs Ray: pip install 'bitshard[ray]'") from None
     started = False
     if not ray.is_initialized():
-        with warnings.catch_warnings():
-            # Ray starts its daemons with fork+exec, which is safe for Lance.
-            warnings.filterwarnings("ignore", message="lance is not fork-safe")
-            ray.init(num_cpus=int(num_workers or os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=False)
+        start_ray(ray, int(num_workers or os.cpu_count() or 1))
         started = True
     try:
         yield started

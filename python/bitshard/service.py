@@ -46,6 +46,7 @@ import pyarrow as pa
 
 from . import validate
 from .dataset import DEFAULT_EPS0, Dataset, dataset
+from .distributed import start_ray
 from .errors import CorruptIndexError, InvalidInputError
 from .indexview import IndexView, OpenIndex
 from .searcher import NO_ROW, SearchOptions, Searcher, _Hits, _refuse_query
@@ -526,9 +527,7 @@ def serve(
     ray = _ray()
     started = False
     if not ray.is_initialized():
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="lance is not fork-safe")
-            ray.init(include_dashboard=False, log_to_driver=False)
+        start_ray(ray, None)
         started = True
     try:
         if num_actors is None:

@@ -54,6 +54,30 @@ def ray_cluster():
     assert not ray.is_initialized()
 
 
+class _FakeRay:
+    """Records ray.init's keyword arguments (start_ray's contract)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def init(self, **kw):
+        self.calls.append(kw)
+
+
+def test_start_ray_starts_its_own_unless_ray_address_names_one(monkeypatch):
+    ray = _FakeRay()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    dist.start_ray(ray, 3)
+    # address="local": never a cluster recorded in Ray's temp directory,
+    # which may be dead or someone else's
+    assert ray.calls == [{"address": "local", "num_cpus": 3, "include_dashboard": False,
+                          "log_to_driver": False}]
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    dist.start_ray(ray, 3)
+    # the cluster RAY_ADDRESS names (ray.init reads it), sized by the cluster
+    assert ray.calls[1] == {"include_dashboard": False, "log_to_driver": False}
+
+
 def _result(t):
     return t.column("_rowid").to_pylist(), t.column("_distance").to_numpy().tobytes()
 
