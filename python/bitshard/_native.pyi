@@ -68,6 +68,8 @@ class Searcher:
         out_lower_bounds: Optional[Buffer],
         stats: Optional[Buffer],
     ) -> int: ...
+    def prepare_one(self, params: SearchParams, stats: Optional[Buffer], empty: Any,
+                    rowid_dtype: Any, dist_dtype: Any) -> "OneSearch": ...
     def search_batch_into(
         self,
         Q: Buffer,
@@ -81,6 +83,9 @@ class Searcher:
         stats: Optional[Buffer],
         out_upper_bounds: Optional[Buffer] = ...,
     ) -> None: ...
+
+class OneSearch:
+    def search(self, q: Any) -> Optional[Tuple[Any, Any]]: ...
 
 def kmeans_train(
     x: Buffer, n: int, d: int, k: int, metric: int, max_iters: int, seed: int, out: Buffer,

@@ -216,6 +216,17 @@ class Searcher:
         self._cap = self._batch_cap = min(cap, sum(h.num_rows for h in index.handles))
         self._stats = np.zeros(4, dtype=np.uint64)
         self._exact_reads = 0
+        #: One query whole in C (``_native.OneSearch.search``) where the scan's
+        #: answer is final: more than one bit, no refine_factor, no rows
+        #: searched exactly, no segment read by range. It returns None for a
+        #: query that is not a C-contiguous float32 vector of the column's
+        #: dimension, which then takes the Python path (converted or refused).
+        self._one_c: Any = None
+        if (self._native is not None and self._ranged is None and self._exact is None
+                and self.num_bits > 1 and self.refine_factor is None):
+            self._one_c = self._native.prepare_one(self._params, self._stats, np.empty,
+                                                   np.dtype(np.uint64),
+                                                   np.dtype(np.float32)).search
 
     @staticmethod
     def _fragments(index: "OpenIndex", plan: "SearchPlan", options: SearchOptions
@@ -264,6 +275,14 @@ class Searcher:
             ``Dataset.search``). A query with fewer than k results is padded
             with :data:`NO_ROW` and ``inf``.
         """
+        one = self._one_c
+        if one is not None:
+            try:
+                got = one(q)
+            except CorruptIndexError as err:
+                raise self._named(err) from None
+            if got is not None:
+                return got  # arrays of this call
         a = np.asarray(q)
         if a.ndim == 1:
             rows, dists = self._one(self._check(a))

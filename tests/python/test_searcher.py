@@ -153,6 +153,62 @@ def test_uncovered_fragments_are_scanned_exactly_by_the_one_query_path(tmp_path)
     assert (rowids_to_positions(ds, fast.search(x[2400])[0]) < 2000).all()
 
 
+def test_one_query_in_c_answers_and_refuses_as_the_python_path(indexed):
+    """A multi-bit searcher without refine answers one float32 query in one C
+    call (_native.OneSearch): the same arrays as the Python path
+    (search_lists), fresh ones each call, the same refusals word for word,
+    and any other query layout falls back to the Python path."""
+    import array
+
+    uri, x = indexed
+    ds = bitshard.dataset(uri)
+    s = ds.searcher("vec9", k=10, nprobes=4)
+    assert s._one_c is not None
+    assert ds.searcher("vec", k=10, nprobes=4)._one_c is None  # 1 bit: gated rerank
+    assert ds.searcher("vec9", k=10, nprobes=4, refine_factor=2)._one_c is None
+    for q in _queries(x, 30, seed=5):
+        r, d = s.search(q)
+        (r2, d2), = s.search_lists(q)
+        assert r.dtype == np.uint64 and d.dtype == np.float32 and r.shape == d.shape == (10,)
+        np.testing.assert_array_equal(r, r2)
+        np.testing.assert_array_equal(d, d2)
+    q = _queries(x, 1, seed=6)[0]
+    r, d = s.search(q)
+    r[:] = 0
+    np.testing.assert_array_equal(s.search(q)[0], s.search_lists(q)[0][0])
+    # other layouts: None from C, then the Python path's conversion
+    for other in (q.astype(">f4"), np.repeat(q, 2)[::2], q.astype(np.float64), q.tolist()):
+        if isinstance(other, np.ndarray):
+            assert s._one_c(other) is None
+        np.testing.assert_array_equal(s.search(other)[0], s.search(q)[0])
+    for buf in (memoryview(q), array.array("f", q.tobytes())):
+        np.testing.assert_array_equal(s.search(buf)[0], s.search(q)[0])
+    assert s._one_c(np.zeros(63, np.float32)) is None
+    assert s._one_c(np.zeros((1, 64), np.float32)) is None
+    # refusals: the C search's own words for values, Python's for the rest
+    bad = q.copy()
+    bad[5] = np.nan
+    with pytest.raises(InvalidInputError, match=r"^query has a non-finite value at dimension 5$"):
+        s.search(bad)
+    bad[5] = np.inf
+    with pytest.raises(InvalidInputError, match=r"^query has a non-finite value at dimension 5$"):
+        s.search(bad)
+    bad[5] = 2e12
+    with pytest.raises(InvalidInputError,
+                       match=r"^query: value 2e\+12 at dimension 5 is too large \(accepted: "
+                             r"finite, \|value\| <= 2\*\*40 = 1099511627776\.0\)$"):
+        s.search(bad)
+    with pytest.raises(InvalidInputError, match=r"^query has dimension 63, column 'vec9' has 64$"):
+        s.search(np.zeros(63, np.float32))
+    with pytest.raises(InvalidInputError, match=r"^query must be numeric, got dtype <U1$"):
+        s.search(np.array(["a"] * 64))
+    with pytest.raises(InvalidInputError, match=r"^query must be 1-D or 2-D, got shape \(\)$"):
+        s.search(np.float32(1))
+    before = s.stats["partitions_probed"]
+    s.search(q)
+    assert s.stats["partitions_probed"] == before + 4
+
+
 def test_threads_share_a_searcher(indexed):
     uri, x = indexed
     s = bitshard.dataset(uri).searcher("vec9", k=10, nprobes=4)
