@@ -171,3 +171,28 @@ def test_objstore_measure_only_refuses_missing_builds_and_other_parameters(tmp_p
     assert objstore._load_state(str(tmp_path), state["params"], True) == state
     assert objstore._load_state(str(tmp_path), state["params"], False) == {
         "params": state["params"], "rows": {}}
+
+
+def test_qprofile_refuses_more_queries_than_the_harness_set_has():
+    from bench import qprofile
+
+    for bad in (1000, 1001, 0):
+        with pytest.raises(SystemExit, match=rf"^--queries {bad}: use 1 to 999 \(the harness's "
+                                             r"datasets have 1000 queries and one more warms up\)$"):
+            qprofile._dataset("wordnet", bad)
+
+
+def test_qprofile_total_is_the_dump_summary_not_the_sum_of_its_lines(tmp_path):
+    """A dump written after --zero-before can hold cost lines of frames that
+    were running at the zeroing: the total is callgrind's summary."""
+    from bench import qprofile
+
+    dump = tmp_path / "cg.out.1"
+    dump.write_text("version: 1\npositions: line\nevents: Ir\nsummary: 1000\n\n"
+                    "fl=(1) x.c\nfn=(1) main\n1 700\n2 500\n"
+                    "cfl=(2) search.c\ncfn=(2) bs_search\ncalls=1 10\n3 300\n"
+                    "fl=(2)\nfn=(2)\n10 300\n\ntotals: 1500\n")
+    assert qprofile.dump_summary(str(dump)) == 1000
+    t = qprofile.stage_table(str(dump))
+    assert t["total"] == 1000
+    assert t["Python + numpy"] == 700
