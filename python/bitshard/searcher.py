@@ -221,8 +221,11 @@ class Searcher:
         #: searched exactly, no segment read by range. It returns None for a
         #: query that is not a C-contiguous float32 vector of the column's
         #: dimension, which then takes the Python path (converted or refused).
+        #: It stands for this class's ``_one``: a subclass with its own (the
+        #: serve front, whose scan is the actors') keeps that.
         self._one_c: Any = None
-        if (self._native is not None and self._ranged is None and self._exact is None
+        if (type(self)._one is Searcher._one and self._native is not None
+                and self._ranged is None and self._exact is None
                 and self.num_bits > 1 and self.refine_factor is None):
             self._one_c = self._native.prepare_one(self._params, self._stats, np.empty,
                                                    np.dtype(np.uint64),

@@ -209,6 +209,30 @@ def test_one_query_in_c_answers_and_refuses_as_the_python_path(indexed):
     assert s.stats["partitions_probed"] == before + 4
 
 
+def test_a_subclass_with_its_own_one_query_path_keeps_it(indexed):
+    """The C one-query path stands for Searcher._one: a subclass that
+    overrides _one (bitshard.serve's front, whose scan is its actors') is
+    called for every query."""
+    from bitshard.searcher import SearchOptions, Searcher
+
+    uri, x = indexed
+    ds = bitshard.dataset(uri)
+    calls = []
+
+    class Own(Searcher):
+        def _one(self, q):
+            calls.append(q.shape)
+            return super()._one(q)
+
+    opts = SearchOptions(k=10, nprobes=4, refine_factor=None, index="nine", fragment_ids=None,
+                         filter=None, fast_search=False, eps0=1.9, num_threads=None)
+    s = Own(ds._indexes, "vec9", opts)
+    assert s._one_c is None
+    r, d = s.search(x[0])
+    assert calls == [(64,)]
+    np.testing.assert_array_equal(r, ds.searcher("vec9", k=10, nprobes=4).search(x[0])[0])
+
+
 def test_threads_share_a_searcher(indexed):
     uri, x = indexed
     s = bitshard.dataset(uri).searcher("vec9", k=10, nprobes=4)
