@@ -214,18 +214,14 @@ static void test_bits(uint32_t bits) {
 }
 
 int main(void) {
-    snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_external_%d", (int)getpid());
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", g_dir);
-    if (system(cmd) != 0) return 2;
+    if (test_make_dir(g_dir, sizeof g_dir, "external") != 0) return 2;
     make_data();
     test_bits(1);
     test_bits(4);
     test_bits(9);
     bs_error err;
     CHECK(bs_builder_set_write_flags(NULL, 0, &err) == BS_ERR_INVALID_ARGUMENT);
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", g_dir);
+    if (test_remove_dir(g_dir) != 0) fprintf(stderr, "could not remove %s\n", g_dir);
     if (!bs_test_failures) printf("test_external: all checks passed\n");
     TEST_MAIN_END();
 }

@@ -350,10 +350,7 @@ static void test_format2(void) {
 }
 
 int main(void) {
-    snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_prefix_%d", (int)getpid());
-    char cmd[200];
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", g_dir);
-    if (system(cmd) != 0) return 1;
+    if (test_make_dir(g_dir, sizeof g_dir, "prefix") != 0) return 1;
     make_data();
     const bs_metric metrics[3] = {BS_METRIC_L2, BS_METRIC_COSINE, BS_METRIC_DOT};
     const uint32_t bits[3] = {1, 4, 9};
@@ -361,8 +358,7 @@ int main(void) {
         for (int b = 0; b < 3; b++) test_same_answers(bits[b], metrics[m]);
     test_refusals();
     test_format2();
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    if (system(cmd) != 0) bs_test_failures++;
+    if (test_remove_dir(g_dir) != 0) bs_test_failures++;
     printf("test_prefix: %d failures\n", bs_test_failures);
     return bs_test_failures != 0;
 }

@@ -395,10 +395,7 @@ static void test_mismatch(void) {
 }
 
 int main(void) {
-    snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_remap_%d", (int)getpid());
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", g_dir);
-    if (system(cmd) != 0) return 1;
+    if (test_make_dir(g_dir, sizeof g_dir, "remap") != 0) return 1;
     test_equals_fresh_build(100, 1, BS_METRIC_L2);
     test_equals_fresh_build(100, 3, BS_METRIC_COSINE);
     test_equals_fresh_build(64, 9, BS_METRIC_DOT);
@@ -406,7 +403,6 @@ int main(void) {
     test_mismatch();
     test_reversed_order();
     test_identities();
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    if (system(cmd) != 0) return 1;
+    if (test_remove_dir(g_dir) != 0) return 1;
     TEST_MAIN_END();
 }

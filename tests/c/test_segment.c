@@ -1430,10 +1430,7 @@ static void test_lazy_partitions(void) {
 }
 
 int main(void) {
-    snprintf(g_dir, sizeof g_dir, "/tmp/bs_test_segment_%d", (int)getpid());
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", g_dir);
-    if (system(cmd) != 0) return 2;
+    if (test_make_dir(g_dir, sizeof g_dir, "segment") != 0) return 2;
 
     test_builder_args();
     test_builder_threads();
@@ -1449,8 +1446,7 @@ int main(void) {
     test_merge(100, 3, BS_METRIC_COSINE, BS_ROTATION_FAST);
     test_merge(64, 5, BS_METRIC_DOT, BS_ROTATION_MATRIX);
 
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", g_dir);
+    if (test_remove_dir(g_dir) != 0) fprintf(stderr, "could not remove %s\n", g_dir);
     if (!bs_test_failures) printf("test_segment: all checks passed\n");
     TEST_MAIN_END();
 }

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 int bs_test_failures = 0;
 
@@ -44,6 +45,19 @@ uint8_t *test_read_file(const char *path, size_t *len) {
     fclose(f);
     *len = (size_t)n;
     return p;
+}
+
+int test_make_dir(char *dir, size_t cap, const char *name) {
+    snprintf(dir, cap, "/tmp/bs_test_%s_%d", name, (int)getpid());
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "mkdir -p %s", dir);
+    return system(cmd) != 0;
+}
+
+int test_remove_dir(const char *dir) {
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    return system(cmd) != 0;
 }
 
 const char *test_path(const char *dir, const char *name) {

@@ -50,6 +50,12 @@ int test_replay_dir(const char *dir,
                     void (*each)(const char *name, const uint8_t *data, size_t len, void *ctx),
                     void *ctx);
 
+/* Makes the directory /tmp/bs_test_<name>_<pid> (mkdir -p) and writes its
+ * path to dir (cap bytes); 0 on success. */
+int test_make_dir(char *dir, size_t cap, const char *name);
+/* Removes dir and everything in it (rm -rf); 0 on success. */
+int test_remove_dir(const char *dir);
+
 /* dir/name in one of 8 rotating static buffers (so a call can take a few
  * paths at once). */
 const char *test_path(const char *dir, const char *name);
