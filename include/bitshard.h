@@ -320,6 +320,18 @@ BS_API void bs_segment_free(bs_segment *seg);
  * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (seg NULL); BS_ERR_CORRUPT
  * naming the partition and what is wrong; BS_ERR_NO_MEMORY. */
 BS_API bs_status bs_segment_verify(const bs_segment *seg, bs_error *err);
+/* Declares that seg's buffer is a read-only shared mapping of its file
+ * (mmap MAP_SHARED, starting on a page boundary), so that bs_segment_verify
+ * and bs_segment_merge drop each partition's pages from the process once
+ * they have read it (madvise MADV_DONTNEED: the kernel's page cache keeps
+ * them, a later read faults them back in). Without it, verifying or merging
+ * a mapped file leaves all of it resident in the process; with it, a few
+ * pages per input. Never declare memory the caller allocated: dropping its
+ * pages would lose their contents. Has no effect on a version 2 file (read
+ * into memory of the library's own) or where madvise is not available.
+ * Returns: BS_OK; BS_ERR_INVALID_ARGUMENT (seg NULL, a prefix open, or a
+ * buffer not on a page boundary, naming its address). */
+BS_API bs_status bs_segment_set_mapped(bs_segment *seg, bs_error *err);
 
 /* Opening a segment from its prefix, for object stores (docs/format.md,
  * "Opening from a prefix"): the header, artifacts, fragment table and

@@ -131,6 +131,7 @@ typedef struct merge_state {
     uint8_t *ident;       /* its identities, 16 bytes each */
     uint64_t *base;       /* per input: ordinal of its first row in the output */
     bs_repack rp;         /* one partition block, as the writer takes it */
+    uint64_t *done;       /* per input: bytes read through (bs_segment_release_through) */
 } merge_state;
 
 static void merge_state_free(merge_state *m) {
@@ -139,6 +140,7 @@ static void merge_state_free(merge_state *m) {
     BS_FREE(m->ids);
     BS_FREE(m->rows);
     BS_FREE(m->base);
+    BS_FREE(m->done);
 }
 
 /* The fragment table (its size checked against the format's limit) and
@@ -161,7 +163,8 @@ static bs_status merge_plan(merge_state *m, bs_error *err) {
     m->rows = bs_alloc((size_t)total_f, sizeof *m->rows);
     m->ident = bs_zalloc((size_t)total_f + 1, 16);
     m->base = bs_alloc(m->n, sizeof *m->base);
-    if (!m->ids || !m->rows || !m->ident || !m->base)
+    m->done = bs_zalloc(m->n, sizeof *m->done);
+    if (!m->ids || !m->rows || !m->ident || !m->base || !m->done)
         return bs_fail(err, BS_ERR_NO_MEMORY, "out of memory");
     return plan_fragments(m->in, m->n, m->ids, m->rows, m->ident, m->base, err);
 }
@@ -205,6 +208,9 @@ static bs_status merge_partition(merge_state *m, uint32_t p, bs_seg_writer *w,
         uint32_t shift = (uint32_t)m->base[i];
         for (size_t j = 0; j < v.count; j++)
             bs_repack_put(&m->rp, &v, j, v.ordinals[j] + shift);
+        /* Read through: a mapped input's pages leave the process, so a
+         * merge holds a window of each input, not the inputs. */
+        bs_segment_release_through(m->in[i], p, &m->done[i]);
     }
     return bs_repack_write(&m->rp, w, err);
 }

@@ -16,6 +16,7 @@
 #include "error.h"
 #include "format.h"
 #include "hash.h"
+#include "pages.h"
 #include "repack.h"
 
 /* One directory entry, checked for structure at open. base points at the
@@ -68,6 +69,7 @@ struct bs_segment {
     seg_part *parts;
     _Atomic unsigned char *state; /* per partition, PART_* */
     int unique_checked; /* no ordinal in two partitions: known */
+    int mapped; /* data is a shared file mapping (bs_segment_set_mapped) */
     v2_view *v2; /* version 2 only, during open */
 };
 
@@ -529,6 +531,7 @@ static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
     uint64_t n = s->info.num_rows;
     if (n < 2) return BS_OK;
     uint64_t bitmap_bytes = total / 8 + 1;
+    uint64_t done = 0; /* bs_segment_release_through */
     if (bitmap_bytes <= n * 4 + 4096) {
         uint8_t *seen = bs_zalloc((size_t)bitmap_bytes, 1);
         if (seen == NULL) return NOMEM();
@@ -545,6 +548,7 @@ static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
                 }
                 seen[o >> 3] |= (uint8_t)(1u << (o & 7));
             }
+            bs_segment_release_through(s, p, &done);
         }
         free(seen);
         return BS_OK;
@@ -557,6 +561,7 @@ static bs_status check_unique_ordinals(const bs_segment *s, bs_error *err) {
         const uint32_t *ord = ordinals_of(s, p, &cnt);
         memcpy(all + k, ord, (size_t)cnt * sizeof(uint32_t));
         k += cnt;
+        bs_segment_release_through(s, p, &done);
     }
     qsort(all, (size_t)n, sizeof(uint32_t), cmp_u32);
     for (size_t i = 1; i < (size_t)n; i++) {
@@ -744,10 +749,44 @@ bs_status bs_segment_verify(const bs_segment *seg, bs_error *err) {
     bs_error_clear(err);
     if (seg == NULL)
         return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "segment is NULL");
-    for (uint32_t p = 0; p < seg->info.num_partitions; p++)
+    uint64_t done = 0;
+    for (uint32_t p = 0; p < seg->info.num_partitions; p++) {
         BS_TRY(bs_segment_check_partition(seg, p, err));
+        bs_segment_release_through(seg, p, &done);
+    }
     if (seg->unique_checked) return BS_OK;
     return check_unique_ordinals(seg, err);
+}
+
+bs_status bs_segment_set_mapped(bs_segment *seg, bs_error *err) {
+    bs_error_clear(err);
+    if (seg == NULL)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT, "segment is NULL");
+    if (seg->from_prefix)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "a prefix open holds no mapping of the file: its "
+                       "partitions are the caller's attached buffers");
+    /* A version 2 file is read through once at open and converted into
+     * memory of the library's own: nothing of the mapping is read later. */
+    if (seg->owned != NULL) return BS_OK;
+    if ((uintptr_t)seg->data % bs_page_size() != 0)
+        return bs_fail(err, BS_ERR_INVALID_ARGUMENT,
+                       "the segment's buffer at %p does not start on a page "
+                       "boundary (%zu bytes): not a file mapping",
+                       (const void *)seg->data, bs_page_size());
+    seg->mapped = 1;
+    return BS_OK;
+}
+
+void bs_segment_release_through(const bs_segment *seg, uint32_t p, uint64_t *done) {
+    /* A version 2 file's bytes are the library's converted copy (owned),
+     * never a mapping. */
+    if (!seg->mapped || seg->owned != NULL || p >= seg->info.num_partitions) return;
+    const seg_part *sp = &seg->parts[p];
+    uint64_t end = sp->offset + sp->size;
+    if (end < *done + BS_RELEASE_WINDOW && p + 1 < seg->info.num_partitions) return;
+    bs_pages_release(seg->data, *done, end);
+    *done = end;
 }
 
 /* ------------------------------------------------------------ version 2 */

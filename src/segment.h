@@ -52,6 +52,18 @@ static inline float bs_pv_s_full(const bs_partition_view *v, size_t i) {
 void bs_segment_partition(const bs_segment *seg, uint32_t p,
                           bs_partition_view *out);
 
+/* A pass that reads a segment's partitions in order (verify, merge) and is
+ * done with partition p calls this with its own *done (0 at the start).
+ * When the segment was declared mapped (bs_segment_set_mapped) and at
+ * least BS_RELEASE_WINDOW bytes were read since the last drop, or p is the
+ * last partition, the pages from *done to the one holding the partition's
+ * end leave the process and *done moves there. So a pass keeps at most a
+ * window of each mapped input resident, with one madvise per window rather
+ * than per partition. Reads stay valid: a dropped page faults back in from
+ * the page cache. */
+#define BS_RELEASE_WINDOW ((uint64_t)4 << 20)
+void bs_segment_release_through(const bs_segment *seg, uint32_t p, uint64_t *done);
+
 /* Checks partition p the first time it is asked (its two checksums and
  * the per-partition rules of docs/format.md, "Validation") and remembers
  * the result; later calls cost one atomic load. Thread-safe: two threads

@@ -700,6 +700,14 @@ static PyObject *Segment_verify(SegmentObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* set_mapped(): the buffer is a shared read-only file mapping (an mmap of
+ * the file), so verify and merge drop its pages once read. */
+static PyObject *Segment_set_mapped(SegmentObject *self, PyObject *unused) {
+    bs_error err;
+    if (bs_segment_set_mapped(self->seg, &err) != BS_OK) return raise_bs(self->module, &err);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Segment_centroids(SegmentObject *self, PyObject *args) {
     PyObject *outo;
     if (!PyArg_ParseTuple(args, "O", &outo)) return NULL;
@@ -726,6 +734,9 @@ static PyMethodDef Segment_methods[] = {
     {"verify", (PyCFunction)Segment_verify, METH_NOARGS,
      "verify(): check every partition and that no ordinal is in two; raises "
      "CorruptIndexError"},
+    {"set_mapped", (PyCFunction)Segment_set_mapped, METH_NOARGS,
+     "set_mapped(): declare the buffer a shared read-only mmap of the file, so "
+     "that verify and merge drop each partition's pages once read"},
     {"fragments", (PyCFunction)Segment_fragments, METH_NOARGS,
      "[(fragment_id, physical_rows)] in table order"},
     {"centroids", (PyCFunction)Segment_centroids, METH_VARARGS,

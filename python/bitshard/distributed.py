@@ -134,6 +134,36 @@ def _warm() -> int:
     return os.getpid()
 
 
+#: malloc arenas a worker process keeps (glibc; see _limit_malloc_arenas).
+WORKER_MALLOC_ARENAS = 2
+_arenas_limited = False
+
+
+def _limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas in a worker process at
+    :data:`WORKER_MALLOC_ARENAS` (``mallopt(M_ARENA_MAX)``), once.
+
+    The source reader's threads each take an arena of their own (up to 8
+    per core), and memory freed into one is not reused by the others: a
+    worker's resident memory grew by 30 to 80 MB with every encode task
+    (632 MB after 8 tasks of 125,000 x 128 rows, against 432 MB with 2
+    arenas, where it stays). Only in worker processes, never in the
+    caller's own; a no-op where the C library is not glibc."""
+    global _arenas_limited
+    if _arenas_limited:
+        return
+    _arenas_limited = True
+    try:
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL(None)
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is not None and hasattr(libc, "gnu_get_libc_version"):
+            mallopt(-8, WORKER_MALLOC_ARENAS)  # M_ARENA_MAX
+    except OSError:  # pragma: no cover - no C library to ask
+        pass
+
+
 def _run_task(spec: Dict[str, Any], shared: Any) -> SegmentHandle:
     """Entry point of every worker task: encode fragments or merge segments."""
     # One task per core: the BLAS inside assignment must not start a thread
@@ -142,6 +172,7 @@ def _run_task(spec: Dict[str, Any], shared: Any) -> SegmentHandle:
     threads = None  # the serial executor, in the driver: all cores
     if spec.get("driver_pid") not in (None, os.getpid()):
         _native.set_blas_threads(1)
+        _limit_malloc_arenas()
         threads = 1
     if spec["kind"] == "encode":
         ds: Dataset = shared

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import mmap
 import os
 import time
 import uuid as uuid_mod
@@ -296,6 +297,25 @@ def check_identity_fingerprints(h: SegmentHandle, o: "OpenSegment", what: str) -
                 f"{ident.id}'s identity fingerprint is {ident.fingerprint} there, {fp} in the file")
 
 
+def _read_at_random(buf: Any) -> None:
+    """``MADV_RANDOM`` on a mapping opened for search only: a search reads
+    the header, then a partition at a time, so the kernel's read-around of
+    each fault (up to the device's read-ahead, 8 MiB here) read megabytes
+    for a few pages. Before the first read of the mapping. A downloaded
+    copy (not an ``mmap``) is left alone."""
+    if isinstance(buf, mmap.mmap) and hasattr(mmap, "MADV_RANDOM"):
+        buf.madvise(mmap.MADV_RANDOM)
+
+
+def _declare_mapped(buf: Any, native: Any) -> None:
+    """Declare a file mapping to the C reader (``set_mapped``), so that a
+    verify or a merge drops the pages it has read through and holds a
+    window of the file, not all of it (docs/distributed.md, "Memory"). A
+    downloaded copy (not an ``mmap``) is memory of its own: never declared."""
+    if isinstance(buf, mmap.mmap):
+        native.set_mapped()
+
+
 class OpenSegment:
     """A segment file mapped (local) or downloaded (object store) into a
     64-byte aligned buffer and validated by the C reader.
@@ -337,12 +357,15 @@ class OpenSegment:
             return
         for attempt in (0, 1):
             self._map = storage.open_segment(key)
+            if ranged:
+                _read_at_random(self._map)
             self.size = len(self._map)
             try:
                 buf = self._map
                 cents = _centroids_for(buf, storage, key, centroids,
                                        lambda: _native.Segment(buf))
                 self.native = _native.Segment(self._map, centroids=cents)
+                _declare_mapped(self._map, self.native)
                 # The open reads no partition (format 3); a local cache
                 # file is verified whole, so that a damaged copy is
                 # replaced here rather than refused by a later search.
