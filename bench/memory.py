@@ -18,11 +18,12 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pyarrow as pa
+
+from bench.rss import PeakWatcher, vm_hwm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,52 +51,6 @@ def write_source(uri: str, rows: int, dim: int, rows_per_fragment: int) -> int:
     reader = pa.RecordBatchReader.from_batches(schema, batches())
     lance.write_dataset(reader, uri, max_rows_per_file=rows_per_fragment, mode="overwrite")
     return rows * dim * 4
-
-
-class PeakWatcher:
-    """Polls the RSS of every descendant process (the workers) and keeps each
-    one's maximum. ru_maxrss of children is no use here: Linux carries the
-    parent's high-water mark across fork and exec."""
-
-    def __init__(self, interval: float = 0.1) -> None:
-        import psutil
-
-        self.me = psutil.Process()
-        self.peaks: dict = {}
-        self.interval = interval
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            for p in self.me.children(recursive=True):
-                try:
-                    rss = p.memory_info().rss
-                    name = " ".join(p.cmdline()[:3])
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                key = (p.pid, name)
-                self.peaks[key] = max(self.peaks.get(key, 0), rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakWatcher":
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-
-
-def vm_hwm() -> int:
-    """This process's own peak RSS in bytes (VmHWM: reset at exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def main(argv=None) -> int:

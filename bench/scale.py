@@ -1,15 +1,17 @@
 """The arithmetic of a billion, measured: calibrate a cost model on this
 machine, predict a large build and search with it, run them, compare.
 
-    python -m bench.scale                       # 10^7 x 128, 1-bit, 2 workers
+    python -m bench.scale                       # 10^7 x 128, 4 bits, 2 workers
     python -m bench.scale --rows 2000000 --dim 768
     python -m bench.scale --skip-big            # calibration and model only
 
 Steps (each figure goes to ``bench/results/scale.json``, a summary to
 ``scale-summary.txt``):
 
-1. **Calibration, synthetic, the big run's dimension and partitions**
-   (``--calib-rows``, default 300,000): the k-means time of
+1. **Calibration, synthetic, the big run's dimension, bits and partitions**
+   (``--calib-rows``, default 300,000, in fragments of the big run's size or
+   fewer, so that every worker gets 2 encode tasks and a merge runs): the
+   k-means time of
    :func:`bitshard.train_ivf` (its sample, ``k * 256`` rows, does not grow with
    the rows, so it is the big build's training time), the encode and merge
    rates of :func:`bitshard.build_index` on the process pool, and the search
@@ -49,6 +51,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from bench.rss import PeakWatcher, vm_hwm
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 K_NEIGHBOURS = 10
 
@@ -60,72 +64,6 @@ def load() -> List[float]:
 
 def log(*a: Any) -> None:
     print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- memory
-
-
-class PeakWatcher:
-    """Polls /proc for the RSS of every descendant process and keeps each
-    one's maximum (ru_maxrss of children is no use: Linux carries the
-    parent's high-water mark across fork and exec). No psutil needed."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        import threading
-
-        self.peaks: Dict[int, int] = {}
-        self.interval = interval
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _descendants(root: int) -> List[int]:
-        kids: Dict[int, List[int]] = {}
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-        out, todo = [], [root]
-        while todo:
-            for c in kids.get(todo.pop(), []):
-                out.append(c)
-                todo.append(c)
-        return out
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for pid in self._descendants(os.getpid()):
-                try:
-                    with open(f"/proc/{pid}/status") as f:
-                        for line in f:
-                            if line.startswith("VmRSS:"):
-                                rss = int(line.split()[1]) * 1024
-                                self.peaks[pid] = max(self.peaks.get(pid, 0), rss)
-                except OSError:
-                    continue
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakWatcher":
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
-
-
-def vm_hwm() -> int:
-    """This process's own peak RSS in bytes (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 # ------------------------------------------------------------------ data
@@ -181,8 +119,10 @@ def exact_neighbours(uri: str, q: np.ndarray, k: int = K_NEIGHBOURS) -> np.ndarr
     qn = (q * q).sum(1)
     base = 0
     for b in lance.dataset(uri).to_batches(columns=["vec"], batch_size=200_000):
-        x = np.stack(b.column("vec").to_numpy(zero_copy_only=False)).astype(np.float32) \
-            if b.num_rows else np.zeros((0, q.shape[1]), np.float32)
+        # The list column's flat values, one reshape (np.stack of one array
+        # per row took most of this pass at 10^7 rows).
+        x = b.column("vec").values.to_numpy().reshape(-1, q.shape[1]).astype(np.float32,
+                                                                              copy=False)
         d = qn[:, None] - 2.0 * (q @ x.T) + (x * x).sum(1)[None, :]
         cat_d = np.concatenate([best_d, d], 1)
         cat_i = np.concatenate([best_i, base + np.arange(x.shape[0])[None, :].repeat(q.shape[0], 0)], 1)
@@ -229,8 +169,11 @@ def timed_search(ds: Any, q: np.ndarray, nprobes: int, threads: int = 1,
     s.search(q)
     after = s.stats
     scanned = (after["codes_scanned"] - before["codes_scanned"]) / q.shape[0]
+    # Rows of the source read to rerank (1 bit only): a per-query cost the
+    # model's a + b * codes does not separate.
+    reads = (after.get("exact_reads", 0) - before.get("exact_reads", 0)) / q.shape[0]
     return {"nprobes": nprobes, "s_per_query": best / q.shape[0], "qps": q.shape[0] / best,
-            "codes_per_query": scanned, "rowids": ids}
+            "codes_per_query": scanned, "source_reads_per_query": reads, "rowids": ids}
 
 
 # ------------------------------------------------------------ calibration
@@ -241,28 +184,51 @@ def calibrate(args: argparse.Namespace, work: str) -> Dict[str, Any]:
     at the big run's dimension, bits and partitions."""
     import bitshard
 
-    uri = os.path.join(work, f"calib-{args.calib_rows}x{args.dim}.lance")
+    # Fragments of the big run's size, but at least 2 tasks per worker: every
+    # worker encodes (the rate is the pool's) and a merge runs (its rate).
+    frag = calib_fragment_rows(args)
+    uri = os.path.join(work, f"calib-{args.calib_rows}x{args.dim}-f{frag}.lance")
     if not os.path.isdir(uri):
-        write_source(uri, args.calib_rows, args.dim, args.rows_per_fragment, seed=0)
+        write_source(uri, args.calib_rows, args.dim, frag, seed=0)
     shutil.rmtree(os.path.join(uri, "_bitshard"), ignore_errors=True)
-    out: Dict[str, Any] = {"rows": args.calib_rows, "load_before": load()}
+    out: Dict[str, Any] = {"rows": args.calib_rows, "rows_per_fragment": frag,
+                           "load_before": load()}
     ds = bitshard.dataset(uri)
     t0 = time.perf_counter()
     ivf = bitshard.train_ivf(ds, "vec", args.partitions, sample_rate=args.sample_rate,
                              max_iters=args.max_iters, seed=0)
     out["train_s"] = time.perf_counter() - t0
+    events: List[Any] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        events.append((time.perf_counter(), stage, done))
+
     with PeakWatcher() as watch:
         built = bitshard.build_index(uri, "vec", name="idx", ivf_centroids=ivf,
                                      num_bits=args.bits, executor="processes",
                                      num_workers=args.workers, fragments_per_task=1,
-                                     seed=0, progress=False)
+                                     seed=0, progress=progress)
     st = built.last_build_stats
     seg_bytes = sum(s["size_bytes"] for s in built.describe_indices()[0]["segments"])
     out.update(encode_s=st["seconds"]["encode"], merge_s=st["seconds"]["merge"],
-               index_bytes=seg_bytes,
+               index_bytes=seg_bytes, tasks=st["tasks"], merges=st["merges"],
                worker_peak_rss=max(watch.peaks.values()) if watch.peaks else 0)
-    out["encode_rows_per_s"] = args.calib_rows / out["encode_s"]
-    out["merge_bytes_per_s"] = seg_bytes / max(out["merge_s"], 1e-9)
+    # The pool's steady rate, from the rows finished after each worker's
+    # first task (the first tasks also pay the workers' start: imports, the
+    # source opened, the IVF model loaded), and that start as a fixed cost.
+    done = [(t, d) for t, stage, d in events if stage == "encode" and d > 0]
+    w = max(1, args.workers)
+    if len(done) > w and done[-1][0] > done[w - 1][0]:
+        out["encode_rows_per_s"] = (done[-1][1] - done[w - 1][1]) / (done[-1][0] - done[w - 1][0])
+    else:
+        out["encode_rows_per_s"] = args.calib_rows / out["encode_s"]
+    out["encode_start_s"] = max(0.0, out["encode_s"] - args.calib_rows / out["encode_rows_per_s"])
+    # Seconds per merged byte as the merge tree ran them (merge_seconds
+    # below plans the same tree; a merge writes about its inputs' bytes).
+    out["merge_critical_bytes"] = merge_seconds(
+        leaf_sizes(args.calib_rows, frag, seg_bytes), args.workers,
+        args.max_segment_mb << 20, 1.0)
+    out["merge_bytes_per_s"] = out["merge_critical_bytes"] / max(out["merge_s"], 1e-9)
     q = queries_for(uri, args.queries, args.dim)
     pts = [timed_search(built, q, p) for p in args.nprobes]
     # Least squares: seconds per query = a + b * codes scanned per query.
@@ -369,20 +335,71 @@ def nearest_cost(costs: List[Dict[str, Any]], dim: int, bits: int, key: str) -> 
     return float(np.interp(dim, ds, vs))
 
 
+def calib_fragment_rows(args: argparse.Namespace) -> int:
+    """Rows per fragment of the calibration source: the big run's, or fewer
+    so that each worker gets at least 2 encode tasks."""
+    return max(1, min(args.rows_per_fragment, args.calib_rows // (2 * max(1, args.workers))))
+
+
+def leaf_sizes(rows: int, rows_per_fragment: int, index_bytes: float) -> List[float]:
+    """Predicted bytes of each encode task's segment (one task per fragment):
+    the index's bytes shared out by rows."""
+    sizes, done = [], 0
+    while done < rows:
+        n = min(rows_per_fragment, rows - done)
+        sizes.append(index_bytes * n / rows)
+        done += n
+    return sizes
+
+
+def merge_seconds(sizes: List[float], workers: int, max_bytes: int,
+                  bytes_per_s: float) -> float:
+    """Seconds of build_index's merge tree over segments of ``sizes`` bytes
+    at ``bytes_per_s`` per worker: the same plan as the library
+    (bitshard.distributed.merge_groups, fan-in MERGE_FAN_IN, the size
+    bound), each level's merges dealt to the ``workers`` in turn, a level
+    lasting as long as its busiest worker."""
+    from bitshard import distributed as dist
+
+    total = 0.0
+    level = list(sizes)
+    while len(level) > 1:
+        groups = dist.merge_groups([int(x) for x in level], dist.MERGE_FAN_IN, max_bytes)
+        merged = [sum(level[i] for i in g) for g in groups if len(g) > 1]
+        if not merged:
+            break
+        busy = [0.0] * max(1, workers)
+        for m in sorted(merged, reverse=True):
+            busy[busy.index(min(busy))] += m
+        total += max(busy) / bytes_per_s
+        level = [sum(level[i] for i in g) for g in groups]
+    return total
+
+
 def predict_big(args: argparse.Namespace, cal: Dict[str, Any],
                 costs: List[Dict[str, Any]]) -> Dict[str, Any]:
     """What the big run should measure, from steps 1 and 2 alone."""
     n, k = args.rows, args.partitions
     per_row = cal["index_bytes"] / cal["rows"]  # measured bytes per row, padding included
     index_bytes = n * bytes_per_vector(args.dim, args.bits) + k * args.dim * 4
-    encode_s = n / cal["encode_rows_per_s"]
-    merge_s = index_bytes / cal["merge_bytes_per_s"]
+    encode_s = cal.get("encode_start_s", 0.0) + n / cal["encode_rows_per_s"]
+    merge_s = merge_seconds(leaf_sizes(n, args.rows_per_fragment, index_bytes), args.workers,
+                            args.max_segment_mb << 20, cal["merge_bytes_per_s"])
+    # A worker's peak (docs/distributed.md, "Memory of a worker"): the
+    # calibration's, plus the larger segment an encode task holds, plus a
+    # 4 MiB window for each merge input beyond the calibration's.
+    bpv = bytes_per_vector(args.dim, args.bits)
+    cal_frag = cal.get("rows_per_fragment", cal["rows"])
+    cal_inputs = min(8, max(1, cal.get("tasks", 1)))
+    big_inputs = min(8, max(1, -(-n // args.rows_per_fragment)))
+    rss = (cal["worker_peak_rss"] + max(0, args.rows_per_fragment - cal_frag) * bpv
+           + max(0, big_inputs - cal_inputs) * (4 << 20))
     pred = {
         "index_bytes": index_bytes,
         "index_bytes_from_calibration": per_row * n,
         "build_s": cal["train_s"] + encode_s + merge_s,
         "train_s": cal["train_s"], "encode_s": encode_s, "merge_s": merge_s,
-        "worker_peak_rss": cal["worker_peak_rss"],
+        "worker_peak_rss": rss,
         "search": {},
     }
     scanned = {p["nprobes"]: p["codes_per_query"] for p in cal["search_points"]}
@@ -535,7 +552,8 @@ def summary(res: Dict[str, Any]) -> str:
     lines = [f"command: {res['command']}", f"machine: {res['machine']}"]
     c = res["calibration"]
     lines.append(f"calibration ({c['rows']} rows): train {c['train_s']:.1f} s, encode "
-                 f"{c['encode_rows_per_s']:,.0f} rows/s ({res['args']['workers']} workers), merge "
+                 f"{c.get('encode_start_s', 0):.1f} s + {c['encode_rows_per_s']:,.0f} rows/s "
+                 f"({res['args']['workers']} workers), merge "
                  f"{c['merge_bytes_per_s'] / 1e6:,.0f} MB/s, search {c['search_a_s'] * 1e6:.0f} us + "
                  f"{c['search_b_s_per_code'] * 1e9:.2f} ns/code; load {c['load_before']} -> "
                  f"{c['load_after']}")
@@ -557,7 +575,8 @@ def summary(res: Dict[str, Any]) -> str:
                      f"{b['index_bytes'] / 2**20:,.0f} MiB")
         for p in b["search"]["points"]:
             lines.append(f"  nprobes={p['nprobes']:4d}: recall@10 {p['recall']:.3f}, QPS "
-                         f"{p['qps']:,.0f} (1 thread), {p['qps_2_threads']:,.0f} (2 threads)")
+                         f"{p['qps']:,.0f} (1 thread), {p['qps_2_threads']:,.0f} (2 threads), "
+                         f"{p.get('source_reads_per_query', 0):,.0f} source rows read a query")
         lines.append(f"  {'figure':32s} {'predicted':>14s} {'measured':>14s} ratio")
         for r in res["comparison"]:
             lines.append(f"  {r['figure']:32s} {r['predicted']:14,.1f} {r['measured']:14,.1f} "
@@ -581,7 +600,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--bits", type=int, default=1)
+    ap.add_argument("--bits", type=int, default=4,
+                    help="bits of the calibration and the big run: 4 (the default) or more "
+                         "search without reading the source; 1 bit reranks from it, a "
+                         "per-query cost the model does not cover")
     ap.add_argument("--partitions", type=int, default=1024)
     ap.add_argument("--sample-rate", type=int, default=64,
                     help="k-means sample rows per partition (calibration and big run)")
