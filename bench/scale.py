@@ -335,6 +335,14 @@ def nearest_cost(costs: List[Dict[str, Any]], dim: int, bits: int, key: str) -> 
     return float(np.interp(dim, ds, vs))
 
 
+#: Peak bytes the Lance reader holds while a fragment is read in batches,
+#: per byte of the fragment's float32 vectors: reading one fragment of
+#: 250,000 x 128 (128 MB) raised a fresh process's peak RSS by 250 MB
+#: (pylance of this repository's lock; batch_readahead and io_buffer_size
+#: did not change it). An encode task's memory grows with its fragment.
+READER_BYTES_PER_SOURCE_BYTE = 1.95
+
+
 def calib_fragment_rows(args: argparse.Namespace) -> int:
     """Rows per fragment of the calibration source: the big run's, or fewer
     so that each worker gets at least 2 encode tasks."""
@@ -386,13 +394,17 @@ def predict_big(args: argparse.Namespace, cal: Dict[str, Any],
     merge_s = merge_seconds(leaf_sizes(n, args.rows_per_fragment, index_bytes), args.workers,
                             args.max_segment_mb << 20, cal["merge_bytes_per_s"])
     # A worker's peak (docs/distributed.md, "Memory of a worker"): the
-    # calibration's, plus the larger segment an encode task holds, plus a
-    # 4 MiB window for each merge input beyond the calibration's.
+    # calibration's, plus what a larger fragment adds to an encode task (the
+    # source reader's buffers, READER_BYTES_PER_SOURCE_BYTE of the
+    # fragment's vectors, and the segment being encoded), plus a 4 MiB
+    # window for each merge input beyond the calibration's.
     bpv = bytes_per_vector(args.dim, args.bits)
     cal_frag = cal.get("rows_per_fragment", cal["rows"])
     cal_inputs = min(8, max(1, cal.get("tasks", 1)))
     big_inputs = min(8, max(1, -(-n // args.rows_per_fragment)))
-    rss = (cal["worker_peak_rss"] + max(0, args.rows_per_fragment - cal_frag) * bpv
+    more_rows = max(0, args.rows_per_fragment - cal_frag)
+    rss = (cal["worker_peak_rss"]
+           + more_rows * (READER_BYTES_PER_SOURCE_BYTE * args.dim * 4 + bpv)
            + max(0, big_inputs - cal_inputs) * (4 << 20))
     pred = {
         "index_bytes": index_bytes,
