@@ -33,3 +33,18 @@ void bs_pages_release(const uint8_t *base, uint64_t lo, uint64_t hi) {
     (void)hi;
 #endif
 }
+
+void bs_pages_prefetch(const uint8_t *base, uint64_t lo, uint64_t hi) {
+#if defined(MADV_WILLNEED)
+    uint64_t page = bs_page_size();
+    lo -= lo % page;
+    /* The mapping covers the file's last page whole, so hi may round up. */
+    if (hi % page != 0) hi += page - hi % page;
+    if (hi <= lo) return;
+    (void)madvise((void *)(uintptr_t)(base + lo), (size_t)(hi - lo), MADV_WILLNEED);
+#else
+    (void)base;
+    (void)lo;
+    (void)hi;
+#endif
+}
