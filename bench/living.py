@@ -193,6 +193,34 @@ def search_report(ds: Any, data: Data, queries: np.ndarray, gt: np.ndarray, npro
     }
 
 
+def interleaved_qps(datasets: Dict[str, Any], queries: np.ndarray, nprobes: int,
+                    rounds: int = 5) -> Dict[str, Any]:
+    """Single-thread QPS of several indexes measured in turns (A, B, A, B,
+    ...: ``rounds`` runs of at least 1 s each), so that a drift of the
+    machine's speed during the run (seen on this VM as 10-20% between
+    consecutive 1-s runs) falls on all of them alike; the median per name."""
+    import warnings
+
+    from bitshard.searcher import UncoveredRowsWarning
+
+    searchers = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncoveredRowsWarning)
+        for name, ds in datasets.items():
+            s = ds.searcher("vec", k=K, nprobes=nprobes, num_threads=1)
+            s.search(queries[0])
+            searchers[name] = s
+        runs: Dict[str, List[float]] = {name: [] for name in searchers}
+        for _ in range(rounds):
+            for name, s in searchers.items():
+                n, t0 = 0, time.perf_counter()
+                while n == 0 or time.perf_counter() - t0 < 1.0:
+                    s.search(queries[n % len(queries)])
+                    n += 1
+                runs[name].append(n / (time.perf_counter() - t0))
+    return {"runs": runs, "median": {n: statistics.median(r) for n, r in runs.items()}}
+
+
 def ratio(a: float, b: float) -> Optional[float]:
     """a / b, None when b is not positive."""
     return a / b if b > 0 else None
@@ -501,6 +529,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     step("fresh", fresh, lambda: bitshard.dataset(uri, index_uri=fresh_root))
 
+    turns = interleaved_qps({"optimized": bitshard.dataset(uri),
+                             "fresh": bitshard.dataset(uri, index_uri=fresh_root)},
+                            queries, args.nprobes)
+    out["qps_interleaved"] = turns
+    print(f"qps in turns (median of {len(turns['runs']['fresh'])}): optimized "
+          f"{turns['median']['optimized']:.0f}, fresh {turns['median']['fresh']:.0f}", flush=True)
+
     opt = steps[4]["search"].pop("_answers")
     frs = steps[5]["search"].pop("_answers")
     for s in steps:
@@ -531,6 +566,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "b_target_10x_met": (ratio(reencode["seconds"], remap_s) or 0.0) >= 10.0,
         "qps_optimized_over_fresh": (opt_step["search"]["qps_single_thread"]
                                      / fresh_step["search"]["qps_single_thread"]),
+        # the same two indexes searched in turns after both exist: the figure
+        # the issue's "within 10%" is judged on (the per-step runs above are
+        # minutes apart)
+        "qps_optimized_over_fresh_interleaved": (turns["median"]["optimized"]
+                                                 / turns["median"]["fresh"]),
         "recall_optimized_minus_fresh": (opt_step["search"]["recall_at_10"]
                                          - fresh_step["search"]["recall_at_10"]),
         "memory_10pct_uncovered_within_bound": all(
