@@ -196,3 +196,22 @@ def test_qprofile_total_is_the_dump_summary_not_the_sum_of_its_lines(tmp_path):
     t = qprofile.stage_table(str(dump))
     assert t["total"] == 1000
     assert t["Python + numpy"] == 700
+
+
+def test_the_run_block_is_written_once_and_the_summary_still_finds_it(tmp_path):
+    import json
+    import types
+    rows = [{"dataset": "d", "dim": 8, "rows": 100, "system": f"s{i}", "family": "bitshard",
+             "threads": 1, "recall_at_10": 0.9 + i / 100, "qps": 1000.0 * (i + 1),
+             "nprobes": 4} for i in range(3)]
+    args = types.SimpleNamespace(command="python -m bench --quick ", runs=3, budget_min=5.0,
+                                 out=str(tmp_path / "r.json"))
+    budget = types.SimpleNamespace(skipped=["pylance on d"])
+    cli._finish(rows, {}, "env note", args, 0.0, budget)
+    written = json.load(open(tmp_path / "r.json"))
+    assert [("run" in r) for r in written] == [True, False, False]
+    assert written[0]["run"]["command"] == "python -m bench --quick"
+    assert written[0]["run"]["skipped_by_budget"] == ["pylance on d"]
+    assert all(r["env"] == "env note" for r in written)
+    text, _ = report.summarize(written)
+    assert "python -m bench --quick" in text
