@@ -14,8 +14,13 @@ Steps (each figure goes to ``bench/results/scale.json``, a summary to
    k-means time of
    :func:`bitshard.train_ivf` (its sample, ``k * 256`` rows, does not grow with
    the rows, so it is the big build's training time), the encode and merge
-   rates of :func:`bitshard.build_index` on the process pool, and the search
-   time per query as ``a + b * codes scanned`` (two nprobes settings).
+   rates of :func:`bitshard.build_index` on the process pool.
+1b. **Search calibration** (``--search-calib-rows``, default
+   ``min(rows / 4, max(--calib-rows, 2,000 x partitions))``): the same source
+   generator and partitions, enough rows for partitions of at least 2,000
+   rows, built and searched at every nprobes of the sweep: its seconds per
+   query after the probe choice, per scanned code, are the big run's at the
+   same nprobes (``calibrate_search``).
 2. **Per-dimension costs** (``--dims``, ``--bits``): encode rows/s of one
    thread and stage-1 + stage-2 search nanoseconds per scanned code, on small
    synthetic sets of each dimension and bit width; these scale the model to
@@ -172,8 +177,10 @@ def timed_search(ds: Any, q: np.ndarray, nprobes: int, threads: int = 1,
     # Rows of the source read to rerank (1 bit only): a per-query cost the
     # model's a + b * codes does not separate.
     reads = (after.get("exact_reads", 0) - before.get("exact_reads", 0)) / q.shape[0]
+    stage2 = (after["codes_stage2"] - before["codes_stage2"]) / q.shape[0]
     return {"nprobes": nprobes, "s_per_query": best / q.shape[0], "qps": q.shape[0] / best,
-            "codes_per_query": scanned, "source_reads_per_query": reads, "rowids": ids}
+            "codes_per_query": scanned, "stage2_per_query": stage2,
+            "source_reads_per_query": reads, "rowids": ids}
 
 
 # ------------------------------------------------------------ calibration
@@ -229,17 +236,93 @@ def calibrate(args: argparse.Namespace, work: str) -> Dict[str, Any]:
         leaf_sizes(args.calib_rows, frag, seg_bytes), args.workers,
         args.max_segment_mb << 20, 1.0)
     out["merge_bytes_per_s"] = out["merge_critical_bytes"] / max(out["merge_s"], 1e-9)
-    q = queries_for(uri, args.queries, args.dim)
-    pts = [timed_search(built, q, p) for p in args.nprobes]
-    # Least squares: seconds per query = a + b * codes scanned per query.
-    c = np.array([p["codes_per_query"] for p in pts])
-    t = np.array([p["s_per_query"] for p in pts])
-    b, a = np.polyfit(c, t, 1) if len(pts) > 1 else (t[0] / max(c[0], 1.0), 0.0)
-    out["search_a_s"] = max(float(a), 0.0)
-    out["search_b_s_per_code"] = max(float(b), 1e-12)
-    out["search_points"] = [{k: v for k, v in p.items() if k != "rowids"} for p in pts]
     out["load_after"] = load()
     return out
+
+
+def search_calib_rows(args: argparse.Namespace) -> int:
+    """Rows of the search calibration: partitions of at least 2,000 rows (or
+    the big run's, if shorter), at most a quarter of the big run."""
+    want = max(args.calib_rows, 2000 * args.partitions)
+    return int(args.search_calib_rows or max(1, min(args.rows // 4, want)))
+
+
+def calibrate_search(args: argparse.Namespace, work: str) -> Dict[str, Any]:
+    """Step 1b: the search sweep on an index of the big run's partitions
+    over fewer rows of the same generator, and the probe choice's cost.
+
+    The cost of a query after its probes are chosen is, at a given nprobes,
+    proportional to the codes it scans once the partitions are long: the
+    stage-1 kernel is per code, and what else a query pays (the stage-2
+    estimates of the candidates under the threshold, the top-k) comes with
+    them. Short partitions break that: at 300,000 rows in 1,024 partitions
+    (293 rows each) a query cost 7.6 ns per scanned code at nprobes 64 and
+    18 ns at nprobes 4, against 3.7 and 8.3 at 2,000,000 rows and 3.6 and 8.4
+    at 10,000,000 (128 dims, 4 bits, this machine): a sparse partition holds
+    few of a query's neighbours, so the threshold falls late and more codes
+    reach the candidate list and stage 2. From 2,000 rows a partition on,
+    the cost per code no longer moved, so the prediction scales the
+    calibration's time per query by the codes, per nprobes."""
+    import bitshard
+
+    from bitshard import distributed as dist
+
+    rows = search_calib_rows(args)
+    # Fragments short enough that the first merge level runs a merge on
+    # every worker at once, as the big run's does (see merge_seconds).
+    frag = max(1, min(args.rows_per_fragment,
+                      rows // (dist.MERGE_FAN_IN * max(1, args.workers))))
+    uri = os.path.join(work, f"search-{rows}x{args.dim}-f{frag}.lance")
+    if not os.path.isdir(uri):
+        write_source(uri, rows, args.dim, frag, seed=0)
+    shutil.rmtree(os.path.join(uri, "_bitshard"), ignore_errors=True)
+    out: Dict[str, Any] = {"rows": rows, "load_before": load()}
+    t0 = time.perf_counter()
+    built = bitshard.build_index(uri, "vec", name="idx", num_partitions=args.partitions,
+                                 sample_rate=args.sample_rate, max_iters=args.max_iters,
+                                 num_bits=args.bits, executor="processes",
+                                 num_workers=args.workers, fragments_per_task=1, seed=0,
+                                 progress=False)
+    out["build_s"] = time.perf_counter() - t0
+    # Its merges are the big run's size (a segment per fragment of the big
+    # run's length, merged up to the same bound), where the first
+    # calibration's one small merge is mostly fixed costs: the merge rate
+    # the prediction uses.
+    st = built.last_build_stats
+    seg_bytes = sum(s["size_bytes"] for s in built.describe_indices()[0]["segments"])
+    out["merge_s"] = st["seconds"]["merge"]
+    out["merge_critical_bytes"] = merge_seconds(
+        leaf_sizes(rows, frag, seg_bytes), args.workers, args.max_segment_mb << 20, 1.0)
+    out["merge_bytes_per_s"] = out["merge_critical_bytes"] / max(out["merge_s"], 1e-9)
+    out["rows_per_fragment"] = frag
+    q = queries_for(uri, args.queries, args.dim)
+    # More repeats than the big run's sweep: its batches are short (tens of
+    # milliseconds), and the prediction is only as good as this best time.
+    pts = [timed_search(built, q, p, repeats=9) for p in args.nprobes]
+    out["points"] = [{k: v for k, v in p.items() if k != "rowids"} for p in pts]
+    out["rank_s_per_centroid_dim"] = rank_cost(built, q, args.partitions, args.dim)
+    rank = out["rank_s_per_centroid_dim"] * args.partitions * args.dim
+    for p in out["points"]:
+        p["scan_s_per_code"] = max(p["s_per_query"] - rank, 0.0) / max(p["codes_per_query"], 1.0)
+    out["load_after"] = load()
+    return out
+
+
+def rank_cost(ds: Any, q: np.ndarray, k: int, dim: int) -> float:
+    """Seconds per centroid and dimension of choosing a query's probes (the
+    C search's own probe selection, timed alone): a per-query cost that grows
+    with k x d, small at 1,024 partitions and large at 10^9 rows."""
+    s = ds.searcher("vec", k=K_NEIGHBOURS, nprobes=1, num_threads=1)
+    native = s._native  # the prepared C searcher (the bench reads internals)
+    nprobes = min(64, k)
+    out = np.empty((q.shape[0], nprobes), dtype=np.uint32)
+    native.probes(q, q.shape[0], nprobes, out)
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        native.probes(q, q.shape[0], nprobes, out)
+        best = min(best, time.perf_counter() - t0)
+    return best / q.shape[0] / (k * dim)
 
 
 def per_dim_costs(args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -366,7 +449,11 @@ def merge_seconds(sizes: List[float], workers: int, max_bytes: int,
     at ``bytes_per_s`` per worker: the same plan as the library
     (bitshard.distributed.merge_groups, fan-in MERGE_FAN_IN, the size
     bound), each level's merges dealt to the ``workers`` in turn, a level
-    lasting as long as its busiest worker."""
+    lasting as long as its busiest worker, and no less than all its merged
+    bytes at ``bytes_per_s``: a merge streams its inputs to its output and
+    syncs it, so merges running at once share the disk and memory bandwidth
+    (at 10^7 rows, two workers merging at once took as long as one merging
+    everything)."""
     from bitshard import distributed as dist
 
     total = 0.0
@@ -379,12 +466,12 @@ def merge_seconds(sizes: List[float], workers: int, max_bytes: int,
         busy = [0.0] * max(1, workers)
         for m in sorted(merged, reverse=True):
             busy[busy.index(min(busy))] += m
-        total += max(busy) / bytes_per_s
+        total += max(max(busy), sum(merged)) / bytes_per_s
         level = [sum(level[i] for i in g) for g in groups]
     return total
 
 
-def predict_big(args: argparse.Namespace, cal: Dict[str, Any],
+def predict_big(args: argparse.Namespace, cal: Dict[str, Any], sc: Dict[str, Any],
                 costs: List[Dict[str, Any]]) -> Dict[str, Any]:
     """What the big run should measure, from steps 1 and 2 alone."""
     n, k = args.rows, args.partitions
@@ -392,7 +479,7 @@ def predict_big(args: argparse.Namespace, cal: Dict[str, Any],
     index_bytes = n * bytes_per_vector(args.dim, args.bits) + k * args.dim * 4
     encode_s = cal.get("encode_start_s", 0.0) + n / cal["encode_rows_per_s"]
     merge_s = merge_seconds(leaf_sizes(n, args.rows_per_fragment, index_bytes), args.workers,
-                            args.max_segment_mb << 20, cal["merge_bytes_per_s"])
+                            args.max_segment_mb << 20, sc["merge_bytes_per_s"])
     # A worker's peak (docs/distributed.md, "Memory of a worker"): the
     # calibration's, plus what a larger fragment adds to an encode task (the
     # source reader's buffers, READER_BYTES_PER_SOURCE_BYTE of the
@@ -414,27 +501,31 @@ def predict_big(args: argparse.Namespace, cal: Dict[str, Any],
         "worker_peak_rss": rss,
         "search": {},
     }
-    scanned = {p["nprobes"]: p["codes_per_query"] for p in cal["search_points"]}
-    for p in args.nprobes:
+    rank = sc["rank_s_per_centroid_dim"] * k * args.dim
+    for pt in sc["points"]:
         # Same partitions and data distribution: the calibration's codes per
-        # query, scaled by the rows (N p / k when partitions were even).
-        codes = scanned.get(p, cal["rows"] * p / k) * n / cal["rows"]
-        t = cal["search_a_s"] + cal["search_b_s_per_code"] * codes
-        pred["search"][str(p)] = {"codes_per_query": codes, "qps": 1.0 / t}
+        # query scaled by the rows, at its cost per code (calibrate_search).
+        codes = pt["codes_per_query"] * n / sc["rows"]
+        t = rank + pt["scan_s_per_code"] * codes
+        pred["search"][str(pt["nprobes"])] = {"codes_per_query": codes, "qps": 1.0 / t}
     return pred
 
 
-def model_table(cal: Dict[str, Any], costs: List[Dict[str, Any]],
+def model_table(cal: Dict[str, Any], sc: Dict[str, Any], costs: List[Dict[str, Any]],
                 real: Optional[Dict[str, Any]], cores: int = 2) -> List[Dict[str, Any]]:
     """docs/scale.md's table: 10^8 and 10^9 vectors, 384/768/1536 dims,
     1/4/9 bits; per node of ``cores`` cores. Partitions k = 4 sqrt(N) rounded
     to a power of two; nprobes the fraction of k that reached recall 0.90 on
-    the real embeddings (step 3), applied to k; QPS from the per-code search
-    cost (step 2) and the calibrated per-query overhead (step 1); build time
+    the real embeddings (step 3), applied to k; QPS from the probe choice's
+    cost (k x d) and the search calibration's cost per code at its largest
+    nprobes (the most codes a query, nearest the table's millions: step 1b),
+    carried to each dimension and bit width by step 2's per-code cost there
+    over its cost at the calibration's dimension and bits; build time
     from the one-thread encode rate (step 2) on ``cores`` cores plus the
     k-means of a k * 256 sample (step 1's time scaled by k^2 d)."""
     rows = []
     measured_bits = sorted({c["bits"] for c in costs})
+    widest = max(sc["points"], key=lambda p: p["codes_per_query"])
     for n in (10 ** 8, 10 ** 9):
         k = 2 ** int(round(math.log2(4 * math.sqrt(n))))
         for d in (384, 768, 1536):
@@ -447,11 +538,12 @@ def model_table(cal: Dict[str, Any], costs: List[Dict[str, Any]],
                 disk = n * bytes_per_vector(d, b)
                 cents = k * d * 4
                 enc_rate = nearest_cost(costs, d, b, "encode_rows_per_s") * cores
-                per_code = nearest_cost(costs, d, b, "search_s_per_code")
+                per_code = widest["scan_s_per_code"] * (
+                    nearest_cost(costs, d, b, "search_s_per_code")
+                    / nearest_cost(costs, cal["dim"], cal["bits"], "search_s_per_code"))
                 codes = n * nprobes / k
-                # Ranking the k centroids: k * d multiply-adds per query.
-                overhead = cal["search_a_s"] * (k * d) / (cal["partitions"] * cal["dim"])
-                qps_core = 1.0 / (overhead + per_code * codes)
+                rank = sc["rank_s_per_centroid_dim"] * k * d
+                qps_core = 1.0 / (rank + per_code * codes)
                 train = cal["train_s"] * (k / cal["partitions"]) ** 2 * (d / cal["dim"])
                 rows.append({
                     "vectors": n, "dim": d, "bits": b, "partitions": k, "nprobes": nprobes,
@@ -566,10 +658,19 @@ def summary(res: Dict[str, Any]) -> str:
     lines.append(f"calibration ({c['rows']} rows): train {c['train_s']:.1f} s, encode "
                  f"{c.get('encode_start_s', 0):.1f} s + {c['encode_rows_per_s']:,.0f} rows/s "
                  f"({res['args']['workers']} workers), merge "
-                 f"{c['merge_bytes_per_s'] / 1e6:,.0f} MB/s, search {c['search_a_s'] * 1e6:.0f} us + "
-                 f"{c['search_b_s_per_code'] * 1e9:.2f} ns/code; load {c['load_before']} -> "
+                 f"{c['merge_bytes_per_s'] / 1e6:,.0f} MB/s; load {c['load_before']} -> "
                  f"{c['load_after']}")
-    for r in res["costs"]:
+    sc = res.get("search_calibration")
+    if sc:
+        lines.append(f"search calibration ({sc['rows']:,} rows, {res['args']['partitions']} "
+                     f"partitions): probe choice {sc['rank_s_per_centroid_dim'] * 1e12:.1f} ps "
+                     f"x k x d; merge {sc['merge_bytes_per_s'] / 1e6:,.0f} MB/s "
+                     f"(what the prediction uses); load {sc['load_before']} -> {sc['load_after']}")
+        for p in sc["points"]:
+            lines.append(f"  nprobes={p['nprobes']:4d}: {p['s_per_query'] * 1e6:8.1f} us a query, "
+                         f"{p['codes_per_query']:10,.0f} codes ({p['scan_s_per_code'] * 1e9:.2f} "
+                         f"ns each after the probe choice), {p['stage2_per_query']:7,.0f} stage-2")
+    for r in res.get("costs") or []:
         lines.append(f"  d={r['dim']:5d} bits={r['bits']}: encode {r['encode_rows_per_s']:,.0f} "
                      f"rows/s/thread, search {r['search_s_per_code'] * 1e9:.2f} ns/code")
     if res.get("real"):
@@ -624,6 +725,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rows-per-fragment", type=int, default=250_000)
     ap.add_argument("--max-segment-mb", type=int, default=256)
     ap.add_argument("--calib-rows", type=int, default=300_000)
+    ap.add_argument("--search-calib-rows", type=int, default=None,
+                    help="rows of the search calibration (default: partitions of 2,000 rows, "
+                         "at most a quarter of --rows)")
     ap.add_argument("--cost-rows", type=int, default=60_000,
                     help="rows of the per-dimension sets at 128 dims (fewer at more)")
     ap.add_argument("--dims", default="128,384,768,1536")
@@ -669,8 +773,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     # every step.
     log("calibration")
     res["calibration"] = cal = calibrate(args, args.work)
-    cal["partitions"], cal["dim"] = args.partitions, args.dim
-    res["prediction"] = predict_big(args, cal, [])
+    cal["partitions"], cal["dim"], cal["bits"] = args.partitions, args.dim, args.bits
+    log("search calibration")
+    res["search_calibration"] = sc = calibrate_search(args, args.work)
+    save()
+    res["prediction"] = predict_big(args, cal, sc, [])
     res["costs"], res["real"] = [], None
     save()
     if not args.skip_big:
@@ -682,7 +789,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     save()
     log("real embeddings")
     res["real"] = real_recall(args)
-    res["model"] = model_table(cal, res["costs"], res["real"], cores=os.cpu_count() or 2)
+    res["model"] = model_table(cal, sc, res["costs"], res["real"], cores=os.cpu_count() or 2)
     res["load_end"] = load()
     save()
     sys.stdout.write(summary(res))

@@ -215,3 +215,24 @@ def test_the_run_block_is_written_once_and_the_summary_still_finds_it(tmp_path):
     assert all(r["env"] == "env note" for r in written)
     text, _ = report.summarize(written)
     assert "python -m bench --quick" in text
+
+
+def test_scale_merges_at_once_share_the_bandwidth_and_the_search_calibration_is_long():
+    import argparse
+
+    from bench import scale
+
+    # 40 task segments of 21 MB under a 256 MiB bound: one level of five
+    # merges of 8, dealt to 2 workers (3 and 2 merges). The level lasts as
+    # long as all its bytes at the rate, not the busiest worker's 3 merges.
+    sizes = [21e6] * 40
+    assert scale.merge_seconds(sizes, 2, 256 << 20, 1.0) == pytest.approx(40 * 21e6)
+    # One worker: the same bytes, one after another.
+    assert scale.merge_seconds(sizes, 1, 256 << 20, 1.0) == pytest.approx(40 * 21e6)
+    a = argparse.Namespace(rows=10_000_000, partitions=1024, calib_rows=300_000,
+                           search_calib_rows=None)
+    assert scale.search_calib_rows(a) == 2_048_000  # partitions of 2,000 rows
+    a.rows = 2_000_000
+    assert scale.search_calib_rows(a) == 500_000  # at most a quarter of the big run
+    a.search_calib_rows = 123
+    assert scale.search_calib_rows(a) == 123
