@@ -115,10 +115,49 @@ def _live_offsets(old: Any, read: Any) -> Optional[np.ndarray]:
     return addr & _MASK
 
 
-def _group_steps(group: Any, read: Any) -> Optional[Dict[int, np.ndarray]]:
+def _live_offsets_all(olds: List[Any], read: Any) -> Dict[int, np.ndarray]:
+    """:func:`_live_offsets` of every old fragment of a rewrite that has a
+    deletion file, from one scan of the read version's row addresses: one
+    scan over all of them took half the time of one per fragment (30
+    fragments of 100,000 rows: 35 against 67 ms). A fragment whose offsets
+    this cannot give (gone, its deletion file replaced, or the scan failing)
+    is left out, and :func:`_live_offsets` decides it alone."""
+    if read is None:
+        return {}
+    frags = []
+    for old in sorted(olds, key=lambda o: int(o.id)):
+        if old.deletion_file is None:
+            continue
+        frag = read.get_fragment(int(old.id))
+        if frag is not None and frag.metadata.deletion_file == old.deletion_file:
+            frags.append(frag)
+    if not frags:
+        return {}
+    try:
+        table = read.scanner(columns=[], with_row_address=True, fragments=frags).to_table()
+    except Exception:  # noqa: BLE001 - a deletion file removed by cleanup
+        return {}
+    addr = table.column("_rowaddr").to_numpy().astype(np.uint64, copy=False)
+    # In fragment order, each fragment's rows in order: then each fragment
+    # is one run, found by binary search; otherwise sort (never seen).
+    if addr.size > 1 and not bool(np.all(addr[1:] > addr[:-1])):
+        addr = np.sort(addr)
+    ids = addr >> _SHIFT
+    out: Dict[int, np.ndarray] = {}
+    for frag in frags:
+        f = np.uint64(frag.fragment_id)
+        lo, hi = np.searchsorted(ids, f, "left"), np.searchsorted(ids, f, "right")
+        out[int(frag.fragment_id)] = addr[lo:hi] & _MASK
+    return out
+
+
+def _group_steps(group: Any, read: Any,
+                 known_live: Optional[Dict[int, np.ndarray]] = None
+                 ) -> Optional[Dict[int, np.ndarray]]:
     """For each old fragment of a rewrite group, its physical offsets' new
     row ids (DROP for deleted rows); None when a deletion vector is gone or
-    the counts do not add up (the map cannot be rebuilt)."""
+    the counts do not add up (the map cannot be rebuilt). ``known_live``:
+    live offsets already read (:func:`_live_offsets_all`)."""
     new_ids = []
     for n in group.new_fragments:
         r = np.arange(int(n.physical_rows), dtype=np.uint64)
@@ -127,7 +166,9 @@ def _group_steps(group: Any, read: Any) -> Optional[Dict[int, np.ndarray]]:
     steps: Dict[int, np.ndarray] = {}
     at = 0
     for old in group.old_fragments:
-        live = _live_offsets(old, read)
+        live = (known_live or {}).get(int(old.id))
+        if live is None:
+            live = _live_offsets(old, read)
         if live is None:
             return None
         if at + live.size > targets.size:
@@ -182,10 +223,12 @@ def compaction_history(dataset: Any, since: int, indexed: Dict[int, Optional[Dic
             continue
         hist.compactions.append(v)
         read = None
+        olds = [o for group in tx.operation.groups for o in group.old_fragments]
+        if any(o.deletion_file is not None for o in olds):
+            read = _open_version(uri, int(tx.read_version), storage_options, cache)
+        live = _live_offsets_all(olds, read)
         for group in tx.operation.groups:
-            if any(o.deletion_file is not None for o in group.old_fragments) and read is None:
-                read = _open_version(uri, int(tx.read_version), storage_options, cache)
-            steps = _group_steps(group, read)
+            steps = _group_steps(group, read, live)
             _apply(hist, group, steps, v, known, products, record)
             for n in group.new_fragments:
                 products[int(n.id)] = record(n)
@@ -234,18 +277,34 @@ def _apply(hist: History, group: Any, steps: Optional[Dict[int, np.ndarray]], ve
             hist.moves[g] = steps[g]
 
 
+def _distinct(ids: np.ndarray) -> np.ndarray:
+    """The distinct values of ``ids`` (fragment ids, uint64), sorted. Fragment
+    ids are small counters, so a count per id is one pass where np.unique
+    sorts (3 ms per 100,000 rows)."""
+    if ids.size == 0:
+        return ids
+    top = int(ids.max())
+    if top >= 1 << 22:
+        return np.unique(ids)
+    return np.flatnonzero(np.bincount(ids.astype(np.int64), minlength=top + 1)).astype(np.uint64)
+
+
 def _check_products(hist: History, dataset: Any, products: Dict[int, Dict[str, Any]],
                     record: RecordFn) -> None:
     """Rows that landed in a fragment changed since (or gone) are dropped."""
     current: Dict[int, Optional[Dict[str, Any]]] = {}
     for a in hist.moves.values():
-        live = a != DROP
-        for p in np.unique(a[live] >> _SHIFT):
+        live = np.flatnonzero(a != DROP)
+        frag = a[live] >> _SHIFT
+        changed = []
+        for p in _distinct(frag):
             p = int(p)
             if p not in current:
-                frag = dataset.get_fragment(p)
-                current[p] = None if frag is None else record(frag.metadata)
+                f = dataset.get_fragment(p)
+                current[p] = None if f is None else record(f.metadata)
             if current[p] is None or current[p] != products.get(p):
-                hit = live & ((a >> _SHIFT) == np.uint64(p))
-                hist.dropped_rows += int(hit.sum())
-                a[hit] = DROP
+                changed.append(p)
+        if changed:  # (rare: a fragment changed after the compaction)
+            hit = live[np.isin(frag, np.array(changed, dtype=np.uint64))]
+            hist.dropped_rows += int(hit.size)
+            a[hit] = DROP

@@ -38,7 +38,7 @@ import numpy as np
 from . import _native, identity
 from . import index as idx
 from .artifacts import METRICS, IvfModel, Rotation
-from .compaction import DROP, History, compaction_history
+from .compaction import DROP, History, _distinct, compaction_history
 from .errors import CommitConflictError, InvalidInputError
 from .index import OpenSegment, SegmentHandle
 
@@ -229,7 +229,7 @@ def _upkeep(ds: Any, doc: Dict[str, Any], name: str, column: str,
     # ---- the fragments the new segments cover, and the rows to encode
     mapped: set = set()
     for m in maps:
-        mapped.update(int(f) for f in np.unique(m[m != DROP] >> _SHIFT))
+        mapped.update(int(f) for f in _distinct(m[m != DROP] >> _SHIFT))
     remap_frags = sorted(f for f in source_frags if f in mapped)
     remap_frags += sorted(f for h_i in affected for f in handles[h_i].fragment_ids
                           if f in source_frags and f not in mapped and f not in stale
@@ -306,14 +306,9 @@ def _rows_to_encode(maps: List[np.ndarray], frags: List[int], source_frags: Dict
         is_live[start[i] + live(int(f)).astype(np.int64)] = True
     reached = np.zeros(is_live.size, bool)
     for m in maps:
-        sel = np.flatnonzero(m != DROP)
-        t = m[sel]
-        fid, off = t >> _SHIFT, (t & _MASK).astype(np.int64)
-        pos = np.minimum(np.searchsorted(ids, fid), max(ids.size - 1, 0))
-        ok = (ids[pos] == fid) & (off < phys[pos]) if ids.size else np.zeros(t.size, bool)
-        o = start[pos] + off
+        o, ok = _ordinals(m, ids, start, phys)
         ok[ok] = is_live[o[ok]]
-        m[sel[~ok]] = DROP
+        m[~ok] = DROP
         reached[o[ok]] = True
     want = is_live & ~reached
     out: Dict[int, np.ndarray] = {}
@@ -322,6 +317,29 @@ def _rows_to_encode(maps: List[np.ndarray], frags: List[int], source_frags: Dict
         if w.size:
             out[int(f)] = w.astype(np.uint32)
     return out
+
+
+def _ordinals(m: np.ndarray, ids: np.ndarray, start: np.ndarray,
+              phys: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Each entry of the row map ``m``: its ordinal in the space of
+    fragments ``ids`` (sorted; fragment i's rows from ``start[i]``, ``phys[i]``
+    of them), and whether it has one (not DROP, in ``ids``, within the
+    fragment). Fragment ids are small counters, so a table from id to start
+    makes this one gather per entry; ids too large for a table are looked
+    up by binary search."""
+    top = int(ids.max()) if ids.size else -1
+    off = (m & _MASK).astype(np.int64)
+    if top < 1 << 22:
+        base = np.full(top + 2, -1, np.int64)  # [top + 1]: DROP and ids above top
+        base[ids.astype(np.int64)] = start[:-1]
+        limit = np.zeros(top + 2, np.int64)
+        limit[ids.astype(np.int64)] = phys
+        fid = np.minimum(m >> _SHIFT, np.uint64(top + 1)).astype(np.intp)
+        b = base[fid]
+        return b + off, (b >= 0) & (off < limit[fid])
+    fid = m >> _SHIFT
+    pos = np.minimum(np.searchsorted(ids, fid), ids.size - 1)
+    return start[pos] + off, (m != DROP) & (ids[pos] == fid) & (off < phys[pos])
 
 
 def _identity_map(o: OpenSegment, encoded: Dict[int, np.ndarray],

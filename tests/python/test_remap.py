@@ -102,3 +102,31 @@ def test_remap_refuses_segments_of_another_code_space(tmp_path):
     with pytest.raises(ArtifactMismatchError, match="^cannot remap segment 1: "):
         _native.remap(segs, [m, m + np.uint64(1 << 32)], np.array([0, 1], np.uint64),
                       np.array([100, 100], np.uint64), b"\0" * 16, str(tmp_path / "o.bsseg"))
+
+
+def test_row_map_ordinals_by_table_and_by_search_agree_with_a_plain_loop():
+    # bitshard.upkeep._ordinals: a table from fragment id to ordinal start
+    # when ids are small, binary search when not; both against a loop.
+    from bitshard.compaction import DROP
+    from bitshard.upkeep import _ordinals
+
+    rng = np.random.default_rng(7)
+    for shift in (0, 1 << 23):  # small ids (table), large ids (search)
+        ids = np.array([3, 4, 9, 17], np.uint64) + np.uint64(shift)
+        phys = np.array([5, 0, 7, 2], np.int64)
+        start = np.concatenate([[0], np.cumsum(phys)]).astype(np.int64)
+        frag = rng.choice(np.concatenate([ids, ids + np.uint64(1), [np.uint64(0)]]), 500)
+        off = rng.integers(0, 9, 500).astype(np.uint64)
+        m = (frag << np.uint64(32)) | off
+        m[rng.random(500) < 0.2] = DROP
+        o, ok = _ordinals(m, ids, start, phys)
+        for j in range(m.size):
+            want = None
+            if m[j] != DROP:
+                f, r = int(m[j] >> np.uint64(32)), int(m[j] & np.uint64(0xFFFFFFFF))
+                hit = [i for i in range(ids.size) if int(ids[i]) == f]
+                if hit and r < phys[hit[0]]:
+                    want = int(start[hit[0]]) + r
+            assert bool(ok[j]) == (want is not None), (shift, j)
+            if want is not None:
+                assert int(o[j]) == want
