@@ -23,12 +23,14 @@ directory, builds the index (process pool), then on a local Ray of 2 CPUs:
   (``Service.memory``), and ``share_bytes`` (segment bytes / n: what an actor
   holds once actors attach only their share);
 - ``latency_ms``: one query at a time, median over ``--latency-queries``:
-  one process, the service, a no-op call to every actor (``ray_round_ms``:
-  what a second round per query would add at least), and the front's merge
-  alone (shares run in this process, without Ray);
-- ``candidates_shipped`` / ``candidates_kept``: codes the actors return
-  against codes under the global threshold (what the one-round design ships
-  beyond a two-round one).
+  one process, the service, a no-op call to every actor (``ray_round_ms``),
+  and the front with its shares in this process, without Ray;
+- ``round1_ms`` / ``round2_ms`` (per actor count): one query's two Ray
+  rounds (the median); round 2 is the latency the second round adds;
+- ``candidates_shipped_2_shares``: codes round 2 returns (two shares, in
+  process), against ``candidates_one_round_would_ship_2_shares`` (every
+  code under each share's own threshold, what a single round returned
+  before) and ``answers_kept`` (the rows the answers keep).
 
 A machine shared with other jobs gives numbers of that load: ``--loaded``
 records that the run was such (``"loaded": true``), with the load average
@@ -139,16 +141,21 @@ def main(argv: Any = None) -> int:
         # The front's merge alone: shares in this process, no Ray.
         view = sv._FrontView(ds.storage, ds.source, ds.index_root)
         state = [pickle.dumps((ds, view.versions()))]
-        shipped = kept = 0
+        shipped = kept = held = 0
 
         class _Local:
             def __init__(self, n: int) -> None:
                 self.actors = [sv._ShareActor(i, n) for i in range(n)]
 
-            def _scan(self, Qb: np.ndarray, options: Dict[str, Any], allowed: Any) -> Any:
-                nonlocal shipped
-                res = [s.scan(1, state, "vec", dict(options, num_threads=1), allowed, Qb)
-                       for s in self.actors]
+            def _scan(self, Qb: np.ndarray, options: Dict[str, Any], allowed: Any, k: int,
+                      limit: Any) -> Any:
+                # the service's two rounds (Service._scan) without Ray
+                nonlocal shipped, held
+                args = (1, state, "vec", dict(options, num_threads=1), allowed, Qb)
+                ubs = [s.thresholds("t", *args) for s in self.actors]
+                held += sum(int(s._pending["t"][0].sum()) for s in self.actors)
+                t = sv.global_thresholds(ubs, k)
+                res = [(u, *s.survivors("t", t, limit, *args)) for u, s in zip(ubs, self.actors)]
                 shipped += sum(int(r[1].sum()) for r in res)
                 return res
 
@@ -158,10 +165,13 @@ def main(argv: Any = None) -> int:
             eps0=DEFAULT_EPS0, num_threads=1, **kw), local)
         out["latency_ms"]["in_process_2_shares"] = _median_ms(lambda q: front.search_lists(q),
                                                               singles)
-        shipped = 0
+        shipped = held = 0
         for b in batches:
             kept += sum(r.size for r, _ in front.search_lists(b))
+        # codes round 2 ships, and what one round would have shipped (every
+        # code under each actor's own threshold, held between the rounds)
         out["candidates_shipped_2_shares"] = shipped
+        out["candidates_one_round_would_ship_2_shares"] = held
         out["answers_kept"] = kept
 
         # a Ray of its own: without address="local", ray.init joins a cluster another
@@ -176,17 +186,27 @@ def main(argv: Any = None) -> int:
                     qps = _qps(lambda b: svc.search(b, num_threads=1, **kw), batches)
                     base = base or qps
                     lat = _median_ms(lambda q: svc.search(q, num_threads=1, **kw), singles)
+                    rounds = []
+                    for q in singles:
+                        svc.search(q, num_threads=1, **kw)
+                        rounds.append(dict(svc.last_rounds))
                     ping = _median_ms(lambda _: ray.get([h.pid.remote() for h in svc._actors]),
                                       singles)
                     mem = svc.memory()
                     out["actors"][str(n)] = {
                         "qps": qps, "speedup": qps / base, "latency_ms": lat,
                         "ray_round_ms": ping,
+                        # one query: each round's median; round 2 is what the
+                        # second round adds to a query's latency
+                        "round1_ms": statistics.median(r["round1_s"] for r in rounds) * 1e3,
+                        "round2_ms": statistics.median(r["round2_s"] for r in rounds) * 1e3,
                         "rss_bytes": [m["rss_bytes"] for m in mem],
                         "segment_bytes": [m["segment_bytes"] for m in mem],
                         "share_bytes": [m["segment_bytes"] // n for m in mem]}
                     print(f"{n} actor(s): {qps:.0f} QPS (x{qps / base:.2f}), one query "
-                          f"{lat:.2f} ms, a Ray round {ping:.2f} ms", flush=True)
+                          f"{lat:.2f} ms (round 1 {out['actors'][str(n)]['round1_ms']:.2f} ms, "
+                          f"round 2 {out['actors'][str(n)]['round2_ms']:.2f} ms), a Ray round "
+                          f"{ping:.2f} ms", flush=True)
         finally:
             ray.shutdown()
         out["loadavg_before_after"] = [load_before[0], os.getloadavg()[0]]

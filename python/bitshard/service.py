@@ -7,26 +7,36 @@ centroids, so a query's probes fall in every segment). The answer is the
 one ``Dataset.search`` gives, bit for bit, because the front reproduces the
 single search's global threshold rather than merging local top-k lists:
 
-- each actor runs the C search as one *partition share*
-  (``bs_search_params.share``): it returns its k smallest upper bounds and
-  every code of its share whose lower bound is within its own k-th smallest
-  upper bound, with row ids, lower bounds and estimates (the full code's
-  for multi-bit indexes). Its threshold is never below the global one (it
-  saw fewer codes), so those codes are a superset of the ones one process
-  keeps;
-- the front takes the k-th smallest upper bound over all actors (one
-  process's threshold exactly: the k smallest of a union are among the
-  union of each part's k smallest), keeps the codes within it and ranks
-  them as the C search ranks (by (lower bound, row id) for the gated 1-bit
-  rerank, by (estimate, row id) otherwise, a repeated row id keeping its
-  better-ranked copy), then hands them to the same code as a single
-  ``Searcher``: the exact rerank from the data, the exact scan of stale and
-  uncovered fragments, the Table.
+Two rounds per batch of queries:
 
-One round trip per batch of queries: the second round of a two-round
-design (thresholds first, then the survivors under the global one) would
-cost a second Ray call per batch to save shipping and refining the few
-codes between the local and the global threshold.
+1. each actor runs the C search as one *partition share*
+   (``bs_search_params.share``) and returns its k smallest upper bounds per
+   query, keeping for round 2 every code of its share whose lower bound is
+   within its own k-th smallest upper bound (row ids, lower bounds,
+   estimates: the full code's for multi-bit indexes). Its threshold is
+   never below the global one (it saw fewer codes), so those codes are a
+   superset of the ones one process keeps from its partitions;
+2. the front takes, per query, the k-th smallest upper bound over all
+   actors (one process's threshold exactly: the k smallest of a union are
+   among the union of each part's k smallest) and sends it back; each actor
+   returns the codes within it, and, where the front keeps only the best
+   ``limit`` by (estimate, row id) (multi-bit without refine: k; with
+   ``refine_factor`` r: k x r), only its own best ``limit``: the global
+   best are among the union of each share's best. For the gated 1-bit
+   rerank, every code within the threshold.
+
+The front ranks them as the C search ranks (by (lower bound, row id) for the
+gated 1-bit rerank, by (estimate, row id) otherwise, a repeated row id
+keeping its better-ranked copy), then hands them to the same code as a
+single ``Searcher``: the exact rerank from the data, the exact scan of stale
+and uncovered fragments, the Table.
+
+One round would ship every code under each actor's own threshold (at 10^6
+rows, 256 partitions, nprobes 16: 7,520 a query to keep 10); the second
+round costs one more Ray call per batch (docs/serve.md, "Measured"). An
+actor keeps its round-1 codes of at most ``MAX_PENDING_BATCHES`` batches;
+one restarted or evicted between the rounds scans the batch again (the
+same codes: the search is deterministic).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import os
 import pickle
 import threading
 import time
+import uuid
 import warnings
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -63,6 +74,82 @@ DEFAULT_MAX_RESTARTS = 4
 MAX_FRONT_SEARCHERS = 16
 #: Arrays of a batch up to this size are sent inline with each actor's call.
 _INLINE_BYTES = 64 << 10
+#: Batches whose round-1 codes an actor keeps for round 2 (each holds the
+#: codes under the actor's own threshold: about 20 bytes a code); an older
+#: batch's round 2 scans again.
+MAX_PENDING_BATCHES = 8
+
+
+def global_thresholds(ubs: Sequence[np.ndarray], k: int) -> np.ndarray:
+    """Per query, the k-th smallest upper bound over every share's k smallest
+    ((nq, k) float32 arrays, +inf padded): one process's threshold. (nq,)"""
+    u = np.concatenate(list(ubs), axis=1)
+    return np.partition(u, k - 1, axis=1)[:, k - 1]
+
+
+def select_survivors(counts: np.ndarray, rows: np.ndarray, ests: np.ndarray,
+                     lbs: np.ndarray, thresholds: np.ndarray, limit: Optional[int]
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Round 2 of one share: of its codes (query after query, ``counts[i]``
+    of query i), those whose lower bound is within query i's global
+    threshold; with ``limit``, only the best ``limit`` of each query by
+    (estimate, row id), a repeated row id counted once (its better copy).
+    Returns (counts, rows, estimates, lower bounds), query after query (by
+    (estimate, row id) within a query when ``limit`` is given)."""
+    nq = counts.size
+    q = np.repeat(np.arange(nq), counts.astype(np.int64))
+    keep = lbs <= thresholds[q]
+    q, r, e, lb = q[keep], rows[keep], ests[keep], lbs[keep]
+    if limit is not None and q.size:
+        n = np.bincount(q, minlength=nq)
+        if int(n.max()) > limit:
+            # Most of a share's codes are within the global threshold: a
+            # sort of them all cost more than the search (1.5 M codes a batch
+            # of 200 at 10^6 rows). Per query, the limit-th smallest estimate
+            # is found by partition over a padded row; the codes at or under
+            # it (the best limit and their ties) are few, and only those are
+            # sorted by (estimate, row id) below.
+            start = np.concatenate([[0], np.cumsum(n)[:-1]])
+            col = np.arange(q.size) - start[q]
+            E = np.full((nq, int(n.max())), np.inf, np.float32)
+            E[q, col] = e
+            cut = np.partition(E, limit - 1, axis=1)[:, limit - 1]
+            near = e <= cut[q]
+            q, r, e, lb = q[near], r[near], e[near], lb[near]
+        order = np.lexsort((r, e, q))
+        q, r, e, lb = q[order], r[order], e[order], lb[order]
+        by_row = np.lexsort((np.arange(q.size), r, q))
+        same = (q[by_row][1:] == q[by_row][:-1]) & (r[by_row][1:] == r[by_row][:-1])
+        if same.any():
+            # a row id twice in a query (only a crafted file has one in two
+            # partitions): its later copies do not count, and the codes past
+            # the cut may be needed after all: select from every code again
+            return _select_all(counts, rows, ests, lbs, thresholds, limit)
+        rank = np.arange(q.size) - np.searchsorted(q, q, "left")
+        keep = rank < limit
+        q, r, e, lb = q[keep], r[keep], e[keep], lb[keep]
+    return np.bincount(q, minlength=nq).astype(np.int64), r, e, lb
+
+
+def _select_all(counts: np.ndarray, rows: np.ndarray, ests: np.ndarray, lbs: np.ndarray,
+                thresholds: np.ndarray, limit: int
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`select_survivors` by one sort of every code within the
+    thresholds, repeated row ids dropped after their better copy."""
+    nq = counts.size
+    q = np.repeat(np.arange(nq), counts.astype(np.int64))
+    keep = lbs <= thresholds[q]
+    q, r, e, lb = q[keep], rows[keep], ests[keep], lbs[keep]
+    order = np.lexsort((r, e, q))
+    q, r, e, lb = q[order], r[order], e[order], lb[order]
+    by_row = np.lexsort((np.arange(q.size), r, q))
+    same = (q[by_row][1:] == q[by_row][:-1]) & (r[by_row][1:] == r[by_row][:-1])
+    dup = np.zeros(q.size, bool)
+    dup[by_row[1:][same]] = True
+    q, r, e, lb = q[~dup], r[~dup], e[~dup], lb[~dup]
+    keep = np.arange(q.size) - np.searchsorted(q, q, "left") < limit
+    q, r, e, lb = q[keep], r[keep], e[keep], lb[keep]
+    return np.bincount(q, minlength=nq).astype(np.int64), r, e, lb
 
 
 def _ray() -> Any:
@@ -148,11 +235,12 @@ class _FrontSearcher(Searcher):
         """The actors' candidates merged per query into the arrays the local
         scan returns (``Searcher._scan_batch``): query i's in the first
         ``counts[i]`` entries of row i, padded past them."""
-        answers = self._service._scan(Q, self._actor_options, self._allowed_rows)
         if self.refine_factor is not None:
             limit: Optional[int] = self.k * self.refine_factor
         else:
             limit = self.k if self.num_bits > 1 else None
+        answers = self._service._scan(Q, self._actor_options, self._allowed_rows, self.k,
+                                      None if gated else limit)
         nq = Q.shape[0]
         rows, ests, lbs = [], [], []
         splits = [np.cumsum(a[1])[:-1] for a in answers]
@@ -188,6 +276,8 @@ class _ShareActor:
         self._ds: Optional[Dataset] = None
         self._masks: Dict[str, np.ndarray] = {}
         self._caps: Dict[Any, int] = {}
+        #: Round-1 codes by batch token, oldest first (MAX_PENDING_BATCHES).
+        self._pending: "OrderedDict[str, Tuple[np.ndarray, ...]]" = OrderedDict()
 
     def pid(self) -> int:
         """This actor's process id (the tests kill it)."""
@@ -202,6 +292,31 @@ class _ShareActor:
         self._ds, self._epoch = ds, epoch
         self._masks.clear()
         self._caps.clear()
+
+    def thresholds(self, token: str, epoch: int, state: List[Any], column: str,
+                   options: Dict[str, Any], allowed_rows: Optional[np.ndarray],
+                   Q: np.ndarray) -> np.ndarray:
+        """Round 1: this share's k smallest upper bounds (nq, k) of the
+        queries ``Q``; its codes are kept under ``token`` for round 2."""
+        ubs, *codes = self.scan(epoch, state, column, options, allowed_rows, Q)
+        self._pending[token] = tuple(codes)
+        while len(self._pending) > MAX_PENDING_BATCHES:
+            self._pending.popitem(last=False)
+        return ubs
+
+    def survivors(self, token: str, thresholds: np.ndarray, limit: Optional[int],
+                  epoch: int, state: List[Any], column: str, options: Dict[str, Any],
+                  allowed_rows: Optional[np.ndarray], Q: np.ndarray
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Round 2: this share's codes of batch ``token`` within the global
+        ``thresholds`` (nq,), the best ``limit`` of each query when given
+        (:func:`select_survivors`). An actor that no longer holds the batch
+        (restarted, or the batch evicted) scans it again from the same
+        arguments as round 1."""
+        codes = self._pending.pop(token, None)
+        if codes is None:
+            codes = tuple(self.scan(epoch, state, column, options, allowed_rows, Q)[1:])
+        return select_survivors(*codes, thresholds, limit)
 
     def scan(self, epoch: int, state: List[Any], column: str, options: Dict[str, Any],
              allowed_rows: Optional[np.ndarray], Q: np.ndarray
@@ -318,6 +433,7 @@ class Service:
         self._epoch = 0
         self._closed = False
         self._threads = num_threads
+        self.last_rounds: Dict[str, Any] = {}
         self._pin(ds)
         # Actor i goes to alive node i mod nodes, so that each node holds
         # its share(s) of the index; soft, so that an actor whose node is
@@ -366,9 +482,11 @@ class Service:
         if self._closed:
             raise InvalidInputError("this bitshard service is closed")
 
-    def _scan(self, Q: np.ndarray, options: Dict[str, Any], allowed_rows: Optional[np.ndarray]
-              ) -> List[Tuple[np.ndarray, ...]]:
-        """Every actor's share answer to ``Q`` (see _ShareActor.scan). A call
+    def _scan(self, Q: np.ndarray, options: Dict[str, Any], allowed_rows: Optional[np.ndarray],
+              k: int, limit: Optional[int]) -> List[Tuple[np.ndarray, ...]]:
+        """Every actor's share answer to ``Q`` in two rounds (the module
+        docstring): (its k smallest upper bounds, then its codes within the
+        global thresholds as :func:`select_survivors` gives them). A call
         whose actor died is retried by Ray on the restarted actor."""
         ray = _ray()
         with self._lock:
@@ -383,9 +501,19 @@ class Service:
             return ray.put(v) if big and len(self._actors) > 1 else v
 
         Q_arg, rows_arg = arg(Q), arg(allowed_rows)
-        futures = [a.scan.remote(epoch, state, self.column, opts, rows_arg, Q_arg)
-                   for a in self._actors]
-        return list(ray.get(futures))
+        token = uuid.uuid4().hex
+        t0 = time.perf_counter()
+        ubs = ray.get([a.thresholds.remote(token, epoch, state, self.column, opts, rows_arg,
+                                           Q_arg) for a in self._actors])
+        t = global_thresholds(ubs, k)
+        t1 = time.perf_counter()
+        codes = ray.get([a.survivors.remote(token, t, limit, epoch, state, self.column, opts,
+                                            rows_arg, Q_arg) for a in self._actors])
+        #: The last batch's rounds: seconds of each and codes round 2 shipped
+        #: (bench/serve.py reads them; a concurrent search may overwrite).
+        self.last_rounds = {"round1_s": t1 - t0, "round2_s": time.perf_counter() - t1,
+                            "codes_shipped": int(sum(int(c[0].sum()) for c in codes))}
+        return [(u, *c) for u, c in zip(ubs, codes)]
 
     def search(
         self,
