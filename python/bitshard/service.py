@@ -316,7 +316,8 @@ class _ShareActor:
         codes = self._pending.pop(token, None)
         if codes is None:
             codes = tuple(self.scan(epoch, state, column, options, allowed_rows, Q)[1:])
-        return select_survivors(*codes, thresholds, limit)
+        counts, rows, ests, lbs = codes
+        return select_survivors(counts, rows, ests, lbs, thresholds, limit)
 
     def scan(self, epoch: int, state: List[Any], column: str, options: Dict[str, Any],
              allowed_rows: Optional[np.ndarray], Q: np.ndarray
