@@ -217,17 +217,17 @@ def test_the_run_block_is_written_once_and_the_summary_still_finds_it(tmp_path):
     assert "python -m bench --quick" in text
 
 
-def test_scale_merges_at_once_share_the_bandwidth_and_the_search_calibration_is_long():
+def test_scale_merge_plan_and_the_search_calibration_is_long():
     import argparse
 
     from bench import scale
 
     # 40 task segments of 21 MB under a 256 MiB bound: one level of five
-    # merges of 8, dealt to 2 workers (3 and 2 merges). The level lasts as
-    # long as all its bytes at the rate, not the busiest worker's 3 merges.
+    # merges of 8, dealt to 2 workers (3 and 2 merges): the level lasts as
+    # long as the busiest worker's 3 merges.
     sizes = [21e6] * 40
-    assert scale.merge_seconds(sizes, 2, 256 << 20, 1.0) == pytest.approx(40 * 21e6)
-    # One worker: the same bytes, one after another.
+    assert scale.merge_seconds(sizes, 2, 256 << 20, 1.0) == pytest.approx(3 * 8 * 21e6)
+    # One worker: every merge, one after another.
     assert scale.merge_seconds(sizes, 1, 256 << 20, 1.0) == pytest.approx(40 * 21e6)
     a = argparse.Namespace(rows=10_000_000, partitions=1024, calib_rows=300_000,
                            search_calib_rows=None)
