@@ -499,10 +499,37 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                      "cpu_seconds": encoded.cpu_seconds,
                                      "rows": encoded.rows}}
 
+    # (b) is one upkeep against one re-encode, each under a second to a few
+    # seconds on a VM whose disk sync rate and speed drift: both are
+    # repeated, in turns (the upkeep on a copy of the index as it was before
+    # the step, which it commits again identically), and compared by medians.
+    backup = os.path.join(work, "index-before-optimize")
+    shutil.rmtree(backup, ignore_errors=True)
+    shutil.copytree(os.path.join(uri, "_bitshard"), backup)
     step("optimize", optimize, lambda: bitshard.dataset(uri))
-    reencode = reencode_covered(uri, encoded.encode)
-    print(f"re-encode {reencode['seconds']:8.1f}s the {reencode['rows']:,} remapped rows "
-          f"(cpu {reencode['cpu_seconds']:.1f}s)", flush=True)
+    reencodes = [reencode_covered(uri, encoded.encode)]
+    remaps = [(steps[-1]["seconds"] - steps[-1]["encode_uncovered"]["seconds"],
+               steps[-1]["cpu_seconds"] - steps[-1]["encode_uncovered"]["cpu_seconds"])]
+    for _ in range(args.b_repeats - 1):
+        shutil.rmtree(os.path.join(uri, "_bitshard"))
+        shutil.copytree(backup, os.path.join(uri, "_bitshard"))
+        again = EncodeSpy()
+        t0, c0 = time.perf_counter(), time.process_time()
+        with again:
+            bitshard.dataset(uri).optimize_indices()
+        remaps.append((time.perf_counter() - t0 - again.seconds,
+                       time.process_time() - c0 - again.cpu_seconds))
+        reencodes.append(reencode_covered(uri, encoded.encode))
+    shutil.rmtree(backup, ignore_errors=True)
+    reencode = dict(reencodes[0])
+    reencode["runs_seconds"] = [r["seconds"] for r in reencodes]
+    reencode["runs_cpu_seconds"] = [r["cpu_seconds"] for r in reencodes]
+    reencode["median_seconds"] = float(np.median(reencode["runs_seconds"]))
+    reencode["median_cpu_seconds"] = float(np.median(reencode["runs_cpu_seconds"]))
+    out["remap_runs"] = {"seconds": [r[0] for r in remaps], "cpu_seconds": [r[1] for r in remaps]}
+    print(f"re-encode {reencode['median_seconds']:8.2f}s the {reencode['rows']:,} remapped rows "
+          f"(median of {len(reencodes)}; cpu {reencode['median_cpu_seconds']:.1f}s); the upkeep's "
+          f"work on them {float(np.median([r[0] for r in remaps])):.3f}s", flush=True)
 
     # 6. a fresh build with the same artifacts and layout
     fresh_root = os.path.join(work, "fresh-index")
@@ -542,8 +569,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         s.get("search", {}).pop("_answers", None)
     opt_step, fresh_step = steps[4], steps[5]
     upkeep_s, upkeep_cpu = opt_step["seconds"], opt_step["cpu_seconds"]
-    enc = opt_step["encode_uncovered"]
-    remap_s, remap_cpu = upkeep_s - enc["seconds"], upkeep_cpu - enc["cpu_seconds"]
+    remap_s = float(np.median(out["remap_runs"]["seconds"]))
+    remap_cpu = float(np.median(out["remap_runs"]["cpu_seconds"]))
     out["reencode_covered"] = reencode
     out["checks"] = {
         "optimize_rows_read": opt_step["rows_read"],
@@ -558,12 +585,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         # and encoding the uncovered rows) against re-encoding exactly the
         # rows it remapped, with the same artifacts, by the upkeep's own
         # encoder: the 10x target is judged on this one
+        # medians of --b-repeats runs each, in turns
         "b_remapped_rows": int(opt_step["optimize_stats"]["rows_remapped"]),
         "b_remap_seconds": remap_s,
-        "b_reencode_seconds": reencode["seconds"],
-        "b_reencode_over_remap": ratio(reencode["seconds"], remap_s),
-        "b_reencode_over_remap_cpu": ratio(reencode["cpu_seconds"], remap_cpu),
-        "b_target_10x_met": (ratio(reencode["seconds"], remap_s) or 0.0) >= 10.0,
+        "b_reencode_seconds": reencode["median_seconds"],
+        "b_reencode_over_remap": ratio(reencode["median_seconds"], remap_s),
+        "b_reencode_over_remap_cpu": ratio(reencode["median_cpu_seconds"], remap_cpu),
+        "b_target_10x_met": (ratio(reencode["median_seconds"], remap_s) or 0.0) >= 10.0,
         "qps_optimized_over_fresh": (opt_step["search"]["qps_single_thread"]
                                      / fresh_step["search"]["qps_single_thread"]),
         # the same two indexes searched in turns after both exist: the figure
@@ -601,6 +629,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "leave them, and move only the small appended fragments)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="kept when given (default: a temp dir)")
+    p.add_argument("--b-repeats", type=int, default=3,
+                   help="upkeeps and re-encodes timed for (b), in turns; medians compared")
     p.add_argument("--out", default=os.path.join(HERE, "results", "living.json"))
     args = p.parse_args(argv)
     t0 = time.time()
