@@ -278,9 +278,6 @@ static void test_equals_fresh_build(uint32_t d, uint32_t bits, bs_metric metric)
     free_world(&w);
 }
 
-/* With identities for the new table, the remap equals a build that
- * recorded the same identities, and reports them; the inputs' identities
- * (of the old fragments) are not carried over. */
 /* Rows out of order within a partition (a map that reverses each
  * fragment's offsets) are sorted by the general path, rows in order by the
  * merge of sorted runs: reversing twice gives back the fresh build's
@@ -313,6 +310,9 @@ static void test_reversed_order(void) {
     free_world(&w);
 }
 
+/* With identities for the new table, the remap equals a build that
+ * recorded the same identities, and reports them; the inputs' identities
+ * (of the old fragments) are not carried over. */
 static void test_identities(void) {
     world w = make_world(64, 2, BS_METRIC_L2, 77);
     uint8_t ident[3 * 16], old_ident[16];
