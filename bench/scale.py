@@ -297,9 +297,11 @@ def calibrate_search(args: argparse.Namespace, work: str) -> Dict[str, Any]:
         leaf_sizes(rows, frag, seg_bytes), args.workers, args.max_segment_mb << 20, 1.0)
     out["merge_bytes_per_s"] = out["merge_critical_bytes"] / max(out["merge_s"], 1e-9)
     out["rows_per_fragment"] = frag
-    q = queries_for(uri, args.queries, args.dim)
-    # More repeats than the big run's sweep: its batches are short (tens of
-    # milliseconds), and the prediction is only as good as this best time.
+    # Four times the big run's queries and more repeats than its sweep: a
+    # batch of 100 queries here lasts 20-100 ms, and the prediction is only
+    # as good as this best time (QPS at one nprobes moved 0.1-0.2 between
+    # runs with 100 queries).
+    q = queries_for(uri, 4 * args.queries, args.dim)
     pts = [timed_search(built, q, p, repeats=9) for p in args.nprobes]
     out["points"] = [{k: v for k, v in p.items() if k != "rowids"} for p in pts]
     out["rank_s_per_centroid_dim"] = rank_cost(built, q, args.partitions, args.dim)
